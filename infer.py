@@ -1,0 +1,206 @@
+"""Run a trained student: SemanticKITTI submission files, scores, and speed benchmarks.
+
+    python infer.py --checkpoint runs/student/best.pt                      # embedded data, validation split
+    python infer.py --checkpoint best.pt --data KITTI --split test --votes 12 --out submission
+    python infer.py --checkpoint best.pt --sequence KITTI/sequences/08
+    python infer.py --benchmark                                             # speed and size
+
+Predictions are written as sequences/XX/predictions/NNNNNN.label: one uint32 raw label id
+per point of the .bin (via LEARNING_MAP_INV). Points outside the voxel range get no
+prediction and are written as 0 ("unlabeled"), as the official code does. When labels exist,
+IoU is computed with the official evaluator's rules over every point of every scan.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import elite
+
+REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata" / "semantickitti"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=Path("runs/student/best.pt"),
+                   help="student checkpoint written by train_student.py")
+    p.add_argument("--data", type=Path, default=Path("data/synthkitti"),
+                   help="SemanticKITTI root holding sequences/ (default: the embedded synthetic scenes)")
+    p.add_argument("--split", choices=sorted(elite.SPLITS), default="val",
+                   help="which official split of --data to predict")
+    p.add_argument("--sequence", type=Path, default=None,
+                   help="predict one sequence folder (…/sequences/XX) instead of a split")
+    p.add_argument("--out", type=Path, default=Path("predictions"),
+                   help="where sequences/XX/predictions/*.label are written")
+    p.add_argument("--votes", type=int, default=1,
+                   help="test-time augmentation: logits summed over this many copies (copy 0 as is, "
+                        "the others rotated and translated at random; official test uses 12)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the test-time augmentation")
+    p.add_argument("--benchmark", action="store_true",
+                   help="print parameter count, voxels per scale, sparse-conv and student forward timings")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=10, help="timed repetitions per benchmark figure")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------
+# Prediction with test-time votes
+# ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict_scan(model, points: np.ndarray, votes: int, rng: np.random.Generator, device) -> np.ndarray:
+    """Training ids (N,) for every raw point; out-of-range or non-finite points get 0."""
+    keep = np.flatnonzero(np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3])))
+    logits = torch.zeros(len(points), elite.NUM_CLASSES, device=device)
+    if len(keep) == 0:
+        return np.zeros(len(points), dtype=np.int64)
+    copies = []
+    for v in range(votes):
+        pts = points[keep].copy()
+        if v > 0:
+            pts[:, :3] = elite.augment_xyz(pts[:, :3], rng, flip_scale=False)
+        copies.append(pts)
+    xyzi = torch.from_numpy(np.concatenate(copies)).to(device)  # (votes * n, 4)
+    batch_idx = torch.arange(votes, device=device).repeat_interleave(len(keep))
+    out = model(xyzi, batch_idx).logits.float()  # (votes * n, 20)
+    index = torch.from_numpy(keep).to(device).repeat(votes)
+    logits.index_add_(0, index, out)  # raw logits summed over the votes, as upstream
+    return logits.argmax(1).cpu().numpy()
+
+
+def write_label_file(path: Path, train_ids: np.ndarray):
+    """Raw ids as uint32, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        elite.TRAIN_TO_RAW[train_ids].astype(np.uint32).tofile(f)
+    os.replace(tmp, path)
+
+
+def predict(args):
+    device = torch.device(args.device)
+    model, ckpt = elite.load_student(args.checkpoint, map_location=device)
+    model.to(device).eval()
+    if args.sequence is not None:
+        root, sequences = args.sequence.resolve().parent.parent, [args.sequence.resolve().name]
+    else:
+        root, sequences = args.data, elite.SPLITS[args.split]
+        sequences = [s for s in sequences if (root / "sequences" / s).is_dir()]
+    scans = elite.list_scans(root, sequences)
+    print(f"Student {args.checkpoint} ({elite.count_parameters(model):,} parameters, epoch "
+          f"{ckpt.get('epoch', -1) + 1}) on {device}: {len(scans)} scans of sequences {sequences}, "
+          f"{args.votes} vote(s) -> {args.out}/sequences/XX/predictions")
+    rng = np.random.default_rng(args.seed)
+    conf, scored = elite.ConfusionMatrix(), 0
+    for scan in tqdm(scans, desc="predict", dynamic_ncols=True):
+        points = elite.read_scan(scan)
+        pred = predict_scan(model, points, args.votes, rng, device)
+        seq = scan.parent.parent.name
+        write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred)
+        if elite.label_path(scan).is_file():
+            raw, _ = elite.read_labels(elite.label_path(scan), len(points))
+            conf.add(torch.from_numpy(pred), torch.from_numpy(elite.to_train_ids(raw, elite.label_path(scan))))
+            scored += 1
+    if scored:
+        print(f"\nScores over {scored} labelled scans (official evaluator rules):\n{conf.table()}")
+    else:
+        print("No labels found: predictions written, nothing scored.")
+
+
+# ------------------------------------------------------------------------------------
+# Benchmark
+# ------------------------------------------------------------------------------------
+
+def median_ms(fn, repeats: int, sync=lambda: None) -> float:
+    for _ in range(2):  # warm-up
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def benchmark_scan() -> tuple[np.ndarray, str]:
+    frame = REALDATA / "sequences" / "00" / "velodyne" / "000000.bin"
+    if frame.is_file():
+        return elite.read_scan(frame), f"real SemanticKITTI frame {frame}"
+    import synthkitti
+    points, _ = synthkitti.make_scan(seed=0, columns=2048)
+    return points, "synthetic scan (../shared/realdata not found)"
+
+
+def benchmark_device(points: torch.Tensor, device: torch.device, repeats: int):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    points = points.to(device)
+    batch_idx = torch.zeros(len(points), dtype=torch.long, device=device)
+    model = elite.Student().to(device).eval()
+    vox = elite.voxelize(points[:, :3], batch_idx, 1)
+    nmap = elite.build_neighbour_map(vox.coords)
+    feats = torch.randn(len(vox), 64, device=device)
+    weight = torch.randn(3, 3, 3, 64, 64, device=device) * 0.05
+    flops = nmap.num_pairs * 64 * 64 * 2
+    t_map = median_ms(lambda: elite.build_neighbour_map(vox.coords), repeats, sync)
+    t_conv = median_ms(lambda: elite.submconv3d(feats, vox.coords, weight, nmap), repeats, sync)
+    dense = torch.randn(4096, 4096, device=device)
+    t_dense = median_ms(lambda: dense @ dense, max(3, repeats // 3), sync)
+    dense_rate = 2 * 4096 ** 3 / t_dense / 1e6
+    with torch.no_grad():
+        t_fwd = median_ms(lambda: model(points, batch_idx), repeats, sync)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"\n[{device}{threads}] float32")
+    print(f"  3x3x3 SubM conv 64->64 on {len(vox):,} voxels, {nmap.num_pairs:,} neighbour pairs")
+    print(f"    neighbour map          {t_map:8.1f} ms")
+    print(f"    convolution            {t_conv:8.1f} ms  = {flops / t_conv / 1e6:6.1f} GFLOP/s "
+          f"({100 * flops / t_conv / 1e6 / dense_rate:.0f}% of dense matmul)")
+    print(f"    map + convolution      {t_map + t_conv:8.1f} ms")
+    print(f"    dense 4096x4096 matmul {dense_rate:8.1f} GFLOP/s")
+    print(f"  student forward          {t_fwd:8.1f} ms  = {1000 / t_fwd:.1f} Hz (median of {repeats})")
+
+
+def benchmark(args):
+    points, source = benchmark_scan()
+    keep = np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3]))
+    pts = torch.from_numpy(points[keep])
+    model = elite.Student()
+    print(f"Student parameters: {elite.count_parameters(model):,}")
+    print(f"Input: {source}: {len(points):,} points, {len(pts):,} in range")
+    batch_idx = torch.zeros(len(pts), dtype=torch.long)
+    sizes = [f"{len(elite.voxelize(pts[:, :3], batch_idx, s)):,} (scale {s})" for s in (1, 2, 4, 8, 16)]
+    print("Voxels per scale: " + " / ".join(sizes))
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        benchmark_device(pts, device, args.repeats)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.votes < 1:
+        sys.exit("error: --votes must be at least 1")
+    if args.benchmark:
+        benchmark(args)
+    else:
+        predict(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except elite.DataError as e:
+        sys.exit(f"error: {e}")
