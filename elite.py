@@ -426,18 +426,21 @@ def build_neighbour_map(coords: torch.Tensor) -> NeighbourMap:
     for dx, dy in ((0, 1), (1, -1), (1, 0), (1, 1)):
         lowest = skey + (dx * eyz + dy * ez - 1)  # key of (x+dx, y+dy, z-1)
         pos = torch.searchsorted(skey, lowest)  # (N,) first key >= lowest
+        found_i, found_j, found_dz = [], [], []
+        for step in range(3):  # keys are unique, so z-1, z, z+1 sit at most 2 places after pos
+            j = pos + step
+            dz = skey.index_select(0, j.clamp_max(last)) - lowest - 1  # -1, 0, 1 if in this column
+            hit = torch.nonzero((dz <= 1) & (j <= last)).squeeze(1)
+            found_i.append(hit)
+            found_j.append(j.index_select(0, hit))
+            found_dz.append(dz.index_select(0, hit))
+        found_i, found_j, found_dz = torch.cat(found_i), torch.cat(found_j), torch.cat(found_dz)
         for dz in (-1, 0, 1):
-            target = lowest + (dz + 1)
-            found_i, found_j = [], []
-            for step in range(dz + 2):  # the target is at most dz+1 places after pos
-                j = pos + step
-                hit = torch.nonzero((skey[j.clamp_max(last)] == target) & (j <= last)).squeeze(1)
-                found_i.append(hit)
-                found_j.append(j[hit])
+            sel = torch.nonzero(found_dz == dz).squeeze(1)
             offsets.append((dx, dy, dz))
-            pairs.append((torch.cat(found_i), torch.cat(found_j)))
+            pairs.append((found_i.index_select(0, sel), found_j.index_select(0, sel)))
     if order is not None:
-        pairs = [(order[i], order[j]) for i, j in pairs]
+        pairs = [(order.index_select(0, i), order.index_select(0, j)) for i, j in pairs]
     return NeighbourMap(n, offsets, pairs)
 
 
@@ -536,7 +539,9 @@ class VoxelInputEncoder(nn.Module):
         lo = torch.tensor(RANGE_MIN, device=xyz.device)
         corner = vox.coords[vox.inv, 1:].to(xyz.dtype) * 0.1 + lo
         x = torch.cat([points, xyz - voxel_mean, xyz - corner], 1)  # (N, 10)
-        return scatter_mean(self.mlp(x), vox.inv, len(vox))  # (V1, 64)
+        # mean(Linear(h)) == Linear(mean(h)): the second layer runs per voxel, not per point.
+        h = scatter_mean(self.mlp[1](self.mlp[0](x)), vox.inv, len(vox))  # (V1, 64)
+        return self.mlp[2](h)  # (V1, 64)
 
 
 class SparseBasicBlock(nn.Module):

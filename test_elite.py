@@ -128,7 +128,10 @@ def test_student_has_official_parameter_count():
 def reference_student_forward(model: elite.Student, points, batch_idx):
     """The upstream data flow written the slow way: every MLP and mean over points."""
     voxels = [elite.voxelize(points[:, :3], batch_idx, s) for s in (1, 2, 4, 8, 16)]
-    x = model.input_encoder(points, voxels[0])
+    xyz, v1 = points[:, :3], voxels[0]
+    mean = elite.scatter_mean(xyz, v1.inv, len(v1))[v1.inv]
+    corner = v1.coords[v1.inv, 1:].float() * 0.1 + torch.tensor(elite.RANGE_MIN)
+    x = elite.scatter_mean(model.input_encoder.mlp(torch.cat([points, xyz - mean, xyz - corner], 1)), v1.inv, len(v1))
     per_point = []
     for block, vl, vs in zip(model.blocks, voxels[:-1], voxels[1:]):
         nmap = elite.build_neighbour_map(vl.coords)
