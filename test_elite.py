@@ -443,3 +443,71 @@ def test_real_scan_forward_and_backward():
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.blocks[0].v_enc[0].conv1.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------
+# Synthetic scenes and the scripts end to end
+# ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    import synthkitti
+    root = tmp_path_factory.mktemp("synth")
+    return synthkitti.make_dataset(root, {"00": 2, "08": 1}, columns=256, seed=3, progress=False)
+
+
+def test_synthetic_scenes_read_by_the_real_loader(synth_root):
+    import synthkitti
+    scans = elite.list_scans(synth_root, ["00", "08"])
+    assert len(scans) == 3
+    classes = set()
+    for scan in scans:
+        points, labels = elite.load_scan(scan)
+        assert len(points) > 5000 and (points[:, 3] >= 0).all() and (points[:, 3] < 1).all()
+        classes |= set(np.unique(labels).tolist())
+        image = elite.read_image(scan.parent.parent / "image_2" / f"{scan.stem}.png")
+        assert image.shape == (synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH, 3)
+    assert len(classes - {0}) >= 12, [elite.CLASS_NAMES[c] for c in classes]
+    real = (REAL_SEQ / "calib.txt") if REAL_SEQ.is_dir() else None
+    calib = elite.read_calib(synth_root / "sequences" / "00" / "calib.txt")
+    if real is not None:
+        assert np.allclose(calib["proj"], elite.read_calib(real)["proj"])
+
+
+def test_synthetic_points_and_pixels_agree(synth_root):
+    """A LiDAR point projected with the calibration lands on a pixel of its own class."""
+    seq = synth_root / "sequences" / "00"
+    calib = elite.read_calib(seq / "calib.txt")
+    points, labels = elite.load_scan(seq / "velodyne" / "000001.bin")
+    gt = np.load(seq / "image_2_gt" / "000001.npy")
+    assert gt.dtype == np.uint16 and gt.shape[0] == 2
+    keep, rows_cols = elite.project_points(points[:, :3], calib["proj"], gt.shape[1], gt.shape[2])
+    pixel_class = gt[0][rows_cols[:, 0].astype(int), rows_cols[:, 1].astype(int)]
+    assert keep.sum() > 1000 and (pixel_class == labels[keep]).mean() > 0.9
+
+
+def test_synthetic_scenes_are_deterministic():
+    import synthkitti
+    a, la = synthkitti.make_scan(seed=5, columns=256)
+    b, lb = synthkitti.make_scan(seed=5, columns=256)
+    c, _ = synthkitti.make_scan(seed=6, columns=256)
+    assert np.array_equal(a, b) and np.array_equal(la, lb) and not np.array_equal(a[:100], c[:100])
+
+
+def test_train_resume_and_infer_end_to_end(synth_root, tmp_path):
+    import infer
+    import train_student
+    common = ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08",
+              "--preset", "embedded", "--batch-size", "2", "--out", str(tmp_path / "run"), "--device", "cpu"]
+    train_student.main(common + ["--epochs", "1"])
+    first = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert first["epoch"] == 0 and (tmp_path / "run" / "best.pt").is_file()
+    train_student.main(common + ["--epochs", "2", "--resume"])
+    second = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert second["epoch"] == 1 and second["step"] == 2
+    assert not torch.equal(first["model"]["classifier.2.weight"], second["model"]["classifier.2.weight"])
+    infer.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--data", str(synth_root),
+                "--split", "val", "--votes", "2", "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    pred = np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label", dtype=np.uint32)
+    assert len(pred) == len(elite.read_scan(synth_root / "sequences" / "08" / "velodyne" / "000000.bin"))
+    assert set(np.unique(pred).tolist()) <= set(elite.LEARNING_MAP_INV.values())

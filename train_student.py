@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,7 +27,7 @@ import elite
 # finishes on a laptop CPU and is NOT comparable with published numbers.
 PRESETS = {
     "paper": dict(epochs=64, batch_size=4, val_batch_size=8, workers=8),
-    "embedded": dict(epochs=24, batch_size=2, val_batch_size=4, workers=0),
+    "embedded": dict(epochs=20, batch_size=2, val_batch_size=4, workers=0),
 }
 SYNTH_ROOT = Path("data/synthkitti")
 SYNTH_COLUMNS = 512  # LiDAR azimuth steps of the embedded scenes (~25k points a scan)
@@ -41,7 +40,7 @@ def parse_args(argv=None):
                         f"default: synthetic scenes made once under {SYNTH_ROOT}")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="'paper' (64 epochs, batch 4) is the default with --data, "
-                        "'embedded' (24 epochs, batch 2) without")
+                        "'embedded' (20 epochs, batch 2) without")
     p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
     p.add_argument("--batch-size", type=int, help="override the preset's training batch size (scans)")
     p.add_argument("--val-batch-size", type=int, help="override the preset's validation batch size")
@@ -113,24 +112,23 @@ def main(argv=None):
         print(f"No --data given: using synthetic scenes in {root} (embedded preset; "
               "pass --data for SemanticKITTI)")
         synthkitti.make_dataset(root, columns=SYNTH_COLUMNS, seed=args.seed)
+        args.train_sequences = [s for s in args.train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
     train_loader, val_loader, shuffle_gen = make_loaders(args, root)
 
     model = elite.Student().to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = elite.make_optimizer(params, lr=args.lr)
     total_steps = args.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: elite.cosine_factor(s, total_steps))
     weight = elite.class_weights().to(device)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    start_epoch, best_miou = 0, -1.0
+    start_epoch, best_miou, step = 0, -1.0, 0
 
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     if args.resume:
         ckpt = elite.load_checkpoint(last_path, elite.STUDENT_KIND, map_location=device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, best_miou = ckpt["epoch"] + 1, ckpt["best_miou"]
+        start_epoch, best_miou, step = ckpt["epoch"] + 1, ckpt["best_miou"], ckpt["step"]
         print(f"Resumed from {last_path}: epoch {start_epoch}, best mIoU {100 * best_miou:.1f}")
 
     print(f"Student: {elite.count_parameters(model):,} parameters | device {device} | preset {args.preset} | "
@@ -145,6 +143,9 @@ def main(argv=None):
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
         for batch in bar:
             batch = batch.to(device)
+            lr = args.lr * elite.cosine_factor(step, total_steps)  # cosine decay per iteration
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             out = model(batch.points, batch.batch_idx)
             loss = elite.seg_loss(out.logits, batch.labels, weight, lovasz_weight=0.1)
             optimizer.zero_grad(set_to_none=True)
@@ -153,13 +154,12 @@ def main(argv=None):
                 optimizer.step()
             else:
                 skipped += 1
-            scheduler.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.4f}")
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
         conf = validate(model, val_loader, device)
         miou = conf.miou()
         state = elite.student_state(model) | {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "best_miou": max(best_miou, miou), "miou": miou, "config": config}
+            "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "best_miou": max(best_miou, miou), "miou": miou, "config": config}
         elite.atomic_save(state, last_path)
         if miou > best_miou:
             best_miou = miou
