@@ -470,20 +470,22 @@ class _SubMConv3dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Forward did out[i] += f[j] W[+o] and out[j] += f[i] W[-o] for each pair (i, j), so
+        # grad_f[j] += g[i] W[+o]^T, grad_f[i] += g[j] W[-o]^T, grad_W[+o] = f[j]^T g[i], grad_W[-o] = f[i]^T g[j].
         feats, weight = ctx.saved_tensors
-        nmap = ctx.nmap
-        grad_feats = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            # The transpose of a submanifold conv is the same conv with the kernel
-            # mirrored and each matrix transposed.
-            grad_feats = _gather_mm_scatter(grad_out, weight.flip(0, 1, 2).transpose(3, 4), nmap)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.empty_like(weight)
-            grad_weight[1, 1, 1] = feats.T @ grad_out
-            for (i, j), (dx, dy, dz) in zip(nmap.pairs, nmap.offsets):
-                grad_weight[1 + dx, 1 + dy, 1 + dz] = feats.index_select(0, j).T @ grad_out.index_select(0, i)
-                grad_weight[1 - dx, 1 - dy, 1 - dz] = feats.index_select(0, i).T @ grad_out.index_select(0, j)
-        return grad_feats, grad_weight, None
+        grad_out = grad_out.contiguous()
+        grad_feats = grad_out @ weight[1, 1, 1].T
+        grad_weight = torch.empty_like(weight)
+        grad_weight[1, 1, 1] = feats.T @ grad_out
+        for (i, j), (dx, dy, dz) in zip(ctx.nmap.pairs, ctx.nmap.offsets):
+            plus, minus = (1 + dx, 1 + dy, 1 + dz), (1 - dx, 1 - dy, 1 - dz)
+            g_i, g_j = grad_out.index_select(0, i), grad_out.index_select(0, j)
+            grad_feats.index_add_(0, j, g_i @ weight[plus].T)
+            grad_feats.index_add_(0, i, g_j @ weight[minus].T)
+            if ctx.needs_input_grad[1]:
+                grad_weight[plus] = feats.index_select(0, j).T @ g_i
+                grad_weight[minus] = feats.index_select(0, i).T @ g_j
+        return grad_feats, grad_weight if ctx.needs_input_grad[1] else None, None
 
 
 def submconv3d(feats: torch.Tensor, coords: torch.Tensor, weight: torch.Tensor,
