@@ -772,15 +772,15 @@ class ConfusionMatrix:
 # 10. Checkpoints and the optimiser recipe
 # =====================================================================================
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash mid-write
-    never leaves a truncated checkpoint."""
+def atomic_write(path, write) -> None:
+    """Call write(file) on a temporary file in the same folder, then rename it to path:
+    a crash mid-write never leaves a truncated checkpoint or label file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -788,6 +788,11 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 STUDENT_KIND = "elite-student"

@@ -13,10 +13,8 @@ IoU is computed with the official evaluator's rules over every point of every sc
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,11 +79,7 @@ def predict_scan(model, points: np.ndarray, votes: int, rng: np.random.Generator
 
 def write_label_file(path: Path, train_ids: np.ndarray):
     """Raw ids as uint32, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        elite.TRAIN_TO_RAW[train_ids].astype(np.uint32).tofile(f)
-    os.replace(tmp, path)
+    elite.atomic_write(path, lambda f: elite.TRAIN_TO_RAW[train_ids].astype(np.uint32).tofile(f))
 
 
 def predict(args):
