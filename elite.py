@@ -1,19 +1,22 @@
-"""ELiTe in plain PyTorch: the LiDAR side of the method, read top to bottom.
+"""ELiTe in plain PyTorch, read top to bottom.
 
 ELiTe (ICME 2024) distils a Segment Anything image teacher into a 1.9M-parameter
 voxel LiDAR student (the 2DPASS "4scale-64dimension" network). This file holds
-everything the student needs, in the order the data flows:
+the student, the teacher and their data, in the order the data flows:
 
-    1. SemanticKITTI files: scans, labels, calibration, splits, the label map
+    1. SemanticKITTI files: scans, labels, calibration, images, splits, the label map
     2. Geometry: LiDAR-to-camera projection
     3. Training augmentation
     4. The dataset and its batches
-    5. Voxelisation and scatter reductions
-    6. Submanifold sparse convolution (pure torch, with its neighbour map)
-    7. The student: SparseBasicBlock, point encoder, SPVBlock, classifier
-    8. Losses: class-weighted cross-entropy and Lovasz-softmax
-    9. Evaluation: the official SemanticKITTI IoU
-   10. Checkpoints (atomic writes) and the optimiser recipe
+    5. The camera view: the bottom crop the image teacher reads
+    6. Voxelisation and scatter reductions
+    7. Submanifold sparse convolution (pure torch, with its neighbour map)
+    8. The student: SparseBasicBlock, point encoder, SPVBlock, classifier
+    9. Losses: class-weighted cross-entropy and Lovasz-softmax
+   10. The image teacher: SAM's ViT, LoRA/AdaLoRA (PEFT), patch decoder, 2D heads
+   11. SAM-PLG: dense pseudo-labels from sparse LiDAR labels
+   12. Evaluation: the official SemanticKITTI IoU
+   13. Checkpoints (atomic writes) and the optimiser recipe
 
 Facts follow the official ELiTe/2DPASS code; deliberate differences are listed
 in README.md under "Differences from the official code".
@@ -25,12 +28,15 @@ import os
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
 
 # =====================================================================================
 # 1. SemanticKITTI files
@@ -172,6 +178,42 @@ def list_scans(root, sequences) -> list[Path]:
 
 def label_path(scan_path: Path) -> Path:
     return scan_path.parent.parent / "labels" / (scan_path.stem + ".label")
+
+
+def image_path(scan_path: Path) -> Path:
+    return scan_path.parent.parent / "image_2" / (scan_path.stem + ".png")
+
+
+def plg_path(scan_path: Path) -> Path:
+    """Where SAM-PLG writes the pseudo-labels of a scan: sequences/XX/image_2_plg/NNNNNN.npy."""
+    return scan_path.parent.parent / "image_2_plg" / (scan_path.stem + ".npy")
+
+
+def rendered_labels_path(scan_path: Path) -> Path:
+    """SynthKITTI's ground-truth pixel labels (real SemanticKITTI has none)."""
+    return scan_path.parent.parent / "image_2_gt" / (scan_path.stem + ".npy")
+
+
+def calib_path(scan_path: Path) -> Path:
+    return scan_path.parent.parent / "calib.txt"
+
+
+def read_pixel_labels(path, height: int, width: int) -> np.ndarray:
+    """A (2, H, W) uint16 [training id, instance] file: SAM-PLG output or SynthKITTI's image_2_gt."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: pixel-label file not found")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read pixel labels ({type(e).__name__}: {e}); "
+                        "the file is truncated or not a .npy array") from None
+    if labels.dtype != np.uint16 or labels.shape != (2, height, width):
+        raise DataError(f"{path}: holds {labels.dtype} {labels.shape}, expected uint16 (2, {height}, {width}) "
+                        "([training id, instance] at the image's size)")
+    if labels[0].max(initial=0) >= NUM_CLASSES:
+        raise DataError(f"{path}: class id {int(labels[0].max())} in channel 0, expected training ids 0..19")
+    return labels
 
 
 # =====================================================================================
@@ -317,7 +359,134 @@ def collate(scans: list[Scan]) -> Batch:
 
 
 # =====================================================================================
-# 5. Voxelisation and scatter reductions
+# 5. The camera view: bottom crop, colour jitter, flip (what the image teacher reads)
+# =====================================================================================
+# The teacher sees the bottom 320 x 1024 crop of the KITTI frame: the rows above hold sky,
+# where no LiDAR point lands. Every change to the image is applied to the points' pixel
+# indices too, so a point keeps reading the pixel it projects onto.
+
+CROP_HW = (320, 1024)  # (height, width): the bottom rows of the KITTI frame, a window of columns
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB on the 0..255 scale (no /255)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class ImageCrop:
+    image: torch.Tensor               # (3, ch, cw) float32, normalised with SAM's mean/std
+    pixels: torch.Tensor              # (Ki, 2) int64 (row, col) of the kept points in the crop
+    kept: np.ndarray                  # (Ki,) int64: which input points are in the crop
+    dense_labels: np.ndarray | None   # (..., ch, cw) cropped (and flipped) like the image
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, strength=0.4) -> np.ndarray:
+    """torchvision's ColorJitter(0.4, 0.4, 0.4) on a uint8 (H, W, 3) image: brightness, contrast
+    and saturation factors ~ U(0.6, 1.4), applied in random order. The factors are drawn from
+    rng (not torch's global generator) so a seeded loader is reproducible."""
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    im = Image.fromarray(image)
+    for i in rng.permutation(3):
+        im = ops[i](im, rng.uniform(1 - strength, 1 + strength))
+    return np.asarray(im)
+
+
+def normalize_image(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB -> float32 (3, H, W) with SAM's pixel mean/std."""
+    x = torch.from_numpy(np.array(image, dtype=np.float32))  # a writable float copy
+    x = (x - torch.tensor(SAM_PIXEL_MEAN)) / torch.tensor(SAM_PIXEL_STD)
+    return x.permute(2, 0, 1).contiguous()
+
+
+def prepare_image(image: np.ndarray, pixel_rc: np.ndarray, crop_hw=CROP_HW,
+                  rng: np.random.Generator | None = None, train=False,
+                  dense_labels: np.ndarray | None = None, jitter=0.4) -> ImageCrop:
+    """The teacher's view of one frame (official steps 7-11, in their order).
+
+    image (H, W, 3) uint8 RGB; pixel_rc (K, 2) float (row, col) of the projected points.
+    Training: a random window of columns at the bottom, colour jitter, a flip with p = 0.5.
+    Evaluation: the centred window at the bottom, nothing random (rng may be None)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
+    ch, cw = crop_hw
+    if height < ch or width < cw:
+        raise ValueError(f"image {height}x{width} (HxW) is smaller than the crop {ch}x{cw}")
+    if train and rng is None:
+        raise ValueError("training augmentation needs a numpy Generator (rng)")
+    top = height - ch  # the bottom rows: the sky above them holds no LiDAR points
+    left = int(rng.random() * (width + 1 - cw)) if train else (width - cw) // 2
+    rows, cols = pixel_rc[:, 0], pixel_rc[:, 1]
+    kept = np.flatnonzero((rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw))
+    pixels = (pixel_rc[kept] - np.array([top, left])).astype(np.int64)  # shift, then truncate
+    crop = image[top:, left:left + cw]
+    dense = None if dense_labels is None else dense_labels[..., top:, left:left + cw]
+    if train:
+        if jitter:
+            crop = color_jitter(np.ascontiguousarray(crop), rng, jitter)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+            pixels[:, 1] = cw - 1 - pixels[:, 1]
+            dense = None if dense is None else dense[..., ::-1]
+    dense = None if dense is None else np.ascontiguousarray(dense)
+    return ImageCrop(normalize_image(crop), torch.from_numpy(pixels), kept, dense)
+
+@dataclass
+class Views:
+    """A batch of camera crops and the labelled points inside them."""
+    images: torch.Tensor              # (B, 3, ch, cw) normalised with SAM's mean/std
+    pixels: list[torch.Tensor]        # B x (K_b, 2) int64 (row, col) in the crop
+    labels: torch.Tensor              # (sum K_b,) training ids of those points, samples in order
+    dense: torch.Tensor | None        # (B, ch, cw) int64 pseudo-labels, or None
+    paths: list[Path]
+
+    def to(self, device) -> "Views":
+        return Views(self.images.to(device), [p.to(device) for p in self.pixels], self.labels.to(device),
+                     None if self.dense is None else self.dense.to(device), self.paths)
+
+
+class CameraViews(torch.utils.data.Dataset):
+    """The teacher's data: per scan, the bottom crop of image_2 and the in-range points that
+    project into it (projection on the raw coordinates, as in training), with their labels;
+    with dense=True also the crop of the scan's SAM-PLG pseudo-labels."""
+
+    def __init__(self, root, sequences, train=False, crop_hw=CROP_HW, seed=0, dense=False):
+        self.scans = list_scans(root, sequences)
+        self.train, self.crop_hw, self.seed, self.dense = train, tuple(crop_hw), seed, dense
+        self.epoch = 0
+        self.calibs: dict[Path, np.ndarray] = {}  # sequence folder -> (3, 4) projection
+
+    def __len__(self):
+        return len(self.scans)
+
+    def projection(self, scan: Path) -> np.ndarray:
+        if scan.parent.parent not in self.calibs:
+            self.calibs[scan.parent.parent] = read_calib(calib_path(scan))["proj"]
+        return self.calibs[scan.parent.parent]
+
+    def __getitem__(self, i) -> tuple[ImageCrop, np.ndarray, Path]:
+        path = self.scans[i]
+        points, labels = load_scan(path)
+        keep = np.flatnonzero(np.isfinite(points).all(axis=1) & in_range(np.nan_to_num(points[:, :3])))
+        image = read_image(image_path(path))
+        visible, pixel_rc = project_points(points[keep, :3].astype(np.float64), self.projection(path), *image.shape[:2])
+        dense = read_pixel_labels(plg_path(path), *image.shape[:2])[0] if self.dense else None
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        crop = prepare_image(image, pixel_rc, self.crop_hw, rng, self.train, dense)
+        return crop, labels[keep][visible][crop.kept], path
+
+
+def collate_views(samples) -> Views:
+    crops, labels, paths = zip(*samples)
+    dense = None
+    if crops[0].dense_labels is not None:
+        dense = torch.from_numpy(np.stack([c.dense_labels for c in crops]).astype(np.int64))
+    return Views(torch.stack([c.image for c in crops]), [c.pixels for c in crops],
+                 torch.from_numpy(np.concatenate(labels)), dense, list(paths))
+
+
+# =====================================================================================
+# 6. Voxelisation and scatter reductions
 # =====================================================================================
 # Every scale s re-quantises the raw points into ceil(shape / s) cells per axis, so the
 # scale-8 z axis has 8 cells (0.75 m) and the scale-16 x/y axes have 63 cells (1.587 m).
@@ -380,7 +549,7 @@ def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int) -> Voxels:
 
 
 # =====================================================================================
-# 6. Submanifold sparse convolution
+# 7. Submanifold sparse convolution
 # =====================================================================================
 # out_i = sum over the 27 offsets o of W[o]^T x_j, where voxel j = voxel i + o is active in
 # the same scan. Output voxels are the input voxels. The work is a neighbour map (which
@@ -516,7 +685,7 @@ class SubMConv3d(nn.Module):
 
 
 # =====================================================================================
-# 7. The student (2DPASS baseline, 4 scales x 64 channels, 1,933,460 parameters)
+# 8. The student (2DPASS baseline, 4 scales x 64 channels, 1,933,460 parameters)
 # =====================================================================================
 
 @dataclass
@@ -679,7 +848,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # =====================================================================================
-# 8. Losses
+# 9. Losses
 # =====================================================================================
 
 def class_weights() -> torch.Tensor:
@@ -723,7 +892,824 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, l
 
 
 # =====================================================================================
-# 9. Evaluation: the official SemanticKITTI IoU
+# 10. The image teacher: SAM's ViT encoder, PEFT adapters (LoRA, AdaLoRA), patch decoder
+# =====================================================================================
+# The teacher is SAM's image encoder, frozen, without its neck. Every linear layer of every
+# block carries a low-rank adapter, and after each global-attention block a small transposed-
+# conv "patch decoder" turns the 1/16 token grid into a full-resolution feature map. Only the
+# adapters, the patch decoders and the 2D heads train. The image is the bottom 320 x 1024
+# crop of the camera frame; its 20 x 64 token grid is the top-left of SAM's 64 x 64 grid.
+
+# ---- 10.1 Adapters: LoRA, AdaLoRA's SVD form, the orthogonality regulariser ----
+# An adapter subclasses nn.Linear and shares the frozen layer's weight and bias, so the
+# state-dict keys of the frozen encoder do not change (q_proj.weight stays q_proj.weight) and a
+# SAM checkpoint loads the same before or after the adapters go in. Every adapter tensor's
+# name contains "lora_", which is how freezing, the optimiser and AdaLoRA find them.
+
+class LoRALinear(nn.Linear):
+    """y = W x + b + (alpha / r) B A x, with A (r, in), B (out, r); B = 0 at init so the
+    layer starts as the frozen one (Hu et al. 2022)."""
+
+    def __init__(self, base: nn.Linear, r=8, alpha=1.0):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: the weight and bias come from base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.scaling, self.merged = r, alpha / r, False
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as loralib
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.lora_B @ self.lora_A * self.scaling  # (out, in)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling  # via (.., r): cheap
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into the weight for inference; the adapter is skipped afterwards."""
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+
+class SVDLinear(LoRALinear):
+    """AdaLoRA (Zhang et al. 2023): the update in SVD form, y = W x + b + B diag(E) A x * alpha / r.
+
+    A (r, in) and B (out, r) ~ N(0, 0.02^2), the "singular values" E (r, 1) = 0 at init.
+    The RankAllocator prunes a rank by zeroing its entry of E. The divisor `ranknum` stays r
+    for the whole run (as upstream, which never updates it), so the factor is alpha / 12."""
+
+    def __init__(self, base: nn.Linear, r=12, alpha=1.0):
+        super().__init__(base, r, alpha)
+        self.lora_E = nn.Parameter(torch.zeros(r, 1))
+        nn.init.normal_(self.lora_A, std=0.02)
+        nn.init.normal_(self.lora_B, std=0.02)
+        self.register_buffer("ranknum", torch.tensor(float(r)), persistent=False)  # never updated
+        self.scaling = alpha
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + (x @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling / (self.ranknum + 1e-5)
+
+
+ADAPTED_LAYERS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.proj", "mlp.lin1", "mlp.lin2")
+PEFT_CHOICES = ("adalora", "lora", "none")
+
+
+def add_adapters(encoder: nn.Module, peft="adalora", r=12, alpha=1.0) -> None:
+    """Wrap the six linear layers of every block (72 for ViT-B) in place."""
+    if peft not in PEFT_CHOICES:
+        raise ValueError(f"peft must be one of {PEFT_CHOICES}, got {peft!r}")
+    if peft == "none":
+        return
+    adapter = SVDLinear if peft == "adalora" else LoRALinear
+    for block in encoder.blocks:
+        for path in ADAPTED_LAYERS:
+            parent, name = path.split(".")
+            module = getattr(block, parent)
+            setattr(module, name, adapter(getattr(module, name), r, alpha))
+
+
+def orth_regularizer(model: nn.Module, weight=0.1) -> torch.Tensor:
+    """AdaLoRA's R = weight * mean over all A and B of ||A A^T - I||_F or ||B^T B - I||_F,
+    keeping the factors close to orthonormal so E acts like singular values. The plain
+    Frobenius norm, not its square."""
+    norms = []
+    for name, p in model.named_parameters():
+        if "lora_A" in name or "lora_B" in name:
+            gram = p @ p.T if "lora_A" in name else p.T @ p  # (r, r) either way
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            norms.append(torch.linalg.matrix_norm(gram - eye))
+    if not norms:
+        return torch.zeros(())
+    return weight * torch.stack(norms).mean()
+
+
+# ---- 10.2 AdaLoRA's rank budget ----
+
+class RankAllocator:
+    """AdaLoRA's budget schedule over every SVDLinear of a model.
+
+    Each adapter entry p gets a sensitivity I = |p * dL/dp|, smoothed (I_bar) and with its
+    smoothed deviation (U_bar); score = I_bar * U_bar. Rank i of a layer scores
+    score(E_i) + mean score of row i of A + mean score of column i of B. The total rank
+    (12 per layer) stays full for the first T/6 steps, falls as a cubic to 8 per layer at
+    T/2 (masking every T/300 steps), then stays there with frozen scores. "Masking" zeros
+    the E entries whose score is at or below the k-th smallest, k = total - budget.
+
+    Call step(global_step) after backward and before the optimiser step."""
+
+    def __init__(self, model: nn.Module, total_steps: int, target_rank=8, init_warmup=None,
+                 final_warmup=None, mask_interval=None, beta1=0.85, beta2=0.85):
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, SVDLinear)}
+        if not self.layers:
+            raise ValueError("RankAllocator needs AdaLoRA adapters (peft='adalora'); the model has none")
+        self.total_steps = total_steps
+        self.init_warmup = total_steps // 6 if init_warmup is None else init_warmup
+        self.final_warmup = total_steps // 2 if final_warmup is None else final_warmup
+        # Upstream uses T/300 as is; at least 1 so that short runs do not divide by zero.
+        self.mask_interval = max(1, total_steps // 300) if mask_interval is None else mask_interval
+        self.beta1, self.beta2 = beta1, beta2
+        self.total_rank = sum(m.r for m in self.layers.values())  # 12 x 72 = 864 for ViT-B
+        self.target_total = target_rank * len(self.layers)         # 8 x 72 = 576
+        self.ipt: dict[str, torch.Tensor] = {}  # "layer.lora_X" -> I_bar
+        self.unc: dict[str, torch.Tensor] = {}  # "layer.lora_X" -> U_bar
+
+    def budget(self, step: int) -> tuple[int, bool]:
+        """(total rank allowed at this step, whether to mask at this step)."""
+        if step <= self.init_warmup:
+            return self.total_rank, False
+        if step > self.total_steps - self.final_warmup:
+            return self.target_total, True
+        progress = (step - self.init_warmup) / (self.total_steps - self.final_warmup - self.init_warmup)
+        spare = self.total_rank - self.target_total
+        return int(self.target_total + spare * (1 - progress) ** 3), step % self.mask_interval == 0
+
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        for name, m in self.layers.items():
+            for pname in ("lora_A", "lora_E", "lora_B"):
+                p = getattr(m, pname)
+                if p.grad is None:  # e.g. a layer the loss did not reach this step
+                    continue
+                key = f"{name}.{pname}"
+                sens = (p * p.grad).abs()  # first-order loss change if the entry were zeroed
+                ipt = self.beta1 * self.ipt.get(key, torch.zeros_like(p)) + (1 - self.beta1) * sens
+                unc = self.beta2 * self.unc.get(key, torch.zeros_like(p)) + (1 - self.beta2) * (sens - ipt).abs()
+                self.ipt[key], self.unc[key] = ipt, unc
+
+    def _score(self, m: SVDLinear, key: str, pname: str) -> torch.Tensor:
+        if key not in self.ipt:
+            return torch.zeros_like(getattr(m, pname))
+        return self.ipt[key] * self.unc[key]
+
+    @torch.no_grad()
+    def rank_importance(self) -> dict[str, torch.Tensor]:
+        """Per layer (r,): the triplet importance of each rank."""
+        out = {}
+        for name, m in self.layers.items():
+            e, a, b = (self._score(m, f"{name}.{p}", p) for p in ("lora_E", "lora_A", "lora_B"))
+            out[name] = e.view(-1) + a.mean(1) + b.mean(0)  # (r,) + row means of A + column means of B
+        return out
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int) -> float | None:
+        """Zero the E entries of the (total - budget) least important ranks; the threshold."""
+        k = self.total_rank - budget
+        if k <= 0:
+            return None
+        scores = self.rank_importance()
+        threshold = torch.cat(list(scores.values())).kthvalue(k).values.item()
+        for name, m in self.layers.items():
+            m.lora_E.masked_fill_((scores[name] <= threshold).view(-1, 1), 0.0)
+        return threshold
+
+    def step(self, global_step: int) -> int:
+        """Update the scores (until the final phase), mask when scheduled; the current budget."""
+        if global_step < self.total_steps - self.final_warmup:
+            self.update_importance()
+        budget, mask_now = self.budget(global_step)
+        if mask_now:
+            self.mask_to_budget(budget)
+        return budget
+
+    def state_dict(self) -> dict:
+        return {"ipt": dict(self.ipt), "unc": dict(self.unc)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ipt, self.unc = dict(state["ipt"]), dict(state["unc"])
+
+
+# ---- 10.3 SAM's encoder with separate q, k, v projections ----
+
+@dataclass
+class SamVariant:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+
+
+SAM_VARIANTS = {  # sam_model_registry's settings, plus a small random preset for tests and CPU runs
+    "vit_b": SamVariant(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": SamVariant(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": SamVariant(1280, 32, 16, (7, 15, 23, 31)),
+    "vit_tiny": SamVariant(96, 8, 3, (1, 3, 5, 7)),
+}
+SAM_IMG_SIZE, SAM_PATCH, SAM_WINDOW = 1024, 16, 14
+SAM_B_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
+
+
+def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no init work
+    lin.weight = nn.Parameter(weight.detach().clone())
+    lin.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+    return lin
+
+
+def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """SAM's decomposed relative-position term as an additive attention bias.
+
+    q (B*heads, h*w, d) unscaled -> (B*heads, h*w, h*w). get_rel_pos linearly resizes a table
+    made for the 64-token side (127 rows) to 2h-1 rows when the grid is smaller."""
+    rh = get_rel_pos(h, h, rel_pos_h)  # (h, h, d): embedding of (query row - key row)
+    rw = get_rel_pos(w, w, rel_pos_w)  # (w, w, d)
+    grid_q = q.reshape(-1, h, w, q.shape[-1])
+    bias_h = torch.einsum("nyxd,ykd->nyxk", grid_q, rh)  # (n, h, w, h): per key row
+    bias_w = torch.einsum("nyxd,xkd->nyxk", grid_q, rw)  # (n, h, w, w): per key column
+    return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(-1, h * w, h * w)
+
+
+class SplitQKVAttention(nn.Module):
+    """SAM's attention with its fused qkv projection split into q_proj, k_proj, v_proj, so
+    each can carry its own adapter. Same maths as SAM's Attention (a test compares them)."""
+
+    def __init__(self, attn: Attention):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        bias = attn.qkv.bias.chunk(3) if attn.qkv.bias is not None else (None,) * 3
+        self.q_proj, self.k_proj, self.v_proj = (
+            _linear_from(w, b) for w, b in zip(attn.qkv.weight.chunk(3), bias))  # rows 0:C, C:2C, 2C:3C
+        self.proj = attn.proj
+        self.use_rel_pos = attn.use_rel_pos
+        if self.use_rel_pos:
+            self.rel_pos_h, self.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape  # a window (14 x 14) or the whole grid (global blocks)
+
+        def split_heads(t):  # (B, h, w, C) -> (B*heads, h*w, C/heads)
+            return t.reshape(b, h * w, self.num_heads, -1).transpose(1, 2).reshape(b * self.num_heads, h * w, -1)
+
+        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
+        bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, h, w) if self.use_rel_pos else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # softmax(q k^T / sqrt(d) + bias) v
+        out = out.reshape(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
+        return self.proj(out)
+
+
+def build_sam_encoder(variant="vit_b") -> ImageEncoderViT:
+    """segment-anything's ImageEncoderViT with sam_model_registry's settings, randomly
+    initialised, without the neck, and with q/k/v projections split."""
+    if variant not in SAM_VARIANTS:
+        raise ValueError(f"unknown SAM variant {variant!r}; choose from {sorted(SAM_VARIANTS)}")
+    v = SAM_VARIANTS[variant]
+    encoder = ImageEncoderViT(
+        img_size=SAM_IMG_SIZE, patch_size=SAM_PATCH, embed_dim=v.embed_dim, depth=v.depth,
+        num_heads=v.num_heads, mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True, window_size=SAM_WINDOW, global_attn_indexes=v.global_attn_indexes)
+    del encoder.neck  # ELiTe reads the blocks themselves; SAM's 256-channel neck is never used
+    for block in encoder.blocks:
+        block.attn = SplitQKVAttention(block.attn)
+    return encoder
+
+
+def sam_variant_of(encoder_weights: dict) -> str | None:
+    """Which SAM variant image-encoder tensors (keys without 'image_encoder.') belong to,
+    from the patch-embedding width and the number of blocks; None if no known one."""
+    width = encoder_weights["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in encoder_weights else None
+    depth = 1 + max((int(k.split(".")[1]) for k in encoder_weights if k.startswith("blocks.")), default=-1)
+    return next((name for name, v in SAM_VARIANTS.items() if (v.embed_dim, v.depth) == (width, depth)), None)
+
+
+def read_sam_state(path) -> dict:
+    """An official SAM checkpoint file -> its state dict, or a DataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: SAM checkpoint not found (the official files, e.g. {SAM_B_URL})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read SAM checkpoint ({type(e).__name__}: {e}); "
+                        "the file is truncated or not a torch checkpoint of tensors") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: not a state dict (got {type(ckpt).__name__})")
+    return state
+
+
+def encoder_weights_of(state: dict) -> dict:
+    """The image_encoder.* tensors of a SAM state dict, prefix removed, neck left out."""
+    prefix = "image_encoder."
+    return {k[len(prefix):]: v for k, v in state.items()
+            if isinstance(k, str) and k.startswith(prefix) and not k.startswith(prefix + "neck.")}
+
+
+def load_sam_checkpoint(encoder: nn.Module, path, variant="vit_b") -> None:
+    """Load the frozen encoder weights of an official SAM checkpoint (sam_vit_b_01ec64.pth).
+
+    Takes the `image_encoder.*` tensors except the neck and splits each fused qkv (3C, C)
+    weight and (3C,) bias into q = rows 0:C, k = C:2C, v = 2C:3C. The official ELiTe loader
+    wrote them under attn.q/k/v while its modules are q_proj/k_proj/v_proj, so strict=False
+    silently dropped them and q, k, v stayed random; here they load, and every frozen tensor
+    must be present with the right shape."""
+    path = Path(path)
+    weights = encoder_weights_of(read_sam_state(path))
+    prefix = "image_encoder."
+    if not weights:
+        raise DataError(f"{path}: no '{prefix}*' tensors; expected a SAM checkpoint such as sam_vit_b_01ec64.pth")
+    for key in [k for k in weights if ".attn.qkv." in k]:
+        fused = weights.pop(key)
+        if fused.shape[0] % 3:
+            raise DataError(f"{path}: {prefix}{key} has {fused.shape[0]} rows, not a multiple of 3")
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3)):
+            weights[key.replace("qkv", name)] = part
+    frozen = {k: v for k, v in encoder.state_dict().items() if "lora_" not in k}
+    mismatched = [k for k in frozen if k in weights and weights[k].shape != frozen[k].shape]
+    missing = [k for k in frozen if k not in weights]
+    if mismatched or missing:
+        found = sam_variant_of(weights)
+        looks = f"SAM {found}" if found else "an unknown encoder"
+        raise DataError(f"{path}: looks like {looks} but the teacher is SAM {variant} "
+                        f"(e.g. {(mismatched + missing)[0]}: {len(mismatched)} tensors of the wrong shape, "
+                        f"{len(missing)} missing); build the teacher with the matching variant")
+    unexpected = sorted(set(weights) - set(frozen))
+    if unexpected:
+        raise DataError(f"{path}: {len(unexpected)} unexpected encoder tensors, e.g. {prefix}{unexpected[0]}")
+    result = encoder.load_state_dict(weights, strict=False)
+    assert all("lora_" in k for k in result.missing_keys), result.missing_keys  # only adapters start fresh
+
+
+# ---- 10.4 The teacher: encoder, patch decoders, 2D heads ----
+
+def patch_decoder(c: int) -> nn.Sequential:
+    """Tokens (B, C, h, w) -> (B, C/8, 4h, 4w): two 2x transposed convs, as SAM's mask decoder."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(c, c // 4, kernel_size=2, stride=2), LayerNorm2d(c // 4, eps=1e-6), nn.GELU(),
+        nn.ConvTranspose2d(c // 4, c // 8, kernel_size=2, stride=2), nn.GELU())
+
+
+def head_2d(cin: int, hidden: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+@dataclass
+class TeacherConfig:
+    variant: str = "vit_b"
+    peft: str = "adalora"
+    rank: int = 12
+    alpha: float = 1.0
+    crop_hw: tuple[int, int] = CROP_HW  # the data pipeline's crop; the network takes any size
+    num_classes: int = NUM_CLASSES
+
+
+class Teacher(nn.Module):
+    """SAM ViT + adapters -> four (B, C/8, H, W) feature maps, one per global-attention block
+    (blocks 2, 5, 8, 11 of ViT-B). The four "scales" are four depths of one 1/16 token grid;
+    the shallowest pairs with the student's finest scale. Built frozen: only adapters, patch
+    decoders and heads have requires_grad."""
+
+    def __init__(self, cfg: TeacherConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or TeacherConfig()
+        self.encoder = build_sam_encoder(cfg.variant)
+        add_adapters(self.encoder, cfg.peft, cfg.rank, cfg.alpha)
+        self.stage_blocks = SAM_VARIANTS[cfg.variant].global_attn_indexes
+        c = SAM_VARIANTS[cfg.variant].embed_dim
+        self.feat_dim = c // 8  # 96 for ViT-B
+        self.output_upscaling = nn.ModuleList([patch_decoder(c) for _ in self.stage_blocks])
+        self.heads_2d = nn.ModuleList([head_2d(c // 8, c // 4, cfg.num_classes) for _ in self.stage_blocks])
+        self.fused_head = head_2d(len(self.stage_blocks) * c // 8, c // 4, cfg.num_classes)
+        self.sam_checkpoint: str | None = None  # set by build_teacher; recorded in teacher_state
+        for name, p in self.encoder.named_parameters():
+            p.requires_grad = "lora_" in name  # SAM itself stays frozen: biases, LNs, pos/rel-pos too
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (B, 3, H, W) normalised -> tokens (B, h, w, C) after each global block,
+        with h, w = ceil(H/16), ceil(W/16).
+
+        SAM pads the crop to 1024 x 1024 and ELiTe then keeps the top-left h x w tokens;
+        embedding only the crop and adding the top-left of pos_embed gives the same tokens."""
+        height, width = images.shape[-2:]
+        h, w = math.ceil(height / SAM_PATCH), math.ceil(width / SAM_PATCH)
+        grid = SAM_IMG_SIZE // SAM_PATCH
+        if h > grid or w > grid:
+            raise ValueError(f"image {height}x{width} is larger than SAM's {SAM_IMG_SIZE}x{SAM_IMG_SIZE}")
+        # Zero padding to whole patches: 0 is the mean colour after normalisation, as SAM pads.
+        x = F.pad(images, (0, w * SAM_PATCH - width, 0, h * SAM_PATCH - height))
+        x = self.encoder.patch_embed(x) + self.encoder.pos_embed[:, :h, :w]  # (B, h, w, C)
+        tokens = []
+        for i, block in enumerate(self.encoder.blocks):
+            x = block(x)  # windowed blocks pad to multiples of 14 and unpad themselves
+            if i in self.stage_blocks:
+                tokens.append(x)
+        return tokens
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (B, 3, H, W) normalised -> 4 feature maps (B, C/8, H, W)."""
+        height, width = images.shape[-2:]
+        feats = []
+        for x, decoder in zip(self.encode(images), self.output_upscaling):
+            y = decoder(x.permute(0, 3, 1, 2))  # (B, C/8, 4h, 4w)
+            # Upsample to the padded 16h x 16w the tokens cover, then drop the padding, so each
+            # pixel reads the token grid where its patch lies (a no-op crop for 320 x 1024).
+            y = F.interpolate(y, size=(4 * y.shape[2], 4 * y.shape[3]), mode="bilinear", align_corners=False)
+            feats.append(y[:, :, :height, :width])
+        return feats
+
+    def classify(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-stage features (N, C/8) each -> (4 stage logits (N, 20), fused logits (N, 20))."""
+        stage = [head(f) for head, f in zip(self.heads_2d, feats)]
+        return stage, self.fused_head(torch.cat(feats, 1))  # (N, 4 * C/8) -> (N, 20)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def sample_pixels(feats: list[torch.Tensor], pixel_indices: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Feature maps (B, C, H, W) at each sample's (Ki, 2) (row, col) pixels -> (sum Ki, C)
+    per map, samples concatenated in batch order."""
+    out = []
+    for f in feats:
+        rows = [f[b, :, idx[:, 0], idx[:, 1]].T for b, idx in enumerate(pixel_indices)]  # (Ki, C)
+        out.append(torch.cat(rows) if rows else f.new_zeros(0, f.shape[1]))
+    return out
+
+
+def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], views: Views, weight: torch.Tensor,
+                   lambda_seg2d=1.0) -> dict[str, torch.Tensor]:
+    """The teacher's 2D terms by name: each stage head (lambda_seg2d / 4)(CE_w + Lovasz) and the
+    fused head (CE_w + Lovasz). With pseudo-labels every crop pixel counts (dense mode); without,
+    the projected points and their labels (sparse mode, the official default config)."""
+    if views.dense is not None:
+        inputs = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]  # 4 x (B*H*W, C/8)
+        labels = views.dense.reshape(-1)
+    else:
+        inputs = sample_pixels(feats, views.pixels)  # 4 x (K, C/8)
+        labels = views.labels
+    stage_logits, fused = teacher.classify(inputs)
+    terms = {f"seg2d_scale{2 ** (k + 1)}": lambda_seg2d / 4 * seg_loss(logits, labels, weight, lovasz_weight=1.0)
+             for k, logits in enumerate(stage_logits)}
+    terms["seg2d_fused"] = seg_loss(fused, labels, weight, lovasz_weight=1.0)
+    return terms
+
+
+def build_teacher(cfg: TeacherConfig | None = None, sam_checkpoint=None) -> Teacher:
+    """The teacher with SAM's weights loaded (frozen), or random ones with a notice."""
+    cfg = cfg or TeacherConfig()
+    teacher = Teacher(cfg)
+    if sam_checkpoint is None:
+        warnings.warn(f"teacher: SAM {cfg.variant} encoder is randomly initialised; for the paper "
+                      f"setting download sam_vit_b_01ec64.pth ({SAM_B_URL}) and pass --sam-checkpoint")
+    else:
+        load_sam_checkpoint(teacher.encoder, sam_checkpoint, cfg.variant)
+        teacher.sam_checkpoint = str(sam_checkpoint)
+    return teacher
+
+
+TEACHER_KIND = "elite-teacher"
+
+
+def teacher_state(teacher: Teacher) -> dict:
+    """A small checkpoint: the config and the trainable tensors (adapters, patch decoders,
+    heads); the frozen SAM weights come from the SAM file again. A teacher without a SAM
+    file keeps its random frozen weights in the checkpoint too (a few MB for vit_tiny)."""
+    trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
+    keep_all = teacher.sam_checkpoint is None
+    weights = {k: v for k, v in teacher.state_dict().items() if keep_all or k in trainable}
+    return {"kind": TEACHER_KIND, "teacher_config": asdict(teacher.cfg),
+            "sam_checkpoint": teacher.sam_checkpoint, "weights": weights}
+
+
+def load_teacher_state(state: dict, sam_checkpoint=None) -> Teacher:
+    """Rebuild a teacher from teacher_state(); sam_checkpoint overrides the recorded path."""
+    cfg = TeacherConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["teacher_config"].items()})
+    sam = sam_checkpoint or state["sam_checkpoint"]
+    teacher = Teacher(cfg)
+    if sam is not None:
+        load_sam_checkpoint(teacher.encoder, sam, cfg.variant)
+        teacher.sam_checkpoint = str(sam)
+    result = teacher.load_state_dict(state["weights"], strict=False)
+    trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
+    missing = [k for k in result.missing_keys if k in trainable or sam is None]
+    if missing or result.unexpected_keys:
+        raise DataError(f"teacher state does not fit a {cfg.variant}/{cfg.peft} teacher: "
+                        f"{len(missing)} tensors missing, {len(result.unexpected_keys)} unexpected "
+                        f"(e.g. {(missing + result.unexpected_keys)[0]})")
+    return teacher
+
+
+def load_teacher(path, sam_checkpoint=None, map_location="cpu") -> tuple[Teacher, dict]:
+    ckpt = load_checkpoint(path, TEACHER_KIND, map_location)
+    return load_teacher_state(ckpt, sam_checkpoint), ckpt
+
+
+# =====================================================================================
+# 11. SAM-PLG: dense image pseudo-labels from sparse LiDAR labels
+# =====================================================================================
+# Offline, once per scan (upstream: amg.py and plg/segment_anything/pseudo_label_generator.py):
+#
+#   stage 1  the labelled points projected into the image become SAM prompts (one
+#            positive point plus a dense mask prompt per labelled pixel of SAM's 256x256
+#            mask frame); SAM returns 3 masks per prompt; stable masks survive box NMS;
+#   stage 2  each mask, least confident first, is painted with the majority label of
+#            the points inside it; pixels no mask paints keep their point label or 0.
+#
+# Output, one file per scan, beside the sequence's other folders:
+#
+#     ROOT/sequences/XX/image_2_plg/NNNNNN.npy    uint16 (2, H, W): [0] training id 0..19
+#                                                 (0 = ignore), [1] instance id
+#
+# Upstream writes the same array to ROOT/processed_sk/XX/image_2_labels/NNNNNN.npy.
+# The mask source is pluggable: SamMaskSource runs SAM (a GPU job: ViT-H per image plus
+# the mask decoder per prompt), IdealMaskSource reads SynthKITTI's rendered regions.
+
+NO_POINT = 65535  # stage 2's "no point projects onto this pixel"
+LOW_RES = 256     # SAM's mask frame; its input frame is 4x that (1024)
+
+
+@dataclass
+class PlgFrame:
+    """What pseudo-labelling needs of one scan: its image and the labels of the points
+    that project into it (all points of the file: PLG crops no range)."""
+    image: np.ndarray     # (H, W, 3) uint8 RGB
+    semantic: np.ndarray  # (K,) int64 training ids
+    instance: np.ndarray  # (K,) int64
+    pixel_rc: np.ndarray  # (K, 2) int64 (row, col), truncated as upstream's img_indices
+    scan_path: Path
+
+
+def load_plg_frame(scan_path: Path, proj: np.ndarray) -> PlgFrame:
+    points = read_scan(scan_path)
+    raw, instance = read_labels(label_path(scan_path), len(points))
+    semantic = to_train_ids(raw, label_path(scan_path))
+    image = read_image(image_path(scan_path))
+    keep, rows_cols = project_points(points[:, :3].astype(np.float64), proj, *image.shape[:2])
+    return PlgFrame(image, semantic[keep], instance[keep], rows_cols.astype(np.int64), scan_path)
+
+
+def last_point_per_pixel(pixel_rc: np.ndarray, width: int) -> np.ndarray:
+    """Indices of the points upstream's per-point loop leaves in a label map: when points
+    share a pixel the last one written wins. (K, 2) -> (U,), one per occupied pixel."""
+    flat = pixel_rc[:, 0] * width + pixel_rc[:, 1]  # (K,)
+    _, first_from_end = np.unique(flat[::-1], return_index=True)
+    return len(flat) - 1 - first_from_end
+
+
+def sparse_label_maps(semantic, instance, pixel_rc, height: int, width: int) -> np.ndarray:
+    """The point labels as images: (2, H, W) uint16 [semantic, instance], NO_POINT where
+    no point projects (upstream's gt_label, the ballot box of stage 2)."""
+    maps = np.full((2, height, width), NO_POINT, dtype=np.uint16)
+    k = last_point_per_pixel(pixel_rc, width)
+    rows, cols = pixel_rc[k].T
+    maps[0, rows, cols] = semantic[k]
+    maps[1, rows, cols] = instance[k]
+    return maps
+
+
+# ------------------------------------------------------------------------------------
+# Stage 1: prompts and masks
+# ------------------------------------------------------------------------------------
+
+def nearest_resize(a: np.ndarray, size: int = LOW_RES) -> np.ndarray:
+    """cv2.resize(a, (size, size), interpolation=cv2.INTER_NEAREST) without OpenCV:
+    output pixel d reads input pixel floor(d * in_size / size) on each axis."""
+    rows = np.arange(size) * a.shape[0] // size  # integer arithmetic: no rounding surprises
+    cols = np.arange(size) * a.shape[1] // size
+    return a[rows[:, None], cols[None, :]]
+
+
+@dataclass
+class SamPrompts:
+    points: np.ndarray    # (P, 2) float32 (x, y) in SAM's 1024 input frame
+    semantic: np.ndarray  # (256, 256) uint8 training ids in SAM's mask frame
+    instance: np.ndarray  # (256, 256) uint8 instance ids, truncated to 8 bits as upstream
+
+
+def sam_prompts(semantic, instance, pixel_rc, width: int) -> SamPrompts:
+    """One positive point per labelled pixel of SAM's 256x256 mask frame.
+
+    The labels go into square (W, W) maps first: SAM scales the width W to 1024 and pads
+    the height to 1024 too, so the square's 256x256 downsample lines up with SAM's mask
+    frame. Only pixels the nearest sampling lands on survive, about 1 in (W / 256)^2."""
+    k = last_point_per_pixel(pixel_rc, width)
+    rows, cols = pixel_rc[k].T
+    if len(rows) and rows.max() >= width:
+        raise ValueError("SAM-PLG's square label maps need an image at least as wide as it is tall")
+    sem_square = np.zeros((width, width), dtype=np.uint8)
+    inst_square = np.zeros((width, width), dtype=np.uint8)
+    sem_square[rows, cols] = semantic[k]
+    inst_square[rows, cols] = instance[k].astype(np.uint8)  # ids above 255 wrap, as upstream's uint8 map
+    sem, inst = nearest_resize(sem_square), nearest_resize(inst_square)  # (256, 256) each
+    r, c = np.nonzero(sem)  # raster order, as upstream's np.where
+    points = np.stack([4 * c + 1.5, 4 * r + 1.5], 1).astype(np.float32)  # centre of the 4x4 block
+    return SamPrompts(points, sem, inst)
+
+
+def mask_prompts(prompts: SamPrompts, index: np.ndarray) -> np.ndarray:
+    """Dense mask prompts (logits in SAM's mask frame) for the points `index` -> (B, 1, 256, 256).
+
+    Thing (instance != 0): +16 on its instance. Stuff: +1 on its class, a weak hint because
+    the class's pixels may be separate regions. Both: -16 on every other labelled class;
+    it overrides the +16 where another class shares the truncated instance id. 0 elsewhere."""
+    col, row = np.round(prompts.points[index] / 4).astype(np.int64).T  # back to the mask-frame pixel
+    sem, inst = prompts.semantic, prompts.instance  # (256, 256)
+    cls = sem[row, col][:, None, None]  # (B, 1, 1)
+    ins = inst[row, col][:, None, None]
+    same = np.where(ins == 0, sem == cls, inst == ins)  # (B, 256, 256)
+    other_class = (sem > 0) & (sem != cls)
+    logits = np.where(other_class, -16.0, np.where(same, np.where(ins == 0, 1.0, 16.0), 0.0))
+    return logits[:, None].astype(np.float32)
+
+
+def select_masks(logits: torch.Tensor, iou_preds: torch.Tensor, mask_threshold=0.0,
+                 stability_thresh=0.9, stability_offset=1.0):
+    """SAM's mask filter as PLG sets it: keep masks whose stability score (the IoU of the
+    mask cut at logit +1 and at -1) is >= 0.9, then binarise at the logit threshold.
+    logits (M, H, W), iou_preds (M,) -> masks (m, H, W) bool, iou (m,), boxes (m, 4) xyxy.
+    PLG turns the predicted-IoU filter off, and with one full-image crop the crop-edge
+    filter keeps everything, so neither appears here."""
+    from segment_anything.utils.amg import batched_mask_to_box, calculate_stability_score
+    if stability_thresh > 0:  # upstream skips the test at 0, so empty masks (score 0/0) survive it
+        stable = calculate_stability_score(logits, mask_threshold, stability_offset) >= stability_thresh
+        logits, iou_preds = logits[stable], iou_preds[stable]
+    masks = logits > mask_threshold
+    return masks, iou_preds, batched_mask_to_box(masks)
+
+
+def nms_masks(boxes: torch.Tensor, iou: torch.Tensor, thresh=0.7) -> torch.Tensor:
+    """Box NMS scored by predicted IoU -> kept indices, highest predicted IoU first."""
+    from torchvision.ops import batched_nms
+    one_category = torch.zeros(len(iou), dtype=torch.long, device=iou.device)
+    return batched_nms(boxes.float(), iou.float(), one_category, thresh)
+
+
+def load_sam(checkpoint, variant="vit_h", device="cpu"):
+    """An official SAM checkpoint (PLG uses vit_h, sam_vit_h_4b8939.pth) -> Sam in eval mode."""
+    from segment_anything import sam_model_registry
+    if variant not in sam_model_registry or variant == "default":
+        raise ValueError(f"unknown SAM variant '{variant}'; expected vit_b, vit_l or vit_h")
+    path = Path(checkpoint)
+    state = read_sam_state(path)
+    found = sam_variant_of(encoder_weights_of(state))
+    if found is None:
+        raise DataError(f"{path}: not a SAM checkpoint (no image encoder of a known variant)")
+    if found != variant:
+        raise DataError(f"{path}: holds SAM {found}, not {variant}; pass variant='{found}'")
+    sam = sam_model_registry[variant]()
+    try:
+        sam.load_state_dict(state)
+    except RuntimeError as e:
+        raise DataError(f"{path}: does not fit SAM {variant} ({e})") from None
+    return sam.to(device).eval()
+
+
+class SamMaskSource:
+    """Stage 1 with SAM. masks(frame) -> masks (M, H, W) bool, predicted IoU (M,), in
+    descending predicted IoU (the NMS order upstream's voting reads backwards)."""
+
+    def __init__(self, sam, points_per_batch=128, stability_thresh=0.9, stability_offset=1.0, nms_thresh=0.7):
+        from segment_anything import SamPredictor
+        self.predictor = SamPredictor(sam)
+        self.points_per_batch = points_per_batch
+        self.stability_thresh = stability_thresh
+        self.stability_offset = stability_offset
+        self.nms_thresh = nms_thresh
+
+    @torch.no_grad()
+    def masks(self, frame: PlgFrame) -> tuple[np.ndarray, np.ndarray]:
+        height, width = frame.image.shape[:2]
+        prompts = sam_prompts(frame.semantic, frame.instance, frame.pixel_rc, width)
+        if len(prompts.points) == 0:
+            return np.zeros((0, height, width), dtype=bool), np.zeros(0, dtype=np.float32)
+        self.predictor.set_image(frame.image)  # the image encoder, once per image
+        device = self.predictor.device
+        packed, ious, boxes = [], [], []
+        for start in range(0, len(prompts.points), self.points_per_batch):
+            index = np.arange(start, min(start + self.points_per_batch, len(prompts.points)))
+            logits, iou_preds, _ = self.predictor.predict_torch(
+                point_coords=torch.as_tensor(prompts.points[index], device=device)[:, None],  # (B, 1, 2)
+                point_labels=torch.ones(len(index), 1, dtype=torch.int, device=device),  # positive
+                mask_input=torch.as_tensor(mask_prompts(prompts, index), device=device),  # (B, 1, 256, 256)
+                multimask_output=True, return_logits=True)  # (B, 3, H, W), (B, 3)
+            masks, iou, box = select_masks(logits.flatten(0, 1), iou_preds.flatten(0, 1),
+                                           self.predictor.model.mask_threshold,
+                                           self.stability_thresh, self.stability_offset)
+            # Bit-packed on the CPU: thousands of full-size masks per image would not fit otherwise.
+            packed.append(np.packbits(masks.cpu().numpy(), axis=-1))
+            ious.append(iou)
+            boxes.append(box)
+        self.predictor.reset_image()
+        iou = torch.cat(ious)
+        keep = nms_masks(torch.cat(boxes), iou, self.nms_thresh)  # (M,) highest predicted IoU first
+        masks = np.unpackbits(np.concatenate(packed)[keep.cpu().numpy()], axis=-1, count=width).view(bool)
+        return masks, iou[keep].float().cpu().numpy()
+
+
+class IdealMaskSource:
+    """Stage 1 as a perfect SAM would do it, from SynthKITTI's rendered image_2_gt: one mask
+    per distinct (class, instance) region (each object, each stuff class as a whole, the sky),
+    predicted IoU 1. The masks tile the image, so painting order does not matter, and what
+    stage 2 gets wrong comes from the point labels and the voting alone."""
+
+    def masks(self, frame: PlgFrame) -> tuple[np.ndarray, np.ndarray]:
+        height, width = frame.image.shape[:2]
+        gt = read_pixel_labels(rendered_labels_path(frame.scan_path), height, width)
+        key = (gt[0].astype(np.int64) << 16 | gt[1]).ravel()  # (H*W,) one id per region
+        regions, region_of_pixel = np.unique(key, return_inverse=True)
+        masks = region_of_pixel.reshape(height, width)[None] == np.arange(len(regions))[:, None, None]
+        return masks, np.ones(len(regions), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------
+# Stage 2: voting
+# ------------------------------------------------------------------------------------
+
+def majority_label(values: np.ndarray) -> int:
+    """The most frequent value, NO_POINT counting 0; NO_POINT if nothing else is there.
+
+    Ties go to the value met first in `values` (for a mask: raster order, row by row),
+    as upstream's Counter.most_common, which keeps insertion order and takes the first maximum."""
+    uniq, first, counts = np.unique(values, return_index=True, return_counts=True)
+    counts[uniq == NO_POINT] = 0
+    if counts.max(initial=0) == 0:
+        return NO_POINT
+    tied = np.flatnonzero(counts == counts.max())
+    return int(uniq[tied[np.argmin(first[tied])]])
+
+
+def vote_masks(masks: np.ndarray, iou: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+    """Paint each mask with the majority label of the points inside it.
+
+    masks (M, H, W) bool, iou (M,), sparse (2, H, W) uint16 from sparse_label_maps
+    -> (2, H, W) uint16 pseudo-labels, 0 where nothing is known."""
+    pseudo = sparse.copy()
+    has_point = np.flatnonzero(sparse[0].ravel() != NO_POINT)  # (K',) raster order
+    point_sem, point_inst = sparse[0].ravel()[has_point], sparse[1].ravel()[has_point]
+    # Least confident first, so the most confident mask wins where masks overlap. Upstream
+    # reverses the NMS order; reversing a stable descending sort matches it for tied IoUs.
+    for m in np.argsort(-np.asarray(iou), kind="stable")[::-1]:
+        inside = masks[m].ravel()[has_point]  # (K',) which points fall in this mask
+        cls = majority_label(point_sem[inside])
+        if cls in (0, NO_POINT):
+            continue  # mostly unlabeled points, or none at all: the mask says nothing
+        pseudo[0][masks[m]] = cls
+        ins = majority_label(point_inst[inside])  # over all the mask's points, as upstream
+        if ins not in (0, NO_POINT):
+            pseudo[1][masks[m]] = ins
+    pseudo[pseudo == NO_POINT] = 0
+    return pseudo
+
+
+def pseudo_labels(frame: PlgFrame, source) -> np.ndarray:
+    """Both stages for one frame -> (2, H, W) uint16 [semantic, instance]."""
+    height, width = frame.image.shape[:2]
+    sparse = sparse_label_maps(frame.semantic, frame.instance, frame.pixel_rc, height, width)
+    masks, iou = source.masks(frame)
+    return vote_masks(masks, iou, sparse)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n): worker i of n takes scans i, i + n, i + 2n, ..."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard '{text}': expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"shard '{text}': need 0 <= i < n")
+    return i, n
+
+
+def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True) -> dict[str, int]:
+    """Write plg_path(scan) for every labelled scan of this shard -> counts of files
+    written, already there (skipped, so a stopped run resumes) and scans without labels."""
+    from tqdm import tqdm
+    i, n = shard
+    if not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
+    scans = list_scans(root, sequences)[i::n]
+    counts = {"written": 0, "existing": 0, "unlabelled": 0}
+    projs = {}  # sequence folder -> (3, 4) projection
+    for scan in tqdm(scans, desc=f"SAM-PLG {i}/{n}", unit="scan", disable=not progress, dynamic_ncols=True):
+        out = plg_path(scan)
+        if out.is_file():
+            counts["existing"] += 1
+            continue
+        if not label_path(scan).is_file():
+            counts["unlabelled"] += 1  # test sequences: no labels to spread
+            continue
+        seq_dir = scan.parent.parent
+        if seq_dir not in projs:
+            projs[seq_dir] = read_calib(seq_dir / "calib.txt")["proj"]
+        pseudo = pseudo_labels(load_plg_frame(scan, projs[seq_dir]), source)
+        atomic_write(out, lambda f: np.save(f, pseudo))  # a file object: np.save adds no suffix
+        counts["written"] += 1
+    if counts["unlabelled"]:
+        warnings.warn(f"SAM-PLG: {counts['unlabelled']} scans have no labels and got no pseudo-labels")
+    return counts
+
+
+# =====================================================================================
+# 12. Evaluation: the official SemanticKITTI IoU
 # =====================================================================================
 # One confusion matrix over the whole split. A point whose ground truth is 0 never counts;
 # a labelled point predicted 0 (or left unpredicted) counts as a miss for its class. IoU of
@@ -769,7 +1755,7 @@ class ConfusionMatrix:
 
 
 # =====================================================================================
-# 10. Checkpoints and the optimiser recipe
+# 13. Checkpoints and the optimiser recipe
 # =====================================================================================
 
 def atomic_write(path, write) -> None:

@@ -2,18 +2,24 @@
 evaluator's rules, the official yaml and real SemanticKITTI scans when present)."""
 from __future__ import annotations
 
+import copy
 import math
 import re
+import shutil
 import subprocess
 import sys
+import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import elite
+import synthkitti
 
 HERE = Path(__file__).resolve().parent
 REAL = HERE.parent / "shared" / "realdata"
@@ -511,3 +517,885 @@ def test_train_resume_and_infer_end_to_end(synth_root, tmp_path):
     pred = np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label", dtype=np.uint32)
     assert len(pred) == len(elite.read_scan(synth_root / "sequences" / "08" / "velodyne" / "000000.bin"))
     assert set(np.unique(pred).tolist()) <= set(elite.LEARNING_MAP_INV.values())
+
+
+# =====================================================================================
+# The image teacher: SAM's ViT with split q/k/v, LoRA and AdaLoRA, the camera crop
+# =====================================================================================
+
+# Tests of the SAM image teacher: SAM's own modules are the reference for attention and
+# embedding, an official-format checkpoint for loading, explicit formulas for the adapters.
+
+
+
+def tiny_teacher(peft="adalora", seed=0) -> "elite.Teacher":
+    torch.manual_seed(seed)
+    return elite.Teacher(elite.TeacherConfig(variant="vit_tiny", peft=peft, crop_hw=(48, 64)))
+
+
+def randomize_(module: nn.Module, seed=0):
+    """Every tensor random (SAM zero-inits pos_embed and rel_pos, which would hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return module
+
+
+# ------------------------------------------------------------------------------------
+# The encoder against segment-anything's own modules
+# ------------------------------------------------------------------------------------
+
+def test_variants_are_sam_model_registry_settings(monkeypatch):
+    import importlib
+    build_sam = importlib.import_module("segment_anything.build_sam")  # not the function of that name
+    seen = {}
+    monkeypatch.setattr(build_sam, "_build_sam", lambda **kw: kw)  # record, do not build
+    for name in ("vit_b", "vit_l", "vit_h"):
+        kw = build_sam.sam_model_registry[name]()
+        v = elite.SAM_VARIANTS[name]
+        seen[name] = (kw["encoder_embed_dim"], kw["encoder_depth"], kw["encoder_num_heads"],
+                      tuple(kw["encoder_global_attn_indexes"]))
+        assert seen[name] == (v.embed_dim, v.depth, v.num_heads, v.global_attn_indexes)
+    tiny = elite.SAM_VARIANTS["vit_tiny"]
+    assert tiny.embed_dim % 8 == 0 and tiny.embed_dim % tiny.num_heads == 0 and len(tiny.global_attn_indexes) == 4
+
+
+# A global block (rel-pos tables resized from 127 rows) and a windowed one (grid padded to 28 x 42).
+@pytest.mark.parametrize("window, grid", [(0, (5, 20)), (14, (20, 30))])
+def test_split_qkv_attention_equals_sam_block(window, grid):
+    from segment_anything.modeling.image_encoder import Block
+    torch.manual_seed(0)
+    sam_block = randomize_(Block(96, 3, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+                                 window_size=window, input_size=(64, 64)))
+    ours = copy.deepcopy(sam_block)
+    ours.attn = elite.SplitQKVAttention(ours.attn)
+    assert not hasattr(ours.attn, "qkv")
+    x = torch.randn(2, *grid, 96, requires_grad=True)
+    ref = sam_block(x)
+    (gref,) = torch.autograd.grad(ref.square().sum(), x)
+    out = ours(x)
+    (gout,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gout, gref, rtol=1e-4, atol=1e-4)
+
+
+def test_crop_tokens_equal_sams_padded_and_cut_tokens():
+    teacher = tiny_teacher()
+    enc = randomize_(teacher.encoder)
+    img = torch.randn(1, 3, 50, 70)  # not whole patches: ceil -> 4 x 5 tokens
+    sam_input = F.pad(img, (0, 1024 - 70, 0, 1024 - 50))  # SAM pads to 1024 x 1024
+    with torch.no_grad():
+        full = enc.patch_embed(sam_input) + enc.pos_embed  # (1, 64, 64, C)
+        captured = []
+        hook = enc.blocks[0].register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        teacher.encode(img)
+        hook.remove()
+    assert captured[0].shape == (1, 4, 5, 96)
+    torch.testing.assert_close(captured[0], full[:, :4, :5], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_gives_four_maps_at_crop_resolution():
+    teacher = tiny_teacher()
+    feats = teacher(torch.randn(2, 3, 64, 256))  # 4 x 16 tokens: two 14x14 windows per row band
+    assert [f.shape for f in feats] == [(2, 12, 64, 256)] * 4
+    feats = teacher(torch.randn(1, 3, 50, 70))
+    assert [f.shape for f in feats] == [(1, 12, 50, 70)] * 4
+    assert not torch.allclose(feats[0], feats[3])  # four depths, four different maps
+
+
+def test_sample_pixels_reads_each_samples_pixels():
+    feats = [torch.randn(2, 5, 7, 9) for _ in range(4)]
+    idx = [torch.tensor([[0, 0], [6, 8], [3, 4]]), torch.tensor([[1, 2]])]
+    out = elite.sample_pixels(feats, idx)
+    assert [o.shape for o in out] == [(4, 5)] * 4
+    torch.testing.assert_close(out[2][1], feats[2][0, :, 6, 8])
+    torch.testing.assert_close(out[2][3], feats[2][1, :, 1, 2])
+    stage, fused = tiny_teacher().classify([torch.randn(4, 12) for _ in range(4)])
+    assert [s.shape for s in stage] == [(4, 20)] * 4 and fused.shape == (4, 20)
+
+
+# ------------------------------------------------------------------------------------
+# Adapters
+# ------------------------------------------------------------------------------------
+
+def test_lora_linear_formula_and_merge():
+    torch.manual_seed(0)
+    base = nn.Linear(10, 7)
+    x = torch.randn(5, 10)
+    plain = base(x).detach()
+    lora = elite.LoRALinear(base, r=4, alpha=2.0)
+    assert lora.weight is base.weight and lora.lora_A.shape == (4, 10) and lora.lora_B.shape == (7, 4)
+    torch.testing.assert_close(lora(x), plain)  # B = 0 at init
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    expected = x @ base.weight.T + base.bias + x @ lora.lora_A.T @ lora.lora_B.T * (2.0 / 4)
+    torch.testing.assert_close(lora(x), expected)
+    unmerged = lora(x).detach()
+    lora.merge()
+    torch.testing.assert_close(lora(x), unmerged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x @ lora.weight.T + lora.bias, unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_svd_linear_formula_fixed_ranknum_and_merge():
+    torch.manual_seed(0)
+    base = nn.Linear(10, 7)
+    x = torch.randn(5, 10)
+    plain = base(x).detach()
+    svd = elite.SVDLinear(base, r=12, alpha=1.0)
+    assert (svd.lora_E == 0).all() and svd.lora_E.shape == (12, 1)
+    assert 0.01 < svd.lora_A.std() < 0.03 and 0.01 < svd.lora_B.std() < 0.03
+    torch.testing.assert_close(svd(x), plain)  # E = 0 at init
+    with torch.no_grad():
+        svd.lora_E.normal_()
+        svd.lora_E[3] = 0  # a pruned rank
+    expected = plain + x @ (svd.lora_A * svd.lora_E).T @ svd.lora_B.T / (12 + 1e-5)
+    torch.testing.assert_close(svd(x), expected)
+    assert "ranknum" not in svd.state_dict() and float(svd.ranknum) == 12.0  # constant, not a parameter
+    unmerged = svd(x).detach()
+    svd.merge()
+    torch.testing.assert_close(svd(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_orth_regularizer_is_mean_frobenius_norm():
+    teacher = tiny_teacher()
+    mats = [(n, p) for n, p in teacher.named_parameters() if "lora_A" in n or "lora_B" in n]
+    assert len(mats) == 2 * 6 * 8
+    norms = []
+    for n, p in mats:
+        g = p @ p.T if "lora_A" in n else p.T @ p
+        norms.append(torch.sqrt(((g - torch.eye(12)) ** 2).sum()))
+    torch.testing.assert_close(elite.orth_regularizer(teacher), 0.1 * torch.stack(norms).mean())
+    assert float(elite.orth_regularizer(tiny_teacher(peft="none"))) == 0.0
+
+
+@pytest.mark.parametrize("peft, adapter", [("adalora", "SVDLinear"), ("lora", "LoRALinear"), ("none", None)])
+def test_adapters_on_all_six_layers_and_only_they_train(peft, adapter):
+    teacher = tiny_teacher(peft)
+    for block in teacher.encoder.blocks:
+        layers = [block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.proj,
+                  block.mlp.lin1, block.mlp.lin2]
+        assert all(type(m).__name__ == (adapter or "Linear") for m in layers)
+    for name, p in teacher.named_parameters():
+        should_train = "lora_" in name or not name.startswith("encoder.")
+        assert p.requires_grad == should_train, name
+    assert not hasattr(teacher.encoder, "neck")
+
+
+# ------------------------------------------------------------------------------------
+# ViT-B: parameter counts and an official-format SAM checkpoint
+# ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sam_b_file(tmp_path_factory):
+    """A random SAM ViT-B saved like sam_vit_b_01ec64.pth: one flat state dict with the
+    image encoder (fused qkv, neck included) and the prompt encoder / mask decoder."""
+    from segment_anything.modeling import ImageEncoderViT
+    v = elite.SAM_VARIANTS["vit_b"]
+    torch.manual_seed(1)
+    sam_enc = ImageEncoderViT(embed_dim=768, depth=12, num_heads=12, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                              use_rel_pos=True, window_size=14, global_attn_indexes=v.global_attn_indexes)
+    state = {"image_encoder." + k: t for k, t in randomize_(sam_enc, seed=1).state_dict().items()}
+    state["mask_decoder.output_upscaling.0.weight"] = torch.randn(256, 64, 2, 2)
+    state["prompt_encoder.point_embeddings.0.weight"] = torch.randn(1, 256)
+    path = tmp_path_factory.mktemp("sam") / "sam_vit_b.pth"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.fixture(scope="module")
+def vit_b_teacher():
+    return elite.Teacher(elite.TeacherConfig(variant="vit_b"))
+
+
+def test_vit_b_adalora_trainable_parameter_counts(vit_b_teacher):
+    count = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    adapters = count(p for n, p in vit_b_teacher.named_parameters() if "lora_" in n and p.requires_grad)
+    decoder = count(vit_b_teacher.output_upscaling.parameters())
+    assert adapters == 1_991_520 and decoder == 2_656_896 and adapters + decoder == 4_648_416
+    assert count(p for p in vit_b_teacher.encoder.parameters() if not p.requires_grad) == 88_883_456  # no neck
+    heads = count(vit_b_teacher.heads_2d.parameters()) + count(vit_b_teacher.fused_head.parameters())
+    assert heads == 4 * (96 * 192 + 192 + 192 * 20 + 20) + (384 * 192 + 192 + 192 * 20 + 20)
+    assert count(vit_b_teacher.trainable_parameters()) == adapters + decoder + heads
+    assert vit_b_teacher.output_upscaling[0][0].weight.shape == (768, 192, 2, 2)
+
+
+def test_sam_checkpoint_loads_every_encoder_weight_bitwise(sam_b_file, vit_b_teacher):
+    path, state = sam_b_file
+    elite.load_sam_checkpoint(vit_b_teacher.encoder, path, "vit_b")
+    ours = {k: t for k, t in vit_b_teacher.encoder.state_dict().items() if "lora_" not in k}
+    checked = 0
+    for key, t in ours.items():
+        src_key, part = "image_encoder." + key, None
+        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            if f".attn.{name}." in key:
+                src_key, part = "image_encoder." + key.replace(name, "qkv"), i
+        src = state[src_key] if part is None else state[src_key][part * 768:(part + 1) * 768]
+        assert torch.equal(t, src), key
+        checked += 1
+    expected = len([k for k in state if k.startswith("image_encoder.") and ".neck." not in k]) + 2 * 12 * 2
+    assert checked == expected  # every tensor, with qkv weight and bias now three each
+
+
+def test_sam_checkpoint_errors(sam_b_file, tmp_path):
+    path, _ = sam_b_file
+    tiny = tiny_teacher().encoder
+    with pytest.raises(elite.DataError, match=r"looks like SAM vit_b.*teacher is SAM vit_tiny"):
+        elite.load_sam_checkpoint(tiny, path, "vit_tiny")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(elite.DataError, match="corrupt.pth: cannot read"):
+        elite.load_sam_checkpoint(tiny, corrupt, "vit_tiny")
+    other = tmp_path / "other.pth"
+    torch.save({"state_dict": {"mask_decoder.x": torch.zeros(3)}}, other)
+    with pytest.raises(elite.DataError, match="other.pth: no 'image_encoder"):
+        elite.load_sam_checkpoint(tiny, other, "vit_tiny")
+    with pytest.raises(elite.DataError, match="not found"):
+        elite.load_sam_checkpoint(tiny, tmp_path / "missing.pth", "vit_tiny")
+
+
+# ------------------------------------------------------------------------------------
+# AdaLoRA's rank allocator
+# ------------------------------------------------------------------------------------
+
+def test_rank_budget_schedule_paper_run(vit_b_teacher):
+    alloc = elite.RankAllocator(vit_b_teacher, total_steps=306_112)
+    assert (alloc.init_warmup, alloc.final_warmup, alloc.mask_interval) == (51_018, 153_056, 1_020)
+    assert (alloc.total_rank, alloc.target_total) == (864, 576)
+    assert alloc.budget(0) == (864, False) and alloc.budget(51_018) == (864, False)
+    assert alloc.budget(102_037) == (612, False)  # half way through the decay: 576 + 288 / 8
+    assert alloc.budget(102_000) == (int(576 + 288 * (1 - 50_982 / 102_038) ** 3), True)  # 100 x 1,020
+    assert alloc.budget(153_056) == (576, False)
+    assert alloc.budget(153_057) == (576, True) and alloc.budget(306_111) == (576, True)
+
+
+def backward_once(teacher, seed=0):
+    torch.manual_seed(seed)
+    feats = teacher(torch.randn(2, 3, 32, 64))
+    idx = [torch.stack([torch.randint(0, 32, (20,)), torch.randint(0, 64, (20,))], 1) for _ in range(2)]
+    stage, fused = teacher.classify(elite.sample_pixels(feats, idx))
+    labels = torch.randint(1, 20, (40,))
+    loss = sum(F.cross_entropy(s, labels) for s in stage) + F.cross_entropy(fused, labels)
+    loss = loss + elite.orth_regularizer(teacher)
+    loss.backward()
+    return loss
+
+
+def test_rank_allocator_masks_the_least_important_ranks():
+    teacher = tiny_teacher()
+    with torch.no_grad():
+        for m in teacher.modules():
+            if isinstance(m, elite.SVDLinear):
+                m.lora_E.normal_()  # as after warm-up: all ranks in use
+    backward_once(teacher)
+    alloc = elite.RankAllocator(teacher, total_steps=3000)  # warm-up 500, decay until 1500, mask every 10
+    assert (alloc.total_rank, alloc.target_total) == (576, 384)  # 48 adapted layers
+    # The importance formula, by hand, after one update from zero.
+    score = {}
+    for name, m in alloc.layers.items():
+        s = {p: (getattr(m, p) * getattr(m, p).grad).abs() for p in ("lora_A", "lora_E", "lora_B")}
+        s = {p: (0.15 * i) * (0.15 * (i - 0.15 * i).abs()) for p, i in s.items()}
+        score[name] = s["lora_E"].view(-1) + s["lora_A"].mean(1) + s["lora_B"].mean(0)
+    budget = alloc.step(1000)
+    assert budget == 384 + 192 // 8
+    zeroed = torch.cat([(m.lora_E.view(-1) == 0) for m in alloc.layers.values()])
+    assert int(zeroed.sum()) == 576 - budget
+    lowest = torch.cat(list(score.values())).argsort()[:576 - budget]
+    assert zeroed[lowest].all()
+    # Final phase: scores frozen, masked to the target every step.
+    ipt_before = {k: v.clone() for k, v in alloc.ipt.items()}
+    assert alloc.step(1501) == 384
+    assert all(torch.equal(alloc.ipt[k], v) for k, v in ipt_before.items())
+    assert int(torch.cat([m.lora_E.view(-1) == 0 for m in alloc.layers.values()]).sum()) == 576 - 384
+
+
+def test_rank_allocator_needs_adalora():
+    with pytest.raises(ValueError, match="adalora"):
+        elite.RankAllocator(tiny_teacher(peft="lora"), total_steps=100)
+
+
+# ------------------------------------------------------------------------------------
+# Training: what moves and what does not
+# ------------------------------------------------------------------------------------
+
+def test_training_step_moves_adapters_and_keeps_sam_bit_identical():
+    teacher = tiny_teacher()
+    trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    opt = torch.optim.SGD(teacher.trainable_parameters(), lr=0.1)
+    backward_once(teacher)
+    alloc = elite.RankAllocator(teacher, total_steps=3000)
+    alloc.step(0)  # after backward, before the optimiser step
+    opt.step()
+    after = teacher.state_dict()
+    for key in before:
+        if key in trainable:
+            assert not torch.equal(after[key], before[key]), f"{key} did not train"
+        else:
+            assert torch.equal(after[key], before[key]), f"{key} (frozen) changed"
+    assert any("lora_E" in k for k in trainable) and any("output_upscaling" in k for k in trainable)
+    assert all(p.grad is None for n, p in teacher.named_parameters() if n not in trainable)
+
+
+# ------------------------------------------------------------------------------------
+# Image preprocessing
+# ------------------------------------------------------------------------------------
+
+def painted_scene(h=60, w=200, n=300, seed=0):
+    """An image black except for one uniquely coloured pixel per point, the points at
+    fractional positions inside those pixels, and a dense map of (row, col) per pixel."""
+    rng = np.random.default_rng(seed)
+    flat = rng.choice(h * w, n, replace=False)
+    pix = np.stack([flat // w, flat % w], 1)
+    image = np.zeros((h, w, 3), np.uint8)
+    ids = np.arange(1, n + 1)
+    image[pix[:, 0], pix[:, 1]] = np.stack([ids % 256, ids // 256, np.full(n, 200)], 1)
+    points = pix + rng.random((n, 2))
+    dense = np.stack(np.mgrid[:h, :w]).astype(np.int64)  # (2, H, W)
+    return image, points, pix, dense
+
+
+def decode_ids(crop_image: torch.Tensor) -> np.ndarray:
+    rgb = crop_image.permute(1, 2, 0) * torch.tensor(elite.SAM_PIXEL_STD) + torch.tensor(elite.SAM_PIXEL_MEAN)
+    rgb = rgb.round().to(torch.int64).numpy()
+    return np.where(rgb[..., 2] == 200, rgb[..., 0] + 256 * rgb[..., 1], 0)  # (ch, cw) point id + 1, or 0
+
+
+def test_points_follow_their_pixels_through_crop_and_flip():
+    image, points, pix, dense = painted_scene()
+    for seed in range(8):
+        out = elite.prepare_image(image, points, (32, 96), np.random.default_rng(seed), train=True,
+                                  dense_labels=dense, jitter=0)
+        ids = decode_ids(out.image)
+        assert out.image.shape == (3, 32, 96) and out.pixels.dtype == torch.int64
+        r, c = out.pixels[:, 0].numpy(), out.pixels[:, 1].numpy()
+        assert (ids[r, c] == out.kept + 1).all()  # each kept point sits on its own colour
+        assert set(ids[ids > 0].tolist()) == set((out.kept + 1).tolist())  # and every visible point is kept
+        assert (out.dense_labels[:, r, c].T == pix[out.kept]).all()  # the dense map moved with the image
+        assert (out.dense_labels[0] == 60 - 32 + np.arange(32)[:, None]).all()  # the bottom rows
+        flips.add(bool(out.dense_labels[1, 0, 0] > out.dense_labels[1, 0, -1]))
+    assert flips == {True, False}
+
+
+def test_eval_crop_is_centred_and_deterministic():
+    image, points, pix, _ = painted_scene()
+    out = elite.prepare_image(image, points, (32, 96), rng=None, train=False)
+    left = (200 - 96) // 2
+    expected = (torch.from_numpy(image[28:, left:left + 96]).float() - torch.tensor(elite.SAM_PIXEL_MEAN)) \
+        / torch.tensor(elite.SAM_PIXEL_STD)
+    torch.testing.assert_close(out.image, expected.permute(2, 0, 1))
+    assert (out.pixels.numpy() == pix[out.kept] - [28, left]).all()
+    assert out.dense_labels is None
+
+
+def test_colour_jitter_is_seeded_and_changes_colours():
+    image = np.random.default_rng(0).integers(0, 256, (40, 100, 3), dtype=np.uint8)
+    points = np.zeros((0, 2))
+    a = elite.prepare_image(image, points, (32, 96), np.random.default_rng(3), train=True)
+    b = elite.prepare_image(image, points, (32, 96), np.random.default_rng(3), train=True)
+    c = elite.prepare_image(image, points, (32, 96), np.random.default_rng(3), train=True, jitter=0)
+    assert torch.equal(a.image, b.image) and not torch.equal(a.image, c.image)
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        elite.prepare_image(image, points, (64, 96), np.random.default_rng(0), train=True)
+
+
+# ------------------------------------------------------------------------------------
+# Building and checkpoints
+# ------------------------------------------------------------------------------------
+
+def test_build_teacher_without_checkpoint_warns():
+    with pytest.warns(UserWarning, match="randomly initialised.*sam_vit_b_01ec64.pth.*--sam-checkpoint"):
+        elite.build_teacher(elite.TeacherConfig(variant="vit_tiny"))
+
+
+def test_teacher_state_round_trip(tmp_path):
+    # With a SAM file: only the trainable tensors are stored; the frozen ones reload from it.
+    sam = elite.build_sam_encoder("vit_tiny")
+    randomize_(sam, seed=5)
+    fused = {}
+    for k, t in sam.state_dict().items():  # back to SAM's fused layout
+        if ".attn.q_proj." in k:
+            parts = [sam.state_dict()[k.replace("q_proj", n)] for n in ("q_proj", "k_proj", "v_proj")]
+            fused["image_encoder." + k.replace("q_proj", "qkv")] = torch.cat(parts)
+        elif ".attn.k_proj." not in k and ".attn.v_proj." not in k:
+            fused["image_encoder." + k] = t
+    sam_file = tmp_path / "sam_tiny.pth"
+    torch.save({"state_dict": fused}, sam_file)  # the {'state_dict': ...} wrapping is accepted too
+    cfg = elite.TeacherConfig(variant="vit_tiny", crop_hw=(32, 64))
+    for checkpoint in (sam_file, None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            teacher = elite.build_teacher(cfg, checkpoint)
+        assert any("randomly initialised" in str(w.message) for w in caught) == (checkpoint is None)
+        backward_once(teacher)
+        with torch.no_grad():
+            for p in teacher.trainable_parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        state = elite.teacher_state(teacher)
+        if checkpoint is not None:
+            assert all(teacher.get_parameter(k).requires_grad for k in state["weights"])
+        torch.save(state, tmp_path / "teacher.pt")
+        back = elite.load_teacher_state(torch.load(tmp_path / "teacher.pt", weights_only=False))
+        x = torch.randn(1, 3, 32, 64)
+        with torch.no_grad():
+            for f, g in zip(teacher(x), back(x)):
+                torch.testing.assert_close(f, g)
+
+
+# =====================================================================================
+# SAM-PLG
+# =====================================================================================
+
+# Prompt and mask-prompt rules, SAM's mask filter, the voting rules, and the whole
+# generation on SynthKITTI with ideal masks (no SAM weights needed).
+
+
+
+# ------------------------------------------------------------------------------------
+# Stage 1: prompts
+# ------------------------------------------------------------------------------------
+
+
+def test_nearest_resize_follows_the_cv2_inter_nearest_rule():
+    a = np.arange(10 * 7).reshape(10, 7)
+    out = elite.nearest_resize(a, 4)
+    rows, cols = [0, 2, 5, 7], [0, 1, 3, 5]  # floor(d * 10 / 4), floor(d * 7 / 4)
+    np.testing.assert_array_equal(out, a[np.ix_(rows, cols)])
+    # KITTI's width: floor(d * 1241 / 256) is exact in integers (no float off-by-one).
+    b = np.arange(1241)[None].repeat(2, 0)
+    assert elite.nearest_resize(b)[0, 255] == 255 * 1241 // 256 == 1236
+
+
+def hand_made_points():
+    """Width 512, so the 256 mask frame samples the even rows and columns."""
+    rc = [(0, 0), (2, 4), (4, 10), (6, 8), (3, 3), (8, 8), (8, 8), (10, 10), (12, 12), (14, 14)]
+    sem = [9, 1, 1, 13, 5, 1, 0, 1, 13, 0]
+    inst = [0, 300, 300, 0, 0, 9, 0, 7, 44, 44]  # 300 wraps to 44 in the uint8 map
+    return np.array(sem), np.array(inst), np.array(rc)
+
+
+def test_sam_prompts_one_point_per_surviving_low_res_pixel():
+    sem, inst, rc = hand_made_points()
+    p = elite.sam_prompts(sem, inst, rc, width=512)
+    # (3, 3) is never sampled; on (8, 8) the last point (label 0) wins, so no prompt there.
+    expect_rc = [(0, 0), (1, 2), (2, 5), (3, 4), (5, 5), (6, 6)]  # raster order
+    np.testing.assert_array_equal(p.points, [(4 * c + 1.5, 4 * r + 1.5) for r, c in expect_rc])
+    assert p.points.dtype == np.float32
+    assert p.semantic.shape == p.instance.shape == (256, 256)
+    assert [p.semantic[r, c] for r, c in expect_rc] == [9, 1, 1, 13, 1, 13]
+    assert [p.instance[r, c] for r, c in expect_rc] == [0, 44, 44, 0, 7, 44]
+    assert np.count_nonzero(p.semantic) == 6 and p.semantic[4, 4] == 0
+    assert p.instance[7, 7] == 44  # a label-0 point keeps its instance id (no prompt of its own)
+
+
+def test_mask_prompts_follow_the_plus_one_plus_sixteen_minus_sixteen_rules():
+    sem, inst, rc = hand_made_points()
+    p = elite.sam_prompts(sem, inst, rc, width=512)
+    m = elite.mask_prompts(p, np.arange(len(p.points)))
+    assert m.shape == (6, 1, 256, 256) and m.dtype == np.float32
+    at = lambda k, r, c: float(m[k, 0, r, c])
+    cells = [(0, 0), (1, 2), (2, 5), (3, 4), (5, 5), (6, 6)]
+    # prompt 0, road (stuff): +1 on road, -16 on every other labelled class
+    assert [at(0, *x) for x in cells] == [1, -16, -16, -16, -16, -16]
+    # prompt 1, car instance 44 (thing): +16 on its instance; the other car (7) stays 0;
+    # the building pixel sharing id 44 gets -16 (other class overrides).
+    assert [at(1, *x) for x in cells] == [-16, 16, 16, -16, 0, -16]
+    # prompt 3, building (stuff, instance 0): +1 on both building pixels
+    assert [at(3, *x) for x in cells] == [-16, -16, -16, 1, -16, 1]
+    # prompt 5, building with instance 44 (thing): +16 on id 44 of its own class only;
+    # the other building pixel (instance 0) is not its instance: 0
+    assert [at(5, *x) for x in cells] == [-16, -16, -16, 0, -16, 16]
+    # the label-0 pixel with instance 44 is no other class: +16 for the instance-44 prompts
+    assert [at(k, 7, 7) for k in range(6)] == [0, 16, 16, 0, 0, 16]
+    unlabelled = (p.semantic == 0) & (p.instance == 0)
+    assert not m[:, 0][:, unlabelled].any()  # the rest of the mask frame stays 0
+    # a subset of prompts gives the same rows
+    np.testing.assert_array_equal(elite.mask_prompts(p, np.array([3, 1])), m[[3, 1]])
+
+
+def test_sparse_label_maps_last_point_wins_and_rest_is_no_point():
+    sem, inst, rc = hand_made_points()
+    maps = elite.sparse_label_maps(sem, inst, rc, 16, 16)
+    assert maps.shape == (2, 16, 16) and maps.dtype == np.uint16
+    assert tuple(maps[:, 8, 8]) == (0, 0)  # second point on (8, 8)
+    assert tuple(maps[:, 2, 4]) == (1, 300)  # full instance id here, no truncation
+    assert (maps[0] != elite.NO_POINT).sum() == 9
+    assert maps[0, 1, 1] == maps[1, 1, 1] == elite.NO_POINT
+
+
+# ------------------------------------------------------------------------------------
+# Stage 1: SAM's mask filter, the SAM wrapper and checkpoint errors
+# ------------------------------------------------------------------------------------
+
+def square_logits(r0, c0, size, inside=5.0):
+    x = torch.full((20, 20), -5.0)
+    x[r0:r0 + size, c0:c0 + size] = inside
+    return x
+
+
+def test_select_masks_stability_threshold_and_nms_order():
+    a = square_logits(0, 0, 6)
+    a_dup = square_logits(0, 0, 6)
+    a_dup[0, 0] = -5  # a near copy of a: NMS drops it (box IoU 1)
+    unstable = square_logits(10, 10, 5, inside=0.5)  # above 0 but not above +1: score 0
+    at_09 = torch.full((20, 20), -5.0)
+    at_09[12, 0:10] = 5.0
+    at_09[12, 9] = 0.5  # 9 of 10 pixels above +1: score exactly 0.9 survives
+    at_08 = torch.full((20, 20), -5.0)
+    at_08[15, 0:10] = 5.0
+    at_08[15, 8:10] = 0.5  # 0.8: dropped
+    logits = torch.stack([a_dup, unstable, at_09, a, at_08])  # (5, 20, 20)
+    iou = torch.tensor([0.7, 0.99, 0.5, 0.9, 0.95])
+    masks, kept_iou, boxes = elite.select_masks(logits, iou)
+    assert masks.dtype == torch.bool and len(masks) == 3
+    torch.testing.assert_close(kept_iou, torch.tensor([0.7, 0.5, 0.9]))
+    assert boxes[2].tolist() == [0, 0, 5, 5]  # xyxy of the 6x6 square
+    keep = elite.nms_masks(boxes, kept_iou)
+    assert keep.tolist() == [2, 1]  # a beats its duplicate; descending predicted IoU
+    assert int(masks[1].sum()) == 10  # binarised at logit 0 (the 0.5 pixel is in)
+
+
+def tiny_sam():
+    """A randomly initialised SAM with a one-block, 16-wide image encoder: the real
+    prompt encoder and mask decoder, cheap enough for a CPU test."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    torch.manual_seed(0)
+    encoder = ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=16, depth=1, num_heads=1, mlp_ratio=2,
+                              out_chans=256, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), window_size=0)
+    prompt = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                           mask_in_chans=16)
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=512, num_heads=8))
+    return Sam(encoder, prompt, decoder).eval()
+
+
+def test_sam_mask_source_plumbing_with_a_random_tiny_sam():
+    h, w = 96, 512
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rc = np.array([(2, 0), (10, 60), (30, 100)])  # even: on the 256 grid of a 512-wide image
+    frame = elite.PlgFrame(image, np.array([9, 1, 13]), np.array([0, 5, 0]), rc, None)
+    source = elite.SamMaskSource(tiny_sam(), points_per_batch=2, stability_thresh=0.0)
+    calls = []
+    predict = source.predictor.predict_torch
+
+    def spy(**kw):
+        calls.append({k: tuple(v.shape) for k, v in kw.items() if torch.is_tensor(v)} | {
+            "multimask_output": kw["multimask_output"], "return_logits": kw["return_logits"]})
+        return predict(**kw)
+    source.predictor.predict_torch = spy
+    masks, iou = source.masks(frame)
+    assert [c["point_coords"] for c in calls] == [(2, 1, 2), (1, 1, 2)]  # batches of points_per_batch
+    assert calls[0]["mask_input"] == (2, 1, 256, 256) and calls[0]["point_labels"] == (2, 1)
+    assert calls[0]["multimask_output"] and calls[0]["return_logits"]
+    assert masks.dtype == bool and masks.shape[1:] == (h, w) and 1 <= len(masks) <= 9
+    assert len(iou) == len(masks) and np.all(np.diff(iou) <= 0)  # NMS order
+    # Random weights give flat logits (|x| < 1): nothing is stable at the PLG default 0.9.
+    source.stability_thresh = 0.9
+    masks, iou = source.masks(frame)
+    assert masks.shape == (0, h, w) and iou.shape == (0,)
+    # No labelled point in the image: no prompt, no SAM call.
+    empty = elite.PlgFrame(image, np.zeros(0, int), np.zeros(0, int), np.zeros((0, 2), int), None)
+    calls.clear()
+    assert source.masks(empty)[0].shape == (0, h, w) and not calls
+
+
+def test_load_sam_names_the_file_and_the_problem(tmp_path):
+    with pytest.raises(elite.DataError, match="sam_vit_h.pth: SAM checkpoint not found"):
+        elite.load_sam(tmp_path / "sam_vit_h.pth")
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(elite.DataError, match="corrupt.pth: cannot read SAM checkpoint"):
+        elite.load_sam(bad)
+    # A vit_b state (768 wide, 12 blocks) loaded as vit_h: caught before building the model.
+    fake = tmp_path / "sam_vit_b.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 1, 1, 1),
+                "image_encoder.blocks.11.norm1.weight": torch.zeros(1)}, fake)
+    with pytest.raises(elite.DataError, match="sam_vit_b.pth: holds SAM vit_b, not vit_h; pass variant='vit_b'"):
+        elite.load_sam(fake, "vit_h")
+    other = tmp_path / "student.pt"
+    torch.save({"model": torch.zeros(1)}, other)
+    with pytest.raises(elite.DataError, match="student.pt: not a SAM checkpoint"):
+        elite.load_sam(other)
+    with pytest.raises(ValueError, match="unknown SAM variant 'vit_x'"):
+        elite.load_sam(fake, "vit_x")
+
+
+# ------------------------------------------------------------------------------------
+# Stage 2: voting
+# ------------------------------------------------------------------------------------
+N = elite.NO_POINT
+
+
+def sparse_1d(sem, inst):
+    """A (2, 1, W) label image from two lists (None = no point)."""
+    return np.array([[[N if v is None else v for v in sem]], [[N if v is None else v for v in inst]]],
+                    dtype=np.uint16)
+
+
+def mask_1d(w, lo, hi):
+    m = np.zeros((1, w), dtype=bool)
+    m[0, lo:hi] = True
+    return m
+
+
+def test_vote_masks_rules():
+    #        0     1     2     3     4     5     6     7     8     9
+    sem = [1, None, 1, 9, None, 0, 0, 5, None, 13]
+    ins = [4, None, 4, 0, None, 0, 0, 0, None, 2]
+    sparse = sparse_1d(sem, ins)
+    w = len(sem)
+    masks = np.stack([
+        mask_1d(w, 0, 4),   # m0: points 1, 1, 9 -> car, instance 4 (majority 4 of {4, 4, 0})
+        mask_1d(w, 2, 5),   # m1: points 1, 9 -> tie: 1 comes first in raster order
+        mask_1d(w, 5, 8),   # m2: points 0, 0, 5 -> majority unlabeled: skipped
+        mask_1d(w, 8, 9),   # m3: no point: skipped
+    ])
+    iou = np.array([0.9, 0.8, 0.7, 0.6])
+    out = elite.vote_masks(masks, iou, sparse)
+    assert out.dtype == np.uint16 and out.shape == sparse.shape
+    # m1 (lower IoU) is painted first, m0 last: m0 wins on 2..3; m1 alone on 4.
+    assert out[0, 0].tolist() == [1, 1, 1, 1, 1, 0, 0, 5, 0, 13]
+    # m1's instance vote {4, 0}: tie, 4 first -> 4 on 2..4; 5, 6, 7 keep their point ids;
+    # 9 keeps its own point's label outside every mask; NO_POINT became 0.
+    assert out[1, 0].tolist() == [4, 4, 4, 4, 4, 0, 0, 0, 0, 2]
+    # Order comes from the IoU, not from the list: any permutation gives the same result.
+    perm = [3, 1, 0, 2]
+    np.testing.assert_array_equal(elite.vote_masks(masks[perm], iou[perm], sparse), out)
+
+
+def test_vote_masks_higher_iou_overwrites_and_instance_zero_keeps_old():
+    sparse = sparse_1d([1, 1, 9, 9, 9], [3, 3, 0, 0, 0])
+    w = 5
+    masks = np.stack([mask_1d(w, 0, 5), mask_1d(w, 0, 2)])
+    # big mask (road, instance 0) is more confident: painted last, covers the car
+    out = elite.vote_masks(masks, np.array([0.9, 0.5]), sparse)
+    assert out[0, 0].tolist() == [9] * 5
+    assert out[1, 0].tolist() == [3, 3, 0, 0, 0]  # road's instance vote is 0: channel 1 untouched
+    # the car mask more confident: painted last, wins its two pixels
+    out = elite.vote_masks(masks, np.array([0.5, 0.9]), sparse)
+    assert out[0, 0].tolist() == [1, 1, 9, 9, 9]
+    # tied IoU: the earlier mask in the list wins (upstream reverses its NMS order)
+    out = elite.vote_masks(masks, np.array([0.5, 0.5]), sparse)
+    assert out[0, 0].tolist() == [9] * 5
+
+
+def test_majority_label_ties_and_no_point():
+    assert elite.majority_label(np.array([7, 3, 3, 7], dtype=np.uint16)) == 7  # tie: first met
+    assert elite.majority_label(np.array([3, 7, 7, 3], dtype=np.uint16)) == 3
+    assert elite.majority_label(np.array([N, N, 2], dtype=np.uint16)) == 2  # NO_POINT counts 0
+    assert elite.majority_label(np.array([N], dtype=np.uint16)) == N
+    assert elite.majority_label(np.zeros(0, dtype=np.uint16)) == N
+
+
+def test_no_masks_gives_the_point_labels():
+    sparse = sparse_1d([None, 4, 0], [None, 2, 0])
+    out = elite.vote_masks(np.zeros((0, 1, 3), bool), np.zeros(0), sparse)
+    assert out.tolist() == [[[0, 4, 0]], [[0, 2, 0]]]
+
+
+# ------------------------------------------------------------------------------------
+# Generation on SynthKITTI with ideal masks
+# ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plg") / "synth"
+    synthkitti.make_dataset(root, {"00": 2}, columns=512, progress=False)
+    counts = elite.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+    assert counts == {"written": 2, "existing": 0, "unlabelled": 0}
+    return root
+
+
+def test_ideal_masks_densify_the_labels_and_agree_with_the_rendering(synth):
+    h, w = synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH
+    proj = elite.read_calib(synth / "sequences/00/calib.txt")["proj"]
+    sparse_px = dense_px = agree = sparse_agree = 0
+    chance = []
+    for scan in elite.list_scans(synth, ["00"]):
+        dense = elite.read_pixel_labels(elite.plg_path(scan), h, w)
+        gt = elite.read_pixel_labels(elite.rendered_labels_path(scan), h, w)
+        f = elite.load_plg_frame(scan, proj)
+        sparse = elite.sparse_label_maps(f.semantic, f.instance, f.pixel_rc, h, w)
+        labelled = dense[0] > 0
+        point_px = (sparse[0] > 0) & (sparse[0] != N)
+        sparse_px += int(point_px.sum())
+        sparse_agree += int((sparse[0][point_px] == gt[0][point_px]).sum())
+        dense_px += int(labelled.sum())
+        agree += int((dense[0][labelled] == gt[0][labelled]).sum())
+        # chance: agreement of independent labellings with these two class frequencies
+        p_dense = np.bincount(dense[0][labelled], minlength=20) / labelled.sum()
+        p_gt = np.bincount(gt[0][labelled], minlength=20) / labelled.sum()
+        chance.append(float(p_dense @ p_gt))
+    ratio, accuracy = dense_px / sparse_px, agree / dense_px
+    print(f"\nSAM-PLG, ideal masks, 2 SynthKITTI scans (512 columns): {sparse_px} sparse labelled pixels -> "
+          f"{dense_px} dense ({ratio:.1f}x, {dense_px / (2 * h * w):.1%} of the image); agreement with the "
+          f"rendered truth {accuracy:.2%} (sparse point labels {sparse_agree / sparse_px:.2%}), "
+          f"chance {np.mean(chance):.1%}")
+    assert ratio > 10
+    assert accuracy > 0.95 and max(chance) < 0.5
+
+
+def test_generation_resumes_skips_existing_and_leaves_no_temp_files(synth):
+    folder = synth / "sequences/00/image_2_plg"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert sorted(before) == ["000000.npy", "000001.npy"]  # nothing else: no temp files
+    counts = elite.generate_pseudo_labels(synth, ["00"], elite.IdealMaskSource(), progress=False)
+    assert counts == {"written": 0, "existing": 2, "unlabelled": 0}
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def copy_without_outputs(synth, dst):
+    shutil.copytree(synth, dst, ignore=shutil.ignore_patterns("image_2_plg"))
+    return dst
+
+
+def test_shards_split_the_scans_and_existing_files_are_trusted(synth, tmp_path):
+    root = copy_without_outputs(synth, tmp_path / "d")
+    out = [elite.plg_path(s) for s in elite.list_scans(root, ["00"])]
+    src = elite.IdealMaskSource()
+    assert elite.generate_pseudo_labels(root, ["00"], src, shard=(1, 2), progress=False)["written"] == 1
+    assert [p.is_file() for p in out] == [False, True]
+    first_run = elite.plg_path(synth / "sequences/00/velodyne/000001.bin")
+    np.testing.assert_array_equal(np.load(out[1]), np.load(first_run))
+    # A file already there is skipped whatever it holds; reading it later names the problem.
+    out[0].write_bytes(b"garbage")
+    assert elite.generate_pseudo_labels(root, ["00"], src, progress=False)["existing"] == 2
+    with pytest.raises(elite.DataError, match="000000.npy: cannot read pixel labels"):
+        elite.read_pixel_labels(out[0], synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH)
+    with pytest.raises(ValueError, match="need 0 <= i < n"):
+        elite.generate_pseudo_labels(root, ["00"], src, shard=(2, 2))
+
+
+def test_missing_inputs_are_named(synth, tmp_path):
+    root = copy_without_outputs(synth, tmp_path / "d")
+    (root / "sequences/00/image_2/000000.png").unlink()
+    with pytest.raises(elite.DataError, match="image_2/000000.png: image not found"):
+        elite.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+    (root / "sequences/00/calib.txt").unlink()
+    with pytest.raises(elite.DataError, match="calib.txt: calibration file not found"):
+        elite.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+    shutil.copy(synth / "sequences/00/calib.txt", root / "sequences/00/calib.txt")
+    (root / "sequences/00/image_2_gt/000001.npy").unlink()
+    (root / "sequences/00/labels/000000.label").unlink()  # scan 0 now unlabelled: skipped
+    with pytest.raises(elite.DataError, match="image_2_gt/000001.npy: pixel-label file not found"):
+        elite.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+    assert not elite.plg_path(root / "sequences/00/velodyne/000000.bin").exists()
+
+
+def test_read_pixel_labels_checks_shape_dtype_and_classes(tmp_path):
+    p = tmp_path / "x.npy"
+    np.save(p, np.zeros((2, 4, 5), np.uint16))
+    assert elite.read_pixel_labels(p, 4, 5).shape == (2, 4, 5)
+    with pytest.raises(elite.DataError, match=r"x.npy: holds uint16 \(2, 4, 5\), expected uint16 \(2, 4, 6\)"):
+        elite.read_pixel_labels(p, 4, 6)
+    np.save(p, np.zeros((2, 4, 5), np.int32))
+    with pytest.raises(elite.DataError, match="holds int32"):
+        elite.read_pixel_labels(p, 4, 5)
+    bad = np.zeros((2, 4, 5), np.uint16)
+    bad[0, 0, 0] = 20
+    np.save(p, bad)
+    with pytest.raises(elite.DataError, match="class id 20"):
+        elite.read_pixel_labels(p, 4, 5)
+
+
+def test_parse_shard():
+    assert elite.parse_shard("1/4") == (1, 4)
+    for bad in ["4/4", "-1/2", "x", "1/2/3"]:
+        with pytest.raises(ValueError, match="shard"):
+            elite.parse_shard(bad)
+
+
+# =====================================================================================
+# The teacher's data, its 2D losses and train_teacher.py end to end
+# =====================================================================================
+
+@pytest.fixture()
+def synth_copy(synth_root, tmp_path):
+    """A private copy of the synthetic scenes (these tests write pseudo-labels into it)."""
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    return root
+
+
+def test_camera_views_keep_points_on_their_pixels_through_crop_and_flip(synth_copy):
+    # Rendered ground truth stands in for pseudo-labels, so the dense crop must agree with
+    # the labels of the points at their (cropped, flipped) pixels.
+    for scan in elite.list_scans(synth_copy, ["00"]):
+        elite.plg_path(scan).parent.mkdir(exist_ok=True)
+        shutil.copy(elite.rendered_labels_path(scan), elite.plg_path(scan))
+    ds = elite.CameraViews(synth_copy, ["00"], train=True, crop_hw=(160, 512), seed=1, dense=True)
+    agree = total = 0
+    for epoch in range(4):
+        ds.epoch = epoch
+        views = elite.collate_views([ds[i] for i in range(len(ds))])
+        assert views.images.shape == (len(ds), 3, 160, 512) and views.dense.shape == (len(ds), 160, 512)
+        start = 0
+        for b, pix in enumerate(views.pixels):
+            labels = views.labels[start:start + len(pix)]
+            start += len(pix)
+            assert pix[:, 0].min() >= 0 and pix[:, 0].max() < 160 and pix[:, 1].max() < 512
+            hit = views.dense[b, pix[:, 0], pix[:, 1]] == labels
+            agree, total = agree + int(hit.sum()), total + len(pix)
+        assert start == len(views.labels)
+    assert total > 1000 and agree / total > 0.95, (agree, total)
+
+
+def test_teacher_losses_weights_and_both_label_modes():
+    torch.manual_seed(0)
+    teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(32, 64)))
+    images = torch.randn(2, 3, 32, 64)
+    pixels = [torch.tensor([[0, 0], [5, 7], [31, 63]]), torch.tensor([[1, 2]])]
+    labels = torch.tensor([1, 9, 0, 13])
+    w = elite.class_weights()
+    feats = teacher(images)
+    sparse = elite.teacher_losses(teacher, feats, elite.Views(images, pixels, labels, None, []), w, 1.0)
+    assert list(sparse) == ["seg2d_scale2", "seg2d_scale4", "seg2d_scale8", "seg2d_scale16", "seg2d_fused"]
+    stage, fused = teacher.classify(elite.sample_pixels(feats, pixels))
+    for k, name in enumerate(list(sparse)[:4]):
+        assert torch.allclose(sparse[name], elite.seg_loss(stage[k], labels, w, 1.0) / 4)  # lambda_seg2d / 4
+    assert torch.allclose(sparse["seg2d_fused"], elite.seg_loss(fused, labels, w, 1.0))  # weight 1
+    dense_labels = torch.randint(0, 20, (2, 32, 64))
+    views = elite.Views(images, pixels, labels, dense_labels, [])
+    dense = elite.teacher_losses(teacher, feats, views, w, lambda_seg2d=2.0)
+    per_pixel = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]
+    stage, fused = teacher.classify(per_pixel)
+    assert torch.allclose(dense["seg2d_scale2"], 2.0 / 4 * elite.seg_loss(stage[0], dense_labels.reshape(-1), w, 1.0))
+    assert torch.allclose(dense["seg2d_fused"], elite.seg_loss(fused, dense_labels.reshape(-1), w, 1.0))
+
+
+def test_train_teacher_pseudo_labels_shards_train_and_resume(synth_copy, tmp_path):
+    import train_teacher
+    run = tmp_path / "run"
+    common = ["--data", str(synth_copy), "--preset", "embedded", "--train-sequences", "00", "--val-sequences", "08",
+              "--crop", "64", "128", "--batch-size", "2", "--out", str(run), "--device", "cpu"]
+    train_scans = elite.list_scans(synth_copy, ["00"])
+    train_teacher.main(common + ["--plg-only", "--shard", "1/2"])
+    assert [elite.plg_path(s).is_file() for s in train_scans] == [False, True]  # shard 1 of 2: the 2nd scan
+    train_teacher.main(common + ["--epochs", "1"])  # makes the missing pseudo-labels, then trains
+    assert all(elite.plg_path(s).is_file() for s in train_scans)
+    assert not list((synth_copy / "sequences" / "00" / "image_2_plg").glob("*.tmp*"))
+    first = torch.load(run / "last.pt", weights_only=False)
+    assert first["kind"] == elite.TEACHER_KIND and first["epoch"] == 0 and (run / "best.pt").is_file()
+    assert first["teacher_config"]["variant"] == "vit_tiny" and first["rank_allocator"]["ipt"]
+    train_teacher.main(common + ["--epochs", "2", "--resume"])
+    second = torch.load(run / "last.pt", weights_only=False)
+    assert second["epoch"] == 1 and second["step"] == 2
+    key = "output_upscaling.0.0.weight"
+    assert not torch.equal(first["weights"][key], second["weights"][key])
+    teacher, _ = elite.load_teacher(run / "last.pt")
+    assert torch.equal(teacher.state_dict()[key], second["weights"][key])
+    # Sparse point labels (the official default config) train too.
+    train_teacher.main(common + ["--labels", "sparse", "--epochs", "1", "--out", str(tmp_path / "sparse")])
+    assert (tmp_path / "sparse" / "last.pt").is_file()
+
+
+def test_teacher_and_student_checkpoints_are_not_interchangeable(tmp_path):
+    torch.manual_seed(0)
+    elite.atomic_save(elite.student_state(elite.Student()), tmp_path / "student.pt")
+    with pytest.raises(elite.DataError, match="student.pt"):
+        elite.load_teacher(tmp_path / "student.pt")
+    teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))
+    elite.atomic_save(elite.teacher_state(teacher), tmp_path / "teacher.pt")
+    with pytest.raises(elite.DataError, match="teacher.pt"):
+        elite.load_student(tmp_path / "teacher.pt")

@@ -1,0 +1,279 @@
+"""Stage 1 of ELiTe: make SAM-PLG pseudo-labels, then fine-tune the SAM image teacher.
+
+    python train_teacher.py                     # embedded default: synthetic scenes, vit_tiny, CPU, a few minutes
+    python train_teacher.py --data DATASET --sam-checkpoint sam_vit_b_01ec64.pth \\
+        --plg-checkpoint sam_vit_h_4b8939.pth   # the paper's setting, on a GPU
+
+The teacher is SAM's ViT image encoder, frozen, with AdaLoRA adapters on every linear layer
+and four patch decoders that turn the token grid after each global-attention block into a
+full-resolution feature map; per-stage 2D heads and a fused head classify pixels. Only the
+adapters, the patch decoders and the heads train.
+
+Labels (--labels):
+  plg     dense pseudo-labels from SAM-PLG (the ELiTe setting). Missing files are generated
+          first, under sequences/XX/image_2_plg/, with SAM (--mask-source sam, a GPU job) or,
+          on the synthetic scenes, with the rendered regions as ideal masks (--mask-source ideal).
+  sparse  the labels of the LiDAR points that project into the crop (the official default config).
+
+Loss: sum over the 4 stages of (lambda_seg2d / 4) (CE_w + Lovasz), plus (CE_w + Lovasz) of the
+fused head, plus AdaLoRA's orthogonality term (0.1); optimiser as the student's (SGD + Nesterov,
+lr 0.24, cosine per iteration, clip 1, non-finite steps skipped); AdaLoRA's rank allocator
+prunes 12 -> 8 ranks per layer over the run. Validation: 2D mIoU of the fused head on the
+projected points of the validation crops (official rules).
+
+Pseudo-labels only, split across GPUs (one process each):
+    python train_teacher.py --data DATASET --plg-only --shard 0/4 --plg-checkpoint sam_vit_h_4b8939.pth
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import elite
+
+# "paper": the official setting (ViT-B, 1024x320 crops, the student's recipe). "embedded": a
+# small random ViT on small crops of the synthetic scenes; it shows the pipeline runs and
+# learns, it is NOT comparable with published numbers.
+PRESETS = {
+    "paper": dict(variant="vit_b", epochs=64, batch_size=4, val_batch_size=4, workers=8, crop=(320, 1024),
+                  mask_source="sam"),
+    "embedded": dict(variant="vit_tiny", epochs=6, batch_size=2, val_batch_size=4, workers=0, crop=(160, 512),
+                     mask_source="ideal"),
+}
+SYNTH_ROOT = Path("data/synthkitti")
+SYNTH_COLUMNS = 512
+LAMBDA_SEG2D = 1.0  # train_params.lambda_seg2d; each stage's 2D loss is weighted lambda / 4
+ORTH_WEIGHT = 0.1   # AdaLoRA's orthogonality regulariser
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=None,
+                   help="SemanticKITTI root with sequences/XX/{velodyne,labels,image_2,calib.txt}; "
+                        f"default: synthetic scenes made once under {SYNTH_ROOT}")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="'paper' is the default with --data, 'embedded' without")
+    p.add_argument("--variant", choices=sorted(elite.SAM_VARIANTS),
+                   help="SAM encoder (preset: vit_b paper, vit_tiny embedded; vit_tiny is a small random "
+                        "ViT for CPU runs and tests, there are no weights for it)")
+    p.add_argument("--sam-checkpoint", type=Path, default=None,
+                   help="official SAM file for --variant, e.g. sam_vit_b_01ec64.pth; without it the "
+                        "encoder is random (fine for the pipeline, useless for results)")
+    p.add_argument("--peft", choices=elite.PEFT_CHOICES, default="adalora",
+                   help="adapters on every linear layer of every block: adalora (the paper), lora, or none")
+    p.add_argument("--rank", type=int, default=12, help="adapter rank (AdaLoRA starts at 12)")
+    p.add_argument("--target-rank", type=int, default=8, help="AdaLoRA's final average rank per layer")
+    p.add_argument("--labels", choices=("plg", "sparse"), default="plg",
+                   help="plg: dense SAM-PLG pseudo-labels (ELiTe); sparse: projected point labels")
+    p.add_argument("--mask-source", choices=("sam", "ideal"), default=None,
+                   help="masks for SAM-PLG: sam (ViT-H, a GPU job) or ideal (the synthetic scenes' "
+                        "rendered regions, image_2_gt/); preset: sam paper, ideal embedded")
+    p.add_argument("--plg-variant", choices=("vit_b", "vit_l", "vit_h"), default="vit_h",
+                   help="SAM used for pseudo-labels (official: vit_h)")
+    p.add_argument("--plg-checkpoint", type=Path, default=None,
+                   help="official SAM file for --plg-variant, e.g. sam_vit_h_4b8939.pth")
+    p.add_argument("--plg-only", action="store_true", help="generate the pseudo-labels and stop")
+    p.add_argument("--shard", default="0/1",
+                   help="i/n: this process makes pseudo-labels for scans i, i+n, ... (one process per GPU)")
+    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"),
+                   help="bottom crop of the camera frame (preset: 320 1024 paper, 160 512 embedded)")
+    p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
+    p.add_argument("--batch-size", type=int, help="override the preset's batch size (images)")
+    p.add_argument("--val-batch-size", type=int, help="override the preset's validation batch size")
+    p.add_argument("--workers", type=int, help="data-loading processes (preset: 8 paper, 0 embedded)")
+    p.add_argument("--lr", type=float, default=0.24, help="peak learning rate (the student's recipe: 0.24)")
+    p.add_argument("--train-sequences", nargs="+", default=elite.SPLITS["train"],
+                   help="training sequences (official: 00-07 09 10; missing ones are skipped)")
+    p.add_argument("--val-sequences", nargs="+", default=elite.SPLITS["val"], help="validation sequences (08)")
+    p.add_argument("--out", type=Path, default=Path("runs/teacher"),
+                   help="folder for last.pt and best.pt (only the trained tensors + the SAM variant and path)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when present, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed for adapters, shuffling and augmentation")
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("paper" if args.data else "embedded")
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.crop = tuple(args.crop)
+    try:
+        args.shard = elite.parse_shard(args.shard)
+    except ValueError as e:
+        p.error(str(e))
+    if args.mask_source == "sam" and args.labels == "plg" and args.plg_checkpoint is None:
+        p.error("--mask-source sam needs --plg-checkpoint (e.g. sam_vit_h_4b8939.pth); "
+                "on synthetic scenes --mask-source ideal needs none")
+    if args.peft != "adalora" and args.target_rank != 8:
+        p.error("--target-rank applies to --peft adalora only")
+    return args
+
+
+def existing_sequences(root: Path, sequences: list[str]) -> list[str]:
+    found = [s for s in sequences if (root / "sequences" / s / "velodyne").is_dir()]
+    missing = sorted(set(sequences) - set(found))
+    if missing:
+        print(f"note: sequences {missing} not found under {root}/sequences; skipped")
+    return found
+
+
+# ---- SAM-PLG: the dense labels the teacher learns from ----
+
+def make_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
+    if args.mask_source == "ideal":
+        source = elite.IdealMaskSource()
+    else:
+        sam = elite.load_sam(args.plg_checkpoint, args.plg_variant, device=args.device)
+        source = elite.SamMaskSource(sam)
+    counts = elite.generate_pseudo_labels(root, sequences, source, shard=args.shard)
+    print(f"SAM-PLG ({args.mask_source} masks, shard {args.shard[0]}/{args.shard[1]}): "
+          f"{counts['written']} written, {counts['existing']} already there")
+
+
+def missing_pseudo_labels(root: Path, sequences: list[str]) -> int:
+    """Labelled scans without a pseudo-label file (scans without labels get none)."""
+    return sum(elite.label_path(s).is_file() and not elite.plg_path(s).is_file()
+               for s in elite.list_scans(root, sequences))
+
+
+# ---- Training ----
+
+def make_loaders(args, root: Path):
+    dense = args.labels == "plg"
+    train_set = elite.CameraViews(root, args.train_sequences, train=True, crop_hw=args.crop, seed=args.seed,
+                                  dense=dense)
+    val_set = elite.CameraViews(root, args.val_sequences, train=False, crop_hw=args.crop)
+    shuffle_gen = torch.Generator()
+    train = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, drop_last=len(train_set) >= args.batch_size,
+        num_workers=args.workers, collate_fn=elite.collate_views, generator=shuffle_gen)
+    val = torch.utils.data.DataLoader(val_set, batch_size=args.val_batch_size, num_workers=args.workers,
+                                      collate_fn=elite.collate_views)
+    return train, val, shuffle_gen
+
+
+@torch.no_grad()
+def validate(teacher, loader, device) -> elite.ConfusionMatrix:
+    """Fused-head argmax at the projected points of each validation crop, one confusion matrix."""
+    teacher.eval()
+    conf = elite.ConfusionMatrix()
+    for views in tqdm(loader, desc="  validate", leave=False, dynamic_ncols=True):
+        views = views.to(device)
+        feats = elite.sample_pixels(teacher(views.images), views.pixels)  # 4 x (K, C/8)
+        _, fused = teacher.classify(feats)
+        conf.add(fused.argmax(1), views.labels)
+    teacher.train()
+    return conf
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    root = args.data
+    if root is None:
+        import synthkitti
+        root = SYNTH_ROOT
+        print(f"No --data given: using synthetic scenes in {root} (embedded preset; pass --data for SemanticKITTI)")
+        synthkitti.make_dataset(root, columns=SYNTH_COLUMNS, seed=args.seed)
+        args.train_sequences = [s for s in args.train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
+    args.train_sequences = existing_sequences(root, args.train_sequences)
+    args.val_sequences = existing_sequences(root, args.val_sequences)
+
+    if args.labels == "plg" and (args.plg_only or missing_pseudo_labels(root, args.train_sequences)):
+        make_pseudo_labels(args, root, args.train_sequences)
+        if args.plg_only:
+            return
+        if args.shard != (0, 1) and missing_pseudo_labels(root, args.train_sequences):
+            raise elite.DataError(f"{root}: pseudo-labels of other shards are still missing; "
+                                  "run the other shards (or drop --shard) before training")
+
+    train_loader, val_loader, shuffle_gen = make_loaders(args, root)
+    cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
+    teacher = elite.build_teacher(cfg, args.sam_checkpoint).to(device)
+    params = teacher.trainable_parameters()
+    optimizer = elite.make_optimizer(params, lr=args.lr)
+    total_steps = args.epochs * len(train_loader)
+    allocator = elite.RankAllocator(teacher, total_steps, args.target_rank) if args.peft == "adalora" else None
+    weight = elite.class_weights().to(device)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    start_epoch, best_miou, step = 0, -1.0, 0
+
+    last_path, best_path = args.out / "last.pt", args.out / "best.pt"
+    if args.resume:
+        ckpt = elite.load_checkpoint(last_path, elite.TEACHER_KIND, map_location=device)
+        if ckpt["teacher_config"] != elite.asdict(cfg):
+            raise elite.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for "
+                                  f"{elite.asdict(cfg)}")
+        teacher.load_state_dict(ckpt["weights"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if allocator is not None:
+            allocator.load_state_dict(ckpt["rank_allocator"])
+        start_epoch, best_miou, step = ckpt["epoch"] + 1, ckpt["best_miou"], ckpt["step"]
+        print(f"Resumed from {last_path}: epoch {start_epoch}, best 2D mIoU {100 * best_miou:.1f}")
+
+    trainable = sum(p.numel() for p in params)
+    print(f"Teacher: SAM {args.variant} ({args.sam_checkpoint or 'random weights'}), {args.peft} r={args.rank} | "
+          f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters | labels {args.labels} | "
+          f"crop {args.crop[0]}x{args.crop[1]} | device {device} | {len(train_loader.dataset)} training images, "
+          f"{len(val_loader.dataset)} validation | {args.epochs} epochs x {len(train_loader)} steps | "
+          f"checkpoints in {args.out}")
+    start = time.time()
+    conf = None
+    skipped = 0
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.dataset.epoch = epoch
+        shuffle_gen.manual_seed(args.seed * 1000 + epoch)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+        for views in bar:
+            views = views.to(device)
+            lr = args.lr * elite.cosine_factor(step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            terms = elite.teacher_losses(teacher, teacher(views.images), views, weight, LAMBDA_SEG2D)
+            if args.peft == "adalora":
+                terms["orth"] = elite.orth_regularizer(teacher, ORTH_WEIGHT)
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if elite.clip_or_skip(params, max_norm=1.0):
+                if allocator is not None:
+                    allocator.step(step)  # after backward, before the optimiser step (official order)
+                optimizer.step()
+            else:
+                skipped += 1
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", fused=f"{terms['seg2d_fused'].item():.3f}", lr=f"{lr:.4f}")
+        conf = validate(teacher, val_loader, device)
+        miou = conf.miou()
+        state = elite.teacher_state(teacher) | {
+            "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "best_miou": max(best_miou, miou),
+            "miou": miou, "config": config,
+            "rank_allocator": allocator.state_dict() if allocator is not None else None}
+        elite.atomic_save(state, last_path)
+        if miou > best_miou:
+            best_miou = miou
+            elite.atomic_save(state, best_path)
+        present = conf.present()
+        print(f"epoch {epoch + 1}: val 2D mIoU {100 * miou:.1f} (official, 19 classes) | "
+              f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes present | "
+              f"best {100 * best_miou:.1f} | {time.time() - start:.0f} s")
+    if skipped:
+        print(f"{skipped} steps skipped for non-finite gradients")
+    if conf is None:
+        print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
+        return
+    print(f"\n2D validation after the last epoch, projected points ({', '.join(args.val_sequences)}):\n{conf.table()}")
+    print(f"\nBest checkpoint: {best_path} (val 2D mIoU {100 * best_miou:.1f})")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except elite.DataError as e:
+        sys.exit(f"error: {e}")
