@@ -863,6 +863,7 @@ def decode_ids(crop_image: torch.Tensor) -> np.ndarray:
 
 def test_points_follow_their_pixels_through_crop_and_flip():
     image, points, pix, dense = painted_scene()
+    flips = set()
     for seed in range(8):
         out = elite.prepare_image(image, points, (32, 96), np.random.default_rng(seed), train=True,
                                   dense_labels=dense, jitter=0)
@@ -1399,3 +1400,20 @@ def test_teacher_and_student_checkpoints_are_not_interchangeable(tmp_path):
     elite.atomic_save(elite.teacher_state(teacher), tmp_path / "teacher.pt")
     with pytest.raises(elite.DataError, match="teacher.pt"):
         elite.load_student(tmp_path / "teacher.pt")
+
+
+def test_lovasz_matches_a_per_class_loop_on_soft_predictions():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(300, 20), 1)
+    labels = torch.randint(0, 6, (300,))
+    valid = labels != 0
+    p, y = probs[valid], labels[valid]
+    per_class = []
+    for c in torch.unique(y).tolist():  # the textbook form: one class at a time
+        fg = (y == c).float()
+        err, order = torch.sort((fg - p[:, c]).abs(), descending=True)
+        fg = fg[order]
+        jac = 1 - (fg.sum() - fg.cumsum(0)) / (fg.sum() + (1 - fg).cumsum(0))
+        grad = torch.cat([jac[:1], jac[1:] - jac[:-1]])
+        per_class.append(torch.dot(err, grad))
+    assert torch.allclose(elite.lovasz_softmax(probs, labels), torch.stack(per_class).mean(), atol=1e-6)
