@@ -7,8 +7,8 @@ the student, the teacher and their data, in the order the data flows:
     1. SemanticKITTI files: scans, labels, calibration, images, splits, the label map
     2. Geometry: LiDAR-to-camera projection
     3. Training augmentation
-    4. The dataset and its batches
-    5. The camera view: the bottom crop the image teacher reads
+    4. The camera view: the bottom crop the image teacher reads
+    5. The dataset and its batches (points, and the camera view when asked)
     6. Voxelisation and scatter reductions
     7. Submanifold sparse convolution (pure torch, with its neighbour map)
     8. The student: SparseBasicBlock, point encoder, SPVBlock, classifier
@@ -277,89 +277,7 @@ def augment_xyz(xyz: np.ndarray, rng: np.random.Generator, flip_scale=True) -> n
 
 
 # =====================================================================================
-# 4. The dataset and its batches
-# =====================================================================================
-
-@dataclass
-class Scan:
-    """One scan, cropped to the voxel range. n = points kept, num_raw = points in the file."""
-    points: np.ndarray      # (n, 4) float32: x, y, z (augmented in training), remission
-    labels: np.ndarray      # (n,) int64 training ids (zeros when the scan has no labels)
-    index: np.ndarray       # (n,) int64 row of each point in the raw .bin
-    num_raw: int
-    path: Path
-
-
-@dataclass
-class Batch:
-    points: torch.Tensor     # (N, 4) float
-    batch_idx: torch.Tensor  # (N,) int64: which scan each point belongs to
-    labels: torch.Tensor     # (N,) int64
-    index: torch.Tensor      # (N,) int64 row in its raw scan
-    num_raw: list[int]
-    paths: list[Path]
-
-    def to(self, device) -> "Batch":
-        return Batch(self.points.to(device), self.batch_idx.to(device), self.labels.to(device),
-                     self.index.to(device), self.num_raw, self.paths)
-
-
-def load_scan(path: Path, with_labels=True) -> tuple[np.ndarray, np.ndarray]:
-    """Raw points (N, 4) and training labels (N,) of one scan; non-finite points are
-    kept in the arrays (so indices match the file) but flagged by in_range()."""
-    points = read_scan(path)
-    if with_labels:
-        raw, _ = read_labels(label_path(path), len(points))
-        labels = to_train_ids(raw, label_path(path))
-    else:
-        labels = np.zeros(len(points), dtype=np.int64)
-    return points, labels
-
-
-class SemanticKITTI(torch.utils.data.Dataset):
-    """Scans of some sequences; `train` turns on dropout and 3D augmentation."""
-
-    def __init__(self, root, sequences, train=False, seed=0):
-        self.scans = list_scans(root, sequences)
-        self.train = train
-        self.seed = seed
-        self.epoch = 0  # set by the trainer so augmentation differs per epoch yet is reproducible
-        self.has_labels = [label_path(p).is_file() for p in self.scans]
-
-    def __len__(self):
-        return len(self.scans)
-
-    def __getitem__(self, i) -> Scan:
-        path = self.scans[i]
-        points, labels = load_scan(path, with_labels=self.has_labels[i])
-        finite = np.isfinite(points).all(axis=1)
-        if not finite.all():
-            warnings.warn(f"{path}: dropped {int((~finite).sum())} points with NaN or Inf values")
-        keep = np.flatnonzero(finite & in_range(np.nan_to_num(points[:, :3])))
-        if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
-            if len(keep):
-                keep = keep[dropout_points(len(keep), rng)]
-            pts = points[keep].copy()
-            pts[:, :3] = augment_xyz(pts[:, :3], rng)
-        else:
-            pts = points[keep]
-        return Scan(pts, labels[keep], keep, len(points), path)
-
-
-def collate(scans: list[Scan]) -> Batch:
-    return Batch(
-        points=torch.from_numpy(np.concatenate([s.points for s in scans])).float(),
-        batch_idx=torch.cat([torch.full((len(s.points),), b, dtype=torch.long) for b, s in enumerate(scans)]),
-        labels=torch.from_numpy(np.concatenate([s.labels for s in scans])),
-        index=torch.from_numpy(np.concatenate([s.index for s in scans])),
-        num_raw=[s.num_raw for s in scans],
-        paths=[s.path for s in scans],
-    )
-
-
-# =====================================================================================
-# 5. The camera view: bottom crop, colour jitter, flip (what the image teacher reads)
+# 4. The camera view: bottom crop, colour jitter, flip (what the image teacher reads)
 # =====================================================================================
 # The teacher sees the bottom 320 x 1024 crop of the KITTI frame: the rows above hold sky,
 # where no LiDAR point lands. Every change to the image is applied to the points' pixel
@@ -431,58 +349,143 @@ def prepare_image(image: np.ndarray, pixel_rc: np.ndarray, crop_hw=CROP_HW,
     dense = None if dense is None else np.ascontiguousarray(dense)
     return ImageCrop(normalize_image(crop), torch.from_numpy(pixels), kept, dense)
 
+
+def camera_view(image: np.ndarray, xyz: np.ndarray, proj: np.ndarray, crop_hw, rng, train: bool,
+                dense: np.ndarray | None) -> tuple[ImageCrop, np.ndarray]:
+    """Project points (n, 3) with their raw (un-augmented) coordinates, then crop, jitter and
+    flip the image. Returns the crop and, for each of its pixels rows, the point it belongs
+    to: indices (K,) into xyz, aligned with crop.pixels."""
+    visible, pixel_rc = project_points(xyz.astype(np.float64), proj, *image.shape[:2])
+    crop = prepare_image(image, pixel_rc, crop_hw, rng, train, dense)
+    return crop, np.flatnonzero(visible)[crop.kept]
+
+
+# =====================================================================================
+# 5. The dataset and its batches
+# =====================================================================================
+# A scan is read, cropped to the voxel range, thinned by dropout (training), projected into
+# the camera with its raw coordinates when the image branch needs it, and only then augmented
+# in 3D: the pixel indices stay valid because projection comes first (official order).
+
+@dataclass
+class Scan:
+    """One scan, cropped to the voxel range. n = points kept, num_raw = points in the file."""
+    points: np.ndarray      # (n, 4) float32: x, y, z (augmented in training), remission
+    labels: np.ndarray      # (n,) int64 training ids (zeros when the scan has no labels)
+    index: np.ndarray       # (n,) int64 row of each point in the raw .bin
+    num_raw: int
+    path: Path
+    view: ImageCrop | None = None          # the camera crop, when the dataset has camera=True
+    view_points: np.ndarray | None = None  # (K,) rows of points seen at view.pixels
+
+
 @dataclass
 class Views:
-    """A batch of camera crops and the labelled points inside them."""
+    """The camera side of a batch: crops and the labelled points inside them."""
     images: torch.Tensor              # (B, 3, ch, cw) normalised with SAM's mean/std
     pixels: list[torch.Tensor]        # B x (K_b, 2) int64 (row, col) in the crop
     labels: torch.Tensor              # (sum K_b,) training ids of those points, samples in order
     dense: torch.Tensor | None        # (B, ch, cw) int64 pseudo-labels, or None
-    paths: list[Path]
 
     def to(self, device) -> "Views":
         return Views(self.images.to(device), [p.to(device) for p in self.pixels], self.labels.to(device),
-                     None if self.dense is None else self.dense.to(device), self.paths)
+                     None if self.dense is None else self.dense.to(device))
 
 
-class CameraViews(torch.utils.data.Dataset):
-    """The teacher's data: per scan, the bottom crop of image_2 and the in-range points that
-    project into it (projection on the raw coordinates, as in training), with their labels;
-    with dense=True also the crop of the scan's SAM-PLG pseudo-labels."""
+@dataclass
+class Batch:
+    points: torch.Tensor     # (N, 4) float
+    batch_idx: torch.Tensor  # (N,) int64: which scan each point belongs to
+    labels: torch.Tensor     # (N,) int64
+    index: torch.Tensor      # (N,) int64 row in its raw scan
+    num_raw: list[int]
+    paths: list[Path]
+    views: Views | None = None               # the camera crops (camera=True)
+    view_points: torch.Tensor | None = None  # (sum K_b,) rows of `points` behind views.pixels, in order
 
-    def __init__(self, root, sequences, train=False, crop_hw=CROP_HW, seed=0, dense=False):
+    def to(self, device) -> "Batch":
+        return Batch(self.points.to(device), self.batch_idx.to(device), self.labels.to(device),
+                     self.index.to(device), self.num_raw, self.paths,
+                     None if self.views is None else self.views.to(device),
+                     None if self.view_points is None else self.view_points.to(device))
+
+
+def load_scan(path: Path, with_labels=True) -> tuple[np.ndarray, np.ndarray]:
+    """Raw points (N, 4) and training labels (N,) of one scan; non-finite points are
+    kept in the arrays (so indices match the file) but flagged by in_range()."""
+    points = read_scan(path)
+    if with_labels:
+        raw, _ = read_labels(label_path(path), len(points))
+        labels = to_train_ids(raw, label_path(path))
+    else:
+        labels = np.zeros(len(points), dtype=np.int64)
+    return points, labels
+
+
+class SemanticKITTI(torch.utils.data.Dataset):
+    """Scans of some sequences; `train` turns on dropout and augmentation (3D, and 2D on the
+    crop). camera=True adds each scan's crop of image_2 and the points inside it; dense=True
+    also the crop of its SAM-PLG pseudo-labels (image_2_plg/)."""
+
+    def __init__(self, root, sequences, train=False, seed=0, camera=False, crop_hw=CROP_HW, dense=False):
         self.scans = list_scans(root, sequences)
-        self.train, self.crop_hw, self.seed, self.dense = train, tuple(crop_hw), seed, dense
-        self.epoch = 0
-        self.calibs: dict[Path, np.ndarray] = {}  # sequence folder -> (3, 4) projection
+        self.train = train
+        self.seed = seed
+        self.epoch = 0  # set by the trainer so augmentation differs per epoch yet is reproducible
+        self.has_labels = [label_path(p).is_file() for p in self.scans]
+        self.camera, self.crop_hw, self.dense = camera, tuple(crop_hw), dense
+        self.projections: dict[Path, np.ndarray] = {}  # sequence folder -> (3, 4) P2 @ Tr
 
     def __len__(self):
         return len(self.scans)
 
     def projection(self, scan: Path) -> np.ndarray:
-        if scan.parent.parent not in self.calibs:
-            self.calibs[scan.parent.parent] = read_calib(calib_path(scan))["proj"]
-        return self.calibs[scan.parent.parent]
+        if scan.parent.parent not in self.projections:
+            self.projections[scan.parent.parent] = read_calib(calib_path(scan))["proj"]
+        return self.projections[scan.parent.parent]
 
-    def __getitem__(self, i) -> tuple[ImageCrop, np.ndarray, Path]:
+    def __getitem__(self, i) -> Scan:
         path = self.scans[i]
-        points, labels = load_scan(path)
-        keep = np.flatnonzero(np.isfinite(points).all(axis=1) & in_range(np.nan_to_num(points[:, :3])))
-        image = read_image(image_path(path))
-        visible, pixel_rc = project_points(points[keep, :3].astype(np.float64), self.projection(path), *image.shape[:2])
-        dense = read_pixel_labels(plg_path(path), *image.shape[:2])[0] if self.dense else None
+        points, labels = load_scan(path, with_labels=self.has_labels[i])
+        finite = np.isfinite(points).all(axis=1)
+        if not finite.all():
+            warnings.warn(f"{path}: dropped {int((~finite).sum())} points with NaN or Inf values")
+        keep = np.flatnonzero(finite & in_range(np.nan_to_num(points[:, :3])))
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
-        crop = prepare_image(image, pixel_rc, self.crop_hw, rng, self.train, dense)
-        return crop, labels[keep][visible][crop.kept], path
+        if self.train and len(keep):
+            keep = keep[dropout_points(len(keep), rng)]
+        pts = points[keep].copy()
+        view = view_points = None
+        if self.camera:
+            image = read_image(image_path(path))
+            dense = read_pixel_labels(plg_path(path), *image.shape[:2])[0] if self.dense else None
+            view, view_points = camera_view(image, pts[:, :3], self.projection(path), self.crop_hw, rng,
+                                            self.train, dense)
+        if self.train:
+            pts[:, :3] = augment_xyz(pts[:, :3], rng)  # after projection: pixels stay valid
+        return Scan(pts, labels[keep], keep, len(points), path, view, view_points)
 
 
-def collate_views(samples) -> Views:
-    crops, labels, paths = zip(*samples)
-    dense = None
-    if crops[0].dense_labels is not None:
-        dense = torch.from_numpy(np.stack([c.dense_labels for c in crops]).astype(np.int64))
-    return Views(torch.stack([c.image for c in crops]), [c.pixels for c in crops],
-                 torch.from_numpy(np.concatenate(labels)), dense, list(paths))
+def collate(scans: list[Scan]) -> Batch:
+    offsets = np.cumsum([0] + [len(s.points) for s in scans[:-1]])
+    views = view_points = None
+    if scans[0].view is not None:
+        dense = None
+        if scans[0].view.dense_labels is not None:
+            dense = torch.from_numpy(np.stack([s.view.dense_labels for s in scans]).astype(np.int64))
+        view_points = torch.from_numpy(np.concatenate([s.view_points + o for s, o in zip(scans, offsets)]))
+        views = Views(torch.stack([s.view.image for s in scans]), [s.view.pixels for s in scans],
+                      torch.from_numpy(np.concatenate([s.labels[s.view_points] for s in scans])), dense)
+    return Batch(
+        points=torch.from_numpy(np.concatenate([s.points for s in scans])).float(),
+        batch_idx=torch.cat([torch.full((len(s.points),), b, dtype=torch.long) for b, s in enumerate(scans)]),
+        labels=torch.from_numpy(np.concatenate([s.labels for s in scans])),
+        index=torch.from_numpy(np.concatenate([s.index for s in scans])),
+        num_raw=[s.num_raw for s in scans],
+        paths=[s.path for s in scans],
+        views=views,
+        view_points=view_points,
+    )
 
 
 # =====================================================================================

@@ -1325,17 +1325,21 @@ def test_camera_views_keep_points_on_their_pixels_through_crop_and_flip(synth_co
     for scan in elite.list_scans(synth_copy, ["00"]):
         elite.plg_path(scan).parent.mkdir(exist_ok=True)
         shutil.copy(elite.rendered_labels_path(scan), elite.plg_path(scan))
-    ds = elite.CameraViews(synth_copy, ["00"], train=True, crop_hw=(160, 512), seed=1, dense=True)
+    ds = elite.SemanticKITTI(synth_copy, ["00"], train=True, seed=1, camera=True, crop_hw=(160, 512), dense=True)
     agree = total = 0
     for epoch in range(4):
         ds.epoch = epoch
-        views = elite.collate_views([ds[i] for i in range(len(ds))])
+        batch = elite.collate([ds[i] for i in range(len(ds))])
+        views = batch.views
+        # The view's labels are the labels of the batch points behind its pixels.
+        assert torch.equal(views.labels, batch.labels[batch.view_points])
         assert views.images.shape == (len(ds), 3, 160, 512) and views.dense.shape == (len(ds), 160, 512)
         start = 0
         for b, pix in enumerate(views.pixels):
             labels = views.labels[start:start + len(pix)]
             start += len(pix)
             assert pix[:, 0].min() >= 0 and pix[:, 0].max() < 160 and pix[:, 1].max() < 512
+            assert (batch.batch_idx[batch.view_points[start - len(pix):start]] == b).all()  # its own scan
             hit = views.dense[b, pix[:, 0], pix[:, 1]] == labels
             agree, total = agree + int(hit.sum()), total + len(pix)
         assert start == len(views.labels)
@@ -1350,14 +1354,14 @@ def test_teacher_losses_weights_and_both_label_modes():
     labels = torch.tensor([1, 9, 0, 13])
     w = elite.class_weights()
     feats = teacher(images)
-    sparse = elite.teacher_losses(teacher, feats, elite.Views(images, pixels, labels, None, []), w, 1.0)
+    sparse = elite.teacher_losses(teacher, feats, elite.Views(images, pixels, labels, None), w, 1.0)
     assert list(sparse) == ["seg2d_scale2", "seg2d_scale4", "seg2d_scale8", "seg2d_scale16", "seg2d_fused"]
     stage, fused = teacher.classify(elite.sample_pixels(feats, pixels))
     for k, name in enumerate(list(sparse)[:4]):
         assert torch.allclose(sparse[name], elite.seg_loss(stage[k], labels, w, 1.0) / 4)  # lambda_seg2d / 4
     assert torch.allclose(sparse["seg2d_fused"], elite.seg_loss(fused, labels, w, 1.0))  # weight 1
     dense_labels = torch.randint(0, 20, (2, 32, 64))
-    views = elite.Views(images, pixels, labels, dense_labels, [])
+    views = elite.Views(images, pixels, labels, dense_labels)
     dense = elite.teacher_losses(teacher, feats, views, w, lambda_seg2d=2.0)
     per_pixel = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]
     stage, fused = teacher.classify(per_pixel)

@@ -149,16 +149,17 @@ def missing_pseudo_labels(root: Path, sequences: list[str]) -> int:
 # ---- Training ----
 
 def make_loaders(args, root: Path):
+    """The student's dataset with its camera view on: per scan, the crop and the points in it."""
     dense = args.labels == "plg"
-    train_set = elite.CameraViews(root, args.train_sequences, train=True, crop_hw=args.crop, seed=args.seed,
-                                  dense=dense)
-    val_set = elite.CameraViews(root, args.val_sequences, train=False, crop_hw=args.crop)
+    train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
+                                    crop_hw=args.crop, dense=dense)
+    val_set = elite.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
     shuffle_gen = torch.Generator()
     train = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, shuffle=True, drop_last=len(train_set) >= args.batch_size,
-        num_workers=args.workers, collate_fn=elite.collate_views, generator=shuffle_gen)
+        num_workers=args.workers, collate_fn=elite.collate, generator=shuffle_gen)
     val = torch.utils.data.DataLoader(val_set, batch_size=args.val_batch_size, num_workers=args.workers,
-                                      collate_fn=elite.collate_views)
+                                      collate_fn=elite.collate)
     return train, val, shuffle_gen
 
 
@@ -173,8 +174,8 @@ def validate(teacher, loader, device) -> elite.ConfusionMatrix:
     """Fused-head argmax at the projected points of each validation crop, one confusion matrix."""
     teacher.eval()
     conf = elite.ConfusionMatrix()
-    for views in tqdm(loader, desc="  validate", leave=False, dynamic_ncols=True):
-        views = views.to(device)
+    for batch in tqdm(loader, desc="  validate", leave=False, dynamic_ncols=True):
+        views = batch.views.to(device)
         feats = elite.sample_pixels(teacher(views.images), views.pixels)  # 4 x (K, C/8)
         _, fused = teacher.classify(feats)
         conf.add(fused.argmax(1), views.labels)
@@ -241,8 +242,8 @@ def main(argv=None):
         train_loader.dataset.epoch = epoch
         shuffle_gen.manual_seed(args.seed * 1000 + epoch)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
-        for views in bar:
-            views = views.to(device)
+        for batch in bar:
+            views = batch.views.to(device)
             lr = args.lr * elite.cosine_factor(step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
