@@ -15,8 +15,9 @@ the student, the teacher and their data, in the order the data flows:
     9. Losses: class-weighted cross-entropy and Lovasz-softmax
    10. The image teacher: SAM's ViT, LoRA/AdaLoRA (PEFT), patch decoder, 2D heads
    11. SAM-PLG: dense pseudo-labels from sparse LiDAR labels
-   12. Evaluation: the official SemanticKITTI IoU
-   13. Checkpoints (atomic writes) and the optimiser recipe
+   12. PPMSKD: patch-to-point multi-stage distillation from the teacher into the student
+   13. Evaluation: the official SemanticKITTI IoU
+   14. Checkpoints (atomic writes) and the optimiser recipe
 
 Facts follow the official ELiTe/2DPASS code; deliberate differences are listed
 in README.md under "Differences from the official code".
@@ -1338,10 +1339,11 @@ def sample_pixels(feats: list[torch.Tensor], pixel_indices: list[torch.Tensor]) 
 
 
 def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], views: Views, weight: torch.Tensor,
-                   lambda_seg2d=1.0) -> dict[str, torch.Tensor]:
+                   lambda_seg2d=1.0) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """The teacher's 2D terms by name: each stage head (lambda_seg2d / 4)(CE_w + Lovasz) and the
     fused head (CE_w + Lovasz). With pseudo-labels every crop pixel counts (dense mode); without,
-    the projected points and their labels (sparse mode, the official default config)."""
+    the projected points and their labels (sparse mode, the official default config).
+    Also returns each stage head's logits at the points' pixels, 4 x (K, 20), for PPMSKD."""
     if views.dense is not None:
         inputs = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]  # 4 x (B*H*W, C/8)
         labels = views.dense.reshape(-1)
@@ -1352,7 +1354,11 @@ def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], views: Views, we
     terms = {f"seg2d_scale{2 ** (k + 1)}": lambda_seg2d / 4 * seg_loss(logits, labels, weight, lovasz_weight=1.0)
              for k, logits in enumerate(stage_logits)}
     terms["seg2d_fused"] = seg_loss(fused, labels, weight, lovasz_weight=1.0)
-    return terms
+    if views.dense is not None:  # the pixel rows of the points, in the flattened (B, H, W) order
+        height, width = feats[0].shape[-2:]
+        rows = torch.cat([b * height * width + p[:, 0] * width + p[:, 1] for b, p in enumerate(views.pixels)])
+        stage_logits = [logits.index_select(0, rows) for logits in stage_logits]
+    return terms, stage_logits
 
 
 def build_teacher(cfg: TeacherConfig | None = None, sam_checkpoint=None) -> Teacher:
@@ -1711,7 +1717,51 @@ def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True)
 
 
 # =====================================================================================
-# 12. Evaluation: the official SemanticKITTI IoU
+# 12. PPMSKD: Patch-to-Point Multi-Stage Knowledge Distillation
+# =====================================================================================
+# At each of the student's four stages, a 3D head classifies the stage's voxel features
+# (trained against majority-vote voxel labels), the teacher's matching 2D head classifies its
+# stage features, and the 3D predictions of the points the camera sees are pulled toward the
+# 2D ones by KL(P_2D || P_3D), with the teacher detached so the KD trains only the student.
+
+def voxel_labels(labels: torch.Tensor, inv: torch.Tensor, num_voxels: int) -> torch.Tensor:
+    """Majority label of the points in each voxel: labels (N,), inv (N,) -> (V,). Label 0 votes
+    too (a mostly unlabelled voxel is ignored); ties go to the smaller id."""
+    votes = torch.zeros(num_voxels, NUM_CLASSES, dtype=torch.long, device=labels.device)
+    votes.index_put_((inv, labels), torch.ones_like(labels), accumulate=True)  # (V, 20) counts
+    return votes.argmax(1)  # argmax returns the first maximum
+
+
+def heads_3d(c=64, num_classes=NUM_CLASSES, stages=4) -> nn.ModuleList:
+    """One 3D head per student stage: Linear(64, 128) -> ReLU -> Linear(128, 20). Training only:
+    they are not part of the saved 1.9M student."""
+    return nn.ModuleList([nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Linear(2 * c, num_classes))
+                          for _ in range(stages)])
+
+
+def ppmskd_losses(out: StudentOutput, heads: nn.ModuleList, point_logits_2d: list[torch.Tensor],
+                  batch: Batch, weight: torch.Tensor, lambda_xm=0.05) -> dict[str, torch.Tensor]:
+    """The 3D and KD terms of PPMSKD by name, per stage s = 2, 4, 8, 16:
+    seg3d_scale{s}: (CE_w + Lovasz) of the 3D head on the voxels of the previous scale;
+    xm_scale{s}: (lambda_xm / 4) KL(P_2D || P_3D) over the points at the crop's pixels, averaged
+    over all K x 20 elements (F.kl_div's 'mean', as upstream), the 2D side detached.
+    point_logits_2d: the teacher's stage logits at batch.view_points (teacher_losses' second output)."""
+    terms = {}
+    for k, (feats, vox, logits_2d) in enumerate(zip(out.stage_feats, out.stage_voxels, point_logits_2d)):
+        scale = 2 ** (k + 1)
+        logits_3d = heads[k](feats)  # (V_L, 20)
+        target = voxel_labels(batch.labels, vox.inv, len(vox))  # (V_L,)
+        terms[f"seg3d_scale{scale}"] = seg_loss(logits_3d, target, weight, lovasz_weight=1.0)
+        seen = logits_3d.index_select(0, vox.inv.index_select(0, batch.view_points))  # (K, 20)
+        # Sum over all K x 20 elements divided by K x 20: upstream's reduction='mean', spelled out
+        # (torch warns that 'mean' will change meaning); max(., 1) keeps a view without points at 0.
+        kl = F.kl_div(F.log_softmax(seen, 1), F.softmax(logits_2d.detach(), 1), reduction="sum")
+        terms[f"xm_scale{scale}"] = lambda_xm / 4 * kl / max(seen.numel(), 1)
+    return terms
+
+
+# =====================================================================================
+# 13. Evaluation: the official SemanticKITTI IoU
 # =====================================================================================
 # One confusion matrix over the whole split. A point whose ground truth is 0 never counts;
 # a labelled point predicted 0 (or left unpredicted) counts as a miss for its class. IoU of
@@ -1757,7 +1807,7 @@ class ConfusionMatrix:
 
 
 # =====================================================================================
-# 13. Checkpoints and the optimiser recipe
+# 14. Checkpoints and the optimiser recipe
 # =====================================================================================
 
 def atomic_write(path, write) -> None:

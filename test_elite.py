@@ -1354,7 +1354,7 @@ def test_teacher_losses_weights_and_both_label_modes():
     labels = torch.tensor([1, 9, 0, 13])
     w = elite.class_weights()
     feats = teacher(images)
-    sparse = elite.teacher_losses(teacher, feats, elite.Views(images, pixels, labels, None), w, 1.0)
+    sparse, sparse_points = elite.teacher_losses(teacher, feats, elite.Views(images, pixels, labels, None), w, 1.0)
     assert list(sparse) == ["seg2d_scale2", "seg2d_scale4", "seg2d_scale8", "seg2d_scale16", "seg2d_fused"]
     stage, fused = teacher.classify(elite.sample_pixels(feats, pixels))
     for k, name in enumerate(list(sparse)[:4]):
@@ -1362,11 +1362,13 @@ def test_teacher_losses_weights_and_both_label_modes():
     assert torch.allclose(sparse["seg2d_fused"], elite.seg_loss(fused, labels, w, 1.0))  # weight 1
     dense_labels = torch.randint(0, 20, (2, 32, 64))
     views = elite.Views(images, pixels, labels, dense_labels)
-    dense = elite.teacher_losses(teacher, feats, views, w, lambda_seg2d=2.0)
+    dense, dense_points = elite.teacher_losses(teacher, feats, views, w, lambda_seg2d=2.0)
     per_pixel = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]
     stage, fused = teacher.classify(per_pixel)
     assert torch.allclose(dense["seg2d_scale2"], 2.0 / 4 * elite.seg_loss(stage[0], dense_labels.reshape(-1), w, 1.0))
     assert torch.allclose(dense["seg2d_fused"], elite.seg_loss(fused, dense_labels.reshape(-1), w, 1.0))
+    for k in range(4):  # both modes hand PPMSKD the stage logits at the points' pixels
+        assert dense_points[k].shape == (4, 20) and torch.allclose(dense_points[k], sparse_points[k], atol=1e-6)
 
 
 def test_train_teacher_pseudo_labels_shards_train_and_resume(synth_copy, tmp_path):
@@ -1421,3 +1423,42 @@ def test_lovasz_matches_a_per_class_loop_on_soft_predictions():
         grad = torch.cat([jac[:1], jac[1:] - jac[:-1]])
         per_class.append(torch.dot(err, grad))
     assert torch.allclose(elite.lovasz_softmax(probs, labels), torch.stack(per_class).mean(), atol=1e-6)
+
+
+# =====================================================================================
+# PPMSKD
+# =====================================================================================
+
+def test_voxel_labels_majority_with_unlabelled_votes_and_ties():
+    labels = torch.tensor([9, 9, 1, 0, 0, 9, 13, 13, 1, 1, 5])
+    inv = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3])
+    # voxel 0: 9 wins; voxel 1: unlabelled wins (ignored later); voxel 2: 1 and 13 tie -> 1; voxel 3: 5
+    assert elite.voxel_labels(labels, inv, 5).tolist() == [9, 0, 1, 5, 0]
+
+
+def test_ppmskd_terms_weights_and_the_detached_teacher(synth_copy):
+    torch.manual_seed(0)
+    ds = elite.SemanticKITTI(synth_copy, ["00"], train=True, camera=True, crop_hw=(64, 128))
+    batch = elite.collate([ds[0], ds[1]])
+    assert len(batch.view_points) > 20
+    student, heads = elite.Student(), elite.heads_3d()
+    teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(64, 128)))
+    w = elite.class_weights()
+    out = student(batch.points, batch.batch_idx)
+    terms_2d, logits_2d = elite.teacher_losses(teacher, teacher(batch.views.images), batch.views, w)
+    terms = elite.ppmskd_losses(out, heads, logits_2d, batch, w, lambda_xm=0.05)
+    assert list(terms) == [f"{kind}_scale{s}" for s in (2, 4, 8, 16) for kind in ("seg3d", "xm")]
+    # Stage 0 by hand: the 3D head on the scale-1 voxels, majority labels, KL on the seen points.
+    vox = out.stage_voxels[0]
+    logits_3d = heads[0](out.stage_feats[0])
+    target = elite.voxel_labels(batch.labels, vox.inv, len(vox))
+    assert torch.allclose(terms["seg3d_scale2"], elite.seg_loss(logits_3d, target, w, 1.0))
+    p3d = torch.log_softmax(logits_3d[vox.inv[batch.view_points]], 1)
+    p2d = torch.softmax(logits_2d[0], 1)
+    kl = (p2d * (p2d.log() - p3d)).sum() / p2d.numel()  # 'mean' over all K x 20 elements
+    assert torch.allclose(terms["xm_scale2"], 0.05 / 4 * kl, rtol=1e-4)
+    # The KD terms train the student and its 3D heads, never the teacher.
+    sum(v for k, v in terms.items() if k.startswith("xm")).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert heads[0][0].weight.grad.abs().sum() > 0
+    assert student.blocks[0].v_enc[0].conv1.weight.grad.abs().sum() > 0

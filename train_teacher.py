@@ -247,7 +247,7 @@ def main(argv=None):
             lr = args.lr * elite.cosine_factor(step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            terms = elite.teacher_losses(teacher, teacher(views.images), views, weight, LAMBDA_SEG2D)
+            terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, weight, LAMBDA_SEG2D)
             if args.peft == "adalora":
                 terms["orth"] = elite.orth_regularizer(teacher, ORTH_WEIGHT)
             loss = sum(terms.values())
