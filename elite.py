@@ -177,6 +177,15 @@ def list_scans(root, sequences) -> list[Path]:
     return scans
 
 
+def existing_sequences(root, sequences: list[str]) -> list[str]:
+    """The sequences that have a velodyne folder under ROOT/sequences; the others are named and skipped."""
+    found = [s for s in sequences if (Path(root) / "sequences" / s / "velodyne").is_dir()]
+    missing = sorted(set(sequences) - set(found))
+    if missing:
+        print(f"note: sequences {missing} not found under {root}/sequences; skipped")
+    return found
+
+
 def label_path(scan_path: Path) -> Path:
     return scan_path.parent.parent / "labels" / (scan_path.stem + ".label")
 

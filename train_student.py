@@ -65,17 +65,9 @@ def parse_args(argv=None):
     return args
 
 
-def existing_sequences(root: Path, sequences: list[str]) -> list[str]:
-    found = [s for s in sequences if (root / "sequences" / s / "velodyne").is_dir()]
-    missing = sorted(set(sequences) - set(found))
-    if missing:
-        print(f"note: sequences {missing} not found under {root}/sequences; skipped")
-    return found
-
-
 def make_loaders(args, root: Path):
-    train_set = elite.SemanticKITTI(root, existing_sequences(root, args.train_sequences), train=True, seed=args.seed)
-    val_set = elite.SemanticKITTI(root, existing_sequences(root, args.val_sequences), train=False)
+    train_set = elite.SemanticKITTI(root, elite.existing_sequences(root, args.train_sequences), train=True, seed=args.seed)
+    val_set = elite.SemanticKITTI(root, elite.existing_sequences(root, args.val_sequences), train=False)
     if not all(train_set.has_labels):
         raise elite.DataError(f"{root}: some training scans have no labels/*.label file")
     shuffle_gen = torch.Generator()

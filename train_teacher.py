@@ -119,14 +119,6 @@ def parse_args(argv=None):
     return args
 
 
-def existing_sequences(root: Path, sequences: list[str]) -> list[str]:
-    found = [s for s in sequences if (root / "sequences" / s / "velodyne").is_dir()]
-    missing = sorted(set(sequences) - set(found))
-    if missing:
-        print(f"note: sequences {missing} not found under {root}/sequences; skipped")
-    return found
-
-
 # ---- SAM-PLG: the dense labels the teacher learns from ----
 
 def make_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
@@ -194,8 +186,8 @@ def main(argv=None):
         print(f"No --data given: using synthetic scenes in {root} (embedded preset; pass --data for SemanticKITTI)")
         synthkitti.make_dataset(root, columns=SYNTH_COLUMNS, seed=args.seed)
         args.train_sequences = [s for s in args.train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
-    args.train_sequences = existing_sequences(root, args.train_sequences)
-    args.val_sequences = existing_sequences(root, args.val_sequences)
+    args.train_sequences = elite.existing_sequences(root, args.train_sequences)
+    args.val_sequences = elite.existing_sequences(root, args.val_sequences)
 
     if args.labels == "plg" and (args.plg_only or missing_pseudo_labels(root, args.train_sequences)):
         make_pseudo_labels(args, root, args.train_sequences)
