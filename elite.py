@@ -363,8 +363,8 @@ def prepare_image(image: np.ndarray, pixel_rc: np.ndarray, crop_hw=CROP_HW,
 def camera_view(image: np.ndarray, xyz: np.ndarray, proj: np.ndarray, crop_hw, rng, train: bool,
                 dense: np.ndarray | None) -> tuple[ImageCrop, np.ndarray]:
     """Project points (n, 3) with their raw (un-augmented) coordinates, then crop, jitter and
-    flip the image. Returns the crop and, for each of its pixels rows, the point it belongs
-    to: indices (K,) into xyz, aligned with crop.pixels."""
+    flip the image. Returns the crop and the point behind each row of crop.pixels: indices
+    (K,) into xyz."""
     visible, pixel_rc = project_points(xyz.astype(np.float64), proj, *image.shape[:2])
     crop = prepare_image(image, pixel_rc, crop_hw, rng, train, dense)
     return crop, np.flatnonzero(visible)[crop.kept]
@@ -1716,7 +1716,7 @@ def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True)
             continue
         seq_dir = scan.parent.parent
         if seq_dir not in projs:
-            projs[seq_dir] = read_calib(seq_dir / "calib.txt")["proj"]
+            projs[seq_dir] = read_calib(calib_path(scan))["proj"]
         pseudo = pseudo_labels(load_plg_frame(scan, projs[seq_dir]), source)
         atomic_write(out, lambda f: np.save(f, pseudo))  # a file object: np.save adds no suffix
         counts["written"] += 1
