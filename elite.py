@@ -461,7 +461,9 @@ class SemanticKITTI(torch.utils.data.Dataset):
         if not finite.all():
             warnings.warn(f"{path}: dropped {int((~finite).sum())} points with NaN or Inf values")
         keep = np.flatnonzero(finite & in_range(np.nan_to_num(points[:, :3])))
-        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        # Two streams, so the 3D points are the same with or without the camera (fair ablations).
+        rng = np.random.default_rng([self.seed, self.epoch, i, 0]) if self.train else None
+        rng_2d = np.random.default_rng([self.seed, self.epoch, i, 1]) if self.train else None
         if self.train and len(keep):
             keep = keep[dropout_points(len(keep), rng)]
         pts = points[keep].copy()
@@ -469,7 +471,7 @@ class SemanticKITTI(torch.utils.data.Dataset):
         if self.camera:
             image = read_image(image_path(path))
             dense = read_pixel_labels(plg_path(path), *image.shape[:2])[0] if self.dense else None
-            view, view_points = camera_view(image, pts[:, :3], self.projection(path), self.crop_hw, rng,
+            view, view_points = camera_view(image, pts[:, :3], self.projection(path), self.crop_hw, rng_2d,
                                             self.train, dense)
         if self.train:
             pts[:, :3] = augment_xyz(pts[:, :3], rng)  # after projection: pixels stay valid
@@ -1696,6 +1698,11 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def missing_pseudo_labels(root, sequences) -> int:
+    """Labelled scans without a pseudo-label file (scans without labels get none)."""
+    return sum(label_path(s).is_file() and not plg_path(s).is_file() for s in list_scans(root, sequences))
+
+
 def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True) -> dict[str, int]:
     """Write plg_path(scan) for every labelled scan of this shard -> counts of files
     written, already there (skipped, so a stopped run resumes) and scans without labels."""
@@ -1766,6 +1773,39 @@ def ppmskd_losses(out: StudentOutput, heads: nn.ModuleList, point_logits_2d: lis
         # (torch warns that 'mean' will change meaning); max(., 1) keeps a view without points at 0.
         kl = F.kl_div(F.log_softmax(seen, 1), F.softmax(logits_2d.detach(), 1), reduction="sum")
         terms[f"xm_scale{scale}"] = lambda_xm / 4 * kl / max(seen.numel(), 1)
+    return terms
+
+
+LAMBDA_SEG2D = 1.0  # train_params.lambda_seg2d: each stage's 2D loss weighs lambda_seg2d / 4
+LAMBDA_XM = 0.05    # train_params.lambda_xm: each stage's KL weighs lambda_xm / 4
+ORTH_WEIGHT = 0.1   # AdaLoRA's orthogonality regulariser
+
+
+def teacher_point_logits(teacher: Teacher, views: Views) -> list[torch.Tensor]:
+    """A fixed teacher's stage logits at the points' pixels, 4 x (K, 20), without gradients."""
+    with torch.no_grad():
+        stage_logits, _ = teacher.classify(sample_pixels(teacher(views.images), views.pixels))
+    return stage_logits
+
+
+def elite_losses(out: StudentOutput, heads: nn.ModuleList, teacher: Teacher, batch: Batch,
+                 weight: torch.Tensor, joint=True) -> dict[str, torch.Tensor]:
+    """ELiTe's whole training loss, term by name (their sum is the loss):
+        seg3d_main                 CE_w + 0.1 Lovasz of the student's point logits
+        seg2d_scale*, seg2d_fused  the teacher's 2D terms               (joint mode)
+        seg3d_scale*, xm_scale*    PPMSKD's 3D heads and KL(P_2D || P_3D)
+        orth                       AdaLoRA's orthogonality term         (joint mode, AdaLoRA)
+    joint=True is the paper: the teacher's adapters, patch decoders and 2D heads keep learning
+    from their 2D losses. joint=False (frozen): the teacher only hands over detached logits."""
+    terms = {"seg3d_main": seg_loss(out.logits, batch.labels, weight, lovasz_weight=0.1)}
+    if joint:
+        terms_2d, logits_2d = teacher_losses(teacher, teacher(batch.views.images), batch.views, weight, LAMBDA_SEG2D)
+        terms |= terms_2d
+    else:
+        logits_2d = teacher_point_logits(teacher, batch.views)
+    terms |= ppmskd_losses(out, heads, logits_2d, batch, weight, LAMBDA_XM)
+    if joint and teacher.cfg.peft == "adalora":
+        terms["orth"] = orth_regularizer(teacher, ORTH_WEIGHT)
     return terms
 
 

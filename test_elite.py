@@ -504,7 +504,8 @@ def test_train_resume_and_infer_end_to_end(synth_root, tmp_path):
     import infer
     import train_student
     common = ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08",
-              "--preset", "embedded", "--batch-size", "2", "--out", str(tmp_path / "run"), "--device", "cpu"]
+              "--preset", "embedded", "--batch-size", "2", "--out", str(tmp_path / "run"), "--device", "cpu",
+              "--teacher", "none"]
     train_student.main(common + ["--epochs", "1"])
     first = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert first["epoch"] == 0 and (tmp_path / "run" / "best.pt").is_file()
@@ -1462,3 +1463,96 @@ def test_ppmskd_terms_weights_and_the_detached_teacher(synth_copy):
     assert all(p.grad is None for p in teacher.parameters())
     assert heads[0][0].weight.grad.abs().sum() > 0
     assert student.blocks[0].v_enc[0].conv1.weight.grad.abs().sum() > 0
+
+
+def ppmskd_batch(root, dense: bool):
+    """Two scans of sequence 00 with 64 x 128 crops; the rendered maps stand in for SAM-PLG."""
+    if dense:
+        for scan in elite.list_scans(root, ["00"]):
+            elite.plg_path(scan).parent.mkdir(exist_ok=True)
+            shutil.copy(elite.rendered_labels_path(scan), elite.plg_path(scan))
+    ds = elite.SemanticKITTI(root, ["00"], train=True, camera=True, crop_hw=(64, 128), dense=dense)
+    return elite.collate([ds[0], ds[1]])
+
+
+def test_elite_losses_joint_and_frozen_terms(synth_copy):
+    torch.manual_seed(0)
+    batch = ppmskd_batch(synth_copy, dense=True)
+    student, heads = elite.Student(), elite.heads_3d()
+    teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(64, 128)))
+    w = elite.class_weights()
+    out = student(batch.points, batch.batch_idx)
+    joint = elite.elite_losses(out, heads, teacher, batch, w, joint=True)
+    ppmskd = [f"{kind}_scale{s}" for s in (2, 4, 8, 16) for kind in ("seg3d", "xm")]
+    assert list(joint) == ["seg3d_main", "seg2d_scale2", "seg2d_scale4", "seg2d_scale8", "seg2d_scale16",
+                           "seg2d_fused", *ppmskd, "orth"]
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in joint.values())
+    assert torch.allclose(joint["seg3d_main"], elite.seg_loss(out.logits, batch.labels, w, 0.1))  # Lovasz 0.1
+    frozen = elite.elite_losses(out, heads, teacher, batch, w, joint=False)
+    assert list(frozen) == ["seg3d_main", *ppmskd]
+    for name in ppmskd:  # same KD targets whether or not the teacher trains
+        assert torch.allclose(frozen[name], joint[name], rtol=1e-5)
+    sum(frozen.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())  # frozen: nothing reaches the teacher
+
+
+def test_joint_step_trains_student_and_adapters_and_keeps_sam_bit_identical(synth_copy):
+    torch.manual_seed(0)
+    batch = ppmskd_batch(synth_copy, dense=False)  # sparse point labels
+    student, heads = elite.Student(), elite.heads_3d()
+    teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(64, 128)))
+    with torch.no_grad():  # trained-looking adapters, so that A and B get gradients too
+        for name, p in teacher.named_parameters():
+            if "lora_E" in name:
+                p.normal_(0, 0.1)
+    trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    params = list(student.parameters()) + list(heads.parameters()) + teacher.trainable_parameters()
+    optimizer = elite.make_optimizer(params, lr=0.24)  # one optimiser, as train_student.py
+    terms = elite.elite_losses(student(batch.points, batch.batch_idx), heads, teacher, batch,
+                               elite.class_weights(), joint=True)
+    sum(terms.values()).backward()
+    assert elite.clip_or_skip(params, 1.0)
+    optimizer.step()
+    teacher_after, student_after = teacher.state_dict(), student.state_dict()
+    for key, before in teacher_before.items():
+        if key in trainable:
+            assert not torch.equal(teacher_after[key], before), f"teacher {key} did not train"
+        else:
+            assert torch.equal(teacher_after[key], before), f"SAM's frozen {key} changed"
+    weights = [k for k in student_before if k.endswith("weight")]
+    assert all(not torch.equal(student_after[k], student_before[k]) for k in weights)
+
+
+def test_train_student_with_a_teacher_saves_only_the_student_and_resumes(synth_copy, tmp_path):
+    import infer
+    import train_student
+    torch.manual_seed(0)
+    teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(64, 128)))
+    state = elite.teacher_state(teacher) | {"config": {"labels": "sparse", "target_rank": 8},
+                                            "rank_allocator": None}
+    elite.atomic_save(state, tmp_path / "teacher.pt")
+    run = tmp_path / "run"
+    common = ["--data", str(synth_copy), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+              "--batch-size", "2", "--teacher", str(tmp_path / "teacher.pt"), "--out", str(run), "--device", "cpu"]
+    with pytest.raises(elite.DataError, match="pseudo-labels"):  # dense labels asked for, none made
+        train_student.main(common + ["--epochs", "1", "--labels", "plg"])
+    train_student.main(common + ["--epochs", "1"])
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert last["config"]["teacher_mode"] == "joint" and last["config"]["labels"] == "sparse"
+    assert last["heads_3d"] is not None and last["teacher"]["kind"] == elite.TEACHER_KIND
+    best = torch.load(run / "best.pt", weights_only=False)
+    assert "teacher" not in best and "heads_3d" not in best and "optimizer" not in best
+    assert sum(v.numel() for v in best["model"].values() if v.is_floating_point()) < 1.95e6  # + BN statistics
+    student, _ = elite.load_student(run / "best.pt")
+    assert elite.count_parameters(student) == 1_933_460
+    # Resume: the teacher's trained tensors come from last.pt, not from teacher.pt.
+    key = "output_upscaling.0.0.weight"
+    assert not torch.equal(last["teacher"]["weights"][key], state["weights"][key])
+    train_student.main(common[:-6] + ["--out", str(run), "--device", "cpu", "--epochs", "2", "--resume"])
+    second = torch.load(run / "last.pt", weights_only=False)
+    assert second["epoch"] == 1 and second["step"] == 2 and second["config"]["teacher"] == str(tmp_path / "teacher.pt")
+    infer.main(["--checkpoint", str(run / "best.pt"), "--data", str(synth_copy), "--split", "val",
+                "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert (tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label").is_file()

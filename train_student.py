@@ -1,4 +1,5 @@
-"""Train the ELiTe/2DPASS LiDAR student (1.9M parameters) on SemanticKITTI.
+"""Train the ELiTe/2DPASS LiDAR student (1.9M parameters) on SemanticKITTI, with or without
+the SAM teacher (stage 2 of ELiTe: PPMSKD).
 
     python train_student.py                       # embedded default: synthetic scenes, CPU, a few minutes
     python train_student.py --data /path/to/SemanticKITTI/dataset   # the paper's recipe (64 epochs, batch 4)
@@ -6,10 +7,19 @@
 Without --data, synthetic scenes are written once in the real SemanticKITTI layout under
 ./data/synthkitti and read back through the same loader as the real dataset.
 
+Teacher (--teacher): the checkpoint train_teacher.py wrote (default runs/teacher/best.pt when
+it exists; 'none' trains the baseline). Each step the teacher sees the scans' camera crops and
+PPMSKD distils it into the student at four stages (elite.elite_losses):
+  --teacher-mode joint   the paper: the teacher's adapters, patch decoders and 2D heads keep
+                         learning from their 2D losses (and AdaLoRA's orthogonality term),
+                         in the same optimiser as the student;
+  --teacher-mode frozen  the teacher is fixed and only hands over its (detached) predictions.
+Whatever the mode, best.pt holds only the 1.9M student, so infer.py reads it as any student.
+
 Recipe (official ELiTe config): SGD + Nesterov, lr 0.24, momentum 0.9, weight decay 1e-4,
 cosine decay per iteration, global gradient norm clipped at 1, steps with non-finite
-gradients skipped; loss = class-weighted CE + 0.1 Lovasz-softmax; validation mIoU each epoch.
-This is the "baseline" (no teacher) row of every ELiTe ablation.
+gradients skipped; student loss = class-weighted CE + 0.1 Lovasz-softmax, plus the PPMSKD
+terms with a teacher; validation mIoU of the student each epoch.
 """
 from __future__ import annotations
 
@@ -27,10 +37,11 @@ import elite
 # finishes on a laptop CPU and is NOT comparable with published numbers.
 PRESETS = {
     "paper": dict(epochs=64, batch_size=4, val_batch_size=8, workers=8),
-    "embedded": dict(epochs=20, batch_size=2, val_batch_size=4, workers=0),
+    "embedded": dict(epochs=12, batch_size=2, val_batch_size=4, workers=0),
 }
 SYNTH_ROOT = Path("data/synthkitti")
 SYNTH_COLUMNS = 512  # LiDAR azimuth steps of the embedded scenes (~25k points a scan)
+DEFAULT_TEACHER = Path("runs/teacher/best.pt")  # what train_teacher.py writes
 
 
 def parse_args(argv=None):
@@ -40,7 +51,19 @@ def parse_args(argv=None):
                         f"default: synthetic scenes made once under {SYNTH_ROOT}")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="'paper' (64 epochs, batch 4) is the default with --data, "
-                        "'embedded' (20 epochs, batch 2) without")
+                        "'embedded' (12 epochs, batch 2) without")
+    p.add_argument("--teacher", default=None,
+                   help="teacher checkpoint from train_teacher.py, or 'none' for the student alone (the "
+                        f"baseline); default: {DEFAULT_TEACHER} when it exists, else none")
+    p.add_argument("--teacher-mode", choices=("joint", "frozen"), default="joint",
+                   help="joint (the paper): the teacher's adapters, patch decoders and 2D heads train on with "
+                        "their 2D losses; frozen: the teacher is fixed (cheaper)")
+    p.add_argument("--labels", choices=("plg", "sparse"), default=None,
+                   help="2D labels of the teacher's losses: plg (dense SAM-PLG pseudo-labels) or sparse "
+                        "(projected point labels); default: those the teacher was trained with")
+    p.add_argument("--sam-checkpoint", type=Path, default=None,
+                   help="SAM file for the teacher's frozen encoder, if it moved since train_teacher.py "
+                        "(the teacher checkpoint records the path)")
     p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
     p.add_argument("--batch-size", type=int, help="override the preset's training batch size (scans)")
     p.add_argument("--val-batch-size", type=int, help="override the preset's validation batch size")
@@ -65,11 +88,18 @@ def parse_args(argv=None):
     return args
 
 
-def make_loaders(args, root: Path):
-    train_set = elite.SemanticKITTI(root, elite.existing_sequences(root, args.train_sequences), train=True, seed=args.seed)
+def make_loaders(args, root: Path, teacher: elite.Teacher | None):
+    """With a teacher, each training scan also brings its camera crop and the points in it."""
+    camera = dict(camera=True, crop_hw=teacher.cfg.crop_hw, dense=args.labels == "plg") if teacher else {}
+    train_set = elite.SemanticKITTI(root, elite.existing_sequences(root, args.train_sequences), train=True,
+                                    seed=args.seed, **camera)
     val_set = elite.SemanticKITTI(root, elite.existing_sequences(root, args.val_sequences), train=False)
     if not all(train_set.has_labels):
         raise elite.DataError(f"{root}: some training scans have no labels/*.label file")
+    if camera.get("dense") and elite.missing_pseudo_labels(root, args.train_sequences):
+        raise elite.DataError(f"{root}: {elite.missing_pseudo_labels(root, args.train_sequences)} training scans "
+                              "have no SAM-PLG pseudo-labels (sequences/XX/image_2_plg/); train_teacher.py makes "
+                              "them, or pass --labels sparse")
     shuffle_gen = torch.Generator()
     train = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, shuffle=True, drop_last=len(train_set) >= args.batch_size,
@@ -93,6 +123,25 @@ def validate(model, loader, device) -> elite.ConfusionMatrix:
     return conf
 
 
+def load_teacher(args, device, resumed: dict | None):
+    """The teacher for this run, or None for the baseline. A resumed run takes the teacher,
+    mode and labels it was started with (its last.pt holds the teacher's trained tensors)."""
+    if resumed is not None:
+        for key in ("teacher", "teacher_mode", "labels", "target_rank"):
+            setattr(args, key, resumed["config"].get(key))
+        if resumed.get("teacher") is None:
+            return None, None
+        return elite.load_teacher_state(resumed["teacher"], args.sam_checkpoint).to(device), resumed.get("rank_allocator")
+    if args.teacher is None:
+        args.teacher = str(DEFAULT_TEACHER) if DEFAULT_TEACHER.is_file() else "none"
+    if args.teacher == "none":
+        return None, None
+    teacher, ckpt = elite.load_teacher(args.teacher, args.sam_checkpoint, map_location=device)
+    args.labels = args.labels or ckpt["config"]["labels"]
+    args.target_rank = ckpt["config"].get("target_rank", 8)
+    return teacher.to(device), ckpt.get("rank_allocator")
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -105,25 +154,48 @@ def main(argv=None):
               "pass --data for SemanticKITTI)")
         synthkitti.make_dataset(root, columns=SYNTH_COLUMNS, seed=args.seed)
         args.train_sequences = [s for s in args.train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
-    train_loader, val_loader, shuffle_gen = make_loaders(args, root)
+
+    last_path, best_path = args.out / "last.pt", args.out / "best.pt"
+    resumed = elite.load_checkpoint(last_path, elite.STUDENT_KIND, map_location=device) if args.resume else None
+    teacher, allocator_state = load_teacher(args, device, resumed)
+    joint = teacher is not None and args.teacher_mode == "joint"
+    train_loader, val_loader, shuffle_gen = make_loaders(args, root, teacher)
 
     model = elite.Student().to(device)
+    heads = elite.heads_3d().to(device) if teacher else None  # PPMSKD's 3D heads, training only
     params = [p for p in model.parameters() if p.requires_grad]
+    if teacher is not None:
+        params += list(heads.parameters())
+        if joint:
+            params += teacher.trainable_parameters()  # one optimiser for both, as upstream
+        else:
+            teacher.eval()  # frozen: its tensors stay out of the optimiser; it runs without gradients
     optimizer = elite.make_optimizer(params, lr=args.lr)
     total_steps = args.epochs * len(train_loader)
+    allocator = None
+    if joint and teacher.cfg.peft == "adalora":
+        # The teacher's rank budget was spent in train_teacher.py: keep its pruned ranks pruned
+        # (AdaLoRA's final phase: mask to the target rank each step with the scores it learnt).
+        allocator = elite.RankAllocator(teacher, total_steps, args.target_rank, init_warmup=0, final_warmup=total_steps)
+        if allocator_state is not None:
+            allocator.load_state_dict(allocator_state)
     weight = elite.class_weights().to(device)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     start_epoch, best_miou, step = 0, -1.0, 0
-
-    last_path, best_path = args.out / "last.pt", args.out / "best.pt"
-    if args.resume:
-        ckpt = elite.load_checkpoint(last_path, elite.STUDENT_KIND, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best_miou, step = ckpt["epoch"] + 1, ckpt["best_miou"], ckpt["step"]
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        if heads is not None:
+            heads.load_state_dict(resumed["heads_3d"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        start_epoch, best_miou, step = resumed["epoch"] + 1, resumed["best_miou"], resumed["step"]
         print(f"Resumed from {last_path}: epoch {start_epoch}, best mIoU {100 * best_miou:.1f}")
 
-    print(f"Student: {elite.count_parameters(model):,} parameters | device {device} | preset {args.preset} | "
+    if teacher is None:
+        kd = "no teacher (baseline)"
+    else:
+        kd = (f"teacher {args.teacher} (SAM {teacher.cfg.variant}, {args.teacher_mode}, {args.labels} 2D labels, "
+              f"crop {teacher.cfg.crop_hw[0]}x{teacher.cfg.crop_hw[1]})")
+    print(f"Student: {elite.count_parameters(model):,} parameters | {kd} | device {device} | preset {args.preset} | "
           f"{len(train_loader.dataset)} training scans, {len(val_loader.dataset)} validation scans | "
           f"{args.epochs} epochs x {len(train_loader)} steps | checkpoints in {args.out}")
     start = time.time()
@@ -132,6 +204,7 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         train_loader.dataset.epoch = epoch  # new augmentation each epoch, reproducible on resume
         shuffle_gen.manual_seed(args.seed * 1000 + epoch)
+        sums: dict[str, float] = {}
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
         for batch in bar:
             batch = batch.to(device)
@@ -139,24 +212,42 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             out = model(batch.points, batch.batch_idx)
-            loss = elite.seg_loss(out.logits, batch.labels, weight, lovasz_weight=0.1)
+            if teacher is None:
+                terms = {"seg3d_main": elite.seg_loss(out.logits, batch.labels, weight, lovasz_weight=0.1)}
+            else:
+                terms = elite.elite_losses(out, heads, teacher, batch, weight, joint=joint)
+            loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if elite.clip_or_skip(params, max_norm=1.0):
+                if allocator is not None:
+                    allocator.step(step)  # after backward, before the optimiser step (official order)
                 optimizer.step()
             else:
                 skipped += 1
             step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+            postfix = {"loss": f"{loss.item():.3f}", "main": f"{terms['seg3d_main'].item():.3f}"}
+            if teacher is not None:
+                postfix["kd"] = f"{sum(v.item() for k, v in terms.items() if k.startswith('xm')):.4f}"
+            bar.set_postfix(postfix | {"lr": f"{lr:.4f}"})
         conf = validate(model, val_loader, device)
         miou = conf.miou()
-        state = elite.student_state(model) | {
-            "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "best_miou": max(best_miou, miou), "miou": miou, "config": config}
-        elite.atomic_save(state, last_path)
+        best_miou_now = max(best_miou, miou)
+        progress = {"step": step, "epoch": epoch, "best_miou": best_miou_now, "miou": miou, "config": config}
+        # last.pt can resume: the optimiser, and with a teacher its 3D heads and trained tensors.
+        resume = {"optimizer": optimizer.state_dict(),
+                  "heads_3d": heads.state_dict() if heads is not None else None,
+                  "teacher": elite.teacher_state(teacher) if teacher is not None else None,
+                  "rank_allocator": allocator.state_dict() if allocator is not None else allocator_state}
+        elite.atomic_save(elite.student_state(model) | progress | resume, last_path)
         if miou > best_miou:
             best_miou = miou
-            elite.atomic_save(state, best_path)
+            elite.atomic_save(elite.student_state(model) | progress, best_path)  # the 1.9M student only
         present = conf.present()
+        means = " ".join(f"{k} {v / len(train_loader):.3f}" for k, v in sums.items())
+        print(f"epoch {epoch + 1}: mean loss terms: {means}")
         print(f"epoch {epoch + 1}: val mIoU {100 * miou:.1f} (official, 19 classes) | "
               f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes present | "
               f"best {100 * best_miou:.1f} | {time.time() - start:.0f} s")

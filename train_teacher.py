@@ -49,8 +49,6 @@ PRESETS = {
 }
 SYNTH_ROOT = Path("data/synthkitti")
 SYNTH_COLUMNS = 512
-LAMBDA_SEG2D = 1.0  # train_params.lambda_seg2d; each stage's 2D loss is weighted lambda / 4
-ORTH_WEIGHT = 0.1   # AdaLoRA's orthogonality regulariser
 
 
 def parse_args(argv=None):
@@ -132,12 +130,6 @@ def make_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
           f"{counts['written']} written, {counts['existing']} already there")
 
 
-def missing_pseudo_labels(root: Path, sequences: list[str]) -> int:
-    """Labelled scans without a pseudo-label file (scans without labels get none)."""
-    return sum(elite.label_path(s).is_file() and not elite.plg_path(s).is_file()
-               for s in elite.list_scans(root, sequences))
-
-
 # ---- Training ----
 
 def make_loaders(args, root: Path):
@@ -189,11 +181,11 @@ def main(argv=None):
     args.train_sequences = elite.existing_sequences(root, args.train_sequences)
     args.val_sequences = elite.existing_sequences(root, args.val_sequences)
 
-    if args.labels == "plg" and (args.plg_only or missing_pseudo_labels(root, args.train_sequences)):
+    if args.labels == "plg" and (args.plg_only or elite.missing_pseudo_labels(root, args.train_sequences)):
         make_pseudo_labels(args, root, args.train_sequences)
         if args.plg_only:
             return
-        if args.shard != (0, 1) and missing_pseudo_labels(root, args.train_sequences):
+        if args.shard != (0, 1) and elite.missing_pseudo_labels(root, args.train_sequences):
             raise elite.DataError(f"{root}: pseudo-labels of other shards are still missing; "
                                   "run the other shards (or drop --shard) before training")
 
@@ -239,9 +231,9 @@ def main(argv=None):
             lr = args.lr * elite.cosine_factor(step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, weight, LAMBDA_SEG2D)
+            terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, weight, elite.LAMBDA_SEG2D)
             if args.peft == "adalora":
-                terms["orth"] = elite.orth_regularizer(teacher, ORTH_WEIGHT)
+                terms["orth"] = elite.orth_regularizer(teacher, elite.ORTH_WEIGHT)
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
