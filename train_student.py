@@ -174,10 +174,13 @@ def main(argv=None):
     total_steps = args.epochs * len(train_loader)
     allocator = None
     if joint and teacher.cfg.peft == "adalora":
-        # The teacher's rank budget was spent in train_teacher.py: keep its pruned ranks pruned
-        # (AdaLoRA's final phase: mask to the target rank each step with the scores it learnt).
-        allocator = elite.RankAllocator(teacher, total_steps, args.target_rank, init_warmup=0, final_warmup=total_steps)
-        if allocator_state is not None:
+        if allocator_state is None:
+            print("note: the teacher checkpoint has no AdaLoRA rank scores; its ranks are not pruned further")
+        else:
+            # The teacher's rank budget was spent in train_teacher.py: keep its pruned ranks pruned
+            # (AdaLoRA's final phase: mask to the target rank each step with the scores it learnt).
+            allocator = elite.RankAllocator(teacher, total_steps, args.target_rank, init_warmup=0,
+                                            final_warmup=total_steps)
             allocator.load_state_dict(allocator_state)
     weight = elite.class_weights().to(device)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
