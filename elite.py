@@ -454,16 +454,25 @@ class SemanticKITTI(torch.utils.data.Dataset):
             self.projections[scan.parent.parent] = read_calib(calib_path(scan))["proj"]
         return self.projections[scan.parent.parent]
 
-    def __getitem__(self, i) -> Scan:
+    def raw(self, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scan i as in the file: points (N, 4), training labels (N,), and the rows that are
+        finite and inside the voxel range (ascending)."""
         path = self.scans[i]
         points, labels = load_scan(path, with_labels=self.has_labels[i])
         finite = np.isfinite(points).all(axis=1)
         if not finite.all():
             warnings.warn(f"{path}: dropped {int((~finite).sum())} points with NaN or Inf values")
-        keep = np.flatnonzero(finite & in_range(np.nan_to_num(points[:, :3])))
-        # Two streams, so the 3D points are the same with or without the camera (fair ablations).
-        rng = np.random.default_rng([self.seed, self.epoch, i, 0]) if self.train else None
-        rng_2d = np.random.default_rng([self.seed, self.epoch, i, 1]) if self.train else None
+        return points, labels, np.flatnonzero(finite & in_range(np.nan_to_num(points[:, :3])))
+
+    def rng(self, i, stream: int) -> np.random.Generator | None:
+        """Scan i's random stream for this epoch (None in evaluation). Separate streams keep
+        the 3D points the same whatever else (camera crop, a teacher's view) draws numbers."""
+        return np.random.default_rng([self.seed, self.epoch, i, stream]) if self.train else None
+
+    def __getitem__(self, i) -> Scan:
+        path = self.scans[i]
+        points, labels, keep = self.raw(i)
+        rng, rng_2d = self.rng(i, 0), self.rng(i, 1)
         if self.train and len(keep):
             keep = keep[dropout_points(len(keep), rng)]
         pts = points[keep].copy()
@@ -808,10 +817,10 @@ class SPVBlock(nn.Module):
         self.point_enc = PointEncoder(c)
 
     def forward(self, x, vox_l: Voxels, vox_s: Voxels):
-        """x (V_L, 64) at scale L -> (x_s (V_s, 64), p (V_s, 64), v (V_L, 64)).
+        """x (V_L, 64) at scale L -> (p (V_s, 64), v_down (V_s, 64), v (V_L, 64)).
 
         p, the point branch averaged into the s voxels, is what the classifier reads;
-        x_s = p + v_down feeds the next block; v is what PPMSKD's 3D heads read."""
+        p + v_down feeds the next block; v is what PPMSKD's 3D heads read."""
         nmap = build_neighbour_map(vox_l.coords)  # shared by the block's four convolutions
         v = x
         for block in self.v_enc:
@@ -819,14 +828,16 @@ class SPVBlock(nn.Module):
         link = link_scales(vox_l, vox_s)
         c = v.shape[1]
         p, v_down = move_to_scale(torch.cat([self.point_enc(x + v, vox_l), v], 1), link).split(c, 1)
-        return p + v_down, p, v
+        return p, v_down, v
 
 
 @dataclass
 class StudentOutput:
     logits: torch.Tensor                                  # (N, 20) per point
     stage_feats: list[torch.Tensor] = field(default_factory=list)  # v_enc output at scales 1, 2, 4, 8
-    stage_voxels: list[Voxels] = field(default_factory=list)
+    stage_voxels: list[Voxels] = field(default_factory=list)      # the voxels of scales 1, 2, 4, 8
+    point_feats: list[torch.Tensor] = field(default_factory=list)  # point branch p at scales 2, 4, 8, 16
+    point_voxels: list[Voxels] = field(default_factory=list)      # the voxels of scales 2, 4, 8, 16
 
 
 class Student(nn.Module):
@@ -840,14 +851,20 @@ class Student(nn.Module):
         self.blocks = nn.ModuleList([SPVBlock(c) for _ in self.cfg.scales])
         self.classifier = nn.Sequential(nn.Linear(c * len(self.cfg.scales), 128), nn.ReLU(), nn.Linear(128, k))
 
-    def forward(self, points: torch.Tensor, batch_idx: torch.Tensor) -> StudentOutput:
-        """points (N, 4) [x, y, z, remission], batch_idx (N,) -> logits (N, 20)."""
+    def forward(self, points: torch.Tensor, batch_idx: torch.Tensor, fuse=None) -> StudentOutput:
+        """points (N, 4) [x, y, z, remission], batch_idx (N,) -> logits (N, 20).
+
+        fuse(k, p, vox_s) -> p', if given, rewrites stage k's point branch (V_s, 64) before it
+        reaches the classifier and the next block: U2MKD's camera-LiDAR fusion (u2mkd.py)."""
         with torch.no_grad():
             voxels = [voxelize(points[:, :3], batch_idx, s) for s in (1,) + tuple(self.cfg.scales)]
         x = self.input_encoder(points, voxels[0])  # (V1, 64)
         point_feats, stage_feats = [], []
-        for block, vox_l, vox_s in zip(self.blocks, voxels[:-1], voxels[1:]):
-            x, p, v = block(x, vox_l, vox_s)
+        for k, (block, vox_l, vox_s) in enumerate(zip(self.blocks, voxels[:-1], voxels[1:])):
+            p, v_down, v = block(x, vox_l, vox_s)
+            if fuse is not None:
+                p = fuse(k, p, vox_s)
+            x = p + v_down  # (V_s, 64), the next block's input
             point_feats.append(p)
             stage_feats.append(v)
         # A point's feature is cat(p_2[its scale-2 voxel], ..., p_16[its scale-16 voxel]).
@@ -855,7 +872,7 @@ class Student(nn.Module):
         combos, combo_of_point = unique_rows(torch.stack([v.inv for v in voxels[1:]], 1))  # (U, 4), (N,)
         feats = torch.cat([p.index_select(0, combos[:, k]) for k, p in enumerate(point_feats)], 1)  # (U, 256)
         logits = self.classifier(feats).index_select(0, combo_of_point)  # (N, 20)
-        return StudentOutput(logits, stage_feats, voxels[:-1])
+        return StudentOutput(logits, stage_feats, voxels[:-1], point_feats, voxels[1:])
 
 
 def count_parameters(model: nn.Module) -> int:
