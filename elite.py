@@ -17,7 +17,7 @@ the student, the teacher and their data, in the order the data flows:
    11. SAM-PLG: dense pseudo-labels from sparse LiDAR labels
    12. PPMSKD: patch-to-point multi-stage distillation from the teacher into the student
    13. Evaluation: the official SemanticKITTI IoU
-   14. Checkpoints (atomic writes) and the optimiser recipe
+   14. Checkpoints (atomic writes), the optimiser recipe, the training loop
 
 Facts follow the official ELiTe/2DPASS code; deliberate differences are listed
 in README.md under "Differences from the official code".
@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -507,6 +508,18 @@ def collate(scans: list[Scan]) -> Batch:
         views=views,
         view_points=view_points,
     )
+
+
+def make_loaders(train_set, val_set, batch_size: int, val_batch_size: int, workers: int, collate_fn=collate,
+                 pin_memory=False):
+    """Shuffled training batches (from a generator fit() reseeds each epoch) and validation
+    batches in order -> (train loader, val loader, the generator)."""
+    shuffle_gen = torch.Generator()
+    train = torch.utils.data.DataLoader(
+        train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) >= batch_size,
+        num_workers=workers, collate_fn=collate_fn, generator=shuffle_gen, pin_memory=pin_memory)
+    val = torch.utils.data.DataLoader(val_set, batch_size=val_batch_size, num_workers=workers, collate_fn=collate_fn)
+    return train, val, shuffle_gen
 
 
 # =====================================================================================
@@ -1902,8 +1915,8 @@ def atomic_save(obj, path):
 STUDENT_KIND = "elite-student"
 
 
-def load_checkpoint(path, kind: str, map_location="cpu") -> dict:
-    """Load a checkpoint written by our trainers and check what it holds."""
+def load_checkpoint(path, kind: str | None, map_location="cpu") -> dict:
+    """Load a checkpoint written by our trainers and check that it holds `kind` (any kind: None)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
@@ -1914,7 +1927,7 @@ def load_checkpoint(path, kind: str, map_location="cpu") -> dict:
                         "the file is truncated or not a torch checkpoint") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise DataError(f"{path}: not a checkpoint written by this project (no 'kind' entry)")
-    if ckpt["kind"] != kind:
+    if kind is not None and ckpt["kind"] != kind:
         raise DataError(f"{path}: holds a '{ckpt['kind']}' model, expected '{kind}'")
     return ckpt
 
@@ -1950,3 +1963,68 @@ def clip_or_skip(params, max_norm=1.0) -> bool:
             p.grad = None
         return False
     return True
+
+
+@dataclass
+class RunState:
+    """Where a training run stands; checkpoints record it, --resume restores it."""
+    epoch: int = 0          # the next epoch to run
+    step: int = 0           # optimiser steps taken (the cosine schedule's clock)
+    best_miou: float = -1.0
+
+    def record(self, miou: float) -> dict:
+        """What a checkpoint stores of the run ('epoch' is the last finished one)."""
+        return {"epoch": self.epoch - 1, "step": self.step, "best_miou": self.best_miou, "miou": miou}
+
+    @classmethod
+    def resumed(cls, ckpt: dict) -> "RunState":
+        return cls(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_miou"])
+
+
+def fit(run: RunState, loader, shuffle_gen: torch.Generator, optimizer: torch.optim.Optimizer, params,
+        epochs: int, lr: float, seed: int, loss_terms, validate, save, after_backward=None, metric="val mIoU"):
+    """The training loop every trainer here shares. Per epoch: reseeded shuffling and augmentation
+    (so a resumed run repeats them); per step: the cosine learning rate, loss_terms(batch) -> named
+    scalar terms whose sum is the loss, backward, clip at norm 1 or skip a non-finite step,
+    after_backward(step) (AdaLoRA's allocator), the optimiser step; after each epoch:
+    validate() -> ConfusionMatrix and save(run, miou, improved), which writes the checkpoints.
+    Returns the last epoch's confusion matrix (None if there was nothing left to run)."""
+    from tqdm import tqdm
+    total_steps = epochs * len(loader)
+    conf, skipped, start = None, 0, time.time()
+    for epoch in range(run.epoch, epochs):
+        loader.dataset.epoch = epoch  # new augmentation each epoch, reproducible on resume
+        shuffle_gen.manual_seed(seed * 1000 + epoch)
+        sums: dict[str, float] = {}
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
+        for batch in bar:
+            lr_now = lr * cosine_factor(run.step, total_steps)  # cosine decay per iteration
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+            terms = loss_terms(batch)
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_or_skip(params, max_norm=1.0):
+                if after_backward is not None:
+                    after_backward(run.step)
+                optimizer.step()
+            else:
+                skipped += 1
+            run.step += 1
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_now:.4f}")
+        conf = validate()
+        miou = conf.miou()
+        improved = miou > run.best_miou
+        run.epoch, run.best_miou = epoch + 1, max(run.best_miou, miou)
+        save(run, miou, improved)
+        present = conf.present()
+        print(f"epoch {epoch + 1}: mean loss terms: " + " ".join(f"{k} {v / len(loader):.3f}" for k, v in sums.items()))
+        print(f"epoch {epoch + 1}: {metric} {100 * miou:.1f} (official, 19 classes) | "
+              f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes present | "
+              f"best {100 * run.best_miou:.1f} | {time.time() - start:.0f} s")
+    if skipped:
+        print(f"{skipped} steps skipped for non-finite gradients")
+    return conf

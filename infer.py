@@ -9,6 +9,11 @@ Predictions are written as sequences/XX/predictions/NNNNNN.label: one uint32 raw
 per point of the .bin (via LEARNING_MAP_INV). Points outside the voxel range get no
 prediction and are written as 0 ("unlabeled"), as the official code does. When labels exist,
 IoU is computed with the official evaluator's rules over every point of every scan.
+
+A U2MKD fusion student (train_student.py --method u2mkd) also reads each scan's image. It is
+scored twice, with the images and with none (every point's image feature imputed), on all
+points, on the points the camera sees and on the others; --no-images writes the files of the
+run without images.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import elite
+import u2mkd
 
 REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata" / "semantickitti"
 
@@ -45,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0, help="seed of the test-time augmentation")
+    p.add_argument("--no-images", action="store_true",
+                   help="fusion student: write the predictions made without images (default: with images)")
     p.add_argument("--benchmark", action="store_true",
                    help="print parameter count, voxels per scale, sparse-conv and student forward timings")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -77,21 +85,82 @@ def predict_scan(model, points: np.ndarray, votes: int, rng: np.random.Generator
     return logits.argmax(1).cpu().numpy()
 
 
+@torch.no_grad()
+def predict_fusion_scan(model, points: np.ndarray, frame: np.ndarray | None, proj: np.ndarray, image_hw,
+                        votes: int, rng: np.random.Generator, device) -> np.ndarray:
+    """The fusion student's training ids (N,) for every raw point, with the camera frame or
+    without (frame None: every point imputed). Each vote is a copy with its own image row."""
+    keep = np.flatnonzero(np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3])))
+    if len(keep) == 0:
+        return np.zeros(len(points), dtype=np.int64)
+    n = len(keep)
+    uv, fov = np.zeros((n, 2), np.float32), np.zeros(n, bool)
+    images = None
+    if frame is not None:
+        uv, fov = u2mkd.camera_uv(points[keep, :3], proj, *frame.shape[:2])  # on the raw coordinates
+        image = torch.from_numpy(u2mkd.prepare_full_image(frame, image_hw)).to(device)
+        images = image.expand(votes, -1, -1, -1)  # (votes, 3, H, W)
+    copies = []
+    for v in range(votes):
+        pts = points[keep].copy()
+        if v > 0:
+            pts[:, :3] = elite.augment_xyz(pts[:, :3], rng, flip_scale=False)  # pixels stay with the points
+        copies.append(pts)
+    xyzi = torch.from_numpy(np.concatenate(copies)).to(device)
+    batch_idx = torch.arange(votes, device=device).repeat_interleave(n)
+    image_of_point = torch.from_numpy(np.where(fov, 0, -1)).to(device).repeat(votes)
+    image_of_point = torch.where(image_of_point >= 0, batch_idx, image_of_point)  # copy v sees image row v
+    uv_t = torch.from_numpy(uv).to(device).repeat(votes, 1)
+    out = model(xyzi, batch_idx, images, image_of_point, uv_t).logits.float()
+    logits = torch.zeros(len(points), elite.NUM_CLASSES, device=device)
+    logits.index_add_(0, torch.from_numpy(keep).to(device).repeat(votes), out)
+    return logits.argmax(1).cpu().numpy()
+
+
+def view_table(confs: dict[str, elite.ConfusionMatrix]) -> str:
+    """Per-class IoU, one column per confusion matrix (official rules each)."""
+    names = list(confs)
+    width = max(10, *(len(n) for n in names))
+    lines = [f"{'class':<14} " + " ".join(f"{n:>{width}}" for n in names)]
+    for c in range(1, elite.NUM_CLASSES):
+        lines.append(f"{elite.CLASS_NAMES[c]:<14} " + " ".join(f"{100 * float(m.iou()[c - 1]):>{width}.1f}"
+                                                              for m in confs.values()))
+    lines.append(f"{'mIoU':<14} " + " ".join(f"{100 * m.miou():>{width}.1f}" for m in confs.values()))
+    lines.append(f"{'mIoU present':<14} " + " ".join(f"{100 * float(m.iou()[m.present()].mean()):>{width}.1f}"
+                                                     for m in confs.values()))
+    lines.append(f"{'points':<14} " + " ".join(f"{int(m.matrix[:, 1:].sum()):>{width},}" for m in confs.values()))
+    return "\n".join(lines)
+
+
 def write_label_file(path: Path, train_ids: np.ndarray):
     """Raw ids as uint32, written atomically."""
     elite.atomic_write(path, lambda f: elite.TRAIN_TO_RAW[train_ids].astype(np.uint32).tofile(f))
 
 
-def predict(args):
-    device = torch.device(args.device)
-    model, ckpt = elite.load_student(args.checkpoint, map_location=device)
-    model.to(device).eval()
+def scans_to_predict(args) -> list[Path]:
     if args.sequence is not None:
         root, sequences = args.sequence.resolve().parent.parent, [args.sequence.resolve().name]
     else:
         root, sequences = args.data, elite.SPLITS[args.split]
         sequences = [s for s in sequences if (root / "sequences" / s).is_dir()]
-    scans = elite.list_scans(root, sequences)
+    return elite.list_scans(root, sequences)
+
+
+def read_train_ids(scan: Path, num_points: int) -> torch.Tensor | None:
+    if not elite.label_path(scan).is_file():
+        return None
+    raw, _ = elite.read_labels(elite.label_path(scan), num_points)
+    return torch.from_numpy(elite.to_train_ids(raw, elite.label_path(scan)))
+
+
+def predict(args):
+    if elite.load_checkpoint(args.checkpoint, None)["kind"] == u2mkd.FUSION_KIND:
+        return predict_fusion(args)
+    device = torch.device(args.device)
+    model, ckpt = elite.load_student(args.checkpoint, map_location=device)
+    model.to(device).eval()
+    scans = scans_to_predict(args)
+    sequences = sorted({s.parent.parent.name for s in scans})
     print(f"Student {args.checkpoint} ({elite.count_parameters(model):,} parameters, epoch "
           f"{ckpt.get('epoch', -1) + 1}) on {device}: {len(scans)} scans of sequences {sequences}, "
           f"{args.votes} vote(s) -> {args.out}/sequences/XX/predictions")
@@ -102,12 +171,56 @@ def predict(args):
         pred = predict_scan(model, points, args.votes, rng, device)
         seq = scan.parent.parent.name
         write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred)
-        if elite.label_path(scan).is_file():
-            raw, _ = elite.read_labels(elite.label_path(scan), len(points))
-            conf.add(torch.from_numpy(pred), torch.from_numpy(elite.to_train_ids(raw, elite.label_path(scan))))
+        labels = read_train_ids(scan, len(points))
+        if labels is not None:
+            conf.add(torch.from_numpy(pred), labels)
             scored += 1
     if scored:
         print(f"\nScores over {scored} labelled scans (official evaluator rules):\n{conf.table()}")
+    else:
+        print("No labels found: predictions written, nothing scored.")
+
+
+def predict_fusion(args):
+    """The fusion student with and without images; scores on all, seen and unseen points."""
+    device = torch.device(args.device)
+    model, ckpt = u2mkd.load_fusion_student(args.checkpoint, map_location=device)
+    model.to(device).eval()
+    image_hw = tuple(ckpt["image_hw"])
+    scans = scans_to_predict(args)
+    print(f"Fusion student {args.checkpoint} ({elite.count_parameters(model):,} parameters, image "
+          f"{image_hw[0]}x{image_hw[1]}) on {device}: {len(scans)} scans, {args.votes} vote(s) -> "
+          f"{args.out}/sequences/XX/predictions ({'without' if args.no_images else 'with'} images)")
+    rng = np.random.default_rng(args.seed)
+    confs = {f"{mode} {part}": elite.ConfusionMatrix() for mode in ("images", "no images")
+             for part in ("all", "seen", "unseen")}
+    scored = 0
+    for scan in tqdm(scans, desc="predict", dynamic_ncols=True):
+        points = elite.read_scan(scan)
+        labels = read_train_ids(scan, len(points))
+        proj = elite.read_calib(elite.calib_path(scan))["proj"]
+        frame = elite.read_image(elite.image_path(scan))
+        modes = {"images": frame, "no images": None}
+        if labels is None:  # nothing to score: run the mode whose files are asked for
+            modes = {"no images": None} if args.no_images else {"images": frame}
+        for mode, image in modes.items():
+            pred = predict_fusion_scan(model, points, image, proj, image_hw, args.votes, rng, device)
+            if (mode == "no images") == args.no_images:
+                seq = scan.parent.parent.name
+                write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred)
+            if labels is not None:
+                finite = np.isfinite(points).all(1)
+                seen = np.zeros(len(points), bool)
+                seen[finite] = u2mkd.camera_uv(points[finite, :3], proj, *frame.shape[:2])[1]
+                seen = torch.from_numpy(seen)
+                pred_t = torch.from_numpy(pred)
+                confs[f"{mode} all"].add(pred_t, labels)
+                confs[f"{mode} seen"].add(pred_t[seen], labels[seen])
+                confs[f"{mode} unseen"].add(pred_t[~seen], labels[~seen])
+        scored += labels is not None
+    if scored:
+        print(f"\nScores over {scored} labelled scans (official evaluator rules; 'seen': the points the camera "
+              f"sees, 'no images': every image feature imputed):\n{view_table(confs)}")
     else:
         print("No labels found: predictions written, nothing scored.")
 

@@ -1728,3 +1728,32 @@ def test_imagenet_weights_load_into_the_backbone(tmp_path):
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(elite.DataError, match="bad.pth"):
         u2mkd.load_imagenet_weights(branch, tmp_path / "bad.pth")
+
+
+def test_lidar_teacher_then_u2mkd_student_then_infer_with_and_without_images(synth_copy, tmp_path, capsys):
+    import infer
+    import train_student
+    import train_teacher
+    data = ["--data", str(synth_copy), "--train-sequences", "00", "--val-sequences", "08", "--batch-size", "2",
+            "--preset", "embedded", "--device", "cpu"]
+    train_teacher.main(["--teacher", "lidar", "--epochs", "1", "--paste", "2", "--out", str(tmp_path / "lt")] + data)
+    teacher, ckpt = u2mkd.load_lidar_teacher(tmp_path / "lt" / "best.pt")
+    assert teacher.cfg.hidden == 128 and ckpt["epoch"] == 0 and "optimizer" not in ckpt
+    assert u2mkd.instance_db_path(synth_copy).is_file()
+    student = ["--method", "u2mkd", "--image-size", "64", "192", "--out", str(tmp_path / "fs")] + data
+    with pytest.raises(elite.DataError, match="elite-student"):  # not a LiDAR teacher
+        elite.atomic_save(elite.student_state(elite.Student()), tmp_path / "s.pt")
+        train_student.main(student + ["--teacher", str(tmp_path / "s.pt"), "--epochs", "1"])
+    train_student.main(student + ["--teacher", str(tmp_path / "lt" / "best.pt"), "--epochs", "1"])
+    last = torch.load(tmp_path / "fs" / "last.pt", weights_only=False)
+    assert last["kind"] == u2mkd.FUSION_KIND and last["kd_adapter"] is not None and last["image_hw"] == [64, 192]
+    train_student.main(student + ["--epochs", "2", "--resume"])
+    second = torch.load(tmp_path / "fs" / "last.pt", weights_only=False)
+    assert second["epoch"] == 1 and second["step"] == 2 and second["config"]["teacher"] == str(tmp_path / "lt" / "best.pt")
+    capsys.readouterr()
+    infer.main(["--checkpoint", str(tmp_path / "fs" / "best.pt"), "--data", str(synth_copy), "--split", "val",
+                "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "images all" in printed and "no images unseen" in printed
+    pred = np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label", dtype=np.uint32)
+    assert len(pred) == len(elite.read_scan(synth_copy / "sequences" / "08" / "velodyne" / "000000.bin"))

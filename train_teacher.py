@@ -22,6 +22,15 @@ lr 0.01); AdaLoRA's rank allocator
 prunes 12 -> 8 ranks per layer over the run. Validation: 2D mIoU of the fused head on the
 projected points of the validation crops (official rules).
 
+U2MKD's LiDAR-only teacher (--teacher lidar): the voxel student at twice the width (--width),
+trained on points alone with strong augmentation: instance paste (--paste instances per scan,
+cut once from the training scans into DATASET/u2mkd_instances.npz), then flip, rotation,
+scaling and translation. Loss CE + Lovasz (as upstream's teacher); checkpoints in
+runs/lidar_teacher; train_student.py --method u2mkd finds them.
+
+    python train_teacher.py --teacher lidar     # embedded default
+    python train_teacher.py --teacher lidar --data DATASET
+
 Pseudo-labels only, split across GPUs (one process each):
     python train_teacher.py --data DATASET --plg-only --shard 0/4 --plg-checkpoint sam_vit_h_4b8939.pth
 """
@@ -29,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -47,6 +55,12 @@ PRESETS = {
     "embedded": dict(variant="vit_tiny", epochs=16, batch_size=2, val_batch_size=4, workers=0, crop=(160, 512),
                      mask_source="ideal", optimizer="adamw", lr=0.01),
 }
+# U2MKD's LiDAR teacher. Its SemanticKITTI recipe is not released; "paper" uses the voxel
+# student's (64 epochs, batch 4, lr 0.24). "embedded" is a few CPU minutes.
+LIDAR_PRESETS = {
+    "paper": dict(epochs=64, batch_size=4, val_batch_size=8, workers=8, lr=0.24),
+    "embedded": dict(epochs=6, batch_size=2, val_batch_size=4, workers=0, lr=0.24),
+}
 SYNTH_ROOT = Path("data/synthkitti")
 SYNTH_COLUMNS = 512
 
@@ -56,6 +70,12 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, default=None,
                    help="SemanticKITTI root with sequences/XX/{velodyne,labels,image_2,calib.txt}; "
                         f"default: synthetic scenes made once under {SYNTH_ROOT}")
+    p.add_argument("--teacher", choices=("sam", "lidar"), default="sam",
+                   help="sam: ELiTe's image teacher (SAM-PLG, then SAM's ViT with adapters); lidar: U2MKD's "
+                        "LiDAR-only teacher (the voxel student at twice the width, instance paste)")
+    p.add_argument("--paste", type=int, default=5,
+                   help="lidar: instances pasted into each training scan (0: no instance paste)")
+    p.add_argument("--width", type=int, default=2, help="lidar: width multiplier of the voxel student (U2MKD: 2)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="'paper' is the default with --data, 'embedded' without")
     p.add_argument("--variant", choices=sorted(elite.SAM_VARIANTS),
@@ -93,17 +113,21 @@ def parse_args(argv=None):
     p.add_argument("--train-sequences", nargs="+", default=elite.SPLITS["train"],
                    help="training sequences (official: 00-07 09 10; missing ones are skipped)")
     p.add_argument("--val-sequences", nargs="+", default=elite.SPLITS["val"], help="validation sequences (08)")
-    p.add_argument("--out", type=Path, default=Path("runs/teacher"),
-                   help="folder for last.pt and best.pt (only the trained tensors + the SAM variant and path)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for last.pt and best.pt (default: runs/teacher, or runs/lidar_teacher with "
+                        "--teacher lidar); the SAM teacher's hold only the trained tensors + the SAM variant and path")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when present, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapters, shuffling and augmentation")
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.data else "embedded")
-    for key, value in PRESETS[args.preset].items():
+    for key, value in (PRESETS if args.teacher == "sam" else LIDAR_PRESETS)[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.out = args.out or Path("runs/teacher" if args.teacher == "sam" else "runs/lidar_teacher")
+    if args.teacher == "lidar":
+        return args
     args.crop = tuple(args.crop)
     try:
         args.shard = elite.parse_shard(args.shard)
@@ -130,22 +154,7 @@ def make_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
           f"{counts['written']} written, {counts['existing']} already there")
 
 
-# ---- Training ----
-
-def make_loaders(args, root: Path):
-    """The student's dataset with its camera view on: per scan, the crop and the points in it."""
-    dense = args.labels == "plg"
-    train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
-                                    crop_hw=args.crop, dense=dense)
-    val_set = elite.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
-    shuffle_gen = torch.Generator()
-    train = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, drop_last=len(train_set) >= args.batch_size,
-        num_workers=args.workers, collate_fn=elite.collate, generator=shuffle_gen)
-    val = torch.utils.data.DataLoader(val_set, batch_size=args.val_batch_size, num_workers=args.workers,
-                                      collate_fn=elite.collate)
-    return train, val, shuffle_gen
-
+# ---- Training the SAM teacher ----
 
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
@@ -153,18 +162,140 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
 
 
-@torch.no_grad()
-def validate(teacher, loader, device) -> elite.ConfusionMatrix:
-    """Fused-head argmax at the projected points of each validation crop, one confusion matrix."""
-    teacher.eval()
-    conf = elite.ConfusionMatrix()
-    for batch in tqdm(loader, desc="  validate", leave=False, dynamic_ncols=True):
+def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path):
+    if args.labels == "plg" and (args.plg_only or elite.missing_pseudo_labels(root, args.train_sequences)):
+        make_pseudo_labels(args, root, args.train_sequences)
+        if args.plg_only:
+            return None
+        if args.shard != (0, 1) and elite.missing_pseudo_labels(root, args.train_sequences):
+            raise elite.DataError(f"{root}: pseudo-labels of other shards are still missing; "
+                                  "run the other shards (or drop --shard) before training")
+    # The student's dataset with its camera view on: per scan, the crop and the points in it.
+    train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
+                                    crop_hw=args.crop, dense=args.labels == "plg")
+    val_set = elite.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
+    loader, val_loader, shuffle_gen = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size,
+                                                         args.workers)
+    cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
+    teacher = elite.build_teacher(cfg, args.sam_checkpoint).to(device)
+    params = teacher.trainable_parameters()
+    optimizer = make_optimizer(params, args.optimizer, args.lr)
+    allocator = (elite.RankAllocator(teacher, args.epochs * len(loader), args.target_rank)
+                 if args.peft == "adalora" else None)
+    weight = elite.class_weights().to(device)
+    run = elite.RunState()
+    if args.resume:
+        ckpt = elite.load_checkpoint(last_path, elite.TEACHER_KIND, map_location=device)
+        if ckpt["teacher_config"] != elite.asdict(cfg):
+            raise elite.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for "
+                                  f"{elite.asdict(cfg)}")
+        teacher.load_state_dict(ckpt["weights"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if allocator is not None:
+            allocator.load_state_dict(ckpt["rank_allocator"])
+        run = elite.RunState.resumed(ckpt)
+        print(f"Resumed from {last_path}: epoch {run.epoch}, best 2D mIoU {100 * run.best_miou:.1f}")
+
+    def loss_terms(batch):
         views = batch.views.to(device)
-        feats = elite.sample_pixels(teacher(views.images), views.pixels)  # 4 x (K, C/8)
-        _, fused = teacher.classify(feats)
-        conf.add(fused.argmax(1), views.labels)
-    teacher.train()
-    return conf
+        terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, weight, elite.LAMBDA_SEG2D)
+        if args.peft == "adalora":
+            terms["orth"] = elite.orth_regularizer(teacher, elite.ORTH_WEIGHT)
+        return terms
+
+    @torch.no_grad()
+    def validate() -> elite.ConfusionMatrix:
+        """Fused-head argmax at the projected points of each validation crop, one confusion matrix."""
+        teacher.eval()
+        conf = elite.ConfusionMatrix()
+        for batch in tqdm(val_loader, desc="  validate", leave=False, dynamic_ncols=True):
+            views = batch.views.to(device)
+            _, fused = teacher.classify(elite.sample_pixels(teacher(views.images), views.pixels))  # (K, 20)
+            conf.add(fused.argmax(1), views.labels)
+        teacher.train()
+        return conf
+
+    def save(run, miou, improved):
+        state = elite.teacher_state(teacher) | run.record(miou) | {
+            "optimizer": optimizer.state_dict(), "config": config_of(args),
+            "rank_allocator": allocator.state_dict() if allocator is not None else None}
+        elite.atomic_save(state, last_path)
+        if improved:
+            elite.atomic_save(state, best_path)
+
+    trainable = sum(p.numel() for p in params)
+    print(f"Teacher: SAM {args.variant} ({args.sam_checkpoint or 'random weights'}), {args.peft} r={args.rank} | "
+          f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters | labels {args.labels} | "
+          f"crop {args.crop[0]}x{args.crop[1]} | device {device} | {len(train_set)} training images, "
+          f"{len(val_set)} validation | {args.epochs} epochs x {len(loader)} steps | checkpoints in {args.out}")
+    conf = elite.fit(run, loader, shuffle_gen, optimizer, params, args.epochs, args.lr, args.seed, loss_terms,
+                     validate, save, allocator.step if allocator is not None else None, metric="val 2D mIoU")
+    if conf is None:
+        print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
+    else:
+        print(f"\n2D validation after the last epoch, projected points ({', '.join(args.val_sequences)}):\n"
+              f"{conf.table()}")
+    return run
+
+
+# ---- Training U2MKD's LiDAR teacher ----
+
+def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Path):
+    import u2mkd
+    db = u2mkd.load_instance_db(root, args.train_sequences) if args.paste > 0 else None
+    if db is not None:
+        print(f"Instance database {u2mkd.instance_db_path(root)}: {len(db)} instances, "
+              f"{len(db.points):,} points; {args.paste} pasted per training scan")
+    train_set = u2mkd.LidarTeacherData(root, args.train_sequences, db, seed=args.seed, add_num=args.paste)
+    val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
+    loader, val_loader, shuffle_gen = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size,
+                                                         args.workers, pin_memory=device.type == "cuda")
+    model = u2mkd.lidar_teacher(args.width).to(device)
+    params = list(model.parameters())
+    optimizer = elite.make_optimizer(params, lr=args.lr)
+    run = elite.RunState()
+    if args.resume:
+        ckpt = elite.load_checkpoint(last_path, u2mkd.LIDAR_TEACHER_KIND, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        run = elite.RunState.resumed(ckpt)
+        print(f"Resumed from {last_path}: epoch {run.epoch}, best mIoU {100 * run.best_miou:.1f}")
+
+    def loss_terms(batch):
+        batch = batch.to(device)
+        logits = model(batch.points, batch.batch_idx).logits
+        return {"seg3d": elite.seg_loss(logits, batch.labels, None, lovasz_weight=1.0)}  # CE + Lovasz, as upstream
+
+    @torch.no_grad()
+    def validate() -> elite.ConfusionMatrix:
+        model.eval()
+        conf = elite.ConfusionMatrix()
+        for batch in tqdm(val_loader, desc="  validate", leave=False, dynamic_ncols=True):
+            batch = batch.to(device)
+            conf.add(model(batch.points, batch.batch_idx).logits.argmax(1), batch.labels)
+        model.train()
+        return conf
+
+    def save(run, miou, improved):
+        best = u2mkd.lidar_teacher_state(model) | run.record(miou) | {"config": config_of(args)}
+        elite.atomic_save(best | {"optimizer": optimizer.state_dict()}, last_path)
+        if improved:
+            elite.atomic_save(best, best_path)
+
+    print(f"LiDAR teacher: voxel student x{args.width} ({elite.count_parameters(model):,} parameters) | "
+          f"device {device} | {len(train_set)} training scans, {len(val_set)} validation | "
+          f"{args.epochs} epochs x {len(loader)} steps | checkpoints in {args.out}")
+    conf = elite.fit(run, loader, shuffle_gen, optimizer, params, args.epochs, args.lr, args.seed, loss_terms,
+                     validate, save)
+    if conf is None:
+        print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
+    else:
+        print(f"\nValidation after the last epoch ({', '.join(args.val_sequences)}):\n{conf.table()}")
+    return run
+
+
+def config_of(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def main(argv=None):
@@ -180,92 +311,13 @@ def main(argv=None):
         args.train_sequences = [s for s in args.train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
     args.train_sequences = elite.existing_sequences(root, args.train_sequences)
     args.val_sequences = elite.existing_sequences(root, args.val_sequences)
-
-    if args.labels == "plg" and (args.plg_only or elite.missing_pseudo_labels(root, args.train_sequences)):
-        make_pseudo_labels(args, root, args.train_sequences)
-        if args.plg_only:
-            return
-        if args.shard != (0, 1) and elite.missing_pseudo_labels(root, args.train_sequences):
-            raise elite.DataError(f"{root}: pseudo-labels of other shards are still missing; "
-                                  "run the other shards (or drop --shard) before training")
-
-    train_loader, val_loader, shuffle_gen = make_loaders(args, root)
-    cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
-    teacher = elite.build_teacher(cfg, args.sam_checkpoint).to(device)
-    params = teacher.trainable_parameters()
-    optimizer = make_optimizer(params, args.optimizer, args.lr)
-    total_steps = args.epochs * len(train_loader)
-    allocator = elite.RankAllocator(teacher, total_steps, args.target_rank) if args.peft == "adalora" else None
-    weight = elite.class_weights().to(device)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    start_epoch, best_miou, step = 0, -1.0, 0
-
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
-    if args.resume:
-        ckpt = elite.load_checkpoint(last_path, elite.TEACHER_KIND, map_location=device)
-        if ckpt["teacher_config"] != elite.asdict(cfg):
-            raise elite.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for "
-                                  f"{elite.asdict(cfg)}")
-        teacher.load_state_dict(ckpt["weights"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if allocator is not None:
-            allocator.load_state_dict(ckpt["rank_allocator"])
-        start_epoch, best_miou, step = ckpt["epoch"] + 1, ckpt["best_miou"], ckpt["step"]
-        print(f"Resumed from {last_path}: epoch {start_epoch}, best 2D mIoU {100 * best_miou:.1f}")
-
-    trainable = sum(p.numel() for p in params)
-    print(f"Teacher: SAM {args.variant} ({args.sam_checkpoint or 'random weights'}), {args.peft} r={args.rank} | "
-          f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters | labels {args.labels} | "
-          f"crop {args.crop[0]}x{args.crop[1]} | device {device} | {len(train_loader.dataset)} training images, "
-          f"{len(val_loader.dataset)} validation | {args.epochs} epochs x {len(train_loader)} steps | "
-          f"checkpoints in {args.out}")
-    start = time.time()
-    conf = None
-    skipped = 0
-    for epoch in range(start_epoch, args.epochs):
-        train_loader.dataset.epoch = epoch
-        shuffle_gen.manual_seed(args.seed * 1000 + epoch)
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
-        for batch in bar:
-            views = batch.views.to(device)
-            lr = args.lr * elite.cosine_factor(step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, weight, elite.LAMBDA_SEG2D)
-            if args.peft == "adalora":
-                terms["orth"] = elite.orth_regularizer(teacher, elite.ORTH_WEIGHT)
-            loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if elite.clip_or_skip(params, max_norm=1.0):
-                if allocator is not None:
-                    allocator.step(step)  # after backward, before the optimiser step (official order)
-                optimizer.step()
-            else:
-                skipped += 1
-            step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", fused=f"{terms['seg2d_fused'].item():.3f}", lr=f"{lr:.4f}")
-        conf = validate(teacher, val_loader, device)
-        miou = conf.miou()
-        state = elite.teacher_state(teacher) | {
-            "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "best_miou": max(best_miou, miou),
-            "miou": miou, "config": config,
-            "rank_allocator": allocator.state_dict() if allocator is not None else None}
-        elite.atomic_save(state, last_path)
-        if miou > best_miou:
-            best_miou = miou
-            elite.atomic_save(state, best_path)
-        present = conf.present()
-        print(f"epoch {epoch + 1}: val 2D mIoU {100 * miou:.1f} (official, 19 classes) | "
-              f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes present | "
-              f"best {100 * best_miou:.1f} | {time.time() - start:.0f} s")
-    if skipped:
-        print(f"{skipped} steps skipped for non-finite gradients")
-    if conf is None:
-        print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
+    train = train_sam_teacher if args.teacher == "sam" else train_lidar_teacher
+    run = train(args, root, device, last_path, best_path)
+    if run is None:
         return
-    print(f"\n2D validation after the last epoch, projected points ({', '.join(args.val_sequences)}):\n{conf.table()}")
-    print(f"\nBest checkpoint: {best_path} (val 2D mIoU {100 * best_miou:.1f})")
+    if run.epoch >= args.epochs and run.best_miou >= 0:
+        print(f"\nBest checkpoint: {best_path} (val mIoU {100 * run.best_miou:.1f})")
 
 
 if __name__ == "__main__":
