@@ -166,19 +166,41 @@ def predict(args):
           f"{args.votes} vote(s) -> {args.out}/sequences/XX/predictions")
     rng = np.random.default_rng(args.seed)
     conf, scored = elite.ConfusionMatrix(), 0
+    by_view = {"seen": elite.ConfusionMatrix(), "unseen": elite.ConfusionMatrix()}  # when images exist
     for scan in tqdm(scans, desc="predict", dynamic_ncols=True):
         points = elite.read_scan(scan)
-        pred = predict_scan(model, points, args.votes, rng, device)
+        pred = torch.from_numpy(predict_scan(model, points, args.votes, rng, device))
         seq = scan.parent.parent.name
-        write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred)
+        write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred.numpy())
         labels = read_train_ids(scan, len(points))
         if labels is not None:
-            conf.add(torch.from_numpy(pred), labels)
+            conf.add(pred, labels)
             scored += 1
+            seen = seen_points(scan, points)
+            if seen is None:
+                by_view = None
+            elif by_view is not None:
+                by_view["seen"].add(pred[seen], labels[seen])
+                by_view["unseen"].add(pred[~seen], labels[~seen])
     if scored:
         print(f"\nScores over {scored} labelled scans (official evaluator rules):\n{conf.table()}")
+        if by_view is not None:
+            print(f"\nThe same on the points the camera sees and on the others:\n"
+                  f"{view_table({'all': conf} | by_view)}")
     else:
         print("No labels found: predictions written, nothing scored.")
+
+
+def seen_points(scan: Path, points: np.ndarray) -> torch.Tensor | None:
+    """(N,) bool: the raw points camera 2 sees (None without an image and calibration)."""
+    if not (elite.image_path(scan).is_file() and elite.calib_path(scan).is_file()):
+        return None
+    height, width = elite.read_image(elite.image_path(scan)).shape[:2]
+    finite = np.isfinite(points).all(1)
+    seen = np.zeros(len(points), bool)
+    seen[finite] = u2mkd.camera_uv(points[finite, :3], elite.read_calib(elite.calib_path(scan))["proj"],
+                                   height, width)[1]
+    return torch.from_numpy(seen)
 
 
 def predict_fusion(args):
@@ -209,10 +231,7 @@ def predict_fusion(args):
                 seq = scan.parent.parent.name
                 write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred)
             if labels is not None:
-                finite = np.isfinite(points).all(1)
-                seen = np.zeros(len(points), bool)
-                seen[finite] = u2mkd.camera_uv(points[finite, :3], proj, *frame.shape[:2])[1]
-                seen = torch.from_numpy(seen)
+                seen = seen_points(scan, points)
                 pred_t = torch.from_numpy(pred)
                 confs[f"{mode} all"].add(pred_t, labels)
                 confs[f"{mode} seen"].add(pred_t[seen], labels[seen])

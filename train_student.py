@@ -51,7 +51,7 @@ PRESETS = {
 }
 U2MKD_PRESETS = {
     "paper": dict(epochs=50, image_size=(376, 1241)),
-    "embedded": dict(epochs=8, image_size=(188, 620)),
+    "embedded": dict(epochs=6, image_size=(188, 620)),
 }
 SYNTH_ROOT = Path("data/synthkitti")
 SYNTH_COLUMNS = 512  # LiDAR azimuth steps of the embedded scenes (~25k points a scan)
@@ -68,7 +68,7 @@ def parse_args(argv=None):
                         "fusion student, KD from the LiDAR teacher")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="'paper' (64 epochs, batch 4; u2mkd 50 epochs) is the default with --data, "
-                        "'embedded' (12 epochs, batch 2; u2mkd 8 epochs) without")
+                        "'embedded' (12 epochs, batch 2; u2mkd 6 epochs) without")
     p.add_argument("--teacher", default=None,
                    help="teacher checkpoint from train_teacher.py, or 'none' for the student alone; default: "
                         f"{DEFAULT_TEACHER['elite']} (elite) or {DEFAULT_TEACHER['u2mkd']} (u2mkd) when it "

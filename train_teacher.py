@@ -59,7 +59,7 @@ PRESETS = {
 # student's (64 epochs, batch 4, lr 0.24). "embedded" is a few CPU minutes.
 LIDAR_PRESETS = {
     "paper": dict(epochs=64, batch_size=4, val_batch_size=8, workers=8, lr=0.24),
-    "embedded": dict(epochs=6, batch_size=2, val_batch_size=4, workers=0, lr=0.24),
+    "embedded": dict(epochs=4, batch_size=2, val_batch_size=4, workers=0, lr=0.24),
 }
 SYNTH_ROOT = Path("data/synthkitti")
 SYNTH_COLUMNS = 512
