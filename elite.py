@@ -1885,6 +1885,20 @@ class ConfusionMatrix:
         return "\n".join(lines)
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, scores) -> ConfusionMatrix:
+    """One confusion matrix over a validation loader, the model in eval mode meanwhile;
+    scores(batch) -> (logits (N, 20), labels (N,))."""
+    from tqdm import tqdm
+    model.eval()
+    conf = ConfusionMatrix()
+    for batch in tqdm(loader, desc="  validate", leave=False, dynamic_ncols=True):
+        logits, labels = scores(batch)
+        conf.add(logits.argmax(1), labels)
+    model.train()
+    return conf
+
+
 # =====================================================================================
 # 14. Checkpoints and the optimiser recipe
 # =====================================================================================

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 import elite
 import u2mkd
@@ -218,16 +217,9 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
             return {"seg3d_main": elite.seg_loss(out.logits, batch.labels, weight, lovasz_weight=0.1)}
         return elite.elite_losses(out, heads, teacher, batch, weight, joint=joint)
 
-    @torch.no_grad()
-    def validate() -> elite.ConfusionMatrix:
-        """Argmax over the in-range points of each validation scan, one confusion matrix."""
-        model.eval()
-        conf = elite.ConfusionMatrix()
-        for batch in tqdm(val_loader, desc="  validate", leave=False, dynamic_ncols=True):
-            batch = batch.to(device)
-            conf.add(model(batch.points, batch.batch_idx).logits.argmax(1), batch.labels)
-        model.train()
-        return conf
+    def scores(batch):  # validation: the in-range points of each scan
+        batch = batch.to(device)
+        return model(batch.points, batch.batch_idx).logits, batch.labels
 
     def checkpoints(run: elite.RunState, miou: float) -> tuple[dict, dict]:
         best = elite.student_state(model) | run.record(miou) | {"config": config_of(args)}  # the 1.9M student only
@@ -242,7 +234,8 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     else:
         describe = (f"teacher {args.teacher} (SAM {teacher.cfg.variant}, {args.teacher_mode}, {args.labels} 2D "
                     f"labels, crop {teacher.cfg.crop_hw[0]}x{teacher.cfg.crop_hw[1]})")
-    return Setup(model, loader, shuffle_gen, optimizer, params, loss_terms, validate, checkpoints,
+    return Setup(model, loader, shuffle_gen, optimizer, params, loss_terms,
+                 lambda: elite.evaluate(model, val_loader, scores), checkpoints,
                  allocator.step if allocator is not None else None, describe)
 
 
@@ -280,17 +273,9 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
         targets = u2mkd.teacher_targets(teacher, b) if teacher is not None else None
         return u2mkd.u2mkd_losses(out, b, targets, adapter)
 
-    @torch.no_grad()
-    def validate() -> elite.ConfusionMatrix:
-        """3D argmax with the images, over the in-range points of each validation scan."""
-        model.eval()
-        conf = elite.ConfusionMatrix()
-        for batch in tqdm(val_loader, desc="  validate", leave=False, dynamic_ncols=True):
-            b = batch.to(device)
-            conf.add(model(b.lidar.points, b.lidar.batch_idx, b.images, b.image_of_point, b.uv).logits.argmax(1),
-                     b.lidar.labels)
-        model.train()
-        return conf
+    def scores(batch):  # validation: the 3D prediction with the images, in-range points
+        b = batch.to(device)
+        return model(b.lidar.points, b.lidar.batch_idx, b.images, b.image_of_point, b.uv).logits, b.lidar.labels
 
     def checkpoints(run: elite.RunState, miou: float) -> tuple[dict, dict]:
         best = u2mkd.fusion_state(model, args.image_size) | run.record(miou) | {"config": config_of(args)}
@@ -300,7 +285,8 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
     describe = (f"image {args.image_size[0]}x{args.image_size[1]}, drop {args.image_drop} | " +
                 (f"LiDAR teacher {args.teacher} ({elite.count_parameters(teacher):,} parameters, frozen)"
                  if teacher else "no teacher (fusion without KD)"))
-    return Setup(model, loader, shuffle_gen, optimizer, params, loss_terms, validate, checkpoints, None, describe)
+    return Setup(model, loader, shuffle_gen, optimizer, params, loss_terms,
+                 lambda: elite.evaluate(model, val_loader, scores), checkpoints, None, describe)
 
 
 def config_of(args) -> dict:

@@ -41,7 +41,6 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import elite
 
@@ -203,17 +202,10 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
             terms["orth"] = elite.orth_regularizer(teacher, elite.ORTH_WEIGHT)
         return terms
 
-    @torch.no_grad()
-    def validate() -> elite.ConfusionMatrix:
-        """Fused-head argmax at the projected points of each validation crop, one confusion matrix."""
-        teacher.eval()
-        conf = elite.ConfusionMatrix()
-        for batch in tqdm(val_loader, desc="  validate", leave=False, dynamic_ncols=True):
-            views = batch.views.to(device)
-            _, fused = teacher.classify(elite.sample_pixels(teacher(views.images), views.pixels))  # (K, 20)
-            conf.add(fused.argmax(1), views.labels)
-        teacher.train()
-        return conf
+    def scores(batch):  # validation: the fused head at the projected points of each crop
+        views = batch.views.to(device)
+        _, fused = teacher.classify(elite.sample_pixels(teacher(views.images), views.pixels))  # (K, 20)
+        return fused, views.labels
 
     def save(run, miou, improved):
         state = elite.teacher_state(teacher) | run.record(miou) | {
@@ -229,7 +221,8 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
           f"crop {args.crop[0]}x{args.crop[1]} | device {device} | {len(train_set)} training images, "
           f"{len(val_set)} validation | {args.epochs} epochs x {len(loader)} steps | checkpoints in {args.out}")
     conf = elite.fit(run, loader, shuffle_gen, optimizer, params, args.epochs, args.lr, args.seed, loss_terms,
-                     validate, save, allocator.step if allocator is not None else None, metric="val 2D mIoU")
+                     lambda: elite.evaluate(teacher, val_loader, scores), save,
+                     allocator.step if allocator is not None else None, metric="val 2D mIoU")
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
@@ -266,15 +259,9 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         logits = model(batch.points, batch.batch_idx).logits
         return {"seg3d": elite.seg_loss(logits, batch.labels, None, lovasz_weight=1.0)}  # CE + Lovasz, as upstream
 
-    @torch.no_grad()
-    def validate() -> elite.ConfusionMatrix:
-        model.eval()
-        conf = elite.ConfusionMatrix()
-        for batch in tqdm(val_loader, desc="  validate", leave=False, dynamic_ncols=True):
-            batch = batch.to(device)
-            conf.add(model(batch.points, batch.batch_idx).logits.argmax(1), batch.labels)
-        model.train()
-        return conf
+    def scores(batch):  # validation: the in-range points of each scan
+        batch = batch.to(device)
+        return model(batch.points, batch.batch_idx).logits, batch.labels
 
     def save(run, miou, improved):
         best = u2mkd.lidar_teacher_state(model) | run.record(miou) | {"config": config_of(args)}
@@ -286,7 +273,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
           f"device {device} | {len(train_set)} training scans, {len(val_set)} validation | "
           f"{args.epochs} epochs x {len(loader)} steps | checkpoints in {args.out}")
     conf = elite.fit(run, loader, shuffle_gen, optimizer, params, args.epochs, args.lr, args.seed, loss_terms,
-                     validate, save)
+                     lambda: elite.evaluate(model, val_loader, scores), save)
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
