@@ -8,7 +8,8 @@
 Predictions are written as sequences/XX/predictions/NNNNNN.label: one uint32 raw label id
 per point of the .bin (via LEARNING_MAP_INV). Points outside the voxel range get no
 prediction and are written as 0 ("unlabeled"), as the official code does. When labels exist,
-IoU is computed with the official evaluator's rules over every point of every scan.
+IoU is computed with the official evaluator's rules over every point of every scan, and, where
+the scans have images and calibration, on the points camera 2 sees and on the others.
 
 A U2MKD fusion student (train_student.py --method u2mkd) also reads each scan's image. It is
 scored twice, with the images and with none (every point's image feature imputed), on all

@@ -243,8 +243,8 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
 
 def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
     args.teacher = teacher_path(args, resumed)
-    if resumed is not None:
-        args.image_size = tuple(resumed["image_hw"])
+    if resumed is not None:  # the run continues as it started
+        args.image_size, args.image_drop = tuple(resumed["image_hw"]), resumed["config"]["image_drop"]
     teacher = None
     if args.teacher != "none":
         teacher, _ = u2mkd.load_lidar_teacher(args.teacher, map_location=device)
