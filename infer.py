@@ -197,10 +197,13 @@ def seen_points(scan: Path, points: np.ndarray) -> torch.Tensor | None:
     if not (elite.image_path(scan).is_file() and elite.calib_path(scan).is_file()):
         return None
     height, width = elite.read_image(elite.image_path(scan)).shape[:2]
+    return seen_mask(points, elite.read_calib(elite.calib_path(scan))["proj"], height, width)
+
+
+def seen_mask(points: np.ndarray, proj: np.ndarray, height: int, width: int) -> torch.Tensor:
     finite = np.isfinite(points).all(1)
     seen = np.zeros(len(points), bool)
-    seen[finite] = u2mkd.camera_uv(points[finite, :3], elite.read_calib(elite.calib_path(scan))["proj"],
-                                   height, width)[1]
+    seen[finite] = u2mkd.camera_uv(points[finite, :3], proj, height, width)[1]
     return torch.from_numpy(seen)
 
 
@@ -223,6 +226,7 @@ def predict_fusion(args):
         labels = read_train_ids(scan, len(points))
         proj = elite.read_calib(elite.calib_path(scan))["proj"]
         frame = elite.read_image(elite.image_path(scan))
+        seen = seen_mask(points, proj, *frame.shape[:2]) if labels is not None else None
         modes = {"images": frame, "no images": None}
         if labels is None:  # nothing to score: run the mode whose files are asked for
             modes = {"no images": None} if args.no_images else {"images": frame}
@@ -232,7 +236,6 @@ def predict_fusion(args):
                 seq = scan.parent.parent.name
                 write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred)
             if labels is not None:
-                seen = seen_points(scan, points)
                 pred_t = torch.from_numpy(pred)
                 confs[f"{mode} all"].add(pred_t, labels)
                 confs[f"{mode} seen"].add(pred_t[seen], labels[seen])
