@@ -742,10 +742,10 @@ class VoxelInputEncoder(nn.Module):
 
     def forward(self, points, vox: Voxels):
         xyz = points[:, :3]  # (N, 3)
-        voxel_mean = scatter_mean(xyz, vox.inv, len(vox))[vox.inv]  # (N, 3)
+        voxel_mean = scatter_mean(xyz, vox.inv, len(vox)).index_select(0, vox.inv)  # (N, 3)
         # Upstream calls this the voxel centre; it is the voxel's lower corner.
         lo = torch.tensor(RANGE_MIN, device=xyz.device)
-        corner = vox.coords[vox.inv, 1:].to(xyz.dtype) * 0.1 + lo
+        corner = vox.coords[:, 1:].to(xyz.dtype).index_select(0, vox.inv) * 0.1 + lo  # (N, 3)
         x = torch.cat([points, xyz - voxel_mean, xyz - corner], 1)  # (N, 10)
         # mean(Linear(h)) == Linear(mean(h)): the second layer runs per voxel, not per point.
         h = scatter_mean(self.mlp[1](self.mlp[0](x)), vox.inv, len(vox))  # (V1, 64)
@@ -793,8 +793,13 @@ class PointEncoder(nn.Module):
         coarse = torch.cat([vox_l.coords[:, :1], torch.div(vox_l.coords[:, 1:], 2, rounding_mode="floor")], 1)
         _, group = unique_rows(coarse)
         num_groups = int(group.max()) + 1 if len(group) else 0
-        ctx = self.context(scatter_mean(feats, group, num_groups)).index_select(0, group)  # (V_L, 64)
-        return self.layer_out(torch.cat([self.layer_in(feats), ctx], 1))  # (V_L, 128) -> (V_L, 64)
+        ctx = self.context(scatter_mean(feats, group, num_groups))  # (G, 64), one row per group
+        # layer_out[0] on cat([layer_in(feats), ctx[group]]) (V_L, 128), split in its two halves:
+        # the context half runs once per group and the concatenation is never built.
+        first, c = self.layer_out[0], feats.shape[1]
+        h = torch.addmm(first.bias, ctx, first.weight[:, c:].T).index_select(0, group)  # (V_L, 64)
+        h = torch.addmm(h, self.layer_in(feats), first.weight[:, :c].T)  # (V_L, 64)
+        return self.layer_out[2](self.layer_out[1](h))  # (V_L, 64)
 
 
 @dataclass
