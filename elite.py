@@ -510,16 +510,20 @@ def collate(scans: list[Scan]) -> Batch:
     )
 
 
-def make_loaders(train_set, val_set, batch_size: int, val_batch_size: int, workers: int, collate_fn=collate,
-                 pin_memory=False):
-    """Shuffled training batches (from a generator fit() reseeds each epoch) and validation
-    batches in order -> (train loader, val loader, the generator)."""
-    shuffle_gen = torch.Generator()
+def make_loaders(train_set, val_set, batch_size: int, val_batch_size: int, workers: int, seed: int,
+                 collate_fn=collate, pin_memory=False):
+    """Training batches, shuffled per epoch from (seed, epoch), and validation batches in order
+    -> (train loader, val loader). Under torchrun each process reads its own share of the
+    training scans (DistributedSampler) and every world-th validation scan."""
+    world = distributed()
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world.size, rank=world.rank,
+                                                  shuffle=True, seed=seed)
     train = torch.utils.data.DataLoader(
-        train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) >= batch_size,
-        num_workers=workers, collate_fn=collate_fn, generator=shuffle_gen, pin_memory=pin_memory)
-    val = torch.utils.data.DataLoader(val_set, batch_size=val_batch_size, num_workers=workers, collate_fn=collate_fn)
-    return train, val, shuffle_gen
+        train_set, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) >= batch_size,
+        num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory)
+    val_share = torch.utils.data.Subset(val_set, range(world.rank, len(val_set), world.size))
+    val = torch.utils.data.DataLoader(val_share, batch_size=val_batch_size, num_workers=workers, collate_fn=collate_fn)
+    return train, val
 
 
 # =====================================================================================
@@ -533,7 +537,9 @@ SCALES = (2, 4, 8, 16)
 
 
 def scatter_mean(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """Mean of the rows of src (N, C) that share an index -> (size, C)."""
+    """Mean of the rows of src (N, C) that share an index -> (size, C), summed in float32
+    at least (bf16 sums of many rows would lose digits under --amp)."""
+    src = src.to(torch.promote_types(src.dtype, torch.float32))
     out = torch.zeros(size, src.shape[1], dtype=src.dtype, device=src.device)
     out.index_add_(0, index, src)
     count = torch.bincount(index, minlength=size).clamp_min(1).to(src.dtype)
@@ -705,6 +711,9 @@ def submconv3d(feats: torch.Tensor, coords: torch.Tensor, weight: torch.Tensor,
         nmap = build_neighbour_map(coords)
     if nmap.num_voxels != len(feats):
         raise ValueError(f"neighbour map has {nmap.num_voxels} voxels but feats has {len(feats)} rows")
+    if torch.is_autocast_enabled(feats.device.type):  # --amp: a matrix product, so in bf16 like nn.Linear's
+        low = torch.get_autocast_dtype(feats.device.type)
+        feats, weight = feats.to(low), weight.to(low)
     return _SubMConv3dFunction.apply(feats, weight, nmap)
 
 
@@ -824,8 +833,9 @@ def link_scales(vox_l: Voxels, vox_s: Voxels) -> ScaleLink:
 def move_to_scale(feats: torch.Tensor, link: ScaleLink) -> torch.Tensor:
     """scatter_mean(feats[inv_L], inv_s) computed over voxel pairs instead of points:
     (V_L, C) -> (V_s, C)."""
-    out = torch.zeros(link.size, feats.shape[1], dtype=feats.dtype, device=feats.device)
-    return out.index_add_(0, link.dst, feats.index_select(0, link.src) * link.weight[:, None].to(feats.dtype))
+    dtype = torch.promote_types(feats.dtype, torch.float32)  # summed in float32 at least, as scatter_mean
+    out = torch.zeros(link.size, feats.shape[1], dtype=dtype, device=feats.device)
+    return out.index_add_(0, link.dst, feats.index_select(0, link.src) * link.weight[:, None].to(dtype))
 
 
 class SPVBlock(nn.Module):
@@ -1897,10 +1907,11 @@ def evaluate(model: nn.Module, loader, scores) -> ConfusionMatrix:
     from tqdm import tqdm
     model.eval()
     conf = ConfusionMatrix()
-    for batch in tqdm(loader, desc="  validate", leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc="  validate", leave=False, dynamic_ncols=True, disable=not distributed().main):
         logits, labels = scores(batch)
         conf.add(logits.argmax(1), labels)
     model.train()
+    all_reduce_sum(conf.matrix)  # under torchrun: every process scored its share of the scans
     return conf
 
 
@@ -1984,6 +1995,103 @@ def clip_or_skip(params, max_norm=1.0) -> bool:
     return True
 
 
+def autocast(device: torch.device, amp: bool):
+    """--amp: bf16 autocast (matrix products in bf16, reductions and losses in float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+# ---- Many processes: torchrun and DistributedDataParallel ----
+# torchrun starts one process per GPU (or several on a CPU) and sets RANK and WORLD_SIZE.
+# Every process builds the same model from the same seed, reads its own share of the scans
+# and takes the same optimiser steps: DDP averages the gradients during backward. Rank 0
+# alone prints and writes files. Without torchrun the same code runs as one process.
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed() -> World:
+    """This process's rank and the number of processes (0 of 1 without torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return World(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return World()
+
+
+def init_distributed(device: str) -> torch.device:
+    """Join torchrun's process group when started by torchrun (NCCL for GPUs, gloo on CPUs);
+    returns this process's device (its own GPU: cuda:LOCAL_RANK)."""
+    device = torch.device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed().size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def barrier() -> None:
+    """Wait until every process gets here (a no-op in one process)."""
+    if distributed().size > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> None:
+    """Sum t in place over all processes (a no-op in one process)."""
+    if distributed().size > 1:
+        on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        total = t.to(on)
+        torch.distributed.all_reduce(total)
+        t.copy_(total)
+
+
+class Objective(nn.Module):
+    """Everything a run trains and its loss: forward(batch) -> named loss terms. One module,
+    so that DistributedDataParallel can wrap all of it whatever the method."""
+
+    def __init__(self, parts: list[nn.Module], loss_terms):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.loss_terms = loss_terms
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        return self.loss_terms(batch)
+
+
+def data_parallel(objective: Objective, sync_bn=False) -> nn.Module:
+    """Under torchrun: DDP around the objective (SyncBatchNorm with sync_bn, GPUs only);
+    alone: the objective itself. Some parts may go unused in a step (a U2MKD batch without
+    images skips the image branch), hence find_unused_parameters."""
+    if distributed().size == 1:
+        return objective
+    if sync_bn:
+        nn.SyncBatchNorm.convert_sync_batchnorm(objective)  # swaps the layers in place, same parameters
+    return nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+
+
+def train_step(objective: nn.Module, batch, optimizer: torch.optim.Optimizer, amp_device: torch.device | None,
+               after_backward=None) -> tuple[dict[str, torch.Tensor], bool]:
+    """One optimiser step: loss terms (under bf16 autocast on amp_device), backward (DDP
+    averages the gradients over the processes here), clip at norm 1 or skip a non-finite
+    step, after_backward() (AdaLoRA's allocator), step. -> (terms, whether it stepped)."""
+    with autocast(amp_device or torch.device("cpu"), amp_device is not None):
+        terms = objective(batch)
+    loss = sum(t.float() for t in terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if not clip_or_skip([p for group in optimizer.param_groups for p in group["params"]], max_norm=1.0):
+        return terms, False
+    if after_backward is not None:
+        after_backward()
+    optimizer.step()
+    return terms, True
+
+
 @dataclass
 class RunState:
     """Where a training run stands; checkpoints record it, --resume restores it."""
@@ -2000,50 +2108,48 @@ class RunState:
         return cls(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_miou"])
 
 
-def fit(run: RunState, loader, shuffle_gen: torch.Generator, optimizer: torch.optim.Optimizer, params,
-        epochs: int, lr: float, seed: int, loss_terms, validate, save, after_backward=None, metric="val mIoU"):
-    """The training loop every trainer here shares. Per epoch: reseeded shuffling and augmentation
-    (so a resumed run repeats them); per step: the cosine learning rate, loss_terms(batch) -> named
-    scalar terms whose sum is the loss, backward, clip at norm 1 or skip a non-finite step,
-    after_backward(step) (AdaLoRA's allocator), the optimiser step; after each epoch:
-    validate() -> ConfusionMatrix and save(run, miou, improved), which writes the checkpoints.
+def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.Module, epochs: int, lr: float,
+        validate, save, after_backward=None, amp_device: torch.device | None = None, metric="val mIoU"):
+    """The training loop every trainer here shares. Per epoch: shuffling and augmentation drawn
+    from (seed, epoch), so a resumed run repeats them; per step: the cosine learning rate and
+    train_step(); after each epoch: validate() -> ConfusionMatrix and, on rank 0,
+    save(run, miou, improved), which writes the checkpoints. The schedule counts optimiser
+    steps, which are global steps: under torchrun each step consumes a batch per process.
     Returns the last epoch's confusion matrix (None if there was nothing left to run)."""
     from tqdm import tqdm
+    world = distributed()
     total_steps = epochs * len(loader)
     conf, skipped, start = None, 0, time.time()
     for epoch in range(run.epoch, epochs):
         loader.dataset.epoch = epoch  # new augmentation each epoch, reproducible on resume
-        shuffle_gen.manual_seed(seed * 1000 + epoch)
+        loader.sampler.set_epoch(epoch)  # and a new order
         sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True, disable=not world.main)
         for batch in bar:
             lr_now = lr * cosine_factor(run.step, total_steps)  # cosine decay per iteration
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            terms = loss_terms(batch)
-            loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_or_skip(params, max_norm=1.0):
-                if after_backward is not None:
-                    after_backward(run.step)
-                optimizer.step()
-            else:
-                skipped += 1
+            terms, stepped = train_step(objective, batch, optimizer, amp_device,
+                                        partial(after_backward, run.step) if after_backward else None)
+            skipped += not stepped
             run.step += 1
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_now:.4f}")
-        conf = validate()
+            bar.set_postfix(loss=f"{sum(t.item() for t in terms.values()):.3f}", lr=f"{lr_now:.4f}")
+        with autocast(amp_device or torch.device("cpu"), amp_device is not None):
+            conf = validate()
         miou = conf.miou()
         improved = miou > run.best_miou
         run.epoch, run.best_miou = epoch + 1, max(run.best_miou, miou)
-        save(run, miou, improved)
+        if world.main:
+            save(run, miou, improved)
         present = conf.present()
-        print(f"epoch {epoch + 1}: mean loss terms: " + " ".join(f"{k} {v / len(loader):.3f}" for k, v in sums.items()))
-        print(f"epoch {epoch + 1}: {metric} {100 * miou:.1f} (official, 19 classes) | "
-              f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes present | "
-              f"best {100 * run.best_miou:.1f} | {time.time() - start:.0f} s")
-    if skipped:
+        if world.main:
+            print(f"epoch {epoch + 1}: mean loss terms (rank 0): " +
+                  " ".join(f"{k} {v / len(loader):.3f}" for k, v in sums.items()))
+            print(f"epoch {epoch + 1}: {metric} {100 * miou:.1f} (official, 19 classes) | "
+                  f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes present | "
+                  f"best {100 * run.best_miou:.1f} | {time.time() - start:.0f} s")
+    if skipped and world.main:
         print(f"{skipped} steps skipped for non-finite gradients")
     return conf

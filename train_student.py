@@ -31,6 +31,7 @@ only the student, so infer.py reads it; last.pt adds what --resume needs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when present, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: bf16 autocast for the forward passes (losses stay float32); meant "
+                        "for GPUs, a CPU without bf16 units runs it slower than float32")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over all processes' batches "
+                        "(default: each process normalises its own batch)")
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.data else "embedded")
     preset = PRESETS[args.preset] | (U2MKD_PRESETS[args.preset] if args.method == "u2mkd" else {})
@@ -122,7 +129,9 @@ def data_root(args) -> Path:
         return args.data
     import synthkitti
     print(f"No --data given: using synthetic scenes in {SYNTH_ROOT} (embedded preset; pass --data for SemanticKITTI)")
-    synthkitti.make_dataset(SYNTH_ROOT, columns=SYNTH_COLUMNS, seed=args.seed)
+    if elite.distributed().main:  # one process writes them, the others wait
+        synthkitti.make_dataset(SYNTH_ROOT, columns=SYNTH_COLUMNS, seed=args.seed)
+    elite.barrier()
     args.train_sequences = [s for s in args.train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
     return SYNTH_ROOT
 
@@ -142,9 +151,8 @@ class Setup:
     """What fit() needs from a method, plus the student and a line that describes the run."""
     model: torch.nn.Module
     loader: torch.utils.data.DataLoader
-    shuffle_gen: torch.Generator
     optimizer: torch.optim.Optimizer
-    params: list
+    parts: list  # every module that trains (DDP wraps them together)
     loss_terms: Callable
     validate: Callable
     checkpoints: Callable  # (run, miou) -> (last.pt state, best.pt state)
@@ -179,19 +187,19 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
                               "them, or pass --labels sparse")
     train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, **camera)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
-    loader, val_loader, shuffle_gen = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size,
-                                                         args.workers, pin_memory=device.type == "cuda")
+    loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
+                                            args.seed, pin_memory=device.type == "cuda")
 
     model = elite.Student().to(device)
     heads = elite.heads_3d().to(device) if teacher else None  # PPMSKD's 3D heads, training only
-    params = list(model.parameters())
+    parts = [model]
     if teacher is not None:
-        params += list(heads.parameters())
+        parts.append(heads)
         if joint:
-            params += teacher.trainable_parameters()  # one optimiser for both, as upstream
+            parts.append(teacher)  # one optimiser for both, as upstream: its adapters, decoders and heads
         else:
             teacher.eval()  # frozen: its tensors stay out of the optimiser; it runs without gradients
-    optimizer = elite.make_optimizer(params, lr=args.lr)
+    optimizer = elite.make_optimizer([p for part in parts for p in part.parameters() if p.requires_grad], lr=args.lr)
     allocator = None
     if joint and teacher.cfg.peft == "adalora":
         if allocator_state is None:
@@ -234,9 +242,8 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     else:
         describe = (f"teacher {args.teacher} (SAM {teacher.cfg.variant}, {args.teacher_mode}, {args.labels} 2D "
                     f"labels, crop {teacher.cfg.crop_hw[0]}x{teacher.cfg.crop_hw[1]})")
-    return Setup(model, loader, shuffle_gen, optimizer, params, loss_terms,
-                 lambda: elite.evaluate(model, val_loader, scores), checkpoints,
-                 allocator.step if allocator is not None else None, describe)
+    return Setup(model, loader, optimizer, parts, loss_terms, lambda: elite.evaluate(model, val_loader, scores),
+                 checkpoints, allocator.step if allocator is not None else None, describe)
 
 
 # ---- U2MKD: the fusion student, with KD from the LiDAR teacher ----
@@ -253,14 +260,14 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
     train_set = u2mkd.PairData(root, args.train_sequences, train=True, seed=args.seed, image_hw=args.image_size,
                                image_drop=args.image_drop, teacher_view=teacher is not None)
     val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=args.image_size)
-    loader, val_loader, shuffle_gen = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size,
-                                                         args.workers, u2mkd.collate_pairs, device.type == "cuda")
+    loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
+                                            args.seed, u2mkd.collate_pairs, device.type == "cuda")
     model = u2mkd.FusionStudent().to(device)
     if args.image_weights is not None and resumed is None:
         u2mkd.load_imagenet_weights(model.image, args.image_weights)
     adapter = u2mkd.kd_adapter(model.cfg.hidden, teacher.cfg.hidden).to(device) if teacher else None
-    params = list(model.parameters()) + (list(adapter.parameters()) if adapter else [])
-    optimizer = elite.make_optimizer(params, lr=args.lr)  # one learning rate for everything, as upstream
+    parts = [model] + ([adapter] if adapter is not None else [])
+    optimizer = elite.make_optimizer([p for part in parts for p in part.parameters()], lr=args.lr)  # one lr, as upstream
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         if adapter is not None:
@@ -285,8 +292,8 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
     describe = (f"image {args.image_size[0]}x{args.image_size[1]}, drop {args.image_drop} | " +
                 (f"LiDAR teacher {args.teacher} ({elite.count_parameters(teacher):,} parameters, frozen)"
                  if teacher else "no teacher (fusion without KD)"))
-    return Setup(model, loader, shuffle_gen, optimizer, params, loss_terms,
-                 lambda: elite.evaluate(model, val_loader, scores), checkpoints, None, describe)
+    return Setup(model, loader, optimizer, parts, loss_terms, lambda: elite.evaluate(model, val_loader, scores),
+                 checkpoints, None, describe)
 
 
 def config_of(args) -> dict:
@@ -295,8 +302,13 @@ def config_of(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = elite.init_distributed(args.device)
+    world = elite.distributed()
+    if not world.main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
+    if args.sync_bn and (device.type != "cuda" or world.size == 1):
+        raise elite.DataError("--sync-bn needs torchrun on GPUs (SyncBatchNorm has no CPU implementation)")
+    torch.manual_seed(args.seed)  # the same initial weights in every process
     root = data_root(args)
     args.train_sequences = elite.existing_sequences(root, args.train_sequences)
     args.val_sequences = elite.existing_sequences(root, args.val_sequences)
@@ -310,8 +322,12 @@ def main(argv=None):
     if resumed is not None:
         print(f"Resumed from {last_path}: epoch {run.epoch}, best mIoU {100 * run.best_miou:.1f}")
     print(f"Student ({args.method}): {elite.count_parameters(setup.model):,} parameters | {setup.describe} | "
-          f"device {device} | preset {args.preset} | {len(setup.loader.dataset)} training scans | "
-          f"{args.epochs} epochs x {len(setup.loader)} steps | checkpoints in {args.out}")
+          f"device {device}{' x ' + str(world.size) + ' processes' if world.size > 1 else ''} | "
+          f"{'bf16 autocast' if args.amp else 'float32'} | preset {args.preset} | "
+          f"{len(setup.loader.dataset)} training scans | {args.epochs} epochs x {len(setup.loader)} steps | "
+          f"checkpoints in {args.out}")
+    torch.manual_seed(args.seed + world.rank)  # from here on, each process draws its own numbers
+    objective = elite.data_parallel(elite.Objective(setup.parts, setup.loss_terms), args.sync_bn)
 
     def save(run, miou, improved):
         last, best = setup.checkpoints(run, miou)
@@ -319,8 +335,8 @@ def main(argv=None):
         if improved:
             elite.atomic_save(best, best_path)
 
-    conf = elite.fit(run, setup.loader, setup.shuffle_gen, setup.optimizer, setup.params, args.epochs, args.lr,
-                     args.seed, setup.loss_terms, setup.validate, save, setup.after_backward)
+    conf = elite.fit(run, setup.loader, setup.optimizer, objective, args.epochs, args.lr, setup.validate, save,
+                     setup.after_backward, amp_device=device if args.amp else None)
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
         return

@@ -37,6 +37,7 @@ Pseudo-labels only, split across GPUs (one process each):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -97,8 +98,9 @@ def parse_args(argv=None):
     p.add_argument("--plg-checkpoint", type=Path, default=None,
                    help="official SAM file for --plg-variant, e.g. sam_vit_h_4b8939.pth")
     p.add_argument("--plg-only", action="store_true", help="generate the pseudo-labels and stop")
-    p.add_argument("--shard", default="0/1",
-                   help="i/n: this process makes pseudo-labels for scans i, i+n, ... (one process per GPU)")
+    p.add_argument("--shard", default=None,
+                   help="i/n: this process makes pseudo-labels for scans i, i+n, ... (default 0/1; under "
+                        "torchrun each process takes its rank's share by itself)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"),
                    help="bottom crop of the camera frame (preset: 320 1024 paper, 160 512 embedded)")
     p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
@@ -119,6 +121,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when present, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapters, shuffling and augmentation")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: bf16 autocast for the forward passes (losses stay float32); meant "
+                        "for GPUs, a CPU without bf16 units runs it slower than float32")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over all processes' batches "
+                        "(default: each process normalises its own batch)")
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.data else "embedded")
     for key, value in (PRESETS if args.teacher == "sam" else LIDAR_PRESETS)[args.preset].items():
@@ -128,8 +136,11 @@ def parse_args(argv=None):
     if args.teacher == "lidar":
         return args
     args.crop = tuple(args.crop)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.shard is not None and world > 1:
+        p.error("--shard and torchrun both split SAM-PLG: under torchrun each process takes its rank's share")
     try:
-        args.shard = elite.parse_shard(args.shard)
+        args.shard = elite.parse_shard(args.shard or f"{os.environ.get('RANK', '0')}/{world}")
     except ValueError as e:
         p.error(str(e))
     if args.mask_source == "sam" and args.labels == "plg" and args.plg_checkpoint is None:
@@ -148,9 +159,11 @@ def make_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
     else:
         sam = elite.load_sam(args.plg_checkpoint, args.plg_variant, device=args.device)
         source = elite.SamMaskSource(sam)
-    counts = elite.generate_pseudo_labels(root, sequences, source, shard=args.shard)
+    counts = elite.generate_pseudo_labels(root, sequences, source, shard=args.shard,
+                                          progress=elite.distributed().main)
     print(f"SAM-PLG ({args.mask_source} masks, shard {args.shard[0]}/{args.shard[1]}): "
           f"{counts['written']} written, {counts['existing']} already there")
+    elite.barrier()  # under torchrun: every process's share is written
 
 
 # ---- Training the SAM teacher ----
@@ -173,11 +186,11 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
                                     crop_hw=args.crop, dense=args.labels == "plg")
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
-    loader, val_loader, shuffle_gen = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size,
-                                                         args.workers)
+    loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
+                                            args.seed, pin_memory=device.type == "cuda")
     cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
     teacher = elite.build_teacher(cfg, args.sam_checkpoint).to(device)
-    params = teacher.trainable_parameters()
+    params = teacher.trainable_parameters()  # the adapters, patch decoders and heads
     optimizer = make_optimizer(params, args.optimizer, args.lr)
     allocator = (elite.RankAllocator(teacher, args.epochs * len(loader), args.target_rank)
                  if args.peft == "adalora" else None)
@@ -220,9 +233,12 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
           f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters | labels {args.labels} | "
           f"crop {args.crop[0]}x{args.crop[1]} | device {device} | {len(train_set)} training images, "
           f"{len(val_set)} validation | {args.epochs} epochs x {len(loader)} steps | checkpoints in {args.out}")
-    conf = elite.fit(run, loader, shuffle_gen, optimizer, params, args.epochs, args.lr, args.seed, loss_terms,
+    torch.manual_seed(args.seed + elite.distributed().rank)  # from here on, each process draws its own numbers
+    objective = elite.data_parallel(elite.Objective([teacher], loss_terms), args.sync_bn)
+    conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
                      lambda: elite.evaluate(teacher, val_loader, scores), save,
-                     allocator.step if allocator is not None else None, metric="val 2D mIoU")
+                     allocator.step if allocator is not None else None, amp_device=device if args.amp else None,
+                     metric="val 2D mIoU")
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
@@ -235,17 +251,19 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
 
 def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Path):
     import u2mkd
+    if args.paste > 0 and elite.distributed().main:  # one process cuts the database, the others wait
+        u2mkd.load_instance_db(root, args.train_sequences)
+    elite.barrier()
     db = u2mkd.load_instance_db(root, args.train_sequences) if args.paste > 0 else None
     if db is not None:
         print(f"Instance database {u2mkd.instance_db_path(root)}: {len(db)} instances, "
               f"{len(db.points):,} points; {args.paste} pasted per training scan")
     train_set = u2mkd.LidarTeacherData(root, args.train_sequences, db, seed=args.seed, add_num=args.paste)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
-    loader, val_loader, shuffle_gen = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size,
-                                                         args.workers, pin_memory=device.type == "cuda")
+    loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
+                                            args.seed, pin_memory=device.type == "cuda")
     model = u2mkd.lidar_teacher(args.width).to(device)
-    params = list(model.parameters())
-    optimizer = elite.make_optimizer(params, lr=args.lr)
+    optimizer = elite.make_optimizer(model.parameters(), lr=args.lr)
     run = elite.RunState()
     if args.resume:
         ckpt = elite.load_checkpoint(last_path, u2mkd.LIDAR_TEACHER_KIND, map_location=device)
@@ -272,8 +290,11 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     print(f"LiDAR teacher: voxel student x{args.width} ({elite.count_parameters(model):,} parameters) | "
           f"device {device} | {len(train_set)} training scans, {len(val_set)} validation | "
           f"{args.epochs} epochs x {len(loader)} steps | checkpoints in {args.out}")
-    conf = elite.fit(run, loader, shuffle_gen, optimizer, params, args.epochs, args.lr, args.seed, loss_terms,
-                     lambda: elite.evaluate(model, val_loader, scores), save)
+    torch.manual_seed(args.seed + elite.distributed().rank)  # from here on, each process draws its own numbers
+    objective = elite.data_parallel(elite.Objective([model], loss_terms), args.sync_bn)
+    conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
+                     lambda: elite.evaluate(model, val_loader, scores), save,
+                     amp_device=device if args.amp else None)
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
@@ -287,14 +308,21 @@ def config_of(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = elite.init_distributed(args.device)
+    world = elite.distributed()
+    if not world.main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
+    if args.sync_bn and (device.type != "cuda" or world.size == 1):
+        raise elite.DataError("--sync-bn needs torchrun on GPUs (SyncBatchNorm has no CPU implementation)")
+    torch.manual_seed(args.seed)  # the same initial weights in every process
     root = args.data
     if root is None:
         import synthkitti
         root = SYNTH_ROOT
         print(f"No --data given: using synthetic scenes in {root} (embedded preset; pass --data for SemanticKITTI)")
-        synthkitti.make_dataset(root, columns=SYNTH_COLUMNS, seed=args.seed)
+        if world.main:  # one process writes them, the others wait
+            synthkitti.make_dataset(root, columns=SYNTH_COLUMNS, seed=args.seed)
+        elite.barrier()
         args.train_sequences = [s for s in args.train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
     args.train_sequences = elite.existing_sequences(root, args.train_sequences)
     args.val_sequences = elite.existing_sequences(root, args.val_sequences)
