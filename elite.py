@@ -2063,15 +2063,20 @@ class Objective(nn.Module):
         return self.loss_terms(batch)
 
 
-def data_parallel(objective: Objective, sync_bn=False) -> nn.Module:
+def data_parallel(objective: Objective, sync_bn=False, some_unused=False) -> nn.Module:
     """Under torchrun: DDP around the objective (SyncBatchNorm with sync_bn, GPUs only);
-    alone: the objective itself. Some parts may go unused in a step (a U2MKD batch without
-    images skips the image branch), hence find_unused_parameters."""
+    alone: the objective itself. some_unused: parts may sit out a step (a U2MKD batch
+    without images skips the image branch), which DDP must look for each step."""
     if distributed().size == 1:
         return objective
     if sync_bn:
         nn.SyncBatchNorm.convert_sync_batchnorm(objective)  # swaps the layers in place, same parameters
-    return nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(objective, find_unused_parameters=some_unused)
+
+
+def close_distributed() -> None:
+    if distributed().size > 1:
+        torch.distributed.destroy_process_group()
 
 
 def train_step(objective: nn.Module, batch, optimizer: torch.optim.Optimizer, amp_device: torch.device | None,

@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,12 @@ def parse_args(argv=None):
                    help="print parameter count, voxels per scale, sparse-conv and student forward timings")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=10, help="timed repetitions per benchmark figure")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for prediction; with --benchmark, also time bf16 on the CPU (always on GPUs)")
+    p.add_argument("--teacher-variant", default="vit_b", choices=["none"] + sorted(elite.SAM_VARIANTS),
+                   help="--benchmark: SAM encoder of the timed teacher training step ('none' skips it)")
+    p.add_argument("--teacher-batch", type=int, default=1,
+                   help="--benchmark: crops (320x1024) in the timed teacher training step")
     return p.parse_args(argv)
 
 
@@ -265,19 +272,72 @@ def median_ms(fn, repeats: int, sync=lambda: None) -> float:
     return 1000 * statistics.median(times)
 
 
-def benchmark_scan() -> tuple[np.ndarray, str]:
+def benchmark_scan() -> tuple[np.ndarray, np.ndarray, str]:
+    """(points (N, 4), training labels (N,), where they come from)."""
     frame = REALDATA / "sequences" / "00" / "velodyne" / "000000.bin"
     if frame.is_file():
-        return elite.read_scan(frame), f"real SemanticKITTI frame {frame}"
+        points, labels = elite.load_scan(frame)
+        return points, labels, f"real SemanticKITTI frame {frame}"
     import synthkitti
-    points, _ = synthkitti.make_scan(seed=0, columns=2048)
-    return points, "synthetic scan (../shared/realdata not found)"
+    points, raw = synthkitti.make_scan(seed=0, columns=2048)
+    return points, elite.to_train_ids(raw & 0xFFFF), "synthetic scan (../shared/realdata not found)"
 
 
-def benchmark_device(points: torch.Tensor, device: torch.device, repeats: int):
+def peak_memory_mib(fn, device: torch.device) -> float:
+    """Memory fn() needs above what was in use before it, in MiB: the CUDA allocator's peak,
+    or on a CPU the peak resident set of this process (Linux /proc)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+    def status_kib(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand memory freed by earlier work back to the system
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the kernel's peak-RSS counter (VmHWM) to the current RSS
+    before = status_kib("VmRSS")
+    fn()
+    return (status_kib("VmHWM") - before) / 1024
+
+
+def student_training_step(model: elite.Student, points: torch.Tensor, batch_idx: torch.Tensor,
+                          labels: torch.Tensor, amp: bool):
+    """Forward, the student's loss (CE_w + 0.1 Lovasz) and backward on one scan."""
+    model.train()
+    with elite.autocast(points.device, amp):
+        logits = model(points, batch_idx).logits
+    elite.seg_loss(logits, labels, elite.class_weights().to(points.device), lovasz_weight=0.1).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def teacher_training_step(teacher: elite.Teacher, batch: int, amp: bool, device: torch.device):
+    """One step of the SAM teacher's 2D losses on random crops with 4,000 labelled pixels each."""
+    h, w = teacher.cfg.crop_hw
+    g = torch.Generator().manual_seed(0)
+    pixels = [torch.stack([torch.randint(0, h, (4000,), generator=g), torch.randint(0, w, (4000,), generator=g)], 1)
+              for _ in range(batch)]
+    views = elite.Views(torch.randn(batch, 3, h, w, generator=g), pixels,
+                        torch.randint(1, elite.NUM_CLASSES, (4000 * batch,), generator=g), None).to(device)
+    with elite.autocast(device, amp):
+        terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, elite.class_weights().to(device))
+        terms["orth"] = elite.orth_regularizer(teacher, elite.ORTH_WEIGHT)
+    sum(t.float() for t in terms.values()).backward()
+    teacher.zero_grad(set_to_none=True)
+
+
+def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.device, args):
+    repeats = args.repeats
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    points = points.to(device)
+    points, labels = points.to(device), labels.to(device)
     batch_idx = torch.zeros(len(points), dtype=torch.long, device=device)
+    torch.manual_seed(0)
     model = elite.Student().to(device).eval()
     vox = elite.voxelize(points[:, :3], batch_idx, 1)
     nmap = elite.build_neighbour_map(vox.coords)
@@ -289,32 +349,60 @@ def benchmark_device(points: torch.Tensor, device: torch.device, repeats: int):
     dense = torch.randn(4096, 4096, device=device)
     t_dense = median_ms(lambda: dense @ dense, max(3, repeats // 3), sync)
     dense_rate = 2 * 4096 ** 3 / t_dense / 1e6
-    with torch.no_grad():
-        t_fwd = median_ms(lambda: model(points, batch_idx), repeats, sync)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\n[{device}{threads}] float32")
     print(f"  3x3x3 SubM conv 64->64 on {len(vox):,} voxels, {nmap.num_pairs:,} neighbour pairs")
-    print(f"    neighbour map          {t_map:8.1f} ms")
-    print(f"    convolution            {t_conv:8.1f} ms  = {flops / t_conv / 1e6:6.1f} GFLOP/s "
+    print(f"    neighbour map            {t_map:8.1f} ms")
+    print(f"    convolution              {t_conv:8.1f} ms  = {flops / t_conv / 1e6:6.1f} GFLOP/s "
           f"({100 * flops / t_conv / 1e6 / dense_rate:.0f}% of dense matmul)")
-    print(f"    map + convolution      {t_map + t_conv:8.1f} ms")
-    print(f"    dense 4096x4096 matmul {dense_rate:8.1f} GFLOP/s")
-    print(f"  student forward          {t_fwd:8.1f} ms  = {1000 / t_fwd:.1f} Hz (median of {repeats})")
+    print(f"    map + convolution        {t_map + t_conv:8.1f} ms")
+    print(f"    dense 4096x4096 matmul   {dense_rate:8.1f} GFLOP/s")
+    # bf16 runs on GPUs always; on a CPU only when asked (most CPUs have no bf16 units).
+    for amp in (False, True) if device.type == "cuda" or args.amp else (False,):
+        precision = "bf16 autocast" if amp else "float32"
+        with torch.no_grad(), elite.autocast(device, amp):
+            t_fwd = median_ms(lambda: model(points, batch_idx), repeats, sync)
+        print(f"  {'student forward, ' + precision:<31}{t_fwd:8.1f} ms  = {1000 / t_fwd:.1f} Hz (median of {repeats})")
+        step = lambda: student_training_step(model, points, batch_idx, labels, amp)  # noqa: E731
+        step()  # warm-up
+        t_step = median_ms(step, max(3, repeats // 3), sync)
+        mib = peak_memory_mib(step, device)
+        print(f"  {'student training step, ' + precision:<31}{t_step:8.1f} ms, peak memory +{mib:,.0f} MiB "
+              "(forward, CE + Lovasz, backward)")
+        model.eval()
+    if args.teacher_variant != "none":
+        crop = (320, 1024)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # random SAM weights: the cost is the same
+            teacher = elite.build_teacher(elite.TeacherConfig(variant=args.teacher_variant, crop_hw=crop)).to(device)
+        for amp in (False, True) if device.type == "cuda" or args.amp else (False,):
+            step = lambda: teacher_training_step(teacher, args.teacher_batch, amp, device)  # noqa: E731
+            step()  # warm-up
+            start = time.perf_counter()
+            mib = peak_memory_mib(step, device)
+            seconds = time.perf_counter() - start
+            print(f"  teacher training step, SAM {args.teacher_variant} + AdaLoRA, batch {args.teacher_batch} of "
+                  f"{crop[0]}x{crop[1]}, {'bf16 autocast' if amp else 'float32'}: {seconds:.2f} s, "
+                  f"peak memory +{mib:,.0f} MiB")
 
 
 def benchmark(args):
-    points, source = benchmark_scan()
+    points, labels, source = benchmark_scan()
     keep = np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3]))
-    pts = torch.from_numpy(points[keep])
+    pts, labels = torch.from_numpy(points[keep]), torch.from_numpy(labels[keep])
     model = elite.Student()
     print(f"Student parameters: {elite.count_parameters(model):,}")
     print(f"Input: {source}: {len(points):,} points, {len(pts):,} in range")
     batch_idx = torch.zeros(len(pts), dtype=torch.long)
-    sizes = [f"{len(elite.voxelize(pts[:, :3], batch_idx, s)):,} (scale {s})" for s in (1, 2, 4, 8, 16)]
-    print("Voxels per scale: " + " / ".join(sizes))
+    voxels = [elite.voxelize(pts[:, :3], batch_idx, s) for s in (1, 2, 4, 8)]
+    print("Voxels per scale: " + " / ".join(f"{len(v):,} (scale {s})" for v, s in zip(voxels, (1, 2, 4, 8))) +
+          f" / {len(elite.voxelize(pts[:, :3], batch_idx, 16)):,} (scale 16)")
+    pairs = sum(elite.build_neighbour_map(v.coords).num_pairs for v in voxels)
+    print(f"Sparse-conv work of one forward: 16 convolutions 64->64 over {pairs:,} neighbour pairs per "
+          f"block = {4 * pairs * 64 * 64 * 2 / 1e9:.1f} GFLOP")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
-        benchmark_device(pts, device, args.repeats)
+        benchmark_device(pts, labels, device, args)
 
 
 def main(argv=None):
@@ -326,7 +414,8 @@ def main(argv=None):
     if args.benchmark:
         benchmark(args)
     else:
-        predict(args)
+        with elite.autocast(torch.device(args.device), args.amp):
+            predict(args)
 
 
 if __name__ == "__main__":

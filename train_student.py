@@ -327,7 +327,8 @@ def main(argv=None):
           f"{len(setup.loader.dataset)} training scans | {args.epochs} epochs x {len(setup.loader)} steps | "
           f"checkpoints in {args.out}")
     torch.manual_seed(args.seed + world.rank)  # from here on, each process draws its own numbers
-    objective = elite.data_parallel(elite.Objective(setup.parts, setup.loss_terms), args.sync_bn)
+    objective = elite.data_parallel(elite.Objective(setup.parts, setup.loss_terms), args.sync_bn,
+                                    some_unused=args.method == "u2mkd")  # scans without images
 
     def save(run, miou, improved):
         last, best = setup.checkpoints(run, miou)
@@ -337,6 +338,7 @@ def main(argv=None):
 
     conf = elite.fit(run, setup.loader, setup.optimizer, objective, args.epochs, args.lr, setup.validate, save,
                      setup.after_backward, amp_device=device if args.amp else None)
+    elite.close_distributed()
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
         return

@@ -329,6 +329,7 @@ def main(argv=None):
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     train = train_sam_teacher if args.teacher == "sam" else train_lidar_teacher
     run = train(args, root, device, last_path, best_path)
+    elite.close_distributed()
     if run is None:
         return
     if run.epoch >= args.epochs and run.best_miou >= 0:

@@ -401,7 +401,8 @@ def sample_image(feats: torch.Tensor, uv: torch.Tensor, image_row: torch.Tensor)
     for r in range(len(feats)):
         sel = (image_row == r).nonzero()[:, 0]
         grid = uv.index_select(0, sel).view(1, 1, -1, 2)
-        out = out.index_put((sel,), F.grid_sample(feats[r:r + 1], grid, align_corners=True)[0, :, 0].T)
+        sampled = F.grid_sample(feats[r:r + 1], grid, align_corners=True)[0, :, 0].T  # (K_r, C), float32 under --amp
+        out = out.index_put((sel,), sampled.to(out.dtype))
     return out
 
 
