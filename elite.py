@@ -2035,6 +2035,11 @@ def init_distributed(device: str) -> torch.device:
     return device
 
 
+def describe_device(device: torch.device) -> str:
+    size = distributed().size
+    return f"{device}" + (f" x {size} processes" if size > 1 else "")
+
+
 def barrier() -> None:
     """Wait until every process gets here (a no-op in one process)."""
     if distributed().size > 1:

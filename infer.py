@@ -398,8 +398,8 @@ def benchmark(args):
     print("Voxels per scale: " + " / ".join(f"{len(v):,} (scale {s})" for v, s in zip(voxels, (1, 2, 4, 8))) +
           f" / {len(elite.voxelize(pts[:, :3], batch_idx, 16)):,} (scale 16)")
     pairs = sum(elite.build_neighbour_map(v.coords).num_pairs for v in voxels)
-    print(f"Sparse-conv work of one forward: 16 convolutions 64->64 over {pairs:,} neighbour pairs per "
-          f"block = {4 * pairs * 64 * 64 * 2 / 1e9:.1f} GFLOP")
+    print(f"Sparse-conv work of one forward: 4 convolutions 64->64 at each of scales 1/2/4/8, whose neighbour "
+          f"pairs add up to {pairs:,}: {4 * pairs * 64 * 64 * 2 / 1e9:.1f} GFLOP")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         benchmark_device(pts, labels, device, args)

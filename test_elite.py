@@ -587,6 +587,12 @@ def test_two_processes_step_like_one_on_the_union(tmp_path):
     assert moved > 50  # the step changed the weights, so the comparison has teeth
 
 
+def test_benchmark_peak_memory_sees_a_large_allocation():
+    import infer
+    mib = infer.peak_memory_mib(lambda: torch.ones(2 ** 26).sum(), torch.device("cpu"))  # 256 MiB
+    assert 200 < mib < 1000
+
+
 def test_bf16_autocast_predicts_like_float32():
     """--amp: the student under bf16 autocast (the sparse convolution too) picks the same
     class as float32 on nearly all points: 98.7% here, with random weights whose class

@@ -24,6 +24,9 @@ LiDAR teacher (default runs/lidar_teacher/best.pt when it exists, from train_tea
 same scan. Loss (u2mkd.u2mkd_losses): CE + Lovasz in 3D and on the seen points in 2D, the
 imputation MSE at four stages, KL and feature KD from the teacher.
 
+Several GPUs: torchrun --nproc_per_node N train_student.py ... (one process per GPU, --batch-size
+per process; README "Several GPUs"). --amp: bf16 autocast.
+
 Both: SGD + Nesterov, lr 0.24, momentum 0.9, weight decay 1e-4, cosine decay per iteration,
 gradient norm clipped at 1, non-finite steps skipped; validation mIoU each epoch. best.pt holds
 only the student, so infer.py reads it; last.pt adds what --resume needs.
@@ -322,7 +325,7 @@ def main(argv=None):
     if resumed is not None:
         print(f"Resumed from {last_path}: epoch {run.epoch}, best mIoU {100 * run.best_miou:.1f}")
     print(f"Student ({args.method}): {elite.count_parameters(setup.model):,} parameters | {setup.describe} | "
-          f"device {device}{' x ' + str(world.size) + ' processes' if world.size > 1 else ''} | "
+          f"device {elite.describe_device(device)} | "
           f"{'bf16 autocast' if args.amp else 'float32'} | preset {args.preset} | "
           f"{len(setup.loader.dataset)} training scans | {args.epochs} epochs x {len(setup.loader)} steps | "
           f"checkpoints in {args.out}")

@@ -31,8 +31,11 @@ runs/lidar_teacher; train_student.py --method u2mkd finds them.
     python train_teacher.py --teacher lidar     # embedded default
     python train_teacher.py --teacher lidar --data DATASET
 
-Pseudo-labels only, split across GPUs (one process each):
+Several GPUs, one process each (SAM-PLG and training both split by rank; --batch-size per process):
+    torchrun --nproc_per_node 4 train_teacher.py --data DATASET --sam-checkpoint ... --plg-checkpoint ...
+Pseudo-labels only, as separate jobs without torchrun:
     python train_teacher.py --data DATASET --plg-only --shard 0/4 --plg-checkpoint sam_vit_h_4b8939.pth
+--amp: bf16 autocast for the forward passes.
 """
 from __future__ import annotations
 
@@ -231,8 +234,9 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     trainable = sum(p.numel() for p in params)
     print(f"Teacher: SAM {args.variant} ({args.sam_checkpoint or 'random weights'}), {args.peft} r={args.rank} | "
           f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters | labels {args.labels} | "
-          f"crop {args.crop[0]}x{args.crop[1]} | device {device} | {len(train_set)} training images, "
-          f"{len(val_set)} validation | {args.epochs} epochs x {len(loader)} steps | checkpoints in {args.out}")
+          f"crop {args.crop[0]}x{args.crop[1]} | device {elite.describe_device(device)} | "
+          f"{'bf16 autocast' if args.amp else 'float32'} | {len(train_set)} training images, {len(val_set)} "
+          f"validation | {args.epochs} epochs x {len(loader)} steps | checkpoints in {args.out}")
     torch.manual_seed(args.seed + elite.distributed().rank)  # from here on, each process draws its own numbers
     objective = elite.data_parallel(elite.Objective([teacher], loss_terms), args.sync_bn)
     conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
@@ -288,7 +292,8 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
             elite.atomic_save(best, best_path)
 
     print(f"LiDAR teacher: voxel student x{args.width} ({elite.count_parameters(model):,} parameters) | "
-          f"device {device} | {len(train_set)} training scans, {len(val_set)} validation | "
+          f"device {elite.describe_device(device)} | {'bf16 autocast' if args.amp else 'float32'} | "
+          f"{len(train_set)} training scans, {len(val_set)} validation | "
           f"{args.epochs} epochs x {len(loader)} steps | checkpoints in {args.out}")
     torch.manual_seed(args.seed + elite.distributed().rank)  # from here on, each process draws its own numbers
     objective = elite.data_parallel(elite.Objective([model], loss_terms), args.sync_bn)
