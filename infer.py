@@ -55,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the test-time augmentation")
     p.add_argument("--no-images", action="store_true",
                    help="fusion student: write the predictions made without images (default: with images)")
+    p.add_argument("--vis", type=Path, default=None,
+                   help="also draw each frame to VIS/sequences/XX/NNNNNN.png: the camera image with the points in "
+                        "their predicted colours, a top view of the prediction and one of its errors")
+    p.add_argument("--vis-every", type=int, default=1, help="with --vis, draw every k-th frame only")
     p.add_argument("--benchmark", action="store_true",
                    help="print parameter count, voxels per scale, sparse-conv and student forward timings")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -175,12 +179,14 @@ def predict(args):
     rng = np.random.default_rng(args.seed)
     conf, scored = elite.ConfusionMatrix(), 0
     by_view = {"seen": elite.ConfusionMatrix(), "unseen": elite.ConfusionMatrix()}  # when images exist
-    for scan in tqdm(scans, desc="predict", dynamic_ncols=True):
+    for k, scan in enumerate(tqdm(scans, desc="predict", dynamic_ncols=True)):
         points = elite.read_scan(scan)
         pred = torch.from_numpy(predict_scan(model, points, args.votes, rng, device))
         seq = scan.parent.parent.name
         write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred.numpy())
         labels = read_train_ids(scan, len(points))
+        if args.vis is not None and k % args.vis_every == 0:
+            draw_scan(args, scan, points, pred.numpy(), labels)
         if labels is not None:
             conf.add(pred, labels)
             scored += 1
@@ -228,7 +234,7 @@ def predict_fusion(args):
     confs = {f"{mode} {part}": elite.ConfusionMatrix() for mode in ("images", "no images")
              for part in ("all", "seen", "unseen")}
     scored = 0
-    for scan in tqdm(scans, desc="predict", dynamic_ncols=True):
+    for k, scan in enumerate(tqdm(scans, desc="predict", dynamic_ncols=True)):
         points = elite.read_scan(scan)
         labels = read_train_ids(scan, len(points))
         proj = elite.read_calib(elite.calib_path(scan))["proj"]
@@ -242,6 +248,8 @@ def predict_fusion(args):
             if (mode == "no images") == args.no_images:
                 seq = scan.parent.parent.name
                 write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred)
+                if args.vis is not None and k % args.vis_every == 0:
+                    draw_scan(args, scan, points, pred, labels)
             if labels is not None:
                 pred_t = torch.from_numpy(pred)
                 confs[f"{mode} all"].add(pred_t, labels)
@@ -253,6 +261,85 @@ def predict_fusion(args):
               f"sees, 'no images': every image feature imputed):\n{view_table(confs)}")
     else:
         print("No labels found: predictions written, nothing scored.")
+
+
+# ------------------------------------------------------------------------------------
+# Pictures (--vis)
+# ------------------------------------------------------------------------------------
+# One PNG per frame: the camera image with the projected points in their predicted class's
+# colour (when the scan has an image), then two top views 100 m across, x (forward) up: the
+# predicted classes, and, when labels exist, the errors (red) against the ground truth.
+
+BACKGROUND, CORRECT, WRONG, UNLABELLED = (24, 24, 24), (90, 200, 90), (235, 40, 40), (80, 80, 80)
+
+
+def top_view(xyz: np.ndarray, colours: np.ndarray, size=600, extent=50.0) -> np.ndarray:
+    """(size, size, 3) uint8: the points within +-extent m seen from above, x up and y left;
+    where points share a pixel the highest one shows."""
+    image = np.full((size, size, 3), BACKGROUND, np.uint8)
+    row = ((extent - xyz[:, 0]) / (2 * extent) * size).astype(np.int64)
+    col = ((extent - xyz[:, 1]) / (2 * extent) * size).astype(np.int64)
+    inside = (row >= 0) & (row < size) & (col >= 0) & (col < size)
+    order = np.argsort(xyz[inside, 2], kind="stable")  # low first, so higher points paint over
+    image[row[inside][order], col[inside][order]] = colours[inside][order]
+    return image
+
+
+def camera_overlay(frame: np.ndarray, xyz: np.ndarray, colours: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    """The camera frame, dimmed, with each point it sees as a 3x3 dot; near points paint over far ones."""
+    image = (frame.astype(np.float32) * 0.6).astype(np.uint8)
+    height, width = image.shape[:2]
+    keep, rows_cols = elite.project_points(xyz, proj, height, width)
+    order = np.argsort(-xyz[keep, 0], kind="stable")  # far first
+    rc, col = rows_cols[order].astype(np.int64), colours[keep][order]
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            image[np.clip(rc[:, 0] + dr, 0, height - 1), np.clip(rc[:, 1] + dc, 0, width - 1)] = col
+    return image
+
+
+def frame_picture(points: np.ndarray, pred: np.ndarray, labels: np.ndarray | None,
+                  frame: np.ndarray | None, proj: np.ndarray | None) -> np.ndarray:
+    """The figure of one scan: pred, labels (N,) training ids, frame (H, W, 3) RGB or None."""
+    from PIL import Image, ImageDraw
+    finite = np.isfinite(points).all(1)
+    xyz, pred = points[finite, :3], pred[finite]
+    views = [("prediction", top_view(xyz, elite.CLASS_COLORS[pred]))]
+    if labels is not None:
+        labels = labels[finite]
+        errors = np.where((pred == labels)[:, None], CORRECT, WRONG).astype(np.uint8)
+        errors[labels == elite.IGNORE] = UNLABELLED
+        views.append(("errors vs ground truth (green right, red wrong, grey unlabelled)", top_view(xyz, errors)))
+    bottom = np.concatenate([v for _, v in views], 1)
+    rows = [bottom]
+    if frame is not None:
+        overlay = Image.fromarray(camera_overlay(frame, xyz, elite.CLASS_COLORS[pred], proj))
+        w = bottom.shape[1]
+        rows.insert(0, np.asarray(overlay.resize((w, round(overlay.height * w / overlay.width)))))
+    picture = Image.fromarray(np.concatenate(rows, 0))
+    draw = ImageDraw.Draw(picture)
+    for k, (title, view) in enumerate(views):
+        draw.text((k * view.shape[1] + 8, picture.height - view.shape[0] + 6), title, fill=(255, 255, 255))
+    present = np.unique(pred)
+    for k, c in enumerate(present[present != elite.IGNORE]):  # legend of the predicted classes
+        y = picture.height - 16 * (k + 1) - 4
+        draw.rectangle((8, y, 18, y + 10), fill=tuple(int(v) for v in elite.CLASS_COLORS[c]))
+        draw.text((24, y - 1), elite.CLASS_NAMES[c], fill=(255, 255, 255))
+    return np.asarray(picture)
+
+
+def write_picture(path: Path, picture: np.ndarray):
+    from PIL import Image
+    elite.atomic_write(path, lambda f: Image.fromarray(picture).save(f, format="PNG"))
+
+
+def draw_scan(args, scan: Path, points: np.ndarray, pred: np.ndarray, labels: torch.Tensor | None):
+    """--vis: write DIR/sequences/XX/NNNNNN.png for this scan."""
+    frame = proj = None
+    if elite.image_path(scan).is_file() and elite.calib_path(scan).is_file():
+        frame, proj = elite.read_image(elite.image_path(scan)), elite.read_calib(elite.calib_path(scan))["proj"]
+    picture = frame_picture(points, pred, None if labels is None else labels.numpy(), frame, proj)
+    write_picture(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
 
 
 # ------------------------------------------------------------------------------------
@@ -411,6 +498,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.votes < 1:
         sys.exit("error: --votes must be at least 1")
+    if args.vis_every < 1:
+        sys.exit("error: --vis-every must be at least 1")
     if args.benchmark:
         benchmark(args)
     else:

@@ -405,6 +405,9 @@ def test_label_maps_match_official_yaml():
     assert yaml_map(text, "learning_map_inv") == elite.LEARNING_MAP_INV
     names = dict(re.findall(r"^\s+(\d+)\s*:\s*\"([^\"]+)\"", text.split("\ncolor_map:")[0], re.M))
     assert [names[str(elite.LEARNING_MAP_INV[i])] for i in range(1, 20)] == elite.CLASS_NAMES[1:]
+    colours = text.split("\ncolor_map:")[1].split("\ncontent:")[0]
+    bgr = {int(k): [int(v) for v in vals.split(",")] for k, vals in re.findall(r"^\s+(\d+)\s*:\s*\[([^\]]+)\]", colours, re.M)}
+    assert [bgr[elite.LEARNING_MAP_INV[i]][::-1] for i in range(20)] == elite.CLASS_COLORS.tolist()
 
 
 @needs_real
@@ -515,10 +518,23 @@ def test_train_resume_and_infer_end_to_end(synth_root, tmp_path):
     assert second["epoch"] == 1 and second["step"] == 2
     assert not torch.equal(first["model"]["classifier.2.weight"], second["model"]["classifier.2.weight"])
     infer.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--data", str(synth_root),
-                "--split", "val", "--votes", "2", "--out", str(tmp_path / "pred"), "--device", "cpu"])
+                "--split", "val", "--votes", "2", "--out", str(tmp_path / "pred"), "--device", "cpu",
+                "--vis", str(tmp_path / "vis")])
     pred = np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label", dtype=np.uint32)
     assert len(pred) == len(elite.read_scan(synth_root / "sequences" / "08" / "velodyne" / "000000.bin"))
     assert set(np.unique(pred).tolist()) <= set(elite.LEARNING_MAP_INV.values())
+    # The picture: camera image on top of two 600x600 top views, drawn in the predicted classes' colours.
+    from PIL import Image
+    picture = np.asarray(Image.open(tmp_path / "vis" / "sequences" / "08" / "000000.png").convert("RGB"))
+    camera_rows = round(synthkitti.IMAGE_HEIGHT * 1200 / synthkitti.IMAGE_WIDTH)
+    assert picture.shape == (camera_rows + 600, 1200, 3)
+    top_view = picture[camera_rows + 20:, 150:600].reshape(-1, 3)  # clear of the title and the legend
+    predicted = np.unique(elite.to_train_ids(pred))
+    drawn = [c for c in predicted if (top_view == elite.CLASS_COLORS[c]).all(1).sum() > 20]
+    assert drawn == [c for c in predicted if c != 0]  # every predicted class shows, nothing is blank
+    errors = picture[camera_rows:, 600:].reshape(-1, 3)
+    assert (errors == infer.CORRECT).all(1).sum() + (errors == infer.WRONG).all(1).sum() > 1000
+    assert len(np.unique(picture[:camera_rows].reshape(-1, 3), axis=0)) > 100  # the camera image is there
 
 
 # ------------------------------------------------------------------------------------
