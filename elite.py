@@ -2124,16 +2124,45 @@ class RunState:
         return cls(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_miou"])
 
 
+def log_metrics(path: Path, row: dict) -> None:
+    """Add one epoch's row to a CSV file, rewritten atomically. Rows of this epoch or later,
+    left by a run that was killed after them and resumed from an earlier checkpoint, go."""
+    import csv
+    import io
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < row["epoch"]]
+    rows.append(row)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def tensorboard_writer(folder: Path):
+    """A TensorBoard writer when the tensorboard package is installed (it is optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
 def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.Module, epochs: int, lr: float,
-        validate, save, after_backward=None, amp_device: torch.device | None = None, metric="val mIoU"):
+        validate, save, after_backward=None, amp_device: torch.device | None = None, metric="val mIoU",
+        metrics_csv: Path | None = None):
     """The training loop every trainer here shares. Per epoch: shuffling and augmentation drawn
     from (seed, epoch), so a resumed run repeats them; per step: the cosine learning rate and
     train_step(); after each epoch: validate() -> ConfusionMatrix and, on rank 0,
     save(run, miou, improved), which writes the checkpoints. The schedule counts optimiser
     steps, which are global steps: under torchrun each step consumes a batch per process.
-    Returns the last epoch's confusion matrix (None if there was nothing left to run)."""
+    Each epoch's mean loss terms and validation figures go to metrics_csv (and to TensorBoard
+    beside it when installed). Returns the last epoch's confusion matrix (None if nothing was left)."""
     from tqdm import tqdm
     world = distributed()
+    board = tensorboard_writer(metrics_csv.parent / "tensorboard") if metrics_csv and world.main else None
     total_steps = epochs * len(loader)
     conf, skipped, start = None, 0, time.time()
     for epoch in range(run.epoch, epochs):
@@ -2157,9 +2186,17 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
         miou = conf.miou()
         improved = miou > run.best_miou
         run.epoch, run.best_miou = epoch + 1, max(run.best_miou, miou)
+        present = conf.present()
         if world.main:
             save(run, miou, improved)
-        present = conf.present()
+            row = {"epoch": epoch + 1, "step": run.step, "lr": lr_now} | {k: v / len(loader) for k, v in sums.items()}
+            row |= {"miou": 100 * miou, "miou_present": 100 * float(conf.iou()[present].mean()),
+                    "best_miou": 100 * run.best_miou, "seconds": round(time.time() - start, 1)}
+            if metrics_csv is not None:
+                log_metrics(metrics_csv, row)
+            if board is not None:
+                for key, value in row.items():
+                    board.add_scalar(key, value, epoch + 1)
         if world.main:
             print(f"epoch {epoch + 1}: mean loss terms (rank 0): " +
                   " ".join(f"{k} {v / len(loader):.3f}" for k, v in sums.items()))

@@ -517,6 +517,12 @@ def test_train_resume_and_infer_end_to_end(synth_root, tmp_path):
     second = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert second["epoch"] == 1 and second["step"] == 2
     assert not torch.equal(first["model"]["classifier.2.weight"], second["model"]["classifier.2.weight"])
+    import csv
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and [int(r["step"]) for r in rows] == [1, 2]
+    assert {"lr", "seg3d_main", "miou", "best_miou"} <= set(rows[0])
+    assert float(rows[1]["miou"]) == pytest.approx(100 * second["miou"])
     infer.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--data", str(synth_root),
                 "--split", "val", "--votes", "2", "--out", str(tmp_path / "pred"), "--device", "cpu",
                 "--vis", str(tmp_path / "vis")])
@@ -601,6 +607,16 @@ def test_two_processes_step_like_one_on_the_union(tmp_path):
         assert torch.allclose(r0[name].float(), union[name].float(), rtol=1e-4, atol=1e-6), name
         moved += not torch.equal(union[name], start[name])
     assert moved > 50  # the step changed the weights, so the comparison has teeth
+
+
+def test_metrics_csv_replaces_rows_a_killed_run_left(tmp_path):
+    path = tmp_path / "metrics.csv"
+    for epoch in (1, 2, 3):
+        elite.log_metrics(path, {"epoch": epoch, "miou": 10.0 * epoch})
+    elite.log_metrics(path, {"epoch": 2, "miou": 25.0, "extra": 1})  # resumed after epoch 1
+    text = path.read_text().splitlines()
+    assert text == ["epoch,miou,extra", "1,10.0,", "2,25.0,1"]
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
 def test_benchmark_peak_memory_sees_a_large_allocation():

@@ -340,7 +340,7 @@ def main(argv=None):
             elite.atomic_save(best, best_path)
 
     conf = elite.fit(run, setup.loader, setup.optimizer, objective, args.epochs, args.lr, setup.validate, save,
-                     setup.after_backward, amp_device=device if args.amp else None)
+                     setup.after_backward, amp_device=device if args.amp else None, metrics_csv=args.out / "metrics.csv")
     elite.close_distributed()
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")

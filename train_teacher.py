@@ -242,7 +242,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
                      lambda: elite.evaluate(teacher, val_loader, scores), save,
                      allocator.step if allocator is not None else None, amp_device=device if args.amp else None,
-                     metric="val 2D mIoU")
+                     metric="val 2D mIoU", metrics_csv=args.out / "metrics.csv")
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
@@ -299,7 +299,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     objective = elite.data_parallel(elite.Objective([model], loss_terms), args.sync_bn)
     conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
                      lambda: elite.evaluate(model, val_loader, scores), save,
-                     amp_device=device if args.amp else None)
+                     amp_device=device if args.amp else None, metrics_csv=args.out / "metrics.csv")
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
