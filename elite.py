@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -2029,16 +2030,26 @@ def distributed() -> World:
     return World()
 
 
-def init_distributed(device: str) -> torch.device:
-    """Join torchrun's process group when started by torchrun (NCCL for GPUs, gloo on CPUs);
-    returns this process's device (its own GPU: cuda:LOCAL_RANK)."""
+def init_distributed(device: str, sync_bn=False) -> torch.device:
+    """Every trainer's start: join torchrun's process group when started by torchrun (NCCL for
+    GPUs, gloo on CPUs) and silence the other ranks' prints. Returns this process's device
+    (its own GPU: cuda:LOCAL_RANK)."""
     device = torch.device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed().size > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if sync_bn and (device.type != "cuda" or distributed().size == 1):
+        raise DataError("--sync-bn needs torchrun on GPUs (SyncBatchNorm has no CPU implementation)")
+    if not distributed().main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
     return device
+
+
+def config_of(args) -> dict:
+    """A script's flags as a checkpoint stores them."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def describe_device(device: torch.device) -> str:

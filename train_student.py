@@ -34,7 +34,6 @@ only the student, so infer.py reads it; last.pt adds what --resume needs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +232,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
         return model(batch.points, batch.batch_idx).logits, batch.labels
 
     def checkpoints(run: elite.RunState, miou: float) -> tuple[dict, dict]:
-        best = elite.student_state(model) | run.record(miou) | {"config": config_of(args)}  # the 1.9M student only
+        best = elite.student_state(model) | run.record(miou) | {"config": elite.config_of(args)}  # the 1.9M student only
         # last.pt can resume: the optimiser, and with a teacher its 3D heads and trained tensors.
         return best | {"optimizer": optimizer.state_dict(),
                        "heads_3d": heads.state_dict() if heads is not None else None,
@@ -288,7 +287,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
         return model(b.lidar.points, b.lidar.batch_idx, b.images, b.image_of_point, b.uv).logits, b.lidar.labels
 
     def checkpoints(run: elite.RunState, miou: float) -> tuple[dict, dict]:
-        best = u2mkd.fusion_state(model, args.image_size) | run.record(miou) | {"config": config_of(args)}
+        best = u2mkd.fusion_state(model, args.image_size) | run.record(miou) | {"config": elite.config_of(args)}
         return best | {"optimizer": optimizer.state_dict(),
                        "kd_adapter": adapter.state_dict() if adapter is not None else None}, best
 
@@ -299,18 +298,11 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
                  checkpoints, None, describe)
 
 
-def config_of(args) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
 
 def main(argv=None):
     args = parse_args(argv)
-    device = elite.init_distributed(args.device)
+    device = elite.init_distributed(args.device, args.sync_bn)
     world = elite.distributed()
-    if not world.main:
-        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
-    if args.sync_bn and (device.type != "cuda" or world.size == 1):
-        raise elite.DataError("--sync-bn needs torchrun on GPUs (SyncBatchNorm has no CPU implementation)")
     torch.manual_seed(args.seed)  # the same initial weights in every process
     root = data_root(args)
     args.train_sequences = elite.existing_sequences(root, args.train_sequences)

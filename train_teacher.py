@@ -225,7 +225,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
 
     def save(run, miou, improved):
         state = elite.teacher_state(teacher) | run.record(miou) | {
-            "optimizer": optimizer.state_dict(), "config": config_of(args),
+            "optimizer": optimizer.state_dict(), "config": elite.config_of(args),
             "rank_allocator": allocator.state_dict() if allocator is not None else None}
         elite.atomic_save(state, last_path)
         if improved:
@@ -286,7 +286,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         return model(batch.points, batch.batch_idx).logits, batch.labels
 
     def save(run, miou, improved):
-        best = u2mkd.lidar_teacher_state(model) | run.record(miou) | {"config": config_of(args)}
+        best = u2mkd.lidar_teacher_state(model) | run.record(miou) | {"config": elite.config_of(args)}
         elite.atomic_save(best | {"optimizer": optimizer.state_dict()}, last_path)
         if improved:
             elite.atomic_save(best, best_path)
@@ -307,18 +307,11 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     return run
 
 
-def config_of(args) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
 
 def main(argv=None):
     args = parse_args(argv)
-    device = elite.init_distributed(args.device)
+    device = elite.init_distributed(args.device, args.sync_bn)
     world = elite.distributed()
-    if not world.main:
-        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
-    if args.sync_bn and (device.type != "cuda" or world.size == 1):
-        raise elite.DataError("--sync-bn needs torchrun on GPUs (SyncBatchNorm has no CPU implementation)")
     torch.manual_seed(args.seed)  # the same initial weights in every process
     root = args.data
     if root is None:
