@@ -2085,6 +2085,16 @@ class Objective(nn.Module):
         return self.loss_terms(batch)
 
 
+def add_process_flags(parser) -> None:
+    """The trainers' --amp and --sync-bn."""
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: bf16 autocast for the forward passes (losses stay float32); meant "
+                             "for GPUs, a CPU without bf16 units runs it slower than float32")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="under torchrun on GPUs: BatchNorm statistics over all processes' batches "
+                             "(default: each process normalises its own batch)")
+
+
 def data_parallel(objective: Objective, sync_bn=False, some_unused=False) -> nn.Module:
     """Under torchrun: DDP around the objective (SyncBatchNorm with sync_bn, GPUs only);
     alone: the objective itself. some_unused: parts may sit out a step (a U2MKD batch

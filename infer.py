@@ -185,15 +185,17 @@ def predict(args):
         seq = scan.parent.parent.name
         write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred.numpy())
         labels = read_train_ids(scan, len(points))
-        if args.vis is not None and k % args.vis_every == 0:
-            draw_scan(args, scan, points, pred.numpy(), labels)
+        draw = args.vis is not None and k % args.vis_every == 0
+        frame, proj = read_camera(scan) if labels is not None or draw else (None, None)
+        if draw:
+            draw_scan(args, scan, points, pred.numpy(), labels, frame, proj)
         if labels is not None:
             conf.add(pred, labels)
             scored += 1
-            seen = seen_points(scan, points)
-            if seen is None:
+            if frame is None:
                 by_view = None
             elif by_view is not None:
+                seen = seen_mask(points, proj, *frame.shape[:2])
                 by_view["seen"].add(pred[seen], labels[seen])
                 by_view["unseen"].add(pred[~seen], labels[~seen])
     if scored:
@@ -205,12 +207,11 @@ def predict(args):
         print("No labels found: predictions written, nothing scored.")
 
 
-def seen_points(scan: Path, points: np.ndarray) -> torch.Tensor | None:
-    """(N,) bool: the raw points camera 2 sees (None without an image and calibration)."""
+def read_camera(scan: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The scan's camera frame (H, W, 3) and projection (3, 4), or (None, None) without both files."""
     if not (elite.image_path(scan).is_file() and elite.calib_path(scan).is_file()):
-        return None
-    height, width = elite.read_image(elite.image_path(scan)).shape[:2]
-    return seen_mask(points, elite.read_calib(elite.calib_path(scan))["proj"], height, width)
+        return None, None
+    return elite.read_image(elite.image_path(scan)), elite.read_calib(elite.calib_path(scan))["proj"]
 
 
 def seen_mask(points: np.ndarray, proj: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -249,7 +250,7 @@ def predict_fusion(args):
                 seq = scan.parent.parent.name
                 write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred)
                 if args.vis is not None and k % args.vis_every == 0:
-                    draw_scan(args, scan, points, pred, labels)
+                    draw_scan(args, scan, points, pred, labels, frame, proj)
             if labels is not None:
                 pred_t = torch.from_numpy(pred)
                 confs[f"{mode} all"].add(pred_t, labels)
@@ -333,11 +334,9 @@ def write_picture(path: Path, picture: np.ndarray):
     elite.atomic_write(path, lambda f: Image.fromarray(picture).save(f, format="PNG"))
 
 
-def draw_scan(args, scan: Path, points: np.ndarray, pred: np.ndarray, labels: torch.Tensor | None):
-    """--vis: write DIR/sequences/XX/NNNNNN.png for this scan."""
-    frame = proj = None
-    if elite.image_path(scan).is_file() and elite.calib_path(scan).is_file():
-        frame, proj = elite.read_image(elite.image_path(scan)), elite.read_calib(elite.calib_path(scan))["proj"]
+def draw_scan(args, scan: Path, points: np.ndarray, pred: np.ndarray, labels: torch.Tensor | None,
+              frame: np.ndarray | None, proj: np.ndarray | None):
+    """--vis: write DIR/sequences/XX/NNNNNN.png for this scan (frame, proj: its camera, if any)."""
     picture = frame_picture(points, pred, None if labels is None else labels.numpy(), frame, proj)
     write_picture(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
 

@@ -124,12 +124,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when present, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapters, shuffling and augmentation")
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: bf16 autocast for the forward passes (losses stay float32); meant "
-                        "for GPUs, a CPU without bf16 units runs it slower than float32")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun on GPUs: BatchNorm statistics over all processes' batches "
-                        "(default: each process normalises its own batch)")
+    elite.add_process_flags(p)
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.data else "embedded")
     for key, value in (PRESETS if args.teacher == "sam" else LIDAR_PRESETS)[args.preset].items():
