@@ -517,14 +517,22 @@ def collate(scans: list[Scan]) -> Batch:
     )
 
 
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (the order drawn from (seed, epoch)) that can start an epoch part-way:
+    a run resumed from a mid-epoch checkpoint skips the samples it had already trained on."""
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+
 def make_loaders(train_set, val_set, batch_size: int, val_batch_size: int, workers: int, seed: int,
                  collate_fn=collate, pin_memory=False):
     """Training batches, shuffled per epoch from (seed, epoch), and validation batches in order
     -> (train loader, val loader). Under torchrun each process reads its own share of the
     training scans (DistributedSampler) and every world-th validation scan."""
     world = distributed()
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world.size, rank=world.rank,
-                                                  shuffle=True, seed=seed)
+    sampler = ResumableSampler(train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
     train = torch.utils.data.DataLoader(
         train_set, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) >= batch_size,
         num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory)
@@ -1763,6 +1771,7 @@ def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True)
     if not 0 <= i < n:
         raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
     scans = list_scans(root, sequences)[i::n]
+    remove_partial_writes(plg_path(s) for s in scans)  # left by a run killed mid-write
     counts = {"written": 0, "existing": 0, "unlabelled": 0}
     projs = {}  # sequence folder -> (3, 4) projection
     for scan in tqdm(scans, desc=f"SAM-PLG {i}/{n}", unit="scan", disable=not progress, dynamic_ncols=True):
@@ -1944,6 +1953,22 @@ def atomic_write(path, write) -> None:
         raise
 
 
+def remove_partial_writes(targets) -> int:
+    """Delete the temporaries atomic_write left beside these target files when its process was
+    killed mid-write (PATH.<random>.tmp) -> how many. Only the targets' own: another process
+    may be writing its files into the same folder."""
+    by_folder: dict[Path, set[str]] = {}
+    for target in map(Path, targets):
+        by_folder.setdefault(target.parent, set()).add(target.name)
+    removed = 0
+    for folder, names in by_folder.items():
+        for tmp in folder.glob("*.tmp") if folder.is_dir() else ():
+            if tmp.name.rsplit(".", 2)[0] in names:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def atomic_save(obj, path):
     """torch.save, atomically."""
     atomic_write(path, lambda f: torch.save(obj, f))
@@ -2085,8 +2110,11 @@ class Objective(nn.Module):
         return self.loss_terms(batch)
 
 
-def add_process_flags(parser) -> None:
-    """The trainers' --amp and --sync-bn."""
+def add_run_flags(parser) -> None:
+    """The trainers' --save-every, --amp and --sync-bn."""
+    parser.add_argument("--save-every", type=int, default=500,
+                        help="also write last.pt every this many steps inside an epoch, so that a killed run "
+                             "resumes (--resume) from the next batch, not the epoch's start (0: epoch ends only)")
     parser.add_argument("--amp", action="store_true",
                         help="mixed precision: bf16 autocast for the forward passes (losses stay float32); meant "
                              "for GPUs, a CPU without bf16 units runs it slower than float32")
@@ -2131,18 +2159,29 @@ def train_step(objective: nn.Module, batch, optimizer: torch.optim.Optimizer, am
 
 @dataclass
 class RunState:
-    """Where a training run stands; checkpoints record it, --resume restores it."""
-    epoch: int = 0          # the next epoch to run
+    """Where a training run stands; checkpoints record it, --resume restores it. A checkpoint
+    written mid-epoch (--save-every) also records how far into its epoch the run got."""
+    epoch: int = 0          # the epoch in progress, or the next one to run
+    batch: int = 0          # batches of that epoch already trained on
     step: int = 0           # optimiser steps taken (the cosine schedule's clock)
     best_miou: float = -1.0
+    sums: dict = field(default_factory=dict)  # the epoch's loss-term sums so far (its metrics row)
+    skipped: int = 0        # steps skipped for non-finite gradients
+    batch_size: int = 0     # scans per step over all processes (a mid-epoch resume must keep it)
 
-    def record(self, miou: float) -> dict:
-        """What a checkpoint stores of the run ('epoch' is the last finished one)."""
-        return {"epoch": self.epoch - 1, "step": self.step, "best_miou": self.best_miou, "miou": miou}
+    def record(self, miou: float | None) -> dict:
+        """What a checkpoint stores of the run ('epoch' is the last finished one; miou None mid-epoch)."""
+        return {"epoch": self.epoch - 1, "batch": self.batch, "step": self.step, "best_miou": self.best_miou,
+                "miou": miou, "epoch_sums": dict(self.sums), "skipped": self.skipped,
+                "batch_size": self.batch_size}
 
     @classmethod
     def resumed(cls, ckpt: dict) -> "RunState":
-        return cls(ckpt["epoch"] + 1, ckpt["step"], ckpt["best_miou"])
+        return cls(ckpt["epoch"] + 1, ckpt.get("batch", 0), ckpt["step"], ckpt["best_miou"],
+                   dict(ckpt.get("epoch_sums", {})), ckpt.get("skipped", 0), ckpt.get("batch_size", 0))
+
+    def where(self) -> str:
+        return f"epoch {self.epoch + 1}" + (f", batch {self.batch}" if self.batch else "") + f", step {self.step}"
 
 
 def log_metrics(path: Path, row: dict) -> None:
@@ -2173,44 +2212,56 @@ def tensorboard_writer(folder: Path):
 
 def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.Module, epochs: int, lr: float,
         validate, save, after_backward=None, amp_device: torch.device | None = None, metric="val mIoU",
-        metrics_csv: Path | None = None):
+        metrics_csv: Path | None = None, save_every: int = 0):
     """The training loop every trainer here shares. Per epoch: shuffling and augmentation drawn
     from (seed, epoch), so a resumed run repeats them; per step: the cosine learning rate and
-    train_step(); after each epoch: validate() -> ConfusionMatrix and, on rank 0,
-    save(run, miou, improved), which writes the checkpoints. The schedule counts optimiser
-    steps, which are global steps: under torchrun each step consumes a batch per process.
-    Each epoch's mean loss terms and validation figures go to metrics_csv (and to TensorBoard
-    beside it when installed). Returns the last epoch's confusion matrix (None if nothing was left)."""
+    train_step(); every save_every steps (0: never), on rank 0, save(run, None, False): a
+    mid-epoch last.pt that --resume continues from the next batch; after each epoch:
+    validate() -> ConfusionMatrix and, on rank 0, save(run, miou, improved). The schedule
+    counts optimiser steps, which are global steps: under torchrun each step consumes a batch
+    per process. Each epoch's mean loss terms and validation figures go to metrics_csv (and
+    to TensorBoard beside it when installed). Returns the last epoch's confusion matrix (None
+    if nothing was left)."""
     from tqdm import tqdm
     world = distributed()
     board = tensorboard_writer(metrics_csv.parent / "tensorboard") if metrics_csv and world.main else None
     total_steps = epochs * len(loader)
-    conf, skipped, start = None, 0, time.time()
+    conf, start = None, time.time()
+    if run.batch and run.batch_size != loader.batch_size * world.size:
+        raise DataError(f"the run stopped in the middle of epoch {run.epoch + 1} with {run.batch_size} scans per step; "
+                        f"resume it with the same --batch-size and number of processes "
+                        f"(now {loader.batch_size} x {world.size})")
+    run.batch_size = loader.batch_size * world.size
     for epoch in range(run.epoch, epochs):
         loader.dataset.epoch = epoch  # new augmentation each epoch, reproducible on resume
         loader.sampler.set_epoch(epoch)  # and a new order
-        sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True, disable=not world.main)
+        loader.sampler.skip = run.batch * loader.batch_size  # what a killed run already trained on
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", initial=run.batch, total=len(loader),
+                   dynamic_ncols=True, disable=not world.main)
         for batch in bar:
             lr_now = lr * cosine_factor(run.step, total_steps)  # cosine decay per iteration
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             terms, stepped = train_step(objective, batch, optimizer, amp_device,
                                         partial(after_backward, run.step) if after_backward else None)
-            skipped += not stepped
+            run.skipped += not stepped
             run.step += 1
+            run.batch += 1
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.item()
+                run.sums[name] = run.sums.get(name, 0.0) + value.item()
             bar.set_postfix(loss=f"{sum(t.item() for t in terms.values()):.3f}", lr=f"{lr_now:.4f}")
+            if save_every and run.step % save_every == 0 and run.batch < len(loader) and world.main:
+                save(run, None, False)
         with autocast(amp_device or torch.device("cpu"), amp_device is not None):
             conf = validate()
         miou = conf.miou()
         improved = miou > run.best_miou
-        run.epoch, run.best_miou = epoch + 1, max(run.best_miou, miou)
+        means = {k: v / len(loader) for k, v in run.sums.items()}
+        run.epoch, run.batch, run.sums, run.best_miou = epoch + 1, 0, {}, max(run.best_miou, miou)
         present = conf.present()
         if world.main:
             save(run, miou, improved)
-            row = {"epoch": epoch + 1, "step": run.step, "lr": lr_now} | {k: v / len(loader) for k, v in sums.items()}
+            row = {"epoch": epoch + 1, "step": run.step, "lr": lr * cosine_factor(run.step - 1, total_steps)} | means
             row |= {"miou": 100 * miou, "miou_present": 100 * float(conf.iou()[present].mean()),
                     "best_miou": 100 * run.best_miou, "seconds": round(time.time() - start, 1)}
             if metrics_csv is not None:
@@ -2218,12 +2269,10 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
             if board is not None:
                 for key, value in row.items():
                     board.add_scalar(key, value, epoch + 1)
-        if world.main:
-            print(f"epoch {epoch + 1}: mean loss terms (rank 0): " +
-                  " ".join(f"{k} {v / len(loader):.3f}" for k, v in sums.items()))
+            print(f"epoch {epoch + 1}: mean loss terms (rank 0): " + " ".join(f"{k} {v:.3f}" for k, v in means.items()))
             print(f"epoch {epoch + 1}: {metric} {100 * miou:.1f} (official, 19 classes) | "
                   f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes present | "
                   f"best {100 * run.best_miou:.1f} | {time.time() - start:.0f} s")
-    if skipped and world.main:
-        print(f"{skipped} steps skipped for non-finite gradients")
+    if run.skipped and world.main:
+        print(f"{run.skipped} steps skipped for non-finite gradients")
     return conf

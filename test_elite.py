@@ -3,11 +3,15 @@ evaluator's rules, the official yaml and real SemanticKITTI scans when present).
 from __future__ import annotations
 
 import copy
+import csv
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from functools import partial
 from pathlib import Path
@@ -1885,3 +1889,91 @@ def test_lidar_teacher_then_u2mkd_student_then_infer_with_and_without_images(syn
     assert "images all" in printed and "no images unseen" in printed
     pred = np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label", dtype=np.uint32)
     assert len(pred) == len(elite.read_scan(synth_copy / "sequences" / "08" / "velodyne" / "000000.bin"))
+
+
+# =====================================================================================
+# Crash-safe work: real processes killed with SIGKILL, then resumed
+# =====================================================================================
+
+REPO = Path(__file__).resolve().parent
+
+
+def start_script(script: str, args: list[str], log: Path) -> subprocess.Popen:
+    """Run one of our scripts in its own process (one thread, so runs are bit-comparable)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, str(REPO / script)] + args, cwd=REPO, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout=300.0) -> None:
+    """SIGKILL proc as soon as ready() holds; fail if it ended by itself first."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the process ended before it could be killed"
+        assert time.time() < deadline, "timed out waiting to kill the process"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
+def finish(proc: subprocess.Popen, log: Path) -> str:
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    return log.read_text()
+
+
+def test_training_killed_mid_epoch_resumes_to_the_same_weights(synth_root, tmp_path):
+    args = ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+            "--batch-size", "1", "--epochs", "3", "--save-every", "1", "--device", "cpu", "--teacher", "none"]
+    whole = start_script("train_student.py", args + ["--out", str(tmp_path / "whole")], tmp_path / "whole.log")
+    finish(whole, tmp_path / "whole.log")
+
+    out = tmp_path / "killed"
+    first = start_script("train_student.py", args + ["--out", str(out)], tmp_path / "first.log")
+    kill_when(first, lambda: (out / "last.pt").is_file())  # the first mid-epoch checkpoint
+    stopped = torch.load(out / "last.pt", weights_only=False)
+    assert stopped["step"] < 6  # killed before the end (2 steps x 3 epochs)
+    printed = finish(start_script("train_student.py", args + ["--out", str(out), "--resume"], tmp_path / "r.log"),
+                     tmp_path / "r.log")
+    assert f"Resumed from {out / 'last.pt'}: epoch {stopped['epoch'] + 2}" in printed
+
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
+    b = torch.load(out / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6 and a["batch"] == b["batch"] == 0
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key  # bit-identical, BatchNorm statistics included
+    assert a["miou"] == b["miou"] and a["epoch_sums"] == b["epoch_sums"] == {}
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".tmp") == []
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_resuming_mid_epoch_with_another_batch_size_is_refused(synth_root, tmp_path):
+    import train_student
+    args = ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+            "--epochs", "1", "--device", "cpu", "--teacher", "none", "--out", str(tmp_path / "run")]
+    train_student.main(args + ["--batch-size", "1"])
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    ckpt.update(epoch=-1, batch=1)  # as if killed after the epoch's first batch
+    elite.atomic_save(ckpt, tmp_path / "run" / "last.pt")
+    with pytest.raises(elite.DataError, match="same --batch-size"):
+        train_student.main(args + ["--batch-size", "2", "--resume"])
+
+
+def test_sam_plg_killed_midway_resumes_without_redoing_or_corrupt_files(tmp_path):
+    root = synthkitti.make_dataset(tmp_path / "d", {"00": 6}, columns=128, seed=4, progress=False)
+    folder = root / "sequences/00/image_2_plg"
+    args = ["--data", str(root), "--preset", "embedded", "--plg-only", "--train-sequences", "00", "--device", "cpu"]
+    proc = start_script("train_teacher.py", args, tmp_path / "first.log")
+    kill_when(proc, lambda: folder.is_dir() and len(list(folder.glob("*.npy"))) >= 2)
+    done = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.npy")}
+    assert 2 <= len(done) < 6
+    (folder / "000005.npy.killed00.tmp").write_bytes(b"half a file")  # as a kill mid-write leaves it
+    printed = finish(start_script("train_teacher.py", args, tmp_path / "second.log"), tmp_path / "second.log")
+    assert f"{6 - len(done)} written, {len(done)} already there" in printed
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.npy" for i in range(6)]  # no temporaries
+    assert {n: (folder / n).stat().st_mtime_ns for n in done} == done  # the finished ones were not redone
+    proj = elite.read_calib(root / "sequences/00/calib.txt")["proj"]
+    for scan in elite.list_scans(root, ["00"]):  # every file whole and equal to an uninterrupted run's
+        expected = elite.pseudo_labels(elite.load_plg_frame(scan, proj), elite.IdealMaskSource())
+        np.testing.assert_array_equal(np.load(elite.plg_path(scan)), expected)

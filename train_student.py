@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when present, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
-    elite.add_process_flags(p)
+    elite.add_run_flags(p)
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.data else "embedded")
     preset = PRESETS[args.preset] | (U2MKD_PRESETS[args.preset] if args.method == "u2mkd" else {})
@@ -303,6 +303,8 @@ def main(argv=None):
     args.train_sequences = elite.existing_sequences(root, args.train_sequences)
     args.val_sequences = elite.existing_sequences(root, args.val_sequences)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
+    if world.main:  # a run killed while saving leaves a temporary beside the intact file
+        elite.remove_partial_writes([last_path, best_path, args.out / "metrics.csv"])
     kind = elite.STUDENT_KIND if args.method == "elite" else u2mkd.FUSION_KIND
     resumed = elite.load_checkpoint(last_path, kind, map_location=device) if args.resume else None
     setup = (setup_elite if args.method == "elite" else setup_u2mkd)(args, root, device, resumed)
@@ -310,7 +312,7 @@ def main(argv=None):
         raise elite.DataError(f"{root}: some training scans have no labels/*.label file")
     run = elite.RunState.resumed(resumed) if resumed is not None else elite.RunState()
     if resumed is not None:
-        print(f"Resumed from {last_path}: epoch {run.epoch}, best mIoU {100 * run.best_miou:.1f}")
+        print(f"Resumed from {last_path}: {run.where()}, best mIoU {100 * run.best_miou:.1f}")
     print(f"Student ({args.method}): {elite.count_parameters(setup.model):,} parameters | {setup.describe} | "
           f"device {elite.describe_device(device)} | "
           f"{'bf16 autocast' if args.amp else 'float32'} | preset {args.preset} | "
@@ -327,7 +329,8 @@ def main(argv=None):
             elite.atomic_save(best, best_path)
 
     conf = elite.fit(run, setup.loader, setup.optimizer, objective, args.epochs, args.lr, setup.validate, save,
-                     setup.after_backward, amp_device=device if args.amp else None, metrics_csv=args.out / "metrics.csv")
+                     setup.after_backward, amp_device=device if args.amp else None,
+                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every)
     elite.close_distributed()
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")

@@ -124,7 +124,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when present, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for adapters, shuffling and augmentation")
-    elite.add_process_flags(p)
+    elite.add_run_flags(p)
     args = p.parse_args(argv)
     args.preset = args.preset or ("paper" if args.data else "embedded")
     for key, value in (PRESETS if args.teacher == "sam" else LIDAR_PRESETS)[args.preset].items():
@@ -204,7 +204,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
         if allocator is not None:
             allocator.load_state_dict(ckpt["rank_allocator"])
         run = elite.RunState.resumed(ckpt)
-        print(f"Resumed from {last_path}: epoch {run.epoch}, best 2D mIoU {100 * run.best_miou:.1f}")
+        print(f"Resumed from {last_path}: {run.where()}, best 2D mIoU {100 * run.best_miou:.1f}")
 
     def loss_terms(batch):
         views = batch.views.to(device)
@@ -237,7 +237,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
                      lambda: elite.evaluate(teacher, val_loader, scores), save,
                      allocator.step if allocator is not None else None, amp_device=device if args.amp else None,
-                     metric="val 2D mIoU", metrics_csv=args.out / "metrics.csv")
+                     metric="val 2D mIoU", metrics_csv=args.out / "metrics.csv", save_every=args.save_every)
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
@@ -269,7 +269,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         run = elite.RunState.resumed(ckpt)
-        print(f"Resumed from {last_path}: epoch {run.epoch}, best mIoU {100 * run.best_miou:.1f}")
+        print(f"Resumed from {last_path}: {run.where()}, best mIoU {100 * run.best_miou:.1f}")
 
     def loss_terms(batch):
         batch = batch.to(device)
@@ -294,7 +294,8 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     objective = elite.data_parallel(elite.Objective([model], loss_terms), args.sync_bn)
     conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
                      lambda: elite.evaluate(model, val_loader, scores), save,
-                     amp_device=device if args.amp else None, metrics_csv=args.out / "metrics.csv")
+                     amp_device=device if args.amp else None,
+                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every)
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
@@ -320,6 +321,8 @@ def main(argv=None):
     args.train_sequences = elite.existing_sequences(root, args.train_sequences)
     args.val_sequences = elite.existing_sequences(root, args.val_sequences)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
+    if world.main:  # a run killed while saving leaves a temporary beside the intact file
+        elite.remove_partial_writes([last_path, best_path, args.out / "metrics.csv"])
     train = train_sam_teacher if args.teacher == "sam" else train_lidar_teacher
     run = train(args, root, device, last_path, best_path)
     elite.close_distributed()
