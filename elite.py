@@ -93,8 +93,8 @@ class DataError(ValueError):
     """A data file is missing or malformed; the message names the file."""
 
 
-def read_scan(path) -> np.ndarray:
-    """A velodyne .bin: float32 rows (x, y, z, remission) -> (N, 4)."""
+def scan_size(path) -> int:
+    """Points in a velodyne .bin, from its size alone (a truncated file is an error)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: scan file not found")
@@ -102,20 +102,32 @@ def read_scan(path) -> np.ndarray:
     if size % 16:
         raise DataError(f"{path}: {size} bytes is not a multiple of 16 (4 float32 per point); "
                         "the file is truncated or not a velodyne scan")
-    return np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+    return size // 16
 
 
-def read_labels(path, num_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A .label file: uint32 per point -> (semantic raw id, instance id), both (N,)."""
+def label_count(path, num_points: int | None = None) -> int:
+    """Labels in a .label file, from its size alone, checked against its scan's points."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: label file not found")
     size = path.stat().st_size
     if size % 4:
         raise DataError(f"{path}: {size} bytes is not a multiple of 4 (one uint32 per point)")
+    if num_points is not None and size // 4 != num_points:
+        raise DataError(f"{path}: {size // 4} labels but its scan has {num_points} points")
+    return size // 4
+
+
+def read_scan(path) -> np.ndarray:
+    """A velodyne .bin: float32 rows (x, y, z, remission) -> (N, 4)."""
+    scan_size(path)
+    return np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+
+
+def read_labels(path, num_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A .label file: uint32 per point -> (semantic raw id, instance id), both (N,)."""
+    label_count(path, num_points)
     raw = np.fromfile(path, dtype=np.uint32)
-    if num_points is not None and len(raw) != num_points:
-        raise DataError(f"{path}: {len(raw)} labels but its scan has {num_points} points")
     return (raw & 0xFFFF).astype(np.int64), (raw >> 16).astype(np.int64)
 
 
@@ -174,9 +186,8 @@ def read_image(path) -> np.ndarray:
 
 def list_scans(root, sequences) -> list[Path]:
     """All velodyne/*.bin of the given sequences under ROOT/sequences, sorted."""
+    check_root(root)
     root = Path(root)
-    if not (root / "sequences").is_dir():
-        raise DataError(f"{root}: no 'sequences' folder (expected ROOT/sequences/XX/velodyne/*.bin)")
     scans = []
     for seq in sequences:
         scans += sorted((root / "sequences" / seq / "velodyne").glob("*.bin"))
@@ -185,8 +196,26 @@ def list_scans(root, sequences) -> list[Path]:
     return scans
 
 
+def check_scan_files(scans: list[Path]) -> None:
+    """Every scan's .bin and, where it has one, its .label are whole, checked from their sizes
+    before a long run starts rather than when a bad file's turn comes."""
+    for scan in scans:
+        n = scan_size(scan)
+        if label_path(scan).is_file():
+            label_count(label_path(scan), n)
+
+
+def check_root(root) -> None:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    if not (root / "sequences").is_dir():
+        raise DataError(f"{root}: no 'sequences' folder (expected ROOT/sequences/XX/velodyne/*.bin)")
+
+
 def existing_sequences(root, sequences: list[str]) -> list[str]:
     """The sequences that have a velodyne folder under ROOT/sequences; the others are named and skipped."""
+    check_root(root)
     found = [s for s in sequences if (Path(root) / "sequences" / s / "velodyne").is_dir()]
     missing = sorted(set(sequences) - set(found))
     if missing:
@@ -214,6 +243,21 @@ def rendered_labels_path(scan_path: Path) -> Path:
 
 def calib_path(scan_path: Path) -> Path:
     return scan_path.parent.parent / "calib.txt"
+
+
+def read_frame(scan_path: Path, calib: dict[str, np.ndarray]) -> np.ndarray:
+    """The scan's camera frame (H, W, 3), checked against its sequence's calibration. In every
+    KITTI sequence P2 puts the principal point near the image centre; an image of another size
+    (resized, cropped, from another camera) would put every projected point on a wrong pixel."""
+    path = image_path(scan_path)
+    image = read_image(path)
+    h, w = image.shape[:2]
+    cx, cy = calib["P2"][0, 2], calib["P2"][1, 2]
+    if not (w / 4 < cx < 3 * w / 4 and h / 4 < cy < 3 * h / 4):
+        raise DataError(f"{path}: a {w}x{h} image does not match {calib_path(scan_path)}, whose P2 puts the "
+                        f"principal point at ({cx:.0f}, {cy:.0f}), not near the image centre ({w / 2:.0f}, "
+                        f"{h / 2:.0f}); image_2 must hold the camera frames as recorded")
+    return image
 
 
 def read_pixel_labels(path, height: int, width: int) -> np.ndarray:
@@ -264,6 +308,20 @@ def in_range(xyz: np.ndarray) -> np.ndarray:
     """Strict range test of the official dataset: -50<x<50, -50<y<50, -4<z<2."""
     lo, hi = np.array(RANGE_MIN), np.array(RANGE_MAX)
     return ((xyz > lo) & (xyz < hi)).all(axis=1)
+
+
+def usable_rows(points: np.ndarray, path) -> np.ndarray:
+    """Rows of a scan (N, 4) that are finite and inside the voxel range, ascending. Dropped
+    non-finite points, and a scan with nothing in range, are reported in a warning naming
+    the file (the model then sees no point of it; prediction gives such points 0)."""
+    finite = np.isfinite(points).all(axis=1)
+    if not finite.all():
+        warnings.warn(f"{path}: dropped {int((~finite).sum())} points with NaN or Inf values")
+    rows = np.flatnonzero(finite & in_range(np.nan_to_num(points[:, :3])))
+    if len(rows) == 0:
+        what = "empty scan" if len(points) == 0 else f"none of its {len(points)} points lies inside the voxel range"
+        warnings.warn(f"{path}: {what} (x, y in (-50, 50) m, z in (-4, 2) m): nothing of it reaches the model")
+    return rows
 
 
 def dropout_points(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -447,30 +505,35 @@ class SemanticKITTI(torch.utils.data.Dataset):
 
     def __init__(self, root, sequences, train=False, seed=0, camera=False, crop_hw=CROP_HW, dense=False):
         self.scans = list_scans(root, sequences)
+        check_scan_files(self.scans)
         self.train = train
         self.seed = seed
         self.epoch = 0  # set by the trainer so augmentation differs per epoch yet is reproducible
         self.has_labels = [label_path(p).is_file() for p in self.scans]
+        unlabelled = [s for s, has in zip(self.scans, self.has_labels) if not has]
+        if train and unlabelled:
+            raise DataError(f"{label_path(unlabelled[0])}: label file not found ({len(unlabelled)} training scans "
+                            "have none)")
         self.camera, self.crop_hw, self.dense = camera, tuple(crop_hw), dense
-        self.projections: dict[Path, np.ndarray] = {}  # sequence folder -> (3, 4) P2 @ Tr
+        for scan in self.scans if camera else ():  # found now, not when the scan's turn comes
+            if not image_path(scan).is_file():
+                raise DataError(f"{image_path(scan)}: image not found (the camera view needs image_2/ of every scan)")
+        self.calibs: dict[Path, dict] = {}  # sequence folder -> read_calib()
 
     def __len__(self):
         return len(self.scans)
 
-    def projection(self, scan: Path) -> np.ndarray:
-        if scan.parent.parent not in self.projections:
-            self.projections[scan.parent.parent] = read_calib(calib_path(scan))["proj"]
-        return self.projections[scan.parent.parent]
+    def calib(self, scan: Path) -> dict[str, np.ndarray]:
+        if scan.parent.parent not in self.calibs:
+            self.calibs[scan.parent.parent] = read_calib(calib_path(scan))
+        return self.calibs[scan.parent.parent]
 
     def raw(self, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scan i as in the file: points (N, 4), training labels (N,), and the rows that are
         finite and inside the voxel range (ascending)."""
         path = self.scans[i]
         points, labels = load_scan(path, with_labels=self.has_labels[i])
-        finite = np.isfinite(points).all(axis=1)
-        if not finite.all():
-            warnings.warn(f"{path}: dropped {int((~finite).sum())} points with NaN or Inf values")
-        return points, labels, np.flatnonzero(finite & in_range(np.nan_to_num(points[:, :3])))
+        return points, labels, usable_rows(points, path)
 
     def rng(self, i, stream: int) -> np.random.Generator | None:
         """Scan i's random stream for this epoch (None in evaluation). Separate streams keep
@@ -486,9 +549,9 @@ class SemanticKITTI(torch.utils.data.Dataset):
         pts = points[keep].copy()
         view = view_points = None
         if self.camera:
-            image = read_image(image_path(path))
+            image = read_frame(path, self.calib(path))
             dense = read_pixel_labels(plg_path(path), *image.shape[:2])[0] if self.dense else None
-            view, view_points = camera_view(image, pts[:, :3], self.projection(path), self.crop_hw, rng_2d,
+            view, view_points = camera_view(image, pts[:, :3], self.calib(path)["proj"], self.crop_hw, rng_2d,
                                             self.train, dense)
         if self.train:
             pts[:, :3] = augment_xyz(pts[:, :3], rng)  # after projection: pixels stay valid
@@ -634,6 +697,8 @@ class NeighbourMap:
 def build_neighbour_map(coords: torch.Tensor) -> NeighbourMap:
     """coords (N, 4) int64 [batch, x, y, z], unique rows, any integers (negative too)."""
     n = len(coords)
+    if n == 0:  # a batch with no point in range: no pairs
+        return NeighbourMap(0, [], [])
     c = coords - coords.min(0).values + 1  # +1: a -1 neighbour is still >= 0
     ext = c.max(0).values + 2
     if math.prod(ext.tolist()) >= 2 ** 62:
@@ -1517,12 +1582,12 @@ class PlgFrame:
     scan_path: Path
 
 
-def load_plg_frame(scan_path: Path, proj: np.ndarray) -> PlgFrame:
+def load_plg_frame(scan_path: Path, calib: dict[str, np.ndarray]) -> PlgFrame:
     points = read_scan(scan_path)
     raw, instance = read_labels(label_path(scan_path), len(points))
     semantic = to_train_ids(raw, label_path(scan_path))
-    image = read_image(image_path(scan_path))
-    keep, rows_cols = project_points(points[:, :3].astype(np.float64), proj, *image.shape[:2])
+    image = read_frame(scan_path, calib)
+    keep, rows_cols = project_points(points[:, :3].astype(np.float64), calib["proj"], *image.shape[:2])
     return PlgFrame(image, semantic[keep], instance[keep], rows_cols.astype(np.int64), scan_path)
 
 
@@ -1773,7 +1838,7 @@ def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True)
     scans = list_scans(root, sequences)[i::n]
     remove_partial_writes(plg_path(s) for s in scans)  # left by a run killed mid-write
     counts = {"written": 0, "existing": 0, "unlabelled": 0}
-    projs = {}  # sequence folder -> (3, 4) projection
+    calibs = {}  # sequence folder -> read_calib()
     for scan in tqdm(scans, desc=f"SAM-PLG {i}/{n}", unit="scan", disable=not progress, dynamic_ncols=True):
         out = plg_path(scan)
         if out.is_file():
@@ -1783,9 +1848,9 @@ def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True)
             counts["unlabelled"] += 1  # test sequences: no labels to spread
             continue
         seq_dir = scan.parent.parent
-        if seq_dir not in projs:
-            projs[seq_dir] = read_calib(calib_path(scan))["proj"]
-        pseudo = pseudo_labels(load_plg_frame(scan, projs[seq_dir]), source)
+        if seq_dir not in calibs:
+            calibs[seq_dir] = read_calib(calib_path(scan))
+        pseudo = pseudo_labels(load_plg_frame(scan, calibs[seq_dir]), source)
         atomic_write(out, lambda f: np.save(f, pseudo))  # a file object: np.save adds no suffix
         counts["written"] += 1
     if counts["unlabelled"]:
@@ -2078,8 +2143,27 @@ def config_of(args) -> dict:
 
 
 def describe_device(device: torch.device) -> str:
+    """'cuda:0 (NVIDIA H100 ...)' or 'cpu (2 threads)', times the torchrun processes."""
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     size = distributed().size
-    return f"{device}" + (f" x {size} processes" if size > 1 else "")
+    return f"{device} ({what})" + (f" x {size} processes" if size > 1 else "")
+
+
+def print_summary(title: str, rows: dict[str, str]) -> None:
+    """The start-up summary every script prints: what runs, on which device and data, and
+    where its outputs go."""
+    width = max(map(len, rows))
+    print(title + "\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows.items()), flush=True)
+
+
+def describe_outputs(out: Path, save_every: int) -> str:
+    often = f"each epoch and every {save_every} steps" if save_every else "each epoch"
+    return f"{out / 'last.pt'} ({often}), {out / 'best.pt'}, {out / 'metrics.csv'}"
+
+
+def describe_data(root, train_set, train_sequences, val_set, val_sequences) -> str:
+    return (f"{root}: {len(train_set)} training scans ({' '.join(train_sequences)}), "
+            f"{len(val_set)} validation scans ({' '.join(val_sequences)})")
 
 
 def barrier() -> None:
@@ -2108,6 +2192,19 @@ class Objective(nn.Module):
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         return self.loss_terms(batch)
+
+
+def run_script(main, argv=None) -> None:
+    """Every script's entry point: bad input (a DataError, also one raised in a DataLoader
+    worker, which torch re-raises wrapped in the worker's traceback) ends the script with
+    'error: FILE: what is wrong' and exit status 1, not a traceback."""
+    try:
+        main(argv)
+    except DataError as e:
+        text = str(e).strip()
+        if "\nOriginal Traceback" in text:  # from a worker: the original message is the last line
+            text = text.splitlines()[-1].split("DataError: ", 1)[-1]
+        sys.exit(f"error: {text}")
 
 
 def add_run_flags(parser) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -69,7 +68,14 @@ def parse_args(argv=None):
                    help="--benchmark: SAM encoder of the timed teacher training step ('none' skips it)")
     p.add_argument("--teacher-batch", type=int, default=1,
                    help="--benchmark: crops (320x1024) in the timed teacher training step")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.votes < 1:
+        p.error("--votes must be at least 1")
+    if args.vis_every < 1:
+        p.error("--vis-every must be at least 1")
+    if args.benchmark and (args.vis is not None or args.no_images):
+        p.error("--benchmark times the student on one scan and writes no predictions: drop --vis / --no-images")
+    return args
 
 
 # ------------------------------------------------------------------------------------
@@ -77,9 +83,10 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict_scan(model, points: np.ndarray, votes: int, rng: np.random.Generator, device) -> np.ndarray:
+def predict_scan(model, points: np.ndarray, votes: int, rng: np.random.Generator, device,
+                 path="scan") -> np.ndarray:
     """Training ids (N,) for every raw point; out-of-range or non-finite points get 0."""
-    keep = np.flatnonzero(np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3])))
+    keep = elite.usable_rows(points, path)
     logits = torch.zeros(len(points), elite.NUM_CLASSES, device=device)
     if len(keep) == 0:
         return np.zeros(len(points), dtype=np.int64)
@@ -99,10 +106,10 @@ def predict_scan(model, points: np.ndarray, votes: int, rng: np.random.Generator
 
 @torch.no_grad()
 def predict_fusion_scan(model, points: np.ndarray, frame: np.ndarray | None, proj: np.ndarray, image_hw,
-                        votes: int, rng: np.random.Generator, device) -> np.ndarray:
+                        votes: int, rng: np.random.Generator, device, path="scan") -> np.ndarray:
     """The fusion student's training ids (N,) for every raw point, with the camera frame or
     without (frame None: every point imputed). Each vote is a copy with its own image row."""
-    keep = np.flatnonzero(np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3])))
+    keep = elite.usable_rows(points, path)
     if len(keep) == 0:
         return np.zeros(len(points), dtype=np.int64)
     n = len(keep)
@@ -155,7 +162,22 @@ def scans_to_predict(args) -> list[Path]:
     else:
         root, sequences = args.data, elite.SPLITS[args.split]
         sequences = [s for s in sequences if (root / "sequences" / s).is_dir()]
-    return elite.list_scans(root, sequences)
+    scans = elite.list_scans(root, sequences)
+    elite.check_scan_files(scans)
+    return scans
+
+
+def print_summary(args, scans: list[Path], device: torch.device, model: str) -> None:
+    sequences = sorted({s.parent.parent.name for s in scans})
+    outputs = f"{args.out}/sequences/XX/predictions/NNNNNN.label"
+    if args.vis is not None:
+        outputs += f"; pictures {args.vis}/sequences/XX/NNNNNN.png (every {args.vis_every}. frame)"
+    elite.print_summary("infer.py: predictions", {
+        "device": f"{elite.describe_device(device)}, {'bf16 autocast' if args.amp else 'float32'}",
+        "data": f"{len(scans)} scans of sequences {' '.join(sequences)} "
+                f"({args.sequence if args.sequence else f'{args.data}, split {args.split}'}), {args.votes} vote(s)",
+        "model": model,
+        "outputs": outputs})
 
 
 def read_train_ids(scan: Path, num_points: int) -> torch.Tensor | None:
@@ -166,22 +188,25 @@ def read_train_ids(scan: Path, num_points: int) -> torch.Tensor | None:
 
 
 def predict(args):
-    if elite.load_checkpoint(args.checkpoint, None)["kind"] == u2mkd.FUSION_KIND:
+    kind = elite.load_checkpoint(args.checkpoint, None)["kind"]
+    if kind == u2mkd.FUSION_KIND:
         return predict_fusion(args)
+    if args.no_images:
+        raise elite.DataError(f"{args.checkpoint}: --no-images is for a U2MKD fusion student; this checkpoint "
+                              f"holds a '{kind}' model, which never sees images")
     device = torch.device(args.device)
     model, ckpt = elite.load_student(args.checkpoint, map_location=device)
     model.to(device).eval()
     scans = scans_to_predict(args)
     sequences = sorted({s.parent.parent.name for s in scans})
-    print(f"Student {args.checkpoint} ({elite.count_parameters(model):,} parameters, epoch "
-          f"{ckpt.get('epoch', -1) + 1}) on {device}: {len(scans)} scans of sequences {sequences}, "
-          f"{args.votes} vote(s) -> {args.out}/sequences/XX/predictions")
+    print_summary(args, scans, device, f"ELiTe Student, {elite.count_parameters(model):,} parameters, from "
+                  f"{args.checkpoint} (epoch {ckpt.get('epoch', -1) + 1})")
     rng = np.random.default_rng(args.seed)
     conf, scored = elite.ConfusionMatrix(), 0
     by_view = {"seen": elite.ConfusionMatrix(), "unseen": elite.ConfusionMatrix()}  # when images exist
     for k, scan in enumerate(tqdm(scans, desc="predict", dynamic_ncols=True)):
         points = elite.read_scan(scan)
-        pred = torch.from_numpy(predict_scan(model, points, args.votes, rng, device))
+        pred = torch.from_numpy(predict_scan(model, points, args.votes, rng, device, scan))
         seq = scan.parent.parent.name
         write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred.numpy())
         labels = read_train_ids(scan, len(points))
@@ -211,7 +236,8 @@ def read_camera(scan: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The scan's camera frame (H, W, 3) and projection (3, 4), or (None, None) without both files."""
     if not (elite.image_path(scan).is_file() and elite.calib_path(scan).is_file()):
         return None, None
-    return elite.read_image(elite.image_path(scan)), elite.read_calib(elite.calib_path(scan))["proj"]
+    calib = elite.read_calib(elite.calib_path(scan))
+    return elite.read_frame(scan, calib), calib["proj"]
 
 
 def seen_mask(points: np.ndarray, proj: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -228,9 +254,9 @@ def predict_fusion(args):
     model.to(device).eval()
     image_hw = tuple(ckpt["image_hw"])
     scans = scans_to_predict(args)
-    print(f"Fusion student {args.checkpoint} ({elite.count_parameters(model):,} parameters, image "
-          f"{image_hw[0]}x{image_hw[1]}) on {device}: {len(scans)} scans, {args.votes} vote(s) -> "
-          f"{args.out}/sequences/XX/predictions ({'without' if args.no_images else 'with'} images)")
+    print_summary(args, scans, device, f"U2MKD FusionStudent, {elite.count_parameters(model):,} parameters, from "
+                  f"{args.checkpoint} (epoch {ckpt.get('epoch', -1) + 1}); images resized to "
+                  f"{image_hw[0]}x{image_hw[1]}; files written {'without' if args.no_images else 'with'} images")
     rng = np.random.default_rng(args.seed)
     confs = {f"{mode} {part}": elite.ConfusionMatrix() for mode in ("images", "no images")
              for part in ("all", "seen", "unseen")}
@@ -238,14 +264,14 @@ def predict_fusion(args):
     for k, scan in enumerate(tqdm(scans, desc="predict", dynamic_ncols=True)):
         points = elite.read_scan(scan)
         labels = read_train_ids(scan, len(points))
-        proj = elite.read_calib(elite.calib_path(scan))["proj"]
-        frame = elite.read_image(elite.image_path(scan))
+        calib = elite.read_calib(elite.calib_path(scan))
+        frame, proj = elite.read_frame(scan, calib), calib["proj"]
         seen = seen_mask(points, proj, *frame.shape[:2]) if labels is not None else None
         modes = {"images": frame, "no images": None}
         if labels is None:  # nothing to score: run the mode whose files are asked for
             modes = {"no images": None} if args.no_images else {"images": frame}
         for mode, image in modes.items():
-            pred = predict_fusion_scan(model, points, image, proj, image_hw, args.votes, rng, device)
+            pred = predict_fusion_scan(model, points, image, proj, image_hw, args.votes, rng, device, scan)
             if (mode == "no images") == args.no_images:
                 seq = scan.parent.parent.name
                 write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred)
@@ -476,9 +502,14 @@ def benchmark(args):
     points, labels, source = benchmark_scan()
     keep = np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3]))
     pts, labels = torch.from_numpy(points[keep]), torch.from_numpy(labels[keep])
-    model = elite.Student()
-    print(f"Student parameters: {elite.count_parameters(model):,}")
-    print(f"Input: {source}: {len(points):,} points, {len(pts):,} in range")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    elite.print_summary("infer.py --benchmark: the student's size, speed and memory", {
+        "devices": ", ".join(elite.describe_device(d) for d in devices),
+        "student": f"Student, {elite.count_parameters(elite.Student()):,} parameters",
+        "input": f"{source}: {len(points):,} points, {len(pts):,} in range",
+        "teacher": (f"one training step of SAM {args.teacher_variant} + AdaLoRA on {args.teacher_batch} crop(s)"
+                    if args.teacher_variant != "none" else "not timed (--teacher-variant none)"),
+        "outputs": "this printout (no files)"})
     batch_idx = torch.zeros(len(pts), dtype=torch.long)
     voxels = [elite.voxelize(pts[:, :3], batch_idx, s) for s in (1, 2, 4, 8)]
     print("Voxels per scale: " + " / ".join(f"{len(v):,} (scale {s})" for v, s in zip(voxels, (1, 2, 4, 8))) +
@@ -486,7 +517,6 @@ def benchmark(args):
     pairs = sum(elite.build_neighbour_map(v.coords).num_pairs for v in voxels)
     print(f"Sparse-conv work of one forward: 4 convolutions 64->64 at each of scales 1/2/4/8, whose neighbour "
           f"pairs add up to {pairs:,}: {4 * pairs * 64 * 64 * 2 / 1e9:.1f} GFLOP")
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         benchmark_device(pts, labels, device, args)
 
@@ -495,10 +525,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.votes < 1:
-        sys.exit("error: --votes must be at least 1")
-    if args.vis_every < 1:
-        sys.exit("error: --vis-every must be at least 1")
     if args.benchmark:
         benchmark(args)
     else:
@@ -507,7 +533,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except elite.DataError as e:
-        sys.exit(f"error: {e}")
+    elite.run_script(main)

@@ -1344,13 +1344,13 @@ def synth(tmp_path_factory):
 
 def test_ideal_masks_densify_the_labels_and_agree_with_the_rendering(synth):
     h, w = synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH
-    proj = elite.read_calib(synth / "sequences/00/calib.txt")["proj"]
+    calib = elite.read_calib(synth / "sequences/00/calib.txt")
     sparse_px = dense_px = agree = sparse_agree = 0
     chance = []
     for scan in elite.list_scans(synth, ["00"]):
         dense = elite.read_pixel_labels(elite.plg_path(scan), h, w)
         gt = elite.read_pixel_labels(elite.rendered_labels_path(scan), h, w)
-        f = elite.load_plg_frame(scan, proj)
+        f = elite.load_plg_frame(scan, calib)
         sparse = elite.sparse_label_maps(f.semantic, f.instance, f.pixel_rc, h, w)
         labelled = dense[0] > 0
         point_px = (sparse[0] > 0) & (sparse[0] != N)
@@ -1934,7 +1934,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_weights(synth_root, tmp_p
     assert stopped["step"] < 6  # killed before the end (2 steps x 3 epochs)
     printed = finish(start_script("train_student.py", args + ["--out", str(out), "--resume"], tmp_path / "r.log"),
                      tmp_path / "r.log")
-    assert f"Resumed from {out / 'last.pt'}: epoch {stopped['epoch'] + 2}" in printed
+    assert f"resumed from {out / 'last.pt'}: epoch {stopped['epoch'] + 2}" in printed
 
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
     b = torch.load(out / "last.pt", weights_only=False)
@@ -1973,7 +1973,7 @@ def test_sam_plg_killed_midway_resumes_without_redoing_or_corrupt_files(tmp_path
     assert f"{6 - len(done)} written, {len(done)} already there" in printed
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.npy" for i in range(6)]  # no temporaries
     assert {n: (folder / n).stat().st_mtime_ns for n in done} == done  # the finished ones were not redone
-    proj = elite.read_calib(root / "sequences/00/calib.txt")["proj"]
+    calib = elite.read_calib(root / "sequences/00/calib.txt")
     for scan in elite.list_scans(root, ["00"]):  # every file whole and equal to an uninterrupted run's
-        expected = elite.pseudo_labels(elite.load_plg_frame(scan, proj), elite.IdealMaskSource())
+        expected = elite.pseudo_labels(elite.load_plg_frame(scan, calib), elite.IdealMaskSource())
         np.testing.assert_array_equal(np.load(elite.plg_path(scan)), expected)

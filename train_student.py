@@ -34,7 +34,6 @@ only the student, so infer.py reads it; last.pt adds what --resume needs.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -109,6 +108,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
     elite.add_run_flags(p)
     args = p.parse_args(argv)
+    other_method = {"elite": ("image_size", "image_weights"), "u2mkd": ("labels", "sam_checkpoint")}[args.method]
+    given = [f"--{k.replace('_', '-')}" for k in other_method if getattr(args, k) is not None]
+    if given:
+        p.error(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}")
     args.preset = args.preset or ("paper" if args.data else "embedded")
     preset = PRESETS[args.preset] | (U2MKD_PRESETS[args.preset] if args.method == "u2mkd" else {})
     for key, value in preset.items():
@@ -154,7 +157,8 @@ class Setup:
     validate: Callable
     checkpoints: Callable  # (run, miou) -> (last.pt state, best.pt state)
     after_backward: Callable | None
-    describe: str
+    describe: str  # the teacher, for the start-up summary
+    val_set: torch.utils.data.Dataset  # for the start-up summary
 
 
 # ---- ELiTe: the 1.9M student, with PPMSKD from the SAM teacher ----
@@ -235,12 +239,12 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
                        "rank_allocator": allocator.state_dict() if allocator is not None else allocator_state}, best
 
     if teacher is None:
-        describe = "no teacher (baseline)"
+        describe = "none (the baseline: the student alone)"
     else:
         describe = (f"teacher {args.teacher} (SAM {teacher.cfg.variant}, {args.teacher_mode}, {args.labels} 2D "
                     f"labels, crop {teacher.cfg.crop_hw[0]}x{teacher.cfg.crop_hw[1]})")
     return Setup(model, loader, optimizer, parts, loss_terms, lambda: elite.evaluate(model, val_loader, scores),
-                 checkpoints, allocator.step if allocator is not None else None, describe)
+                 checkpoints, allocator.step if allocator is not None else None, describe, val_set)
 
 
 # ---- U2MKD: the fusion student, with KD from the LiDAR teacher ----
@@ -286,11 +290,11 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
         return best | {"optimizer": optimizer.state_dict(),
                        "kd_adapter": adapter.state_dict() if adapter is not None else None}, best
 
-    describe = (f"image {args.image_size[0]}x{args.image_size[1]}, drop {args.image_drop} | " +
-                (f"LiDAR teacher {args.teacher} ({elite.count_parameters(teacher):,} parameters, frozen)"
-                 if teacher else "no teacher (fusion without KD)"))
+    describe = (f"LiDAR teacher {args.teacher} ({elite.count_parameters(teacher):,} parameters, frozen)"
+                if teacher else "none (the fusion student without KD)")
+    describe += f"; camera images resized to {args.image_size[0]}x{args.image_size[1]}, dropped with p {args.image_drop}"
     return Setup(model, loader, optimizer, parts, loss_terms, lambda: elite.evaluate(model, val_loader, scores),
-                 checkpoints, None, describe)
+                 checkpoints, None, describe, val_set)
 
 
 
@@ -308,16 +312,19 @@ def main(argv=None):
     kind = elite.STUDENT_KIND if args.method == "elite" else u2mkd.FUSION_KIND
     resumed = elite.load_checkpoint(last_path, kind, map_location=device) if args.resume else None
     setup = (setup_elite if args.method == "elite" else setup_u2mkd)(args, root, device, resumed)
-    if not all(setup.loader.dataset.has_labels):
-        raise elite.DataError(f"{root}: some training scans have no labels/*.label file")
     run = elite.RunState.resumed(resumed) if resumed is not None else elite.RunState()
-    if resumed is not None:
-        print(f"Resumed from {last_path}: {run.where()}, best mIoU {100 * run.best_miou:.1f}")
-    print(f"Student ({args.method}): {elite.count_parameters(setup.model):,} parameters | {setup.describe} | "
-          f"device {elite.describe_device(device)} | "
-          f"{'bf16 autocast' if args.amp else 'float32'} | preset {args.preset} | "
-          f"{len(setup.loader.dataset)} training scans | {args.epochs} epochs x {len(setup.loader)} steps | "
-          f"checkpoints in {args.out}")
+    elite.print_summary(f"train_student.py: the {'ELiTe' if args.method == 'elite' else 'U2MKD fusion'} student", {
+        "device": f"{elite.describe_device(device)}, "
+                  f"{'bf16 autocast' if args.amp else 'float32'}",
+        "data": elite.describe_data(root, setup.loader.dataset, args.train_sequences, setup.val_set,
+                                    args.val_sequences),
+        "student": f"{type(setup.model).__name__}, {elite.count_parameters(setup.model):,} parameters",
+        "teacher": setup.describe,
+        "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(setup.loader)} steps of {args.batch_size} "
+                    f"scans per process, lr {args.lr}",
+        "outputs": elite.describe_outputs(args.out, args.save_every),
+        "start": f"resumed from {last_path}: {run.where()}, best mIoU {100 * run.best_miou:.1f}"
+                 if resumed is not None else "from scratch"})
     torch.manual_seed(args.seed + world.rank)  # from here on, each process draws its own numbers
     objective = elite.data_parallel(elite.Objective(setup.parts, setup.loss_terms), args.sync_bn,
                                     some_unused=args.method == "u2mkd")  # scans without images
@@ -340,7 +347,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except elite.DataError as e:
-        sys.exit(f"error: {e}")
+    elite.run_script(main)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -126,6 +125,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for adapters, shuffling and augmentation")
     elite.add_run_flags(p)
     args = p.parse_args(argv)
+    sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer")
+    given = [f"--{k.replace('_', '-')}" for k in sam_only if getattr(args, k) is not None] + (["--plg-only"] * args.plg_only)
+    if args.teacher == "lidar" and given:
+        p.error(f"{', '.join(given)}: for the SAM teacher, not --teacher lidar")
+    if args.plg_only and args.labels == "sparse":
+        p.error("--plg-only makes pseudo-labels, --labels sparse trains without them: pick one")
     args.preset = args.preset or ("paper" if args.data else "embedded")
     for key, value in (PRESETS if args.teacher == "sam" else LIDAR_PRESETS)[args.preset].items():
         if getattr(args, key) is None:
@@ -151,12 +156,20 @@ def parse_args(argv=None):
 
 # ---- SAM-PLG: the dense labels the teacher learns from ----
 
-def make_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
+def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.device) -> None:
     if args.mask_source == "ideal":
-        source = elite.IdealMaskSource()
+        source, masks = elite.IdealMaskSource(), "ideal: the synthetic scenes' rendered regions (image_2_gt/)"
     else:
-        sam = elite.load_sam(args.plg_checkpoint, args.plg_variant, device=args.device)
-        source = elite.SamMaskSource(sam)
+        sam = elite.load_sam(args.plg_checkpoint, args.plg_variant, device=device)
+        source, masks = elite.SamMaskSource(sam), f"SAM {args.plg_variant} ({args.plg_checkpoint})"
+    scans = elite.list_scans(root, sequences)
+    i, n = args.shard
+    elite.print_summary("train_teacher.py: SAM-PLG pseudo-labels", {
+        "device": elite.describe_device(device),
+        "data": f"{root}: {len(scans)} scans ({' '.join(sequences)}); this process makes shard {i}/{n}: "
+                f"{len(scans[i::n])} scans, {elite.missing_pseudo_labels(root, sequences)} of all still missing",
+        "masks": masks,
+        "outputs": "sequences/XX/image_2_plg/NNNNNN.npy (written atomically; existing files are kept)"})
     counts = elite.generate_pseudo_labels(root, sequences, source, shard=args.shard,
                                           progress=elite.distributed().main)
     print(f"SAM-PLG ({args.mask_source} masks, shard {args.shard[0]}/{args.shard[1]}): "
@@ -174,7 +187,7 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
 
 def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path):
     if args.labels == "plg" and (args.plg_only or elite.missing_pseudo_labels(root, args.train_sequences)):
-        make_pseudo_labels(args, root, args.train_sequences)
+        make_pseudo_labels(args, root, args.train_sequences, device)
         if args.plg_only:
             return None
         if args.shard != (0, 1) and elite.missing_pseudo_labels(root, args.train_sequences):
@@ -204,7 +217,6 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
         if allocator is not None:
             allocator.load_state_dict(ckpt["rank_allocator"])
         run = elite.RunState.resumed(ckpt)
-        print(f"Resumed from {last_path}: {run.where()}, best 2D mIoU {100 * run.best_miou:.1f}")
 
     def loss_terms(batch):
         views = batch.views.to(device)
@@ -227,11 +239,18 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
             elite.atomic_save(state, best_path)
 
     trainable = sum(p.numel() for p in params)
-    print(f"Teacher: SAM {args.variant} ({args.sam_checkpoint or 'random weights'}), {args.peft} r={args.rank} | "
-          f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters | labels {args.labels} | "
-          f"crop {args.crop[0]}x{args.crop[1]} | device {elite.describe_device(device)} | "
-          f"{'bf16 autocast' if args.amp else 'float32'} | {len(train_set)} training images, {len(val_set)} "
-          f"validation | {args.epochs} epochs x {len(loader)} steps | checkpoints in {args.out}")
+    elite.print_summary("train_teacher.py: ELiTe's SAM image teacher", {
+        "device": f"{elite.describe_device(device)}, "
+                  f"{'bf16 autocast' if args.amp else 'float32'}",
+        "data": elite.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences)
+                + f"; {args.labels} 2D labels, crops {args.crop[0]}x{args.crop[1]}",
+        "teacher": f"SAM {args.variant} ({args.sam_checkpoint or 'random weights'}) with {args.peft} r={args.rank}: "
+                   f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters",
+        "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(loader)} steps of {args.batch_size} images "
+                    f"per process, {args.optimizer} lr {args.lr}",
+        "outputs": elite.describe_outputs(args.out, args.save_every),
+        "start": f"resumed from {last_path}: {run.where()}, best 2D mIoU {100 * run.best_miou:.1f}"
+                 if args.resume else "from scratch"})
     torch.manual_seed(args.seed + elite.distributed().rank)  # from here on, each process draws its own numbers
     objective = elite.data_parallel(elite.Objective([teacher], loss_terms), args.sync_bn)
     conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
@@ -254,9 +273,6 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         u2mkd.load_instance_db(root, args.train_sequences)
     elite.barrier()
     db = u2mkd.load_instance_db(root, args.train_sequences) if args.paste > 0 else None
-    if db is not None:
-        print(f"Instance database {u2mkd.instance_db_path(root)}: {len(db)} instances, "
-              f"{len(db.points):,} points; {args.paste} pasted per training scan")
     train_set = u2mkd.LidarTeacherData(root, args.train_sequences, db, seed=args.seed, add_num=args.paste)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
     loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
@@ -269,7 +285,6 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         run = elite.RunState.resumed(ckpt)
-        print(f"Resumed from {last_path}: {run.where()}, best mIoU {100 * run.best_miou:.1f}")
 
     def loss_terms(batch):
         batch = batch.to(device)
@@ -286,10 +301,19 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         if improved:
             elite.atomic_save(best, best_path)
 
-    print(f"LiDAR teacher: voxel student x{args.width} ({elite.count_parameters(model):,} parameters) | "
-          f"device {elite.describe_device(device)} | {'bf16 autocast' if args.amp else 'float32'} | "
-          f"{len(train_set)} training scans, {len(val_set)} validation | "
-          f"{args.epochs} epochs x {len(loader)} steps | checkpoints in {args.out}")
+    elite.print_summary("train_teacher.py --teacher lidar: U2MKD's LiDAR-only teacher", {
+        "device": f"{elite.describe_device(device)}, "
+                  f"{'bf16 autocast' if args.amp else 'float32'}",
+        "data": elite.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences),
+        "teacher": f"the voxel student at width x{args.width}, {elite.count_parameters(model):,} parameters",
+        "augmentation": (f"{args.paste} instances pasted per scan from {u2mkd.instance_db_path(root)} ({len(db)} "
+                         f"instances), then flip, rotation, scaling, translation" if db is not None
+                         else "flip, rotation, scaling, translation (no instance paste)"),
+        "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(loader)} steps of {args.batch_size} scans "
+                    f"per process, lr {args.lr}",
+        "outputs": elite.describe_outputs(args.out, args.save_every),
+        "start": f"resumed from {last_path}: {run.where()}, best mIoU {100 * run.best_miou:.1f}"
+                 if args.resume else "from scratch"})
     torch.manual_seed(args.seed + elite.distributed().rank)  # from here on, each process draws its own numbers
     objective = elite.data_parallel(elite.Objective([model], loss_terms), args.sync_bn)
     conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
@@ -333,7 +357,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except elite.DataError as e:
-        sys.exit(f"error: {e}")
+    elite.run_script(main)

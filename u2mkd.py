@@ -253,8 +253,8 @@ class PairData(elite.SemanticKITTI):
         uv, fov, image = np.zeros((len(pts), 2), np.float32), np.zeros(len(pts), bool), None
         dropped = self.train and self.rng(i, 1).random() < self.image_drop
         if self.images and not dropped:
-            frame = elite.read_image(elite.image_path(path))
-            uv, fov = camera_uv(pts[:, :3], self.projection(path), *frame.shape[:2])  # raw coordinates
+            frame = elite.read_frame(path, self.calib(path))
+            uv, fov = camera_uv(pts[:, :3], self.calib(path)["proj"], *frame.shape[:2])  # raw coordinates
             image = prepare_full_image(frame, self.image_hw)
         if self.train:
             pts[:, :3] = elite.augment_xyz(pts[:, :3], rng)  # after the pixels: they stay valid
