@@ -319,8 +319,9 @@ def usable_rows(points: np.ndarray, path) -> np.ndarray:
         warnings.warn(f"{path}: dropped {int((~finite).sum())} points with NaN or Inf values")
     rows = np.flatnonzero(finite & in_range(np.nan_to_num(points[:, :3])))
     if len(rows) == 0:
-        what = "empty scan" if len(points) == 0 else f"none of its {len(points)} points lies inside the voxel range"
-        warnings.warn(f"{path}: {what} (x, y in (-50, 50) m, z in (-4, 2) m): nothing of it reaches the model")
+        what = ("empty scan" if len(points) == 0 else f"none of its {len(points)} points lies inside the voxel "
+                "range (x, y in (-50, 50) m, z in (-4, 2) m)")
+        warnings.warn(f"{path}: {what}: nothing of it reaches the model")
     return rows
 
 
@@ -515,10 +516,16 @@ class SemanticKITTI(torch.utils.data.Dataset):
             raise DataError(f"{label_path(unlabelled[0])}: label file not found ({len(unlabelled)} training scans "
                             "have none)")
         self.camera, self.crop_hw, self.dense = camera, tuple(crop_hw), dense
-        for scan in self.scans if camera else ():  # found now, not when the scan's turn comes
+        self.calibs: dict[Path, dict] = {}  # sequence folder -> read_calib()
+        if camera:
+            self.check_camera_files()
+
+    def check_camera_files(self) -> None:
+        """Every scan's image and calibration are there: found now, not when the scan's turn comes."""
+        for scan in self.scans:
+            self.calib(scan)
             if not image_path(scan).is_file():
                 raise DataError(f"{image_path(scan)}: image not found (the camera view needs image_2/ of every scan)")
-        self.calibs: dict[Path, dict] = {}  # sequence folder -> read_calib()
 
     def __len__(self):
         return len(self.scans)
@@ -2373,3 +2380,69 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
     if run.skipped and world.main:
         print(f"{run.skipped} steps skipped for non-finite gradients")
     return conf
+
+
+# =====================================================================================
+# 15. Pictures: classes in the official colours, over the camera frame
+# =====================================================================================
+# infer.py --vis draws predictions with these; train_teacher.py --vis draws SAM-PLG's
+# pseudo-labels over their image the same way.
+
+def paint_dots(image: np.ndarray, rows_cols: np.ndarray, colours: np.ndarray) -> None:
+    """Paint a 3x3 dot per pixel (K, 2) (row, col) in its colour (K, 3); later dots paint over earlier."""
+    height, width = image.shape[:2]
+    rc = rows_cols.astype(np.int64)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            image[np.clip(rc[:, 0] + dr, 0, height - 1), np.clip(rc[:, 1] + dc, 0, width - 1)] = colours
+
+
+def camera_overlay(frame: np.ndarray, xyz: np.ndarray, colours: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    """The camera frame, dimmed, with each point it sees as a dot; near points paint over far ones."""
+    image = (frame.astype(np.float32) * 0.6).astype(np.uint8)
+    keep, rows_cols = project_points(xyz, proj, *image.shape[:2])
+    order = np.argsort(-xyz[keep, 0], kind="stable")  # far first
+    paint_dots(image, rows_cols[order], colours[keep][order])
+    return image
+
+
+def label_overlay(frame: np.ndarray, label_map: np.ndarray, alpha=0.55) -> np.ndarray:
+    """The camera frame, dimmed, with every labelled pixel (label_map (H, W) training ids,
+    0 left alone) blended with its class's colour."""
+    image = frame.astype(np.float32) * 0.6
+    labelled = label_map != IGNORE
+    image[labelled] = (1 - alpha) * frame[labelled] + alpha * CLASS_COLORS[label_map[labelled]]
+    return image.astype(np.uint8)
+
+
+def draw_legend(draw, classes, height: int) -> None:
+    """A legend of these training ids (0 left out) up the left edge of a PIL ImageDraw's picture."""
+    for k, c in enumerate(c for c in classes if c != IGNORE):
+        y = height - 16 * (k + 1) - 4
+        draw.rectangle((8, y, 18, y + 10), fill=tuple(int(v) for v in CLASS_COLORS[c]))
+        draw.text((24, y - 1), CLASS_NAMES[c], fill=(255, 255, 255))
+
+
+def plg_picture(scan_path: Path, calib: dict[str, np.ndarray]) -> np.ndarray:
+    """SAM-PLG's input above its output for one scan: the camera frame with the labelled
+    points it sees (the sparse labels the masks spread), then with the dense pseudo-labels."""
+    from PIL import Image, ImageDraw
+    frame = load_plg_frame(scan_path, calib)
+    h, w = frame.image.shape[:2]
+    dense = read_pixel_labels(plg_path(scan_path), h, w)[0]
+    sparse = (frame.image.astype(np.float32) * 0.6).astype(np.uint8)
+    labelled = frame.semantic != IGNORE
+    paint_dots(sparse, frame.pixel_rc[labelled], CLASS_COLORS[frame.semantic[labelled]])
+    picture = Image.fromarray(np.concatenate([sparse, label_overlay(frame.image, dense)], 0))
+    draw = ImageDraw.Draw(picture)
+    draw.text((8, 6), f"{scan_path}: labelled points", fill=(255, 255, 255))
+    draw.text((8, h + 6), f"SAM-PLG pseudo-labels ({100 * float((dense != IGNORE).mean()):.0f}% of pixels)",
+              fill=(255, 255, 255))
+    draw_legend(draw, np.unique(np.concatenate([dense.ravel(), frame.semantic])), picture.height)
+    return np.asarray(picture)
+
+
+def write_png(path, picture: np.ndarray) -> None:
+    """An (H, W, 3) uint8 picture as a PNG, written atomically."""
+    from PIL import Image
+    atomic_write(path, lambda f: Image.fromarray(picture).save(f, format="PNG"))

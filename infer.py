@@ -312,19 +312,6 @@ def top_view(xyz: np.ndarray, colours: np.ndarray, size=600, extent=50.0) -> np.
     return image
 
 
-def camera_overlay(frame: np.ndarray, xyz: np.ndarray, colours: np.ndarray, proj: np.ndarray) -> np.ndarray:
-    """The camera frame, dimmed, with each point it sees as a 3x3 dot; near points paint over far ones."""
-    image = (frame.astype(np.float32) * 0.6).astype(np.uint8)
-    height, width = image.shape[:2]
-    keep, rows_cols = elite.project_points(xyz, proj, height, width)
-    order = np.argsort(-xyz[keep, 0], kind="stable")  # far first
-    rc, col = rows_cols[order].astype(np.int64), colours[keep][order]
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            image[np.clip(rc[:, 0] + dr, 0, height - 1), np.clip(rc[:, 1] + dc, 0, width - 1)] = col
-    return image
-
-
 def frame_picture(points: np.ndarray, pred: np.ndarray, labels: np.ndarray | None,
                   frame: np.ndarray | None, proj: np.ndarray | None) -> np.ndarray:
     """The figure of one scan: pred, labels (N,) training ids, frame (H, W, 3) RGB or None."""
@@ -340,31 +327,22 @@ def frame_picture(points: np.ndarray, pred: np.ndarray, labels: np.ndarray | Non
     bottom = np.concatenate([v for _, v in views], 1)
     rows = [bottom]
     if frame is not None:
-        overlay = Image.fromarray(camera_overlay(frame, xyz, elite.CLASS_COLORS[pred], proj))
+        overlay = Image.fromarray(elite.camera_overlay(frame, xyz, elite.CLASS_COLORS[pred], proj))
         w = bottom.shape[1]
         rows.insert(0, np.asarray(overlay.resize((w, round(overlay.height * w / overlay.width)))))
     picture = Image.fromarray(np.concatenate(rows, 0))
     draw = ImageDraw.Draw(picture)
     for k, (title, view) in enumerate(views):
         draw.text((k * view.shape[1] + 8, picture.height - view.shape[0] + 6), title, fill=(255, 255, 255))
-    present = np.unique(pred)
-    for k, c in enumerate(present[present != elite.IGNORE]):  # legend of the predicted classes
-        y = picture.height - 16 * (k + 1) - 4
-        draw.rectangle((8, y, 18, y + 10), fill=tuple(int(v) for v in elite.CLASS_COLORS[c]))
-        draw.text((24, y - 1), elite.CLASS_NAMES[c], fill=(255, 255, 255))
+    elite.draw_legend(draw, np.unique(pred), picture.height)
     return np.asarray(picture)
-
-
-def write_picture(path: Path, picture: np.ndarray):
-    from PIL import Image
-    elite.atomic_write(path, lambda f: Image.fromarray(picture).save(f, format="PNG"))
 
 
 def draw_scan(args, scan: Path, points: np.ndarray, pred: np.ndarray, labels: torch.Tensor | None,
               frame: np.ndarray | None, proj: np.ndarray | None):
     """--vis: write DIR/sequences/XX/NNNNNN.png for this scan (frame, proj: its camera, if any)."""
     picture = frame_picture(points, pred, None if labels is None else labels.numpy(), frame, proj)
-    write_picture(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
+    elite.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
 
 
 # ------------------------------------------------------------------------------------

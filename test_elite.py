@@ -1505,6 +1505,27 @@ def test_teacher_losses_weights_and_both_label_modes():
         assert dense_points[k].shape == (4, 20) and torch.allclose(dense_points[k], sparse_points[k], atol=1e-6)
 
 
+def check_plg_picture(png: Path, scan: Path) -> None:
+    """train_teacher.py --vis: the frame with its labelled points above the frame with the
+    pseudo-labels blended in, both in the official colours."""
+    from PIL import Image
+    h, w = synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    assert picture.shape == (2 * h, w, 3)
+    dense = elite.read_pixel_labels(elite.plg_path(scan), h, w)[0]
+    frame = elite.read_image(elite.image_path(scan)).astype(np.float32)
+    blended = (0.45 * frame + 0.55 * elite.CLASS_COLORS[dense]).astype(np.uint8)
+    lower = picture[h:]
+    region = (dense != 0) & (np.arange(h)[:, None] > 20)  # below the title
+    region[:, :200] = False  # clear of the legend
+    assert (np.abs(lower[region].astype(int) - blended[region]).max(1) <= 1).mean() > 0.99
+    upper = picture[:h].reshape(-1, 3)
+    semantic = elite.load_plg_frame(scan, elite.read_calib(elite.calib_path(scan))).semantic
+    classes, counts = np.unique(semantic[semantic != 0], return_counts=True)
+    for c in classes[counts >= 20]:  # each class's points show as dots of its colour
+        assert (upper == elite.CLASS_COLORS[c]).all(1).sum() >= 9, elite.CLASS_NAMES[c]
+
+
 def test_train_teacher_pseudo_labels_shards_train_and_resume(synth_copy, tmp_path):
     import train_teacher
     run = tmp_path / "run"
@@ -1513,8 +1534,10 @@ def test_train_teacher_pseudo_labels_shards_train_and_resume(synth_copy, tmp_pat
     train_scans = elite.list_scans(synth_copy, ["00"])
     train_teacher.main(common + ["--plg-only", "--shard", "1/2"])
     assert [elite.plg_path(s).is_file() for s in train_scans] == [False, True]  # shard 1 of 2: the 2nd scan
-    train_teacher.main(common + ["--epochs", "1"])  # makes the missing pseudo-labels, then trains
+    vis = tmp_path / "vis"
+    train_teacher.main(common + ["--epochs", "1", "--vis", str(vis)])  # makes the missing pseudo-labels, then trains
     assert all(elite.plg_path(s).is_file() for s in train_scans)
+    check_plg_picture(vis / "sequences/00/000001.png", train_scans[1])
     assert not list((synth_copy / "sequences" / "00" / "image_2_plg").glob("*.tmp*"))
     first = torch.load(run / "last.pt", weights_only=False)
     assert first["kind"] == elite.TEACHER_KIND and first["epoch"] == 0 and (run / "best.pt").is_file()
@@ -1977,3 +2000,194 @@ def test_sam_plg_killed_midway_resumes_without_redoing_or_corrupt_files(tmp_path
     for scan in elite.list_scans(root, ["00"]):  # every file whole and equal to an uninterrupted run's
         expected = elite.pseudo_labels(elite.load_plg_frame(scan, calib), elite.IdealMaskSource())
         np.testing.assert_array_equal(np.load(elite.plg_path(scan)), expected)
+
+
+# =====================================================================================
+# Bad input: the table in README, each row run through the script a user would run
+# =====================================================================================
+# Each case spoils a private copy of the synthetic scenes, runs the script in-process through
+# elite.run_script (the scripts' own entry point), and checks that it stops with "error:" and
+# a message naming the file (or, where the data is usable, warns and finishes), without a
+# traceback and without leaving a half-written file behind.
+
+def cut_bytes(path: Path, n: int) -> None:
+    path.write_bytes(path.read_bytes()[:-n])
+
+
+def edit_scan(path: Path, change) -> None:
+    points = np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+    change(points)
+    points.tofile(path)
+
+
+def drop_line(path: Path, key: str) -> None:
+    path.write_text("".join(l for l in path.read_text().splitlines(True) if not l.startswith(key)))
+
+
+def shorten_p2(path: Path) -> None:
+    path.write_text("".join(" ".join(l.split()[:-1]) + "\n" if l.startswith("P2:") else l
+                            for l in path.read_text().splitlines(True)))
+
+
+def set_unknown_ids(path: Path) -> None:
+    raw = np.fromfile(path, dtype=np.uint32)
+    raw[:10] = (raw[:10] & 0xFFFF0000) | 7  # raw id 7 is not in semantic-kitti.yaml
+    raw.tofile(path)
+
+
+def half_size_image(path: Path) -> None:
+    from PIL import Image
+    with Image.open(path) as im:
+        im.resize((im.width // 2, im.height // 2)).save(path)
+
+
+S00, S08 = "sequences/00", "sequences/08"
+
+
+def train_args(d: Path, *more) -> list[str]:
+    return ["--data", str(d / "data"), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+            "--epochs", "1", "--batch-size", "1", "--device", "cpu", "--out", str(d / "out"), *more]
+
+
+def infer_args(d: Path, *more, checkpoint="student.pt") -> list[str]:
+    return ["--checkpoint", str(d / checkpoint), "--data", str(d / "data"), "--split", "val", "--device", "cpu",
+            "--out", str(d / "pred"), *more]
+
+
+# (name, script, spoil the copy at d/data and return the arguments, message, usable data?)
+BAD_INPUTS = [
+    ("truncated .bin", "train_student",
+     lambda d: (cut_bytes(d / "data" / S00 / "velodyne/000001.bin", 6), train_args(d, "--teacher", "none"))[1],
+     r"00/velodyne/000001\.bin: \d+ bytes is not a multiple of 16", False),
+    (".label of the wrong length", "infer",
+     lambda d: (cut_bytes(d / "data" / S08 / "labels/000000.label", 4), infer_args(d))[1],
+     r"08/labels/000000\.label: \d+ labels but its scan has \d+ points", False),
+    ("training scan without its .label", "train_student",
+     lambda d: ((d / "data" / S00 / "labels/000001.label").unlink(), train_args(d, "--teacher", "none"))[1],
+     r"00/labels/000001\.label: label file not found", False),
+    ("unknown raw label id", "infer",
+     lambda d: (set_unknown_ids(d / "data" / S08 / "labels/000000.label"), infer_args(d))[1],
+     r"000000\.label: 10 points carry raw label ids not in semantic-kitti\.yaml \[7\]", True),
+    ("missing calib.txt", "train_teacher",
+     lambda d: ((d / "data" / S00 / "calib.txt").unlink(), train_args(d, "--labels", "sparse"))[1],
+     r"00/calib\.txt: calibration file not found", False),
+    ("calib.txt without P2", "train_teacher",
+     lambda d: (drop_line(d / "data" / S00 / "calib.txt", "P2:"), train_args(d, "--plg-only"))[1],
+     r"00/calib\.txt: no 'P2:' line", False),
+    ("P2 with 11 values", "infer",
+     lambda d: (shorten_p2(d / "data" / S08 / "calib.txt"), infer_args(d, "--vis", str(d / "vis")))[1],
+     r"08/calib\.txt: 'P2' has 11 values, expected 12", False),
+    ("missing image", "train_teacher",
+     lambda d: ((d / "data" / S00 / "image_2/000001.png").unlink(), train_args(d, "--labels", "sparse"))[1],
+     r"00/image_2/000001\.png: image not found", False),
+    ("corrupt image", "infer",
+     lambda d: ((d / "data" / S08 / "image_2/000000.png").write_bytes(b"\x89PNG broken"),
+                infer_args(d, "--vis", str(d / "vis")))[1],
+     r"08/image_2/000000\.png: cannot decode image", False),
+    ("corrupt image read in a DataLoader worker", "train_teacher",
+     lambda d: ((d / "data" / S00 / "image_2/000001.png").write_bytes(b"\x89PNG broken"),
+                train_args(d, "--labels", "sparse", "--workers", "1"))[1],
+     r"^error: \S+00/image_2/000001\.png: cannot decode image", False),
+    ("image size not matching the calibration", "train_teacher",
+     lambda d: (half_size_image(d / "data" / S00 / "image_2/000000.png"), train_args(d, "--plg-only"))[1],
+     r"00/image_2/000000\.png: a 620x188 image does not match \S+00/calib\.txt", False),
+    ("non-finite points", "infer",
+     lambda d: (edit_scan(d / "data" / S08 / "velodyne/000000.bin", lambda p: p.__setitem__(slice(0, 5), np.nan)),
+                infer_args(d))[1],
+     r"08/velodyne/000000\.bin: dropped 5 points with NaN or Inf values", True),
+    ("empty scan", "train_student",
+     lambda d: ((d / "data" / S00 / "velodyne/000001.bin").write_bytes(b""),
+                (d / "data" / S00 / "labels/000001.label").write_bytes(b""), train_args(d, "--teacher", "none"))[2],
+     r"00/velodyne/000001\.bin: empty scan", True),
+    ("every point out of range", "infer",
+     lambda d: (edit_scan(d / "data" / S08 / "velodyne/000000.bin", lambda p: p.__imul__(1000)), infer_args(d))[1],
+     r"08/velodyne/000000\.bin: none of its \d+ points lies inside the voxel range", True),
+    ("folder without sequences/", "infer",
+     lambda d: ((d / "empty").mkdir(), infer_args(d)[:2] + ["--data", str(d / "empty"), "--out", str(d / "pred")])[1],
+     r"empty: no 'sequences' folder", False),
+    ("student checkpoint passed as the teacher", "train_student",
+     lambda d: train_args(d, "--teacher", str(d / "student.pt")),
+     r"student\.pt: holds a 'elite-student' model, expected 'elite-teacher'", False),
+    ("teacher checkpoint passed as the student", "infer",
+     lambda d: infer_args(d, checkpoint="teacher.pt"),
+     r"teacher\.pt: holds a 'elite-teacher' model, expected 'elite-student'", False),
+    ("SAM checkpoint of the wrong variant", "train_teacher",
+     lambda d: train_args(d, "--labels", "sparse", "--sam-checkpoint", str(d / "sam_vit_b.pth")),
+     r"sam_vit_b\.pth: looks like SAM vit_b but the teacher is SAM vit_tiny", False),
+    ("truncated checkpoint", "infer",
+     lambda d: infer_args(d, checkpoint="truncated.pt"),
+     r"truncated\.pt: cannot read checkpoint .*truncated", False),
+    ("truncated last.pt on --resume", "train_student",
+     lambda d: ((d / "out").mkdir(), shutil.copy(d / "truncated.pt", d / "out/last.pt"),
+                train_args(d, "--teacher", "none", "--resume"))[2],
+     r"out/last\.pt: cannot read checkpoint", False),
+    ("flags: --plg-only with --labels sparse", "train_teacher",
+     lambda d: train_args(d, "--plg-only", "--labels", "sparse"),
+     r"--plg-only makes pseudo-labels, --labels sparse trains without them", False),
+    ("flags: a SAM option for the LiDAR teacher", "train_teacher",
+     lambda d: train_args(d, "--teacher", "lidar", "--sam-checkpoint", str(d / "sam_vit_b.pth")),
+     r"--sam-checkpoint: for the SAM teacher, not --teacher lidar", False),
+    ("flags: an ELiTe option for U2MKD", "train_student",
+     lambda d: train_args(d, "--method", "u2mkd", "--labels", "plg"),
+     r"--labels does not apply to --method u2mkd", False),
+    ("flags: --no-images for an ELiTe student", "infer",
+     lambda d: infer_args(d, "--no-images"),
+     r"student\.pt: --no-images is for a U2MKD fusion student", False),
+    ("flags: --sync-bn on a CPU", "train_student",
+     lambda d: train_args(d, "--teacher", "none", "--sync-bn"),
+     r"--sync-bn needs torchrun on GPUs", False),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_files(tmp_path_factory):
+    """Checkpoints the cases pass around: a student, a teacher, a truncated one, a fake SAM ViT-B."""
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    elite.atomic_save(elite.student_state(elite.Student()), d / "student.pt")
+    elite.atomic_save(elite.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))), d / "teacher.pt")
+    (d / "truncated.pt").write_bytes((d / "student.pt").read_bytes()[:5000])
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
+                "image_encoder.blocks.11.norm1.weight": torch.zeros(768)}, d / "sam_vit_b.pth")
+    return d
+
+
+def test_bad_input_table_has_the_cases_the_issue_names():
+    assert len(BAD_INPUTS) >= 15 and len({c[0] for c in BAD_INPUTS}) == len(BAD_INPUTS)
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name, *_ in BAD_INPUTS if f"| {name} |" not in readme]
+    assert not missing, f"README's bad-input table lacks {missing}"
+
+
+@pytest.mark.parametrize("name, script, spoil, message, usable", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input(name, script, spoil, message, usable, synth_root, bad_input_files, tmp_path, capsys):
+    import importlib
+    shutil.copytree(synth_root, tmp_path / "data")
+    for f in bad_input_files.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    argv = spoil(tmp_path)
+    main = importlib.import_module(script).main
+    if usable:  # a warning naming the file, and a result
+        with pytest.warns(UserWarning, match=message):
+            elite.run_script(main, argv)
+    else:
+        with pytest.raises(SystemExit) as stop:
+            elite.run_script(main, argv)
+        text = stop.value.code if isinstance(stop.value.code, str) else capsys.readouterr().err  # argparse: stderr
+        assert re.search(message, text), text
+        assert text.startswith("error: ") or "error: " in text
+        assert "Traceback" not in text
+        assert not (tmp_path / "out" / "best.pt").exists() and not (tmp_path / "vis").exists()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if p.name.endswith(".tmp")]  # no half-written file
+    for pred in (tmp_path / "pred").rglob("*.label"):  # predictions are whole: one label per point
+        scan = tmp_path / "data" / "sequences" / pred.parent.parent.name / "velodyne" / (pred.stem + ".bin")
+        assert pred.stat().st_size == scan.stat().st_size // 4
+    if usable and script == "infer":
+        pred = np.fromfile(tmp_path / "pred" / S08 / "predictions/000000.label", dtype=np.uint32)
+        points = elite.read_scan(tmp_path / "data" / S08 / "velodyne/000000.bin")
+        unusable = ~(np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3])))
+        assert len(pred) == len(points) and (pred[unusable] == 0).all()  # what the model never saw: 'unlabeled'
+        assert (pred != 0).any() == (name != "every point out of range")
+    if usable and script == "train_student":
+        assert (tmp_path / "out" / "best.pt").is_file()

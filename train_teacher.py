@@ -100,6 +100,10 @@ def parse_args(argv=None):
     p.add_argument("--plg-checkpoint", type=Path, default=None,
                    help="official SAM file for --plg-variant, e.g. sam_vit_h_4b8939.pth")
     p.add_argument("--plg-only", action="store_true", help="generate the pseudo-labels and stop")
+    p.add_argument("--vis", type=Path, default=None,
+                   help="draw the pseudo-labels to VIS/sequences/XX/NNNNNN.png: the camera frame with the labelled "
+                        "points, and with the dense pseudo-labels blended in (official colours)")
+    p.add_argument("--vis-every", type=int, default=1, help="with --vis, draw every k-th scan only")
     p.add_argument("--shard", default=None,
                    help="i/n: this process makes pseudo-labels for scans i, i+n, ... (default 0/1; under "
                         "torchrun each process takes its rank's share by itself)")
@@ -125,12 +129,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for adapters, shuffling and augmentation")
     elite.add_run_flags(p)
     args = p.parse_args(argv)
-    sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer")
+    sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer", "vis")
     given = [f"--{k.replace('_', '-')}" for k in sam_only if getattr(args, k) is not None] + (["--plg-only"] * args.plg_only)
     if args.teacher == "lidar" and given:
         p.error(f"{', '.join(given)}: for the SAM teacher, not --teacher lidar")
     if args.plg_only and args.labels == "sparse":
         p.error("--plg-only makes pseudo-labels, --labels sparse trains without them: pick one")
+    if args.vis is not None and args.labels == "sparse":
+        p.error("--vis draws the pseudo-labels, --labels sparse makes none")
+    if args.vis_every < 1:
+        p.error("--vis-every must be at least 1")
     args.preset = args.preset or ("paper" if args.data else "embedded")
     for key, value in (PRESETS if args.teacher == "sam" else LIDAR_PRESETS)[args.preset].items():
         if getattr(args, key) is None:
@@ -177,6 +185,20 @@ def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.dev
     elite.barrier()  # under torchrun: every process's share is written
 
 
+def draw_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
+    """--vis: this process's share of the scans, every k-th, drawn with their pseudo-labels."""
+    from tqdm import tqdm
+    i, n = args.shard
+    scans = [s for s in elite.list_scans(root, sequences)[i::n][::args.vis_every] if elite.plg_path(s).is_file()]
+    calibs = {}
+    for scan in tqdm(scans, desc="drawing pseudo-labels", disable=not elite.distributed().main, dynamic_ncols=True):
+        if scan.parent.parent not in calibs:
+            calibs[scan.parent.parent] = elite.read_calib(elite.calib_path(scan))
+        picture = elite.plg_picture(scan, calibs[scan.parent.parent])
+        elite.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
+    print(f"Pseudo-labels of {len(scans)} scans drawn to {args.vis}/sequences/XX/NNNNNN.png")
+
+
 # ---- Training the SAM teacher ----
 
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
@@ -188,11 +210,13 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
 def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path):
     if args.labels == "plg" and (args.plg_only or elite.missing_pseudo_labels(root, args.train_sequences)):
         make_pseudo_labels(args, root, args.train_sequences, device)
-        if args.plg_only:
-            return None
-        if args.shard != (0, 1) and elite.missing_pseudo_labels(root, args.train_sequences):
-            raise elite.DataError(f"{root}: pseudo-labels of other shards are still missing; "
-                                  "run the other shards (or drop --shard) before training")
+    if args.vis is not None:
+        draw_pseudo_labels(args, root, args.train_sequences)
+    if args.plg_only:
+        return None
+    if args.labels == "plg" and args.shard != (0, 1) and elite.missing_pseudo_labels(root, args.train_sequences):
+        raise elite.DataError(f"{root}: pseudo-labels of other shards are still missing; "
+                              "run the other shards (or drop --shard) before training")
     # The student's dataset with its camera view on: per scan, the crop and the points in it.
     train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
                                     crop_hw=args.crop, dense=args.labels == "plg")
