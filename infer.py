@@ -171,7 +171,8 @@ def print_summary(args, scans: list[Path], device: torch.device, model: str) -> 
     sequences = sorted({s.parent.parent.name for s in scans})
     outputs = f"{args.out}/sequences/XX/predictions/NNNNNN.label"
     if args.vis is not None:
-        outputs += f"; pictures {args.vis}/sequences/XX/NNNNNN.png (every {args.vis_every}. frame)"
+        often = "every frame" if args.vis_every == 1 else f"every {args.vis_every}th frame"
+        outputs += f"; pictures {args.vis}/sequences/XX/NNNNNN.png ({often})"
     elite.print_summary("infer.py: predictions", {
         "device": f"{elite.describe_device(device)}, {'bf16 autocast' if args.amp else 'float32'}",
         "data": f"{len(scans)} scans of sequences {' '.join(sequences)} "

@@ -241,7 +241,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     if teacher is None:
         describe = "none (the baseline: the student alone)"
     else:
-        describe = (f"teacher {args.teacher} (SAM {teacher.cfg.variant}, {args.teacher_mode}, {args.labels} 2D "
+        describe = (f"{args.teacher} (SAM {teacher.cfg.variant}, {args.teacher_mode}, {args.labels} 2D "
                     f"labels, crop {teacher.cfg.crop_hw[0]}x{teacher.cfg.crop_hw[1]})")
     return Setup(model, loader, optimizer, parts, loss_terms, lambda: elite.evaluate(model, val_loader, scores),
                  checkpoints, allocator.step if allocator is not None else None, describe, val_set)
@@ -314,8 +314,7 @@ def main(argv=None):
     setup = (setup_elite if args.method == "elite" else setup_u2mkd)(args, root, device, resumed)
     run = elite.RunState.resumed(resumed) if resumed is not None else elite.RunState()
     elite.print_summary(f"train_student.py: the {'ELiTe' if args.method == 'elite' else 'U2MKD fusion'} student", {
-        "device": f"{elite.describe_device(device)}, "
-                  f"{'bf16 autocast' if args.amp else 'float32'}",
+        "device": f"{elite.describe_device(device)}, {'bf16 autocast' if args.amp else 'float32'}",
         "data": elite.describe_data(root, setup.loader.dataset, args.train_sequences, setup.val_set,
                                     args.val_sequences),
         "student": f"{type(setup.model).__name__}, {elite.count_parameters(setup.model):,} parameters",

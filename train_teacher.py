@@ -264,8 +264,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
 
     trainable = sum(p.numel() for p in params)
     elite.print_summary("train_teacher.py: ELiTe's SAM image teacher", {
-        "device": f"{elite.describe_device(device)}, "
-                  f"{'bf16 autocast' if args.amp else 'float32'}",
+        "device": f"{elite.describe_device(device)}, {'bf16 autocast' if args.amp else 'float32'}",
         "data": elite.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences)
                 + f"; {args.labels} 2D labels, crops {args.crop[0]}x{args.crop[1]}",
         "teacher": f"SAM {args.variant} ({args.sam_checkpoint or 'random weights'}) with {args.peft} r={args.rank}: "
@@ -326,8 +325,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
             elite.atomic_save(best, best_path)
 
     elite.print_summary("train_teacher.py --teacher lidar: U2MKD's LiDAR-only teacher", {
-        "device": f"{elite.describe_device(device)}, "
-                  f"{'bf16 autocast' if args.amp else 'float32'}",
+        "device": f"{elite.describe_device(device)}, {'bf16 autocast' if args.amp else 'float32'}",
         "data": elite.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences),
         "teacher": f"the voxel student at width x{args.width}, {elite.count_parameters(model):,} parameters",
         "augmentation": (f"{args.paste} instances pasted per scan from {u2mkd.instance_db_path(root)} ({len(db)} "
