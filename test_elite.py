@@ -1984,17 +1984,17 @@ def test_resuming_mid_epoch_with_another_batch_size_is_refused(synth_root, tmp_p
 
 
 def test_sam_plg_killed_midway_resumes_without_redoing_or_corrupt_files(tmp_path):
-    root = synthkitti.make_dataset(tmp_path / "d", {"00": 6}, columns=128, seed=4, progress=False)
+    root = synthkitti.make_dataset(tmp_path / "d", {"00": 8}, columns=128, seed=4, progress=False)
     folder = root / "sequences/00/image_2_plg"
     args = ["--data", str(root), "--preset", "embedded", "--plg-only", "--train-sequences", "00", "--device", "cpu"]
     proc = start_script("train_teacher.py", args, tmp_path / "first.log")
-    kill_when(proc, lambda: folder.is_dir() and len(list(folder.glob("*.npy"))) >= 2)
+    kill_when(proc, lambda: folder.is_dir() and any(folder.glob("*.npy")))
     done = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.npy")}
-    assert 2 <= len(done) < 6
-    (folder / "000005.npy.killed00.tmp").write_bytes(b"half a file")  # as a kill mid-write leaves it
+    assert 1 <= len(done) < 8
+    (folder / "000007.npy.killed00.tmp").write_bytes(b"half a file")  # as a kill mid-write leaves it
     printed = finish(start_script("train_teacher.py", args, tmp_path / "second.log"), tmp_path / "second.log")
-    assert f"{6 - len(done)} written, {len(done)} already there" in printed
-    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.npy" for i in range(6)]  # no temporaries
+    assert f"{8 - len(done)} written, {len(done)} already there" in printed
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.npy" for i in range(8)]  # no temporaries
     assert {n: (folder / n).stat().st_mtime_ns for n in done} == done  # the finished ones were not redone
     calib = elite.read_calib(root / "sequences/00/calib.txt")
     for scan in elite.list_scans(root, ["00"]):  # every file whole and equal to an uninterrupted run's
