@@ -2149,11 +2149,13 @@ def config_of(args) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
-def describe_device(device: torch.device) -> str:
-    """'cuda:0 (NVIDIA H100 ...)' or 'cpu (2 threads)', times the torchrun processes."""
+def describe_device(device: torch.device, amp: bool | None = None) -> str:
+    """'cuda:0 (NVIDIA H100 ...)' or 'cpu (2 threads)', times the torchrun processes, and with
+    amp given the precision."""
     what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     size = distributed().size
-    return f"{device} ({what})" + (f" x {size} processes" if size > 1 else "")
+    text = f"{device} ({what})" + (f" x {size} processes" if size > 1 else "")
+    return text if amp is None else text + (", bf16 autocast" if amp else ", float32")
 
 
 def print_summary(title: str, rows: dict[str, str]) -> None:
@@ -2286,6 +2288,12 @@ class RunState:
 
     def where(self) -> str:
         return f"epoch {self.epoch + 1}" + (f", batch {self.batch}" if self.batch else "") + f", step {self.step}"
+
+    def start(self, checkpoint: Path, resumed: bool, metric="mIoU") -> str:
+        """The start-up summary's line: a fresh run, or where a resumed one goes on."""
+        if not resumed:
+            return "from scratch"
+        return f"resumed from {checkpoint}: {self.where()}, best {metric} {100 * self.best_miou:.1f}"
 
 
 def log_metrics(path: Path, row: dict) -> None:

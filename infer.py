@@ -174,7 +174,7 @@ def print_summary(args, scans: list[Path], device: torch.device, model: str) -> 
         often = "every frame" if args.vis_every == 1 else f"every {args.vis_every}th frame"
         outputs += f"; pictures {args.vis}/sequences/XX/NNNNNN.png ({often})"
     elite.print_summary("infer.py: predictions", {
-        "device": f"{elite.describe_device(device)}, {'bf16 autocast' if args.amp else 'float32'}",
+        "device": elite.describe_device(device, args.amp),
         "data": f"{len(scans)} scans of sequences {' '.join(sequences)} "
                 f"({args.sequence if args.sequence else f'{args.data}, split {args.split}'}), {args.votes} vote(s)",
         "model": model,

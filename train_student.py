@@ -314,7 +314,7 @@ def main(argv=None):
     setup = (setup_elite if args.method == "elite" else setup_u2mkd)(args, root, device, resumed)
     run = elite.RunState.resumed(resumed) if resumed is not None else elite.RunState()
     elite.print_summary(f"train_student.py: the {'ELiTe' if args.method == 'elite' else 'U2MKD fusion'} student", {
-        "device": f"{elite.describe_device(device)}, {'bf16 autocast' if args.amp else 'float32'}",
+        "device": elite.describe_device(device, args.amp),
         "data": elite.describe_data(root, setup.loader.dataset, args.train_sequences, setup.val_set,
                                     args.val_sequences),
         "student": f"{type(setup.model).__name__}, {elite.count_parameters(setup.model):,} parameters",
@@ -322,8 +322,7 @@ def main(argv=None):
         "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(setup.loader)} steps of {args.batch_size} "
                     f"scans per process, lr {args.lr}",
         "outputs": elite.describe_outputs(args.out, args.save_every),
-        "start": f"resumed from {last_path}: {run.where()}, best mIoU {100 * run.best_miou:.1f}"
-                 if resumed is not None else "from scratch"})
+        "start": run.start(last_path, resumed is not None)})
     torch.manual_seed(args.seed + world.rank)  # from here on, each process draws its own numbers
     objective = elite.data_parallel(elite.Objective(setup.parts, setup.loss_terms), args.sync_bn,
                                     some_unused=args.method == "u2mkd")  # scans without images

@@ -264,7 +264,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
 
     trainable = sum(p.numel() for p in params)
     elite.print_summary("train_teacher.py: ELiTe's SAM image teacher", {
-        "device": f"{elite.describe_device(device)}, {'bf16 autocast' if args.amp else 'float32'}",
+        "device": elite.describe_device(device, args.amp),
         "data": elite.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences)
                 + f"; {args.labels} 2D labels, crops {args.crop[0]}x{args.crop[1]}",
         "teacher": f"SAM {args.variant} ({args.sam_checkpoint or 'random weights'}) with {args.peft} r={args.rank}: "
@@ -272,8 +272,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
         "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(loader)} steps of {args.batch_size} images "
                     f"per process, {args.optimizer} lr {args.lr}",
         "outputs": elite.describe_outputs(args.out, args.save_every),
-        "start": f"resumed from {last_path}: {run.where()}, best 2D mIoU {100 * run.best_miou:.1f}"
-                 if args.resume else "from scratch"})
+        "start": run.start(last_path, args.resume, "2D mIoU")})
     torch.manual_seed(args.seed + elite.distributed().rank)  # from here on, each process draws its own numbers
     objective = elite.data_parallel(elite.Objective([teacher], loss_terms), args.sync_bn)
     conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
@@ -325,7 +324,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
             elite.atomic_save(best, best_path)
 
     elite.print_summary("train_teacher.py --teacher lidar: U2MKD's LiDAR-only teacher", {
-        "device": f"{elite.describe_device(device)}, {'bf16 autocast' if args.amp else 'float32'}",
+        "device": elite.describe_device(device, args.amp),
         "data": elite.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences),
         "teacher": f"the voxel student at width x{args.width}, {elite.count_parameters(model):,} parameters",
         "augmentation": (f"{args.paste} instances pasted per scan from {u2mkd.instance_db_path(root)} ({len(db)} "
@@ -334,8 +333,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(loader)} steps of {args.batch_size} scans "
                     f"per process, lr {args.lr}",
         "outputs": elite.describe_outputs(args.out, args.save_every),
-        "start": f"resumed from {last_path}: {run.where()}, best mIoU {100 * run.best_miou:.1f}"
-                 if args.resume else "from scratch"})
+        "start": run.start(last_path, args.resume)})
     torch.manual_seed(args.seed + elite.distributed().rank)  # from here on, each process draws its own numbers
     objective = elite.data_parallel(elite.Objective([model], loss_terms), args.sync_bn)
     conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
