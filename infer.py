@@ -363,6 +363,33 @@ def median_ms(fn, repeats: int, sync=lambda: None) -> float:
     return 1000 * statistics.median(times)
 
 
+def alternating_median_ms(fns: list, rounds: int, sync=lambda: None) -> list[float]:
+    """Median time of each fn, timed in turn round after round: on shared cloud cores whose
+    speed drifts, every fn sees the same drift, so ratios between them stay meaningful. Each
+    timed call follows an untimed one of the same fn, so it finds the caches as in a loop."""
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, t in zip(fns, times):
+            fn()
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            t.append(time.perf_counter() - start)
+    return [1000 * statistics.median(t) for t in times]
+
+
+def products_only(feats: torch.Tensor, weight: torch.Tensor, nmap: elite.NeighbourMap) -> torch.Tensor:
+    """The convolution's matrix products on rows already in place, without the gathers and
+    scatter-adds around them: the floor of elite.submconv3d's cost at this matmul speed."""
+    out = feats @ weight[1, 1, 1]
+    product = torch.empty_like(out)
+    for (i, _), (dx, dy, dz) in zip(nmap.pairs, nmap.offsets):
+        for w in (weight[1 + dx, 1 + dy, 1 + dz], weight[1 - dx, 1 - dy, 1 - dz]):
+            torch.mm(feats[:len(i)], w, out=product[:len(i)])
+    return out
+
+
 def benchmark_scan() -> tuple[np.ndarray, np.ndarray, str]:
     """(points (N, 4), training labels (N,), where they come from)."""
     frame = REALDATA / "sequences" / "00" / "velodyne" / "000000.bin"
@@ -436,24 +463,35 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
     weight = torch.randn(3, 3, 3, 64, 64, device=device) * 0.05
     flops = nmap.num_pairs * 64 * 64 * 2
     t_map = median_ms(lambda: elite.build_neighbour_map(vox.coords), repeats, sync)
-    t_conv = median_ms(lambda: elite.submconv3d(feats, vox.coords, weight, nmap), repeats, sync)
     dense = torch.randn(4096, 4096, device=device)
-    t_dense = median_ms(lambda: dense @ dense, max(3, repeats // 3), sync)
+    t_conv, t_products, t_dense = alternating_median_ms(
+        [lambda: elite.submconv3d(feats, vox.coords, weight, nmap), lambda: products_only(feats, weight, nmap),
+         lambda: dense @ dense], max(5, repeats // 2), sync)
     dense_rate = 2 * 4096 ** 3 / t_dense / 1e6
+
+    def rate(ms):
+        return f"{flops / ms / 1e6:6.1f} GFLOP/s ({100 * flops / ms / 1e6 / dense_rate:.0f}% of dense matmul)"
+
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\n[{device}{threads}] float32")
     print(f"  3x3x3 SubM conv 64->64 on {len(vox):,} voxels, {nmap.num_pairs:,} neighbour pairs")
     print(f"    neighbour map            {t_map:8.1f} ms")
-    print(f"    convolution              {t_conv:8.1f} ms  = {flops / t_conv / 1e6:6.1f} GFLOP/s "
-          f"({100 * flops / t_conv / 1e6 / dense_rate:.0f}% of dense matmul)")
+    print(f"    convolution              {t_conv:8.1f} ms  = {rate(t_conv)}")
+    print(f"      its products alone     {t_products:8.1f} ms  = {rate(t_products)}: the rest is gather and scatter-add")
     print(f"    map + convolution        {t_map + t_conv:8.1f} ms")
     print(f"    dense 4096x4096 matmul   {dense_rate:8.1f} GFLOP/s")
+    # The forward's 16 convolutions (4 at each of scales 1/2/4/8) reduced to their products.
+    per_scale = [elite.build_neighbour_map(elite.voxelize(points[:, :3], batch_idx, s).coords) for s in (1, 2, 4, 8)]
+    per_scale = [(torch.randn(m.num_voxels, 64, device=device), m) for m in per_scale]
+    t_floor = median_ms(lambda: [products_only(f, weight, m) for f, m in per_scale for _ in range(4)], repeats, sync)
     # bf16 runs on GPUs always; on a CPU only when asked (most CPUs have no bf16 units).
     for amp in (False, True) if device.type == "cuda" or args.amp else (False,):
         precision = "bf16 autocast" if amp else "float32"
         with torch.no_grad(), elite.autocast(device, amp):
             t_fwd = median_ms(lambda: model(points, batch_idx), repeats, sync)
         print(f"  {'student forward, ' + precision:<31}{t_fwd:8.1f} ms  = {1000 / t_fwd:.1f} Hz (median of {repeats})")
+        if not amp:
+            print(f"    its 16 convolutions' products alone {t_floor:6.1f} ms: the floor at this matmul speed")
         step = lambda: student_training_step(model, points, batch_idx, labels, amp)  # noqa: E731
         step()  # warm-up
         t_step = median_ms(step, max(3, repeats // 3), sync)
