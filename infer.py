@@ -457,9 +457,10 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
     batch_idx = torch.zeros(len(points), dtype=torch.long, device=device)
     torch.manual_seed(0)
     model = elite.Student().to(device).eval()
-    vox = elite.voxelize(points[:, :3], batch_idx, 1)
-    nmap = elite.build_neighbour_map(vox.coords)
-    feats = torch.randn(len(vox), 64, device=device)
+    voxels = [elite.voxelize(points[:, :3], batch_idx, s) for s in (1, 2, 4, 8)]  # the convolved scales
+    nmaps = [elite.build_neighbour_map(v.coords) for v in voxels]
+    scale_feats = [torch.randn(m.num_voxels, 64, device=device) for m in nmaps]
+    vox, nmap, feats = voxels[0], nmaps[0], scale_feats[0]  # one convolution at scale 1
     weight = torch.randn(3, 3, 3, 64, 64, device=device) * 0.05
     flops = nmap.num_pairs * 64 * 64 * 2
     t_map = median_ms(lambda: elite.build_neighbour_map(vox.coords), repeats, sync)
@@ -481,9 +482,8 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
     print(f"    map + convolution        {t_map + t_conv:8.1f} ms")
     print(f"    dense 4096x4096 matmul   {dense_rate:8.1f} GFLOP/s")
     # The forward's 16 convolutions (4 at each of scales 1/2/4/8) reduced to their products.
-    per_scale = [elite.build_neighbour_map(elite.voxelize(points[:, :3], batch_idx, s).coords) for s in (1, 2, 4, 8)]
-    per_scale = [(torch.randn(m.num_voxels, 64, device=device), m) for m in per_scale]
-    t_floor = median_ms(lambda: [products_only(f, weight, m) for f, m in per_scale for _ in range(4)], repeats, sync)
+    t_floor = median_ms(lambda: [products_only(f, weight, m) for f, m in zip(scale_feats, nmaps) for _ in range(4)],
+                        repeats, sync)
     # bf16 runs on GPUs always; on a CPU only when asked (most CPUs have no bf16 units).
     for amp in (False, True) if device.type == "cuda" or args.amp else (False,):
         precision = "bf16 autocast" if amp else "float32"
