@@ -24,8 +24,11 @@ in README.md under "Differences from the official code".
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -165,6 +168,8 @@ def read_calib(path) -> dict[str, np.ndarray]:
             raise DataError(f"{path}: no '{key}:' line")
         if mats[key].size != 12:
             raise DataError(f"{path}: '{key}' has {mats[key].size} values, expected 12 (a 3x4 matrix)")
+        if not np.isfinite(mats[key]).all():
+            raise DataError(f"{path}: '{key}' holds non-finite values (NaN or Inf): no point could be projected")
     p2 = mats["P2"].reshape(3, 4)
     tr = np.eye(4)
     tr[:3] = mats["Tr"].reshape(3, 4)
@@ -231,9 +236,12 @@ def image_path(scan_path: Path) -> Path:
     return scan_path.parent.parent / "image_2" / (scan_path.stem + ".png")
 
 
-def plg_path(scan_path: Path) -> Path:
-    """Where SAM-PLG writes the pseudo-labels of a scan: sequences/XX/image_2_plg/NNNNNN.npy."""
-    return scan_path.parent.parent / "image_2_plg" / (scan_path.stem + ".npy")
+def plg_path(scan_path: Path, derived: Path | None = None) -> Path:
+    """Where SAM-PLG writes the pseudo-labels of a scan: sequences/XX/image_2_plg/NNNNNN.npy
+    inside the dataset, or under `derived` (--derived-dir) when the dataset is read-only."""
+    sequence = scan_path.parent.parent
+    folder = sequence if derived is None else Path(derived) / "sequences" / sequence.name
+    return folder / "image_2_plg" / (scan_path.stem + ".npy")
 
 
 def rendered_labels_path(scan_path: Path) -> Path:
@@ -245,15 +253,36 @@ def calib_path(scan_path: Path) -> Path:
     return scan_path.parent.parent / "calib.txt"
 
 
+@functools.lru_cache(maxsize=None)
+def sequence_frame(sequence: Path) -> tuple[Path, int, int] | None:
+    """The first image of a sequence's image_2/ and its (height, width), read from the file's
+    header: every frame of a KITTI sequence has this size (None: the sequence has no image)."""
+    from PIL import Image
+    first = min((sequence / "image_2").glob("*.png"), default=None)
+    if first is None:
+        return None
+    try:
+        with Image.open(first) as im:
+            return first, im.height, im.width
+    except OSError as e:
+        raise DataError(f"{first}: cannot decode image ({e})") from None
+
+
 def read_frame(scan_path: Path, calib: dict[str, np.ndarray]) -> np.ndarray:
     """The scan's camera frame (H, W, 3), checked against its sequence's calibration. In every
-    KITTI sequence P2 puts the principal point near the image centre; an image of another size
-    (resized, cropped, from another camera) would put every projected point on a wrong pixel."""
+    KITTI sequence P2 puts the principal point within 2% of the image centre (checked at 10%), and all frames
+    of a sequence have one size; an image of another size (resized, cropped, from another
+    camera) would put every projected point on a wrong pixel."""
     path = image_path(scan_path)
     image = read_image(path)
     h, w = image.shape[:2]
+    first, fh, fw = sequence_frame(scan_path.parent.parent)
+    if (h, w) != (fh, fw):
+        raise DataError(f"{path}: a {w}x{h} image, but the frames of this sequence are {fw}x{fh} ({first.name}); "
+                        f"{calib_path(scan_path)} holds one camera for all of them: image_2 must hold the frames "
+                        "as recorded, not resized or cropped")
     cx, cy = calib["P2"][0, 2], calib["P2"][1, 2]
-    if not (w / 4 < cx < 3 * w / 4 and h / 4 < cy < 3 * h / 4):
+    if not (abs(cx - w / 2) < 0.1 * w and abs(cy - h / 2) < 0.1 * h):
         raise DataError(f"{path}: a {w}x{h} image does not match {calib_path(scan_path)}, whose P2 puts the "
                         f"principal point at ({cx:.0f}, {cy:.0f}), not near the image centre ({w / 2:.0f}, "
                         f"{h / 2:.0f}); image_2 must hold the camera frames as recorded")
@@ -504,7 +533,8 @@ class SemanticKITTI(torch.utils.data.Dataset):
     crop). camera=True adds each scan's crop of image_2 and the points inside it; dense=True
     also the crop of its SAM-PLG pseudo-labels (image_2_plg/)."""
 
-    def __init__(self, root, sequences, train=False, seed=0, camera=False, crop_hw=CROP_HW, dense=False):
+    def __init__(self, root, sequences, train=False, seed=0, camera=False, crop_hw=CROP_HW, dense=False,
+                 derived: Path | None = None):
         self.scans = list_scans(root, sequences)
         check_scan_files(self.scans)
         self.train = train
@@ -515,17 +545,23 @@ class SemanticKITTI(torch.utils.data.Dataset):
         if train and unlabelled:
             raise DataError(f"{label_path(unlabelled[0])}: label file not found ({len(unlabelled)} training scans "
                             "have none)")
-        self.camera, self.crop_hw, self.dense = camera, tuple(crop_hw), dense
+        self.camera, self.crop_hw, self.dense, self.derived = camera, tuple(crop_hw), dense, derived
         self.calibs: dict[Path, dict] = {}  # sequence folder -> read_calib()
         if camera:
             self.check_camera_files()
 
     def check_camera_files(self) -> None:
-        """Every scan's image and calibration are there: found now, not when the scan's turn comes."""
+        """Every scan's image and calibration are there, and the crop fits in each sequence's
+        frames: found now, not when the scan's turn comes."""
         for scan in self.scans:
             self.calib(scan)
             if not image_path(scan).is_file():
                 raise DataError(f"{image_path(scan)}: image not found (the camera view needs image_2/ of every scan)")
+        for sequence in sorted({scan.parent.parent for scan in self.scans}):
+            first, h, w = sequence_frame(sequence)
+            if self.crop_hw[0] > h or self.crop_hw[1] > w:
+                raise DataError(f"{first}: a {w}x{h} frame is smaller than the {self.crop_hw[0]}x{self.crop_hw[1]} "
+                                "crop (--crop H W)")
 
     def __len__(self):
         return len(self.scans)
@@ -557,12 +593,37 @@ class SemanticKITTI(torch.utils.data.Dataset):
         view = view_points = None
         if self.camera:
             image = read_frame(path, self.calib(path))
-            dense = read_pixel_labels(plg_path(path), *image.shape[:2])[0] if self.dense else None
+            dense = read_pixel_labels(plg_path(path, self.derived), *image.shape[:2])[0] if self.dense else None
             view, view_points = camera_view(image, pts[:, :3], self.calib(path)["proj"], self.crop_hw, rng_2d,
                                             self.train, dense)
         if self.train:
             pts[:, :3] = augment_xyz(pts[:, :3], rng)  # after projection: pixels stay valid
         return Scan(pts, labels[keep], keep, len(points), path, view, view_points)
+
+
+def check_splits(train_set: SemanticKITTI, val_set: SemanticKITTI, samples=16) -> None:
+    """Before training: the splits can teach and be scored. Training labels that are all 0
+    (unlabeled, checked on up to `samples` scans spread over the split) teach nothing;
+    validation scans without labels cannot be scored; a sequence in both splits scores scans
+    the model trained on."""
+    both = sorted({s.parent.parent.name for s in train_set.scans} & {s.parent.parent.name for s in val_set.scans})
+    if both:
+        warnings.warn(f"sequences {both} are both training and validation sequences: validation then "
+                      "scores scans the model trained on")
+    if not any(val_set.has_labels):
+        raise DataError(f"{label_path(val_set.scans[0]).parent}: none of the {len(val_set)} validation scans has a "
+                        ".label file, so validation cannot score them; give --val-sequences that have labels")
+    unlabelled = val_set.has_labels.count(False)
+    if unlabelled:
+        warnings.warn(f"{label_path(val_set.scans[val_set.has_labels.index(False)])}: {unlabelled} of the "
+                      f"{len(val_set)} validation scans have no .label file and are not scored")
+    m = min(samples, len(train_set))
+    picks = sorted({round(k * (len(train_set) - 1) / max(m - 1, 1)) for k in range(m)})
+    checked = [label_path(train_set.scans[i]) for i in picks]
+    if all(not to_train_ids(read_labels(path)[0], path).any() for path in checked):
+        raise DataError(f"{checked[0].parent}: every point of the {len(checked)} training .label files checked "
+                        f"({checked[0].name} ... {checked[-1].name}) is unlabeled (training id 0): there is nothing "
+                        "to learn from")
 
 
 def collate(scans: list[Scan]) -> Batch:
@@ -955,6 +1016,11 @@ class StudentOutput:
     point_voxels: list[Voxels] = field(default_factory=list)      # the voxels of scales 2, 4, 8, 16
 
 
+class TooFewVoxels(ValueError):
+    """A training batch whose coarsest scale holds one voxel: BatchNorm cannot normalise a
+    single row (the context pooling of scale 8 has as many groups as scale 16 has voxels)."""
+
+
 class Student(nn.Module):
     """The ELiTe/2DPASS LiDAR student: 1,933,460 parameters with the defaults."""
 
@@ -973,6 +1039,9 @@ class Student(nn.Module):
         reaches the classifier and the next block: U2MKD's camera-LiDAR fusion (u2mkd.py)."""
         with torch.no_grad():
             voxels = [voxelize(points[:, :3], batch_idx, s) for s in (1,) + tuple(self.cfg.scales)]
+        if self.training and len(voxels[-1]) < 2:
+            raise TooFewVoxels(f"the batch's {len(points)} points fill {len(voxels[-1])} voxel(s) at scale "
+                               f"{self.cfg.scales[-1]}: BatchNorm needs two")
         x = self.input_encoder(points, voxels[0])  # (V1, 64)
         point_feats, stage_feats = [], []
         for k, (block, vox_l, vox_s) in enumerate(zip(self.blocks, voxels[:-1], voxels[1:])):
@@ -1531,27 +1600,27 @@ def teacher_state(teacher: Teacher) -> dict:
             "sam_checkpoint": teacher.sam_checkpoint, "weights": weights}
 
 
-def load_teacher_state(state: dict, sam_checkpoint=None) -> Teacher:
-    """Rebuild a teacher from teacher_state(); sam_checkpoint overrides the recorded path."""
+def load_teacher_state(state: dict, sam_checkpoint=None, path="teacher state") -> Teacher:
+    """Rebuild a teacher from teacher_state() (read from path); sam_checkpoint overrides the
+    recorded SAM path."""
     cfg = TeacherConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["teacher_config"].items()})
     sam = sam_checkpoint or state["sam_checkpoint"]
     teacher = Teacher(cfg)
     if sam is not None:
         load_sam_checkpoint(teacher.encoder, sam, cfg.variant)
         teacher.sam_checkpoint = str(sam)
-    result = teacher.load_state_dict(state["weights"], strict=False)
+    result = load_state(teacher, state["weights"], path, strict=False)
     trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
     missing = [k for k in result.missing_keys if k in trainable or sam is None]
-    if missing or result.unexpected_keys:
-        raise DataError(f"teacher state does not fit a {cfg.variant}/{cfg.peft} teacher: "
-                        f"{len(missing)} tensors missing, {len(result.unexpected_keys)} unexpected "
-                        f"(e.g. {(missing + result.unexpected_keys)[0]})")
+    if missing:
+        raise DataError(f"{path}: does not fit a {cfg.variant}/{cfg.peft} teacher: {len(missing)} tensors "
+                        f"missing (e.g. {missing[0]})")
     return teacher
 
 
 def load_teacher(path, sam_checkpoint=None, map_location="cpu") -> tuple[Teacher, dict]:
     ckpt = load_checkpoint(path, TEACHER_KIND, map_location)
-    return load_teacher_state(ckpt, sam_checkpoint), ckpt
+    return load_teacher_state(ckpt, sam_checkpoint, path), ckpt
 
 
 # =====================================================================================
@@ -1830,24 +1899,25 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def missing_pseudo_labels(root, sequences) -> int:
+def missing_pseudo_labels(root, sequences, derived: Path | None = None) -> int:
     """Labelled scans without a pseudo-label file (scans without labels get none)."""
-    return sum(label_path(s).is_file() and not plg_path(s).is_file() for s in list_scans(root, sequences))
+    return sum(label_path(s).is_file() and not plg_path(s, derived).is_file() for s in list_scans(root, sequences))
 
 
-def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True) -> dict[str, int]:
-    """Write plg_path(scan) for every labelled scan of this shard -> counts of files
+def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True,
+                           derived: Path | None = None) -> dict[str, int]:
+    """Write plg_path(scan, derived) for every labelled scan of this shard -> counts of files
     written, already there (skipped, so a stopped run resumes) and scans without labels."""
     from tqdm import tqdm
     i, n = shard
     if not 0 <= i < n:
         raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
     scans = list_scans(root, sequences)[i::n]
-    remove_partial_writes(plg_path(s) for s in scans)  # left by a run killed mid-write
+    remove_partial_writes(plg_path(s, derived) for s in scans)  # left by a run killed mid-write
     counts = {"written": 0, "existing": 0, "unlabelled": 0}
     calibs = {}  # sequence folder -> read_calib()
     for scan in tqdm(scans, desc=f"SAM-PLG {i}/{n}", unit="scan", disable=not progress, dynamic_ncols=True):
-        out = plg_path(scan)
+        out = plg_path(scan, derived)
         if out.is_file():
             counts["existing"] += 1
             continue
@@ -2007,21 +2077,33 @@ def evaluate(model: nn.Module, loader, scores) -> ConfusionMatrix:
 # 14. Checkpoints and the optimiser recipe
 # =====================================================================================
 
+_UMASK = os.umask(0o022)  # read once, put back at once: written files get 0o666 & ~umask, as open() gives
+os.umask(_UMASK)
+
+
 def atomic_write(path, write) -> None:
     """Call write(file) on a temporary file in the same folder, then rename it to path:
-    a crash mid-write never leaves a truncated checkpoint or label file."""
+    a crash mid-write never leaves a truncated checkpoint or label file, and a write that
+    fails (a full disk, a read-only folder) leaves the previous file as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be written ({e.strerror or e}); nothing was written") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; others may need to read them
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            kept = "the previous file is unchanged" if path.exists() else "no partial file was left"
+            raise DataError(f"{path}: could not be written ({e.strerror or e}); nothing was lost: {kept}") from None
         raise
 
 
@@ -2041,9 +2123,57 @@ def remove_partial_writes(targets) -> int:
     return removed
 
 
+def non_finite_tensors(obj, prefix="") -> list[str]:
+    """Names of the floating-point tensors in a (nested) checkpoint that hold NaN or Inf."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in non_finite_tensors(v, f"{prefix}[{i}]")]
+    return []
+
+
 def atomic_save(obj, path):
-    """torch.save, atomically."""
+    """torch.save, atomically; a checkpoint with a non-finite tensor is never written."""
+    bad = non_finite_tensors(obj)
+    if bad:
+        raise DataError(f"{path}: not written: {len(bad)} tensors hold NaN or Inf (e.g. '{bad[0]}'), the model "
+                        f"has diverged; {Path(path).name} on disk is unchanged")
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_state(module: nn.Module, state: dict, path, strict=True):
+    """module.load_state_dict(state), with an error that names the file and the tensor when
+    the checkpoint does not fit the model. strict=False: tensors may be missing."""
+    own = module.state_dict()
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise DataError(f"{path}: tensor '{key}' has shape {tuple(value.shape)}, the model expects "
+                            f"{tuple(own[key].shape)}")
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if unexpected or (strict and missing):
+        raise DataError(f"{path}: does not fit the model: {len(missing)} tensors missing, {len(unexpected)} "
+                        f"unexpected (e.g. '{(missing + unexpected)[0]}')")
+    return module.load_state_dict(state, strict=strict)
+
+
+def load_last(path, kind: str, map_location="cpu") -> dict:
+    """--resume: a last.pt of this kind, with the optimiser and run state a model-only file
+    (a best.pt copied in its place) does not have."""
+    ckpt = load_checkpoint(path, kind, map_location)
+    if ckpt.get("optimizer") is None or "config" not in ckpt or "step" not in ckpt:
+        raise DataError(f"{path}: holds the model only (a best.pt?), not the optimiser and run state --resume "
+                        "needs; resume from the last.pt its run wrote")
+    return ckpt
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: dict, path) -> None:
+    """--resume: the optimiser state of a last.pt (load_last), checked against this run's parameters."""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{path}: its optimiser state does not fit this run's parameters ({e})") from None
 
 
 STUDENT_KIND = "elite-student"
@@ -2070,7 +2200,7 @@ def load_student(path, map_location="cpu") -> tuple[Student, dict]:
     ckpt = load_checkpoint(path, STUDENT_KIND, map_location)
     cfg = StudentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["student_config"].items()})
     model = Student(cfg)
-    model.load_state_dict(ckpt["model"])
+    load_state(model, ckpt["model"], path)
     return model, ckpt
 
 
@@ -2203,10 +2333,19 @@ class Objective(nn.Module):
         return self.loss_terms(batch)
 
 
+class Stopped(Exception):
+    """A run stopped by a signal: the message says where its last checkpoint is."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def run_script(main, argv=None) -> None:
     """Every script's entry point: bad input (a DataError, also one raised in a DataLoader
     worker, which torch re-raises wrapped in the worker's traceback) ends the script with
-    'error: FILE: what is wrong' and exit status 1, not a traceback."""
+    'error: FILE: what is wrong' and exit status 1, not a traceback; Ctrl-C and SIGTERM end
+    it with one line that says where the last checkpoint is (exit status 130 / 143)."""
     try:
         main(argv)
     except DataError as e:
@@ -2214,11 +2353,70 @@ def run_script(main, argv=None) -> None:
         if "\nOriginal Traceback" in text:  # from a worker: the original message is the last line
             text = text.splitlines()[-1].split("DataError: ", 1)[-1]
         sys.exit(f"error: {text}")
+    except Stopped as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(e.code)
+    except KeyboardInterrupt:  # outside training: every file is whole (atomic writes)
+        print("interrupted (Ctrl-C); every file written so far is whole", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+# ---- Flags: checked when parsed, one usage line each ----
+
+def _flag_type(convert, test, wants: str):
+    def check(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {wants}, got '{text}'")
+        return value
+    check.__name__ = wants  # argparse names the type in its message
+    return check
+
+
+positive_int = _flag_type(int, lambda v: v > 0, "a positive integer")
+count_int = _flag_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _flag_type(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+probability = _flag_type(float, lambda v: 0 <= v <= 1, "a probability between 0 and 1")
+
+
+def device_flag(text: str) -> str:
+    """--device: a torch device this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"'{text}': this machine has no CUDA device (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: their docstring as written, and every flag's default shown
+    (flags whose default depends on the preset or another flag say so in their help)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def add_run_flags(parser) -> None:
-    """The trainers' --save-every, --amp and --sync-bn."""
-    parser.add_argument("--save-every", type=int, default=500,
+    """The trainers' --resume, --overwrite, --device, --seed, --save-every, --amp and --sync-bn."""
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/last.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run in an OUT that holds one, deleting its last.pt, best.pt and "
+                             "metrics.csv (without it, such an OUT is refused); never replaces another kind of model")
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when present, else cpu)")
+    parser.add_argument("--seed", type=count_int, default=0, help="seed for weights, shuffling and augmentation")
+    parser.add_argument("--save-every", type=count_int, default=500,
                         help="also write last.pt every this many steps inside an epoch, so that a killed run "
                              "resumes (--resume) from the next batch, not the epoch's start (0: epoch ends only)")
     parser.add_argument("--amp", action="store_true",
@@ -2246,21 +2444,34 @@ def close_distributed() -> None:
 
 
 def train_step(objective: nn.Module, batch, optimizer: torch.optim.Optimizer, amp_device: torch.device | None,
-               after_backward=None) -> tuple[dict[str, torch.Tensor], bool]:
+               after_backward=None) -> tuple[dict[str, torch.Tensor], str | None]:
     """One optimiser step: loss terms (under bf16 autocast on amp_device), backward (DDP
-    averages the gradients over the processes here), clip at norm 1 or skip a non-finite
-    step, after_backward() (AdaLoRA's allocator), step. -> (terms, whether it stepped)."""
-    with autocast(amp_device or torch.device("cpu"), amp_device is not None):
-        terms = objective(batch)
-    loss = sum(t.float() for t in terms.values())
+    averages the gradients over the processes here), clip at norm 1, after_backward()
+    (AdaLoRA's allocator), step. -> (terms, None), or (terms, why) for a skipped step: a
+    non-finite gradient, or a batch too small for BatchNorm. A skipped step leaves the model
+    exactly as it was: the forward already moved BatchNorm's running statistics, which are
+    put back."""
+    buffers = list(objective.buffers())
+    before = [b.clone() for b in buffers]  # running means, variances and batch counts
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if not clip_or_skip([p for group in optimizer.param_groups for p in group["params"]], max_norm=1.0):
-        return terms, False
+    try:
+        with autocast(amp_device or torch.device("cpu"), amp_device is not None):
+            terms = objective(batch)
+        loss = sum(t.float() for t in terms.values())
+        loss.backward()
+        why = None if clip_or_skip([p for g in optimizer.param_groups for p in g["params"]], max_norm=1.0) \
+            else "non-finite loss or gradient"
+    except TooFewVoxels as e:
+        terms, why = {}, str(e)
+    if why is not None:
+        with torch.no_grad():
+            for b, old in zip(buffers, before):
+                b.copy_(old)
+        return terms, why
     if after_backward is not None:
         after_backward()
     optimizer.step()
-    return terms, True
+    return terms, None
 
 
 @dataclass
@@ -2274,6 +2485,7 @@ class RunState:
     sums: dict = field(default_factory=dict)  # the epoch's loss-term sums so far (its metrics row)
     skipped: int = 0        # steps skipped for non-finite gradients
     batch_size: int = 0     # scans per step over all processes (a mid-epoch resume must keep it)
+    skipped_in_row: int = 0  # skipped steps since the last step taken (not stored)
 
     def record(self, miou: float | None) -> dict:
         """What a checkpoint stores of the run ('epoch' is the last finished one; miou None mid-epoch)."""
@@ -2294,6 +2506,53 @@ class RunState:
         if not resumed:
             return "from scratch"
         return f"resumed from {checkpoint}: {self.where()}, best {metric} {100 * self.best_miou:.1f}"
+
+
+def writable_folder(folder: Path, hint: str) -> None:
+    """Check, before any work and without creating anything, that this process can write
+    files into `folder` (or create it): a read-only place fails now with `hint`, not hours
+    later. os.access also sees a read-only file system, for root too."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: is an existing file, not a folder; {hint}")
+    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"{folder}: cannot be made, {existing} is a file; {hint}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{folder}: cannot write there ({existing} is read-only); {hint}")
+
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
+
+
+def claim_run_folder(out: Path, kind: str, resume: bool, overwrite: bool) -> None:
+    """A run folder belongs to one run, checked before any work: a fresh run never lands on
+    another run's files (unless --overwrite), a checkpoint of another kind of model is never
+    replaced, and OUT must be a folder this process can write."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --out is an existing file, not a folder")
+    if resume and overwrite:
+        raise DataError(f"{out}: --resume continues the run there, --overwrite starts it over: pick one")
+    for name in ("last.pt", "best.pt"):
+        if (out / name).is_file():
+            try:
+                found = torch.load(out / name, map_location="cpu", weights_only=False).get("kind")
+            except Exception:
+                found = None  # unreadable: --resume names it; a fresh run needs --overwrite below
+            if found is not None and found != kind:
+                raise DataError(f"{out / name}: holds a '{found}' model and this run trains '{kind}': a run "
+                                "never writes over another kind's checkpoint; choose another --out")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not resume and not overwrite:
+        raise DataError(f"{out}: already holds a run ({', '.join(existing)}); continue it with --resume, start "
+                        "over in it with --overwrite, or give a new --out")
+    if not distributed().main:
+        return
+    writable_folder(out, "give another --out")
+    if overwrite:
+        for name in existing:
+            (out / name).unlink()
 
 
 def log_metrics(path: Path, row: dict) -> None:
@@ -2322,9 +2581,30 @@ def tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
+MAX_SKIPS_IN_A_ROW = 20  # a run whose steps keep failing stops here, with an error saying where
+
+
+class StopRequest:
+    """SIGTERM (a cluster pre-empting the job) asks the loop to stop at the next step's end,
+    after writing last.pt; the handler only raises a flag, so no step is cut in half."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
 def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.Module, epochs: int, lr: float,
         validate, save, after_backward=None, amp_device: torch.device | None = None, metric="val mIoU",
-        metrics_csv: Path | None = None, save_every: int = 0):
+        metrics_csv: Path | None = None, save_every: int = 0, last_path: Path | None = None):
     """The training loop every trainer here shares. Per epoch: shuffling and augmentation drawn
     from (seed, epoch), so a resumed run repeats them; per step: the cosine learning rate and
     train_step(); every save_every steps (0: never), on rank 0, save(run, None, False): a
@@ -2332,8 +2612,9 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
     validate() -> ConfusionMatrix and, on rank 0, save(run, miou, improved). The schedule
     counts optimiser steps, which are global steps: under torchrun each step consumes a batch
     per process. Each epoch's mean loss terms and validation figures go to metrics_csv (and
-    to TensorBoard beside it when installed). Returns the last epoch's confusion matrix (None
-    if nothing was left)."""
+    to TensorBoard beside it when installed). SIGTERM writes last.pt at the current step and
+    stops; Ctrl-C stops and names the last checkpoint written. Returns the last epoch's
+    confusion matrix (None if nothing was left)."""
     from tqdm import tqdm
     world = distributed()
     board = tensorboard_writer(metrics_csv.parent / "tensorboard") if metrics_csv and world.main else None
@@ -2344,49 +2625,87 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                         f"resume it with the same --batch-size and number of processes "
                         f"(now {loader.batch_size} x {world.size})")
     run.batch_size = loader.batch_size * world.size
-    for epoch in range(run.epoch, epochs):
-        loader.dataset.epoch = epoch  # new augmentation each epoch, reproducible on resume
-        loader.sampler.set_epoch(epoch)  # and a new order
-        loader.sampler.skip = run.batch * loader.batch_size  # what a killed run already trained on
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", initial=run.batch, total=len(loader),
-                   dynamic_ncols=True, disable=not world.main)
-        for batch in bar:
-            lr_now = lr * cosine_factor(run.step, total_steps)  # cosine decay per iteration
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now
-            terms, stepped = train_step(objective, batch, optimizer, amp_device,
-                                        partial(after_backward, run.step) if after_backward else None)
-            run.skipped += not stepped
-            run.step += 1
-            run.batch += 1
-            for name, value in terms.items():
-                run.sums[name] = run.sums.get(name, 0.0) + value.item()
-            bar.set_postfix(loss=f"{sum(t.item() for t in terms.values()):.3f}", lr=f"{lr_now:.4f}")
-            if save_every and run.step % save_every == 0 and run.batch < len(loader) and world.main:
-                save(run, None, False)
-        with autocast(amp_device or torch.device("cpu"), amp_device is not None):
-            conf = validate()
-        miou = conf.miou()
-        improved = miou > run.best_miou
-        means = {k: v / len(loader) for k, v in run.sums.items()}
-        run.epoch, run.batch, run.sums, run.best_miou = epoch + 1, 0, {}, max(run.best_miou, miou)
-        present = conf.present()
-        if world.main:
+    saved = [run.where() if run.step else None]  # where the last checkpoint on disk stands
+
+    def checkpoint(miou, improved):
+        try:
             save(run, miou, improved)
-            row = {"epoch": epoch + 1, "step": run.step, "lr": lr * cosine_factor(run.step - 1, total_steps)} | means
-            row |= {"miou": 100 * miou, "miou_present": 100 * float(conf.iou()[present].mean()),
-                    "best_miou": 100 * run.best_miou, "seconds": round(time.time() - start, 1)}
-            if metrics_csv is not None:
-                log_metrics(metrics_csv, row)
-            if board is not None:
-                for key, value in row.items():
-                    board.add_scalar(key, value, epoch + 1)
-            print(f"epoch {epoch + 1}: mean loss terms (rank 0): " + " ".join(f"{k} {v:.3f}" for k, v in means.items()))
-            print(f"epoch {epoch + 1}: {metric} {100 * miou:.1f} (official, 19 classes) | "
-                  f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes present | "
-                  f"best {100 * run.best_miou:.1f} | {time.time() - start:.0f} s")
+        except DataError as e:
+            raise DataError(f"{e} (at {run.where()})") from None
+        saved[0] = run.where()
+
+    def resume_hint() -> str:
+        if saved[0] is None:
+            return "no checkpoint was written yet; start again (the same command)"
+        return f"the last checkpoint is {last_path} ({saved[0]}); continue with the same command and --resume"
+
+    try:
+        with StopRequest() as stop:
+            for epoch in range(run.epoch, epochs):
+                loader.dataset.epoch = epoch  # new augmentation each epoch, reproducible on resume
+                loader.sampler.set_epoch(epoch)  # and a new order
+                loader.sampler.skip = run.batch * loader.batch_size  # what a killed run already trained on
+                bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", initial=run.batch, total=len(loader),
+                           dynamic_ncols=True, disable=not world.main)
+                for batch in bar:
+                    lr_now = lr * cosine_factor(run.step, total_steps)  # cosine decay per iteration
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_now
+                    terms, skipped = train_step(objective, batch, optimizer, amp_device,
+                                                partial(after_backward, run.step) if after_backward else None)
+                    run.step += 1
+                    run.batch += 1
+                    if skipped:
+                        run.skipped += 1
+                        run.skipped_in_row += 1
+                        warnings.warn(f"step {run.step} skipped ({skipped}): {', '.join(map(str, batch.paths))}")
+                        if run.skipped_in_row >= MAX_SKIPS_IN_A_ROW:
+                            raise DataError(f"training stopped at {run.where()}: the last {run.skipped_in_row} "
+                                            f"steps were all skipped ({skipped}); the model is as it was before "
+                                            f"them. Check these scans and --lr. "
+                                            + (f"The last checkpoint is {last_path} ({saved[0]})." if saved[0]
+                                               else "No checkpoint was written."))
+                    else:
+                        run.skipped_in_row = 0
+                        for name, value in terms.items():
+                            run.sums[name] = run.sums.get(name, 0.0) + value.item()
+                        bar.set_postfix(loss=f"{sum(t.item() for t in terms.values()):.3f}", lr=f"{lr_now:.4f}")
+                    if stop.signal is not None:
+                        if world.main:
+                            checkpoint(None, False)
+                        raise Stopped(f"stopped by SIGTERM at {run.where()}: {last_path} written; continue with "
+                                      "the same command and --resume", 143)
+                    if save_every and run.step % save_every == 0 and run.batch < len(loader) and world.main:
+                        checkpoint(None, False)
+                with autocast(amp_device or torch.device("cpu"), amp_device is not None):
+                    conf = validate()
+                miou = conf.miou()
+                improved = miou > run.best_miou
+                means = {k: v / len(loader) for k, v in run.sums.items()}
+                run.epoch, run.batch, run.sums, run.best_miou = epoch + 1, 0, {}, max(run.best_miou, miou)
+                present = conf.present()
+                if world.main:
+                    checkpoint(miou, improved)
+                    row = {"epoch": epoch + 1, "step": run.step, "lr": lr * cosine_factor(run.step - 1, total_steps)}
+                    row |= means | {"miou": 100 * miou, "miou_present": 100 * float(conf.iou()[present].mean()),
+                                    "best_miou": 100 * run.best_miou, "seconds": round(time.time() - start, 1)}
+                    if metrics_csv is not None:
+                        log_metrics(metrics_csv, row)
+                    if board is not None:
+                        for key, value in row.items():
+                            board.add_scalar(key, value, epoch + 1)
+                    print(f"epoch {epoch + 1}: mean loss terms (rank 0): "
+                          + " ".join(f"{k} {v:.3f}" for k, v in means.items()))
+                    print(f"epoch {epoch + 1}: {metric} {100 * miou:.1f} (official, 19 classes) | "
+                          f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes "
+                          f"present | best {100 * run.best_miou:.1f} | {time.time() - start:.0f} s")
+                if stop.signal is not None:  # arrived during validation: last.pt was just written
+                    raise Stopped(f"stopped by SIGTERM at {run.where()}: {last_path} written; continue with the "
+                                  "same command and --resume", 143)
+    except KeyboardInterrupt:
+        raise Stopped(f"interrupted (Ctrl-C) at {run.where()}: {resume_hint()}", 130) from None
     if run.skipped and world.main:
-        print(f"{run.skipped} steps skipped for non-finite gradients")
+        print(f"{run.skipped} steps skipped (non-finite gradients, or batches too small for BatchNorm)")
     return conf
 
 
@@ -2431,13 +2750,13 @@ def draw_legend(draw, classes, height: int) -> None:
         draw.text((24, y - 1), CLASS_NAMES[c], fill=(255, 255, 255))
 
 
-def plg_picture(scan_path: Path, calib: dict[str, np.ndarray]) -> np.ndarray:
+def plg_picture(scan_path: Path, calib: dict[str, np.ndarray], derived: Path | None = None) -> np.ndarray:
     """SAM-PLG's input above its output for one scan: the camera frame with the labelled
     points it sees (the sparse labels the masks spread), then with the dense pseudo-labels."""
     from PIL import Image, ImageDraw
     frame = load_plg_frame(scan_path, calib)
     h, w = frame.image.shape[:2]
-    dense = read_pixel_labels(plg_path(scan_path), h, w)[0]
+    dense = read_pixel_labels(plg_path(scan_path, derived), h, w)[0]
     sparse = (frame.image.astype(np.float32) * 0.6).astype(np.uint8)
     labelled = frame.semantic != IGNORE
     paint_dots(sparse, frame.pixel_rc[labelled], CLASS_COLORS[frame.semantic[labelled]])

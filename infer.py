@@ -35,7 +35,7 @@ REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata" / "sem
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=elite.HelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=Path("runs/student/best.pt"),
                    help="student checkpoint written by train_student.py")
     p.add_argument("--data", type=Path, default=Path("data/synthkitti"),
@@ -43,36 +43,34 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=sorted(elite.SPLITS), default="val",
                    help="which official split of --data to predict")
     p.add_argument("--sequence", type=Path, default=None,
-                   help="predict one sequence folder (…/sequences/XX) instead of a split")
+                   help="predict one sequence folder (…/sequences/XX) instead of a split (default: the split)")
     p.add_argument("--out", type=Path, default=Path("predictions"),
                    help="where sequences/XX/predictions/*.label are written")
-    p.add_argument("--votes", type=int, default=1,
+    p.add_argument("--votes", type=elite.positive_int, default=1,
                    help="test-time augmentation: logits summed over this many copies (copy 0 as is, "
                         "the others rotated and translated at random; official test uses 12)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda when present)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the test-time augmentation")
+    p.add_argument("--device", type=elite.device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when present, else cpu)")
+    p.add_argument("--seed", type=elite.count_int, default=0, help="seed of the test-time augmentation")
     p.add_argument("--no-images", action="store_true",
-                   help="fusion student: write the predictions made without images (default: with images)")
+                   help="u2mkd fusion student: write the predictions made without images (default: with images)")
     p.add_argument("--vis", type=Path, default=None,
                    help="also draw each frame to VIS/sequences/XX/NNNNNN.png: the camera image with the points in "
-                        "their predicted colours, a top view of the prediction and one of its errors")
-    p.add_argument("--vis-every", type=int, default=1, help="with --vis, draw every k-th frame only")
+                        "their predicted colours, a top view of the prediction and one of its errors (default: "
+                        "no pictures)")
+    p.add_argument("--vis-every", type=elite.positive_int, default=1, help="with --vis, draw every k-th frame only")
     p.add_argument("--benchmark", action="store_true",
                    help="print parameter count, voxels per scale, sparse-conv and student forward timings")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--repeats", type=int, default=10, help="timed repetitions per benchmark figure")
+    p.add_argument("--threads", type=elite.positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--repeats", type=elite.positive_int, default=10, help="--benchmark: timed repetitions per figure")
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast for prediction; with --benchmark, also time bf16 on the CPU (always on GPUs)")
     p.add_argument("--teacher-variant", default="vit_b", choices=["none"] + sorted(elite.SAM_VARIANTS),
                    help="--benchmark: SAM encoder of the timed teacher training step ('none' skips it)")
-    p.add_argument("--teacher-batch", type=int, default=1,
+    p.add_argument("--teacher-batch", type=elite.positive_int, default=1,
                    help="--benchmark: crops (320x1024) in the timed teacher training step")
     args = p.parse_args(argv)
-    if args.votes < 1:
-        p.error("--votes must be at least 1")
-    if args.vis_every < 1:
-        p.error("--vis-every must be at least 1")
     if args.benchmark and (args.vis is not None or args.no_images):
         p.error("--benchmark times the student on one scan and writes no predictions: drop --vis / --no-images")
     return args
@@ -188,6 +186,13 @@ def read_train_ids(scan: Path, num_points: int) -> torch.Tensor | None:
     return torch.from_numpy(elite.to_train_ids(raw, elite.label_path(scan)))
 
 
+def check_outputs(args) -> None:
+    """--out and --vis can be written, checked before any scan is read."""
+    elite.writable_folder(args.out, "give another --out")
+    if args.vis is not None:
+        elite.writable_folder(args.vis, "give another --vis")
+
+
 def predict(args):
     kind = elite.load_checkpoint(args.checkpoint, None)["kind"]
     if kind == u2mkd.FUSION_KIND:
@@ -195,6 +200,7 @@ def predict(args):
     if args.no_images:
         raise elite.DataError(f"{args.checkpoint}: --no-images is for a U2MKD fusion student; this checkpoint "
                               f"holds a '{kind}' model, which never sees images")
+    check_outputs(args)
     device = torch.device(args.device)
     model, ckpt = elite.load_student(args.checkpoint, map_location=device)
     model.to(device).eval()
@@ -250,6 +256,7 @@ def seen_mask(points: np.ndarray, proj: np.ndarray, height: int, width: int) -> 
 
 def predict_fusion(args):
     """The fusion student with and without images; scores on all, seen and unseen points."""
+    check_outputs(args)
     device = torch.device(args.device)
     model, ckpt = u2mkd.load_fusion_student(args.checkpoint, map_location=device)
     model.to(device).eval()
@@ -294,55 +301,94 @@ def predict_fusion(args):
 # ------------------------------------------------------------------------------------
 # Pictures (--vis)
 # ------------------------------------------------------------------------------------
-# One PNG per frame: the camera image with the projected points in their predicted class's
-# colour (when the scan has an image), then two top views 100 m across, x (forward) up: the
-# predicted classes, and, when labels exist, the errors (red) against the ground truth.
+# One PNG per frame, on a light background so that dark class colours (sidewalk) show: a
+# caption with the file and the frame's scores; the camera image with the projected points
+# in their predicted class's colour (when the scan has an image); two top views, x (forward)
+# up, zoomed so the scan fills them: the predicted classes and, when labels exist, the errors
+# (red) against the ground truth; a legend of the classes drawn.
 
-BACKGROUND, CORRECT, WRONG, UNLABELLED = (24, 24, 24), (90, 200, 90), (235, 40, 40), (80, 80, 80)
+BACKGROUND, INK = (248, 248, 248), (20, 20, 20)
+CORRECT, WRONG, UNLABELLED = (60, 170, 60), (230, 30, 30), (175, 175, 175)
+CAPTION = 30  # pixels of the caption band
 
 
-def top_view(xyz: np.ndarray, colours: np.ndarray, size=600, extent=50.0) -> np.ndarray:
-    """(size, size, 3) uint8: the points within +-extent m seen from above, x up and y left;
-    where points share a pixel the highest one shows."""
+def top_view(xyz: np.ndarray, colours: np.ndarray, size=600) -> np.ndarray:
+    """(size, size, 3) uint8: the points seen from above, the sensor in the centre, x up and
+    y left, zoomed so 99% of the points lie inside; each point a 3x3 dot, and where points
+    share a pixel the highest one shows."""
     image = np.full((size, size, 3), BACKGROUND, np.uint8)
-    row = ((extent - xyz[:, 0]) / (2 * extent) * size).astype(np.int64)
-    col = ((extent - xyz[:, 1]) / (2 * extent) * size).astype(np.int64)
+    if len(xyz) == 0:
+        return image
+    extent = max(5.0, 1.05 * float(np.percentile(np.abs(xyz[:, :2]).max(1), 99)))  # metres, centre to edge
+    row = (extent - xyz[:, 0]) / (2 * extent) * size
+    col = (extent - xyz[:, 1]) / (2 * extent) * size
     inside = (row >= 0) & (row < size) & (col >= 0) & (col < size)
     order = np.argsort(xyz[inside, 2], kind="stable")  # low first, so higher points paint over
-    image[row[inside][order], col[inside][order]] = colours[inside][order]
+    elite.paint_dots(image, np.stack([row, col], 1)[inside][order], colours[inside][order])
     return image
 
 
+def frame_scores(pred: np.ndarray, labels: np.ndarray | None) -> str:
+    """This frame's accuracy and mIoU over the classes it contains (official rules otherwise)."""
+    if labels is None:
+        return "no labels"
+    conf = elite.ConfusionMatrix()
+    conf.add(torch.from_numpy(pred), torch.from_numpy(labels))
+    present = conf.present()
+    labelled = labels != elite.IGNORE
+    return (f"mIoU {100 * float(conf.iou()[present].mean()):.1f} over its {int(present.sum())} classes, "
+            f"accuracy {100 * float((pred[labelled] == labels[labelled]).mean()):.1f}%")
+
+
+def legend_band(classes, width: int):
+    """A light band naming these training ids (0 left out) next to their colour swatches."""
+    from PIL import Image, ImageDraw
+    classes = [int(c) for c in classes if c != elite.IGNORE]
+    per_row = max(1, width // 150)
+    band = Image.new("RGB", (width, 8 + 18 * -(-len(classes) // per_row)), BACKGROUND)
+    draw = ImageDraw.Draw(band)
+    for k, c in enumerate(classes):
+        x, y = 10 + 150 * (k % per_row), 6 + 18 * (k // per_row)
+        draw.rectangle((x, y, x + 12, y + 12), fill=tuple(int(v) for v in elite.CLASS_COLORS[c]), outline=INK)
+        draw.text((x + 18, y), elite.CLASS_NAMES[c], fill=INK)
+    return np.asarray(band)
+
+
 def frame_picture(points: np.ndarray, pred: np.ndarray, labels: np.ndarray | None,
-                  frame: np.ndarray | None, proj: np.ndarray | None) -> np.ndarray:
+                  frame: np.ndarray | None, proj: np.ndarray | None, caption="") -> np.ndarray:
     """The figure of one scan: pred, labels (N,) training ids, frame (H, W, 3) RGB or None."""
     from PIL import Image, ImageDraw
     finite = np.isfinite(points).all(1)
     xyz, pred = points[finite, :3], pred[finite]
-    views = [("prediction", top_view(xyz, elite.CLASS_COLORS[pred]))]
+    views = [("prediction (top view, x forward up)", top_view(xyz, elite.CLASS_COLORS[pred]))]
     if labels is not None:
         labels = labels[finite]
         errors = np.where((pred == labels)[:, None], CORRECT, WRONG).astype(np.uint8)
         errors[labels == elite.IGNORE] = UNLABELLED
-        views.append(("errors vs ground truth (green right, red wrong, grey unlabelled)", top_view(xyz, errors)))
+        views.append(("errors vs ground truth: green right, red wrong, grey unlabelled", top_view(xyz, errors)))
     bottom = np.concatenate([v for _, v in views], 1)
-    rows = [bottom]
+    w = bottom.shape[1]
+    rows = [np.full((CAPTION, w, 3), BACKGROUND, np.uint8)]
     if frame is not None:
         overlay = Image.fromarray(elite.camera_overlay(frame, xyz, elite.CLASS_COLORS[pred], proj))
-        w = bottom.shape[1]
-        rows.insert(0, np.asarray(overlay.resize((w, round(overlay.height * w / overlay.width)))))
+        rows.append(np.asarray(overlay.resize((w, round(overlay.height * w / overlay.width)))))
+    top = sum(len(r) for r in rows)
+    rows += [bottom, legend_band(np.unique(pred), w)]
     picture = Image.fromarray(np.concatenate(rows, 0))
     draw = ImageDraw.Draw(picture)
+    draw.text((8, 9), caption, fill=INK)
     for k, (title, view) in enumerate(views):
-        draw.text((k * view.shape[1] + 8, picture.height - view.shape[0] + 6), title, fill=(255, 255, 255))
-    elite.draw_legend(draw, np.unique(pred), picture.height)
+        draw.text((k * view.shape[1] + 8, top + 6), title, fill=INK)
+        draw.rectangle((k * view.shape[1], top, (k + 1) * view.shape[1] - 1, top + view.shape[0] - 1), outline=INK)
     return np.asarray(picture)
 
 
 def draw_scan(args, scan: Path, points: np.ndarray, pred: np.ndarray, labels: torch.Tensor | None,
               frame: np.ndarray | None, proj: np.ndarray | None):
     """--vis: write DIR/sequences/XX/NNNNNN.png for this scan (frame, proj: its camera, if any)."""
-    picture = frame_picture(points, pred, None if labels is None else labels.numpy(), frame, proj)
+    labels = None if labels is None else labels.numpy()
+    caption = f"{scan}: {len(points):,} points; {frame_scores(pred, labels)}"
+    picture = frame_picture(points, pred, labels, frame, proj, caption)
     elite.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
 
 

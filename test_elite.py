@@ -2,13 +2,18 @@
 evaluator's rules, the official yaml and real SemanticKITTI scans when present)."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import csv
+import errno
+import io
 import math
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -533,18 +538,21 @@ def test_train_resume_and_infer_end_to_end(synth_root, tmp_path):
     pred = np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label", dtype=np.uint32)
     assert len(pred) == len(elite.read_scan(synth_root / "sequences" / "08" / "velodyne" / "000000.bin"))
     assert set(np.unique(pred).tolist()) <= set(elite.LEARNING_MAP_INV.values())
-    # The picture: camera image on top of two 600x600 top views, drawn in the predicted classes' colours.
+    # The picture: a caption, the camera image, two 600x600 top views in the predicted classes'
+    # colours, a legend.
     from PIL import Image
     picture = np.asarray(Image.open(tmp_path / "vis" / "sequences" / "08" / "000000.png").convert("RGB"))
     camera_rows = round(synthkitti.IMAGE_HEIGHT * 1200 / synthkitti.IMAGE_WIDTH)
-    assert picture.shape == (camera_rows + 600, 1200, 3)
-    top_view = picture[camera_rows + 20:, 150:600].reshape(-1, 3)  # clear of the title and the legend
+    top = infer.CAPTION + camera_rows
+    assert picture.shape[:2] > (top + 600, 1199) and picture.shape[1] == 1200
+    top_view = picture[top + 20:top + 600, :600].reshape(-1, 3)  # clear of the title
     predicted = np.unique(elite.to_train_ids(pred))
     drawn = [c for c in predicted if (top_view == elite.CLASS_COLORS[c]).all(1).sum() > 20]
     assert drawn == [c for c in predicted if c != 0]  # every predicted class shows, nothing is blank
-    errors = picture[camera_rows:, 600:].reshape(-1, 3)
+    errors = picture[top:top + 600, 600:].reshape(-1, 3)
     assert (errors == infer.CORRECT).all(1).sum() + (errors == infer.WRONG).all(1).sum() > 1000
-    assert len(np.unique(picture[:camera_rows].reshape(-1, 3), axis=0)) > 100  # the camera image is there
+    camera = picture[infer.CAPTION:top].reshape(-1, 3)
+    assert len(np.unique(camera, axis=0)) > 100  # the camera image is there
 
 
 # ------------------------------------------------------------------------------------
@@ -576,8 +584,8 @@ def one_training_step(scans: list[elite.Scan]) -> dict:
         return {"ce": F.cross_entropy(model(batch.points, batch.batch_idx).logits, batch.labels)}
 
     objective = elite.data_parallel(elite.Objective([model], loss_terms))
-    _, stepped = elite.train_step(objective, elite.collate(scans), optimizer, amp_device=None)
-    assert stepped
+    _, skipped = elite.train_step(objective, elite.collate(scans), optimizer, amp_device=None)
+    assert skipped is None
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -1535,10 +1543,11 @@ def test_train_teacher_pseudo_labels_shards_train_and_resume(synth_copy, tmp_pat
     train_teacher.main(common + ["--plg-only", "--shard", "1/2"])
     assert [elite.plg_path(s).is_file() for s in train_scans] == [False, True]  # shard 1 of 2: the 2nd scan
     vis = tmp_path / "vis"
-    train_teacher.main(common + ["--epochs", "1", "--vis", str(vis)])  # makes the missing pseudo-labels, then trains
-    assert all(elite.plg_path(s).is_file() for s in train_scans)
+    train_teacher.main(common + ["--vis", str(vis)])  # makes the missing pseudo-labels, draws them, trains nothing
+    assert all(elite.plg_path(s).is_file() for s in train_scans) and not run.exists()
     check_plg_picture(vis / "sequences/00/000001.png", train_scans[1])
     assert not list((synth_copy / "sequences" / "00" / "image_2_plg").glob("*.tmp*"))
+    train_teacher.main(common + ["--epochs", "1"])
     first = torch.load(run / "last.pt", weights_only=False)
     assert first["kind"] == elite.TEACHER_KIND and first["epoch"] == 0 and (run / "best.pt").is_file()
     assert first["teacher_config"]["variant"] == "vit_tiny" and first["rank_allocator"]["ipt"]
@@ -2041,6 +2050,30 @@ def half_size_image(path: Path) -> None:
         im.resize((im.width // 2, im.height // 2)).save(path)
 
 
+def resize_image(path: Path, factor: float) -> None:
+    from PIL import Image
+    with Image.open(path) as im:
+        im.resize((round(im.width * factor), round(im.height * factor))).save(path)
+
+
+def set_tr_nan(path: Path) -> None:
+    path.write_text("".join("Tr: " + " ".join(["nan"] * 12) + "\n" if l.startswith("Tr:") else l
+                            for l in path.read_text().splitlines(True)))
+
+
+def zero_labels(folder: Path) -> None:
+    for f in folder.glob("*.label"):
+        np.zeros(f.stat().st_size // 4, np.uint32).tofile(f)
+
+
+def huge_remission(p: np.ndarray) -> None:
+    p[:, 3] = 1e30
+
+
+def one_voxel(p: np.ndarray) -> None:
+    p[:, :3] = np.array([10.0, 5.0, -1.0]) + 0.1 * (np.arange(len(p))[:, None] % 3) / 3  # all within 0.1 m
+
+
 S00, S08 = "sequences/00", "sequences/08"
 
 
@@ -2136,6 +2169,67 @@ BAD_INPUTS = [
     ("flags: --sync-bn on a CPU", "train_student",
      lambda d: train_args(d, "--teacher", "none", "--sync-bn"),
      r"--sync-bn needs torchrun on GPUs", False),
+    # Issue 15: wrong results that looked right
+    ("calib.txt whose Tr holds NaN", "train_teacher",
+     lambda d: (set_tr_nan(d / "data" / S00 / "calib.txt"), train_args(d, "--labels", "sparse"))[1],
+     r"00/calib\.txt: 'Tr' holds non-finite values", False),
+    ("one image of a sequence resized to 80%", "train_teacher",
+     lambda d: (resize_image(d / "data" / S00 / "image_2/000001.png", 0.8), train_args(d, "--plg-only"))[1],
+     r"00/image_2/000001\.png: a 993x301 image, but the frames of this sequence are 1241x376", False),
+    ("every training label 0 (unlabeled)", "train_student",
+     lambda d: (zero_labels(d / "data" / S00 / "labels"), train_args(d, "--teacher", "none"))[1],
+     r"00/labels: every point of the 2 training \.label files checked .* is unlabeled", False),
+    ("validation scans without .label files", "train_student",
+     lambda d: (shutil.rmtree(d / "data" / S08 / "labels"), train_args(d, "--teacher", "none"))[1],
+     r"08/labels: none of the 1 validation scans has a \.label file", False),
+    ("the validation sequence also in the training list", "train_student",
+     lambda d: train_args(d, "--teacher", "none", "--train-sequences", "00", "08"),
+     r"sequences \['08'\] are both training and validation sequences", True),
+    ("a training scan with remission 1e30", "train_student",
+     lambda d: (edit_scan(d / "data" / S00 / "velodyne/000001.bin", huge_remission),
+                train_args(d, "--teacher", "none"))[1],
+     r"step \d skipped \(non-finite loss or gradient\): \S+00/velodyne/000001\.bin", True),
+    ("a training scan that fills one voxel", "train_student",
+     lambda d: (edit_scan(d / "data" / S00 / "velodyne/000001.bin", one_voxel), train_args(d, "--teacher", "none"))[1],
+     r"step \d skipped \(the batch's \d+ points fill 1 voxel\(s\) at scale 16: BatchNorm needs two\)", True),
+    # Issue 15: flags checked when parsed
+    ("flags: --batch-size 0", "train_student", lambda d: train_args(d, "--batch-size", "0"),
+     r"argument --batch-size: expected a positive integer, got '0'", False),
+    ("flags: --val-batch-size 0", "train_teacher", lambda d: train_args(d, "--val-batch-size", "0"),
+     r"argument --val-batch-size: expected a positive integer, got '0'", False),
+    ("flags: --lr -1", "train_student", lambda d: train_args(d, "--lr", "-1"),
+     r"argument --lr: expected a positive finite number, got '-1'", False),
+    ("flags: --lr nan", "train_teacher", lambda d: train_args(d, "--lr", "nan"),
+     r"argument --lr: expected a positive finite number, got 'nan'", False),
+    ("flags: --workers -1", "train_student", lambda d: train_args(d, "--workers", "-1"),
+     r"argument --workers: expected an integer >= 0, got '-1'", False),
+    ("flags: --seed -1", "infer", lambda d: infer_args(d, "--seed", "-1"),
+     r"argument --seed: expected an integer >= 0, got '-1'", False),
+    ("flags: --device cuda without CUDA", "train_student", lambda d: train_args(d, "--device", "cuda:99"),
+     r"argument --device: 'cuda:99': this machine has", False),
+    ("flags: --crop 0 512", "train_teacher", lambda d: train_args(d, "--crop", "0", "512"),
+     r"argument --crop: expected a positive integer, got '0'", False),
+    ("crop larger than the image", "train_teacher",
+     lambda d: train_args(d, "--labels", "sparse", "--crop", "400", "2000"),
+     r"00/image_2/000000\.png: a 1241x376 frame is smaller than the 400x2000 crop", False),
+    # Issue 15: outputs and checkpoints checked before any work
+    ("--out that is an existing file", "train_student",
+     lambda d: ((d / "a_file").write_text("x"), train_args(d, "--teacher", "none")[:-2] + ["--out", str(d / "a_file")])[1],
+     r"a_file: --out is an existing file, not a folder", False),
+    ("--out of infer.py that is an existing file", "infer",
+     lambda d: ((d / "a_file").write_text("x"), infer_args(d)[:-2] + ["--out", str(d / "a_file")])[1],
+     r"a_file: is an existing file, not a folder; give another --out", False),
+    ("checkpoint with a tensor of the wrong shape", "infer",
+     lambda d: infer_args(d, checkpoint="bad_shape.pt"),
+     r"bad_shape\.pt: tensor 'classifier\.2\.weight' has shape \(19, 128\), the model expects \(20, 128\)", False),
+    ("last.pt with a tensor of the wrong shape on --resume", "train_student",
+     lambda d: ((d / "out").mkdir(), shutil.copy(d / "bad_shape_last.pt", d / "out/last.pt"),
+                train_args(d, "--teacher", "none", "--resume"))[2],
+     r"out/last\.pt: tensor 'classifier\.2\.weight' has shape \(19, 128\)", False),
+    ("best.pt given where --resume expects last.pt", "train_student",
+     lambda d: ((d / "out").mkdir(), shutil.copy(d / "student.pt", d / "out/last.pt"),
+                train_args(d, "--teacher", "none", "--resume"))[2],
+     r"out/last\.pt: holds the model only \(a best\.pt\?\), not the optimiser and run state --resume needs", False),
 ]
 
 
@@ -2147,6 +2241,11 @@ def bad_input_files(tmp_path_factory):
     elite.atomic_save(elite.student_state(elite.Student()), d / "student.pt")
     elite.atomic_save(elite.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))), d / "teacher.pt")
     (d / "truncated.pt").write_bytes((d / "student.pt").read_bytes()[:5000])
+    bad = elite.student_state(elite.Student())
+    bad["model"]["classifier.2.weight"] = torch.zeros(19, 128)  # 19 classes, not 20
+    elite.atomic_save(bad, d / "bad_shape.pt")
+    elite.atomic_save(bad | elite.RunState().record(None) | {"config": {"teacher": "none"}, "optimizer": {}},
+                      d / "bad_shape_last.pt")
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
                 "image_encoder.blocks.11.norm1.weight": torch.zeros(768)}, d / "sam_vit_b.pth")
     return d
@@ -2190,4 +2289,294 @@ def test_bad_input(name, script, spoil, message, usable, synth_root, bad_input_f
         assert len(pred) == len(points) and (pred[unusable] == 0).all()  # what the model never saw: 'unlabeled'
         assert (pred != 0).any() == (name != "every point out of range")
     if usable and script == "train_student":
-        assert (tmp_path / "out" / "best.pt").is_file()
+        best = torch.load(tmp_path / "out" / "best.pt", weights_only=False)
+        assert not elite.non_finite_tensors(best)  # BatchNorm statistics included
+
+
+# =====================================================================================
+# Nothing lost, nothing poisoned: run folders, non-finite values, signals, outputs, help
+# =====================================================================================
+
+def fake_run(folder: Path, state: dict) -> dict[str, bytes]:
+    """A run folder holding last.pt, best.pt and metrics.csv -> their bytes."""
+    folder.mkdir(parents=True)
+    elite.atomic_save(state, folder / "last.pt")
+    elite.atomic_save(state, folder / "best.pt")
+    (folder / "metrics.csv").write_text("epoch,miou\n1,12.5\n")
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def run_main(script: str, argv: list[str]) -> str:
+    """Run a script in-process through its entry point; the 'error: ...' it ends with, or ''."""
+    import importlib
+    try:
+        elite.run_script(importlib.import_module(script).main, argv)
+    except SystemExit as stop:
+        return str(stop.code)
+    return ""
+
+
+def test_fresh_run_in_a_run_folder_is_refused_and_overwrite_starts_over(synth_root, tmp_path):
+    out = tmp_path / "run"
+    before = fake_run(out, elite.student_state(elite.Student()))
+    args = train_args(tmp_path, "--teacher", "none")[:-2] + ["--data", str(synth_root), "--out", str(out)]
+    message = run_main("train_student", args)
+    assert re.search(r"run: already holds a run \(last\.pt, best\.pt, metrics\.csv\); continue it with --resume, "
+                     r"start over in it with --overwrite, or give a new --out", message), message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost
+    assert run_main("train_student", args + ["--overwrite"]) == ""
+    assert (out / "best.pt").read_bytes() != before["best.pt"]
+    with open(out / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1"]  # the old run's rows are gone
+    assert "--resume continues" in run_main("train_student", args + ["--overwrite", "--resume"])
+
+
+def test_a_run_never_writes_over_another_kinds_checkpoint(synth_root, tmp_path):
+    teacher_run = tmp_path / "teacher"
+    before = fake_run(teacher_run, elite.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))))
+    args = train_args(tmp_path, "--teacher", "none")[:-2] + ["--data", str(synth_root), "--out", str(teacher_run)]
+    for more in ([], ["--overwrite"]):
+        message = run_main("train_student", args + more)
+        assert re.search(r"teacher/last\.pt: holds a 'elite-teacher' model and this run trains 'elite-student'",
+                         message), message
+    assert {p.name: p.read_bytes() for p in teacher_run.iterdir()} == before
+
+
+def test_skipped_step_leaves_the_model_exactly_as_before(synth_root):
+    torch.manual_seed(0)
+    model = elite.Student()
+    heads = elite.heads_3d()
+    optimizer = elite.make_optimizer(list(model.parameters()) + list(heads.parameters()))
+    objective = elite.Objective([model, heads], lambda b: {"ce": F.cross_entropy(
+        model(b.points, b.batch_idx).logits, b.labels, ignore_index=0)})
+    data = elite.SemanticKITTI(synth_root, ["00"], train=True)
+    good = elite.collate([data[0]])
+    bad = elite.collate([data[1]])
+    bad.points[:, 3] = 1e30  # one absurd remission value per point: BatchNorm's variance overflows
+    for b in (good, bad):  # the second step finds momentum in the optimiser
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        _, skipped = elite.train_step(objective, b, optimizer, amp_device=None)
+        if b is bad:
+            assert skipped == "non-finite loss or gradient"
+            for key, value in model.state_dict().items():
+                assert torch.equal(value, state[key]), key  # running_var and num_batches_tracked too
+        else:
+            assert skipped is None and not torch.equal(model.state_dict()["classifier.2.weight"],
+                                                       state["classifier.2.weight"])
+    assert not elite.non_finite_tensors(elite.student_state(model) | {"optimizer": optimizer.state_dict()})
+
+
+def test_non_finite_checkpoint_is_never_written(tmp_path):
+    path = tmp_path / "best.pt"
+    good = elite.student_state(elite.Student())
+    elite.atomic_save(good, path)
+    before = path.read_bytes()
+    bad = elite.student_state(elite.Student())
+    bad["model"]["blocks.0.v_enc.0.bn1.running_var"][3] = float("inf")
+    with pytest.raises(elite.DataError, match=r"best\.pt: not written: 1 tensors hold NaN or Inf "
+                                              r"\(e\.g\. 'model\.blocks\.0\.v_enc\.0\.bn1\.running_var'\)"):
+        elite.atomic_save(bad, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_steps_that_keep_failing_stop_the_run_with_where(synth_root, tmp_path, monkeypatch):
+    shutil.copytree(synth_root, tmp_path / "data")
+    for scan in (tmp_path / "data" / S00 / "velodyne").glob("*.bin"):
+        edit_scan(scan, huge_remission)
+    monkeypatch.setattr(elite, "MAX_SKIPS_IN_A_ROW", 2)
+    with pytest.warns(UserWarning, match="skipped"):
+        message = run_main("train_student", train_args(tmp_path, "--teacher", "none", "--save-every", "0"))
+    assert re.search(r"^error: training stopped at epoch 1, batch 2, step 2: the last 2 steps were all skipped "
+                     r"\(non-finite loss or gradient\); the model is as it was before them\. Check these scans and "
+                     r"--lr\. No checkpoint was written\.", message), message
+    assert not (tmp_path / "out" / "best.pt").exists() and not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_written_files_get_the_mode_a_plain_open_gives(tmp_path):
+    with open(tmp_path / "plain", "wb") as f:
+        f.write(b"x")
+    elite.atomic_write(tmp_path / "atomic", lambda f: f.write(b"x"))
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "atomic") == mode(tmp_path / "plain") != 0o600
+
+
+def test_full_disk_names_the_file_and_loses_nothing(synth_root, tmp_path, monkeypatch):
+    args = train_args(tmp_path, "--teacher", "none", "--save-every", "0")[:-2]
+    args += ["--data", str(synth_root), "--out", str(tmp_path / "out")]
+    assert run_main("train_student", args) == ""
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(elite.os, "fsync", full)
+    message = run_main("train_student", args + ["--epochs", "2", "--resume"])
+    assert re.search(r"^error: \S+out/last\.pt: could not be written \(No space left on device\); nothing was lost: "
+                     r"the previous file is unchanged \(at epoch 3, step 4\)", message), message
+    after = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    assert after == before  # no temporary left, every file as it was
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """Make a folder read-only for this process: a read-only bind mount as root (root ignores
+    permission bits, as on a cluster's read-only dataset), the permission bits otherwise."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [folder, *folder.rglob("*")] if p.is_dir()}
+        for p in modes:
+            p.chmod(0o555)
+        try:
+            yield
+        finally:
+            for p, m in modes.items():
+                p.chmod(m)
+        return
+    done = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot make a read-only mount here: {done.stderr.decode().strip()}")
+    try:
+        remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True)
+        if remount.returncode != 0:
+            pytest.skip(f"cannot make a read-only mount here: {remount.stderr.decode().strip()}")
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_out_is_refused_before_any_work(synth_root, tmp_path):
+    (tmp_path / "ro").mkdir()
+    args = train_args(tmp_path, "--teacher", "none")[:-2] + ["--data", str(synth_root)]
+    with read_only(tmp_path / "ro"):
+        message = run_main("train_student", args + ["--out", str(tmp_path / "ro" / "run")])
+        assert re.search(r"ro/run: cannot write there \(\S+ro is read-only\); give another --out", message), message
+        message = run_main("infer", infer_args(tmp_path, checkpoint="x.pt")[:4] +
+                           ["--data", str(synth_root), "--out", str(tmp_path / "ro" / "pred")])
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_read_only_dataset_writes_derived_files_elsewhere(synth_root, tmp_path):
+    data, derived = tmp_path / "data", tmp_path / "derived"
+    shutil.copytree(synth_root, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    common = ["--data", str(data), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+              "--device", "cpu", "--epochs", "1", "--batch-size", "2"]
+    with read_only(data):
+        message = run_main("train_teacher", common + ["--plg-only"])
+        assert re.search(r"data/sequences: cannot write there .*pass --derived-dir DIR", message), message
+        assert run_main("train_teacher", common + ["--plg-only", "--derived-dir", str(derived)]) == ""
+        message = run_main("train_teacher", common + ["--teacher", "lidar", "--out", str(tmp_path / "lidar")])
+        assert "pass --derived-dir DIR" in message
+        assert run_main("train_teacher", common + ["--teacher", "lidar", "--out", str(tmp_path / "lidar"),
+                                                   "--derived-dir", str(derived)]) == ""
+        train = elite.SemanticKITTI(data, ["00"], train=True, camera=True, crop_hw=(160, 512), dense=True,
+                                    derived=derived)
+        assert train[0].view.dense_labels is not None  # read from DERIVED
+        assert elite.missing_pseudo_labels(data, ["00"], derived) == 0
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into the dataset
+    assert sorted(p.name for p in (derived / S00 / "image_2_plg").iterdir()) == ["000000.npy", "000001.npy"]
+    assert (derived / "u2mkd_instances.npz").is_file() and (tmp_path / "lidar" / "best.pt").is_file()
+
+
+def test_train_teacher_vis_draws_and_does_not_train(synth_copy, tmp_path):
+    out = tmp_path / "teacher"
+    args = ["--data", str(synth_copy), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+            "--device", "cpu", "--out", str(out), "--vis", str(tmp_path / "vis")]
+    assert run_main("train_teacher", args) == ""
+    assert sorted(p.name for p in (tmp_path / "vis" / S00).iterdir()) == ["000000.png", "000001.png"]
+    assert not out.exists()
+
+
+def signal_when_training(signum: int, synth_root: Path, tmp_path: Path) -> tuple[int, str, dict]:
+    """Start a training run, send signum once its first mid-epoch checkpoint is written ->
+    (exit status, output, the last.pt it left)."""
+    out = tmp_path / "run"
+    args = ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+            "--batch-size", "1", "--epochs", "30", "--save-every", "1", "--device", "cpu", "--teacher", "none",
+            "--out", str(out)]
+    log = tmp_path / "log"
+    proc = start_script("train_student.py", args, log)
+    deadline = time.time() + 300
+    while not (out / "last.pt").is_file():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    status = proc.wait(timeout=300)
+    return status, log.read_text(), torch.load(out / "last.pt", weights_only=False)
+
+
+def test_sigterm_writes_last_pt_at_the_current_step_and_says_how_to_resume(synth_root, tmp_path):
+    status, printed, last = signal_when_training(signal.SIGTERM, synth_root, tmp_path)
+    assert status == 143 and "Traceback" not in printed, printed[-3000:]
+    where = re.search(r"stopped by SIGTERM at epoch (\d+)(?:, batch (\d+))?, step (\d+): \S+run/last\.pt written; "
+                      r"continue with the same command and --resume", printed)
+    assert where, printed[-3000:]
+    assert last["step"] == int(where.group(3)) < 60  # written at the step it stopped at
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_last_checkpoint(synth_root, tmp_path):
+    status, printed, last = signal_when_training(signal.SIGINT, synth_root, tmp_path)
+    assert status == 130 and "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed[-3000:]
+    assert re.search(r"interrupted \(Ctrl-C\) at epoch \d+.*: the last checkpoint is \S+run/last\.pt \(epoch \d+"
+                     r".*step \d+\); continue with the same command and --resume", printed), printed[-3000:]
+
+
+def all_help(script: str) -> str:
+    import importlib
+    module = importlib.import_module(script)
+    with contextlib.redirect_stdout(io.StringIO()) as text, pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    return text.getvalue()
+
+
+@pytest.mark.parametrize("script", ["train_student", "train_teacher", "infer"])
+def test_every_flag_shows_its_default(script):
+    import importlib
+    text = all_help(script)
+    parser_of = {}
+
+    def capture(self, *a, **k):
+        parser_of["p"] = self
+        raise SystemExit(0)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", capture)
+        with pytest.raises(SystemExit):
+            importlib.import_module(script).parse_args([])
+    formatter = parser_of["p"]._get_formatter()
+    missing_default = []
+    for action in parser_of["p"]._actions:
+        if action.help is argparse.SUPPRESS or action.dest == "help":
+            continue
+        shown = formatter._get_help_string(action)  # the text --help prints, with the default it adds
+        switch = isinstance(action, argparse._StoreTrueAction)
+        missing_default.extend([] if switch or "default" in shown or "preset" in shown else [action.option_strings])
+    assert not missing_default, missing_default
+    assert "(default: 0.24)" in text or script != "train_student"
+    if script == "train_teacher":
+        assert "lidar 64 paper, 4 embedded" in " ".join(text.split())  # the LiDAR teacher's preset is shown
+        assert "and stop, without training" in " ".join(text.split())
+
+
+def test_prediction_picture_is_legible():
+    import infer
+    rng = np.random.default_rng(0)
+    n = 20000
+    xyz = np.c_[rng.uniform(-20, 20, (n, 2)), rng.uniform(-2, 1, n)].astype(np.float32)  # a 40 m scene
+    points = np.c_[xyz, np.zeros(n, np.float32)]
+    labels = rng.integers(1, 20, n)
+    labels[:n // 2] = 11  # sidewalk, the darkest class colour
+    pred = labels.copy()
+    pred[::7] = 9
+    picture = infer.frame_picture(points, pred, labels, None, None, caption="sequences/08/velodyne/000000.bin: ...")
+    caption, view = picture[:infer.CAPTION], picture[infer.CAPTION:infer.CAPTION + 600, :600]
+    assert (caption < 100).all(2).sum() > 200  # dark caption text on the light band
+    drawn = np.argwhere((view != infer.BACKGROUND).any(2))
+    assert drawn.shape[0] > 0.3 * 600 * 600  # points are dots, not single pixels
+    (r0, c0), (r1, c1) = drawn.min(0), drawn.max(0)
+    assert r1 - r0 > 0.8 * 600 and c1 - c0 > 0.8 * 600  # the scene fills the panel
+    assert np.mean(infer.BACKGROUND) > 200 and np.abs(elite.CLASS_COLORS[11] - infer.BACKGROUND).sum() > 300
+    assert (view == elite.CLASS_COLORS[11]).all(2).sum() > 10000  # sidewalk shows
+
+
+def test_default_outputs_are_ignored_by_git():
+    ignored = set((REPO / ".gitignore").read_text().split())
+    for folder in ("/data/", "/runs/", "/predictions/", "/vis/"):
+        assert folder in ignored, folder

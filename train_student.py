@@ -60,7 +60,7 @@ DEFAULT_TEACHER = {"elite": Path("runs/teacher/best.pt"), "u2mkd": Path("runs/li
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=elite.HelpFormatter)
     p.add_argument("--data", type=Path, default=None,
                    help="SemanticKITTI root holding sequences/XX/{velodyne,labels}; "
                         f"default: synthetic scenes made once under {SYNTH_ROOT}")
@@ -82,33 +82,37 @@ def parse_args(argv=None):
                         "(projected point labels); default: those the teacher was trained with")
     p.add_argument("--sam-checkpoint", type=Path, default=None,
                    help="elite: SAM file for the teacher's frozen encoder, if it moved since train_teacher.py "
-                        "(the teacher checkpoint records the path)")
+                        "(default: the path the teacher checkpoint records)")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                    help="u2mkd: the camera image is resized to H x W (preset: 376 1241 paper, 188 620 embedded)")
-    p.add_argument("--image-drop", type=float, default=0.25,
+    p.add_argument("--image-drop", type=elite.probability, default=0.25,
                    help="u2mkd: probability that a training scan comes without its image, so that every point "
                         "is imputed (the single-camera stand-in for upstream's camera dropout)")
     p.add_argument("--image-weights", type=Path, default=None,
                    help="u2mkd: torchvision's ImageNet ResNet-18 file (resnet18-f37072fd.pth) for the image "
-                        "branch; without it the branch starts random")
-    p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
-    p.add_argument("--batch-size", type=int, help="override the preset's training batch size (scans)")
-    p.add_argument("--val-batch-size", type=int, help="override the preset's validation batch size")
-    p.add_argument("--workers", type=int, help="data-loading processes (preset: 8 paper, 0 embedded)")
-    p.add_argument("--lr", type=float, default=0.24, help="peak learning rate (official: 0.24)")
+                        "branch (default: none, the branch starts random)")
+    p.add_argument("--epochs", type=elite.positive_int,
+                   help="number of epochs (preset: 64 paper, 12 embedded; u2mkd 50 paper, 6 embedded)")
+    p.add_argument("--batch-size", type=elite.positive_int,
+                   help="training batch size in scans, per process (preset: 4 paper, 2 embedded)")
+    p.add_argument("--val-batch-size", type=elite.positive_int,
+                   help="validation batch size (preset: 8 paper, 4 embedded)")
+    p.add_argument("--workers", type=elite.count_int, help="data-loading processes (preset: 8 paper, 0 embedded)")
+    p.add_argument("--lr", type=elite.positive_float, default=0.24, help="peak learning rate (official: 0.24)")
     p.add_argument("--train-sequences", nargs="+", default=elite.SPLITS["train"],
                    help="training sequences (official: 00-07 09 10; missing ones are skipped with a warning)")
     p.add_argument("--val-sequences", nargs="+", default=elite.SPLITS["val"],
                    help="validation sequences (official: 08)")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for last.pt and best.pt (default: runs/student, runs/fusion_student for u2mkd)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda when present, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
+                   help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/student, "
+                        "runs/fusion_student for u2mkd); one run per folder")
+    p.add_argument("--derived-dir", type=Path, default=None,
+                   help="elite: where the SAM-PLG pseudo-labels were written, if not inside --data (default: "
+                        "inside --data; train_teacher.py --derived-dir for a read-only dataset)")
     elite.add_run_flags(p)
     args = p.parse_args(argv)
-    other_method = {"elite": ("image_size", "image_weights"), "u2mkd": ("labels", "sam_checkpoint")}[args.method]
+    other_method = {"elite": ("image_size", "image_weights"),
+                    "u2mkd": ("labels", "sam_checkpoint", "derived_dir")}[args.method]
     given = [f"--{k.replace('_', '-')}" for k in other_method if getattr(args, k) is not None]
     if given:
         p.error(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}")
@@ -119,8 +123,8 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.image_size = tuple(args.image_size) if args.image_size else None
     args.out = args.out or Path("runs/student" if args.method == "elite" else "runs/fusion_student")
-    if not 0 <= args.image_drop <= 1:
-        p.error("--image-drop is a probability between 0 and 1")
+    if args.image_size is not None and min(args.image_size) < 1:
+        p.error(f"--image-size {args.image_size[0]} {args.image_size[1]}: both sides must be positive")
     return args
 
 
@@ -170,7 +174,8 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
         for key in ("teacher_mode", "labels", "target_rank"):
             setattr(args, key, resumed["config"].get(key))
         if resumed.get("teacher") is not None:  # the teacher's trained tensors as they were
-            teacher = elite.load_teacher_state(resumed["teacher"], args.sam_checkpoint).to(device)
+            teacher = elite.load_teacher_state(resumed["teacher"], args.sam_checkpoint, args.out / "last.pt")
+            teacher.to(device)
             allocator_state = resumed.get("rank_allocator")
     elif args.teacher != "none":
         teacher, ckpt = elite.load_teacher(args.teacher, args.sam_checkpoint, map_location=device)
@@ -181,13 +186,15 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     joint = teacher is not None and args.teacher_mode == "joint"
 
     # With a teacher, each training scan also brings its camera crop and the points in it.
-    camera = dict(camera=True, crop_hw=teacher.cfg.crop_hw, dense=args.labels == "plg") if teacher else {}
-    if camera.get("dense") and elite.missing_pseudo_labels(root, args.train_sequences):
-        raise elite.DataError(f"{root}: {elite.missing_pseudo_labels(root, args.train_sequences)} training scans "
-                              "have no SAM-PLG pseudo-labels (sequences/XX/image_2_plg/); train_teacher.py makes "
-                              "them, or pass --labels sparse")
+    camera = dict(camera=True, crop_hw=teacher.cfg.crop_hw, dense=args.labels == "plg",
+                  derived=args.derived_dir) if teacher else {}
+    missing = elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir) if camera.get("dense") else 0
+    if missing:
+        raise elite.DataError(f"{args.derived_dir or root}: {missing} training scans have no SAM-PLG pseudo-labels "
+                              "(sequences/XX/image_2_plg/); train_teacher.py makes them, or pass --labels sparse")
     train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, **camera)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
+    elite.check_splits(train_set, val_set)
     loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
 
@@ -213,10 +220,10 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
                                             final_warmup=total_steps)
             allocator.load_state_dict(allocator_state)
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
+        elite.load_state(model, resumed["model"], args.out / "last.pt")
         if heads is not None:
-            heads.load_state_dict(resumed["heads_3d"])
-        optimizer.load_state_dict(resumed["optimizer"])
+            elite.load_state(heads, resumed["heads_3d"], args.out / "last.pt")
+        elite.load_optimizer_state(optimizer, resumed, args.out / "last.pt")
     weight = elite.class_weights().to(device)
 
     def loss_terms(batch):
@@ -261,6 +268,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
     train_set = u2mkd.PairData(root, args.train_sequences, train=True, seed=args.seed, image_hw=args.image_size,
                                image_drop=args.image_drop, teacher_view=teacher is not None)
     val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=args.image_size)
+    elite.check_splits(train_set, val_set)
     loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, u2mkd.collate_pairs, device.type == "cuda")
     model = u2mkd.FusionStudent().to(device)
@@ -270,10 +278,10 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
     parts = [model] + ([adapter] if adapter is not None else [])
     optimizer = elite.make_optimizer([p for part in parts for p in part.parameters()], lr=args.lr)  # one lr, as upstream
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
+        elite.load_state(model, resumed["model"], args.out / "last.pt")
         if adapter is not None:
-            adapter.load_state_dict(resumed["kd_adapter"])
-        optimizer.load_state_dict(resumed["optimizer"])
+            elite.load_state(adapter, resumed["kd_adapter"], args.out / "last.pt")
+        elite.load_optimizer_state(optimizer, resumed, args.out / "last.pt")
 
     def loss_terms(batch):
         b = batch.to(device)
@@ -302,6 +310,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = elite.init_distributed(args.device, args.sync_bn)
     world = elite.distributed()
+    kind = elite.STUDENT_KIND if args.method == "elite" else u2mkd.FUSION_KIND
+    elite.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     torch.manual_seed(args.seed)  # the same initial weights in every process
     root = data_root(args)
     args.train_sequences = elite.existing_sequences(root, args.train_sequences)
@@ -309,8 +319,7 @@ def main(argv=None):
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     if world.main:  # a run killed while saving leaves a temporary beside the intact file
         elite.remove_partial_writes([last_path, best_path, args.out / "metrics.csv"])
-    kind = elite.STUDENT_KIND if args.method == "elite" else u2mkd.FUSION_KIND
-    resumed = elite.load_checkpoint(last_path, kind, map_location=device) if args.resume else None
+    resumed = elite.load_last(last_path, kind, map_location=device) if args.resume else None
     setup = (setup_elite if args.method == "elite" else setup_u2mkd)(args, root, device, resumed)
     run = elite.RunState.resumed(resumed) if resumed is not None else elite.RunState()
     elite.print_summary(f"train_student.py: the {'ELiTe' if args.method == 'elite' else 'U2MKD fusion'} student", {
@@ -335,7 +344,7 @@ def main(argv=None):
 
     conf = elite.fit(run, setup.loader, setup.optimizer, objective, args.epochs, args.lr, setup.validate, save,
                      setup.after_backward, amp_device=device if args.amp else None,
-                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every)
+                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path)
     elite.close_distributed()
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")

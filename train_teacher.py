@@ -67,69 +67,87 @@ SYNTH_ROOT = Path("data/synthkitti")
 SYNTH_COLUMNS = 512
 
 
+def preset_values(key: str) -> str:
+    """'preset: sam 64 paper, 16 embedded; lidar 64 paper, 4 embedded': a flag's preset values per teacher."""
+    each = lambda presets: ", ".join(f"{presets[name][key]} {name}" for name in ("paper", "embedded"))  # noqa: E731
+    return "preset: " + "; ".join(f"{who} {each(presets)}" for who, presets in (("sam", PRESETS),
+                                                                               ("lidar", LIDAR_PRESETS)))
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=elite.HelpFormatter)
     p.add_argument("--data", type=Path, default=None,
                    help="SemanticKITTI root with sequences/XX/{velodyne,labels,image_2,calib.txt}; "
                         f"default: synthetic scenes made once under {SYNTH_ROOT}")
     p.add_argument("--teacher", choices=("sam", "lidar"), default="sam",
                    help="sam: ELiTe's image teacher (SAM-PLG, then SAM's ViT with adapters); lidar: U2MKD's "
                         "LiDAR-only teacher (the voxel student at twice the width, instance paste)")
-    p.add_argument("--paste", type=int, default=5,
+    p.add_argument("--paste", type=elite.count_int, default=5,
                    help="lidar: instances pasted into each training scan (0: no instance paste)")
-    p.add_argument("--width", type=int, default=2, help="lidar: width multiplier of the voxel student (U2MKD: 2)")
+    p.add_argument("--width", type=elite.positive_int, default=2,
+                   help="lidar: width multiplier of the voxel student (U2MKD: 2)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="'paper' is the default with --data, 'embedded' without")
+                   help="'paper' is the default with --data, 'embedded' without; its values for each teacher "
+                        "are listed at the flags they set")
     p.add_argument("--variant", choices=sorted(elite.SAM_VARIANTS),
-                   help="SAM encoder (preset: vit_b paper, vit_tiny embedded; vit_tiny is a small random "
+                   help="sam: SAM encoder (preset: vit_b paper, vit_tiny embedded; vit_tiny is a small random "
                         "ViT for CPU runs and tests, there are no weights for it)")
     p.add_argument("--sam-checkpoint", type=Path, default=None,
-                   help="official SAM file for --variant, e.g. sam_vit_b_01ec64.pth; without it the "
-                        "encoder is random (fine for the pipeline, useless for results)")
+                   help="sam: official SAM file for --variant, e.g. sam_vit_b_01ec64.pth (default: none, the "
+                        "encoder is random: fine for the pipeline, useless for results)")
     p.add_argument("--peft", choices=elite.PEFT_CHOICES, default="adalora",
-                   help="adapters on every linear layer of every block: adalora (the paper), lora, or none")
-    p.add_argument("--rank", type=int, default=12, help="adapter rank (AdaLoRA starts at 12)")
-    p.add_argument("--target-rank", type=int, default=8, help="AdaLoRA's final average rank per layer")
+                   help="sam: adapters on every linear layer of every block: adalora (the paper), lora, or none")
+    p.add_argument("--rank", type=elite.positive_int, default=12, help="sam: adapter rank (AdaLoRA starts at 12)")
+    p.add_argument("--target-rank", type=elite.positive_int, default=8,
+                   help="sam: AdaLoRA's final average rank per layer")
     p.add_argument("--labels", choices=("plg", "sparse"), default="plg",
-                   help="plg: dense SAM-PLG pseudo-labels (ELiTe); sparse: projected point labels")
+                   help="sam: 2D labels. plg: dense SAM-PLG pseudo-labels (ELiTe); sparse: projected point labels")
     p.add_argument("--mask-source", choices=("sam", "ideal"), default=None,
-                   help="masks for SAM-PLG: sam (ViT-H, a GPU job) or ideal (the synthetic scenes' "
+                   help="sam: masks for SAM-PLG: sam (ViT-H, a GPU job) or ideal (the synthetic scenes' "
                         "rendered regions, image_2_gt/); preset: sam paper, ideal embedded")
     p.add_argument("--plg-variant", choices=("vit_b", "vit_l", "vit_h"), default="vit_h",
-                   help="SAM used for pseudo-labels (official: vit_h)")
+                   help="sam: SAM used for pseudo-labels (official: vit_h)")
     p.add_argument("--plg-checkpoint", type=Path, default=None,
-                   help="official SAM file for --plg-variant, e.g. sam_vit_h_4b8939.pth")
-    p.add_argument("--plg-only", action="store_true", help="generate the pseudo-labels and stop")
+                   help="sam: official SAM file for --plg-variant, e.g. sam_vit_h_4b8939.pth (default: none; "
+                        "needed with --mask-source sam)")
+    p.add_argument("--plg-only", action="store_true", help="sam: generate the pseudo-labels and stop")
     p.add_argument("--vis", type=Path, default=None,
-                   help="draw the pseudo-labels to VIS/sequences/XX/NNNNNN.png: the camera frame with the labelled "
-                        "points, and with the dense pseudo-labels blended in (official colours)")
-    p.add_argument("--vis-every", type=int, default=1, help="with --vis, draw every k-th scan only")
+                   help="sam: draw the pseudo-labels (making missing ones first) to VIS/sequences/XX/NNNNNN.png and "
+                        "stop, without training: the camera frame with the labelled points, and with the dense "
+                        "pseudo-labels blended in (official colours); default: no pictures")
+    p.add_argument("--vis-every", type=elite.positive_int, default=1, help="with --vis, draw every k-th scan only")
     p.add_argument("--shard", default=None,
-                   help="i/n: this process makes pseudo-labels for scans i, i+n, ... (default 0/1; under "
+                   help="sam: i/n: this process makes pseudo-labels for scans i, i+n, ... (default 0/1; under "
                         "torchrun each process takes its rank's share by itself)")
-    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"),
-                   help="bottom crop of the camera frame (preset: 320 1024 paper, 160 512 embedded)")
-    p.add_argument("--epochs", type=int, help="override the preset's number of epochs")
-    p.add_argument("--batch-size", type=int, help="override the preset's batch size (images)")
-    p.add_argument("--val-batch-size", type=int, help="override the preset's validation batch size")
-    p.add_argument("--workers", type=int, help="data-loading processes (preset: 8 paper, 0 embedded)")
+    p.add_argument("--crop", type=elite.positive_int, nargs=2, metavar=("H", "W"),
+                   help="sam: bottom crop of the camera frame (preset: 320 1024 paper, 160 512 embedded)")
+    p.add_argument("--epochs", type=elite.positive_int, help=f"number of epochs ({preset_values('epochs')})")
+    p.add_argument("--batch-size", type=elite.positive_int,
+                   help=f"batch size per process, images or scans ({preset_values('batch_size')})")
+    p.add_argument("--val-batch-size", type=elite.positive_int,
+                   help=f"validation batch size ({preset_values('val_batch_size')})")
+    p.add_argument("--workers", type=elite.count_int, help=f"data-loading processes ({preset_values('workers')})")
     p.add_argument("--optimizer", choices=("sgd", "adamw"),
-                   help="sgd: the student's recipe (Nesterov, momentum 0.9, weight decay 1e-4); adamw: weight "
+                   help="sam: sgd, the student's recipe (Nesterov, momentum 0.9, weight decay 1e-4); adamw, weight "
                         "decay 1e-4 (preset: sgd paper, adamw embedded)")
-    p.add_argument("--lr", type=float, help="peak learning rate, cosine decay per step (preset: 0.24 paper, 0.01 embedded)")
+    p.add_argument("--lr", type=elite.positive_float,
+                   help=f"peak learning rate, cosine decay per step ({preset_values('lr')})")
     p.add_argument("--train-sequences", nargs="+", default=elite.SPLITS["train"],
                    help="training sequences (official: 00-07 09 10; missing ones are skipped)")
     p.add_argument("--val-sequences", nargs="+", default=elite.SPLITS["val"], help="validation sequences (08)")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for last.pt and best.pt (default: runs/teacher, or runs/lidar_teacher with "
-                        "--teacher lidar); the SAM teacher's hold only the trained tensors + the SAM variant and path")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda when present, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed for adapters, shuffling and augmentation")
+                   help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/teacher, or "
+                        "runs/lidar_teacher with --teacher lidar); one run per folder; the SAM teacher's hold only "
+                        "the trained tensors + the SAM variant and path")
+    p.add_argument("--derived-dir", type=Path, default=None,
+                   help="where files made from the dataset are written and read: SAM-PLG pseudo-labels "
+                        "(DIR/sequences/XX/image_2_plg/) and the lidar teacher's instance database "
+                        "(DIR/u2mkd_instances.npz); for a read-only dataset (default: inside --data)")
     elite.add_run_flags(p)
     args = p.parse_args(argv)
     sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer", "vis")
+    if args.vis is not None and args.resume:
+        p.error("--vis draws the pseudo-labels and stops; it trains nothing to --resume")
     given = [f"--{k.replace('_', '-')}" for k in sam_only if getattr(args, k) is not None] + (["--plg-only"] * args.plg_only)
     if args.teacher == "lidar" and given:
         p.error(f"{', '.join(given)}: for the SAM teacher, not --teacher lidar")
@@ -172,14 +190,16 @@ def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.dev
         source, masks = elite.SamMaskSource(sam), f"SAM {args.plg_variant} ({args.plg_checkpoint})"
     scans = elite.list_scans(root, sequences)
     i, n = args.shard
+    check_writable(elite.plg_path(scans[0], args.derived_dir).parent.parent.parent)
     elite.print_summary("train_teacher.py: SAM-PLG pseudo-labels", {
         "device": elite.describe_device(device),
         "data": f"{root}: {len(scans)} scans ({' '.join(sequences)}); this process makes shard {i}/{n}: "
                 f"{len(scans[i::n])} scans, {elite.missing_pseudo_labels(root, sequences)} of all still missing",
         "masks": masks,
-        "outputs": "sequences/XX/image_2_plg/NNNNNN.npy (written atomically; existing files are kept)"})
+        "outputs": f"{args.derived_dir or root}/sequences/XX/image_2_plg/NNNNNN.npy (written atomically; existing "
+                   "files are kept)"})
     counts = elite.generate_pseudo_labels(root, sequences, source, shard=args.shard,
-                                          progress=elite.distributed().main)
+                                          progress=elite.distributed().main, derived=args.derived_dir)
     print(f"SAM-PLG ({args.mask_source} masks, shard {args.shard[0]}/{args.shard[1]}): "
           f"{counts['written']} written, {counts['existing']} already there")
     elite.barrier()  # under torchrun: every process's share is written
@@ -189,14 +209,21 @@ def draw_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
     """--vis: this process's share of the scans, every k-th, drawn with their pseudo-labels."""
     from tqdm import tqdm
     i, n = args.shard
-    scans = [s for s in elite.list_scans(root, sequences)[i::n][::args.vis_every] if elite.plg_path(s).is_file()]
+    scans = [s for s in elite.list_scans(root, sequences)[i::n][::args.vis_every]
+             if elite.plg_path(s, args.derived_dir).is_file()]
     calibs = {}
     for scan in tqdm(scans, desc="drawing pseudo-labels", disable=not elite.distributed().main, dynamic_ncols=True):
         if scan.parent.parent not in calibs:
             calibs[scan.parent.parent] = elite.read_calib(elite.calib_path(scan))
-        picture = elite.plg_picture(scan, calibs[scan.parent.parent])
+        picture = elite.plg_picture(scan, calibs[scan.parent.parent], args.derived_dir)
         elite.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
     print(f"Pseudo-labels of {len(scans)} scans drawn to {args.vis}/sequences/XX/NNNNNN.png")
+
+
+def check_writable(folder: Path) -> None:
+    """Files made from the dataset go inside it unless --derived-dir says elsewhere: on a
+    read-only dataset, say so before any work rather than at the first file."""
+    elite.writable_folder(folder, "for a read-only dataset pass --derived-dir DIR to write these files to DIR instead")
 
 
 # ---- Training the SAM teacher ----
@@ -208,19 +235,23 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
 
 
 def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path):
-    if args.labels == "plg" and (args.plg_only or elite.missing_pseudo_labels(root, args.train_sequences)):
+    missing = elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir) if args.labels == "plg" else 0
+    if args.plg_only or missing:
         make_pseudo_labels(args, root, args.train_sequences, device)
-    if args.vis is not None:
+    if args.vis is not None:  # pictures only: no training
         draw_pseudo_labels(args, root, args.train_sequences)
+        return None
     if args.plg_only:
         return None
-    if args.labels == "plg" and args.shard != (0, 1) and elite.missing_pseudo_labels(root, args.train_sequences):
+    if args.labels == "plg" and args.shard != (0, 1) and \
+            elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir):
         raise elite.DataError(f"{root}: pseudo-labels of other shards are still missing; "
                               "run the other shards (or drop --shard) before training")
     # The student's dataset with its camera view on: per scan, the crop and the points in it.
     train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
-                                    crop_hw=args.crop, dense=args.labels == "plg")
+                                    crop_hw=args.crop, dense=args.labels == "plg", derived=args.derived_dir)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
+    elite.check_splits(train_set, val_set)
     loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
@@ -232,12 +263,12 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     weight = elite.class_weights().to(device)
     run = elite.RunState()
     if args.resume:
-        ckpt = elite.load_checkpoint(last_path, elite.TEACHER_KIND, map_location=device)
+        ckpt = elite.load_last(last_path, elite.TEACHER_KIND, map_location=device)
         if ckpt["teacher_config"] != elite.asdict(cfg):
             raise elite.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for "
                                   f"{elite.asdict(cfg)}")
-        teacher.load_state_dict(ckpt["weights"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        elite.load_state(teacher, ckpt["weights"], last_path, strict=False)
+        elite.load_optimizer_state(optimizer, ckpt, last_path)
         if allocator is not None:
             allocator.load_state_dict(ckpt["rank_allocator"])
         run = elite.RunState.resumed(ckpt)
@@ -278,7 +309,8 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
                      lambda: elite.evaluate(teacher, val_loader, scores), save,
                      allocator.step if allocator is not None else None, amp_device=device if args.amp else None,
-                     metric="val 2D mIoU", metrics_csv=args.out / "metrics.csv", save_every=args.save_every)
+                     metric="val 2D mIoU", metrics_csv=args.out / "metrics.csv", save_every=args.save_every,
+                     last_path=last_path)
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
@@ -291,21 +323,25 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
 
 def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Path):
     import u2mkd
+    db_path = u2mkd.instance_db_path(root, args.derived_dir)
     if args.paste > 0 and elite.distributed().main:  # one process cuts the database, the others wait
-        u2mkd.load_instance_db(root, args.train_sequences)
+        if not db_path.is_file():
+            check_writable(db_path.parent)
+        u2mkd.load_instance_db(root, args.train_sequences, derived=args.derived_dir)
     elite.barrier()
-    db = u2mkd.load_instance_db(root, args.train_sequences) if args.paste > 0 else None
+    db = u2mkd.load_instance_db(root, args.train_sequences, derived=args.derived_dir) if args.paste > 0 else None
     train_set = u2mkd.LidarTeacherData(root, args.train_sequences, db, seed=args.seed, add_num=args.paste)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
+    elite.check_splits(train_set, val_set)
     loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     model = u2mkd.lidar_teacher(args.width).to(device)
     optimizer = elite.make_optimizer(model.parameters(), lr=args.lr)
     run = elite.RunState()
     if args.resume:
-        ckpt = elite.load_checkpoint(last_path, u2mkd.LIDAR_TEACHER_KIND, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = elite.load_last(last_path, u2mkd.LIDAR_TEACHER_KIND, map_location=device)
+        elite.load_state(model, ckpt["model"], last_path)
+        elite.load_optimizer_state(optimizer, ckpt, last_path)
         run = elite.RunState.resumed(ckpt)
 
     def loss_terms(batch):
@@ -327,7 +363,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         "device": elite.describe_device(device, args.amp),
         "data": elite.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences),
         "teacher": f"the voxel student at width x{args.width}, {elite.count_parameters(model):,} parameters",
-        "augmentation": (f"{args.paste} instances pasted per scan from {u2mkd.instance_db_path(root)} ({len(db)} "
+        "augmentation": (f"{args.paste} instances pasted per scan from {db_path} ({len(db)} "
                          f"instances), then flip, rotation, scaling, translation" if db is not None
                          else "flip, rotation, scaling, translation (no instance paste)"),
         "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(loader)} steps of {args.batch_size} scans "
@@ -339,7 +375,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
                      lambda: elite.evaluate(model, val_loader, scores), save,
                      amp_device=device if args.amp else None,
-                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every)
+                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path)
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
@@ -352,6 +388,10 @@ def main(argv=None):
     args = parse_args(argv)
     device = elite.init_distributed(args.device, args.sync_bn)
     world = elite.distributed()
+    if args.vis is None and not args.plg_only:  # a training run: OUT is its folder
+        import u2mkd
+        kind = elite.TEACHER_KIND if args.teacher == "sam" else u2mkd.LIDAR_TEACHER_KIND
+        elite.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     torch.manual_seed(args.seed)  # the same initial weights in every process
     root = args.data
     if root is None:

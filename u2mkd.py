@@ -132,14 +132,16 @@ def build_instance_db(root, sequences, min_points=MIN_INSTANCE_POINTS, progress=
                       sequences=sorted(sequences), min_points=min_points)
 
 
-def instance_db_path(root) -> Path:
-    return Path(root) / "u2mkd_instances.npz"
+def instance_db_path(root, derived: Path | None = None) -> Path:
+    """ROOT/u2mkd_instances.npz, or DERIVED/u2mkd_instances.npz (--derived-dir) when the dataset is read-only."""
+    return Path(derived if derived is not None else root) / "u2mkd_instances.npz"
 
 
-def load_instance_db(root, sequences, min_points=MIN_INSTANCE_POINTS, progress=True) -> InstanceDB:
+def load_instance_db(root, sequences, min_points=MIN_INSTANCE_POINTS, progress=True,
+                     derived: Path | None = None) -> InstanceDB:
     """The cached database of these sequences, built (and written atomically) when missing or
     cut from other sequences."""
-    path = instance_db_path(root)
+    path = instance_db_path(root, derived)
     if path.is_file():
         try:
             with np.load(path) as f:
@@ -281,6 +283,10 @@ class PairBatch:
     @property
     def fov(self) -> torch.Tensor:
         return self.image_of_point >= 0
+
+    @property
+    def paths(self) -> list:
+        return self.lidar.paths
 
     def to(self, device) -> "PairBatch":
         opt = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -584,7 +590,7 @@ def load_fusion_student(path, map_location="cpu") -> tuple[FusionStudent, dict]:
     ckpt = elite.load_checkpoint(path, FUSION_KIND, map_location)
     model = FusionStudent(elite.StudentConfig(**{k: tuple(v) if isinstance(v, list) else v
                                                  for k, v in ckpt["student_config"].items()}))
-    model.load_state_dict(ckpt["model"])
+    elite.load_state(model, ckpt["model"], path)
     return model, ckpt
 
 
@@ -596,5 +602,5 @@ def load_lidar_teacher(path, map_location="cpu") -> tuple[elite.Student, dict]:
     ckpt = elite.load_checkpoint(path, LIDAR_TEACHER_KIND, map_location)
     model = elite.Student(elite.StudentConfig(**{k: tuple(v) if isinstance(v, list) else v
                                                  for k, v in ckpt["student_config"].items()}))
-    model.load_state_dict(ckpt["model"])
+    elite.load_state(model, ckpt["model"], path)
     return model, ckpt
