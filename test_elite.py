@@ -2578,5 +2578,5 @@ def test_prediction_picture_is_legible():
 
 def test_default_outputs_are_ignored_by_git():
     ignored = set((REPO / ".gitignore").read_text().split())
-    for folder in ("/data/", "/runs/", "/predictions/", "/vis/"):
+    for folder in ("/data/", "/runs/", "/predictions/", "/vis/", "/pred_*/", "/submission/"):  # README's commands
         assert folder in ignored, folder

@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--sam-checkpoint", type=Path, default=None,
                    help="elite: SAM file for the teacher's frozen encoder, if it moved since train_teacher.py "
                         "(default: the path the teacher checkpoint records)")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+    p.add_argument("--image-size", type=elite.positive_int, nargs=2, metavar=("H", "W"),
                    help="u2mkd: the camera image is resized to H x W (preset: 376 1241 paper, 188 620 embedded)")
     p.add_argument("--image-drop", type=elite.probability, default=0.25,
                    help="u2mkd: probability that a training scan comes without its image, so that every point "
@@ -123,8 +123,6 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.image_size = tuple(args.image_size) if args.image_size else None
     args.out = args.out or Path("runs/student" if args.method == "elite" else "runs/fusion_student")
-    if args.image_size is not None and min(args.image_size) < 1:
-        p.error(f"--image-size {args.image_size[0]} {args.image_size[1]}: both sides must be positive")
     return args
 
 

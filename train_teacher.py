@@ -388,6 +388,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = elite.init_distributed(args.device, args.sync_bn)
     world = elite.distributed()
+    if args.vis is not None:
+        elite.writable_folder(args.vis, "give another --vis")
     if args.vis is None and not args.plg_only:  # a training run: OUT is its folder
         import u2mkd
         kind = elite.TEACHER_KIND if args.teacher == "sam" else u2mkd.LIDAR_TEACHER_KIND
