@@ -496,6 +496,46 @@ def teacher_training_step(teacher: elite.Teacher, batch: int, amp: bool, device:
     teacher.zero_grad(set_to_none=True)
 
 
+# aten operations whose output size depends on the values of their input: on a GPU the host
+# must wait for the device before it can allocate their output (a host sync), and item()
+# (_local_scalar_dense) is one by itself.
+DATA_DEPENDENT = {"nonzero", "argwhere", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
+                  "unique_consecutive", "unique_dim_consecutive", "bincount", "_local_scalar_dense"}
+
+
+def count_aten_ops(fn) -> dict[str, int]:
+    """Run fn() and count the aten operations it dispatches, by name -> {name: count}. Views
+    (slice, select, t, ...: no kernel, no new memory) are left out. Boolean-mask indexing and
+    repeat_interleave without output_size are counted under their names with a '*' suffix:
+    data-dependent too."""
+    from collections import Counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            if name == "index" and any(t is not None and t.dtype == torch.bool for t in args[1]):
+                name = "index*"  # a boolean mask: as many rows as it holds True
+            if name == "repeat_interleave" and kwargs.get("output_size") is None and len(args) == 1:
+                name = "repeat_interleave*"
+            if not func.is_view:
+                self.ops[name] += 1
+            return func(*args, **kwargs)
+
+    with Count() as mode:
+        fn()
+    return dict(mode.ops)
+
+
+def data_dependent(ops: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in ops.items() if k in DATA_DEPENDENT or k.endswith("*")}
+
+
 def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.device, args):
     repeats = args.repeats
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -538,6 +578,11 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
         print(f"  {'student forward, ' + precision:<31}{t_fwd:8.1f} ms  = {1000 / t_fwd:.1f} Hz (median of {repeats})")
         if not amp:
             print(f"    its 16 convolutions' products alone {t_floor:6.1f} ms: the floor at this matmul speed")
+            with torch.no_grad():
+                ops = count_aten_ops(lambda: model(points, batch_idx))
+            sizes = data_dependent(ops)
+            print(f"    aten operations dispatched {sum(ops.values()):,}, {sum(sizes.values())} with a data-dependent "
+                  "size (" + ", ".join(f"{k} {v}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])) + ")")
         step = lambda: student_training_step(model, points, batch_idx, labels, amp)  # noqa: E731
         step()  # warm-up
         t_step = median_ms(step, max(3, repeats // 3), sync)

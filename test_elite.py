@@ -2580,3 +2580,19 @@ def test_default_outputs_are_ignored_by_git():
     ignored = set((REPO / ".gitignore").read_text().split())
     for folder in ("/data/", "/runs/", "/predictions/", "/vis/", "/pred_*/", "/submission/"):  # README's commands
         assert folder in ignored, folder
+
+
+def test_aten_op_counter_sees_data_dependent_sizes():
+    import infer
+    x = torch.arange(10)
+
+    def fn():
+        torch.nonzero(x > 5)
+        x[x > 3]
+        torch.unique(x)
+        x.sum().item()
+        x[2:5].t()  # views: not counted
+        torch.searchsorted(x, x)  # a fixed size
+    ops = infer.count_aten_ops(fn)
+    assert infer.data_dependent(ops) == {"nonzero": 1, "index*": 1, "_unique2": 1, "_local_scalar_dense": 1}
+    assert "slice" not in ops and "t" not in ops and ops["searchsorted"] == 1 and ops["gt"] == 2
