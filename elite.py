@@ -688,8 +688,13 @@ def scatter_mean(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Ten
     src = src.to(torch.promote_types(src.dtype, torch.float32))
     out = torch.zeros(size, src.shape[1], dtype=src.dtype, device=src.device)
     out.index_add_(0, index, src)
-    count = torch.bincount(index, minlength=size).clamp_min(1).to(src.dtype)
-    return out / count[:, None]
+    return out / rows_per_index(index, size).clamp_min(1).to(src.dtype)[:, None]
+
+
+def rows_per_index(index: torch.Tensor, size: int) -> torch.Tensor:
+    """torch.bincount(index, minlength=size) when every index < size, but with an output size
+    known in advance: a GPU need not wait for the data to learn it. (size,) int64."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
 def unique_rows(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -747,7 +752,8 @@ def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int) -> Voxels:
 # The neighbour map exploits two facts. (1) Pairs come in mirrored couples: if j is i's
 # neighbour at +o, i is j's neighbour at -o, so 13 offsets are searched and 13 mirrored.
 # (2) In sorted key order the z-neighbours of a voxel are adjacent, so one binary search
-# per (dx, dy) column finds all three dz in {-1, 0, 1} at once.
+# per (dx, dy) column finds all three dz in {-1, 0, 1} at once. It is built without waiting
+# on the data (a GPU's host need not sync) except once, for the 13 pair counts.
 
 @dataclass
 class NeighbourMap:
@@ -762,46 +768,42 @@ class NeighbourMap:
         return self.num_voxels + 2 * sum(len(i) for i, _ in self.pairs)
 
 
+KEY_FIELD = 1 << 16  # a packed key holds 14 bits of batch and 16 of each coordinate
+COLUMNS = ((0, 1), (1, -1), (1, 0), (1, 1))  # the (dx, dy) columns ahead of a voxel in key order
+FORWARD_OFFSETS = [(0, 0, 1)] + [(dx, dy, dz) for dz in (-1, 0, 1) for dx, dy in COLUMNS]
+
+
 def build_neighbour_map(coords: torch.Tensor) -> NeighbourMap:
-    """coords (N, 4) int64 [batch, x, y, z], unique rows, any integers (negative too)."""
-    n = len(coords)
+    """coords (N, 4) int64 [batch, x, y, z], unique rows in any order; coordinates within
+    +-32k cells (a voxel grid is 1,000 cells across; augmented points stay near it)."""
+    n, device = len(coords), coords.device
     if n == 0:  # a batch with no point in range: no pairs
         return NeighbourMap(0, [], [])
-    c = coords - coords.min(0).values + 1  # +1: a -1 neighbour is still >= 0
-    ext = c.max(0).values + 2
-    if math.prod(ext.tolist()) >= 2 ** 62:
-        raise ValueError(f"voxel coordinates span {ext.tolist()}: too wide to pack into int64")
-    ez, eyz = int(ext[3]), int(ext[2] * ext[3])
-    key = ((c[:, 0] * ext[1] + c[:, 1]) * ext[2] + c[:, 2]) * ext[3] + c[:, 3]  # (N,)
-    if n > 1 and bool((key[1:] > key[:-1]).all()):
-        order, skey = None, key  # voxels from voxelize() are already sorted
-    else:
-        skey, order = torch.sort(key)
-    offsets, pairs = [], []
-    # Column (0, 0): the only forward neighbour is z + 1, the next key if it is key + 1.
-    i = torch.nonzero(skey[1:] == skey[:-1] + 1).squeeze(1)
-    offsets.append((0, 0, 1))
-    pairs.append((i, i + 1))
-    last = max(n - 1, 0)
-    for dx, dy in ((0, 1), (1, -1), (1, 0), (1, 1)):
-        lowest = skey + (dx * eyz + dy * ez - 1)  # key of (x+dx, y+dy, z-1)
-        pos = torch.searchsorted(skey, lowest)  # (N,) first key >= lowest
-        found_i, found_j, found_dz = [], [], []
-        for step in range(3):  # keys are unique, so z-1, z, z+1 sit at most 2 places after pos
-            j = pos + step
-            dz = skey.index_select(0, j.clamp_max(last)) - lowest - 1  # -1, 0, 1 if in this column
-            hit = torch.nonzero((dz <= 1) & (j <= last)).squeeze(1)
-            found_i.append(hit)
-            found_j.append(j.index_select(0, hit))
-            found_dz.append(dz.index_select(0, hit))
-        found_i, found_j, found_dz = torch.cat(found_i), torch.cat(found_j), torch.cat(found_dz)
-        for dz in (-1, 0, 1):
-            sel = torch.nonzero(found_dz == dz).squeeze(1)
-            offsets.append((dx, dy, dz))
-            pairs.append((found_i.index_select(0, sel), found_j.index_select(0, sel)))
-    if order is not None:
-        pairs = [(order.index_select(0, i), order.index_select(0, j)) for i, j in pairs]
-    return NeighbourMap(n, offsets, pairs)
+    # One int64 key per voxel, ordered as its row: shifted by half a field so that negative
+    # coordinates and their -1 neighbours stay inside their own field.
+    c = coords[:, 1:] + KEY_FIELD // 2
+    torch._assert_async(((c >= 1) & (c <= KEY_FIELD - 2)).all() & (coords[:, 0] >= 0).all()
+                        & (coords[:, 0] < 1 << 14).all(), "voxel coordinates beyond +-32k cells or batch >= 16k")
+    key = ((coords[:, 0] * KEY_FIELD + c[:, 0]) * KEY_FIELD + c[:, 1]) * KEY_FIELD + c[:, 2]  # (N,)
+    skey, order = torch.sort(key)  # voxelize() gives them sorted already: a cheap pass then
+    # table[k, i] = position of the neighbour of sorted voxel i at FORWARD_OFFSETS[k], or -1.
+    table = torch.empty(13, n, dtype=torch.long, device=device)
+    none = torch.tensor(-1, device=device)
+    above = torch.cat([skey[1:] == skey[:-1] + 1, skey.new_zeros(1, dtype=torch.bool)])  # (0, 0, +1): the next key
+    torch.where(above, torch.arange(1, n + 1, device=device), none, out=table[0])
+    steps = torch.tensor([(dx * KEY_FIELD + dy) * KEY_FIELD - 1 for dx, dy in COLUMNS], device=device)
+    lowest = skey + steps[:, None]  # (4, N) the key of (x + dx, y + dy, z - 1)
+    pos = torch.searchsorted(skey, lowest)  # (4, N) the first key >= it
+    for dz in range(3):  # z - 1, z, z + 1: each found one moves the next candidate one place on
+        found = skey.index_select(0, pos.view(-1).clamp_max(n - 1)).view(4, n) == lowest + dz
+        torch.where(found, pos, none, out=table[1 + 4 * dz:5 + 4 * dz])
+        pos += found
+    flat = torch.nonzero(table.view(-1) >= 0).squeeze(1)  # every pair, grouped by offset
+    k = flat // n
+    i = order.index_select(0, flat - k * n)  # back to the caller's voxel order
+    j = order.index_select(0, table.view(-1).index_select(0, flat))
+    counts = rows_per_index(k, 13).tolist()  # the one wait: how many pairs each offset has
+    return NeighbourMap(n, FORWARD_OFFSETS, list(zip(i.split(counts), j.split(counts))))
 
 
 def _gather_mm_scatter(feats: torch.Tensor, weight: torch.Tensor, nmap: NeighbourMap) -> torch.Tensor:
@@ -948,9 +950,8 @@ class PointEncoder(nn.Module):
         so running it once per voxel gives the same values for a fraction of the work."""
         # Context is always pooled by factor 2 of the L voxels, not by the next scale.
         coarse = torch.cat([vox_l.coords[:, :1], torch.div(vox_l.coords[:, 1:], 2, rounding_mode="floor")], 1)
-        _, group = unique_rows(coarse)
-        num_groups = int(group.max()) + 1 if len(group) else 0
-        ctx = self.context(scatter_mean(feats, group, num_groups))  # (G, 64), one row per group
+        groups, group = unique_rows(coarse)
+        ctx = self.context(scatter_mean(feats, group, len(groups)))  # (G, 64), one row per group
         # layer_out[0] on cat([layer_in(feats), ctx[group]]) (V_L, 128), split in its two halves:
         # the context half runs once per group and the concatenation is never built.
         first, c = self.layer_out[0], feats.shape[1]
@@ -974,7 +975,7 @@ def link_scales(vox_l: Voxels, vox_s: Voxels) -> ScaleLink:
     n_s = len(vox_s)
     pair, count = torch.unique(vox_l.inv * n_s + vox_s.inv, return_counts=True)
     src, dst = pair // n_s, pair % n_s
-    points_in_dst = torch.bincount(vox_s.inv, minlength=n_s)
+    points_in_dst = rows_per_index(vox_s.inv, n_s)
     return ScaleLink(src, dst, count / points_in_dst[dst], n_s)
 
 

@@ -2596,3 +2596,30 @@ def test_aten_op_counter_sees_data_dependent_sizes():
     ops = infer.count_aten_ops(fn)
     assert infer.data_dependent(ops) == {"nonzero": 1, "index*": 1, "_unique2": 1, "_local_scalar_dense": 1}
     assert "slice" not in ops and "t" not in ops and ops["searchsorted"] == 1 and ops["gt"] == 2
+
+
+def test_student_forward_waits_on_the_data_a_fixed_number_of_times(synth_root):
+    import infer
+    scan = elite.SemanticKITTI(synth_root, ["08"])[0]
+    points = torch.from_numpy(scan.points)
+    model = elite.Student().eval()
+    with torch.no_grad():
+        ops = infer.count_aten_ops(lambda: model(points, torch.zeros(len(points), dtype=torch.long)))
+    # One unique per voxel scale (5), per context pooling (4) and per scale link (4), one for the
+    # classifier's voxel combinations, one nonzero per neighbour map (4): nothing per offset.
+    assert infer.data_dependent(ops) == {"_unique2": 14, "nonzero": 4}
+
+
+def test_neighbour_map_refuses_coordinates_it_cannot_pack():
+    coords = torch.tensor([[0, 0, 0, 0], [0, 40_000, 0, 0]])
+    with pytest.raises(RuntimeError, match="beyond"):
+        elite.build_neighbour_map(coords)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_submconv3d_cpu_gpu_parity():
+    coords, feats = random_sparse(batch=2, size=24, density=0.2, cin=64, seed=7)
+    weight = torch.randn(3, 3, 3, 64, 64) * 0.05
+    cpu = elite.submconv3d(feats, coords, weight)
+    gpu = elite.submconv3d(feats.cuda(), coords.cuda(), weight.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
