@@ -60,7 +60,8 @@ def parse_args(argv=None):
                         "no pictures)")
     p.add_argument("--vis-every", type=elite.positive_int, default=1, help="with --vis, draw every k-th frame only")
     p.add_argument("--benchmark", action="store_true",
-                   help="print parameter count, voxels per scale, sparse-conv and student forward timings")
+                   help="print parameter count, voxels per scale, sparse-conv and student forward timings, on "
+                        "--device alone")
     p.add_argument("--threads", type=elite.positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--repeats", type=elite.positive_int, default=10, help="--benchmark: timed repetitions per figure")
@@ -610,7 +611,7 @@ def benchmark(args):
     points, labels, source = benchmark_scan()
     keep = np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3]))
     pts, labels = torch.from_numpy(points[keep]), torch.from_numpy(labels[keep])
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device(args.device)]  # one device a run: a GPU's figures are not held up by the CPU's
     elite.print_summary("infer.py --benchmark: the student's size, speed and memory", {
         "devices": ", ".join(elite.describe_device(d) for d in devices),
         "student": f"Student, {elite.count_parameters(elite.Student()):,} parameters",

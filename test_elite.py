@@ -2623,3 +2623,13 @@ def test_submconv3d_cpu_gpu_parity():
     cpu = elite.submconv3d(feats, coords, weight)
     gpu = elite.submconv3d(feats.cuda(), coords.cuda(), weight.cuda()).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_runs_on_the_device_asked_for_and_counts_operations(capsys):
+    import infer
+    infer.main(["--benchmark", "--device", "cpu", "--repeats", "1", "--teacher-variant", "none"])
+    printed = capsys.readouterr().out
+    assert "[cpu, " in printed and "[cuda" not in printed  # the device asked for, alone
+    counted = re.search(r"aten operations dispatched ([\d,]+), (\d+) with a data-dependent size \(_unique2 14, "
+                        r"nonzero 4\)", printed)
+    assert counted and int(counted.group(2)) == 18, printed
