@@ -70,6 +70,19 @@ def test_submconv3d_equals_dense_conv3d(seed):
     torch.testing.assert_close(out, ref[perm], rtol=1e-4, atol=1e-4)
 
 
+def test_submconv3d_backward_equals_dense_conv3d():
+    coords, feats = random_sparse(seed=4)
+    weight = torch.randn(3, 3, 3, 5, 7, generator=torch.Generator().manual_seed(14))
+    upstream = torch.randn(len(coords), 7, generator=torch.Generator().manual_seed(24))
+    grads = []
+    for conv in (lambda f, w: elite.submconv3d(f, coords, w), lambda f, w: dense_submconv(coords, f, w, 8)):
+        f, w = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        (conv(f, w) * upstream).sum().backward()
+        grads.append((f.grad, w.grad))
+    for ours, dense in zip(*grads):
+        torch.testing.assert_close(ours, dense, rtol=1e-4, atol=1e-4)
+
+
 def test_neighbour_map_matches_brute_force():
     coords, _ = random_sparse(batch=2, size=6, density=0.4, seed=5)
     nmap = elite.build_neighbour_map(coords)
