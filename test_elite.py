@@ -1807,6 +1807,20 @@ def fusion_batch(root, images=True):
     return u2mkd.collate_pairs([ds[0], ds[1]])
 
 
+def test_imputation_target_stays_detached(synth_root):
+    torch.manual_seed(0)
+    model = u2mkd.FusionStudent()
+    b = fusion_batch(synth_root)
+    out = model(b.lidar.points, b.lidar.batch_idx, b.images, b.image_of_point, b.uv)
+    assert len(out.imputation) == 4
+    # Stage 1's learner reads LiDAR features alone (later stages read features the image fused
+    # into), so any gradient of its MSE in the image branch would have come through the target.
+    out.imputation[0].backward()
+    image_side = [p for name, p in model.named_parameters() if name.startswith(("image.", "l2c.", "c2l."))]
+    assert image_side and all(p.grad is None or not p.grad.any() for p in image_side)
+    assert all(p.grad is not None and p.grad.any() for p in model.learners[0].parameters())  # the learner learns
+
+
 def test_imputation_is_used_exactly_for_the_points_the_camera_does_not_see(synth_root):
     torch.manual_seed(0)
     batch = fusion_batch(synth_root)
