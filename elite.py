@@ -1033,31 +1033,37 @@ class Student(nn.Module):
         self.blocks = nn.ModuleList([SPVBlock(c) for _ in self.cfg.scales])
         self.classifier = nn.Sequential(nn.Linear(c * len(self.cfg.scales), 128), nn.ReLU(), nn.Linear(128, k))
 
-    def forward(self, points: torch.Tensor, batch_idx: torch.Tensor, fuse=None) -> StudentOutput:
-        """points (N, 4) [x, y, z, remission], batch_idx (N,) -> logits (N, 20).
+    def forward(self, points: torch.Tensor, batch_idx: torch.Tensor) -> StudentOutput:
+        """points (N, 4) [x, y, z, remission], batch_idx (N,) -> logits (N, 20). The stages are
+        methods of their own so that U2MKD's fusion student (u2mkd.py) runs the same ones with
+        its camera fusion between them."""
+        voxels = self.voxelize(points, batch_idx)
+        x = self.input_encoder(points, voxels[0])  # (V1, 64)
+        point_feats, stage_feats = [], []
+        for block, vox_l, vox_s in zip(self.blocks, voxels[:-1], voxels[1:]):
+            p, v_down, v = block(x, vox_l, vox_s)
+            x = p + v_down  # (V_s, 64), the next block's input
+            point_feats.append(p)
+            stage_feats.append(v)
+        return StudentOutput(self.classify(point_feats, voxels), stage_feats, voxels[:-1], point_feats, voxels[1:])
 
-        fuse(k, p, vox_s) -> p', if given, rewrites stage k's point branch (V_s, 64) before it
-        reaches the classifier and the next block: U2MKD's camera-LiDAR fusion (u2mkd.py)."""
+    def voxelize(self, points: torch.Tensor, batch_idx: torch.Tensor) -> list[Voxels]:
+        """The voxels of scales 1, 2, 4, 8, 16."""
         with torch.no_grad():
             voxels = [voxelize(points[:, :3], batch_idx, s) for s in (1,) + tuple(self.cfg.scales)]
         if self.training and len(voxels[-1]) < 2:
             raise TooFewVoxels(f"the batch's {len(points)} points fill {len(voxels[-1])} voxel(s) at scale "
                                f"{self.cfg.scales[-1]}: BatchNorm needs two")
-        x = self.input_encoder(points, voxels[0])  # (V1, 64)
-        point_feats, stage_feats = [], []
-        for k, (block, vox_l, vox_s) in enumerate(zip(self.blocks, voxels[:-1], voxels[1:])):
-            p, v_down, v = block(x, vox_l, vox_s)
-            if fuse is not None:
-                p = fuse(k, p, vox_s)
-            x = p + v_down  # (V_s, 64), the next block's input
-            point_feats.append(p)
-            stage_feats.append(v)
-        # A point's feature is cat(p_2[its scale-2 voxel], ..., p_16[its scale-16 voxel]).
-        # Points that share all four voxels share it, so classify each combination once.
+        return voxels
+
+    def classify(self, point_feats: list[torch.Tensor], voxels: list[Voxels]) -> torch.Tensor:
+        """The four stages' point branches (V_s, 64) -> logits (N, 20) per point.
+
+        A point's feature is cat(p_2[its scale-2 voxel], ..., p_16[its scale-16 voxel]).
+        Points that share all four voxels share it, so each combination is classified once."""
         combos, combo_of_point = unique_rows(torch.stack([v.inv for v in voxels[1:]], 1))  # (U, 4), (N,)
         feats = torch.cat([p.index_select(0, combos[:, k]) for k, p in enumerate(point_feats)], 1)  # (U, 256)
-        logits = self.classifier(feats).index_select(0, combo_of_point)  # (N, 20)
-        return StudentOutput(logits, stage_feats, voxels[:-1], point_feats, voxels[1:])
+        return self.classifier(feats).index_select(0, combo_of_point)  # (N, 20)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -490,33 +490,38 @@ class FusionStudent(nn.Module):
 
     def forward(self, points: torch.Tensor, batch_idx: torch.Tensor, images: torch.Tensor | None,
                 image_of_point: torch.Tensor, uv: torch.Tensor) -> FusionOutput:
+        """The voxel student's stages with the camera fused in between, stage by stage: LiDAR
+        block -> (image stage -> L2C) -> learner's imputation -> C2L -> the next block."""
+        lidar = self.lidar
         seen = (image_of_point >= 0).nonzero()[:, 0] if images is not None else image_of_point.new_zeros(0)
         seen_uv, seen_row = uv.index_select(0, seen), image_of_point.index_select(0, seen)  # (K, 2), (K,)
+        voxels = lidar.voxelize(points, batch_idx)  # scales 1, 2, 4, 8, 16
+        x = lidar.input_encoder(points, voxels[0])  # (V1, 64)
         x_im = self.image.stem(images) if images is not None else None
-        skips, imputation, bottleneck = [], [], []
-
-        def fuse(k: int, p: torch.Tensor, vox: elite.Voxels) -> torch.Tensor:
-            nonlocal x_im
+        point_feats, skips, imputation = [], [], []
+        for k, (block, vox_l, vox) in enumerate(zip(lidar.blocks, voxels[:-1], voxels[1:])):
+            p, v_down, _ = block(x, vox_l, vox)  # the LiDAR block: point branch (V_s, 64) at scale s
             p_pts = p.index_select(0, vox.inv)  # (N, 64) each point's stage-k point feature
             if k == 3:
-                bottleneck.append(p_pts)
-            imputed = self.learners[k](p_pts)  # (N, ic)
+                bottleneck = p_pts  # the feature U2MKD's feature KD reads
+            imputed = self.learners[k](p_pts)  # (N, ic) every point's image feature, imputed
             img_feat = imputed
             if x_im is not None:
-                y = self.image.stage(k, x_im)  # (B', ic, h, w)
+                y = self.image.stage(k, x_im)  # the image stage (B', ic, h, w)
                 splat = splat_multiscale(p_pts.index_select(0, seen), seen_uv, seen_row, len(y), *y.shape[-2:], 4 - k)
-                x_im, skip = self.l2c[k](y, splat)
+                x_im, skip = self.l2c[k](y, splat)  # L2C: LiDAR features splatted into the image
                 skips.append(skip)
                 sampled = sample_image(skip, seen_uv, seen_row)  # (K, ic)
                 img_feat = imputed.index_put((seen,), sampled)  # seen points: the real image feature
                 if len(seen):
                     imputation.append(F.mse_loss(imputed.index_select(0, seen), sampled.detach()))
-            fused = self.c2l[k](p_pts, img_feat)  # (N, 64)
-            return elite.scatter_mean(fused, vox.inv, len(vox))  # back into the stage's voxels
-
-        out = self.lidar(points, batch_idx, fuse=fuse)
+            fused = self.c2l[k](p_pts, img_feat)  # C2L: (N, 64)
+            p = elite.scatter_mean(fused, vox.inv, len(vox))  # back into the stage's voxels
+            x = p + v_down  # the next block's input
+            point_feats.append(p)
+        logits = lidar.classify(point_feats, voxels)
         pixel_logits = sample_image(self.image.decode(skips), seen_uv, seen_row) if skips else None
-        return FusionOutput(out.logits, pixel_logits, imputation, bottleneck[0])
+        return FusionOutput(logits, pixel_logits, imputation, bottleneck)
 
 
 # =====================================================================================
