@@ -176,6 +176,27 @@ def read_calib(path) -> dict[str, np.ndarray]:
     return {"P2": p2, "Tr": tr, "proj": p2 @ tr}
 
 
+def file_version(path: Path) -> tuple[int, int] | None:
+    """(modification time, size) of a file or folder, None if absent: a cache key that changes
+    when the file does."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def sequence_calib(sequence: Path) -> dict[str, np.ndarray]:
+    """read_calib() of a sequence folder's calib.txt, read once per process while the file
+    stays as it is: every reader of a scan's camera asks here."""
+    return _read_calib_once(sequence / "calib.txt", file_version(sequence / "calib.txt"))
+
+
+@functools.lru_cache(maxsize=64)
+def _read_calib_once(path: Path, version) -> dict[str, np.ndarray]:
+    return read_calib(path)
+
+
 def read_image(path) -> np.ndarray:
     """image_2/*.png -> (H, W, 3) uint8 RGB."""
     from PIL import Image  # Pillow comes with torchvision
@@ -253,12 +274,17 @@ def calib_path(scan_path: Path) -> Path:
     return scan_path.parent.parent / "calib.txt"
 
 
-@functools.lru_cache(maxsize=None)
 def sequence_frame(sequence: Path) -> tuple[Path, int, int] | None:
     """The first image of a sequence's image_2/ and its (height, width), read from the file's
-    header: every frame of a KITTI sequence has this size (None: the sequence has no image)."""
+    header once while the folder stays as it is: every frame of a KITTI sequence has this size
+    (None: the sequence has no image)."""
+    return _first_frame(sequence / "image_2", file_version(sequence / "image_2"))
+
+
+@functools.lru_cache(maxsize=64)
+def _first_frame(folder: Path, version) -> tuple[Path, int, int] | None:
     from PIL import Image
-    first = min((sequence / "image_2").glob("*.png"), default=None)
+    first = min(folder.glob("*.png"), default=None)
     if first is None:
         return None
     try:
@@ -546,7 +572,6 @@ class SemanticKITTI(torch.utils.data.Dataset):
             raise DataError(f"{label_path(unlabelled[0])}: label file not found ({len(unlabelled)} training scans "
                             "have none)")
         self.camera, self.crop_hw, self.dense, self.derived = camera, tuple(crop_hw), dense, derived
-        self.calibs: dict[Path, dict] = {}  # sequence folder -> read_calib()
         if camera:
             self.check_camera_files()
 
@@ -554,7 +579,7 @@ class SemanticKITTI(torch.utils.data.Dataset):
         """Every scan's image and calibration are there, and the crop fits in each sequence's
         frames: found now, not when the scan's turn comes."""
         for scan in self.scans:
-            self.calib(scan)
+            sequence_calib(scan.parent.parent)
             if not image_path(scan).is_file():
                 raise DataError(f"{image_path(scan)}: image not found (the camera view needs image_2/ of every scan)")
         for sequence in sorted({scan.parent.parent for scan in self.scans}):
@@ -565,11 +590,6 @@ class SemanticKITTI(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.scans)
-
-    def calib(self, scan: Path) -> dict[str, np.ndarray]:
-        if scan.parent.parent not in self.calibs:
-            self.calibs[scan.parent.parent] = read_calib(calib_path(scan))
-        return self.calibs[scan.parent.parent]
 
     def raw(self, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scan i as in the file: points (N, 4), training labels (N,), and the rows that are
@@ -592,9 +612,9 @@ class SemanticKITTI(torch.utils.data.Dataset):
         pts = points[keep].copy()
         view = view_points = None
         if self.camera:
-            image = read_frame(path, self.calib(path))
+            image = read_frame(path, sequence_calib(path.parent.parent))
             dense = read_pixel_labels(plg_path(path, self.derived), *image.shape[:2])[0] if self.dense else None
-            view, view_points = camera_view(image, pts[:, :3], self.calib(path)["proj"], self.crop_hw, rng_2d,
+            view, view_points = camera_view(image, pts[:, :3], sequence_calib(path.parent.parent)["proj"], self.crop_hw, rng_2d,
                                             self.train, dense)
         if self.train:
             pts[:, :3] = augment_xyz(pts[:, :3], rng)  # after projection: pixels stay valid
@@ -1064,6 +1084,11 @@ class Student(nn.Module):
         combos, combo_of_point = unique_rows(torch.stack([v.inv for v in voxels[1:]], 1))  # (U, 4), (N,)
         feats = torch.cat([p.index_select(0, combos[:, k]) for k, p in enumerate(point_feats)], 1)  # (U, 256)
         return self.classifier(feats).index_select(0, combo_of_point)  # (N, 20)
+
+
+def config_from(cls, values: dict):
+    """A config dataclass rebuilt from the dict a checkpoint stores (its lists back to tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -1610,7 +1635,7 @@ def teacher_state(teacher: Teacher) -> dict:
 def load_teacher_state(state: dict, sam_checkpoint=None, path="teacher state") -> Teacher:
     """Rebuild a teacher from teacher_state() (read from path); sam_checkpoint overrides the
     recorded SAM path."""
-    cfg = TeacherConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["teacher_config"].items()})
+    cfg = config_from(TeacherConfig, state["teacher_config"])
     sam = sam_checkpoint or state["sam_checkpoint"]
     teacher = Teacher(cfg)
     if sam is not None:
@@ -1922,7 +1947,6 @@ def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True,
     scans = list_scans(root, sequences)[i::n]
     remove_partial_writes(plg_path(s, derived) for s in scans)  # left by a run killed mid-write
     counts = {"written": 0, "existing": 0, "unlabelled": 0}
-    calibs = {}  # sequence folder -> read_calib()
     for scan in tqdm(scans, desc=f"SAM-PLG {i}/{n}", unit="scan", disable=not progress, dynamic_ncols=True):
         out = plg_path(scan, derived)
         if out.is_file():
@@ -1931,10 +1955,7 @@ def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True,
         if not label_path(scan).is_file():
             counts["unlabelled"] += 1  # test sequences: no labels to spread
             continue
-        seq_dir = scan.parent.parent
-        if seq_dir not in calibs:
-            calibs[seq_dir] = read_calib(calib_path(scan))
-        pseudo = pseudo_labels(load_plg_frame(scan, calibs[seq_dir]), source)
+        pseudo = pseudo_labels(load_plg_frame(scan, sequence_calib(scan.parent.parent)), source)
         atomic_write(out, lambda f: np.save(f, pseudo))  # a file object: np.save adds no suffix
         counts["written"] += 1
     if counts["unlabelled"]:
@@ -2205,7 +2226,7 @@ def load_checkpoint(path, kind: str | None, map_location="cpu") -> dict:
 
 def load_student(path, map_location="cpu") -> tuple[Student, dict]:
     ckpt = load_checkpoint(path, STUDENT_KIND, map_location)
-    cfg = StudentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["student_config"].items()})
+    cfg = config_from(StudentConfig, ckpt["student_config"])
     model = Student(cfg)
     load_state(model, ckpt["model"], path)
     return model, ckpt
@@ -2310,6 +2331,27 @@ def describe_outputs(out: Path, save_every: int) -> str:
 def describe_data(root, train_set, train_sequences, val_set, val_sequences) -> str:
     return (f"{root}: {len(train_set)} training scans ({' '.join(train_sequences)}), "
             f"{len(val_set)} validation scans ({' '.join(val_sequences)})")
+
+
+EMBEDDED_ROOT = Path("data/synthkitti")  # where the trainers write the synthetic scenes without --data
+EMBEDDED_COLUMNS = 512  # LiDAR azimuth steps of the embedded scenes (~25k points a scan)
+
+
+def dataset_root(data: Path | None, train_sequences: list[str], val_sequences: list[str],
+                 seed: int) -> tuple[Path, list[str], list[str]]:
+    """The trainers' data: --data, or without it the synthetic scenes, written once in the real
+    layout (one process writes them, the others wait) -> (root, the training and validation
+    sequences it has; missing ones are named and skipped)."""
+    root = data
+    if data is None:
+        import synthkitti
+        print(f"No --data given: using synthetic scenes in {EMBEDDED_ROOT} (embedded preset; pass --data for "
+              "SemanticKITTI)")
+        if distributed().main:
+            synthkitti.make_dataset(EMBEDDED_ROOT, columns=EMBEDDED_COLUMNS, seed=seed)
+        barrier()
+        root, train_sequences = EMBEDDED_ROOT, [s for s in train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
+    return root, existing_sequences(root, train_sequences), existing_sequences(root, val_sequences)
 
 
 def barrier() -> None:
@@ -2535,7 +2577,8 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
 def claim_run_folder(out: Path, kind: str, resume: bool, overwrite: bool) -> None:
     """A run folder belongs to one run, checked before any work: a fresh run never lands on
     another run's files (unless --overwrite), a checkpoint of another kind of model is never
-    replaced, and OUT must be a folder this process can write."""
+    replaced, and OUT must be a folder this process can write. Temporaries a run killed while
+    saving left beside its intact files are removed."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: --out is an existing file, not a folder")
@@ -2560,6 +2603,7 @@ def claim_run_folder(out: Path, kind: str, resume: bool, overwrite: bool) -> Non
     if overwrite:
         for name in existing:
             (out / name).unlink()
+    remove_partial_writes(out / name for name in RUN_FILES)  # left by a run killed while saving
 
 
 def log_metrics(path: Path, row: dict) -> None:

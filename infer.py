@@ -82,13 +82,10 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict_scan(model, points: np.ndarray, votes: int, rng: np.random.Generator, device,
-                 path="scan") -> np.ndarray:
-    """Training ids (N,) for every raw point; out-of-range or non-finite points get 0."""
-    keep = elite.usable_rows(points, path)
-    logits = torch.zeros(len(points), elite.NUM_CLASSES, device=device)
-    if len(keep) == 0:
-        return np.zeros(len(points), dtype=np.int64)
+def vote_copies(points: np.ndarray, keep: np.ndarray, votes: int, rng: np.random.Generator, device):
+    """Test-time votes: copy 0 of the kept points as they are, the others rotated and
+    translated at random (pixels stay with their points) -> (xyzi (votes * n, 4), batch_idx,
+    index (votes * n,): each row's point in the raw scan)."""
     copies = []
     for v in range(votes):
         pts = points[keep].copy()
@@ -97,10 +94,25 @@ def predict_scan(model, points: np.ndarray, votes: int, rng: np.random.Generator
         copies.append(pts)
     xyzi = torch.from_numpy(np.concatenate(copies)).to(device)  # (votes * n, 4)
     batch_idx = torch.arange(votes, device=device).repeat_interleave(len(keep))
-    out = model(xyzi, batch_idx).logits.float()  # (votes * n, 20)
-    index = torch.from_numpy(keep).to(device).repeat(votes)
-    logits.index_add_(0, index, out)  # raw logits summed over the votes, as upstream
+    return xyzi, batch_idx, torch.from_numpy(keep).to(device).repeat(votes)
+
+
+def summed_votes(out: torch.Tensor, index: torch.Tensor, num_points: int) -> np.ndarray:
+    """Raw logits summed over the votes, as upstream -> training ids (N,) of every raw point
+    (a point no copy holds gets 0)."""
+    logits = torch.zeros(num_points, elite.NUM_CLASSES, device=out.device).index_add_(0, index, out.float())
     return logits.argmax(1).cpu().numpy()
+
+
+@torch.no_grad()
+def predict_scan(model, points: np.ndarray, votes: int, rng: np.random.Generator, device,
+                 path="scan") -> np.ndarray:
+    """Training ids (N,) for every raw point; out-of-range or non-finite points get 0."""
+    keep = elite.usable_rows(points, path)
+    if len(keep) == 0:
+        return np.zeros(len(points), dtype=np.int64)
+    xyzi, batch_idx, index = vote_copies(points, keep, votes, rng, device)
+    return summed_votes(model(xyzi, batch_idx).logits, index, len(points))
 
 
 @torch.no_grad()
@@ -118,21 +130,11 @@ def predict_fusion_scan(model, points: np.ndarray, frame: np.ndarray | None, pro
         uv, fov = u2mkd.camera_uv(points[keep, :3], proj, *frame.shape[:2])  # on the raw coordinates
         image = torch.from_numpy(u2mkd.prepare_full_image(frame, image_hw)).to(device)
         images = image.expand(votes, -1, -1, -1)  # (votes, 3, H, W)
-    copies = []
-    for v in range(votes):
-        pts = points[keep].copy()
-        if v > 0:
-            pts[:, :3] = elite.augment_xyz(pts[:, :3], rng, flip_scale=False)  # pixels stay with the points
-        copies.append(pts)
-    xyzi = torch.from_numpy(np.concatenate(copies)).to(device)
-    batch_idx = torch.arange(votes, device=device).repeat_interleave(n)
+    xyzi, batch_idx, index = vote_copies(points, keep, votes, rng, device)
     image_of_point = torch.from_numpy(np.where(fov, 0, -1)).to(device).repeat(votes)
     image_of_point = torch.where(image_of_point >= 0, batch_idx, image_of_point)  # copy v sees image row v
     uv_t = torch.from_numpy(uv).to(device).repeat(votes, 1)
-    out = model(xyzi, batch_idx, images, image_of_point, uv_t).logits.float()
-    logits = torch.zeros(len(points), elite.NUM_CLASSES, device=device)
-    logits.index_add_(0, torch.from_numpy(keep).to(device).repeat(votes), out)
-    return logits.argmax(1).cpu().numpy()
+    return summed_votes(model(xyzi, batch_idx, images, image_of_point, uv_t).logits, index, len(points))
 
 
 def view_table(confs: dict[str, elite.ConfusionMatrix]) -> str:
@@ -206,7 +208,6 @@ def predict(args):
     model, ckpt = elite.load_student(args.checkpoint, map_location=device)
     model.to(device).eval()
     scans = scans_to_predict(args)
-    sequences = sorted({s.parent.parent.name for s in scans})
     print_summary(args, scans, device, f"ELiTe Student, {elite.count_parameters(model):,} parameters, from "
                   f"{args.checkpoint} (epoch {ckpt.get('epoch', -1) + 1})")
     rng = np.random.default_rng(args.seed)
@@ -244,7 +245,7 @@ def read_camera(scan: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The scan's camera frame (H, W, 3) and projection (3, 4), or (None, None) without both files."""
     if not (elite.image_path(scan).is_file() and elite.calib_path(scan).is_file()):
         return None, None
-    calib = elite.read_calib(elite.calib_path(scan))
+    calib = elite.sequence_calib(scan.parent.parent)
     return elite.read_frame(scan, calib), calib["proj"]
 
 
@@ -273,7 +274,7 @@ def predict_fusion(args):
     for k, scan in enumerate(tqdm(scans, desc="predict", dynamic_ncols=True)):
         points = elite.read_scan(scan)
         labels = read_train_ids(scan, len(points))
-        calib = elite.read_calib(elite.calib_path(scan))
+        calib = elite.sequence_calib(scan.parent.parent)
         frame, proj = elite.read_frame(scan, calib), calib["proj"]
         seen = seen_mask(points, proj, *frame.shape[:2]) if labels is not None else None
         modes = {"images": frame, "no images": None}

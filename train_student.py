@@ -54,8 +54,6 @@ U2MKD_PRESETS = {
     "paper": dict(epochs=50, image_size=(376, 1241)),
     "embedded": dict(epochs=6, image_size=(188, 620)),
 }
-SYNTH_ROOT = Path("data/synthkitti")
-SYNTH_COLUMNS = 512  # LiDAR azimuth steps of the embedded scenes (~25k points a scan)
 DEFAULT_TEACHER = {"elite": Path("runs/teacher/best.pt"), "u2mkd": Path("runs/lidar_teacher/best.pt")}
 
 
@@ -63,7 +61,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=elite.HelpFormatter)
     p.add_argument("--data", type=Path, default=None,
                    help="SemanticKITTI root holding sequences/XX/{velodyne,labels}; "
-                        f"default: synthetic scenes made once under {SYNTH_ROOT}")
+                        f"default: synthetic scenes made once under {elite.EMBEDDED_ROOT}")
     p.add_argument("--method", choices=("elite", "u2mkd"), default="elite",
                    help="elite: the 1.9M LiDAR student, PPMSKD from the SAM teacher; u2mkd: the camera+LiDAR "
                         "fusion student, KD from the LiDAR teacher")
@@ -124,18 +122,6 @@ def parse_args(argv=None):
     args.image_size = tuple(args.image_size) if args.image_size else None
     args.out = args.out or Path("runs/student" if args.method == "elite" else "runs/fusion_student")
     return args
-
-
-def data_root(args) -> Path:
-    if args.data is not None:
-        return args.data
-    import synthkitti
-    print(f"No --data given: using synthetic scenes in {SYNTH_ROOT} (embedded preset; pass --data for SemanticKITTI)")
-    if elite.distributed().main:  # one process writes them, the others wait
-        synthkitti.make_dataset(SYNTH_ROOT, columns=SYNTH_COLUMNS, seed=args.seed)
-    elite.barrier()
-    args.train_sequences = [s for s in args.train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
-    return SYNTH_ROOT
 
 
 def teacher_path(args, resumed: dict | None) -> str:
@@ -311,12 +297,9 @@ def main(argv=None):
     kind = elite.STUDENT_KIND if args.method == "elite" else u2mkd.FUSION_KIND
     elite.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    root = data_root(args)
-    args.train_sequences = elite.existing_sequences(root, args.train_sequences)
-    args.val_sequences = elite.existing_sequences(root, args.val_sequences)
+    root, args.train_sequences, args.val_sequences = elite.dataset_root(args.data, args.train_sequences,
+                                                                        args.val_sequences, args.seed)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
-    if world.main:  # a run killed while saving leaves a temporary beside the intact file
-        elite.remove_partial_writes([last_path, best_path, args.out / "metrics.csv"])
     resumed = elite.load_last(last_path, kind, map_location=device) if args.resume else None
     setup = (setup_elite if args.method == "elite" else setup_u2mkd)(args, root, device, resumed)
     run = elite.RunState.resumed(resumed) if resumed is not None else elite.RunState()

@@ -63,8 +63,6 @@ LIDAR_PRESETS = {
     "paper": dict(epochs=64, batch_size=4, val_batch_size=8, workers=8, lr=0.24),
     "embedded": dict(epochs=4, batch_size=2, val_batch_size=4, workers=0, lr=0.24),
 }
-SYNTH_ROOT = Path("data/synthkitti")
-SYNTH_COLUMNS = 512
 
 
 def preset_values(key: str) -> str:
@@ -78,7 +76,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=elite.HelpFormatter)
     p.add_argument("--data", type=Path, default=None,
                    help="SemanticKITTI root with sequences/XX/{velodyne,labels,image_2,calib.txt}; "
-                        f"default: synthetic scenes made once under {SYNTH_ROOT}")
+                        f"default: synthetic scenes made once under {elite.EMBEDDED_ROOT}")
     p.add_argument("--teacher", choices=("sam", "lidar"), default="sam",
                    help="sam: ELiTe's image teacher (SAM-PLG, then SAM's ViT with adapters); lidar: U2MKD's "
                         "LiDAR-only teacher (the voxel student at twice the width, instance paste)")
@@ -211,11 +209,8 @@ def draw_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
     i, n = args.shard
     scans = [s for s in elite.list_scans(root, sequences)[i::n][::args.vis_every]
              if elite.plg_path(s, args.derived_dir).is_file()]
-    calibs = {}
     for scan in tqdm(scans, desc="drawing pseudo-labels", disable=not elite.distributed().main, dynamic_ncols=True):
-        if scan.parent.parent not in calibs:
-            calibs[scan.parent.parent] = elite.read_calib(elite.calib_path(scan))
-        picture = elite.plg_picture(scan, calibs[scan.parent.parent], args.derived_dir)
+        picture = elite.plg_picture(scan, elite.sequence_calib(scan.parent.parent), args.derived_dir)
         elite.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
     print(f"Pseudo-labels of {len(scans)} scans drawn to {args.vis}/sequences/XX/NNNNNN.png")
 
@@ -255,19 +250,21 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
-    teacher = elite.build_teacher(cfg, args.sam_checkpoint).to(device)
+    ckpt = elite.load_last(last_path, elite.TEACHER_KIND, map_location=device) if args.resume else None
+    if ckpt is None:
+        teacher = elite.build_teacher(cfg, args.sam_checkpoint).to(device)
+    elif ckpt["teacher_config"] != elite.asdict(cfg):
+        raise elite.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for "
+                              f"{elite.asdict(cfg)}")
+    else:  # the same SAM file (the recorded one unless --sam-checkpoint says otherwise), its trained tensors
+        teacher = elite.load_teacher_state(ckpt, args.sam_checkpoint, last_path).to(device)
     params = teacher.trainable_parameters()  # the adapters, patch decoders and heads
     optimizer = make_optimizer(params, args.optimizer, args.lr)
     allocator = (elite.RankAllocator(teacher, args.epochs * len(loader), args.target_rank)
                  if args.peft == "adalora" else None)
     weight = elite.class_weights().to(device)
     run = elite.RunState()
-    if args.resume:
-        ckpt = elite.load_last(last_path, elite.TEACHER_KIND, map_location=device)
-        if ckpt["teacher_config"] != elite.asdict(cfg):
-            raise elite.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for "
-                                  f"{elite.asdict(cfg)}")
-        elite.load_state(teacher, ckpt["weights"], last_path, strict=False)
+    if ckpt is not None:
         elite.load_optimizer_state(optimizer, ckpt, last_path)
         if allocator is not None:
             allocator.load_state_dict(ckpt["rank_allocator"])
@@ -387,7 +384,6 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
 def main(argv=None):
     args = parse_args(argv)
     device = elite.init_distributed(args.device, args.sync_bn)
-    world = elite.distributed()
     if args.vis is not None:
         elite.writable_folder(args.vis, "give another --vis")
     if args.vis is None and not args.plg_only:  # a training run: OUT is its folder
@@ -395,20 +391,9 @@ def main(argv=None):
         kind = elite.TEACHER_KIND if args.teacher == "sam" else u2mkd.LIDAR_TEACHER_KIND
         elite.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    root = args.data
-    if root is None:
-        import synthkitti
-        root = SYNTH_ROOT
-        print(f"No --data given: using synthetic scenes in {root} (embedded preset; pass --data for SemanticKITTI)")
-        if world.main:  # one process writes them, the others wait
-            synthkitti.make_dataset(root, columns=SYNTH_COLUMNS, seed=args.seed)
-        elite.barrier()
-        args.train_sequences = [s for s in args.train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
-    args.train_sequences = elite.existing_sequences(root, args.train_sequences)
-    args.val_sequences = elite.existing_sequences(root, args.val_sequences)
+    root, args.train_sequences, args.val_sequences = elite.dataset_root(args.data, args.train_sequences,
+                                                                        args.val_sequences, args.seed)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
-    if world.main:  # a run killed while saving leaves a temporary beside the intact file
-        elite.remove_partial_writes([last_path, best_path, args.out / "metrics.csv"])
     train = train_sam_teacher if args.teacher == "sam" else train_lidar_teacher
     run = train(args, root, device, last_path, best_path)
     elite.close_distributed()

@@ -257,8 +257,9 @@ class PairData(elite.SemanticKITTI):
         uv, fov, image = np.zeros((len(pts), 2), np.float32), np.zeros(len(pts), bool), None
         dropped = self.train and self.rng(i, 1).random() < self.image_drop
         if self.images and not dropped:
-            frame = elite.read_frame(path, self.calib(path))
-            uv, fov = camera_uv(pts[:, :3], self.calib(path)["proj"], *frame.shape[:2])  # raw coordinates
+            calib = elite.sequence_calib(path.parent.parent)
+            frame = elite.read_frame(path, calib)
+            uv, fov = camera_uv(pts[:, :3], calib["proj"], *frame.shape[:2])  # raw coordinates
             image = prepare_full_image(frame, self.image_hw)
         if self.train:
             pts[:, :3] = elite.augment_xyz(pts[:, :3], rng)  # after the pixels: they stay valid
@@ -593,8 +594,7 @@ def fusion_state(model: FusionStudent, image_hw) -> dict:
 
 def load_fusion_student(path, map_location="cpu") -> tuple[FusionStudent, dict]:
     ckpt = elite.load_checkpoint(path, FUSION_KIND, map_location)
-    model = FusionStudent(elite.StudentConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                                 for k, v in ckpt["student_config"].items()}))
+    model = FusionStudent(elite.config_from(elite.StudentConfig, ckpt["student_config"]))
     elite.load_state(model, ckpt["model"], path)
     return model, ckpt
 
@@ -605,7 +605,6 @@ def lidar_teacher_state(model: elite.Student) -> dict:
 
 def load_lidar_teacher(path, map_location="cpu") -> tuple[elite.Student, dict]:
     ckpt = elite.load_checkpoint(path, LIDAR_TEACHER_KIND, map_location)
-    model = elite.Student(elite.StudentConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                                 for k, v in ckpt["student_config"].items()}))
+    model = elite.Student(elite.config_from(elite.StudentConfig, ckpt["student_config"]))
     elite.load_state(model, ckpt["model"], path)
     return model, ckpt
