@@ -565,7 +565,7 @@ class SemanticKITTI(torch.utils.data.Dataset):
         check_scan_files(self.scans)
         self.train = train
         self.seed = seed
-        self.epoch = 0  # set by the trainer so augmentation differs per epoch yet is reproducible
+        self.epoch = 0  # set_epoch(): augmentation differs per epoch yet is reproducible
         self.has_labels = [label_path(p).is_file() for p in self.scans]
         unlabelled = [s for s, has in zip(self.scans, self.has_labels) if not has]
         if train and unlabelled:
@@ -590,6 +590,9 @@ class SemanticKITTI(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.scans)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def raw(self, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scan i as in the file: points (N, 4), training labels (N,), and the rows that are
@@ -673,8 +676,22 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
     a run resumed from a mid-epoch checkpoint skips the samples it had already trained on."""
     skip = 0
 
+    def start(self, epoch: int, skip: int) -> None:
+        self.set_epoch(epoch)
+        self.skip = skip
+
     def __iter__(self):
         return iter(list(super().__iter__())[self.skip:])
+
+
+class TrainingLoader(torch.utils.data.DataLoader):
+    """The training batches, with the one call the training loop makes before each epoch."""
+
+    def start_epoch(self, epoch: int, batches_done: int = 0) -> None:
+        """A new order and new augmentation for this epoch, drawn from (seed, epoch) so that a
+        resumed run repeats them; a run resumed mid-epoch skips the batches it had done."""
+        self.dataset.set_epoch(epoch)
+        self.sampler.start(epoch, batches_done * self.batch_size)
 
 
 def make_loaders(train_set, val_set, batch_size: int, val_batch_size: int, workers: int, seed: int,
@@ -684,7 +701,7 @@ def make_loaders(train_set, val_set, batch_size: int, val_batch_size: int, worke
     training scans (DistributedSampler) and every world-th validation scan."""
     world = distributed()
     sampler = ResumableSampler(train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
-    train = torch.utils.data.DataLoader(
+    train = TrainingLoader(
         train_set, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) >= batch_size,
         num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory)
     val_share = torch.utils.data.Subset(val_set, range(world.rank, len(val_set), world.size))
@@ -2693,9 +2710,7 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
     try:
         with StopRequest() as stop:
             for epoch in range(run.epoch, epochs):
-                loader.dataset.epoch = epoch  # new augmentation each epoch, reproducible on resume
-                loader.sampler.set_epoch(epoch)  # and a new order
-                loader.sampler.skip = run.batch * loader.batch_size  # what a killed run already trained on
+                loader.start_epoch(epoch, run.batch)  # its order and augmentation; a resumed run skips what it did
                 bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", initial=run.batch, total=len(loader),
                            dynamic_ncols=True, disable=not world.main)
                 for batch in bar:

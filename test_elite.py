@@ -1483,7 +1483,7 @@ def test_camera_views_keep_points_on_their_pixels_through_crop_and_flip(synth_co
     ds = elite.SemanticKITTI(synth_copy, ["00"], train=True, seed=1, camera=True, crop_hw=(160, 512), dense=True)
     agree = total = 0
     for epoch in range(4):
-        ds.epoch = epoch
+        ds.set_epoch(epoch)
         batch = elite.collate([ds[i] for i in range(len(ds))])
         views = batch.views
         # The view's labels are the labels of the batch points behind its pixels.
