@@ -1,0 +1,40 @@
+"""What both test files share: the synthetic scenes they read, and the `slow` marker of the
+end-to-end script runs (test_scripts.py), which CI runs too."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import elite
+import synthkitti
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs the scripts end to end (CI runs these too)")
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    """Two training scans (sequence 00) and one validation scan (08), small (256 columns)."""
+    root = tmp_path_factory.mktemp("synth")
+    return synthkitti.make_dataset(root, {"00": 2, "08": 1}, columns=256, seed=3, progress=False)
+
+
+@pytest.fixture()
+def synth_copy(synth_root, tmp_path):
+    """A private copy of the synthetic scenes (these tests write pseudo-labels into it)."""
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """Two scans at 512 columns with their SAM-PLG pseudo-labels made from the ideal masks."""
+    root = tmp_path_factory.mktemp("plg") / "synth"
+    synthkitti.make_dataset(root, {"00": 2}, columns=512, progress=False)
+    counts = elite.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+    assert counts == {"written": 2, "existing": 0, "unlabelled": 0}
+    return root
+

@@ -1,0 +1,780 @@
+"""Tests: the scripts run end to end, as a user runs them. Training, resuming and inference
+on the synthetic scenes; real processes killed (SIGKILL) or stopped (SIGTERM, Ctrl-C) and
+resumed; every row of README's bad-input table; run folders, read-only places, a full disk.
+Marked `slow` (conftest.py); CI runs them with the rest."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import errno
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import elite
+import synthkitti
+import u2mkd
+
+REPO = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow
+
+
+def test_train_resume_and_infer_end_to_end(synth_root, tmp_path):
+    import infer
+    import train_student
+    common = ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08",
+              "--preset", "embedded", "--batch-size", "2", "--out", str(tmp_path / "run"), "--device", "cpu",
+              "--teacher", "none"]
+    train_student.main(common + ["--epochs", "1"])
+    first = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert first["epoch"] == 0 and (tmp_path / "run" / "best.pt").is_file()
+    train_student.main(common + ["--epochs", "2", "--resume"])
+    second = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert second["epoch"] == 1 and second["step"] == 2
+    assert not torch.equal(first["model"]["classifier.2.weight"], second["model"]["classifier.2.weight"])
+    import csv
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and [int(r["step"]) for r in rows] == [1, 2]
+    assert {"lr", "seg3d_main", "miou", "best_miou"} <= set(rows[0])
+    assert float(rows[1]["miou"]) == pytest.approx(100 * second["miou"])
+    infer.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--data", str(synth_root),
+                "--split", "val", "--votes", "2", "--out", str(tmp_path / "pred"), "--device", "cpu",
+                "--vis", str(tmp_path / "vis")])
+    pred = np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label", dtype=np.uint32)
+    assert len(pred) == len(elite.read_scan(synth_root / "sequences" / "08" / "velodyne" / "000000.bin"))
+    assert set(np.unique(pred).tolist()) <= set(elite.LEARNING_MAP_INV.values())
+    # The picture: a caption, the camera image, two 600x600 top views in the predicted classes'
+    # colours, a legend.
+    from PIL import Image
+    picture = np.asarray(Image.open(tmp_path / "vis" / "sequences" / "08" / "000000.png").convert("RGB"))
+    camera_rows = round(synthkitti.IMAGE_HEIGHT * 1200 / synthkitti.IMAGE_WIDTH)
+    top = infer.CAPTION + camera_rows
+    assert picture.shape[:2] > (top + 600, 1199) and picture.shape[1] == 1200
+    top_view = picture[top + 20:top + 600, :600].reshape(-1, 3)  # clear of the title
+    predicted = np.unique(elite.to_train_ids(pred))
+    drawn = [c for c in predicted if (top_view == elite.CLASS_COLORS[c]).all(1).sum() > 20]
+    assert drawn == [c for c in predicted if c != 0]  # every predicted class shows, nothing is blank
+    errors = picture[top:top + 600, 600:].reshape(-1, 3)
+    assert (errors == infer.CORRECT).all(1).sum() + (errors == infer.WRONG).all(1).sum() > 1000
+    camera = picture[infer.CAPTION:top].reshape(-1, 3)
+    assert len(np.unique(camera, axis=0)) > 100  # the camera image is there
+
+
+def check_plg_picture(png: Path, scan: Path) -> None:
+    """train_teacher.py --vis: the frame with its labelled points above the frame with the
+    pseudo-labels blended in, both in the official colours."""
+    from PIL import Image
+    h, w = synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    assert picture.shape == (2 * h, w, 3)
+    dense = elite.read_pixel_labels(elite.plg_path(scan), h, w)[0]
+    frame = elite.read_image(elite.image_path(scan)).astype(np.float32)
+    blended = (0.45 * frame + 0.55 * elite.CLASS_COLORS[dense]).astype(np.uint8)
+    lower = picture[h:]
+    region = (dense != 0) & (np.arange(h)[:, None] > 20)  # below the title
+    region[:, :200] = False  # clear of the legend
+    assert (np.abs(lower[region].astype(int) - blended[region]).max(1) <= 1).mean() > 0.99
+    upper = picture[:h].reshape(-1, 3)
+    semantic = elite.load_plg_frame(scan, elite.read_calib(elite.calib_path(scan))).semantic
+    classes, counts = np.unique(semantic[semantic != 0], return_counts=True)
+    for c in classes[counts >= 20]:  # each class's points show as dots of its colour
+        assert (upper == elite.CLASS_COLORS[c]).all(1).sum() >= 9, elite.CLASS_NAMES[c]
+
+
+def test_train_teacher_pseudo_labels_shards_train_and_resume(synth_copy, tmp_path):
+    import train_teacher
+    run = tmp_path / "run"
+    common = ["--data", str(synth_copy), "--preset", "embedded", "--train-sequences", "00", "--val-sequences", "08",
+              "--crop", "64", "128", "--batch-size", "2", "--out", str(run), "--device", "cpu"]
+    train_scans = elite.list_scans(synth_copy, ["00"])
+    train_teacher.main(common + ["--plg-only", "--shard", "1/2"])
+    assert [elite.plg_path(s).is_file() for s in train_scans] == [False, True]  # shard 1 of 2: the 2nd scan
+    vis = tmp_path / "vis"
+    train_teacher.main(common + ["--vis", str(vis)])  # makes the missing pseudo-labels, draws them, trains nothing
+    assert all(elite.plg_path(s).is_file() for s in train_scans) and not run.exists()
+    check_plg_picture(vis / "sequences/00/000001.png", train_scans[1])
+    assert not list((synth_copy / "sequences" / "00" / "image_2_plg").glob("*.tmp*"))
+    train_teacher.main(common + ["--epochs", "1"])
+    first = torch.load(run / "last.pt", weights_only=False)
+    assert first["kind"] == elite.TEACHER_KIND and first["epoch"] == 0 and (run / "best.pt").is_file()
+    assert first["teacher_config"]["variant"] == "vit_tiny" and first["rank_allocator"]["ipt"]
+    train_teacher.main(common + ["--epochs", "2", "--resume"])
+    second = torch.load(run / "last.pt", weights_only=False)
+    assert second["epoch"] == 1 and second["step"] == 2
+    key = "output_upscaling.0.0.weight"
+    assert not torch.equal(first["weights"][key], second["weights"][key])
+    teacher, _ = elite.load_teacher(run / "last.pt")
+    assert torch.equal(teacher.state_dict()[key], second["weights"][key])
+    # Sparse point labels (the official default config) train too.
+    train_teacher.main(common + ["--labels", "sparse", "--epochs", "1", "--out", str(tmp_path / "sparse")])
+    assert (tmp_path / "sparse" / "last.pt").is_file()
+
+
+def test_train_student_with_a_teacher_saves_only_the_student_and_resumes(synth_copy, tmp_path):
+    import infer
+    import train_student
+    torch.manual_seed(0)
+    teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(64, 128)))
+    state = elite.teacher_state(teacher) | {"config": {"labels": "sparse", "target_rank": 8},
+                                            "rank_allocator": None}
+    elite.atomic_save(state, tmp_path / "teacher.pt")
+    run = tmp_path / "run"
+    common = ["--data", str(synth_copy), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+              "--batch-size", "2", "--teacher", str(tmp_path / "teacher.pt"), "--out", str(run), "--device", "cpu"]
+    with pytest.raises(elite.DataError, match="pseudo-labels"):  # dense labels asked for, none made
+        train_student.main(common + ["--epochs", "1", "--labels", "plg"])
+    train_student.main(common + ["--epochs", "1"])
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert last["config"]["teacher_mode"] == "joint" and last["config"]["labels"] == "sparse"
+    assert last["heads_3d"] is not None and last["teacher"]["kind"] == elite.TEACHER_KIND
+    best = torch.load(run / "best.pt", weights_only=False)
+    assert "teacher" not in best and "heads_3d" not in best and "optimizer" not in best
+    assert sum(v.numel() for v in best["model"].values() if v.is_floating_point()) < 1.95e6  # + BN statistics
+    student, _ = elite.load_student(run / "best.pt")
+    assert elite.count_parameters(student) == 1_933_460
+    # Resume: the teacher's trained tensors come from last.pt, not from teacher.pt.
+    key = "output_upscaling.0.0.weight"
+    assert not torch.equal(last["teacher"]["weights"][key], state["weights"][key])
+    train_student.main(common[:-6] + ["--out", str(run), "--device", "cpu", "--epochs", "2", "--resume"])
+    second = torch.load(run / "last.pt", weights_only=False)
+    assert second["epoch"] == 1 and second["step"] == 2 and second["config"]["teacher"] == str(tmp_path / "teacher.pt")
+    infer.main(["--checkpoint", str(run / "best.pt"), "--data", str(synth_copy), "--split", "val",
+                "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert (tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label").is_file()
+
+
+def test_lidar_teacher_then_u2mkd_student_then_infer_with_and_without_images(synth_copy, tmp_path, capsys):
+    import infer
+    import train_student
+    import train_teacher
+    data = ["--data", str(synth_copy), "--train-sequences", "00", "--val-sequences", "08", "--batch-size", "2",
+            "--preset", "embedded", "--device", "cpu"]
+    train_teacher.main(["--teacher", "lidar", "--epochs", "1", "--paste", "2", "--out", str(tmp_path / "lt")] + data)
+    teacher, ckpt = u2mkd.load_lidar_teacher(tmp_path / "lt" / "best.pt")
+    assert teacher.cfg.hidden == 128 and ckpt["epoch"] == 0 and "optimizer" not in ckpt
+    assert u2mkd.instance_db_path(synth_copy).is_file()
+    student = ["--method", "u2mkd", "--image-size", "64", "192", "--out", str(tmp_path / "fs")] + data
+    with pytest.raises(elite.DataError, match="elite-student"):  # not a LiDAR teacher
+        elite.atomic_save(elite.student_state(elite.Student()), tmp_path / "s.pt")
+        train_student.main(student + ["--teacher", str(tmp_path / "s.pt"), "--epochs", "1"])
+    train_student.main(student + ["--teacher", str(tmp_path / "lt" / "best.pt"), "--epochs", "1"])
+    last = torch.load(tmp_path / "fs" / "last.pt", weights_only=False)
+    assert last["kind"] == u2mkd.FUSION_KIND and last["kd_adapter"] is not None and last["image_hw"] == [64, 192]
+    train_student.main(student + ["--epochs", "2", "--resume"])
+    second = torch.load(tmp_path / "fs" / "last.pt", weights_only=False)
+    assert second["epoch"] == 1 and second["step"] == 2 and second["config"]["teacher"] == str(tmp_path / "lt" / "best.pt")
+    capsys.readouterr()
+    infer.main(["--checkpoint", str(tmp_path / "fs" / "best.pt"), "--data", str(synth_copy), "--split", "val",
+                "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "images all" in printed and "no images unseen" in printed
+    pred = np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label", dtype=np.uint32)
+    assert len(pred) == len(elite.read_scan(synth_copy / "sequences" / "08" / "velodyne" / "000000.bin"))
+
+
+# =====================================================================================
+# Crash-safe work: real processes killed with SIGKILL, then resumed
+# =====================================================================================
+
+
+
+def start_script(script: str, args: list[str], log: Path) -> subprocess.Popen:
+    """Run one of our scripts in its own process (one thread, so runs are bit-comparable)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, str(REPO / script)] + args, cwd=REPO, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout=300.0) -> None:
+    """SIGKILL proc as soon as ready() holds; fail if it ended by itself first."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the process ended before it could be killed"
+        assert time.time() < deadline, "timed out waiting to kill the process"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
+def finish(proc: subprocess.Popen, log: Path) -> str:
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    return log.read_text()
+
+
+def test_training_killed_mid_epoch_resumes_to_the_same_weights(synth_root, tmp_path):
+    args = ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+            "--batch-size", "1", "--epochs", "3", "--save-every", "1", "--device", "cpu", "--teacher", "none"]
+    whole = start_script("train_student.py", args + ["--out", str(tmp_path / "whole")], tmp_path / "whole.log")
+    finish(whole, tmp_path / "whole.log")
+
+    out = tmp_path / "killed"
+    first = start_script("train_student.py", args + ["--out", str(out)], tmp_path / "first.log")
+    kill_when(first, lambda: (out / "last.pt").is_file())  # the first mid-epoch checkpoint
+    stopped = torch.load(out / "last.pt", weights_only=False)
+    assert stopped["step"] < 6  # killed before the end (2 steps x 3 epochs)
+    printed = finish(start_script("train_student.py", args + ["--out", str(out), "--resume"], tmp_path / "r.log"),
+                     tmp_path / "r.log")
+    assert f"resumed from {out / 'last.pt'}: epoch {stopped['epoch'] + 2}" in printed
+
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
+    b = torch.load(out / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6 and a["batch"] == b["batch"] == 0
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key  # bit-identical, BatchNorm statistics included
+    assert a["miou"] == b["miou"] and a["epoch_sums"] == b["epoch_sums"] == {}
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".tmp") == []
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_resuming_mid_epoch_with_another_batch_size_is_refused(synth_root, tmp_path):
+    import train_student
+    args = ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+            "--epochs", "1", "--device", "cpu", "--teacher", "none", "--out", str(tmp_path / "run")]
+    train_student.main(args + ["--batch-size", "1"])
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    ckpt.update(epoch=-1, batch=1)  # as if killed after the epoch's first batch
+    elite.atomic_save(ckpt, tmp_path / "run" / "last.pt")
+    with pytest.raises(elite.DataError, match="same --batch-size"):
+        train_student.main(args + ["--batch-size", "2", "--resume"])
+
+
+def test_sam_plg_killed_midway_resumes_without_redoing_or_corrupt_files(tmp_path):
+    root = synthkitti.make_dataset(tmp_path / "d", {"00": 8}, columns=128, seed=4, progress=False)
+    folder = root / "sequences/00/image_2_plg"
+    args = ["--data", str(root), "--preset", "embedded", "--plg-only", "--train-sequences", "00", "--device", "cpu"]
+    proc = start_script("train_teacher.py", args, tmp_path / "first.log")
+    kill_when(proc, lambda: folder.is_dir() and any(folder.glob("*.npy")))
+    done = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.npy")}
+    assert 1 <= len(done) < 8
+    (folder / "000007.npy.killed00.tmp").write_bytes(b"half a file")  # as a kill mid-write leaves it
+    printed = finish(start_script("train_teacher.py", args, tmp_path / "second.log"), tmp_path / "second.log")
+    assert f"{8 - len(done)} written, {len(done)} already there" in printed
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.npy" for i in range(8)]  # no temporaries
+    assert {n: (folder / n).stat().st_mtime_ns for n in done} == done  # the finished ones were not redone
+    calib = elite.read_calib(root / "sequences/00/calib.txt")
+    for scan in elite.list_scans(root, ["00"]):  # every file whole and equal to an uninterrupted run's
+        expected = elite.pseudo_labels(elite.load_plg_frame(scan, calib), elite.IdealMaskSource())
+        np.testing.assert_array_equal(np.load(elite.plg_path(scan)), expected)
+
+
+# =====================================================================================
+# Bad input: the table in README, each row run through the script a user would run
+# =====================================================================================
+# Each case spoils a private copy of the synthetic scenes, runs the script in-process through
+# elite.run_script (the scripts' own entry point), and checks that it stops with "error:" and
+# a message naming the file (or, where the data is usable, warns and finishes), without a
+# traceback and without leaving a half-written file behind.
+
+def cut_bytes(path: Path, n: int) -> None:
+    path.write_bytes(path.read_bytes()[:-n])
+
+
+def edit_scan(path: Path, change) -> None:
+    points = np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+    change(points)
+    points.tofile(path)
+
+
+def drop_line(path: Path, key: str) -> None:
+    path.write_text("".join(l for l in path.read_text().splitlines(True) if not l.startswith(key)))
+
+
+def shorten_p2(path: Path) -> None:
+    path.write_text("".join(" ".join(l.split()[:-1]) + "\n" if l.startswith("P2:") else l
+                            for l in path.read_text().splitlines(True)))
+
+
+def set_unknown_ids(path: Path) -> None:
+    raw = np.fromfile(path, dtype=np.uint32)
+    raw[:10] = (raw[:10] & 0xFFFF0000) | 7  # raw id 7 is not in semantic-kitti.yaml
+    raw.tofile(path)
+
+
+def half_size_image(path: Path) -> None:
+    from PIL import Image
+    with Image.open(path) as im:
+        im.resize((im.width // 2, im.height // 2)).save(path)
+
+
+def resize_image(path: Path, factor: float) -> None:
+    from PIL import Image
+    with Image.open(path) as im:
+        im.resize((round(im.width * factor), round(im.height * factor))).save(path)
+
+
+def set_tr_nan(path: Path) -> None:
+    path.write_text("".join("Tr: " + " ".join(["nan"] * 12) + "\n" if l.startswith("Tr:") else l
+                            for l in path.read_text().splitlines(True)))
+
+
+def zero_labels(folder: Path) -> None:
+    for f in folder.glob("*.label"):
+        np.zeros(f.stat().st_size // 4, np.uint32).tofile(f)
+
+
+def huge_remission(p: np.ndarray) -> None:
+    p[:, 3] = 1e30
+
+
+def one_voxel(p: np.ndarray) -> None:
+    p[:, :3] = np.array([10.0, 5.0, -1.0]) + 0.1 * (np.arange(len(p))[:, None] % 3) / 3  # all within 0.1 m
+
+
+S00, S08 = "sequences/00", "sequences/08"
+
+
+def train_args(d: Path, *more) -> list[str]:
+    return ["--data", str(d / "data"), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+            "--epochs", "1", "--batch-size", "1", "--device", "cpu", "--out", str(d / "out"), *more]
+
+
+def infer_args(d: Path, *more, checkpoint="student.pt") -> list[str]:
+    return ["--checkpoint", str(d / checkpoint), "--data", str(d / "data"), "--split", "val", "--device", "cpu",
+            "--out", str(d / "pred"), *more]
+
+
+# (name, script, spoil the copy at d/data and return the arguments, message, usable data?)
+BAD_INPUTS = [
+    ("truncated .bin", "train_student",
+     lambda d: (cut_bytes(d / "data" / S00 / "velodyne/000001.bin", 6), train_args(d, "--teacher", "none"))[1],
+     r"00/velodyne/000001\.bin: \d+ bytes is not a multiple of 16", False),
+    (".label of the wrong length", "infer",
+     lambda d: (cut_bytes(d / "data" / S08 / "labels/000000.label", 4), infer_args(d))[1],
+     r"08/labels/000000\.label: \d+ labels but its scan has \d+ points", False),
+    ("training scan without its .label", "train_student",
+     lambda d: ((d / "data" / S00 / "labels/000001.label").unlink(), train_args(d, "--teacher", "none"))[1],
+     r"00/labels/000001\.label: label file not found", False),
+    ("unknown raw label id", "infer",
+     lambda d: (set_unknown_ids(d / "data" / S08 / "labels/000000.label"), infer_args(d))[1],
+     r"000000\.label: 10 points carry raw label ids not in semantic-kitti\.yaml \[7\]", True),
+    ("missing calib.txt", "train_teacher",
+     lambda d: ((d / "data" / S00 / "calib.txt").unlink(), train_args(d, "--labels", "sparse"))[1],
+     r"00/calib\.txt: calibration file not found", False),
+    ("calib.txt without P2", "train_teacher",
+     lambda d: (drop_line(d / "data" / S00 / "calib.txt", "P2:"), train_args(d, "--plg-only"))[1],
+     r"00/calib\.txt: no 'P2:' line", False),
+    ("P2 with 11 values", "infer",
+     lambda d: (shorten_p2(d / "data" / S08 / "calib.txt"), infer_args(d, "--vis", str(d / "vis")))[1],
+     r"08/calib\.txt: 'P2' has 11 values, expected 12", False),
+    ("missing image", "train_teacher",
+     lambda d: ((d / "data" / S00 / "image_2/000001.png").unlink(), train_args(d, "--labels", "sparse"))[1],
+     r"00/image_2/000001\.png: image not found", False),
+    ("corrupt image", "infer",
+     lambda d: ((d / "data" / S08 / "image_2/000000.png").write_bytes(b"\x89PNG broken"),
+                infer_args(d, "--vis", str(d / "vis")))[1],
+     r"08/image_2/000000\.png: cannot decode image", False),
+    ("corrupt image read in a DataLoader worker", "train_teacher",
+     lambda d: ((d / "data" / S00 / "image_2/000001.png").write_bytes(b"\x89PNG broken"),
+                train_args(d, "--labels", "sparse", "--workers", "1"))[1],
+     r"^error: \S+00/image_2/000001\.png: cannot decode image", False),
+    ("image size not matching the calibration", "train_teacher",
+     lambda d: (half_size_image(d / "data" / S00 / "image_2/000000.png"), train_args(d, "--plg-only"))[1],
+     r"00/image_2/000000\.png: a 620x188 image does not match \S+00/calib\.txt", False),
+    ("non-finite points", "infer",
+     lambda d: (edit_scan(d / "data" / S08 / "velodyne/000000.bin", lambda p: p.__setitem__(slice(0, 5), np.nan)),
+                infer_args(d))[1],
+     r"08/velodyne/000000\.bin: dropped 5 points with NaN or Inf values", True),
+    ("empty scan", "train_student",
+     lambda d: ((d / "data" / S00 / "velodyne/000001.bin").write_bytes(b""),
+                (d / "data" / S00 / "labels/000001.label").write_bytes(b""), train_args(d, "--teacher", "none"))[2],
+     r"00/velodyne/000001\.bin: empty scan", True),
+    ("every point out of range", "infer",
+     lambda d: (edit_scan(d / "data" / S08 / "velodyne/000000.bin", lambda p: p.__imul__(1000)), infer_args(d))[1],
+     r"08/velodyne/000000\.bin: none of its \d+ points lies inside the voxel range", True),
+    ("folder without sequences/", "infer",
+     lambda d: ((d / "empty").mkdir(), infer_args(d)[:2] + ["--data", str(d / "empty"), "--out", str(d / "pred")])[1],
+     r"empty: no 'sequences' folder", False),
+    ("student checkpoint passed as the teacher", "train_student",
+     lambda d: train_args(d, "--teacher", str(d / "student.pt")),
+     r"student\.pt: holds a 'elite-student' model, expected 'elite-teacher'", False),
+    ("teacher checkpoint passed as the student", "infer",
+     lambda d: infer_args(d, checkpoint="teacher.pt"),
+     r"teacher\.pt: holds a 'elite-teacher' model, expected 'elite-student'", False),
+    ("SAM checkpoint of the wrong variant", "train_teacher",
+     lambda d: train_args(d, "--labels", "sparse", "--sam-checkpoint", str(d / "sam_vit_b.pth")),
+     r"sam_vit_b\.pth: looks like SAM vit_b but the teacher is SAM vit_tiny", False),
+    ("truncated checkpoint", "infer",
+     lambda d: infer_args(d, checkpoint="truncated.pt"),
+     r"truncated\.pt: cannot read checkpoint .*truncated", False),
+    ("truncated last.pt on --resume", "train_student",
+     lambda d: ((d / "out").mkdir(), shutil.copy(d / "truncated.pt", d / "out/last.pt"),
+                train_args(d, "--teacher", "none", "--resume"))[2],
+     r"out/last\.pt: cannot read checkpoint", False),
+    ("flags: --plg-only with --labels sparse", "train_teacher",
+     lambda d: train_args(d, "--plg-only", "--labels", "sparse"),
+     r"--plg-only makes pseudo-labels, --labels sparse trains without them", False),
+    ("flags: a SAM option for the LiDAR teacher", "train_teacher",
+     lambda d: train_args(d, "--teacher", "lidar", "--sam-checkpoint", str(d / "sam_vit_b.pth")),
+     r"--sam-checkpoint: for the SAM teacher, not --teacher lidar", False),
+    ("flags: an ELiTe option for U2MKD", "train_student",
+     lambda d: train_args(d, "--method", "u2mkd", "--labels", "plg"),
+     r"--labels does not apply to --method u2mkd", False),
+    ("flags: --no-images for an ELiTe student", "infer",
+     lambda d: infer_args(d, "--no-images"),
+     r"student\.pt: --no-images is for a U2MKD fusion student", False),
+    ("flags: --sync-bn on a CPU", "train_student",
+     lambda d: train_args(d, "--teacher", "none", "--sync-bn"),
+     r"--sync-bn needs torchrun on GPUs", False),
+    # Issue 15: wrong results that looked right
+    ("calib.txt whose Tr holds NaN", "train_teacher",
+     lambda d: (set_tr_nan(d / "data" / S00 / "calib.txt"), train_args(d, "--labels", "sparse"))[1],
+     r"00/calib\.txt: 'Tr' holds non-finite values", False),
+    ("one image of a sequence resized to 80%", "train_teacher",
+     lambda d: (resize_image(d / "data" / S00 / "image_2/000001.png", 0.8), train_args(d, "--plg-only"))[1],
+     r"00/image_2/000001\.png: a 993x301 image, but the frames of this sequence are 1241x376", False),
+    ("every training label 0 (unlabeled)", "train_student",
+     lambda d: (zero_labels(d / "data" / S00 / "labels"), train_args(d, "--teacher", "none"))[1],
+     r"00/labels: every point of the 2 training \.label files checked .* is unlabeled", False),
+    ("validation scans without .label files", "train_student",
+     lambda d: (shutil.rmtree(d / "data" / S08 / "labels"), train_args(d, "--teacher", "none"))[1],
+     r"08/labels: none of the 1 validation scans has a \.label file", False),
+    ("the validation sequence also in the training list", "train_student",
+     lambda d: train_args(d, "--teacher", "none", "--train-sequences", "00", "08"),
+     r"sequences \['08'\] are both training and validation sequences", True),
+    ("a training scan with remission 1e30", "train_student",
+     lambda d: (edit_scan(d / "data" / S00 / "velodyne/000001.bin", huge_remission),
+                train_args(d, "--teacher", "none"))[1],
+     r"step \d skipped \(non-finite loss or gradient\): \S+00/velodyne/000001\.bin", True),
+    ("a training scan that fills one voxel", "train_student",
+     lambda d: (edit_scan(d / "data" / S00 / "velodyne/000001.bin", one_voxel), train_args(d, "--teacher", "none"))[1],
+     r"step \d skipped \(the batch's \d+ points fill 1 voxel\(s\) at scale 16: BatchNorm needs two\)", True),
+    # Issue 15: flags checked when parsed
+    ("flags: --batch-size 0", "train_student", lambda d: train_args(d, "--batch-size", "0"),
+     r"argument --batch-size: expected a positive integer, got '0'", False),
+    ("flags: --val-batch-size 0", "train_teacher", lambda d: train_args(d, "--val-batch-size", "0"),
+     r"argument --val-batch-size: expected a positive integer, got '0'", False),
+    ("flags: --lr -1", "train_student", lambda d: train_args(d, "--lr", "-1"),
+     r"argument --lr: expected a positive finite number, got '-1'", False),
+    ("flags: --lr nan", "train_teacher", lambda d: train_args(d, "--lr", "nan"),
+     r"argument --lr: expected a positive finite number, got 'nan'", False),
+    ("flags: --workers -1", "train_student", lambda d: train_args(d, "--workers", "-1"),
+     r"argument --workers: expected an integer >= 0, got '-1'", False),
+    ("flags: --seed -1", "infer", lambda d: infer_args(d, "--seed", "-1"),
+     r"argument --seed: expected an integer >= 0, got '-1'", False),
+    ("flags: --device cuda without CUDA", "train_student", lambda d: train_args(d, "--device", "cuda:99"),
+     r"argument --device: 'cuda:99': this machine has", False),
+    ("flags: --crop 0 512", "train_teacher", lambda d: train_args(d, "--crop", "0", "512"),
+     r"argument --crop: expected a positive integer, got '0'", False),
+    ("crop larger than the image", "train_teacher",
+     lambda d: train_args(d, "--labels", "sparse", "--crop", "400", "2000"),
+     r"00/image_2/000000\.png: a 1241x376 frame is smaller than the 400x2000 crop", False),
+    # Issue 15: outputs and checkpoints checked before any work
+    ("--out that is an existing file", "train_student",
+     lambda d: ((d / "a_file").write_text("x"), train_args(d, "--teacher", "none")[:-2] + ["--out", str(d / "a_file")])[1],
+     r"a_file: --out is an existing file, not a folder", False),
+    ("--out of infer.py that is an existing file", "infer",
+     lambda d: ((d / "a_file").write_text("x"), infer_args(d)[:-2] + ["--out", str(d / "a_file")])[1],
+     r"a_file: is an existing file, not a folder; give another --out", False),
+    ("checkpoint with a tensor of the wrong shape", "infer",
+     lambda d: infer_args(d, checkpoint="bad_shape.pt"),
+     r"bad_shape\.pt: tensor 'classifier\.2\.weight' has shape \(19, 128\), the model expects \(20, 128\)", False),
+    ("last.pt with a tensor of the wrong shape on --resume", "train_student",
+     lambda d: ((d / "out").mkdir(), shutil.copy(d / "bad_shape_last.pt", d / "out/last.pt"),
+                train_args(d, "--teacher", "none", "--resume"))[2],
+     r"out/last\.pt: tensor 'classifier\.2\.weight' has shape \(19, 128\)", False),
+    ("best.pt given where --resume expects last.pt", "train_student",
+     lambda d: ((d / "out").mkdir(), shutil.copy(d / "student.pt", d / "out/last.pt"),
+                train_args(d, "--teacher", "none", "--resume"))[2],
+     r"out/last\.pt: holds the model only \(a best\.pt\?\), not the optimiser and run state --resume needs", False),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_files(tmp_path_factory):
+    """Checkpoints the cases pass around: a student, a teacher, a truncated one, a fake SAM ViT-B."""
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    elite.atomic_save(elite.student_state(elite.Student()), d / "student.pt")
+    elite.atomic_save(elite.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))), d / "teacher.pt")
+    (d / "truncated.pt").write_bytes((d / "student.pt").read_bytes()[:5000])
+    bad = elite.student_state(elite.Student())
+    bad["model"]["classifier.2.weight"] = torch.zeros(19, 128)  # 19 classes, not 20
+    elite.atomic_save(bad, d / "bad_shape.pt")
+    elite.atomic_save(bad | elite.RunState().record(None) | {"config": {"teacher": "none"}, "optimizer": {}},
+                      d / "bad_shape_last.pt")
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
+                "image_encoder.blocks.11.norm1.weight": torch.zeros(768)}, d / "sam_vit_b.pth")
+    return d
+
+
+def test_bad_input_table_has_the_cases_the_issue_names():
+    assert len(BAD_INPUTS) >= 15 and len({c[0] for c in BAD_INPUTS}) == len(BAD_INPUTS)
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name, *_ in BAD_INPUTS if f"| {name} |" not in readme]
+    assert not missing, f"README's bad-input table lacks {missing}"
+
+
+@pytest.mark.parametrize("name, script, spoil, message, usable", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input(name, script, spoil, message, usable, synth_root, bad_input_files, tmp_path, capsys):
+    import importlib
+    shutil.copytree(synth_root, tmp_path / "data")
+    for f in bad_input_files.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    argv = spoil(tmp_path)
+    main = importlib.import_module(script).main
+    if usable:  # a warning naming the file, and a result
+        with pytest.warns(UserWarning, match=message):
+            elite.run_script(main, argv)
+    else:
+        with pytest.raises(SystemExit) as stop:
+            elite.run_script(main, argv)
+        text = stop.value.code if isinstance(stop.value.code, str) else capsys.readouterr().err  # argparse: stderr
+        assert re.search(message, text), text
+        assert text.startswith("error: ") or "error: " in text
+        assert "Traceback" not in text
+        assert not (tmp_path / "out" / "best.pt").exists() and not (tmp_path / "vis").exists()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if p.name.endswith(".tmp")]  # no half-written file
+    for pred in (tmp_path / "pred").rglob("*.label"):  # predictions are whole: one label per point
+        scan = tmp_path / "data" / "sequences" / pred.parent.parent.name / "velodyne" / (pred.stem + ".bin")
+        assert pred.stat().st_size == scan.stat().st_size // 4
+    if usable and script == "infer":
+        pred = np.fromfile(tmp_path / "pred" / S08 / "predictions/000000.label", dtype=np.uint32)
+        points = elite.read_scan(tmp_path / "data" / S08 / "velodyne/000000.bin")
+        unusable = ~(np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3])))
+        assert len(pred) == len(points) and (pred[unusable] == 0).all()  # what the model never saw: 'unlabeled'
+        assert (pred != 0).any() == (name != "every point out of range")
+    if usable and script == "train_student":
+        best = torch.load(tmp_path / "out" / "best.pt", weights_only=False)
+        assert not elite.non_finite_tensors(best)  # BatchNorm statistics included
+
+
+# =====================================================================================
+# Nothing lost, nothing poisoned: run folders, non-finite values, signals, outputs, help
+# =====================================================================================
+
+def fake_run(folder: Path, state: dict) -> dict[str, bytes]:
+    """A run folder holding last.pt, best.pt and metrics.csv -> their bytes."""
+    folder.mkdir(parents=True)
+    elite.atomic_save(state, folder / "last.pt")
+    elite.atomic_save(state, folder / "best.pt")
+    (folder / "metrics.csv").write_text("epoch,miou\n1,12.5\n")
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def run_main(script: str, argv: list[str]) -> str:
+    """Run a script in-process through its entry point; the 'error: ...' it ends with, or ''."""
+    import importlib
+    try:
+        elite.run_script(importlib.import_module(script).main, argv)
+    except SystemExit as stop:
+        return str(stop.code)
+    return ""
+
+
+def test_fresh_run_in_a_run_folder_is_refused_and_overwrite_starts_over(synth_root, tmp_path):
+    out = tmp_path / "run"
+    before = fake_run(out, elite.student_state(elite.Student()))
+    args = train_args(tmp_path, "--teacher", "none")[:-2] + ["--data", str(synth_root), "--out", str(out)]
+    message = run_main("train_student", args)
+    assert re.search(r"run: already holds a run \(last\.pt, best\.pt, metrics\.csv\); continue it with --resume, "
+                     r"start over in it with --overwrite, or give a new --out", message), message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost
+    assert run_main("train_student", args + ["--overwrite"]) == ""
+    assert (out / "best.pt").read_bytes() != before["best.pt"]
+    with open(out / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1"]  # the old run's rows are gone
+    assert "--resume continues" in run_main("train_student", args + ["--overwrite", "--resume"])
+
+
+def test_a_run_never_writes_over_another_kinds_checkpoint(synth_root, tmp_path):
+    teacher_run = tmp_path / "teacher"
+    before = fake_run(teacher_run, elite.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))))
+    args = train_args(tmp_path, "--teacher", "none")[:-2] + ["--data", str(synth_root), "--out", str(teacher_run)]
+    for more in ([], ["--overwrite"]):
+        message = run_main("train_student", args + more)
+        assert re.search(r"teacher/last\.pt: holds a 'elite-teacher' model and this run trains 'elite-student'",
+                         message), message
+    assert {p.name: p.read_bytes() for p in teacher_run.iterdir()} == before
+
+
+def test_steps_that_keep_failing_stop_the_run_with_where(synth_root, tmp_path, monkeypatch):
+    shutil.copytree(synth_root, tmp_path / "data")
+    for scan in (tmp_path / "data" / S00 / "velodyne").glob("*.bin"):
+        edit_scan(scan, huge_remission)
+    monkeypatch.setattr(elite, "MAX_SKIPS_IN_A_ROW", 2)
+    with pytest.warns(UserWarning, match="skipped"):
+        message = run_main("train_student", train_args(tmp_path, "--teacher", "none", "--save-every", "0"))
+    assert re.search(r"^error: training stopped at epoch 1, batch 2, step 2: the last 2 steps were all skipped "
+                     r"\(non-finite loss or gradient\); the model is as it was before them\. Check these scans and "
+                     r"--lr\. No checkpoint was written\.", message), message
+    assert not (tmp_path / "out" / "best.pt").exists() and not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_full_disk_names_the_file_and_loses_nothing(synth_root, tmp_path, monkeypatch):
+    args = train_args(tmp_path, "--teacher", "none", "--save-every", "0")[:-2]
+    args += ["--data", str(synth_root), "--out", str(tmp_path / "out")]
+    assert run_main("train_student", args) == ""
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(elite.os, "fsync", full)
+    message = run_main("train_student", args + ["--epochs", "2", "--resume"])
+    assert re.search(r"^error: \S+out/last\.pt: could not be written \(No space left on device\); nothing was lost: "
+                     r"the previous file is unchanged \(at epoch 3, step 4\)", message), message
+    after = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    assert after == before  # no temporary left, every file as it was
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """Make a folder read-only for this process: a read-only bind mount as root (root ignores
+    permission bits, as on a cluster's read-only dataset), the permission bits otherwise."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [folder, *folder.rglob("*")] if p.is_dir()}
+        for p in modes:
+            p.chmod(0o555)
+        try:
+            yield
+        finally:
+            for p, m in modes.items():
+                p.chmod(m)
+        return
+    done = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot make a read-only mount here: {done.stderr.decode().strip()}")
+    try:
+        remount = subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True)
+        if remount.returncode != 0:
+            pytest.skip(f"cannot make a read-only mount here: {remount.stderr.decode().strip()}")
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_out_is_refused_before_any_work(synth_root, tmp_path):
+    (tmp_path / "ro").mkdir()
+    args = train_args(tmp_path, "--teacher", "none")[:-2] + ["--data", str(synth_root)]
+    with read_only(tmp_path / "ro"):
+        message = run_main("train_student", args + ["--out", str(tmp_path / "ro" / "run")])
+        assert re.search(r"ro/run: cannot write there \(\S+ro is read-only\); give another --out", message), message
+        message = run_main("infer", infer_args(tmp_path, checkpoint="x.pt")[:4] +
+                           ["--data", str(synth_root), "--out", str(tmp_path / "ro" / "pred")])
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_read_only_dataset_writes_derived_files_elsewhere(synth_root, tmp_path):
+    data, derived = tmp_path / "data", tmp_path / "derived"
+    shutil.copytree(synth_root, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    common = ["--data", str(data), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+              "--device", "cpu", "--epochs", "1", "--batch-size", "2"]
+    with read_only(data):
+        message = run_main("train_teacher", common + ["--plg-only"])
+        assert re.search(r"data/sequences: cannot write there .*pass --derived-dir DIR", message), message
+        assert run_main("train_teacher", common + ["--plg-only", "--derived-dir", str(derived)]) == ""
+        message = run_main("train_teacher", common + ["--teacher", "lidar", "--out", str(tmp_path / "lidar")])
+        assert "pass --derived-dir DIR" in message
+        assert run_main("train_teacher", common + ["--teacher", "lidar", "--out", str(tmp_path / "lidar"),
+                                                   "--derived-dir", str(derived)]) == ""
+        train = elite.SemanticKITTI(data, ["00"], train=True, camera=True, crop_hw=(160, 512), dense=True,
+                                    derived=derived)
+        assert train[0].view.dense_labels is not None  # read from DERIVED
+        assert elite.missing_pseudo_labels(data, ["00"], derived) == 0
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into the dataset
+    assert sorted(p.name for p in (derived / S00 / "image_2_plg").iterdir()) == ["000000.npy", "000001.npy"]
+    assert (derived / "u2mkd_instances.npz").is_file() and (tmp_path / "lidar" / "best.pt").is_file()
+
+
+def test_train_teacher_vis_draws_and_does_not_train(synth_copy, tmp_path):
+    out = tmp_path / "teacher"
+    args = ["--data", str(synth_copy), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+            "--device", "cpu", "--out", str(out), "--vis", str(tmp_path / "vis")]
+    assert run_main("train_teacher", args) == ""
+    assert sorted(p.name for p in (tmp_path / "vis" / S00).iterdir()) == ["000000.png", "000001.png"]
+    assert not out.exists()
+
+
+def signal_when_training(signum: int, synth_root: Path, tmp_path: Path) -> tuple[int, str, dict]:
+    """Start a training run, send signum once its first mid-epoch checkpoint is written ->
+    (exit status, output, the last.pt it left)."""
+    out = tmp_path / "run"
+    args = ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+            "--batch-size", "1", "--epochs", "30", "--save-every", "1", "--device", "cpu", "--teacher", "none",
+            "--out", str(out)]
+    log = tmp_path / "log"
+    proc = start_script("train_student.py", args, log)
+    deadline = time.time() + 300
+    while not (out / "last.pt").is_file():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    status = proc.wait(timeout=300)
+    return status, log.read_text(), torch.load(out / "last.pt", weights_only=False)
+
+
+def test_sigterm_writes_last_pt_at_the_current_step_and_says_how_to_resume(synth_root, tmp_path):
+    status, printed, last = signal_when_training(signal.SIGTERM, synth_root, tmp_path)
+    assert status == 143 and "Traceback" not in printed, printed[-3000:]
+    where = re.search(r"stopped by SIGTERM at epoch (\d+)(?:, batch (\d+))?, step (\d+): \S+run/last\.pt written; "
+                      r"continue with the same command and --resume", printed)
+    assert where, printed[-3000:]
+    assert last["step"] == int(where.group(3)) < 60  # written at the step it stopped at
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_last_checkpoint(synth_root, tmp_path):
+    status, printed, last = signal_when_training(signal.SIGINT, synth_root, tmp_path)
+    assert status == 130 and "Traceback" not in printed and "KeyboardInterrupt" not in printed, printed[-3000:]
+    assert re.search(r"interrupted \(Ctrl-C\) at epoch \d+.*: the last checkpoint is \S+run/last\.pt \(epoch \d+"
+                     r".*step \d+\); continue with the same command and --resume", printed), printed[-3000:]
+
+
+def all_help(script: str) -> str:
+    import importlib
+    module = importlib.import_module(script)
+    with contextlib.redirect_stdout(io.StringIO()) as text, pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    return text.getvalue()
+
+
+@pytest.mark.parametrize("script", ["train_student", "train_teacher", "infer"])
+def test_every_flag_shows_its_default(script):
+    import importlib
+    text = all_help(script)
+    parser_of = {}
+
+    def capture(self, *a, **k):
+        parser_of["p"] = self
+        raise SystemExit(0)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", capture)
+        with pytest.raises(SystemExit):
+            importlib.import_module(script).parse_args([])
+    formatter = parser_of["p"]._get_formatter()
+    missing_default = []
+    for action in parser_of["p"]._actions:
+        if action.help is argparse.SUPPRESS or action.dest == "help":
+            continue
+        shown = formatter._get_help_string(action)  # the text --help prints, with the default it adds
+        switch = isinstance(action, argparse._StoreTrueAction)
+        missing_default.extend([] if switch or "default" in shown or "preset" in shown else [action.option_strings])
+    assert not missing_default, missing_default
+    assert "(default: 0.24)" in text or script != "train_student"
+    if script == "train_teacher":
+        assert "lidar 64 paper, 4 embedded" in " ".join(text.split())  # the LiDAR teacher's preset is shown
+        assert "and stop, without training" in " ".join(text.split())
+
+
+def test_benchmark_runs_on_the_device_asked_for_and_counts_operations(capsys):
+    import infer
+    infer.main(["--benchmark", "--device", "cpu", "--repeats", "1", "--teacher-variant", "none"])
+    printed = capsys.readouterr().out
+    assert "[cpu, " in printed and "[cuda" not in printed  # the device asked for, alone
+    counted = re.search(r"aten operations dispatched ([\d,]+), (\d+) with a data-dependent size \(_unique2 14, "
+                        r"nonzero 4\)", printed)
+    assert counted and int(counted.group(2)) == 18, printed
