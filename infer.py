@@ -29,13 +29,14 @@ import torch
 from tqdm import tqdm
 
 import elite
+import runs
 import u2mkd
 
 REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata" / "semantickitti"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=elite.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=Path("runs/student/best.pt"),
                    help="student checkpoint written by train_student.py")
     p.add_argument("--data", type=Path, default=Path("data/synthkitti"),
@@ -46,30 +47,30 @@ def parse_args(argv=None):
                    help="predict one sequence folder (…/sequences/XX) instead of a split (default: the split)")
     p.add_argument("--out", type=Path, default=Path("predictions"),
                    help="where sequences/XX/predictions/*.label are written")
-    p.add_argument("--votes", type=elite.positive_int, default=1,
+    p.add_argument("--votes", type=runs.positive_int, default=1,
                    help="test-time augmentation: logits summed over this many copies (copy 0 as is, "
                         "the others rotated and translated at random; official test uses 12)")
-    p.add_argument("--device", type=elite.device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=runs.device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when present, else cpu)")
-    p.add_argument("--seed", type=elite.count_int, default=0, help="seed of the test-time augmentation")
+    p.add_argument("--seed", type=runs.count_int, default=0, help="seed of the test-time augmentation")
     p.add_argument("--no-images", action="store_true",
                    help="u2mkd fusion student: write the predictions made without images (default: with images)")
     p.add_argument("--vis", type=Path, default=None,
                    help="also draw each frame to VIS/sequences/XX/NNNNNN.png: the camera image with the points in "
                         "their predicted colours, a top view of the prediction and one of its errors (default: "
                         "no pictures)")
-    p.add_argument("--vis-every", type=elite.positive_int, default=1, help="with --vis, draw every k-th frame only")
+    p.add_argument("--vis-every", type=runs.positive_int, default=1, help="with --vis, draw every k-th frame only")
     p.add_argument("--benchmark", action="store_true",
                    help="print parameter count, voxels per scale, sparse-conv and student forward timings, on "
                         "--device alone")
-    p.add_argument("--threads", type=elite.positive_int, default=None,
+    p.add_argument("--threads", type=runs.positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--repeats", type=elite.positive_int, default=10, help="--benchmark: timed repetitions per figure")
+    p.add_argument("--repeats", type=runs.positive_int, default=10, help="--benchmark: timed repetitions per figure")
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast for prediction; with --benchmark, also time bf16 on the CPU (always on GPUs)")
     p.add_argument("--teacher-variant", default="vit_b", choices=["none"] + sorted(elite.SAM_VARIANTS),
                    help="--benchmark: SAM encoder of the timed teacher training step ('none' skips it)")
-    p.add_argument("--teacher-batch", type=elite.positive_int, default=1,
+    p.add_argument("--teacher-batch", type=runs.positive_int, default=1,
                    help="--benchmark: crops (320x1024) in the timed teacher training step")
     args = p.parse_args(argv)
     if args.benchmark and (args.vis is not None or args.no_images):
@@ -154,7 +155,7 @@ def view_table(confs: dict[str, elite.ConfusionMatrix]) -> str:
 
 def write_label_file(path: Path, train_ids: np.ndarray):
     """Raw ids as uint32, written atomically."""
-    elite.atomic_write(path, lambda f: elite.TRAIN_TO_RAW[train_ids].astype(np.uint32).tofile(f))
+    runs.atomic_write(path, lambda f: elite.TRAIN_TO_RAW[train_ids].astype(np.uint32).tofile(f))
 
 
 def scans_to_predict(args) -> list[Path]:
@@ -174,8 +175,8 @@ def print_summary(args, scans: list[Path], device: torch.device, model: str) -> 
     if args.vis is not None:
         often = "every frame" if args.vis_every == 1 else f"every {args.vis_every}th frame"
         outputs += f"; pictures {args.vis}/sequences/XX/NNNNNN.png ({often})"
-    elite.print_summary("infer.py: predictions", {
-        "device": elite.describe_device(device, args.amp),
+    runs.print_summary("infer.py: predictions", {
+        "device": runs.describe_device(device, args.amp),
         "data": f"{len(scans)} scans of sequences {' '.join(sequences)} "
                 f"({args.sequence if args.sequence else f'{args.data}, split {args.split}'}), {args.votes} vote(s)",
         "model": model,
@@ -191,13 +192,13 @@ def read_train_ids(scan: Path, num_points: int) -> torch.Tensor | None:
 
 def check_outputs(args) -> None:
     """--out and --vis can be written, checked before any scan is read."""
-    elite.writable_folder(args.out, "give another --out")
+    runs.writable_folder(args.out, "give another --out")
     if args.vis is not None:
-        elite.writable_folder(args.vis, "give another --vis")
+        runs.writable_folder(args.vis, "give another --vis")
 
 
 def predict(args):
-    kind = elite.load_checkpoint(args.checkpoint, None)["kind"]
+    kind = runs.load_checkpoint(args.checkpoint, None)["kind"]
     if kind == u2mkd.FUSION_KIND:
         return predict_fusion(args)
     if args.no_images:
@@ -205,7 +206,7 @@ def predict(args):
                               f"holds a '{kind}' model, which never sees images")
     check_outputs(args)
     device = torch.device(args.device)
-    model, ckpt = elite.load_student(args.checkpoint, map_location=device)
+    model, ckpt = runs.load_student(args.checkpoint, map_location=device)
     model.to(device).eval()
     scans = scans_to_predict(args)
     print_summary(args, scans, device, f"ELiTe Student, {elite.count_parameters(model):,} parameters, from "
@@ -326,7 +327,7 @@ def top_view(xyz: np.ndarray, colours: np.ndarray, size=600) -> np.ndarray:
     col = (extent - xyz[:, 1]) / (2 * extent) * size
     inside = (row >= 0) & (row < size) & (col >= 0) & (col < size)
     order = np.argsort(xyz[inside, 2], kind="stable")  # low first, so higher points paint over
-    elite.paint_dots(image, np.stack([row, col], 1)[inside][order], colours[inside][order])
+    runs.paint_dots(image, np.stack([row, col], 1)[inside][order], colours[inside][order])
     return image
 
 
@@ -372,7 +373,7 @@ def frame_picture(points: np.ndarray, pred: np.ndarray, labels: np.ndarray | Non
     w = bottom.shape[1]
     rows = [np.full((CAPTION, w, 3), BACKGROUND, np.uint8)]
     if frame is not None:
-        overlay = Image.fromarray(elite.camera_overlay(frame, xyz, elite.CLASS_COLORS[pred], proj))
+        overlay = Image.fromarray(runs.camera_overlay(frame, xyz, elite.CLASS_COLORS[pred], proj))
         rows.append(np.asarray(overlay.resize((w, round(overlay.height * w / overlay.width)))))
     top = sum(len(r) for r in rows)
     rows += [bottom, legend_band(np.unique(pred), w)]
@@ -391,7 +392,7 @@ def draw_scan(args, scan: Path, points: np.ndarray, pred: np.ndarray, labels: to
     labels = None if labels is None else labels.numpy()
     caption = f"{scan}: {len(points):,} points; {frame_scores(pred, labels)}"
     picture = frame_picture(points, pred, labels, frame, proj, caption)
-    elite.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
+    runs.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
 
 
 # ------------------------------------------------------------------------------------
@@ -477,7 +478,7 @@ def student_training_step(model: elite.Student, points: torch.Tensor, batch_idx:
                           labels: torch.Tensor, amp: bool):
     """Forward, the student's loss (CE_w + 0.1 Lovasz) and backward on one scan."""
     model.train()
-    with elite.autocast(points.device, amp):
+    with runs.autocast(points.device, amp):
         logits = model(points, batch_idx).logits
     elite.seg_loss(logits, labels, elite.class_weights().to(points.device), lovasz_weight=0.1).backward()
     model.zero_grad(set_to_none=True)
@@ -491,7 +492,7 @@ def teacher_training_step(teacher: elite.Teacher, batch: int, amp: bool, device:
               for _ in range(batch)]
     views = elite.Views(torch.randn(batch, 3, h, w, generator=g), pixels,
                         torch.randint(1, elite.NUM_CLASSES, (4000 * batch,), generator=g), None).to(device)
-    with elite.autocast(device, amp):
+    with runs.autocast(device, amp):
         terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, elite.class_weights().to(device))
         terms["orth"] = elite.orth_regularizer(teacher, elite.ORTH_WEIGHT)
     sum(t.float() for t in terms.values()).backward()
@@ -575,7 +576,7 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
     # bf16 runs on GPUs always; on a CPU only when asked (most CPUs have no bf16 units).
     for amp in (False, True) if device.type == "cuda" or args.amp else (False,):
         precision = "bf16 autocast" if amp else "float32"
-        with torch.no_grad(), elite.autocast(device, amp):
+        with torch.no_grad(), runs.autocast(device, amp):
             t_fwd = median_ms(lambda: model(points, batch_idx), repeats, sync)
         print(f"  {'student forward, ' + precision:<31}{t_fwd:8.1f} ms  = {1000 / t_fwd:.1f} Hz (median of {repeats})")
         if not amp:
@@ -613,8 +614,8 @@ def benchmark(args):
     keep = np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3]))
     pts, labels = torch.from_numpy(points[keep]), torch.from_numpy(labels[keep])
     devices = [torch.device(args.device)]  # one device a run: a GPU's figures are not held up by the CPU's
-    elite.print_summary("infer.py --benchmark: the student's size, speed and memory", {
-        "devices": ", ".join(elite.describe_device(d) for d in devices),
+    runs.print_summary("infer.py --benchmark: the student's size, speed and memory", {
+        "devices": ", ".join(runs.describe_device(d) for d in devices),
         "student": f"Student, {elite.count_parameters(elite.Student()):,} parameters",
         "input": f"{source}: {len(points):,} points, {len(pts):,} in range",
         "teacher": (f"one training step of SAM {args.teacher_variant} + AdaLoRA on {args.teacher_batch} crop(s)"
@@ -638,9 +639,9 @@ def main(argv=None):
     if args.benchmark:
         benchmark(args)
     else:
-        with elite.autocast(torch.device(args.device), args.amp):
+        with runs.autocast(torch.device(args.device), args.amp):
             predict(args)
 
 
 if __name__ == "__main__":
-    elite.run_script(main)
+    runs.run_script(main)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from io import BytesIO
@@ -684,13 +683,9 @@ def make_scan(seed=0, columns=2048) -> tuple[np.ndarray, np.ndarray]:
 # =====================================================================================
 
 def write_atomic(path: Path, data: bytes):
-    """Write to a temporary name in the same folder, then rename over the target."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden: no loader globs it
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Bytes to a file through the project's one atomic writer (runs.atomic_write)."""
+    import runs  # here, not at the top: runs brings torch, the scenes themselves need only numpy
+    runs.atomic_write(path, lambda f: f.write(data))
 
 
 def frame_files(seq_dir: Path, i: int) -> dict[str, Path]:

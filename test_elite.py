@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import elite
+import runs
 import synthkitti
 import u2mkd
 
@@ -188,14 +189,14 @@ def test_student_trains_on_a_tiny_scene():
     points = torch.rand(1500, 4) * torch.tensor([20.0, 20.0, 3.0, 1.0]) - torch.tensor([10.0, 10.0, 2.0, 0.0])
     labels = 1 + (points[:, 2] > -0.5).long() * 8  # two classes split by height
     batch_idx = torch.zeros(1500, dtype=torch.long)
-    opt = elite.make_optimizer(model.parameters(), lr=0.05)
+    opt = runs.make_optimizer(model.parameters(), lr=0.05)
     w = elite.class_weights()
     losses = []
     for _ in range(15):
         loss = elite.seg_loss(model(points, batch_idx).logits, labels, w, 0.1)
         opt.zero_grad()
         loss.backward()
-        assert elite.clip_or_skip(list(model.parameters()))
+        assert runs.clip_or_skip(list(model.parameters()))
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
@@ -382,17 +383,17 @@ def test_augmentation_matches_official_conventions():
 
 def test_checkpoint_roundtrip_and_wrong_kind(tmp_path):
     model = elite.Student()
-    elite.atomic_save(elite.student_state(model), tmp_path / "s.pt")
+    runs.atomic_save(runs.student_state(model), tmp_path / "s.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]  # no temporary file left
-    loaded, _ = elite.load_student(tmp_path / "s.pt")
+    loaded, _ = runs.load_student(tmp_path / "s.pt")
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
-    elite.atomic_save({"kind": "elite-teacher"}, tmp_path / "t.pt")
+    runs.atomic_save({"kind": "elite-teacher"}, tmp_path / "t.pt")
     with pytest.raises(elite.DataError, match="holds a 'elite-teacher' model, expected 'elite-student'"):
-        elite.load_student(tmp_path / "t.pt")
+        runs.load_student(tmp_path / "t.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(elite.DataError, match="cannot read checkpoint"):
-        elite.load_student(tmp_path / "bad.pt")
+        runs.load_student(tmp_path / "bad.pt")
 
 
 # ------------------------------------------------------------------------------------
@@ -529,18 +530,18 @@ def equal_size_scans(seeds=(0, 1), columns=256) -> list[elite.Scan]:
 
 
 def one_training_step(scans: list[elite.Scan]) -> dict:
-    """The trainers' step (elite.data_parallel, elite.train_step) on a student, from seed 0.
+    """The trainers' step (runs.data_parallel, runs.train_step) on a student, from seed 0.
     BatchNorm runs on its running statistics (eval mode): with batch statistics each process
     would normalise its own batch, not the union (--sync-bn fixes that on GPUs)."""
     torch.manual_seed(0)
     model = elite.Student().eval()
-    optimizer = elite.make_optimizer(model.parameters(), lr=0.24)
+    optimizer = runs.make_optimizer(model.parameters(), lr=0.24)
 
     def loss_terms(batch):
         return {"ce": F.cross_entropy(model(batch.points, batch.batch_idx).logits, batch.labels)}
 
-    objective = elite.data_parallel(elite.Objective([model], loss_terms))
-    _, skipped = elite.train_step(objective, elite.collate(scans), optimizer, amp_device=None)
+    objective = runs.data_parallel(runs.Objective([model], loss_terms))
+    _, skipped = runs.train_step(objective, elite.collate(scans), optimizer, amp_device=None)
     assert skipped is None
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -550,8 +551,8 @@ def ddp_worker(rank: int, world: int, port: int, out: str):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    elite.init_distributed("cpu")
-    assert elite.distributed() == elite.World(rank, world)
+    runs.init_distributed("cpu")
+    assert runs.distributed() == runs.World(rank, world)
     state = one_training_step([equal_size_scans()[rank]])  # each process steps on its own scan
     torch.save(state, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -580,20 +581,20 @@ def test_two_processes_step_like_one_on_the_union(tmp_path):
 def test_learning_rate_schedule_values():
     # Per-iteration cosine from the peak to 0 over the run, no warm-up in one process (as upstream).
     total = 1000
-    assert elite.cosine_factor(0, total) == 1.0
-    assert elite.cosine_factor(total // 2, total) == pytest.approx(0.5)
-    assert elite.cosine_factor(total // 4, total) == pytest.approx(0.5 + 0.5 * math.cos(math.pi / 4))
-    assert elite.cosine_factor(total, total) == pytest.approx(0.0, abs=1e-12)
-    assert elite.cosine_factor(total + 7, total) == pytest.approx(0.0, abs=1e-12)  # held at the end
-    factors = [elite.cosine_factor(s, total) for s in range(total + 1)]
+    assert runs.cosine_factor(0, total) == 1.0
+    assert runs.cosine_factor(total // 2, total) == pytest.approx(0.5)
+    assert runs.cosine_factor(total // 4, total) == pytest.approx(0.5 + 0.5 * math.cos(math.pi / 4))
+    assert runs.cosine_factor(total, total) == pytest.approx(0.0, abs=1e-12)
+    assert runs.cosine_factor(total + 7, total) == pytest.approx(0.0, abs=1e-12)  # held at the end
+    factors = [runs.cosine_factor(s, total) for s in range(total + 1)]
     assert all(a >= b for a, b in zip(factors, factors[1:]))  # never rises
 
 
 def test_metrics_csv_replaces_rows_a_killed_run_left(tmp_path):
     path = tmp_path / "metrics.csv"
     for epoch in (1, 2, 3):
-        elite.log_metrics(path, {"epoch": epoch, "miou": 10.0 * epoch})
-    elite.log_metrics(path, {"epoch": 2, "miou": 25.0, "extra": 1})  # resumed after epoch 1
+        runs.log_metrics(path, {"epoch": epoch, "miou": 10.0 * epoch})
+    runs.log_metrics(path, {"epoch": 2, "miou": 25.0, "extra": 1})  # resumed after epoch 1
     text = path.read_text().splitlines()
     assert text == ["epoch,miou,extra", "1,10.0,", "2,25.0,1"]
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left
@@ -617,13 +618,13 @@ def test_bf16_autocast_predicts_like_float32():
         model.classifier[2].weight.normal_(0, 1)  # spread the random predictions over several classes
         model.classifier[2].bias.zero_()
         ref = model(batch.points, batch.batch_idx).logits
-        with elite.autocast(torch.device("cpu"), True):
+        with runs.autocast(torch.device("cpu"), True):
             low = model(batch.points, batch.batch_idx).logits
     assert low.dtype == torch.bfloat16
     assert ref.argmax(1).unique().numel() >= 3
     assert (low.argmax(1) == ref.argmax(1)).float().mean() > 0.97
     assert (low.float() - ref).norm() / ref.norm() < 0.02
-    with elite.autocast(torch.device("cpu"), True):
+    with runs.autocast(torch.device("cpu"), True):
         loss = F.cross_entropy(model(batch.points, batch.batch_idx).logits.float(), batch.labels)
     loss.backward()
     assert model.blocks[0].v_enc[0].conv1.weight.grad.dtype == torch.float32
@@ -1041,11 +1042,11 @@ def test_teacher_state_round_trip(tmp_path):
         with torch.no_grad():
             for p in teacher.trainable_parameters():
                 p.add_(torch.randn_like(p) * 0.01)
-        state = elite.teacher_state(teacher)
+        state = runs.teacher_state(teacher)
         if checkpoint is not None:
             assert all(teacher.get_parameter(k).requires_grad for k in state["weights"])
         torch.save(state, tmp_path / "teacher.pt")
-        back = elite.load_teacher_state(torch.load(tmp_path / "teacher.pt", weights_only=False))
+        back = runs.load_teacher_state(torch.load(tmp_path / "teacher.pt", weights_only=False))
         x = torch.randn(1, 3, 32, 64)
         with torch.no_grad():
             for f, g in zip(teacher(x), back(x)):
@@ -1341,7 +1342,7 @@ def test_generation_resumes_skips_existing_and_leaves_no_temp_files(synth):
     folder = synth / "sequences/00/image_2_plg"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert sorted(before) == ["000000.npy", "000001.npy"]  # nothing else: no temp files
-    counts = elite.generate_pseudo_labels(synth, ["00"], elite.IdealMaskSource(), progress=False)
+    counts = runs.generate_pseudo_labels(synth, ["00"], elite.IdealMaskSource(), progress=False)
     assert counts == {"written": 0, "existing": 2, "unlabelled": 0}
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
@@ -1355,32 +1356,32 @@ def test_shards_split_the_scans_and_existing_files_are_trusted(synth, tmp_path):
     root = copy_without_outputs(synth, tmp_path / "d")
     out = [elite.plg_path(s) for s in elite.list_scans(root, ["00"])]
     src = elite.IdealMaskSource()
-    assert elite.generate_pseudo_labels(root, ["00"], src, shard=(1, 2), progress=False)["written"] == 1
+    assert runs.generate_pseudo_labels(root, ["00"], src, shard=(1, 2), progress=False)["written"] == 1
     assert [p.is_file() for p in out] == [False, True]
     first_run = elite.plg_path(synth / "sequences/00/velodyne/000001.bin")
     np.testing.assert_array_equal(np.load(out[1]), np.load(first_run))
     # A file already there is skipped whatever it holds; reading it later names the problem.
     out[0].write_bytes(b"garbage")
-    assert elite.generate_pseudo_labels(root, ["00"], src, progress=False)["existing"] == 2
+    assert runs.generate_pseudo_labels(root, ["00"], src, progress=False)["existing"] == 2
     with pytest.raises(elite.DataError, match="000000.npy: cannot read pixel labels"):
         elite.read_pixel_labels(out[0], synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH)
     with pytest.raises(ValueError, match="need 0 <= i < n"):
-        elite.generate_pseudo_labels(root, ["00"], src, shard=(2, 2))
+        runs.generate_pseudo_labels(root, ["00"], src, shard=(2, 2))
 
 
 def test_missing_inputs_are_named(synth, tmp_path):
     root = copy_without_outputs(synth, tmp_path / "d")
     (root / "sequences/00/image_2/000000.png").unlink()
     with pytest.raises(elite.DataError, match="image_2/000000.png: image not found"):
-        elite.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+        runs.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
     (root / "sequences/00/calib.txt").unlink()
     with pytest.raises(elite.DataError, match="calib.txt: calibration file not found"):
-        elite.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+        runs.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
     shutil.copy(synth / "sequences/00/calib.txt", root / "sequences/00/calib.txt")
     (root / "sequences/00/image_2_gt/000001.npy").unlink()
     (root / "sequences/00/labels/000000.label").unlink()  # scan 0 now unlabelled: skipped
     with pytest.raises(elite.DataError, match="image_2_gt/000001.npy: pixel-label file not found"):
-        elite.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+        runs.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
     assert not elite.plg_path(root / "sequences/00/velodyne/000000.bin").exists()
 
 
@@ -1401,10 +1402,10 @@ def test_read_pixel_labels_checks_shape_dtype_and_classes(tmp_path):
 
 
 def test_parse_shard():
-    assert elite.parse_shard("1/4") == (1, 4)
+    assert runs.parse_shard("1/4") == (1, 4)
     for bad in ["4/4", "-1/2", "x", "1/2/3"]:
         with pytest.raises(ValueError, match="shard"):
-            elite.parse_shard(bad)
+            runs.parse_shard(bad)
 
 
 # =====================================================================================
@@ -1466,13 +1467,13 @@ def test_teacher_losses_weights_and_both_label_modes():
 
 def test_teacher_and_student_checkpoints_are_not_interchangeable(tmp_path):
     torch.manual_seed(0)
-    elite.atomic_save(elite.student_state(elite.Student()), tmp_path / "student.pt")
+    runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "student.pt")
     with pytest.raises(elite.DataError, match="student.pt"):
-        elite.load_teacher(tmp_path / "student.pt")
+        runs.load_teacher(tmp_path / "student.pt")
     teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))
-    elite.atomic_save(elite.teacher_state(teacher), tmp_path / "teacher.pt")
+    runs.atomic_save(runs.teacher_state(teacher), tmp_path / "teacher.pt")
     with pytest.raises(elite.DataError, match="teacher.pt"):
-        elite.load_student(tmp_path / "teacher.pt")
+        runs.load_student(tmp_path / "teacher.pt")
 
 
 def test_lovasz_matches_a_per_class_loop_on_soft_predictions():
@@ -1575,11 +1576,11 @@ def test_joint_step_trains_student_and_adapters_and_keeps_sam_bit_identical(synt
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     params = list(student.parameters()) + list(heads.parameters()) + teacher.trainable_parameters()
-    optimizer = elite.make_optimizer(params, lr=0.24)  # one optimiser, as train_student.py
+    optimizer = runs.make_optimizer(params, lr=0.24)  # one optimiser, as train_student.py
     terms = elite.elite_losses(student(batch.points, batch.batch_idx), heads, teacher, batch,
                                elite.class_weights(), joint=True)
     sum(terms.values()).backward()
-    assert elite.clip_or_skip(params, 1.0)
+    assert runs.clip_or_skip(params, 1.0)
     optimizer.step()
     teacher_after, student_after = teacher.state_dict(), student.state_dict()
     for key, before in teacher_before.items():
@@ -1780,8 +1781,8 @@ def test_skipped_step_leaves_the_model_exactly_as_before(synth_root):
     torch.manual_seed(0)
     model = elite.Student()
     heads = elite.heads_3d()
-    optimizer = elite.make_optimizer(list(model.parameters()) + list(heads.parameters()))
-    objective = elite.Objective([model, heads], lambda b: {"ce": F.cross_entropy(
+    optimizer = runs.make_optimizer(list(model.parameters()) + list(heads.parameters()))
+    objective = runs.Objective([model, heads], lambda b: {"ce": F.cross_entropy(
         model(b.points, b.batch_idx).logits, b.labels, ignore_index=0)})
     data = elite.SemanticKITTI(synth_root, ["00"], train=True)
     good = elite.collate([data[0]])
@@ -1789,7 +1790,7 @@ def test_skipped_step_leaves_the_model_exactly_as_before(synth_root):
     bad.points[:, 3] = 1e30  # one absurd remission value per point: BatchNorm's variance overflows
     for b in (good, bad):  # the second step finds momentum in the optimiser
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        _, skipped = elite.train_step(objective, b, optimizer, amp_device=None)
+        _, skipped = runs.train_step(objective, b, optimizer, amp_device=None)
         if b is bad:
             assert skipped == "non-finite loss or gradient"
             for key, value in model.state_dict().items():
@@ -1797,26 +1798,26 @@ def test_skipped_step_leaves_the_model_exactly_as_before(synth_root):
         else:
             assert skipped is None and not torch.equal(model.state_dict()["classifier.2.weight"],
                                                        state["classifier.2.weight"])
-    assert not elite.non_finite_tensors(elite.student_state(model) | {"optimizer": optimizer.state_dict()})
+    assert not runs.non_finite_tensors(runs.student_state(model) | {"optimizer": optimizer.state_dict()})
 
 
 def test_non_finite_checkpoint_is_never_written(tmp_path):
     path = tmp_path / "best.pt"
-    good = elite.student_state(elite.Student())
-    elite.atomic_save(good, path)
+    good = runs.student_state(elite.Student())
+    runs.atomic_save(good, path)
     before = path.read_bytes()
-    bad = elite.student_state(elite.Student())
+    bad = runs.student_state(elite.Student())
     bad["model"]["blocks.0.v_enc.0.bn1.running_var"][3] = float("inf")
     with pytest.raises(elite.DataError, match=r"best\.pt: not written: 1 tensors hold NaN or Inf "
                                               r"\(e\.g\. 'model\.blocks\.0\.v_enc\.0\.bn1\.running_var'\)"):
-        elite.atomic_save(bad, path)
+        runs.atomic_save(bad, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["best.pt"]
 
 
 def test_written_files_get_the_mode_a_plain_open_gives(tmp_path):
     with open(tmp_path / "plain", "wb") as f:
         f.write(b"x")
-    elite.atomic_write(tmp_path / "atomic", lambda f: f.write(b"x"))
+    runs.atomic_write(tmp_path / "atomic", lambda f: f.write(b"x"))
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "atomic") == mode(tmp_path / "plain") != 0o600
 

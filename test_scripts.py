@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import elite
+import runs
 import synthkitti
 import u2mkd
 
@@ -108,14 +109,14 @@ def test_train_teacher_pseudo_labels_shards_train_and_resume(synth_copy, tmp_pat
     assert not list((synth_copy / "sequences" / "00" / "image_2_plg").glob("*.tmp*"))
     train_teacher.main(common + ["--epochs", "1"])
     first = torch.load(run / "last.pt", weights_only=False)
-    assert first["kind"] == elite.TEACHER_KIND and first["epoch"] == 0 and (run / "best.pt").is_file()
+    assert first["kind"] == runs.TEACHER_KIND and first["epoch"] == 0 and (run / "best.pt").is_file()
     assert first["teacher_config"]["variant"] == "vit_tiny" and first["rank_allocator"]["ipt"]
     train_teacher.main(common + ["--epochs", "2", "--resume"])
     second = torch.load(run / "last.pt", weights_only=False)
     assert second["epoch"] == 1 and second["step"] == 2
     key = "output_upscaling.0.0.weight"
     assert not torch.equal(first["weights"][key], second["weights"][key])
-    teacher, _ = elite.load_teacher(run / "last.pt")
+    teacher, _ = runs.load_teacher(run / "last.pt")
     assert torch.equal(teacher.state_dict()[key], second["weights"][key])
     # Sparse point labels (the official default config) train too.
     train_teacher.main(common + ["--labels", "sparse", "--epochs", "1", "--out", str(tmp_path / "sparse")])
@@ -127,9 +128,9 @@ def test_train_student_with_a_teacher_saves_only_the_student_and_resumes(synth_c
     import train_student
     torch.manual_seed(0)
     teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(64, 128)))
-    state = elite.teacher_state(teacher) | {"config": {"labels": "sparse", "target_rank": 8},
+    state = runs.teacher_state(teacher) | {"config": {"labels": "sparse", "target_rank": 8},
                                             "rank_allocator": None}
-    elite.atomic_save(state, tmp_path / "teacher.pt")
+    runs.atomic_save(state, tmp_path / "teacher.pt")
     run = tmp_path / "run"
     common = ["--data", str(synth_copy), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
               "--batch-size", "2", "--teacher", str(tmp_path / "teacher.pt"), "--out", str(run), "--device", "cpu"]
@@ -138,11 +139,11 @@ def test_train_student_with_a_teacher_saves_only_the_student_and_resumes(synth_c
     train_student.main(common + ["--epochs", "1"])
     last = torch.load(run / "last.pt", weights_only=False)
     assert last["config"]["teacher_mode"] == "joint" and last["config"]["labels"] == "sparse"
-    assert last["heads_3d"] is not None and last["teacher"]["kind"] == elite.TEACHER_KIND
+    assert last["heads_3d"] is not None and last["teacher"]["kind"] == runs.TEACHER_KIND
     best = torch.load(run / "best.pt", weights_only=False)
     assert "teacher" not in best and "heads_3d" not in best and "optimizer" not in best
     assert sum(v.numel() for v in best["model"].values() if v.is_floating_point()) < 1.95e6  # + BN statistics
-    student, _ = elite.load_student(run / "best.pt")
+    student, _ = runs.load_student(run / "best.pt")
     assert elite.count_parameters(student) == 1_933_460
     # Resume: the teacher's trained tensors come from last.pt, not from teacher.pt.
     key = "output_upscaling.0.0.weight"
@@ -167,7 +168,7 @@ def test_lidar_teacher_then_u2mkd_student_then_infer_with_and_without_images(syn
     assert u2mkd.instance_db_path(synth_copy).is_file()
     student = ["--method", "u2mkd", "--image-size", "64", "192", "--out", str(tmp_path / "fs")] + data
     with pytest.raises(elite.DataError, match="elite-student"):  # not a LiDAR teacher
-        elite.atomic_save(elite.student_state(elite.Student()), tmp_path / "s.pt")
+        runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "s.pt")
         train_student.main(student + ["--teacher", str(tmp_path / "s.pt"), "--epochs", "1"])
     train_student.main(student + ["--teacher", str(tmp_path / "lt" / "best.pt"), "--epochs", "1"])
     last = torch.load(tmp_path / "fs" / "last.pt", weights_only=False)
@@ -247,7 +248,7 @@ def test_resuming_mid_epoch_with_another_batch_size_is_refused(synth_root, tmp_p
     train_student.main(args + ["--batch-size", "1"])
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     ckpt.update(epoch=-1, batch=1)  # as if killed after the epoch's first batch
-    elite.atomic_save(ckpt, tmp_path / "run" / "last.pt")
+    runs.atomic_save(ckpt, tmp_path / "run" / "last.pt")
     with pytest.raises(elite.DataError, match="same --batch-size"):
         train_student.main(args + ["--batch-size", "2", "--resume"])
 
@@ -275,7 +276,7 @@ def test_sam_plg_killed_midway_resumes_without_redoing_or_corrupt_files(tmp_path
 # Bad input: the table in README, each row run through the script a user would run
 # =====================================================================================
 # Each case spoils a private copy of the synthetic scenes, runs the script in-process through
-# elite.run_script (the scripts' own entry point), and checks that it stops with "error:" and
+# runs.run_script (the scripts' own entry point), and checks that it stops with "error:" and
 # a message naming the file (or, where the data is usable, warns and finishes), without a
 # traceback and without leaving a half-written file behind.
 
@@ -498,13 +499,13 @@ def bad_input_files(tmp_path_factory):
     """Checkpoints the cases pass around: a student, a teacher, a truncated one, a fake SAM ViT-B."""
     d = tmp_path_factory.mktemp("ckpts")
     torch.manual_seed(0)
-    elite.atomic_save(elite.student_state(elite.Student()), d / "student.pt")
-    elite.atomic_save(elite.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))), d / "teacher.pt")
+    runs.atomic_save(runs.student_state(elite.Student()), d / "student.pt")
+    runs.atomic_save(runs.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))), d / "teacher.pt")
     (d / "truncated.pt").write_bytes((d / "student.pt").read_bytes()[:5000])
-    bad = elite.student_state(elite.Student())
+    bad = runs.student_state(elite.Student())
     bad["model"]["classifier.2.weight"] = torch.zeros(19, 128)  # 19 classes, not 20
-    elite.atomic_save(bad, d / "bad_shape.pt")
-    elite.atomic_save(bad | elite.RunState().record(None) | {"config": {"teacher": "none"}, "optimizer": {}},
+    runs.atomic_save(bad, d / "bad_shape.pt")
+    runs.atomic_save(bad | runs.RunState().record(None) | {"config": {"teacher": "none"}, "optimizer": {}},
                       d / "bad_shape_last.pt")
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
                 "image_encoder.blocks.11.norm1.weight": torch.zeros(768)}, d / "sam_vit_b.pth")
@@ -528,10 +529,10 @@ def test_bad_input(name, script, spoil, message, usable, synth_root, bad_input_f
     main = importlib.import_module(script).main
     if usable:  # a warning naming the file, and a result
         with pytest.warns(UserWarning, match=message):
-            elite.run_script(main, argv)
+            runs.run_script(main, argv)
     else:
         with pytest.raises(SystemExit) as stop:
-            elite.run_script(main, argv)
+            runs.run_script(main, argv)
         text = stop.value.code if isinstance(stop.value.code, str) else capsys.readouterr().err  # argparse: stderr
         assert re.search(message, text), text
         assert text.startswith("error: ") or "error: " in text
@@ -550,7 +551,7 @@ def test_bad_input(name, script, spoil, message, usable, synth_root, bad_input_f
         assert (pred != 0).any() == (name != "every point out of range")
     if usable and script == "train_student":
         best = torch.load(tmp_path / "out" / "best.pt", weights_only=False)
-        assert not elite.non_finite_tensors(best)  # BatchNorm statistics included
+        assert not runs.non_finite_tensors(best)  # BatchNorm statistics included
 
 
 # =====================================================================================
@@ -560,8 +561,8 @@ def test_bad_input(name, script, spoil, message, usable, synth_root, bad_input_f
 def fake_run(folder: Path, state: dict) -> dict[str, bytes]:
     """A run folder holding last.pt, best.pt and metrics.csv -> their bytes."""
     folder.mkdir(parents=True)
-    elite.atomic_save(state, folder / "last.pt")
-    elite.atomic_save(state, folder / "best.pt")
+    runs.atomic_save(state, folder / "last.pt")
+    runs.atomic_save(state, folder / "best.pt")
     (folder / "metrics.csv").write_text("epoch,miou\n1,12.5\n")
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
@@ -570,7 +571,7 @@ def run_main(script: str, argv: list[str]) -> str:
     """Run a script in-process through its entry point; the 'error: ...' it ends with, or ''."""
     import importlib
     try:
-        elite.run_script(importlib.import_module(script).main, argv)
+        runs.run_script(importlib.import_module(script).main, argv)
     except SystemExit as stop:
         return str(stop.code)
     return ""
@@ -578,7 +579,7 @@ def run_main(script: str, argv: list[str]) -> str:
 
 def test_fresh_run_in_a_run_folder_is_refused_and_overwrite_starts_over(synth_root, tmp_path):
     out = tmp_path / "run"
-    before = fake_run(out, elite.student_state(elite.Student()))
+    before = fake_run(out, runs.student_state(elite.Student()))
     args = train_args(tmp_path, "--teacher", "none")[:-2] + ["--data", str(synth_root), "--out", str(out)]
     message = run_main("train_student", args)
     assert re.search(r"run: already holds a run \(last\.pt, best\.pt, metrics\.csv\); continue it with --resume, "
@@ -593,7 +594,7 @@ def test_fresh_run_in_a_run_folder_is_refused_and_overwrite_starts_over(synth_ro
 
 def test_a_run_never_writes_over_another_kinds_checkpoint(synth_root, tmp_path):
     teacher_run = tmp_path / "teacher"
-    before = fake_run(teacher_run, elite.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))))
+    before = fake_run(teacher_run, runs.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))))
     args = train_args(tmp_path, "--teacher", "none")[:-2] + ["--data", str(synth_root), "--out", str(teacher_run)]
     for more in ([], ["--overwrite"]):
         message = run_main("train_student", args + more)
@@ -606,7 +607,7 @@ def test_steps_that_keep_failing_stop_the_run_with_where(synth_root, tmp_path, m
     shutil.copytree(synth_root, tmp_path / "data")
     for scan in (tmp_path / "data" / S00 / "velodyne").glob("*.bin"):
         edit_scan(scan, huge_remission)
-    monkeypatch.setattr(elite, "MAX_SKIPS_IN_A_ROW", 2)
+    monkeypatch.setattr(runs, "MAX_SKIPS_IN_A_ROW", 2)
     with pytest.warns(UserWarning, match="skipped"):
         message = run_main("train_student", train_args(tmp_path, "--teacher", "none", "--save-every", "0"))
     assert re.search(r"^error: training stopped at epoch 1, batch 2, step 2: the last 2 steps were all skipped "
@@ -623,7 +624,7 @@ def test_full_disk_names_the_file_and_loses_nothing(synth_root, tmp_path, monkey
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(elite.os, "fsync", full)
+    monkeypatch.setattr(runs.os, "fsync", full)
     message = run_main("train_student", args + ["--epochs", "2", "--resume"])
     assert re.search(r"^error: \S+out/last\.pt: could not be written \(No space left on device\); nothing was lost: "
                      r"the previous file is unchanged \(at epoch 3, step 4\)", message), message

@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 
 import elite
+import runs
 import u2mkd
 
 # Two named presets. "paper" is the official setting; "embedded" is a small setting that
@@ -58,10 +59,10 @@ DEFAULT_TEACHER = {"elite": Path("runs/teacher/best.pt"), "u2mkd": Path("runs/li
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=elite.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
     p.add_argument("--data", type=Path, default=None,
                    help="SemanticKITTI root holding sequences/XX/{velodyne,labels}; "
-                        f"default: synthetic scenes made once under {elite.EMBEDDED_ROOT}")
+                        f"default: synthetic scenes made once under {runs.EMBEDDED_ROOT}")
     p.add_argument("--method", choices=("elite", "u2mkd"), default="elite",
                    help="elite: the 1.9M LiDAR student, PPMSKD from the SAM teacher; u2mkd: the camera+LiDAR "
                         "fusion student, KD from the LiDAR teacher")
@@ -81,22 +82,22 @@ def parse_args(argv=None):
     p.add_argument("--sam-checkpoint", type=Path, default=None,
                    help="elite: SAM file for the teacher's frozen encoder, if it moved since train_teacher.py "
                         "(default: the path the teacher checkpoint records)")
-    p.add_argument("--image-size", type=elite.positive_int, nargs=2, metavar=("H", "W"),
+    p.add_argument("--image-size", type=runs.positive_int, nargs=2, metavar=("H", "W"),
                    help="u2mkd: the camera image is resized to H x W (preset: 376 1241 paper, 188 620 embedded)")
-    p.add_argument("--image-drop", type=elite.probability, default=0.25,
+    p.add_argument("--image-drop", type=runs.probability, default=0.25,
                    help="u2mkd: probability that a training scan comes without its image, so that every point "
                         "is imputed (the single-camera stand-in for upstream's camera dropout)")
     p.add_argument("--image-weights", type=Path, default=None,
                    help="u2mkd: torchvision's ImageNet ResNet-18 file (resnet18-f37072fd.pth) for the image "
                         "branch (default: none, the branch starts random)")
-    p.add_argument("--epochs", type=elite.positive_int,
+    p.add_argument("--epochs", type=runs.positive_int,
                    help="number of epochs (preset: 64 paper, 12 embedded; u2mkd 50 paper, 6 embedded)")
-    p.add_argument("--batch-size", type=elite.positive_int,
+    p.add_argument("--batch-size", type=runs.positive_int,
                    help="training batch size in scans, per process (preset: 4 paper, 2 embedded)")
-    p.add_argument("--val-batch-size", type=elite.positive_int,
+    p.add_argument("--val-batch-size", type=runs.positive_int,
                    help="validation batch size (preset: 8 paper, 4 embedded)")
-    p.add_argument("--workers", type=elite.count_int, help="data-loading processes (preset: 8 paper, 0 embedded)")
-    p.add_argument("--lr", type=elite.positive_float, default=0.24, help="peak learning rate (official: 0.24)")
+    p.add_argument("--workers", type=runs.count_int, help="data-loading processes (preset: 8 paper, 0 embedded)")
+    p.add_argument("--lr", type=runs.positive_float, default=0.24, help="peak learning rate (official: 0.24)")
     p.add_argument("--train-sequences", nargs="+", default=elite.SPLITS["train"],
                    help="training sequences (official: 00-07 09 10; missing ones are skipped with a warning)")
     p.add_argument("--val-sequences", nargs="+", default=elite.SPLITS["val"],
@@ -107,7 +108,7 @@ def parse_args(argv=None):
     p.add_argument("--derived-dir", type=Path, default=None,
                    help="elite: where the SAM-PLG pseudo-labels were written, if not inside --data (default: "
                         "inside --data; train_teacher.py --derived-dir for a read-only dataset)")
-    elite.add_run_flags(p)
+    runs.add_run_flags(p)
     args = p.parse_args(argv)
     other_method = {"elite": ("image_size", "image_weights"),
                     "u2mkd": ("labels", "sam_checkpoint", "derived_dir")}[args.method]
@@ -158,11 +159,11 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
         for key in ("teacher_mode", "labels", "target_rank"):
             setattr(args, key, resumed["config"].get(key))
         if resumed.get("teacher") is not None:  # the teacher's trained tensors as they were
-            teacher = elite.load_teacher_state(resumed["teacher"], args.sam_checkpoint, args.out / "last.pt")
+            teacher = runs.load_teacher_state(resumed["teacher"], args.sam_checkpoint, args.out / "last.pt")
             teacher.to(device)
             allocator_state = resumed.get("rank_allocator")
     elif args.teacher != "none":
-        teacher, ckpt = elite.load_teacher(args.teacher, args.sam_checkpoint, map_location=device)
+        teacher, ckpt = runs.load_teacher(args.teacher, args.sam_checkpoint, map_location=device)
         teacher.to(device)
         args.labels = args.labels or ckpt["config"]["labels"]
         args.target_rank = ckpt["config"].get("target_rank", 8)
@@ -179,7 +180,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, **camera)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
     elite.check_splits(train_set, val_set)
-    loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
+    loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
 
     model = elite.Student().to(device)
@@ -191,7 +192,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
             parts.append(teacher)  # one optimiser for both, as upstream: its adapters, decoders and heads
         else:
             teacher.eval()  # frozen: its tensors stay out of the optimiser; it runs without gradients
-    optimizer = elite.make_optimizer([p for part in parts for p in part.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = runs.make_optimizer([p for part in parts for p in part.parameters() if p.requires_grad], lr=args.lr)
     allocator = None
     if joint and teacher.cfg.peft == "adalora":
         if allocator_state is None:
@@ -204,10 +205,10 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
                                             final_warmup=total_steps)
             allocator.load_state_dict(allocator_state)
     if resumed is not None:
-        elite.load_state(model, resumed["model"], args.out / "last.pt")
+        runs.load_state(model, resumed["model"], args.out / "last.pt")
         if heads is not None:
-            elite.load_state(heads, resumed["heads_3d"], args.out / "last.pt")
-        elite.load_optimizer_state(optimizer, resumed, args.out / "last.pt")
+            runs.load_state(heads, resumed["heads_3d"], args.out / "last.pt")
+        runs.load_optimizer_state(optimizer, resumed, args.out / "last.pt")
     weight = elite.class_weights().to(device)
 
     def loss_terms(batch):
@@ -221,12 +222,12 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
         batch = batch.to(device)
         return model(batch.points, batch.batch_idx).logits, batch.labels
 
-    def checkpoints(run: elite.RunState, miou: float) -> tuple[dict, dict]:
-        best = elite.student_state(model) | run.record(miou) | {"config": elite.config_of(args)}  # the 1.9M student only
+    def checkpoints(run: runs.RunState, miou: float) -> tuple[dict, dict]:
+        best = runs.student_state(model) | run.record(miou) | {"config": runs.config_of(args)}  # the 1.9M student only
         # last.pt can resume: the optimiser, and with a teacher its 3D heads and trained tensors.
         return best | {"optimizer": optimizer.state_dict(),
                        "heads_3d": heads.state_dict() if heads is not None else None,
-                       "teacher": elite.teacher_state(teacher) if teacher is not None else None,
+                       "teacher": runs.teacher_state(teacher) if teacher is not None else None,
                        "rank_allocator": allocator.state_dict() if allocator is not None else allocator_state}, best
 
     if teacher is None:
@@ -234,7 +235,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     else:
         describe = (f"{args.teacher} (SAM {teacher.cfg.variant}, {args.teacher_mode}, {args.labels} 2D "
                     f"labels, crop {teacher.cfg.crop_hw[0]}x{teacher.cfg.crop_hw[1]})")
-    return Setup(model, loader, optimizer, parts, loss_terms, lambda: elite.evaluate(model, val_loader, scores),
+    return Setup(model, loader, optimizer, parts, loss_terms, lambda: runs.evaluate(model, val_loader, scores),
                  checkpoints, allocator.step if allocator is not None else None, describe, val_set)
 
 
@@ -253,19 +254,19 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
                                image_drop=args.image_drop, teacher_view=teacher is not None)
     val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=args.image_size)
     elite.check_splits(train_set, val_set)
-    loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
+    loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, u2mkd.collate_pairs, device.type == "cuda")
     model = u2mkd.FusionStudent().to(device)
     if args.image_weights is not None and resumed is None:
         u2mkd.load_imagenet_weights(model.image, args.image_weights)
     adapter = u2mkd.kd_adapter(model.cfg.hidden, teacher.cfg.hidden).to(device) if teacher else None
     parts = [model] + ([adapter] if adapter is not None else [])
-    optimizer = elite.make_optimizer([p for part in parts for p in part.parameters()], lr=args.lr)  # one lr, as upstream
+    optimizer = runs.make_optimizer([p for part in parts for p in part.parameters()], lr=args.lr)  # one lr, as upstream
     if resumed is not None:
-        elite.load_state(model, resumed["model"], args.out / "last.pt")
+        runs.load_state(model, resumed["model"], args.out / "last.pt")
         if adapter is not None:
-            elite.load_state(adapter, resumed["kd_adapter"], args.out / "last.pt")
-        elite.load_optimizer_state(optimizer, resumed, args.out / "last.pt")
+            runs.load_state(adapter, resumed["kd_adapter"], args.out / "last.pt")
+        runs.load_optimizer_state(optimizer, resumed, args.out / "last.pt")
 
     def loss_terms(batch):
         b = batch.to(device)
@@ -277,56 +278,56 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
         b = batch.to(device)
         return model(b.lidar.points, b.lidar.batch_idx, b.images, b.image_of_point, b.uv).logits, b.lidar.labels
 
-    def checkpoints(run: elite.RunState, miou: float) -> tuple[dict, dict]:
-        best = u2mkd.fusion_state(model, args.image_size) | run.record(miou) | {"config": elite.config_of(args)}
+    def checkpoints(run: runs.RunState, miou: float) -> tuple[dict, dict]:
+        best = u2mkd.fusion_state(model, args.image_size) | run.record(miou) | {"config": runs.config_of(args)}
         return best | {"optimizer": optimizer.state_dict(),
                        "kd_adapter": adapter.state_dict() if adapter is not None else None}, best
 
     describe = (f"LiDAR teacher {args.teacher} ({elite.count_parameters(teacher):,} parameters, frozen)"
                 if teacher else "none (the fusion student without KD)")
     describe += f"; camera images resized to {args.image_size[0]}x{args.image_size[1]}, dropped with p {args.image_drop}"
-    return Setup(model, loader, optimizer, parts, loss_terms, lambda: elite.evaluate(model, val_loader, scores),
+    return Setup(model, loader, optimizer, parts, loss_terms, lambda: runs.evaluate(model, val_loader, scores),
                  checkpoints, None, describe, val_set)
 
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = elite.init_distributed(args.device, args.sync_bn)
-    world = elite.distributed()
-    kind = elite.STUDENT_KIND if args.method == "elite" else u2mkd.FUSION_KIND
-    elite.claim_run_folder(args.out, kind, args.resume, args.overwrite)
+    device = runs.init_distributed(args.device, args.sync_bn)
+    world = runs.distributed()
+    kind = runs.STUDENT_KIND if args.method == "elite" else u2mkd.FUSION_KIND
+    runs.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    root, args.train_sequences, args.val_sequences = elite.dataset_root(args.data, args.train_sequences,
+    root, args.train_sequences, args.val_sequences = runs.dataset_root(args.data, args.train_sequences,
                                                                         args.val_sequences, args.seed)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
-    resumed = elite.load_last(last_path, kind, map_location=device) if args.resume else None
+    resumed = runs.load_last(last_path, kind, map_location=device) if args.resume else None
     setup = (setup_elite if args.method == "elite" else setup_u2mkd)(args, root, device, resumed)
-    run = elite.RunState.resumed(resumed) if resumed is not None else elite.RunState()
-    elite.print_summary(f"train_student.py: the {'ELiTe' if args.method == 'elite' else 'U2MKD fusion'} student", {
-        "device": elite.describe_device(device, args.amp),
-        "data": elite.describe_data(root, setup.loader.dataset, args.train_sequences, setup.val_set,
+    run = runs.RunState.resumed(resumed) if resumed is not None else runs.RunState()
+    runs.print_summary(f"train_student.py: the {'ELiTe' if args.method == 'elite' else 'U2MKD fusion'} student", {
+        "device": runs.describe_device(device, args.amp),
+        "data": runs.describe_data(root, setup.loader.dataset, args.train_sequences, setup.val_set,
                                     args.val_sequences),
         "student": f"{type(setup.model).__name__}, {elite.count_parameters(setup.model):,} parameters",
         "teacher": setup.describe,
         "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(setup.loader)} steps of {args.batch_size} "
                     f"scans per process, lr {args.lr}",
-        "outputs": elite.describe_outputs(args.out, args.save_every),
+        "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, resumed is not None)})
     torch.manual_seed(args.seed + world.rank)  # from here on, each process draws its own numbers
-    objective = elite.data_parallel(elite.Objective(setup.parts, setup.loss_terms), args.sync_bn,
+    objective = runs.data_parallel(runs.Objective(setup.parts, setup.loss_terms), args.sync_bn,
                                     some_unused=args.method == "u2mkd")  # scans without images
 
     def save(run, miou, improved):
         last, best = setup.checkpoints(run, miou)
-        elite.atomic_save(last, last_path)
+        runs.atomic_save(last, last_path)
         if improved:
-            elite.atomic_save(best, best_path)
+            runs.atomic_save(best, best_path)
 
-    conf = elite.fit(run, setup.loader, setup.optimizer, objective, args.epochs, args.lr, setup.validate, save,
+    conf = runs.fit(run, setup.loader, setup.optimizer, objective, args.epochs, args.lr, setup.validate, save,
                      setup.after_backward, amp_device=device if args.amp else None,
                      metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path)
-    elite.close_distributed()
+    runs.close_distributed()
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
         return
@@ -335,4 +336,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    elite.run_script(main)
+    runs.run_script(main)

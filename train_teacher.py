@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import elite
+import runs
 
 # "paper": the official setting (ViT-B, 1024x320 crops, the student's optimiser recipe).
 # "embedded": a small random ViT on small crops of the synthetic scenes, trained with AdamW
@@ -73,16 +75,16 @@ def preset_values(key: str) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=elite.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
     p.add_argument("--data", type=Path, default=None,
                    help="SemanticKITTI root with sequences/XX/{velodyne,labels,image_2,calib.txt}; "
-                        f"default: synthetic scenes made once under {elite.EMBEDDED_ROOT}")
+                        f"default: synthetic scenes made once under {runs.EMBEDDED_ROOT}")
     p.add_argument("--teacher", choices=("sam", "lidar"), default="sam",
                    help="sam: ELiTe's image teacher (SAM-PLG, then SAM's ViT with adapters); lidar: U2MKD's "
                         "LiDAR-only teacher (the voxel student at twice the width, instance paste)")
-    p.add_argument("--paste", type=elite.count_int, default=5,
+    p.add_argument("--paste", type=runs.count_int, default=5,
                    help="lidar: instances pasted into each training scan (0: no instance paste)")
-    p.add_argument("--width", type=elite.positive_int, default=2,
+    p.add_argument("--width", type=runs.positive_int, default=2,
                    help="lidar: width multiplier of the voxel student (U2MKD: 2)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="'paper' is the default with --data, 'embedded' without; its values for each teacher "
@@ -95,8 +97,8 @@ def parse_args(argv=None):
                         "encoder is random: fine for the pipeline, useless for results)")
     p.add_argument("--peft", choices=elite.PEFT_CHOICES, default="adalora",
                    help="sam: adapters on every linear layer of every block: adalora (the paper), lora, or none")
-    p.add_argument("--rank", type=elite.positive_int, default=12, help="sam: adapter rank (AdaLoRA starts at 12)")
-    p.add_argument("--target-rank", type=elite.positive_int, default=8,
+    p.add_argument("--rank", type=runs.positive_int, default=12, help="sam: adapter rank (AdaLoRA starts at 12)")
+    p.add_argument("--target-rank", type=runs.positive_int, default=8,
                    help="sam: AdaLoRA's final average rank per layer")
     p.add_argument("--labels", choices=("plg", "sparse"), default="plg",
                    help="sam: 2D labels. plg: dense SAM-PLG pseudo-labels (ELiTe); sparse: projected point labels")
@@ -113,22 +115,22 @@ def parse_args(argv=None):
                    help="sam: draw the pseudo-labels (making missing ones first) to VIS/sequences/XX/NNNNNN.png and "
                         "stop, without training: the camera frame with the labelled points, and with the dense "
                         "pseudo-labels blended in (official colours); default: no pictures")
-    p.add_argument("--vis-every", type=elite.positive_int, default=1, help="with --vis, draw every k-th scan only")
+    p.add_argument("--vis-every", type=runs.positive_int, default=1, help="with --vis, draw every k-th scan only")
     p.add_argument("--shard", default=None,
                    help="sam: i/n: this process makes pseudo-labels for scans i, i+n, ... (default 0/1; under "
                         "torchrun each process takes its rank's share by itself)")
-    p.add_argument("--crop", type=elite.positive_int, nargs=2, metavar=("H", "W"),
+    p.add_argument("--crop", type=runs.positive_int, nargs=2, metavar=("H", "W"),
                    help="sam: bottom crop of the camera frame (preset: 320 1024 paper, 160 512 embedded)")
-    p.add_argument("--epochs", type=elite.positive_int, help=f"number of epochs ({preset_values('epochs')})")
-    p.add_argument("--batch-size", type=elite.positive_int,
+    p.add_argument("--epochs", type=runs.positive_int, help=f"number of epochs ({preset_values('epochs')})")
+    p.add_argument("--batch-size", type=runs.positive_int,
                    help=f"batch size per process, images or scans ({preset_values('batch_size')})")
-    p.add_argument("--val-batch-size", type=elite.positive_int,
+    p.add_argument("--val-batch-size", type=runs.positive_int,
                    help=f"validation batch size ({preset_values('val_batch_size')})")
-    p.add_argument("--workers", type=elite.count_int, help=f"data-loading processes ({preset_values('workers')})")
+    p.add_argument("--workers", type=runs.count_int, help=f"data-loading processes ({preset_values('workers')})")
     p.add_argument("--optimizer", choices=("sgd", "adamw"),
                    help="sam: sgd, the student's recipe (Nesterov, momentum 0.9, weight decay 1e-4); adamw, weight "
                         "decay 1e-4 (preset: sgd paper, adamw embedded)")
-    p.add_argument("--lr", type=elite.positive_float,
+    p.add_argument("--lr", type=runs.positive_float,
                    help=f"peak learning rate, cosine decay per step ({preset_values('lr')})")
     p.add_argument("--train-sequences", nargs="+", default=elite.SPLITS["train"],
                    help="training sequences (official: 00-07 09 10; missing ones are skipped)")
@@ -141,7 +143,7 @@ def parse_args(argv=None):
                    help="where files made from the dataset are written and read: SAM-PLG pseudo-labels "
                         "(DIR/sequences/XX/image_2_plg/) and the lidar teacher's instance database "
                         "(DIR/u2mkd_instances.npz); for a read-only dataset (default: inside --data)")
-    elite.add_run_flags(p)
+    runs.add_run_flags(p)
     args = p.parse_args(argv)
     sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer", "vis")
     if args.vis is not None and args.resume:
@@ -167,7 +169,7 @@ def parse_args(argv=None):
     if args.shard is not None and world > 1:
         p.error("--shard and torchrun both split SAM-PLG: under torchrun each process takes its rank's share")
     try:
-        args.shard = elite.parse_shard(args.shard or f"{os.environ.get('RANK', '0')}/{world}")
+        args.shard = runs.parse_shard(args.shard or f"{os.environ.get('RANK', '0')}/{world}")
     except ValueError as e:
         p.error(str(e))
     if args.mask_source == "sam" and args.labels == "plg" and args.plg_checkpoint is None:
@@ -189,18 +191,18 @@ def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.dev
     scans = elite.list_scans(root, sequences)
     i, n = args.shard
     check_writable(elite.plg_path(scans[0], args.derived_dir).parent.parent.parent)
-    elite.print_summary("train_teacher.py: SAM-PLG pseudo-labels", {
-        "device": elite.describe_device(device),
+    runs.print_summary("train_teacher.py: SAM-PLG pseudo-labels", {
+        "device": runs.describe_device(device),
         "data": f"{root}: {len(scans)} scans ({' '.join(sequences)}); this process makes shard {i}/{n}: "
                 f"{len(scans[i::n])} scans, {elite.missing_pseudo_labels(root, sequences)} of all still missing",
         "masks": masks,
         "outputs": f"{args.derived_dir or root}/sequences/XX/image_2_plg/NNNNNN.npy (written atomically; existing "
                    "files are kept)"})
-    counts = elite.generate_pseudo_labels(root, sequences, source, shard=args.shard,
-                                          progress=elite.distributed().main, derived=args.derived_dir)
+    counts = runs.generate_pseudo_labels(root, sequences, source, shard=args.shard,
+                                          progress=runs.distributed().main, derived=args.derived_dir)
     print(f"SAM-PLG ({args.mask_source} masks, shard {args.shard[0]}/{args.shard[1]}): "
           f"{counts['written']} written, {counts['existing']} already there")
-    elite.barrier()  # under torchrun: every process's share is written
+    runs.barrier()  # under torchrun: every process's share is written
 
 
 def draw_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
@@ -209,23 +211,23 @@ def draw_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
     i, n = args.shard
     scans = [s for s in elite.list_scans(root, sequences)[i::n][::args.vis_every]
              if elite.plg_path(s, args.derived_dir).is_file()]
-    for scan in tqdm(scans, desc="drawing pseudo-labels", disable=not elite.distributed().main, dynamic_ncols=True):
-        picture = elite.plg_picture(scan, elite.sequence_calib(scan.parent.parent), args.derived_dir)
-        elite.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
+    for scan in tqdm(scans, desc="drawing pseudo-labels", disable=not runs.distributed().main, dynamic_ncols=True):
+        picture = runs.plg_picture(scan, elite.sequence_calib(scan.parent.parent), args.derived_dir)
+        runs.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
     print(f"Pseudo-labels of {len(scans)} scans drawn to {args.vis}/sequences/XX/NNNNNN.png")
 
 
 def check_writable(folder: Path) -> None:
     """Files made from the dataset go inside it unless --derived-dir says elsewhere: on a
     read-only dataset, say so before any work rather than at the first file."""
-    elite.writable_folder(folder, "for a read-only dataset pass --derived-dir DIR to write these files to DIR instead")
+    runs.writable_folder(folder, "for a read-only dataset pass --derived-dir DIR to write these files to DIR instead")
 
 
 # ---- Training the SAM teacher ----
 
 def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
-        return elite.make_optimizer(params, lr=lr)  # the student's recipe, as upstream
+        return runs.make_optimizer(params, lr=lr)  # the student's recipe, as upstream
     return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
 
 
@@ -247,28 +249,28 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
                                     crop_hw=args.crop, dense=args.labels == "plg", derived=args.derived_dir)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
     elite.check_splits(train_set, val_set)
-    loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
+    loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
-    ckpt = elite.load_last(last_path, elite.TEACHER_KIND, map_location=device) if args.resume else None
+    ckpt = runs.load_last(last_path, runs.TEACHER_KIND, map_location=device) if args.resume else None
     if ckpt is None:
         teacher = elite.build_teacher(cfg, args.sam_checkpoint).to(device)
-    elif ckpt["teacher_config"] != elite.asdict(cfg):
+    elif ckpt["teacher_config"] != asdict(cfg):
         raise elite.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for "
-                              f"{elite.asdict(cfg)}")
+                              f"{asdict(cfg)}")
     else:  # the same SAM file (the recorded one unless --sam-checkpoint says otherwise), its trained tensors
-        teacher = elite.load_teacher_state(ckpt, args.sam_checkpoint, last_path).to(device)
+        teacher = runs.load_teacher_state(ckpt, args.sam_checkpoint, last_path).to(device)
     params = teacher.trainable_parameters()  # the adapters, patch decoders and heads
     optimizer = make_optimizer(params, args.optimizer, args.lr)
     allocator = (elite.RankAllocator(teacher, args.epochs * len(loader), args.target_rank)
                  if args.peft == "adalora" else None)
     weight = elite.class_weights().to(device)
-    run = elite.RunState()
+    run = runs.RunState()
     if ckpt is not None:
-        elite.load_optimizer_state(optimizer, ckpt, last_path)
+        runs.load_optimizer_state(optimizer, ckpt, last_path)
         if allocator is not None:
             allocator.load_state_dict(ckpt["rank_allocator"])
-        run = elite.RunState.resumed(ckpt)
+        run = runs.RunState.resumed(ckpt)
 
     def loss_terms(batch):
         views = batch.views.to(device)
@@ -283,28 +285,28 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
         return fused, views.labels
 
     def save(run, miou, improved):
-        state = elite.teacher_state(teacher) | run.record(miou) | {
-            "optimizer": optimizer.state_dict(), "config": elite.config_of(args),
+        state = runs.teacher_state(teacher) | run.record(miou) | {
+            "optimizer": optimizer.state_dict(), "config": runs.config_of(args),
             "rank_allocator": allocator.state_dict() if allocator is not None else None}
-        elite.atomic_save(state, last_path)
+        runs.atomic_save(state, last_path)
         if improved:
-            elite.atomic_save(state, best_path)
+            runs.atomic_save(state, best_path)
 
     trainable = sum(p.numel() for p in params)
-    elite.print_summary("train_teacher.py: ELiTe's SAM image teacher", {
-        "device": elite.describe_device(device, args.amp),
-        "data": elite.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences)
+    runs.print_summary("train_teacher.py: ELiTe's SAM image teacher", {
+        "device": runs.describe_device(device, args.amp),
+        "data": runs.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences)
                 + f"; {args.labels} 2D labels, crops {args.crop[0]}x{args.crop[1]}",
         "teacher": f"SAM {args.variant} ({args.sam_checkpoint or 'random weights'}) with {args.peft} r={args.rank}: "
                    f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters",
         "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(loader)} steps of {args.batch_size} images "
                     f"per process, {args.optimizer} lr {args.lr}",
-        "outputs": elite.describe_outputs(args.out, args.save_every),
+        "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, args.resume, "2D mIoU")})
-    torch.manual_seed(args.seed + elite.distributed().rank)  # from here on, each process draws its own numbers
-    objective = elite.data_parallel(elite.Objective([teacher], loss_terms), args.sync_bn)
-    conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
-                     lambda: elite.evaluate(teacher, val_loader, scores), save,
+    torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
+    objective = runs.data_parallel(runs.Objective([teacher], loss_terms), args.sync_bn)
+    conf = runs.fit(run, loader, optimizer, objective, args.epochs, args.lr,
+                     lambda: runs.evaluate(teacher, val_loader, scores), save,
                      allocator.step if allocator is not None else None, amp_device=device if args.amp else None,
                      metric="val 2D mIoU", metrics_csv=args.out / "metrics.csv", save_every=args.save_every,
                      last_path=last_path)
@@ -321,25 +323,25 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
 def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Path):
     import u2mkd
     db_path = u2mkd.instance_db_path(root, args.derived_dir)
-    if args.paste > 0 and elite.distributed().main:  # one process cuts the database, the others wait
+    if args.paste > 0 and runs.distributed().main:  # one process cuts the database, the others wait
         if not db_path.is_file():
             check_writable(db_path.parent)
         u2mkd.load_instance_db(root, args.train_sequences, derived=args.derived_dir)
-    elite.barrier()
+    runs.barrier()
     db = u2mkd.load_instance_db(root, args.train_sequences, derived=args.derived_dir) if args.paste > 0 else None
     train_set = u2mkd.LidarTeacherData(root, args.train_sequences, db, seed=args.seed, add_num=args.paste)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
     elite.check_splits(train_set, val_set)
-    loader, val_loader = elite.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
+    loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     model = u2mkd.lidar_teacher(args.width).to(device)
-    optimizer = elite.make_optimizer(model.parameters(), lr=args.lr)
-    run = elite.RunState()
+    optimizer = runs.make_optimizer(model.parameters(), lr=args.lr)
+    run = runs.RunState()
     if args.resume:
-        ckpt = elite.load_last(last_path, u2mkd.LIDAR_TEACHER_KIND, map_location=device)
-        elite.load_state(model, ckpt["model"], last_path)
-        elite.load_optimizer_state(optimizer, ckpt, last_path)
-        run = elite.RunState.resumed(ckpt)
+        ckpt = runs.load_last(last_path, u2mkd.LIDAR_TEACHER_KIND, map_location=device)
+        runs.load_state(model, ckpt["model"], last_path)
+        runs.load_optimizer_state(optimizer, ckpt, last_path)
+        run = runs.RunState.resumed(ckpt)
 
     def loss_terms(batch):
         batch = batch.to(device)
@@ -351,26 +353,26 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         return model(batch.points, batch.batch_idx).logits, batch.labels
 
     def save(run, miou, improved):
-        best = u2mkd.lidar_teacher_state(model) | run.record(miou) | {"config": elite.config_of(args)}
-        elite.atomic_save(best | {"optimizer": optimizer.state_dict()}, last_path)
+        best = u2mkd.lidar_teacher_state(model) | run.record(miou) | {"config": runs.config_of(args)}
+        runs.atomic_save(best | {"optimizer": optimizer.state_dict()}, last_path)
         if improved:
-            elite.atomic_save(best, best_path)
+            runs.atomic_save(best, best_path)
 
-    elite.print_summary("train_teacher.py --teacher lidar: U2MKD's LiDAR-only teacher", {
-        "device": elite.describe_device(device, args.amp),
-        "data": elite.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences),
+    runs.print_summary("train_teacher.py --teacher lidar: U2MKD's LiDAR-only teacher", {
+        "device": runs.describe_device(device, args.amp),
+        "data": runs.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences),
         "teacher": f"the voxel student at width x{args.width}, {elite.count_parameters(model):,} parameters",
         "augmentation": (f"{args.paste} instances pasted per scan from {db_path} ({len(db)} "
                          f"instances), then flip, rotation, scaling, translation" if db is not None
                          else "flip, rotation, scaling, translation (no instance paste)"),
         "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(loader)} steps of {args.batch_size} scans "
                     f"per process, lr {args.lr}",
-        "outputs": elite.describe_outputs(args.out, args.save_every),
+        "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, args.resume)})
-    torch.manual_seed(args.seed + elite.distributed().rank)  # from here on, each process draws its own numbers
-    objective = elite.data_parallel(elite.Objective([model], loss_terms), args.sync_bn)
-    conf = elite.fit(run, loader, optimizer, objective, args.epochs, args.lr,
-                     lambda: elite.evaluate(model, val_loader, scores), save,
+    torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
+    objective = runs.data_parallel(runs.Objective([model], loss_terms), args.sync_bn)
+    conf = runs.fit(run, loader, optimizer, objective, args.epochs, args.lr,
+                     lambda: runs.evaluate(model, val_loader, scores), save,
                      amp_device=device if args.amp else None,
                      metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path)
     if conf is None:
@@ -383,20 +385,20 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
 
 def main(argv=None):
     args = parse_args(argv)
-    device = elite.init_distributed(args.device, args.sync_bn)
+    device = runs.init_distributed(args.device, args.sync_bn)
     if args.vis is not None:
-        elite.writable_folder(args.vis, "give another --vis")
+        runs.writable_folder(args.vis, "give another --vis")
     if args.vis is None and not args.plg_only:  # a training run: OUT is its folder
         import u2mkd
-        kind = elite.TEACHER_KIND if args.teacher == "sam" else u2mkd.LIDAR_TEACHER_KIND
-        elite.claim_run_folder(args.out, kind, args.resume, args.overwrite)
+        kind = runs.TEACHER_KIND if args.teacher == "sam" else u2mkd.LIDAR_TEACHER_KIND
+        runs.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    root, args.train_sequences, args.val_sequences = elite.dataset_root(args.data, args.train_sequences,
+    root, args.train_sequences, args.val_sequences = runs.dataset_root(args.data, args.train_sequences,
                                                                         args.val_sequences, args.seed)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     train = train_sam_teacher if args.teacher == "sam" else train_lidar_teacher
     run = train(args, root, device, last_path, best_path)
-    elite.close_distributed()
+    runs.close_distributed()
     if run is None:
         return
     if run.epoch >= args.epochs and run.best_miou >= 0:
@@ -404,4 +406,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    elite.run_script(main)
+    runs.run_script(main)

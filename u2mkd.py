@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import elite
+import runs
 
 # =====================================================================================
 # 1. The camera for fusion
@@ -152,7 +153,7 @@ def load_instance_db(root, sequences, min_points=MIN_INSTANCE_POINTS, progress=T
         if db.sequences == sorted(sequences) and db.min_points == min_points:
             return db
     db = build_instance_db(root, sequences, min_points, progress)
-    elite.atomic_write(path, lambda f: np.savez(f, points=db.points, offsets=db.offsets, classes=db.classes,
+    runs.atomic_write(path, lambda f: np.savez(f, points=db.points, offsets=db.offsets, classes=db.classes,
                                                 sequences=np.array(db.sequences), min_points=db.min_points))
     return db
 
@@ -593,9 +594,9 @@ def fusion_state(model: FusionStudent, image_hw) -> dict:
 
 
 def load_fusion_student(path, map_location="cpu") -> tuple[FusionStudent, dict]:
-    ckpt = elite.load_checkpoint(path, FUSION_KIND, map_location)
+    ckpt = runs.load_checkpoint(path, FUSION_KIND, map_location)
     model = FusionStudent(elite.config_from(elite.StudentConfig, ckpt["student_config"]))
-    elite.load_state(model, ckpt["model"], path)
+    runs.load_state(model, ckpt["model"], path)
     return model, ckpt
 
 
@@ -604,7 +605,7 @@ def lidar_teacher_state(model: elite.Student) -> dict:
 
 
 def load_lidar_teacher(path, map_location="cpu") -> tuple[elite.Student, dict]:
-    ckpt = elite.load_checkpoint(path, LIDAR_TEACHER_KIND, map_location)
+    ckpt = runs.load_checkpoint(path, LIDAR_TEACHER_KIND, map_location)
     model = elite.Student(elite.config_from(elite.StudentConfig, ckpt["student_config"]))
-    elite.load_state(model, ckpt["model"], path)
+    runs.load_state(model, ckpt["model"], path)
     return model, ckpt

@@ -1,0 +1,911 @@
+"""The machinery of a run, shared by the three scripts; elite.py and u2mkd.py hold the methods.
+
+    1. Files: atomic writes, checked output folders
+    2. Checkpoints: what each model's files hold, and loading them with clear errors
+    3. The optimiser recipe: SGD with Nesterov momentum, cosine decay per step, clipping
+    4. Many processes: torchrun and DistributedDataParallel
+    5. The data of a run: the dataset's root, the loaders
+    6. The scripts: flags checked when parsed, the start-up summary, one-line errors
+    7. The training loop: steps that never poison the model, checkpoints, signals, metrics
+    8. SAM-PLG's files: every scan's pseudo-labels, written once, in shards
+    9. Pictures: classes in the official colours, over the camera frame
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, ConfusionMatrix, DataError, Student, StudentConfig, Teacher,
+                   TeacherConfig, TooFewVoxels, collate, config_from, existing_sequences, label_path, list_scans,
+                   load_plg_frame, load_sam_checkpoint, plg_path, project_points, pseudo_labels, read_pixel_labels,
+                   sequence_calib)
+
+
+# =====================================================================================
+# 1. Files: atomic writes, checked output folders
+# =====================================================================================
+# Every file a script writes goes through atomic_write: a temporary in the same folder,
+# flushed, then renamed over the target, so a reader sees the old file or the new one.
+
+_UMASK = os.umask(0o022)  # read once, put back at once: written files get 0o666 & ~umask, as open() gives
+os.umask(_UMASK)
+
+
+def atomic_write(path, write) -> None:
+    """Call write(file) on a temporary file in the same folder, then rename it to path:
+    a crash mid-write never leaves a truncated checkpoint or label file, and a write that
+    fails (a full disk, a read-only folder) leaves the previous file as it was."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be written ({e.strerror or e}); nothing was written") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; others may need to read them
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            kept = "the previous file is unchanged" if path.exists() else "no partial file was left"
+            raise DataError(f"{path}: could not be written ({e.strerror or e}); nothing was lost: {kept}") from None
+        raise
+
+
+def remove_partial_writes(targets) -> int:
+    """Delete the temporaries atomic_write left beside these target files when its process was
+    killed mid-write (PATH.<random>.tmp) -> how many. Only the targets' own: another process
+    may be writing its files into the same folder."""
+    by_folder: dict[Path, set[str]] = {}
+    for target in map(Path, targets):
+        by_folder.setdefault(target.parent, set()).add(target.name)
+    removed = 0
+    for folder, names in by_folder.items():
+        for tmp in folder.glob("*.tmp") if folder.is_dir() else ():
+            if tmp.name.rsplit(".", 2)[0] in names:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def writable_folder(folder: Path, hint: str) -> None:
+    """Check, before any work and without creating anything, that this process can write
+    files into `folder` (or create it): a read-only place fails now with `hint`, not hours
+    later. os.access also sees a read-only file system, for root too."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: is an existing file, not a folder; {hint}")
+    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise DataError(f"{folder}: cannot be made, {existing} is a file; {hint}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{folder}: cannot write there ({existing} is read-only); {hint}")
+
+
+def non_finite_tensors(obj, prefix="") -> list[str]:
+    """Names of the floating-point tensors in a (nested) checkpoint that hold NaN or Inf."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in non_finite_tensors(v, f"{prefix}[{i}]")]
+    return []
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically; a checkpoint with a non-finite tensor is never written."""
+    bad = non_finite_tensors(obj)
+    if bad:
+        raise DataError(f"{path}: not written: {len(bad)} tensors hold NaN or Inf (e.g. '{bad[0]}'), the model "
+                        f"has diverged; {Path(path).name} on disk is unchanged")
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# =====================================================================================
+# 2. Checkpoints: what each model's files hold, and loading them with clear errors
+# =====================================================================================
+
+def load_checkpoint(path, kind: str | None, map_location="cpu") -> dict:
+    """Load a checkpoint written by our trainers and check that it holds `kind` (any kind: None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); "
+                        "the file is truncated or not a torch checkpoint") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise DataError(f"{path}: not a checkpoint written by this project (no 'kind' entry)")
+    if kind is not None and ckpt["kind"] != kind:
+        raise DataError(f"{path}: holds a '{ckpt['kind']}' model, expected '{kind}'")
+    return ckpt
+
+
+def load_state(module: nn.Module, state: dict, path, strict=True):
+    """module.load_state_dict(state), with an error that names the file and the tensor when
+    the checkpoint does not fit the model. strict=False: tensors may be missing."""
+    own = module.state_dict()
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise DataError(f"{path}: tensor '{key}' has shape {tuple(value.shape)}, the model expects "
+                            f"{tuple(own[key].shape)}")
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if unexpected or (strict and missing):
+        raise DataError(f"{path}: does not fit the model: {len(missing)} tensors missing, {len(unexpected)} "
+                        f"unexpected (e.g. '{(missing + unexpected)[0]}')")
+    return module.load_state_dict(state, strict=strict)
+
+
+def load_last(path, kind: str, map_location="cpu") -> dict:
+    """--resume: a last.pt of this kind, with the optimiser and run state a model-only file
+    (a best.pt copied in its place) does not have."""
+    ckpt = load_checkpoint(path, kind, map_location)
+    if ckpt.get("optimizer") is None or "config" not in ckpt or "step" not in ckpt:
+        raise DataError(f"{path}: holds the model only (a best.pt?), not the optimiser and run state --resume "
+                        "needs; resume from the last.pt its run wrote")
+    return ckpt
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: dict, path) -> None:
+    """--resume: the optimiser state of a last.pt (load_last), checked against this run's parameters."""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{path}: its optimiser state does not fit this run's parameters ({e})") from None
+
+
+STUDENT_KIND = "elite-student"
+
+def student_state(model: Student) -> dict:
+    return {"kind": STUDENT_KIND, "student_config": asdict(model.cfg), "model": model.state_dict()}
+
+
+def load_student(path, map_location="cpu") -> tuple[Student, dict]:
+    ckpt = load_checkpoint(path, STUDENT_KIND, map_location)
+    cfg = config_from(StudentConfig, ckpt["student_config"])
+    model = Student(cfg)
+    load_state(model, ckpt["model"], path)
+    return model, ckpt
+
+
+TEACHER_KIND = "elite-teacher"
+
+def teacher_state(teacher: Teacher) -> dict:
+    """A small checkpoint: the config and the trainable tensors (adapters, patch decoders,
+    heads); the frozen SAM weights come from the SAM file again. A teacher without a SAM
+    file keeps its random frozen weights in the checkpoint too (a few MB for vit_tiny)."""
+    trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
+    keep_all = teacher.sam_checkpoint is None
+    weights = {k: v for k, v in teacher.state_dict().items() if keep_all or k in trainable}
+    return {"kind": TEACHER_KIND, "teacher_config": asdict(teacher.cfg),
+            "sam_checkpoint": teacher.sam_checkpoint, "weights": weights}
+
+
+def load_teacher_state(state: dict, sam_checkpoint=None, path="teacher state") -> Teacher:
+    """Rebuild a teacher from teacher_state() (read from path); sam_checkpoint overrides the
+    recorded SAM path."""
+    cfg = config_from(TeacherConfig, state["teacher_config"])
+    sam = sam_checkpoint or state["sam_checkpoint"]
+    teacher = Teacher(cfg)
+    if sam is not None:
+        load_sam_checkpoint(teacher.encoder, sam, cfg.variant)
+        teacher.sam_checkpoint = str(sam)
+    result = load_state(teacher, state["weights"], path, strict=False)
+    trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
+    missing = [k for k in result.missing_keys if k in trainable or sam is None]
+    if missing:
+        raise DataError(f"{path}: does not fit a {cfg.variant}/{cfg.peft} teacher: {len(missing)} tensors "
+                        f"missing (e.g. {missing[0]})")
+    return teacher
+
+
+def load_teacher(path, sam_checkpoint=None, map_location="cpu") -> tuple[Teacher, dict]:
+    ckpt = load_checkpoint(path, TEACHER_KIND, map_location)
+    return load_teacher_state(ckpt, sam_checkpoint, path), ckpt
+
+
+# =====================================================================================
+# 3. The optimiser recipe
+# =====================================================================================
+
+def make_optimizer(params, lr=0.24, momentum=0.9, weight_decay=1e-4) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum, as both official configs."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+
+
+def cosine_factor(step: int, total_steps: int) -> float:
+    """Per-iteration cosine decay from 1 to 0 (no warm-up on one GPU, as upstream)."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def clip_or_skip(params, max_norm=1.0) -> bool:
+    """Clip the global gradient norm to max_norm; False (skip the step) if it is not finite."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not torch.isfinite(norm):
+        for p in params:
+            p.grad = None
+        return False
+    return True
+
+
+def autocast(device: torch.device, amp: bool):
+    """--amp: bf16 autocast (matrix products in bf16, reductions and losses in float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+# =====================================================================================
+# 4. Many processes: torchrun and DistributedDataParallel
+# =====================================================================================
+# torchrun starts one process per GPU (or several on a CPU) and sets RANK and WORLD_SIZE.
+# Every process builds the same model from the same seed, reads its own share of the scans
+# and takes the same optimiser steps: DDP averages the gradients during backward. Rank 0
+# alone prints and writes files. Without torchrun the same code runs as one process.
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed() -> World:
+    """This process's rank and the number of processes (0 of 1 without torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return World(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return World()
+
+
+def init_distributed(device: str, sync_bn=False) -> torch.device:
+    """Every trainer's start: join torchrun's process group when started by torchrun (NCCL for
+    GPUs, gloo on CPUs) and silence the other ranks' prints. Returns this process's device
+    (its own GPU: cuda:LOCAL_RANK)."""
+    device = torch.device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed().size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if sync_bn and (device.type != "cuda" or distributed().size == 1):
+        raise DataError("--sync-bn needs torchrun on GPUs (SyncBatchNorm has no CPU implementation)")
+    if not distributed().main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints
+    return device
+
+
+def barrier() -> None:
+    """Wait until every process gets here (a no-op in one process)."""
+    if distributed().size > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> None:
+    """Sum t in place over all processes (a no-op in one process)."""
+    if distributed().size > 1:
+        on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        total = t.to(on)
+        torch.distributed.all_reduce(total)
+        t.copy_(total)
+
+
+class Objective(nn.Module):
+    """Everything a run trains and its loss: forward(batch) -> named loss terms. One module,
+    so that DistributedDataParallel can wrap all of it whatever the method."""
+
+    def __init__(self, parts: list[nn.Module], loss_terms):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.loss_terms = loss_terms
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        return self.loss_terms(batch)
+
+
+def data_parallel(objective: Objective, sync_bn=False, some_unused=False) -> nn.Module:
+    """Under torchrun: DDP around the objective (SyncBatchNorm with sync_bn, GPUs only);
+    alone: the objective itself. some_unused: parts may sit out a step (a U2MKD batch
+    without images skips the image branch), which DDP must look for each step."""
+    if distributed().size == 1:
+        return objective
+    if sync_bn:
+        nn.SyncBatchNorm.convert_sync_batchnorm(objective)  # swaps the layers in place, same parameters
+    return nn.parallel.DistributedDataParallel(objective, find_unused_parameters=some_unused)
+
+
+def close_distributed() -> None:
+    if distributed().size > 1:
+        torch.distributed.destroy_process_group()
+
+
+# =====================================================================================
+# 5. The data of a run: the dataset's root, the loaders
+# =====================================================================================
+
+EMBEDDED_ROOT = Path("data/synthkitti")  # where the trainers write the synthetic scenes without --data
+
+EMBEDDED_COLUMNS = 512  # LiDAR azimuth steps of the embedded scenes (~25k points a scan)
+
+def dataset_root(data: Path | None, train_sequences: list[str], val_sequences: list[str],
+                 seed: int) -> tuple[Path, list[str], list[str]]:
+    """The trainers' data: --data, or without it the synthetic scenes, written once in the real
+    layout (one process writes them, the others wait) -> (root, the training and validation
+    sequences it has; missing ones are named and skipped)."""
+    root = data
+    if data is None:
+        import synthkitti
+        print(f"No --data given: using synthetic scenes in {EMBEDDED_ROOT} (embedded preset; pass --data for "
+              "SemanticKITTI)")
+        if distributed().main:
+            synthkitti.make_dataset(EMBEDDED_ROOT, columns=EMBEDDED_COLUMNS, seed=seed)
+        barrier()
+        root, train_sequences = EMBEDDED_ROOT, [s for s in train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
+    return root, existing_sequences(root, train_sequences), existing_sequences(root, val_sequences)
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (the order drawn from (seed, epoch)) that can start an epoch part-way:
+    a run resumed from a mid-epoch checkpoint skips the samples it had already trained on."""
+    skip = 0
+
+    def start(self, epoch: int, skip: int) -> None:
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+
+class TrainingLoader(torch.utils.data.DataLoader):
+    """The training batches, with the one call the training loop makes before each epoch."""
+
+    def start_epoch(self, epoch: int, batches_done: int = 0) -> None:
+        """A new order and new augmentation for this epoch, drawn from (seed, epoch) so that a
+        resumed run repeats them; a run resumed mid-epoch skips the batches it had done."""
+        self.dataset.set_epoch(epoch)
+        self.sampler.start(epoch, batches_done * self.batch_size)
+
+
+def make_loaders(train_set, val_set, batch_size: int, val_batch_size: int, workers: int, seed: int,
+                 collate_fn=collate, pin_memory=False):
+    """Training batches, shuffled per epoch from (seed, epoch), and validation batches in order
+    -> (train loader, val loader). Under torchrun each process reads its own share of the
+    training scans (DistributedSampler) and every world-th validation scan."""
+    world = distributed()
+    sampler = ResumableSampler(train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
+    train = TrainingLoader(
+        train_set, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) >= batch_size,
+        num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory)
+    val_share = torch.utils.data.Subset(val_set, range(world.rank, len(val_set), world.size))
+    val = torch.utils.data.DataLoader(val_share, batch_size=val_batch_size, num_workers=workers, collate_fn=collate_fn)
+    return train, val
+
+
+# =====================================================================================
+# 6. The scripts: flags checked when parsed, the start-up summary, one-line errors
+# =====================================================================================
+
+class Stopped(Exception):
+    """A run stopped by a signal: the message says where its last checkpoint is."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def run_script(main, argv=None) -> None:
+    """Every script's entry point: bad input (a DataError, also one raised in a DataLoader
+    worker, which torch re-raises wrapped in the worker's traceback) ends the script with
+    'error: FILE: what is wrong' and exit status 1, not a traceback; Ctrl-C and SIGTERM end
+    it with one line that says where the last checkpoint is (exit status 130 / 143)."""
+    try:
+        main(argv)
+    except DataError as e:
+        text = str(e).strip()
+        if "\nOriginal Traceback" in text:  # from a worker: the original message is the last line
+            text = text.splitlines()[-1].split("DataError: ", 1)[-1]
+        sys.exit(f"error: {text}")
+    except Stopped as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(e.code)
+    except KeyboardInterrupt:  # outside training: every file is whole (atomic writes)
+        print("interrupted (Ctrl-C); every file written so far is whole", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def _flag_type(convert, test, wants: str):
+    def check(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {wants}, got '{text}'")
+        return value
+    check.__name__ = wants  # argparse names the type in its message
+    return check
+
+
+positive_int = _flag_type(int, lambda v: v > 0, "a positive integer")
+
+count_int = _flag_type(int, lambda v: v >= 0, "an integer >= 0")
+
+positive_float = _flag_type(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+
+probability = _flag_type(float, lambda v: 0 <= v <= 1, "a probability between 0 and 1")
+
+def device_flag(text: str) -> str:
+    """--device: a torch device this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"'{text}': this machine has no CUDA device (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: their docstring as written, and every flag's default shown
+    (flags whose default depends on the preset or another flag say so in their help)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def add_run_flags(parser) -> None:
+    """The trainers' --resume, --overwrite, --device, --seed, --save-every, --amp and --sync-bn."""
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/last.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run in an OUT that holds one, deleting its last.pt, best.pt and "
+                             "metrics.csv (without it, such an OUT is refused); never replaces another kind of model")
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when present, else cpu)")
+    parser.add_argument("--seed", type=count_int, default=0, help="seed for weights, shuffling and augmentation")
+    parser.add_argument("--save-every", type=count_int, default=500,
+                        help="also write last.pt every this many steps inside an epoch, so that a killed run "
+                             "resumes (--resume) from the next batch, not the epoch's start (0: epoch ends only)")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: bf16 autocast for the forward passes (losses stay float32); meant "
+                             "for GPUs, a CPU without bf16 units runs it slower than float32")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="under torchrun on GPUs: BatchNorm statistics over all processes' batches "
+                             "(default: each process normalises its own batch)")
+
+
+def config_of(args) -> dict:
+    """A script's flags as a checkpoint stores them."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def print_summary(title: str, rows: dict[str, str]) -> None:
+    """The start-up summary every script prints: what runs, on which device and data, and
+    where its outputs go."""
+    width = max(map(len, rows))
+    print(title + "\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows.items()), flush=True)
+
+
+def describe_device(device: torch.device, amp: bool | None = None) -> str:
+    """'cuda:0 (NVIDIA H100 ...)' or 'cpu (2 threads)', times the torchrun processes, and with
+    amp given the precision."""
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    size = distributed().size
+    text = f"{device} ({what})" + (f" x {size} processes" if size > 1 else "")
+    return text if amp is None else text + (", bf16 autocast" if amp else ", float32")
+
+
+def describe_outputs(out: Path, save_every: int) -> str:
+    often = f"each epoch and every {save_every} steps" if save_every else "each epoch"
+    return f"{out / 'last.pt'} ({often}), {out / 'best.pt'}, {out / 'metrics.csv'}"
+
+
+def describe_data(root, train_set, train_sequences, val_set, val_sequences) -> str:
+    return (f"{root}: {len(train_set)} training scans ({' '.join(train_sequences)}), "
+            f"{len(val_set)} validation scans ({' '.join(val_sequences)})")
+
+
+# =====================================================================================
+# 7. The training loop
+# =====================================================================================
+
+def train_step(objective: nn.Module, batch, optimizer: torch.optim.Optimizer, amp_device: torch.device | None,
+               after_backward=None) -> tuple[dict[str, torch.Tensor], str | None]:
+    """One optimiser step: loss terms (under bf16 autocast on amp_device), backward (DDP
+    averages the gradients over the processes here), clip at norm 1, after_backward()
+    (AdaLoRA's allocator), step. -> (terms, None), or (terms, why) for a skipped step: a
+    non-finite gradient, or a batch too small for BatchNorm. A skipped step leaves the model
+    exactly as it was: the forward already moved BatchNorm's running statistics, which are
+    put back."""
+    buffers = list(objective.buffers())
+    before = [b.clone() for b in buffers]  # running means, variances and batch counts
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        with autocast(amp_device or torch.device("cpu"), amp_device is not None):
+            terms = objective(batch)
+        loss = sum(t.float() for t in terms.values())
+        loss.backward()
+        why = None if clip_or_skip([p for g in optimizer.param_groups for p in g["params"]], max_norm=1.0) \
+            else "non-finite loss or gradient"
+    except TooFewVoxels as e:
+        terms, why = {}, str(e)
+    if why is not None:
+        with torch.no_grad():
+            for b, old in zip(buffers, before):
+                b.copy_(old)
+        return terms, why
+    if after_backward is not None:
+        after_backward()
+    optimizer.step()
+    return terms, None
+
+
+@dataclass
+class RunState:
+    """Where a training run stands; checkpoints record it, --resume restores it. A checkpoint
+    written mid-epoch (--save-every) also records how far into its epoch the run got."""
+    epoch: int = 0          # the epoch in progress, or the next one to run
+    batch: int = 0          # batches of that epoch already trained on
+    step: int = 0           # optimiser steps taken (the cosine schedule's clock)
+    best_miou: float = -1.0
+    sums: dict = field(default_factory=dict)  # the epoch's loss-term sums so far (its metrics row)
+    skipped: int = 0        # steps skipped for non-finite gradients
+    batch_size: int = 0     # scans per step over all processes (a mid-epoch resume must keep it)
+    skipped_in_row: int = 0  # skipped steps since the last step taken (not stored)
+
+    def record(self, miou: float | None) -> dict:
+        """What a checkpoint stores of the run ('epoch' is the last finished one; miou None mid-epoch)."""
+        return {"epoch": self.epoch - 1, "batch": self.batch, "step": self.step, "best_miou": self.best_miou,
+                "miou": miou, "epoch_sums": dict(self.sums), "skipped": self.skipped,
+                "batch_size": self.batch_size}
+
+    @classmethod
+    def resumed(cls, ckpt: dict) -> "RunState":
+        return cls(ckpt["epoch"] + 1, ckpt.get("batch", 0), ckpt["step"], ckpt["best_miou"],
+                   dict(ckpt.get("epoch_sums", {})), ckpt.get("skipped", 0), ckpt.get("batch_size", 0))
+
+    def where(self) -> str:
+        return f"epoch {self.epoch + 1}" + (f", batch {self.batch}" if self.batch else "") + f", step {self.step}"
+
+    def start(self, checkpoint: Path, resumed: bool, metric="mIoU") -> str:
+        """The start-up summary's line: a fresh run, or where a resumed one goes on."""
+        if not resumed:
+            return "from scratch"
+        return f"resumed from {checkpoint}: {self.where()}, best {metric} {100 * self.best_miou:.1f}"
+
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
+
+def claim_run_folder(out: Path, kind: str, resume: bool, overwrite: bool) -> None:
+    """A run folder belongs to one run, checked before any work: a fresh run never lands on
+    another run's files (unless --overwrite), a checkpoint of another kind of model is never
+    replaced, and OUT must be a folder this process can write. Temporaries a run killed while
+    saving left beside its intact files are removed."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --out is an existing file, not a folder")
+    if resume and overwrite:
+        raise DataError(f"{out}: --resume continues the run there, --overwrite starts it over: pick one")
+    for name in ("last.pt", "best.pt"):
+        if (out / name).is_file():
+            try:
+                found = torch.load(out / name, map_location="cpu", weights_only=False).get("kind")
+            except Exception:
+                found = None  # unreadable: --resume names it; a fresh run needs --overwrite below
+            if found is not None and found != kind:
+                raise DataError(f"{out / name}: holds a '{found}' model and this run trains '{kind}': a run "
+                                "never writes over another kind's checkpoint; choose another --out")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not resume and not overwrite:
+        raise DataError(f"{out}: already holds a run ({', '.join(existing)}); continue it with --resume, start "
+                        "over in it with --overwrite, or give a new --out")
+    if not distributed().main:
+        return
+    writable_folder(out, "give another --out")
+    if overwrite:
+        for name in existing:
+            (out / name).unlink()
+    remove_partial_writes(out / name for name in RUN_FILES)  # left by a run killed while saving
+
+
+def log_metrics(path: Path, row: dict) -> None:
+    """Add one epoch's row to a CSV file, rewritten atomically. Rows of this epoch or later,
+    left by a run that was killed after them and resumed from an earlier checkpoint, go."""
+    import csv
+    import io
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < row["epoch"]]
+    rows.append(row)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def tensorboard_writer(folder: Path):
+    """A TensorBoard writer when the tensorboard package is installed (it is optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
+MAX_SKIPS_IN_A_ROW = 20  # a run whose steps keep failing stops here, with an error saying where
+
+class StopRequest:
+    """SIGTERM (a cluster pre-empting the job) asks the loop to stop at the next step's end,
+    after writing last.pt; the handler only raises a flag, so no step is cut in half."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.Module, epochs: int, lr: float,
+        validate, save, after_backward=None, amp_device: torch.device | None = None, metric="val mIoU",
+        metrics_csv: Path | None = None, save_every: int = 0, last_path: Path | None = None):
+    """The training loop every trainer here shares. Per epoch: shuffling and augmentation drawn
+    from (seed, epoch), so a resumed run repeats them; per step: the cosine learning rate and
+    train_step(); every save_every steps (0: never), on rank 0, save(run, None, False): a
+    mid-epoch last.pt that --resume continues from the next batch; after each epoch:
+    validate() -> ConfusionMatrix and, on rank 0, save(run, miou, improved). The schedule
+    counts optimiser steps, which are global steps: under torchrun each step consumes a batch
+    per process. Each epoch's mean loss terms and validation figures go to metrics_csv (and
+    to TensorBoard beside it when installed). SIGTERM writes last.pt at the current step and
+    stops; Ctrl-C stops and names the last checkpoint written. Returns the last epoch's
+    confusion matrix (None if nothing was left)."""
+    from tqdm import tqdm
+    world = distributed()
+    board = tensorboard_writer(metrics_csv.parent / "tensorboard") if metrics_csv and world.main else None
+    total_steps = epochs * len(loader)
+    conf, start = None, time.time()
+    if run.batch and run.batch_size != loader.batch_size * world.size:
+        raise DataError(f"the run stopped in the middle of epoch {run.epoch + 1} with {run.batch_size} scans per step; "
+                        f"resume it with the same --batch-size and number of processes "
+                        f"(now {loader.batch_size} x {world.size})")
+    run.batch_size = loader.batch_size * world.size
+    saved = [run.where() if run.step else None]  # where the last checkpoint on disk stands
+
+    def checkpoint(miou, improved):
+        try:
+            save(run, miou, improved)
+        except DataError as e:
+            raise DataError(f"{e} (at {run.where()})") from None
+        saved[0] = run.where()
+
+    def resume_hint() -> str:
+        if saved[0] is None:
+            return "no checkpoint was written yet; start again (the same command)"
+        return f"the last checkpoint is {last_path} ({saved[0]}); continue with the same command and --resume"
+
+    try:
+        with StopRequest() as stop:
+            for epoch in range(run.epoch, epochs):
+                loader.start_epoch(epoch, run.batch)  # its order and augmentation; a resumed run skips what it did
+                bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", initial=run.batch, total=len(loader),
+                           dynamic_ncols=True, disable=not world.main)
+                for batch in bar:
+                    lr_now = lr * cosine_factor(run.step, total_steps)  # cosine decay per iteration
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_now
+                    terms, skipped = train_step(objective, batch, optimizer, amp_device,
+                                                partial(after_backward, run.step) if after_backward else None)
+                    run.step += 1
+                    run.batch += 1
+                    if skipped:
+                        run.skipped += 1
+                        run.skipped_in_row += 1
+                        warnings.warn(f"step {run.step} skipped ({skipped}): {', '.join(map(str, batch.paths))}")
+                        if run.skipped_in_row >= MAX_SKIPS_IN_A_ROW:
+                            raise DataError(f"training stopped at {run.where()}: the last {run.skipped_in_row} "
+                                            f"steps were all skipped ({skipped}); the model is as it was before "
+                                            f"them. Check these scans and --lr. "
+                                            + (f"The last checkpoint is {last_path} ({saved[0]})." if saved[0]
+                                               else "No checkpoint was written."))
+                    else:
+                        run.skipped_in_row = 0
+                        for name, value in terms.items():
+                            run.sums[name] = run.sums.get(name, 0.0) + value.item()
+                        bar.set_postfix(loss=f"{sum(t.item() for t in terms.values()):.3f}", lr=f"{lr_now:.4f}")
+                    if stop.signal is not None:
+                        if world.main:
+                            checkpoint(None, False)
+                        raise Stopped(f"stopped by SIGTERM at {run.where()}: {last_path} written; continue with "
+                                      "the same command and --resume", 143)
+                    if save_every and run.step % save_every == 0 and run.batch < len(loader) and world.main:
+                        checkpoint(None, False)
+                with autocast(amp_device or torch.device("cpu"), amp_device is not None):
+                    conf = validate()
+                miou = conf.miou()
+                improved = miou > run.best_miou
+                means = {k: v / len(loader) for k, v in run.sums.items()}
+                run.epoch, run.batch, run.sums, run.best_miou = epoch + 1, 0, {}, max(run.best_miou, miou)
+                present = conf.present()
+                if world.main:
+                    checkpoint(miou, improved)
+                    row = {"epoch": epoch + 1, "step": run.step, "lr": lr * cosine_factor(run.step - 1, total_steps)}
+                    row |= means | {"miou": 100 * miou, "miou_present": 100 * float(conf.iou()[present].mean()),
+                                    "best_miou": 100 * run.best_miou, "seconds": round(time.time() - start, 1)}
+                    if metrics_csv is not None:
+                        log_metrics(metrics_csv, row)
+                    if board is not None:
+                        for key, value in row.items():
+                            board.add_scalar(key, value, epoch + 1)
+                    print(f"epoch {epoch + 1}: mean loss terms (rank 0): "
+                          + " ".join(f"{k} {v:.3f}" for k, v in means.items()))
+                    print(f"epoch {epoch + 1}: {metric} {100 * miou:.1f} (official, 19 classes) | "
+                          f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes "
+                          f"present | best {100 * run.best_miou:.1f} | {time.time() - start:.0f} s")
+                if stop.signal is not None:  # arrived during validation: last.pt was just written
+                    raise Stopped(f"stopped by SIGTERM at {run.where()}: {last_path} written; continue with the "
+                                  "same command and --resume", 143)
+    except KeyboardInterrupt:
+        raise Stopped(f"interrupted (Ctrl-C) at {run.where()}: {resume_hint()}", 130) from None
+    if run.skipped and world.main:
+        print(f"{run.skipped} steps skipped (non-finite gradients, or batches too small for BatchNorm)")
+    return conf
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, scores) -> ConfusionMatrix:
+    """One confusion matrix over a validation loader, the model in eval mode meanwhile;
+    scores(batch) -> (logits (N, 20), labels (N,))."""
+    from tqdm import tqdm
+    model.eval()
+    conf = ConfusionMatrix()
+    for batch in tqdm(loader, desc="  validate", leave=False, dynamic_ncols=True, disable=not distributed().main):
+        logits, labels = scores(batch)
+        conf.add(logits.argmax(1), labels)
+    model.train()
+    all_reduce_sum(conf.matrix)  # under torchrun: every process scored its share of the scans
+    return conf
+
+
+# =====================================================================================
+# 8. SAM-PLG's files: every scan's pseudo-labels, written once, in shards
+# =====================================================================================
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n): worker i of n takes scans i, i + n, i + 2n, ..."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard '{text}': expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"shard '{text}': need 0 <= i < n")
+    return i, n
+
+
+def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True,
+                           derived: Path | None = None) -> dict[str, int]:
+    """Write plg_path(scan, derived) for every labelled scan of this shard -> counts of files
+    written, already there (skipped, so a stopped run resumes) and scans without labels."""
+    from tqdm import tqdm
+    i, n = shard
+    if not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
+    scans = list_scans(root, sequences)[i::n]
+    remove_partial_writes(plg_path(s, derived) for s in scans)  # left by a run killed mid-write
+    counts = {"written": 0, "existing": 0, "unlabelled": 0}
+    for scan in tqdm(scans, desc=f"SAM-PLG {i}/{n}", unit="scan", disable=not progress, dynamic_ncols=True):
+        out = plg_path(scan, derived)
+        if out.is_file():
+            counts["existing"] += 1
+            continue
+        if not label_path(scan).is_file():
+            counts["unlabelled"] += 1  # test sequences: no labels to spread
+            continue
+        pseudo = pseudo_labels(load_plg_frame(scan, sequence_calib(scan.parent.parent)), source)
+        atomic_write(out, lambda f: np.save(f, pseudo))  # a file object: np.save adds no suffix
+        counts["written"] += 1
+    if counts["unlabelled"]:
+        warnings.warn(f"SAM-PLG: {counts['unlabelled']} scans have no labels and got no pseudo-labels")
+    return counts
+
+
+# =====================================================================================
+# 9. Pictures: classes in the official colours, over the camera frame
+# =====================================================================================
+# infer.py --vis draws predictions with these; train_teacher.py --vis draws SAM-PLG's
+# pseudo-labels over their image the same way.
+
+def paint_dots(image: np.ndarray, rows_cols: np.ndarray, colours: np.ndarray) -> None:
+    """Paint a 3x3 dot per pixel (K, 2) (row, col) in its colour (K, 3); later dots paint over earlier."""
+    height, width = image.shape[:2]
+    rc = rows_cols.astype(np.int64)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            image[np.clip(rc[:, 0] + dr, 0, height - 1), np.clip(rc[:, 1] + dc, 0, width - 1)] = colours
+
+
+def camera_overlay(frame: np.ndarray, xyz: np.ndarray, colours: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    """The camera frame, dimmed, with each point it sees as a dot; near points paint over far ones."""
+    image = (frame.astype(np.float32) * 0.6).astype(np.uint8)
+    keep, rows_cols = project_points(xyz, proj, *image.shape[:2])
+    order = np.argsort(-xyz[keep, 0], kind="stable")  # far first
+    paint_dots(image, rows_cols[order], colours[keep][order])
+    return image
+
+
+def label_overlay(frame: np.ndarray, label_map: np.ndarray, alpha=0.55) -> np.ndarray:
+    """The camera frame, dimmed, with every labelled pixel (label_map (H, W) training ids,
+    0 left alone) blended with its class's colour."""
+    image = frame.astype(np.float32) * 0.6
+    labelled = label_map != IGNORE
+    image[labelled] = (1 - alpha) * frame[labelled] + alpha * CLASS_COLORS[label_map[labelled]]
+    return image.astype(np.uint8)
+
+
+def draw_legend(draw, classes, height: int) -> None:
+    """A legend of these training ids (0 left out) up the left edge of a PIL ImageDraw's picture."""
+    for k, c in enumerate(c for c in classes if c != IGNORE):
+        y = height - 16 * (k + 1) - 4
+        draw.rectangle((8, y, 18, y + 10), fill=tuple(int(v) for v in CLASS_COLORS[c]))
+        draw.text((24, y - 1), CLASS_NAMES[c], fill=(255, 255, 255))
+
+
+def plg_picture(scan_path: Path, calib: dict[str, np.ndarray], derived: Path | None = None) -> np.ndarray:
+    """SAM-PLG's input above its output for one scan: the camera frame with the labelled
+    points it sees (the sparse labels the masks spread), then with the dense pseudo-labels."""
+    from PIL import Image, ImageDraw
+    frame = load_plg_frame(scan_path, calib)
+    h, w = frame.image.shape[:2]
+    dense = read_pixel_labels(plg_path(scan_path, derived), h, w)[0]
+    sparse = (frame.image.astype(np.float32) * 0.6).astype(np.uint8)
+    labelled = frame.semantic != IGNORE
+    paint_dots(sparse, frame.pixel_rc[labelled], CLASS_COLORS[frame.semantic[labelled]])
+    picture = Image.fromarray(np.concatenate([sparse, label_overlay(frame.image, dense)], 0))
+    draw = ImageDraw.Draw(picture)
+    draw.text((8, 6), f"{scan_path}: labelled points", fill=(255, 255, 255))
+    draw.text((8, h + 6), f"SAM-PLG pseudo-labels ({100 * float((dense != IGNORE).mean()):.0f}% of pixels)",
+              fill=(255, 255, 255))
+    draw_legend(draw, np.unique(np.concatenate([dense.ravel(), frame.semantic])), picture.height)
+    return np.asarray(picture)
+
+
+def write_png(path, picture: np.ndarray) -> None:
+    """An (H, W, 3) uint8 picture as a PNG, written atomically."""
+    from PIL import Image
+    atomic_write(path, lambda f: Image.fromarray(picture).save(f, format="PNG"))
+
+
