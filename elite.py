@@ -17,9 +17,9 @@ the student, the teacher and their data, in the order the data flows:
    11. SAM-PLG: dense pseudo-labels from sparse LiDAR labels
    12. PPMSKD: patch-to-point multi-stage distillation from the teacher into the student
    13. Evaluation: the official SemanticKITTI IoU
-   14. Checkpoints (atomic writes), the optimiser recipe, the training loop
 
-Facts follow the official ELiTe/2DPASS code; deliberate differences are listed
+The machinery of a run (the training loop, checkpoints, torchrun, files, pictures) is in
+runs.py; U2MKD is in u2mkd.py. Facts follow the official ELiTe/2DPASS code; deliberate differences are listed
 in README.md under "Differences from the official code".
 """
 from __future__ import annotations
