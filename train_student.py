@@ -129,10 +129,10 @@ def teacher_path(args, resumed: dict | None) -> str:
     """The teacher of this run: from a resumed run's config, the flag, or the default file."""
     if resumed is not None:
         return resumed["config"]["teacher"]
-    if args.teacher is None:
-        default = DEFAULT_TEACHER[args.method]
-        args.teacher = str(default) if default.is_file() else "none"
-    return args.teacher
+    if args.teacher is not None:
+        return args.teacher
+    default = DEFAULT_TEACHER[args.method]
+    return str(default) if default.is_file() else "none"
 
 
 @dataclass
@@ -153,25 +153,26 @@ class Setup:
 # ---- ELiTe: the 1.9M student, with PPMSKD from the SAM teacher ----
 
 def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
-    args.teacher = teacher_path(args, resumed)
+    # The run's config as its checkpoints record it: the flags, with what the teacher brings
+    # (its labels, its AdaLoRA budget) or, on --resume, what the run started with.
+    config = runs.config_of(args) | {"teacher": teacher_path(args, resumed)}
     teacher, allocator_state = None, None
     if resumed is not None:
-        for key in ("teacher_mode", "labels", "target_rank"):
-            setattr(args, key, resumed["config"].get(key))
+        config |= {key: resumed["config"].get(key) for key in ("teacher_mode", "labels", "target_rank")}
         if resumed.get("teacher") is not None:  # the teacher's trained tensors as they were
             teacher = runs.load_teacher_state(resumed["teacher"], args.sam_checkpoint, args.out / "last.pt")
             teacher.to(device)
             allocator_state = resumed.get("rank_allocator")
-    elif args.teacher != "none":
-        teacher, ckpt = runs.load_teacher(args.teacher, args.sam_checkpoint, map_location=device)
+    elif config["teacher"] != "none":
+        teacher, ckpt = runs.load_teacher(config["teacher"], args.sam_checkpoint, map_location=device)
         teacher.to(device)
-        args.labels = args.labels or ckpt["config"]["labels"]
-        args.target_rank = ckpt["config"].get("target_rank", 8)
+        config |= {"labels": args.labels or ckpt["config"]["labels"],
+                   "target_rank": ckpt["config"].get("target_rank", 8)}
         allocator_state = ckpt.get("rank_allocator")
-    joint = teacher is not None and args.teacher_mode == "joint"
+    joint = teacher is not None and config["teacher_mode"] == "joint"
 
     # With a teacher, each training scan also brings its camera crop and the points in it.
-    camera = dict(camera=True, crop_hw=teacher.cfg.crop_hw, dense=args.labels == "plg",
+    camera = dict(camera=True, crop_hw=teacher.cfg.crop_hw, dense=config["labels"] == "plg",
                   derived=args.derived_dir) if teacher else {}
     missing = elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir) if camera.get("dense") else 0
     if missing:
@@ -201,7 +202,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
             # The teacher's rank budget was spent in train_teacher.py: keep its pruned ranks pruned
             # (AdaLoRA's final phase: mask to the target rank each step with the scores it learnt).
             total_steps = args.epochs * len(loader)
-            allocator = elite.RankAllocator(teacher, total_steps, args.target_rank, init_warmup=0,
+            allocator = elite.RankAllocator(teacher, total_steps, config["target_rank"], init_warmup=0,
                                             final_warmup=total_steps)
             allocator.load_state_dict(allocator_state)
     if resumed is not None:
@@ -223,7 +224,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
         return model(batch.points, batch.batch_idx).logits, batch.labels
 
     def checkpoints(run: runs.RunState, miou: float) -> tuple[dict, dict]:
-        best = runs.student_state(model) | run.record(miou) | {"config": runs.config_of(args)}  # the 1.9M student only
+        best = runs.student_state(model) | run.record(miou) | {"config": config}  # the 1.9M student only
         # last.pt can resume: the optimiser, and with a teacher its 3D heads and trained tensors.
         return best | {"optimizer": optimizer.state_dict(),
                        "heads_3d": heads.state_dict() if heads is not None else None,
@@ -233,7 +234,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     if teacher is None:
         describe = "none (the baseline: the student alone)"
     else:
-        describe = (f"{args.teacher} (SAM {teacher.cfg.variant}, {args.teacher_mode}, {args.labels} 2D "
+        describe = (f"{config['teacher']} (SAM {teacher.cfg.variant}, {config['teacher_mode']}, {config['labels']} 2D "
                     f"labels, crop {teacher.cfg.crop_hw[0]}x{teacher.cfg.crop_hw[1]})")
     return Setup(model, loader, optimizer, parts, loss_terms, lambda: runs.evaluate(model, val_loader, scores),
                  checkpoints, allocator.step if allocator is not None else None, describe, val_set)
@@ -242,17 +243,18 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
 # ---- U2MKD: the fusion student, with KD from the LiDAR teacher ----
 
 def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
-    args.teacher = teacher_path(args, resumed)
+    config = runs.config_of(args) | {"teacher": teacher_path(args, resumed)}
     if resumed is not None:  # the run continues as it started
-        args.image_size, args.image_drop = tuple(resumed["image_hw"]), resumed["config"]["image_drop"]
+        config |= {"image_size": tuple(resumed["image_hw"]), "image_drop": resumed["config"]["image_drop"]}
+    image_size = config["image_size"]
     teacher = None
-    if args.teacher != "none":
-        teacher, _ = u2mkd.load_lidar_teacher(args.teacher, map_location=device)
+    if config["teacher"] != "none":
+        teacher, _ = u2mkd.load_lidar_teacher(config["teacher"], map_location=device)
         teacher.to(device).eval().requires_grad_(False)  # frozen, in eval mode, as upstream
 
-    train_set = u2mkd.PairData(root, args.train_sequences, train=True, seed=args.seed, image_hw=args.image_size,
-                               image_drop=args.image_drop, teacher_view=teacher is not None)
-    val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=args.image_size)
+    train_set = u2mkd.PairData(root, args.train_sequences, train=True, seed=args.seed, image_hw=image_size,
+                               image_drop=config["image_drop"], teacher_view=teacher is not None)
+    val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=image_size)
     elite.check_splits(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, u2mkd.collate_pairs, device.type == "cuda")
@@ -279,13 +281,13 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
         return model(b.lidar.points, b.lidar.batch_idx, b.images, b.image_of_point, b.uv).logits, b.lidar.labels
 
     def checkpoints(run: runs.RunState, miou: float) -> tuple[dict, dict]:
-        best = u2mkd.fusion_state(model, args.image_size) | run.record(miou) | {"config": runs.config_of(args)}
+        best = u2mkd.fusion_state(model, image_size) | run.record(miou) | {"config": config}
         return best | {"optimizer": optimizer.state_dict(),
                        "kd_adapter": adapter.state_dict() if adapter is not None else None}, best
 
-    describe = (f"LiDAR teacher {args.teacher} ({elite.count_parameters(teacher):,} parameters, frozen)"
+    describe = (f"LiDAR teacher {config['teacher']} ({elite.count_parameters(teacher):,} parameters, frozen)"
                 if teacher else "none (the fusion student without KD)")
-    describe += f"; camera images resized to {args.image_size[0]}x{args.image_size[1]}, dropped with p {args.image_drop}"
+    describe += f"; camera images resized to {image_size[0]}x{image_size[1]}, dropped with p {config['image_drop']}"
     return Setup(model, loader, optimizer, parts, loss_terms, lambda: runs.evaluate(model, val_loader, scores),
                  checkpoints, None, describe, val_set)
 
