@@ -761,7 +761,7 @@ class NeighbourMap:
 
 KEY_FIELD = 1 << 16  # a packed key holds 14 bits of batch and 16 of each coordinate
 COLUMNS = ((0, 1), (1, -1), (1, 0), (1, 1))  # the (dx, dy) columns ahead of a voxel in key order
-FORWARD_OFFSETS = [(0, 0, 1)] + [(dx, dy, dz) for dz in (-1, 0, 1) for dx, dy in COLUMNS]
+FORWARD_OFFSETS = [(0, 0, 1)] + [(dx, dy, dz) for dx, dy in COLUMNS for dz in (-1, 0, 1)]
 
 
 def build_neighbour_map(coords: torch.Tensor) -> NeighbourMap:
@@ -787,7 +787,7 @@ def build_neighbour_map(coords: torch.Tensor) -> NeighbourMap:
     pos = torch.searchsorted(skey, lowest)  # (4, N) the first key >= it
     for dz in range(3):  # z - 1, z, z + 1: each found one moves the next candidate one place on
         found = skey.index_select(0, pos.view(-1).clamp_max(n - 1)).view(4, n) == lowest + dz
-        torch.where(found, pos, none, out=table[1 + 4 * dz:5 + 4 * dz])
+        torch.where(found, pos, none, out=table[1 + dz::3])  # rows 1 + 3 * column + dz
         pos += found
     flat = torch.nonzero(table.view(-1) >= 0).squeeze(1)  # every pair, grouped by offset
     k = flat // n
