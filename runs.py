@@ -225,7 +225,7 @@ def load_teacher(path, sam_checkpoint=None, map_location="cpu") -> tuple[Teacher
 
 
 # =====================================================================================
-# 3. The optimiser recipe
+# 3. The optimiser recipe: SGD with Nesterov momentum, cosine decay per step, clipping
 # =====================================================================================
 
 def make_optimizer(params, lr=0.24, momentum=0.9, weight_decay=1e-4) -> torch.optim.Optimizer:
@@ -533,7 +533,7 @@ def describe_data(root, train_set, train_sequences, val_set, val_sequences) -> s
 
 
 # =====================================================================================
-# 7. The training loop
+# 7. The training loop: steps that never poison the model, checkpoints, signals, metrics
 # =====================================================================================
 
 def train_step(objective: nn.Module, batch, optimizer: torch.optim.Optimizer, amp_device: torch.device | None,
