@@ -616,7 +616,7 @@ def claim_run_folder(out: Path, kind: str, resume: bool, overwrite: bool) -> Non
     for name in ("last.pt", "best.pt"):
         if (out / name).is_file():
             try:
-                found = torch.load(out / name, map_location="cpu", weights_only=False).get("kind")
+                found = torch.load(out / name, map_location="cpu", weights_only=False, mmap=True).get("kind")  # lazily
             except Exception:
                 found = None  # unreadable: --resume names it; a fresh run needs --overwrite below
             if found is not None and found != kind:
@@ -713,6 +713,10 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
             raise DataError(f"{e} (at {run.where()})") from None
         saved[0] = run.where()
 
+    def sigterm_stop() -> Stopped:
+        return Stopped(f"stopped by SIGTERM at {run.where()}: {last_path} written; continue with the same command "
+                       "and --resume", 143)
+
     def resume_hint() -> str:
         if saved[0] is None:
             return "no checkpoint was written yet; start again (the same command)"
@@ -750,8 +754,7 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                     if stop.signal is not None:
                         if world.main:
                             checkpoint(None, False)
-                        raise Stopped(f"stopped by SIGTERM at {run.where()}: {last_path} written; continue with "
-                                      "the same command and --resume", 143)
+                        raise sigterm_stop()
                     if save_every and run.step % save_every == 0 and run.batch < len(loader) and world.main:
                         checkpoint(None, False)
                 with autocast(amp_device or torch.device("cpu"), amp_device is not None):
@@ -777,8 +780,7 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                           f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes "
                           f"present | best {100 * run.best_miou:.1f} | {time.time() - start:.0f} s")
                 if stop.signal is not None:  # arrived during validation: last.pt was just written
-                    raise Stopped(f"stopped by SIGTERM at {run.where()}: {last_path} written; continue with the "
-                                  "same command and --resume", 143)
+                    raise sigterm_stop()
     except KeyboardInterrupt:
         raise Stopped(f"interrupted (Ctrl-C) at {run.where()}: {resume_hint()}", 130) from None
     if run.skipped and world.main:
