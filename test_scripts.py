@@ -475,10 +475,10 @@ BAD_INPUTS = [
      r"00/image_2/000000\.png: a 1241x376 frame is smaller than the 400x2000 crop", False),
     # Issue 15: outputs and checkpoints checked before any work
     ("--out that is an existing file", "train_student",
-     lambda d: ((d / "a_file").write_text("x"), train_args(d, "--teacher", "none")[:-2] + ["--out", str(d / "a_file")])[1],
+     lambda d: ((d / "a_file").write_text("x"), train_args(d, "--teacher", "none") + ["--out", str(d / "a_file")])[1],
      r"a_file: --out is an existing file, not a folder", False),
     ("--out of infer.py that is an existing file", "infer",
-     lambda d: ((d / "a_file").write_text("x"), infer_args(d)[:-2] + ["--out", str(d / "a_file")])[1],
+     lambda d: ((d / "a_file").write_text("x"), infer_args(d) + ["--out", str(d / "a_file")])[1],
      r"a_file: is an existing file, not a folder; give another --out", False),
     ("checkpoint with a tensor of the wrong shape", "infer",
      lambda d: infer_args(d, checkpoint="bad_shape.pt"),
@@ -580,7 +580,7 @@ def run_main(script: str, argv: list[str]) -> str:
 def test_fresh_run_in_a_run_folder_is_refused_and_overwrite_starts_over(synth_root, tmp_path):
     out = tmp_path / "run"
     before = fake_run(out, runs.student_state(elite.Student()))
-    args = train_args(tmp_path, "--teacher", "none")[:-2] + ["--data", str(synth_root), "--out", str(out)]
+    args = train_args(tmp_path, "--teacher", "none") + ["--data", str(synth_root), "--out", str(out)]
     message = run_main("train_student", args)
     assert re.search(r"run: already holds a run \(last\.pt, best\.pt, metrics\.csv\); continue it with --resume, "
                      r"start over in it with --overwrite, or give a new --out", message), message
@@ -595,7 +595,7 @@ def test_fresh_run_in_a_run_folder_is_refused_and_overwrite_starts_over(synth_ro
 def test_a_run_never_writes_over_another_kinds_checkpoint(synth_root, tmp_path):
     teacher_run = tmp_path / "teacher"
     before = fake_run(teacher_run, runs.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))))
-    args = train_args(tmp_path, "--teacher", "none")[:-2] + ["--data", str(synth_root), "--out", str(teacher_run)]
+    args = train_args(tmp_path, "--teacher", "none") + ["--data", str(synth_root), "--out", str(teacher_run)]
     for more in ([], ["--overwrite"]):
         message = run_main("train_student", args + more)
         assert re.search(r"teacher/last\.pt: holds a 'elite-teacher' model and this run trains 'elite-student'",
@@ -617,7 +617,7 @@ def test_steps_that_keep_failing_stop_the_run_with_where(synth_root, tmp_path, m
 
 
 def test_full_disk_names_the_file_and_loses_nothing(synth_root, tmp_path, monkeypatch):
-    args = train_args(tmp_path, "--teacher", "none", "--save-every", "0")[:-2]
+    args = train_args(tmp_path, "--teacher", "none", "--save-every", "0")
     args += ["--data", str(synth_root), "--out", str(tmp_path / "out")]
     assert run_main("train_student", args) == ""
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
@@ -660,7 +660,7 @@ def read_only(folder: Path):
 
 def test_read_only_out_is_refused_before_any_work(synth_root, tmp_path):
     (tmp_path / "ro").mkdir()
-    args = train_args(tmp_path, "--teacher", "none")[:-2] + ["--data", str(synth_root)]
+    args = train_args(tmp_path, "--teacher", "none") + ["--data", str(synth_root)]
     with read_only(tmp_path / "ro"):
         message = run_main("train_student", args + ["--out", str(tmp_path / "ro" / "run")])
         assert re.search(r"ro/run: cannot write there \(\S+ro is read-only\); give another --out", message), message
