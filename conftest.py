@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 
-import elite
 import runs
 import synthkitti
 
@@ -35,7 +34,7 @@ def synth(tmp_path_factory):
     """Two scans at 512 columns with their SAM-PLG pseudo-labels made from the ideal masks."""
     root = tmp_path_factory.mktemp("plg") / "synth"
     synthkitti.make_dataset(root, {"00": 2}, columns=512, progress=False)
-    counts = runs.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+    counts = runs.generate_pseudo_labels(root, ["00"], synthkitti.IdealMaskSource(), progress=False)
     assert counts == {"written": 2, "existing": 0, "unlabelled": 0}
     return root
 

@@ -231,16 +231,6 @@ def check_root(root) -> None:
         raise DataError(f"{root}: no 'sequences' folder (expected ROOT/sequences/XX/velodyne/*.bin)")
 
 
-def existing_sequences(root, sequences: list[str]) -> list[str]:
-    """The sequences that have a velodyne folder under ROOT/sequences; the others are named and skipped."""
-    check_root(root)
-    found = [s for s in sequences if (Path(root) / "sequences" / s / "velodyne").is_dir()]
-    missing = sorted(set(sequences) - set(found))
-    if missing:
-        print(f"note: sequences {missing} not found under {root}/sequences; skipped")
-    return found
-
-
 def label_path(scan_path: Path) -> Path:
     return scan_path.parent.parent / "labels" / (scan_path.stem + ".label")
 
@@ -255,11 +245,6 @@ def plg_path(scan_path: Path, derived: Path | None = None) -> Path:
     sequence = scan_path.parent.parent
     folder = sequence if derived is None else Path(derived) / "sequences" / sequence.name
     return folder / "image_2_plg" / (scan_path.stem + ".npy")
-
-
-def rendered_labels_path(scan_path: Path) -> Path:
-    """SynthKITTI's ground-truth pixel labels (real SemanticKITTI has none)."""
-    return scan_path.parent.parent / "image_2_gt" / (scan_path.stem + ".npy")
 
 
 def calib_path(scan_path: Path) -> Path:
@@ -614,31 +599,6 @@ class SemanticKITTI(torch.utils.data.Dataset):
         if self.train:
             pts[:, :3] = augment_xyz(pts[:, :3], rng)  # after projection: pixels stay valid
         return Scan(pts, labels[keep], keep, len(points), path, view, view_points)
-
-
-def check_splits(train_set: SemanticKITTI, val_set: SemanticKITTI, samples=16) -> None:
-    """Before training: the splits can teach and be scored. Training labels that are all 0
-    (unlabeled, checked on up to `samples` scans spread over the split) teach nothing;
-    validation scans without labels cannot be scored; a sequence in both splits scores scans
-    the model trained on."""
-    both = sorted({s.parent.parent.name for s in train_set.scans} & {s.parent.parent.name for s in val_set.scans})
-    if both:
-        warnings.warn(f"sequences {both} are both training and validation sequences: validation then "
-                      "scores scans the model trained on")
-    if not any(val_set.has_labels):
-        raise DataError(f"{label_path(val_set.scans[0]).parent}: none of the {len(val_set)} validation scans has a "
-                        ".label file, so validation cannot score them; give --val-sequences that have labels")
-    unlabelled = val_set.has_labels.count(False)
-    if unlabelled:
-        warnings.warn(f"{label_path(val_set.scans[val_set.has_labels.index(False)])}: {unlabelled} of the "
-                      f"{len(val_set)} validation scans have no .label file and are not scored")
-    m = min(samples, len(train_set))
-    picks = sorted({round(k * (len(train_set) - 1) / max(m - 1, 1)) for k in range(m)})
-    checked = [label_path(train_set.scans[i]) for i in picks]
-    if all(not to_train_ids(read_labels(path)[0], path).any() for path in checked):
-        raise DataError(f"{checked[0].parent}: every point of the {len(checked)} training .label files checked "
-                        f"({checked[0].name} ... {checked[-1].name}) is unlabeled (training id 0): there is nothing "
-                        "to learn from")
 
 
 def collate(scans: list[Scan]) -> Batch:
@@ -1394,72 +1354,6 @@ def build_sam_encoder(variant="vit_b") -> nn.Module:
     return encoder
 
 
-def sam_variant_of(encoder_weights: dict) -> str | None:
-    """Which SAM variant image-encoder tensors (keys without 'image_encoder.') belong to,
-    from the patch-embedding width and the number of blocks; None if no known one."""
-    width = encoder_weights["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in encoder_weights else None
-    depth = 1 + max((int(k.split(".")[1]) for k in encoder_weights if k.startswith("blocks.")), default=-1)
-    return next((name for name, v in SAM_VARIANTS.items() if (v.embed_dim, v.depth) == (width, depth)), None)
-
-
-def read_sam_state(path) -> dict:
-    """An official SAM checkpoint file -> its state dict, or a DataError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: SAM checkpoint not found (the official files, e.g. {SAM_B_URL})")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path}: cannot read SAM checkpoint ({type(e).__name__}: {e}); "
-                        "the file is truncated or not a torch checkpoint of tensors") from None
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise DataError(f"{path}: not a state dict (got {type(ckpt).__name__})")
-    return state
-
-
-def encoder_weights_of(state: dict) -> dict:
-    """The image_encoder.* tensors of a SAM state dict, prefix removed, neck left out."""
-    prefix = "image_encoder."
-    return {k[len(prefix):]: v for k, v in state.items()
-            if isinstance(k, str) and k.startswith(prefix) and not k.startswith(prefix + "neck.")}
-
-
-def load_sam_checkpoint(encoder: nn.Module, path, variant="vit_b") -> None:
-    """Load the frozen encoder weights of an official SAM checkpoint (sam_vit_b_01ec64.pth).
-
-    Takes the `image_encoder.*` tensors except the neck and splits each fused qkv (3C, C)
-    weight and (3C,) bias into q = rows 0:C, k = C:2C, v = 2C:3C. The official ELiTe loader
-    wrote them under attn.q/k/v while its modules are q_proj/k_proj/v_proj, so strict=False
-    silently dropped them and q, k, v stayed random; here they load, and every frozen tensor
-    must be present with the right shape."""
-    path = Path(path)
-    weights = encoder_weights_of(read_sam_state(path))
-    prefix = "image_encoder."
-    if not weights:
-        raise DataError(f"{path}: no '{prefix}*' tensors; expected a SAM checkpoint such as sam_vit_b_01ec64.pth")
-    for key in [k for k in weights if ".attn.qkv." in k]:
-        fused = weights.pop(key)
-        if fused.shape[0] % 3:
-            raise DataError(f"{path}: {prefix}{key} has {fused.shape[0]} rows, not a multiple of 3")
-        for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3)):
-            weights[key.replace("qkv", name)] = part
-    frozen = {k: v for k, v in encoder.state_dict().items() if "lora_" not in k}
-    mismatched = [k for k in frozen if k in weights and weights[k].shape != frozen[k].shape]
-    missing = [k for k in frozen if k not in weights]
-    if mismatched or missing:
-        found = sam_variant_of(weights)
-        looks = f"SAM {found}" if found else "an unknown encoder"
-        raise DataError(f"{path}: looks like {looks} but the teacher is SAM {variant} "
-                        f"(e.g. {(mismatched + missing)[0]}: {len(mismatched)} tensors of the wrong shape, "
-                        f"{len(missing)} missing); build the teacher with the matching variant")
-    unexpected = sorted(set(weights) - set(frozen))
-    if unexpected:
-        raise DataError(f"{path}: {len(unexpected)} unexpected encoder tensors, e.g. {prefix}{unexpected[0]}")
-    result = encoder.load_state_dict(weights, strict=False)
-    assert all("lora_" in k for k in result.missing_keys), result.missing_keys  # only adapters start fresh
-
-
 # ---- 10.4 The teacher: encoder, patch decoders, 2D heads ----
 
 def patch_decoder(c: int) -> nn.Sequential:
@@ -1501,7 +1395,7 @@ class Teacher(nn.Module):
         self.output_upscaling = nn.ModuleList([patch_decoder(c) for _ in self.stage_blocks])
         self.heads_2d = nn.ModuleList([head_2d(c // 8, c // 4, cfg.num_classes) for _ in self.stage_blocks])
         self.fused_head = head_2d(len(self.stage_blocks) * c // 8, c // 4, cfg.num_classes)
-        self.sam_checkpoint: str | None = None  # set by build_teacher; recorded in teacher_state
+        self.sam_checkpoint: str | None = None  # set by runs.build_teacher; recorded in teacher_state
         for name, p in self.encoder.named_parameters():
             p.requires_grad = "lora_" in name  # SAM itself stays frozen: biases, LNs, pos/rel-pos too
 
@@ -1580,19 +1474,6 @@ def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], views: Views, we
     return terms, stage_logits
 
 
-def build_teacher(cfg: TeacherConfig | None = None, sam_checkpoint=None) -> Teacher:
-    """The teacher with SAM's weights loaded (frozen), or random ones with a notice."""
-    cfg = cfg or TeacherConfig()
-    teacher = Teacher(cfg)
-    if sam_checkpoint is None:
-        warnings.warn(f"teacher: SAM {cfg.variant} encoder is randomly initialised; for the paper "
-                      f"setting download sam_vit_b_01ec64.pth ({SAM_B_URL}) and pass --sam-checkpoint")
-    else:
-        load_sam_checkpoint(teacher.encoder, sam_checkpoint, cfg.variant)
-        teacher.sam_checkpoint = str(sam_checkpoint)
-    return teacher
-
-
 # =====================================================================================
 # 11. SAM-PLG: dense image pseudo-labels from sparse LiDAR labels
 # =====================================================================================
@@ -1611,7 +1492,7 @@ def build_teacher(cfg: TeacherConfig | None = None, sam_checkpoint=None) -> Teac
 #
 # Upstream writes the same array to ROOT/processed_sk/XX/image_2_labels/NNNNNN.npy.
 # The mask source is pluggable: SamMaskSource runs SAM (a GPU job: ViT-H per image plus
-# the mask decoder per prompt), IdealMaskSource reads SynthKITTI's rendered regions.
+# the mask decoder per prompt), synthkitti.IdealMaskSource reads SynthKITTI's rendered regions.
 
 NO_POINT = 65535  # stage 2's "no point projects onto this pixel"
 LOW_RES = 256     # SAM's mask frame; its input frame is 4x that (1024)
@@ -1733,26 +1614,6 @@ def nms_masks(boxes: torch.Tensor, iou: torch.Tensor, thresh=0.7) -> torch.Tenso
     return batched_nms(boxes.float(), iou.float(), one_category, thresh)
 
 
-def load_sam(checkpoint, variant="vit_h", device="cpu"):
-    """An official SAM checkpoint (PLG uses vit_h, sam_vit_h_4b8939.pth) -> Sam in eval mode."""
-    from segment_anything import sam_model_registry
-    if variant not in sam_model_registry or variant == "default":
-        raise ValueError(f"unknown SAM variant '{variant}'; expected vit_b, vit_l or vit_h")
-    path = Path(checkpoint)
-    state = read_sam_state(path)
-    found = sam_variant_of(encoder_weights_of(state))
-    if found is None:
-        raise DataError(f"{path}: not a SAM checkpoint (no image encoder of a known variant)")
-    if found != variant:
-        raise DataError(f"{path}: holds SAM {found}, not {variant}; pass variant='{found}'")
-    sam = sam_model_registry[variant]()
-    try:
-        sam.load_state_dict(state)
-    except RuntimeError as e:
-        raise DataError(f"{path}: does not fit SAM {variant} ({e})") from None
-    return sam.to(device).eval()
-
-
 class SamMaskSource:
     """Stage 1 with SAM. masks(frame) -> masks (M, H, W) bool, predicted IoU (M,), in
     descending predicted IoU (the NMS order upstream's voting reads backwards)."""
@@ -1793,21 +1654,6 @@ class SamMaskSource:
         keep = nms_masks(torch.cat(boxes), iou, self.nms_thresh)  # (M,) highest predicted IoU first
         masks = np.unpackbits(np.concatenate(packed)[keep.cpu().numpy()], axis=-1, count=width).view(bool)
         return masks, iou[keep].float().cpu().numpy()
-
-
-class IdealMaskSource:
-    """Stage 1 as a perfect SAM would do it, from SynthKITTI's rendered image_2_gt: one mask
-    per distinct (class, instance) region (each object, each stuff class as a whole, the sky),
-    predicted IoU 1. The masks tile the image, so painting order does not matter, and what
-    stage 2 gets wrong comes from the point labels and the voting alone."""
-
-    def masks(self, frame: PlgFrame) -> tuple[np.ndarray, np.ndarray]:
-        height, width = frame.image.shape[:2]
-        gt = read_pixel_labels(rendered_labels_path(frame.scan_path), height, width)
-        key = (gt[0].astype(np.int64) << 16 | gt[1]).ravel()  # (H*W,) one id per region
-        regions, region_of_pixel = np.unique(key, return_inverse=True)
-        masks = region_of_pixel.reshape(height, width)[None] == np.arange(len(regions))[:, None, None]
-        return masks, np.ones(len(regions), dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------

@@ -597,7 +597,7 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
         crop = (320, 1024)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random SAM weights: the cost is the same
-            teacher = elite.build_teacher(elite.TeacherConfig(variant=args.teacher_variant, crop_hw=crop)).to(device)
+            teacher = runs.build_teacher(elite.TeacherConfig(variant=args.teacher_variant, crop_hw=crop)).to(device)
         for amp in (False, True) if device.type == "cuda" or args.amp else (False,):
             step = lambda: teacher_training_step(teacher, args.teacher_batch, amp, device)  # noqa: E731
             step()  # warm-up

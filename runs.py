@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, ConfusionMatrix, DataError, Student, StudentConfig, Teacher,
-                   TeacherConfig, TooFewVoxels, collate, config_from, existing_sequences, label_path, list_scans,
-                   load_plg_frame, load_sam_checkpoint, plg_path, project_points, pseudo_labels, read_pixel_labels,
-                   sequence_calib)
+from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, SAM_B_URL, SAM_VARIANTS, SPLITS, ConfusionMatrix, DataError, Student,
+                   StudentConfig, Teacher, TeacherConfig, TooFewVoxels, check_root, collate, config_from, label_path,
+                   list_scans, load_plg_frame, plg_path, project_points, pseudo_labels, read_labels, read_pixel_labels,
+                   sequence_calib, to_train_ids)
 
 
 # =====================================================================================
@@ -224,6 +224,107 @@ def load_teacher(path, sam_checkpoint=None, map_location="cpu") -> tuple[Teacher
     return load_teacher_state(ckpt, sam_checkpoint, path), ckpt
 
 
+# ---- SAM's official checkpoint files: the teacher's frozen encoder, SAM-PLG's whole SAM ----
+
+def read_sam_state(path) -> dict:
+    """An official SAM checkpoint file -> its state dict, or a DataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: SAM checkpoint not found (the official files, e.g. {SAM_B_URL})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read SAM checkpoint ({type(e).__name__}: {e}); "
+                        "the file is truncated or not a torch checkpoint of tensors") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: not a state dict (got {type(ckpt).__name__})")
+    return state
+
+
+def sam_variant_of(encoder_weights: dict) -> str | None:
+    """Which SAM variant image-encoder tensors (keys without 'image_encoder.') belong to,
+    from the patch-embedding width and the number of blocks; None if no known one."""
+    width = encoder_weights["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in encoder_weights else None
+    depth = 1 + max((int(k.split(".")[1]) for k in encoder_weights if k.startswith("blocks.")), default=-1)
+    return next((name for name, v in SAM_VARIANTS.items() if (v.embed_dim, v.depth) == (width, depth)), None)
+
+
+def encoder_weights_of(state: dict) -> dict:
+    """The image_encoder.* tensors of a SAM state dict, prefix removed, neck left out."""
+    prefix = "image_encoder."
+    return {k[len(prefix):]: v for k, v in state.items()
+            if isinstance(k, str) and k.startswith(prefix) and not k.startswith(prefix + "neck.")}
+
+
+def load_sam_checkpoint(encoder: nn.Module, path, variant="vit_b") -> None:
+    """Load the frozen encoder weights of an official SAM checkpoint (sam_vit_b_01ec64.pth).
+
+    Takes the `image_encoder.*` tensors except the neck and splits each fused qkv (3C, C)
+    weight and (3C,) bias into q = rows 0:C, k = C:2C, v = 2C:3C. The official ELiTe loader
+    wrote them under attn.q/k/v while its modules are q_proj/k_proj/v_proj, so strict=False
+    silently dropped them and q, k, v stayed random; here they load, and every frozen tensor
+    must be present with the right shape."""
+    path = Path(path)
+    weights = encoder_weights_of(read_sam_state(path))
+    prefix = "image_encoder."
+    if not weights:
+        raise DataError(f"{path}: no '{prefix}*' tensors; expected a SAM checkpoint such as sam_vit_b_01ec64.pth")
+    for key in [k for k in weights if ".attn.qkv." in k]:
+        fused = weights.pop(key)
+        if fused.shape[0] % 3:
+            raise DataError(f"{path}: {prefix}{key} has {fused.shape[0]} rows, not a multiple of 3")
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3)):
+            weights[key.replace("qkv", name)] = part
+    frozen = {k: v for k, v in encoder.state_dict().items() if "lora_" not in k}
+    mismatched = [k for k in frozen if k in weights and weights[k].shape != frozen[k].shape]
+    missing = [k for k in frozen if k not in weights]
+    if mismatched or missing:
+        found = sam_variant_of(weights)
+        looks = f"SAM {found}" if found else "an unknown encoder"
+        raise DataError(f"{path}: looks like {looks} but the teacher is SAM {variant} "
+                        f"(e.g. {(mismatched + missing)[0]}: {len(mismatched)} tensors of the wrong shape, "
+                        f"{len(missing)} missing); build the teacher with the matching variant")
+    unexpected = sorted(set(weights) - set(frozen))
+    if unexpected:
+        raise DataError(f"{path}: {len(unexpected)} unexpected encoder tensors, e.g. {prefix}{unexpected[0]}")
+    result = encoder.load_state_dict(weights, strict=False)
+    assert all("lora_" in k for k in result.missing_keys), result.missing_keys  # only adapters start fresh
+
+
+def build_teacher(cfg: TeacherConfig | None = None, sam_checkpoint=None) -> Teacher:
+    """The teacher with SAM's weights loaded (frozen), or random ones with a notice."""
+    cfg = cfg or TeacherConfig()
+    teacher = Teacher(cfg)
+    if sam_checkpoint is None:
+        warnings.warn(f"teacher: SAM {cfg.variant} encoder is randomly initialised; for the paper "
+                      f"setting download sam_vit_b_01ec64.pth ({SAM_B_URL}) and pass --sam-checkpoint")
+    else:
+        load_sam_checkpoint(teacher.encoder, sam_checkpoint, cfg.variant)
+        teacher.sam_checkpoint = str(sam_checkpoint)
+    return teacher
+
+
+def load_sam(checkpoint, variant="vit_h", device="cpu"):
+    """An official SAM checkpoint (PLG uses vit_h, sam_vit_h_4b8939.pth) -> Sam in eval mode."""
+    from segment_anything import sam_model_registry
+    if variant not in sam_model_registry or variant == "default":
+        raise ValueError(f"unknown SAM variant '{variant}'; expected vit_b, vit_l or vit_h")
+    path = Path(checkpoint)
+    state = read_sam_state(path)
+    found = sam_variant_of(encoder_weights_of(state))
+    if found is None:
+        raise DataError(f"{path}: not a SAM checkpoint (no image encoder of a known variant)")
+    if found != variant:
+        raise DataError(f"{path}: holds SAM {found}, not {variant}; pass variant='{found}'")
+    sam = sam_model_registry[variant]()
+    try:
+        sam.load_state_dict(state)
+    except RuntimeError as e:
+        raise DataError(f"{path}: does not fit SAM {variant} ({e})") from None
+    return sam.to(device).eval()
+
+
 # =====================================================================================
 # 3. The optimiser recipe: SGD with Nesterov momentum, cosine decay per step, clipping
 # =====================================================================================
@@ -365,6 +466,41 @@ def dataset_root(data: Path | None, train_sequences: list[str], val_sequences: l
     return root, existing_sequences(root, train_sequences), existing_sequences(root, val_sequences)
 
 
+def existing_sequences(root, sequences: list[str]) -> list[str]:
+    """The sequences that have a velodyne folder under ROOT/sequences; the others are named and skipped."""
+    check_root(root)
+    found = [s for s in sequences if (Path(root) / "sequences" / s / "velodyne").is_dir()]
+    missing = sorted(set(sequences) - set(found))
+    if missing:
+        print(f"note: sequences {missing} not found under {root}/sequences; skipped")
+    return found
+
+
+def check_splits(train_set, val_set, samples=16) -> None:
+    """Before training: the splits can teach and be scored. Training labels that are all 0
+    (unlabeled, checked on up to `samples` scans spread over the split) teach nothing;
+    validation scans without labels cannot be scored; a sequence in both splits scores scans
+    the model trained on."""
+    both = sorted({s.parent.parent.name for s in train_set.scans} & {s.parent.parent.name for s in val_set.scans})
+    if both:
+        warnings.warn(f"sequences {both} are both training and validation sequences: validation then "
+                      "scores scans the model trained on")
+    if not any(val_set.has_labels):
+        raise DataError(f"{label_path(val_set.scans[0]).parent}: none of the {len(val_set)} validation scans has a "
+                        ".label file, so validation cannot score them; give --val-sequences that have labels")
+    unlabelled = val_set.has_labels.count(False)
+    if unlabelled:
+        warnings.warn(f"{label_path(val_set.scans[val_set.has_labels.index(False)])}: {unlabelled} of the "
+                      f"{len(val_set)} validation scans have no .label file and are not scored")
+    m = min(samples, len(train_set))
+    picks = sorted({round(k * (len(train_set) - 1) / max(m - 1, 1)) for k in range(m)})
+    checked = [label_path(train_set.scans[i]) for i in picks]
+    if all(not to_train_ids(read_labels(path)[0], path).any() for path in checked):
+        raise DataError(f"{checked[0].parent}: every point of the {len(checked)} training .label files checked "
+                        f"({checked[0].name} ... {checked[-1].name}) is unlabeled (training id 0): there is nothing "
+                        "to learn from")
+
+
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (the order drawn from (seed, epoch)) that can start an epoch part-way:
     a run resumed from a mid-epoch checkpoint skips the samples it had already trained on."""
@@ -479,6 +615,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if not unset and "default" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+def add_data_flags(parser, holds: str) -> None:
+    """The trainers' --data, --train-sequences and --val-sequences; `holds`: what each sequence folder needs."""
+    parser.add_argument("--data", type=Path, default=None,
+                        help=f"SemanticKITTI root holding sequences/XX/{{{holds}}}; default: synthetic scenes "
+                             f"made once under {EMBEDDED_ROOT}")
+    parser.add_argument("--train-sequences", nargs="+", default=SPLITS["train"],
+                        help="training sequences (official: 00-07 09 10; missing ones are skipped with a note)")
+    parser.add_argument("--val-sequences", nargs="+", default=SPLITS["val"], help="validation sequences (official: 08)")
 
 
 def add_run_flags(parser) -> None:

@@ -755,6 +755,30 @@ def write_sequence(root: Path, seed: int, seq: str, n: int, columns: int, bar=No
     write_atomic(seq_dir / "times.txt", "".join(f"{0.1 * i:.6e}\n" for i in range(n)).encode())
 
 
+# ---- SAM-PLG's stand-in: the masks a perfect SAM would return ----
+
+def rendered_labels_path(scan_path: Path) -> Path:
+    """SynthKITTI's ground-truth pixel labels (real SemanticKITTI has none)."""
+    return scan_path.parent.parent / "image_2_gt" / (scan_path.stem + ".npy")
+
+
+class IdealMaskSource:
+    """Stage 1 as a perfect SAM would do it, from SynthKITTI's rendered image_2_gt: one mask
+    per distinct (class, instance) region (each object, each stuff class as a whole, the sky),
+    predicted IoU 1. The masks tile the image, so painting order does not matter, and what
+    stage 2 gets wrong comes from the point labels and the voting alone."""
+
+    def masks(self, frame) -> tuple[np.ndarray, np.ndarray]:
+        """frame: an elite.PlgFrame -> masks (M, H, W) bool, predicted IoU (M,)."""
+        from elite import read_pixel_labels  # here: the scenes themselves need only numpy
+        height, width = frame.image.shape[:2]
+        gt = read_pixel_labels(rendered_labels_path(frame.scan_path), height, width)
+        key = (gt[0].astype(np.int64) << 16 | gt[1]).ravel()  # (H*W,) one id per region
+        regions, region_of_pixel = np.unique(key, return_inverse=True)
+        masks = region_of_pixel.reshape(height, width)[None] == np.arange(len(regions))[:, None, None]
+        return masks, np.ones(len(regions), dtype=np.float32)
+
+
 def make_dataset(root, sequences=DEFAULT_SEQUENCES, columns=1024, seed=0, progress=True) -> Path:
     """Write a SynthKITTI dataset under root; sequences maps "XX" -> number of scans.
 

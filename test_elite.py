@@ -729,42 +729,42 @@ def test_sample_pixels_reads_each_samples_pixels():
 # Adapters
 # ------------------------------------------------------------------------------------
 
-def test_lora_linear_formula_and_merge():
+def lora_update(a: elite.LoRALinear, x):  # LoRA: x A^T B^T alpha / r, with r = 4, alpha = 2
+    return x @ a.lora_A.T @ a.lora_B.T * (2.0 / 4)
+
+
+def adalora_update(a: elite.SVDLinear, x):  # AdaLoRA: x (A * E)^T B^T alpha / ranknum, ranknum fixed at r = 12
+    return x @ (a.lora_A * a.lora_E).T @ a.lora_B.T / (12 + 1e-5)
+
+
+@pytest.mark.parametrize("adapter, r, alpha, starts_zero, update", [
+    (elite.LoRALinear, 4, 2.0, "lora_B", lora_update),
+    (elite.SVDLinear, 12, 1.0, "lora_E", adalora_update)])
+def test_adapter_formula_and_merge(adapter, r, alpha, starts_zero, update):
     torch.manual_seed(0)
     base = nn.Linear(10, 7)
     x = torch.randn(5, 10)
     plain = base(x).detach()
-    lora = elite.LoRALinear(base, r=4, alpha=2.0)
-    assert lora.weight is base.weight and lora.lora_A.shape == (4, 10) and lora.lora_B.shape == (7, 4)
-    torch.testing.assert_close(lora(x), plain)  # B = 0 at init
+    a = adapter(base, r=r, alpha=alpha)
+    assert a.weight is base.weight and a.lora_A.shape == (r, 10) and a.lora_B.shape == (7, r)
+    assert (getattr(a, starts_zero) == 0).all()
+    torch.testing.assert_close(a(x), plain)  # the adapter starts as the frozen layer
     with torch.no_grad():
-        lora.lora_B.normal_()
-    expected = x @ base.weight.T + base.bias + x @ lora.lora_A.T @ lora.lora_B.T * (2.0 / 4)
-    torch.testing.assert_close(lora(x), expected)
-    unmerged = lora(x).detach()
-    lora.merge()
-    torch.testing.assert_close(lora(x), unmerged, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x @ lora.weight.T + lora.bias, unmerged, rtol=1e-5, atol=1e-5)
+        getattr(a, starts_zero).normal_()
+        if adapter is elite.SVDLinear:
+            a.lora_E[3] = 0  # a pruned rank
+    torch.testing.assert_close(a(x), plain + update(a, x))
+    unmerged = a(x).detach()
+    a.merge()
+    torch.testing.assert_close(a(x), unmerged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x @ a.weight.T + a.bias, unmerged, rtol=1e-5, atol=1e-5)
 
 
-def test_svd_linear_formula_fixed_ranknum_and_merge():
-    torch.manual_seed(0)
-    base = nn.Linear(10, 7)
-    x = torch.randn(5, 10)
-    plain = base(x).detach()
-    svd = elite.SVDLinear(base, r=12, alpha=1.0)
-    assert (svd.lora_E == 0).all() and svd.lora_E.shape == (12, 1)
+def test_adalora_init_and_constant_ranknum():
+    svd = elite.SVDLinear(nn.Linear(10, 7), r=12, alpha=1.0)
+    assert svd.lora_E.shape == (12, 1)
     assert 0.01 < svd.lora_A.std() < 0.03 and 0.01 < svd.lora_B.std() < 0.03
-    torch.testing.assert_close(svd(x), plain)  # E = 0 at init
-    with torch.no_grad():
-        svd.lora_E.normal_()
-        svd.lora_E[3] = 0  # a pruned rank
-    expected = plain + x @ (svd.lora_A * svd.lora_E).T @ svd.lora_B.T / (12 + 1e-5)
-    torch.testing.assert_close(svd(x), expected)
     assert "ranknum" not in svd.state_dict() and float(svd.ranknum) == 12.0  # constant, not a parameter
-    unmerged = svd(x).detach()
-    svd.merge()
-    torch.testing.assert_close(svd(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
 def test_orth_regularizer_is_mean_frobenius_norm():
@@ -832,7 +832,7 @@ def test_vit_b_adalora_trainable_parameter_counts(vit_b_teacher):
 
 def test_sam_checkpoint_loads_every_encoder_weight_bitwise(sam_b_file, vit_b_teacher):
     path, state = sam_b_file
-    elite.load_sam_checkpoint(vit_b_teacher.encoder, path, "vit_b")
+    runs.load_sam_checkpoint(vit_b_teacher.encoder, path, "vit_b")
     ours = {k: t for k, t in vit_b_teacher.encoder.state_dict().items() if "lora_" not in k}
     checked = 0
     for key, t in ours.items():
@@ -851,17 +851,17 @@ def test_sam_checkpoint_errors(sam_b_file, tmp_path):
     path, _ = sam_b_file
     tiny = tiny_teacher().encoder
     with pytest.raises(elite.DataError, match=r"looks like SAM vit_b.*teacher is SAM vit_tiny"):
-        elite.load_sam_checkpoint(tiny, path, "vit_tiny")
+        runs.load_sam_checkpoint(tiny, path, "vit_tiny")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(elite.DataError, match="corrupt.pth: cannot read"):
-        elite.load_sam_checkpoint(tiny, corrupt, "vit_tiny")
+        runs.load_sam_checkpoint(tiny, corrupt, "vit_tiny")
     other = tmp_path / "other.pth"
     torch.save({"state_dict": {"mask_decoder.x": torch.zeros(3)}}, other)
     with pytest.raises(elite.DataError, match="other.pth: no 'image_encoder"):
-        elite.load_sam_checkpoint(tiny, other, "vit_tiny")
+        runs.load_sam_checkpoint(tiny, other, "vit_tiny")
     with pytest.raises(elite.DataError, match="not found"):
-        elite.load_sam_checkpoint(tiny, tmp_path / "missing.pth", "vit_tiny")
+        runs.load_sam_checkpoint(tiny, tmp_path / "missing.pth", "vit_tiny")
 
 
 # ------------------------------------------------------------------------------------
@@ -1016,7 +1016,7 @@ def test_colour_jitter_is_seeded_and_changes_colours():
 
 def test_build_teacher_without_checkpoint_warns():
     with pytest.warns(UserWarning, match="randomly initialised.*sam_vit_b_01ec64.pth.*--sam-checkpoint"):
-        elite.build_teacher(elite.TeacherConfig(variant="vit_tiny"))
+        runs.build_teacher(elite.TeacherConfig(variant="vit_tiny"))
 
 
 def test_teacher_state_round_trip(tmp_path):
@@ -1036,7 +1036,7 @@ def test_teacher_state_round_trip(tmp_path):
     for checkpoint in (sam_file, None):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            teacher = elite.build_teacher(cfg, checkpoint)
+            teacher = runs.build_teacher(cfg, checkpoint)
         assert any("randomly initialised" in str(w.message) for w in caught) == (checkpoint is None)
         backward_once(teacher)
         with torch.no_grad():
@@ -1212,23 +1212,23 @@ def test_sam_mask_source_plumbing_with_a_random_tiny_sam():
 
 def test_load_sam_names_the_file_and_the_problem(tmp_path):
     with pytest.raises(elite.DataError, match="sam_vit_h.pth: SAM checkpoint not found"):
-        elite.load_sam(tmp_path / "sam_vit_h.pth")
+        runs.load_sam(tmp_path / "sam_vit_h.pth")
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(elite.DataError, match="corrupt.pth: cannot read SAM checkpoint"):
-        elite.load_sam(bad)
+        runs.load_sam(bad)
     # A vit_b state (768 wide, 12 blocks) loaded as vit_h: caught before building the model.
     fake = tmp_path / "sam_vit_b.pth"
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 1, 1, 1),
                 "image_encoder.blocks.11.norm1.weight": torch.zeros(1)}, fake)
     with pytest.raises(elite.DataError, match="sam_vit_b.pth: holds SAM vit_b, not vit_h; pass variant='vit_b'"):
-        elite.load_sam(fake, "vit_h")
+        runs.load_sam(fake, "vit_h")
     other = tmp_path / "student.pt"
     torch.save({"model": torch.zeros(1)}, other)
     with pytest.raises(elite.DataError, match="student.pt: not a SAM checkpoint"):
-        elite.load_sam(other)
+        runs.load_sam(other)
     with pytest.raises(ValueError, match="unknown SAM variant 'vit_x'"):
-        elite.load_sam(fake, "vit_x")
+        runs.load_sam(fake, "vit_x")
 
 
 # ------------------------------------------------------------------------------------
@@ -1316,7 +1316,7 @@ def test_ideal_masks_densify_the_labels_and_agree_with_the_rendering(synth):
     chance = []
     for scan in elite.list_scans(synth, ["00"]):
         dense = elite.read_pixel_labels(elite.plg_path(scan), h, w)
-        gt = elite.read_pixel_labels(elite.rendered_labels_path(scan), h, w)
+        gt = elite.read_pixel_labels(synthkitti.rendered_labels_path(scan), h, w)
         f = elite.load_plg_frame(scan, calib)
         sparse = elite.sparse_label_maps(f.semantic, f.instance, f.pixel_rc, h, w)
         labelled = dense[0] > 0
@@ -1342,7 +1342,7 @@ def test_generation_resumes_skips_existing_and_leaves_no_temp_files(synth):
     folder = synth / "sequences/00/image_2_plg"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert sorted(before) == ["000000.npy", "000001.npy"]  # nothing else: no temp files
-    counts = runs.generate_pseudo_labels(synth, ["00"], elite.IdealMaskSource(), progress=False)
+    counts = runs.generate_pseudo_labels(synth, ["00"], synthkitti.IdealMaskSource(), progress=False)
     assert counts == {"written": 0, "existing": 2, "unlabelled": 0}
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
@@ -1355,7 +1355,7 @@ def copy_without_outputs(synth, dst):
 def test_shards_split_the_scans_and_existing_files_are_trusted(synth, tmp_path):
     root = copy_without_outputs(synth, tmp_path / "d")
     out = [elite.plg_path(s) for s in elite.list_scans(root, ["00"])]
-    src = elite.IdealMaskSource()
+    src = synthkitti.IdealMaskSource()
     assert runs.generate_pseudo_labels(root, ["00"], src, shard=(1, 2), progress=False)["written"] == 1
     assert [p.is_file() for p in out] == [False, True]
     first_run = elite.plg_path(synth / "sequences/00/velodyne/000001.bin")
@@ -1373,15 +1373,15 @@ def test_missing_inputs_are_named(synth, tmp_path):
     root = copy_without_outputs(synth, tmp_path / "d")
     (root / "sequences/00/image_2/000000.png").unlink()
     with pytest.raises(elite.DataError, match="image_2/000000.png: image not found"):
-        runs.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+        runs.generate_pseudo_labels(root, ["00"], synthkitti.IdealMaskSource(), progress=False)
     (root / "sequences/00/calib.txt").unlink()
     with pytest.raises(elite.DataError, match="calib.txt: calibration file not found"):
-        runs.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+        runs.generate_pseudo_labels(root, ["00"], synthkitti.IdealMaskSource(), progress=False)
     shutil.copy(synth / "sequences/00/calib.txt", root / "sequences/00/calib.txt")
     (root / "sequences/00/image_2_gt/000001.npy").unlink()
     (root / "sequences/00/labels/000000.label").unlink()  # scan 0 now unlabelled: skipped
     with pytest.raises(elite.DataError, match="image_2_gt/000001.npy: pixel-label file not found"):
-        runs.generate_pseudo_labels(root, ["00"], elite.IdealMaskSource(), progress=False)
+        runs.generate_pseudo_labels(root, ["00"], synthkitti.IdealMaskSource(), progress=False)
     assert not elite.plg_path(root / "sequences/00/velodyne/000000.bin").exists()
 
 
@@ -1418,7 +1418,7 @@ def test_camera_views_keep_points_on_their_pixels_through_crop_and_flip(synth_co
     # the labels of the points at their (cropped, flipped) pixels.
     for scan in elite.list_scans(synth_copy, ["00"]):
         elite.plg_path(scan).parent.mkdir(exist_ok=True)
-        shutil.copy(elite.rendered_labels_path(scan), elite.plg_path(scan))
+        shutil.copy(synthkitti.rendered_labels_path(scan), elite.plg_path(scan))
     ds = elite.SemanticKITTI(synth_copy, ["00"], train=True, seed=1, camera=True, crop_hw=(160, 512), dense=True)
     agree = total = 0
     for epoch in range(4):
@@ -1537,7 +1537,7 @@ def ppmskd_batch(root, dense: bool):
     if dense:
         for scan in elite.list_scans(root, ["00"]):
             elite.plg_path(scan).parent.mkdir(exist_ok=True)
-            shutil.copy(elite.rendered_labels_path(scan), elite.plg_path(scan))
+            shutil.copy(synthkitti.rendered_labels_path(scan), elite.plg_path(scan))
     ds = elite.SemanticKITTI(root, ["00"], train=True, camera=True, crop_hw=(64, 128), dense=dense)
     return elite.collate([ds[0], ds[1]])
 

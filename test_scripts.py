@@ -268,7 +268,7 @@ def test_sam_plg_killed_midway_resumes_without_redoing_or_corrupt_files(tmp_path
     assert {n: (folder / n).stat().st_mtime_ns for n in done} == done  # the finished ones were not redone
     calib = elite.read_calib(root / "sequences/00/calib.txt")
     for scan in elite.list_scans(root, ["00"]):  # every file whole and equal to an uninterrupted run's
-        expected = elite.pseudo_labels(elite.load_plg_frame(scan, calib), elite.IdealMaskSource())
+        expected = elite.pseudo_labels(elite.load_plg_frame(scan, calib), synthkitti.IdealMaskSource())
         np.testing.assert_array_equal(np.load(elite.plg_path(scan)), expected)
 
 

@@ -60,9 +60,7 @@ DEFAULT_TEACHER = {"elite": Path("runs/teacher/best.pt"), "u2mkd": Path("runs/li
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
-    p.add_argument("--data", type=Path, default=None,
-                   help="SemanticKITTI root holding sequences/XX/{velodyne,labels}; "
-                        f"default: synthetic scenes made once under {runs.EMBEDDED_ROOT}")
+    runs.add_data_flags(p, "velodyne,labels; image_2,calib.txt with a teacher or u2mkd")
     p.add_argument("--method", choices=("elite", "u2mkd"), default="elite",
                    help="elite: the 1.9M LiDAR student, PPMSKD from the SAM teacher; u2mkd: the camera+LiDAR "
                         "fusion student, KD from the LiDAR teacher")
@@ -98,10 +96,6 @@ def parse_args(argv=None):
                    help="validation batch size (preset: 8 paper, 4 embedded)")
     p.add_argument("--workers", type=runs.count_int, help="data-loading processes (preset: 8 paper, 0 embedded)")
     p.add_argument("--lr", type=runs.positive_float, default=0.24, help="peak learning rate (official: 0.24)")
-    p.add_argument("--train-sequences", nargs="+", default=elite.SPLITS["train"],
-                   help="training sequences (official: 00-07 09 10; missing ones are skipped with a warning)")
-    p.add_argument("--val-sequences", nargs="+", default=elite.SPLITS["val"],
-                   help="validation sequences (official: 08)")
     p.add_argument("--out", type=Path, default=None,
                    help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/student, "
                         "runs/fusion_student for u2mkd); one run per folder")
@@ -180,7 +174,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
                               "(sequences/XX/image_2_plg/); train_teacher.py makes them, or pass --labels sparse")
     train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, **camera)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
-    elite.check_splits(train_set, val_set)
+    runs.check_splits(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
 
@@ -255,7 +249,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
     train_set = u2mkd.PairData(root, args.train_sequences, train=True, seed=args.seed, image_hw=image_size,
                                image_drop=config["image_drop"], teacher_view=teacher is not None)
     val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=image_size)
-    elite.check_splits(train_set, val_set)
+    runs.check_splits(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, u2mkd.collate_pairs, device.type == "cuda")
     model = u2mkd.FusionStudent().to(device)

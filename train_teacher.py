@@ -48,6 +48,7 @@ import torch
 
 import elite
 import runs
+import synthkitti
 
 # "paper": the official setting (ViT-B, 1024x320 crops, the student's optimiser recipe).
 # "embedded": a small random ViT on small crops of the synthetic scenes, trained with AdamW
@@ -76,9 +77,7 @@ def preset_values(key: str) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
-    p.add_argument("--data", type=Path, default=None,
-                   help="SemanticKITTI root with sequences/XX/{velodyne,labels,image_2,calib.txt}; "
-                        f"default: synthetic scenes made once under {runs.EMBEDDED_ROOT}")
+    runs.add_data_flags(p, "velodyne,labels,image_2,calib.txt")
     p.add_argument("--teacher", choices=("sam", "lidar"), default="sam",
                    help="sam: ELiTe's image teacher (SAM-PLG, then SAM's ViT with adapters); lidar: U2MKD's "
                         "LiDAR-only teacher (the voxel student at twice the width, instance paste)")
@@ -132,9 +131,6 @@ def parse_args(argv=None):
                         "decay 1e-4 (preset: sgd paper, adamw embedded)")
     p.add_argument("--lr", type=runs.positive_float,
                    help=f"peak learning rate, cosine decay per step ({preset_values('lr')})")
-    p.add_argument("--train-sequences", nargs="+", default=elite.SPLITS["train"],
-                   help="training sequences (official: 00-07 09 10; missing ones are skipped)")
-    p.add_argument("--val-sequences", nargs="+", default=elite.SPLITS["val"], help="validation sequences (08)")
     p.add_argument("--out", type=Path, default=None,
                    help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/teacher, or "
                         "runs/lidar_teacher with --teacher lidar); one run per folder; the SAM teacher's hold only "
@@ -184,9 +180,9 @@ def parse_args(argv=None):
 
 def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.device) -> None:
     if args.mask_source == "ideal":
-        source, masks = elite.IdealMaskSource(), "ideal: the synthetic scenes' rendered regions (image_2_gt/)"
+        source, masks = synthkitti.IdealMaskSource(), "ideal: the synthetic scenes' rendered regions (image_2_gt/)"
     else:
-        sam = elite.load_sam(args.plg_checkpoint, args.plg_variant, device=device)
+        sam = runs.load_sam(args.plg_checkpoint, args.plg_variant, device=device)
         source, masks = elite.SamMaskSource(sam), f"SAM {args.plg_variant} ({args.plg_checkpoint})"
     scans = elite.list_scans(root, sequences)
     i, n = args.shard
@@ -248,13 +244,13 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
                                     crop_hw=args.crop, dense=args.labels == "plg", derived=args.derived_dir)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
-    elite.check_splits(train_set, val_set)
+    runs.check_splits(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
     ckpt = runs.load_last(last_path, runs.TEACHER_KIND, map_location=device) if args.resume else None
     if ckpt is None:
-        teacher = elite.build_teacher(cfg, args.sam_checkpoint).to(device)
+        teacher = runs.build_teacher(cfg, args.sam_checkpoint).to(device)
     elif ckpt["teacher_config"] != asdict(cfg):
         raise elite.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for "
                               f"{asdict(cfg)}")
@@ -331,7 +327,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     db = u2mkd.load_instance_db(root, args.train_sequences, derived=args.derived_dir) if args.paste > 0 else None
     train_set = u2mkd.LidarTeacherData(root, args.train_sequences, db, seed=args.seed, add_num=args.paste)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
-    elite.check_splits(train_set, val_set)
+    runs.check_splits(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     model = u2mkd.lidar_teacher(args.width).to(device)
