@@ -478,7 +478,9 @@ def camera_view(image: np.ndarray, xyz: np.ndarray, proj: np.ndarray, crop_hw, r
 
 @dataclass
 class Scan:
-    """One scan, cropped to the voxel range. n = points kept, num_raw = points in the file."""
+    """One scan, cropped to the voxel range. n = points kept, num_raw = points in the file.
+    With instance CutMix the pasted points follow the scan's own: their rows count on from
+    num_raw (upstream's ref_index + origin_len) and num_raw includes their file's points."""
     points: np.ndarray      # (n, 4) float32: x, y, z (augmented in training), remission
     labels: np.ndarray      # (n,) int64 training ids (zeros when the scan has no labels)
     index: np.ndarray       # (n,) int64 row of each point in the raw .bin
@@ -534,10 +536,11 @@ def load_scan(path: Path, with_labels=True) -> tuple[np.ndarray, np.ndarray]:
 class SemanticKITTI(torch.utils.data.Dataset):
     """Scans of some sequences; `train` turns on dropout and augmentation (3D, and 2D on the
     crop). camera=True adds each scan's crop of image_2 and the points inside it; dense=True
-    also the crop of its SAM-PLG pseudo-labels (image_2_plg/)."""
+    also the crop of its SAM-PLG pseudo-labels (image_2_plg/); cutmix=True (training) stacks
+    the instance points of another scan after each scan's (ELiTe's benchmark config)."""
 
     def __init__(self, root, sequences, train=False, seed=0, camera=False, crop_hw=CROP_HW, dense=False,
-                 derived: Path | None = None):
+                 derived: Path | None = None, cutmix=False):
         self.scans = list_scans(root, sequences)
         check_scan_files(self.scans)
         self.train = train
@@ -549,6 +552,7 @@ class SemanticKITTI(torch.utils.data.Dataset):
             raise DataError(f"{label_path(unlabelled[0])}: label file not found ({len(unlabelled)} training scans "
                             "have none)")
         self.camera, self.crop_hw, self.dense, self.derived = camera, tuple(crop_hw), dense, derived
+        self.cutmix = cutmix and train
         if camera:
             self.check_camera_files()
 
@@ -598,7 +602,25 @@ class SemanticKITTI(torch.utils.data.Dataset):
                                             self.train, dense)
         if self.train:
             pts[:, :3] = augment_xyz(pts[:, :3], rng)  # after projection: pixels stay valid
-        return Scan(pts, labels[keep], keep, len(points), path, view, view_points)
+        scan = Scan(pts, labels[keep], keep, len(points), path, view, view_points)
+        return self.paste_instances(scan, self.rng(i, 2)) if self.cutmix else scan
+
+    def paste_instances(self, scan: Scan, rng: np.random.Generator) -> Scan:
+        """Instance CutMix (official dataset.py, cutmix: True): the points of a random training
+        scan that carry an instance id, in range, thinned and augmented on their own, stacked
+        after the scan's points. They get no pixel: the camera view stays the scan's own."""
+        path = self.scans[int(rng.integers(len(self)))]
+        points = read_scan(path)
+        raw, instance = read_labels(label_path(path), len(points))
+        rows = usable_rows(points, path)
+        rows = rows[instance[rows] != 0]
+        rows = rows[dropout_points(len(rows), rng)] if len(rows) else rows
+        pasted = points[rows].copy()
+        pasted[:, :3] = augment_xyz(pasted[:, :3], rng)
+        return Scan(np.concatenate([scan.points, pasted]),
+                    np.concatenate([scan.labels, to_train_ids(raw[rows], label_path(path))]),
+                    np.concatenate([scan.index, scan.num_raw + rows]), scan.num_raw + len(points), scan.path,
+                    scan.view, scan.view_points)
 
 
 def collate(scans: list[Scan]) -> Batch:

@@ -1,14 +1,15 @@
 """Run a trained student: SemanticKITTI submission files, scores, and speed benchmarks.
 
-    python infer.py --checkpoint runs/student/best.pt                      # embedded data, validation split
-    python infer.py --checkpoint best.pt --data KITTI --split test --votes 12 --out submission
-    python infer.py --checkpoint best.pt --sequence KITTI/sequences/08
+    python infer.py --checkpoint runs/student/last.pt                      # embedded data, validation split
+    python infer.py --checkpoint last.pt --data KITTI --split test --votes 12 --out submission
+    python infer.py --checkpoint last.pt --sequence KITTI/sequences/08
     python infer.py --benchmark                                             # speed and size
 
 Predictions are written as sequences/XX/predictions/NNNNNN.label: one uint32 raw label id
 per point of the .bin (via LEARNING_MAP_INV). Points outside the voxel range get no
 prediction and are written as 0 ("unlabeled"), as the official code does. When labels exist,
-IoU is computed with the official evaluator's rules over every point of every scan, and, where
+IoU is computed with the official evaluator's rules over every point of every scan (training's
+validation counts the in-range points only, so its figure is a little higher), and, where
 the scans have images and calibration, on the points camera 2 sees and on the others.
 
 A U2MKD fusion student (train_student.py --method u2mkd) also reads each scan's image. It is
@@ -37,8 +38,10 @@ REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata" / "sem
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=Path("runs/student/best.pt"),
-                   help="student checkpoint written by train_student.py")
+    p.add_argument("--checkpoint", type=Path, default=Path("runs/student/last.pt"),
+                   help="student checkpoint written by train_student.py: last.pt, the last epoch, as upstream "
+                        "scores last.ckpt; best.pt is the epoch selected on the validation split, so its score on "
+                        "that split is optimistic")
     p.add_argument("--data", type=Path, default=Path("data/synthkitti"),
                    help="SemanticKITTI root holding sequences/ (default: the embedded synthetic scenes)")
     p.add_argument("--split", choices=sorted(elite.SPLITS), default="val",
@@ -183,6 +186,12 @@ def print_summary(args, scans: list[Path], device: torch.device, model: str) -> 
         "outputs": outputs})
 
 
+def which_epoch(ckpt: dict) -> str:
+    """last.pt (it holds the optimiser) is the run's last epoch; best.pt was selected on the validation split."""
+    epoch = f"epoch {ckpt.get('epoch', -1) + 1}"
+    return f"{epoch}, the last" if "optimizer" in ckpt else f"{epoch}, selected on the validation split (best.pt)"
+
+
 def read_train_ids(scan: Path, num_points: int) -> torch.Tensor | None:
     if not elite.label_path(scan).is_file():
         return None
@@ -210,7 +219,7 @@ def predict(args):
     model.to(device).eval()
     scans = scans_to_predict(args)
     print_summary(args, scans, device, f"ELiTe Student, {elite.count_parameters(model):,} parameters, from "
-                  f"{args.checkpoint} (epoch {ckpt.get('epoch', -1) + 1})")
+                  f"{args.checkpoint} ({which_epoch(ckpt)})")
     rng = np.random.default_rng(args.seed)
     conf, scored = elite.ConfusionMatrix(), 0
     by_view = {"seen": elite.ConfusionMatrix(), "unseen": elite.ConfusionMatrix()}  # when images exist
@@ -234,7 +243,8 @@ def predict(args):
                 by_view["seen"].add(pred[seen], labels[seen])
                 by_view["unseen"].add(pred[~seen], labels[~seen])
     if scored:
-        print(f"\nScores over {scored} labelled scans (official evaluator rules):\n{conf.table()}")
+        print(f"\nScores over {scored} labelled scans (official evaluator rules, every point of each .bin; "
+              f"training's validation counts in-range points only):\n{conf.table()}")
         if by_view is not None:
             print(f"\nThe same on the points the camera sees and on the others:\n"
                   f"{view_table({'all': conf} | by_view)}")
@@ -266,7 +276,7 @@ def predict_fusion(args):
     image_hw = tuple(ckpt["image_hw"])
     scans = scans_to_predict(args)
     print_summary(args, scans, device, f"U2MKD FusionStudent, {elite.count_parameters(model):,} parameters, from "
-                  f"{args.checkpoint} (epoch {ckpt.get('epoch', -1) + 1}); images resized to "
+                  f"{args.checkpoint} ({which_epoch(ckpt)}); images resized to "
                   f"{image_hw[0]}x{image_hw[1]}; files written {'without' if args.no_images else 'with'} images")
     rng = np.random.default_rng(args.seed)
     confs = {f"{mode} {part}": elite.ConfusionMatrix() for mode in ("images", "no images")
@@ -295,8 +305,8 @@ def predict_fusion(args):
                 confs[f"{mode} unseen"].add(pred_t[~seen], labels[~seen])
         scored += labels is not None
     if scored:
-        print(f"\nScores over {scored} labelled scans (official evaluator rules; 'seen': the points the camera "
-              f"sees, 'no images': every image feature imputed):\n{view_table(confs)}")
+        print(f"\nScores over {scored} labelled scans (official evaluator rules, every point of each .bin; "
+              f"'seen': the points the camera sees, 'no images': every image feature imputed):\n{view_table(confs)}")
     else:
         print("No labels found: predictions written, nothing scored.")
 

@@ -2,7 +2,7 @@
 
     1. Files: atomic writes, checked output folders
     2. Checkpoints: what each model's files hold, and loading them with clear errors
-    3. The optimiser recipe: SGD with Nesterov momentum, cosine decay per step, clipping
+    3. The optimiser recipe: SGD with Nesterov momentum, the learning-rate schedules, clipping
     4. Many processes: torchrun and DistributedDataParallel
     5. The data of a run: the dataset's root, the loaders
     6. The scripts: flags checked when parsed, the start-up summary, one-line errors
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pickle
 import signal
 import sys
 import tempfile
@@ -190,6 +191,94 @@ def load_student(path, map_location="cpu") -> tuple[Student, dict]:
 
 TEACHER_KIND = "elite-teacher"
 
+# ---- An official 2DPASS checkpoint as the student's start (ELiTe-test: pretrained3d) ----
+# Keys from yanx27/2DPASS network/baseline.py (get_model, SPVBlock, point_encoder) and
+# network/basic_block.py (SparseBasicBlock), under the Lightning module's "model_3d.".
+
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def student_keys_from_2dpass(num_blocks=4, blocks_per_scale=2) -> dict[str, str]:
+    """Our Student's state-dict key -> the 2DPASS model_3d key that holds the same tensor."""
+    names = {f"input_encoder.mlp.{k}.{t}": f"voxel_3d_generator.PPmodel.{k}.{t}" for k in (0, 2) for t in ("weight", "bias")}
+    for i in range(num_blocks):
+        for b in range(blocks_per_scale):
+            ours, theirs = f"blocks.{i}.v_enc.{b}.", f"spv_enc.{i}.v_enc.{b}."
+            names |= {ours + "shortcut.weight": theirs + "layers_in.0.weight",   # the 1x1x1 SubMConv3d
+                      ours + "conv1.weight": theirs + "layers.0.weight", ours + "conv2.weight": theirs + "layers.3.weight"}
+            for bn, index in (("bn_shortcut", "layers_in.1"), ("bn1", "layers.1"), ("bn2", "layers.4")):
+                names |= {f"{ours}{bn}.{t}": f"{theirs}{index}.{t}" for t in BN_TENSORS}
+        ours, theirs = f"blocks.{i}.point_enc.", f"spv_enc.{i}.p_enc."
+        for ours_seq, theirs_seq, linears, bns in (("layer_in", "layer_in", (0,), ()), ("context", "PPmodel", (0, 3, 6), (2, 5)),
+                                                   ("layer_out", "layer_out", (0, 2), ())):
+            names |= {f"{ours}{ours_seq}.{k}.{t}": f"{theirs}{theirs_seq}.{k}.{t}" for k in linears for t in ("weight", "bias")}
+            names |= {f"{ours}{ours_seq}.{k}.{t}": f"{theirs}{theirs_seq}.{k}.{t}" for k in bns for t in BN_TENSORS}
+    names |= {f"classifier.{k}.{t}": f"classifier.{k}.{t}" for k in (0, 2) for t in ("weight", "bias")}
+    return names
+
+
+class _TensorsOnly:
+    """A pickle module for torch.load that reads a Lightning checkpoint without the classes of
+    its saved config (EasyDict, ...): any class that cannot be imported becomes a plain dict."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                return _StandIn
+
+    load = pickle.load
+
+
+class _StandIn(dict):
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        pass
+
+
+def spconv_to_ours(weight: torch.Tensor) -> torch.Tensor:
+    """A spconv 2.x SubMConv3d weight -> ours. spconv stores (Cout, kz, ky, kx, Cin): 2DPASS hands it
+    indices [batch, z, y, x]. Ours is (kx, ky, kz, Cin, Cout) over [batch, x, y, z]; a 1x1x1 one -> (Cout, Cin)."""
+    if weight.shape[1:4] == (1, 1, 1):
+        return weight[:, 0, 0, 0, :]
+    return weight.permute(3, 2, 1, 4, 0)
+
+
+def load_2dpass_student(model: Student, path) -> None:
+    """Every tensor of the student from an official 2DPASS SemanticKITTI checkpoint (its model_3d
+    tensors; upstream's loss weights are left out). A file that does not fit is refused by name."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: 2DPASS checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnly)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read the 2DPASS checkpoint ({type(e).__name__}: {e})") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
+    prefix = "model_3d."
+    src = {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
+    if not src:
+        raise DataError(f"{path}: no '{prefix}*' tensors; expected a 2DPASS Lightning checkpoint (its 3D network)")
+    ours = model.state_dict()
+    new = {}
+    for key, theirs in student_keys_from_2dpass(len(model.blocks)).items():
+        if theirs not in src:
+            raise DataError(f"{path}: {prefix}{theirs} is missing; not a 2DPASS 4scale-64dimension checkpoint")
+        tensor = spconv_to_ours(src.pop(theirs)) if theirs.endswith(("layers_in.0.weight", "layers.0.weight",
+                                                                     "layers.3.weight")) else src.pop(theirs)
+        if tensor.shape != ours[key].shape:
+            raise DataError(f"{path}: {prefix}{theirs} has shape {tuple(tensor.shape)}, the student's {key} needs "
+                            f"{tuple(ours[key].shape)}; not a 2DPASS 4scale-64dimension checkpoint")
+        new[key] = tensor
+    left = sorted(k for k in src if not k.startswith("criterion."))
+    if left:
+        raise DataError(f"{path}: {len(left)} 3D tensors the student has no place for, e.g. {prefix}{left[0]}")
+    model.load_state_dict(new)
+
+
 def teacher_state(teacher: Teacher) -> dict:
     """A small checkpoint: the config and the trainable tensors (adapters, patch decoders,
     heads); the frozen SAM weights come from the SAM file again. A teacher without a SAM
@@ -326,7 +415,7 @@ def load_sam(checkpoint, variant="vit_h", device="cpu"):
 
 
 # =====================================================================================
-# 3. The optimiser recipe: SGD with Nesterov momentum, cosine decay per step, clipping
+# 3. The optimiser recipe: SGD with Nesterov momentum, the learning-rate schedules, clipping
 # =====================================================================================
 
 def make_optimizer(params, lr=0.24, momentum=0.9, weight_decay=1e-4) -> torch.optim.Optimizer:
@@ -334,9 +423,47 @@ def make_optimizer(params, lr=0.24, momentum=0.9, weight_decay=1e-4) -> torch.op
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
 
 
-def cosine_factor(step: int, total_steps: int) -> float:
-    """Per-iteration cosine decay from 1 to 0 (no warm-up on one GPU, as upstream)."""
-    return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+@dataclass
+class LRSchedule:
+    """The learning rate of every optimiser step, as the two official configs set it.
+
+    per="step" (ELiTe's default config, 2DPASS, U2MKD; upstream's cosine_schedule_with_warmup):
+        a linear warm-up over `warmup` steps, lr (k + 1) / warmup, then
+        lr * 0.5 (1 + cos(pi (k - warmup) / T)), T = epochs x steps per epoch. The horizon stays T
+        after a warm-up, as upstream, so such a run ends a little above 0.
+    per="epoch" (ELiTe's benchmark config): CosineAnnealingLR(T_max, eta_min) stepped once an epoch,
+        eta_min + (lr - eta_min) 0.5 (1 + cos(pi e / T_max)) in epoch e; with T_max = epochs - 4 the
+        rate passes eta_min and climbs a little again over the last 4 epochs, as PyTorch's does."""
+    lr: float
+    epochs: int
+    steps_per_epoch: int
+    per: str = "step"
+    warmup: int = 0
+    t_max: int = 1
+    eta_min: float = 0.0
+
+    def at(self, step: int) -> float:
+        if self.per == "epoch":
+            epoch = step // max(self.steps_per_epoch, 1)
+            return self.eta_min + (self.lr - self.eta_min) * 0.5 * (1 + math.cos(math.pi * epoch / self.t_max))
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        total = self.epochs * self.steps_per_epoch
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(step - self.warmup, total) / max(total, 1)))
+
+    def describe(self) -> str:
+        if self.per == "epoch":
+            return f"CosineAnnealingLR per epoch, T_max {self.t_max}, eta_min {self.eta_min:g}"
+        warm = f"linear warm-up over {self.warmup} steps, then " if self.warmup else ""
+        return f"{warm}cosine per step to 0 over {self.epochs * self.steps_per_epoch} steps"
+
+
+def lr_schedule(per: str, lr: float, epochs: int, steps_per_epoch: int, processes: int) -> LRSchedule:
+    """The schedule a run uses. Per step: warm-up over 1000 // processes steps under torchrun,
+    none in one process (upstream). Per epoch: T_max = epochs - 4, eta_min = 1e-5 (ELiTe-test)."""
+    if per == "epoch":
+        return LRSchedule(lr, epochs, steps_per_epoch, "epoch", t_max=max(epochs - 4, 1), eta_min=1e-5)
+    return LRSchedule(lr, epochs, steps_per_epoch, "step", warmup=1000 // processes if processes > 1 else 0)
 
 
 def clip_or_skip(params, max_norm=1.0) -> bool:
@@ -617,13 +744,49 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe: the value of each flag it sets and where that value comes from (the
+    official config's key, or why it differs). A flag given on the command line wins."""
+    about: str                                 # which config it is, and which results it reproduces
+    values: dict[str, tuple[object, str]]     # flag (dest) -> (value, source)
+
+
+def show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def apply_preset(args, preset: Preset) -> None:
+    """Fill every flag the command line left unset (None) from the preset."""
+    for key, (value, _) in preset.values.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def describe_preset(name: str, preset: Preset, args=None) -> str:
+    """The preset's values, each with its source; with args, a flag that overrides one says so."""
+    rows = []
+    for key, (value, source) in preset.values.items():
+        flag, now = "--" + key.replace("_", "-"), getattr(args, key, value) if args is not None else value
+        rows.append(f"{flag} {show(now)}  ({source})" if now == value else
+                    f"{flag} {show(now)}  (given; the preset's is {show(value)}: {source})")
+    return f"{name}: {preset.about}\n      " + "\n      ".join(rows)
+
+
+def presets_epilog(presets: dict[str, Preset]) -> str:
+    """--help's list of the presets, every value with its source."""
+    return "presets (--preset), every value with where it comes from:\n" + "\n".join(
+        "  " + describe_preset(name, preset).replace("\n      ", "\n    ") for name, preset in presets.items())
+
+
 def add_data_flags(parser, holds: str) -> None:
     """The trainers' --data, --train-sequences and --val-sequences; `holds`: what each sequence folder needs."""
     parser.add_argument("--data", type=Path, default=None,
                         help=f"SemanticKITTI root holding sequences/XX/{{{holds}}}; default: synthetic scenes "
                              f"made once under {EMBEDDED_ROOT}")
-    parser.add_argument("--train-sequences", nargs="+", default=SPLITS["train"],
-                        help="training sequences (official: 00-07 09 10; missing ones are skipped with a note)")
+    parser.add_argument("--train-sequences", nargs="+", default=None,
+                        help="training sequences (preset: 00-07 09 10, with 08 for paper-test; missing ones are "
+                             "skipped with a note)")
     parser.add_argument("--val-sequences", nargs="+", default=SPLITS["val"], help="validation sequences (official: 08)")
 
 
@@ -666,6 +829,14 @@ def describe_device(device: torch.device, amp: bool | None = None) -> str:
     size = distributed().size
     text = f"{device} ({what})" + (f" x {size} processes" if size > 1 else "")
     return text if amp is None else text + (", bf16 autocast" if amp else ", float32")
+
+
+def which_checkpoint(last_path: Path, best_path: Path, last_miou: float, best_miou: float, metric="val mIoU") -> str:
+    """The end-of-run line: the last epoch is the model to score and to distil from, as upstream
+    scores last.ckpt; best.pt was chosen on the validation split, so its figure there overstates."""
+    return (f"\nThe model of this run: {last_path} (the last epoch, as upstream scores it; {metric} "
+            f"{100 * last_miou:.1f}). {best_path}: the epoch selected on the validation split ({metric} "
+            f"{100 * best_miou:.1f}, an optimistic figure for that split)")
 
 
 def describe_outputs(out: Path, save_every: int) -> str:
@@ -827,11 +998,11 @@ class StopRequest:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.Module, epochs: int, lr: float,
+def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.Module, schedule: LRSchedule,
         validate, save, after_backward=None, amp_device: torch.device | None = None, metric="val mIoU",
         metrics_csv: Path | None = None, save_every: int = 0, last_path: Path | None = None):
     """The training loop every trainer here shares. Per epoch: shuffling and augmentation drawn
-    from (seed, epoch), so a resumed run repeats them; per step: the cosine learning rate and
+    from (seed, epoch), so a resumed run repeats them; per step: the schedule's learning rate and
     train_step(); every save_every steps (0: never), on rank 0, save(run, None, False): a
     mid-epoch last.pt that --resume continues from the next batch; after each epoch:
     validate() -> ConfusionMatrix and, on rank 0, save(run, miou, improved). The schedule
@@ -843,7 +1014,7 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
     from tqdm import tqdm
     world = distributed()
     board = tensorboard_writer(metrics_csv.parent / "tensorboard") if metrics_csv and world.main else None
-    total_steps = epochs * len(loader)
+    epochs = schedule.epochs
     conf, start = None, time.time()
     if run.batch and run.batch_size != loader.batch_size * world.size:
         raise DataError(f"the run stopped in the middle of epoch {run.epoch + 1} with {run.batch_size} scans per step; "
@@ -875,7 +1046,7 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                 bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", initial=run.batch, total=len(loader),
                            dynamic_ncols=True, disable=not world.main)
                 for batch in bar:
-                    lr_now = lr * cosine_factor(run.step, total_steps)  # cosine decay per iteration
+                    lr_now = schedule.at(run.step)
                     for group in optimizer.param_groups:
                         group["lr"] = lr_now
                     terms, skipped = train_step(objective, batch, optimizer, amp_device,
@@ -912,7 +1083,7 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                 present = conf.present()
                 if world.main:
                     checkpoint(miou, improved)
-                    row = {"epoch": epoch + 1, "step": run.step, "lr": lr * cosine_factor(run.step - 1, total_steps)}
+                    row = {"epoch": epoch + 1, "step": run.step, "lr": schedule.at(run.step - 1)}
                     row |= means | {"miou": 100 * miou, "miou_present": 100 * float(conf.iou()[present].mean()),
                                     "best_miou": 100 * run.best_miou, "seconds": round(time.time() - start, 1)}
                     if metrics_csv is not None:

@@ -340,6 +340,108 @@ def test_unknown_raw_ids_warn_and_become_unlabelled():
     assert ids.tolist() == [1, 0, 0, 9]
 
 
+def test_instance_cutmix_adds_instance_points_without_pixels(synth_root):
+    kw = dict(train=True, seed=5, camera=True, crop_hw=(64, 128))
+    plain = elite.SemanticKITTI(synth_root, ["00"], **kw)[0]
+    mixed_set = elite.SemanticKITTI(synth_root, ["00"], cutmix=True, **kw)
+    mixed = mixed_set[0]
+    n = len(plain.points)
+    # The scan's own points, labels, rows and point-to-pixel pairs are as without CutMix.
+    assert np.array_equal(mixed.points[:n], plain.points) and np.array_equal(mixed.labels[:n], plain.labels)
+    assert np.array_equal(mixed.index[:n], plain.index)
+    assert torch.equal(mixed.view.pixels, plain.view.pixels) and np.array_equal(mixed.view_points, plain.view_points)
+    assert mixed.view_points.max() < n  # no pasted point has a pixel
+    # The pasted points: the other scan's instance points (rows counted on from the scan's), labels kept.
+    other = mixed_set.scans[int(mixed_set.rng(0, 2).integers(len(mixed_set)))]
+    raw, instance = elite.read_labels(elite.label_path(other))
+    rows = mixed.index[n:] - plain.num_raw
+    assert len(rows) > 50 and (instance[rows] != 0).all()
+    assert np.array_equal(mixed.labels[n:], elite.to_train_ids(raw[rows]))
+    assert mixed.num_raw == plain.num_raw + len(raw)
+    assert not np.allclose(mixed.points[n:, :3], elite.read_scan(other)[rows, :3])  # augmented on their own
+    assert np.array_equal(mixed.points[n:, 3], elite.read_scan(other)[rows, 3])  # remission as in the file
+    assert len(elite.SemanticKITTI(synth_root, ["00"], cutmix=True)[0].points) == n  # evaluation: no CutMix
+    batch = elite.collate([mixed, plain])  # the second scan's pixels still point at its own points
+    assert torch.equal(batch.points[batch.view_points[len(mixed.view_points):]],
+                       torch.from_numpy(plain.points[plain.view_points]))
+
+
+def two_dpass_state(seed=0) -> dict:
+    """A state dict shaped as an official 2DPASS checkpoint's, from the official key names."""
+    gen = torch.Generator().manual_seed(seed)
+    ours = elite.Student().state_dict()
+    state = {"model_3d.criterion.ce_loss.weight": torch.rand(20), "model_2d.conv1.weight": torch.rand(3)}
+    for key, theirs in runs.student_keys_from_2dpass().items():
+        shape = tuple(ours[key].shape)
+        if key.endswith(("conv1.weight", "conv2.weight")):
+            shape = (shape[4], 3, 3, 3, shape[3])  # spconv: (Cout, kz, ky, kx, Cin)
+        elif key.endswith(".shortcut.weight"):
+            shape = (shape[0], 1, 1, 1, shape[1])
+        value = torch.randint(0, 50, shape, generator=gen) if key.endswith("num_batches_tracked") else \
+            torch.randn(shape, generator=gen)
+        state["model_3d." + theirs] = value.to(ours[key].dtype)
+    return state
+
+
+def test_init_3d_maps_every_tensor_of_a_2dpass_checkpoint(tmp_path):
+    import sys
+    import types
+    state = two_dpass_state()
+    assert "model_3d.spv_enc.3.v_enc.1.layers.3.weight" in state and "model_3d.spv_enc.0.p_enc.PPmodel.5.running_var" in state
+    # A Lightning checkpoint keeps its config as an EasyDict: a class this machine cannot import.
+    fake = types.ModuleType("easydict_not_installed")
+    config_class = type("EasyDict", (dict,), {"__module__": "easydict_not_installed"})
+    fake.EasyDict = config_class
+    sys.modules["easydict_not_installed"] = fake
+    try:
+        torch.save({"state_dict": state, "epoch": 63, "hyper_parameters": config_class(a=1)}, tmp_path / "2dpass.ckpt")
+    finally:
+        del sys.modules["easydict_not_installed"]
+    model = elite.Student()
+    runs.load_2dpass_student(model, tmp_path / "2dpass.ckpt")
+    got = model.state_dict()
+    for key, theirs in runs.student_keys_from_2dpass().items():
+        src = state["model_3d." + theirs]
+        if key.endswith(("conv1.weight", "conv2.weight")):
+            co, iz, iy, ix, ci = 5, 0, 1, 2, 7  # ours is indexed [x, y, z, Cin, Cout]
+            assert got[key][ix, iy, iz, ci, co] == src[co, iz, iy, ix, ci]
+            assert torch.equal(got[key], src.permute(3, 2, 1, 4, 0)), key
+        elif key.endswith(".shortcut.weight"):
+            assert torch.equal(got[key], src[:, 0, 0, 0, :]), key
+        else:
+            assert torch.equal(got[key], src), key
+
+    def refused(bad: dict, match: str):
+        torch.save({"state_dict": bad}, tmp_path / "bad.ckpt")
+        with pytest.raises(elite.DataError, match=match):
+            runs.load_2dpass_student(elite.Student(), tmp_path / "bad.ckpt")
+
+    refused({k: v for k, v in state.items() if "spv_enc.2.p_enc.layer_out.2.bias" not in k},
+            r"bad\.ckpt: model_3d\.spv_enc\.2\.p_enc\.layer_out\.2\.bias is missing")
+    refused(state | {"model_3d.classifier.2.weight": torch.zeros(17, 128)},
+            r"model_3d\.classifier\.2\.weight has shape \(17, 128\), the student's classifier\.2\.weight needs \(20, 128\)")
+    refused(state | {"model_3d.spv_enc.4.v_enc.0.layers.0.weight": torch.zeros(1)}, "no place for")
+    refused({"model": {}}, r"no 'model_3d\.\*' tensors")
+    with pytest.raises(elite.DataError, match="2DPASS checkpoint not found"):
+        runs.load_2dpass_student(elite.Student(), tmp_path / "missing.ckpt")
+
+
+def test_spconv_weight_layout_is_a_dense_conv_over_zyx_indices():
+    # 2DPASS hands spconv indices [batch, z, y, x] and spconv convolves as conv3d does (a
+    # cross-correlation over the index columns); the mapped weight must give the same outputs.
+    torch.manual_seed(0)
+    size = (6, 7, 8)  # x, y, z cells
+    cells = torch.randperm(math.prod(size))[:120]
+    x, y, z = cells // (size[1] * size[2]), cells // size[2] % size[1], cells % size[2]
+    coords = torch.stack([torch.zeros_like(x), x, y, z], 1)
+    feats = torch.randn(120, 4, dtype=torch.float64)
+    w = torch.randn(5, 3, 3, 3, 4, dtype=torch.float64)  # spconv (Cout, kz, ky, kx, Cin)
+    dense = torch.zeros(1, 4, size[2], size[1], size[0], dtype=torch.float64)  # (1, C, Z, Y, X)
+    dense[0, :, z, y, x] = feats.T
+    expected = F.conv3d(dense, w.permute(0, 4, 1, 2, 3), padding=1)[0, :, z, y, x].T  # (120, 5)
+    torch.testing.assert_close(elite.submconv3d(feats, coords, runs.spconv_to_ours(w)), expected)
+
+
 def test_dataset_drops_non_finite_points_and_survives_empty_range(tmp_path):
     seq = tmp_path / "sequences" / "00"
     pts = write_scan(seq, n=50)
@@ -580,14 +682,43 @@ def test_two_processes_step_like_one_on_the_union(tmp_path):
 
 def test_learning_rate_schedule_values():
     # Per-iteration cosine from the peak to 0 over the run, no warm-up in one process (as upstream).
+    one = runs.lr_schedule("step", 0.24, epochs=10, steps_per_epoch=100, processes=1)
     total = 1000
-    assert runs.cosine_factor(0, total) == 1.0
-    assert runs.cosine_factor(total // 2, total) == pytest.approx(0.5)
-    assert runs.cosine_factor(total // 4, total) == pytest.approx(0.5 + 0.5 * math.cos(math.pi / 4))
-    assert runs.cosine_factor(total, total) == pytest.approx(0.0, abs=1e-12)
-    assert runs.cosine_factor(total + 7, total) == pytest.approx(0.0, abs=1e-12)  # held at the end
-    factors = [runs.cosine_factor(s, total) for s in range(total + 1)]
-    assert all(a >= b for a, b in zip(factors, factors[1:]))  # never rises
+    assert one.warmup == 0 and one.at(0) == 0.24
+    assert one.at(total // 2) == pytest.approx(0.12)
+    assert one.at(total // 4) == pytest.approx(0.24 * (0.5 + 0.5 * math.cos(math.pi / 4)))
+    assert one.at(total) == pytest.approx(0.0, abs=1e-12)
+    assert one.at(total + 7) == pytest.approx(0.0, abs=1e-12)  # held at the end
+    rates = [one.at(s) for s in range(total + 1)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # never rises
+
+
+def test_learning_rate_warm_up_under_torchrun():
+    # Two processes: a linear warm-up over 1000 // 2 = 500 steps, (k + 1) / 500 of the peak, then the
+    # cosine over the whole run's steps, counted from the warm-up's end (upstream's horizon).
+    two = runs.lr_schedule("step", 0.24, epochs=10, steps_per_epoch=100, processes=2)
+    assert two.warmup == 500
+    assert two.at(0) == pytest.approx(0.24 / 500) and two.at(249) == pytest.approx(0.12)
+    assert two.at(499) == pytest.approx(0.24)
+    assert two.at(500) == pytest.approx(0.24)  # the cosine's start
+    assert two.at(500 + 500) == pytest.approx(0.12)  # half of the 1000-step horizon
+    assert two.at(999) == pytest.approx(0.24 * 0.5 * (1 + math.cos(math.pi * 499 / 1000)))  # the run's last step
+    assert runs.lr_schedule("step", 0.24, 10, 100, processes=4).warmup == 250
+    assert runs.lr_schedule("epoch", 0.24, 10, 100, processes=2).at(0) == 0.24  # per epoch: no warm-up
+
+
+def test_learning_rate_per_epoch_matches_torch_cosine_annealing():
+    # ELiTe-test: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) stepped once an epoch.
+    schedule = runs.lr_schedule("epoch", 0.24, epochs=12, steps_per_epoch=3, processes=1)
+    assert schedule.t_max == 8 and schedule.eta_min == 1e-5
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.24)
+    torch_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8, eta_min=1e-5)
+    for epoch in range(12):
+        for k in range(3):  # every step of the epoch has the epoch's rate
+            assert schedule.at(3 * epoch + k) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9), epoch
+        opt.step()
+        torch_schedule.step()
+    assert schedule.at(3 * 8) == pytest.approx(1e-5) and schedule.at(3 * 11) > schedule.at(3 * 8)  # climbs again
 
 
 def test_metrics_csv_replaces_rows_a_killed_run_left(tmp_path):

@@ -765,9 +765,14 @@ def test_every_flag_shows_its_default(script):
         switch = isinstance(action, argparse._StoreTrueAction)
         missing_default.extend([] if switch or "default" in shown or "preset" in shown else [action.option_strings])
     assert not missing_default, missing_default
-    assert "(default: 0.24)" in text or script != "train_student"
+    words = " ".join(text.split())
+    if script == "train_student":  # every preset's values, each with its source
+        assert "paper-test: ELiTe-test-semantickitti.yaml" in words and "--lr 0.24 (learning_rate: 0.24)" in words
+        assert "--lr-schedule epoch (lr_scheduler: CosineAnnealingLR, T_max 128 - 4" in words
+        assert "u2mkd presets" in words and "--global-batch 16 (4 per GPU x 4 GPUs" in words
     if script == "train_teacher":
-        assert "lidar 64 paper, 4 embedded" in " ".join(text.split())  # the LiDAR teacher's preset is shown
+        assert "--teacher lidar presets" in words and "--epochs 4 (a few CPU minutes)" in words
+        assert "--labels sparse (pseudo_label: False)" in words and "--labels plg (pseudo_label: True)" in words
         assert "and stop, without training" in " ".join(text.split())
 
 

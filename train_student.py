@@ -44,33 +44,88 @@ import elite
 import runs
 import u2mkd
 
-# Two named presets. "paper" is the official setting; "embedded" is a small setting that
-# finishes on a laptop CPU and is NOT comparable with published numbers. U2MKD overrides
-# the epochs (its student's recipe) and sets the image size.
-PRESETS = {
-    "paper": dict(epochs=64, batch_size=4, val_batch_size=8, workers=8),
-    "embedded": dict(epochs=12, batch_size=2, val_batch_size=4, workers=0),
+# Named presets, each one official config (the source of every value beside it). "embedded"
+# is a small setting that finishes on a laptop CPU and is NOT comparable with published numbers.
+TRAIN, TRAINVAL = elite.SPLITS["train"], elite.SPLITS["train"] + elite.SPLITS["val"]
+PRESETS = {  # ELiTe's student
+    "paper": runs.Preset(
+        "ELiTe-semantickitti.yaml, the official default config: the paper's SemanticKITTI validation results "
+        "(train on 00-07 09 10, score 08); the teacher's labels are its preset's (paper: sparse point labels)", {
+            "train_sequences": (TRAIN, "the train split"),
+            "epochs": (64, "max_num_epochs: 64"),
+            "batch_size": (4, "train_data_loader.batch_size: 4"),
+            "val_batch_size": (8, "val_data_loader.batch_size: 8"),
+            "workers": (8, "num_workers: 8"),
+            "lr": (0.24, "learning_rate: 0.24"),
+            "lr_schedule": ("step", "lr_scheduler: CosineAnnealingWarmRestarts, a per-iteration cosine"),
+            "cutmix": (False, "no cutmix")}),
+    "paper-test": runs.Preset(
+        "ELiTe-test-semantickitti.yaml, the benchmark-submission config: the paper's SemanticKITTI test-server "
+        "results (08 is trained on too, so its score here is no validation figure); pass --init-3d with a 2DPASS "
+        "checkpoint (pretrained3d: True) and a teacher trained with train_teacher.py --preset paper-test", {
+            "train_sequences": (TRAINVAL, "trainval: True"),
+            "epochs": (128, "max_num_epochs: 128"),
+            "batch_size": (2, "train_data_loader.batch_size: 2"),
+            "val_batch_size": (8, "val_data_loader.batch_size: 8"),
+            "workers": (8, "num_workers: 8"),
+            "lr": (0.24, "learning_rate: 0.24"),
+            "lr_schedule": ("epoch", "lr_scheduler: CosineAnnealingLR, T_max 128 - 4, eta_min 1e-5, per epoch"),
+            "cutmix": (True, "cutmix: True, instance CutMix")}),
+    "embedded": runs.Preset(
+        "a small CPU setting on the synthetic scenes, NOT comparable with published numbers", {
+            "train_sequences": (TRAIN, "the train split (the synthetic scenes hold 00)"),
+            "epochs": (12, "a few CPU minutes"),
+            "batch_size": (2, "small batches for a CPU"),
+            "val_batch_size": (4, "small batches for a CPU"),
+            "workers": (0, "data loading in the main process"),
+            "lr": (0.24, "the paper's rate"),
+            "lr_schedule": ("step", "the paper's per-iteration cosine"),
+            "cutmix": (False, "as the paper preset")}),
 }
-U2MKD_PRESETS = {
-    "paper": dict(epochs=50, image_size=(376, 1241)),
-    "embedded": dict(epochs=6, image_size=(188, 620)),
+U2MKD_PRESETS = {  # U2MKD's fusion student (its SemanticKITTI recipe is not released: the nuScenes one)
+    "paper": runs.Preset(
+        "U2MKD's student config (spformer_tsd_full_ours_star.yaml: 50 epochs, batch 4 per GPU on 4 GPUs); with "
+        "another global batch the lr scales with it (linear scaling rule)", {
+            "train_sequences": (TRAIN, "the train split"),
+            "epochs": (50, "num_epochs: 50"),
+            "batch_size": (4, "batch_size: 4 per GPU"),
+            "global_batch": (16, "4 per GPU x 4 GPUs (README: horovodrun -np 4)"),
+            "val_batch_size": (8, "the ELiTe value"),
+            "workers": (8, "the ELiTe value"),
+            "lr": (0.24, "lr: 0.24 for the global batch of 16"),
+            "lr_schedule": ("step", "cosine_warmup, per iteration"),
+            "image_size": ((376, 1241), "KITTI's full frame (nuScenes: 0.4 x 1600 x 900)")}),
+    "embedded": runs.Preset(
+        "a small CPU setting on the synthetic scenes, NOT comparable with published numbers", {
+            "train_sequences": (TRAIN, "the train split (the synthetic scenes hold 00)"),
+            "epochs": (6, "a few CPU minutes"),
+            "batch_size": (2, "small batches for a CPU"),
+            "global_batch": (2, "one process; the lr is not scaled"),
+            "val_batch_size": (4, "small batches for a CPU"),
+            "workers": (0, "data loading in the main process"),
+            "lr": (0.24, "the paper's rate"),
+            "lr_schedule": ("step", "the paper's per-iteration cosine"),
+            "image_size": ((188, 620), "half the KITTI frame")}),
 }
-DEFAULT_TEACHER = {"elite": Path("runs/teacher/best.pt"), "u2mkd": Path("runs/lidar_teacher/best.pt")}
+DEFAULT_TEACHER = {"elite": Path("runs/teacher/last.pt"), "u2mkd": Path("runs/lidar_teacher/last.pt")}  # last epoch
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter,
+                                epilog="elite " + runs.presets_epilog(PRESETS) + "\n\nu2mkd "
+                                + runs.presets_epilog(U2MKD_PRESETS))
     runs.add_data_flags(p, "velodyne,labels; image_2,calib.txt with a teacher or u2mkd")
     p.add_argument("--method", choices=("elite", "u2mkd"), default="elite",
                    help="elite: the 1.9M LiDAR student, PPMSKD from the SAM teacher; u2mkd: the camera+LiDAR "
                         "fusion student, KD from the LiDAR teacher")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="'paper' (64 epochs, batch 4; u2mkd 50 epochs) is the default with --data, "
-                        "'embedded' (12 epochs, batch 2; u2mkd 6 epochs) without")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="a recipe (its values and their sources are listed at the end): 'paper' is the default "
+                        "with --data, 'embedded' without; 'paper-test' (elite) is the benchmark-submission config")
     p.add_argument("--teacher", default=None,
                    help="teacher checkpoint from train_teacher.py, or 'none' for the student alone; default: "
-                        f"{DEFAULT_TEACHER['elite']} (elite) or {DEFAULT_TEACHER['u2mkd']} (u2mkd) when it "
-                        "exists, else none")
+                        f"{DEFAULT_TEACHER['elite']} (elite) or {DEFAULT_TEACHER['u2mkd']} (u2mkd), the teacher's "
+                        "last epoch as upstream distils it, when it exists, else none (best.pt, selected on the "
+                        "validation split, only when named)")
     p.add_argument("--teacher-mode", choices=("joint", "frozen"), default="joint",
                    help="elite: joint (the paper): the teacher's adapters, patch decoders and 2D heads train on "
                         "with their 2D losses; frozen: the teacher is fixed (cheaper). u2mkd's teacher is always frozen")
@@ -88,14 +143,23 @@ def parse_args(argv=None):
     p.add_argument("--image-weights", type=Path, default=None,
                    help="u2mkd: torchvision's ImageNet ResNet-18 file (resnet18-f37072fd.pth) for the image "
                         "branch (default: none, the branch starts random)")
-    p.add_argument("--epochs", type=runs.positive_int,
-                   help="number of epochs (preset: 64 paper, 12 embedded; u2mkd 50 paper, 6 embedded)")
-    p.add_argument("--batch-size", type=runs.positive_int,
-                   help="training batch size in scans, per process (preset: 4 paper, 2 embedded)")
-    p.add_argument("--val-batch-size", type=runs.positive_int,
-                   help="validation batch size (preset: 8 paper, 4 embedded)")
-    p.add_argument("--workers", type=runs.count_int, help="data-loading processes (preset: 8 paper, 0 embedded)")
-    p.add_argument("--lr", type=runs.positive_float, default=0.24, help="peak learning rate (official: 0.24)")
+    p.add_argument("--init-3d", type=Path, default=None,
+                   help="elite: start the student from an official 2DPASS SemanticKITTI checkpoint (.ckpt; its "
+                        "model_3d tensors), as paper-test does upstream (pretrained3d: True); default: none, random weights")
+    p.add_argument("--cutmix", action=argparse.BooleanOptionalAction, default=None,
+                   help="elite: instance CutMix: the instance points of another training scan, augmented on their "
+                        "own, stacked after each training scan's, without pixels (preset)")
+    p.add_argument("--epochs", type=runs.positive_int, help="number of epochs (preset)")
+    p.add_argument("--batch-size", type=runs.positive_int, help="training batch size in scans, per process (preset)")
+    p.add_argument("--global-batch", type=runs.positive_int,
+                   help="u2mkd: the global batch the preset's lr is meant for; with another batch x processes "
+                        "the lr scales in proportion (preset: 16, upstream's 4 GPUs x 4)")
+    p.add_argument("--val-batch-size", type=runs.positive_int, help="validation batch size (preset)")
+    p.add_argument("--workers", type=runs.count_int, help="data-loading processes (preset)")
+    p.add_argument("--lr", type=runs.positive_float, help="peak learning rate (preset: 0.24, as upstream)")
+    p.add_argument("--lr-schedule", choices=("step", "epoch"), default=None,
+                   help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
+                        "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
     p.add_argument("--out", type=Path, default=None,
                    help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/student, "
                         "runs/fusion_student for u2mkd); one run per folder")
@@ -104,16 +168,17 @@ def parse_args(argv=None):
                         "inside --data; train_teacher.py --derived-dir for a read-only dataset)")
     runs.add_run_flags(p)
     args = p.parse_args(argv)
-    other_method = {"elite": ("image_size", "image_weights"),
-                    "u2mkd": ("labels", "sam_checkpoint", "derived_dir")}[args.method]
+    other_method = {"elite": ("image_size", "image_weights", "global_batch"),
+                    "u2mkd": ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix")}[args.method]
     given = [f"--{k.replace('_', '-')}" for k in other_method if getattr(args, k) is not None]
     if given:
         p.error(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}")
     args.preset = args.preset or ("paper" if args.data else "embedded")
-    preset = PRESETS[args.preset] | (U2MKD_PRESETS[args.preset] if args.method == "u2mkd" else {})
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    presets = PRESETS if args.method == "elite" else U2MKD_PRESETS
+    if args.preset not in presets:
+        p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --method u2mkd has "
+                f"{', '.join(presets)}")
+    runs.apply_preset(args, presets[args.preset])
     args.image_size = tuple(args.image_size) if args.image_size else None
     args.out = args.out or Path("runs/student" if args.method == "elite" else "runs/fusion_student")
     return args
@@ -172,13 +237,17 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     if missing:
         raise elite.DataError(f"{args.derived_dir or root}: {missing} training scans have no SAM-PLG pseudo-labels "
                               "(sequences/XX/image_2_plg/); train_teacher.py makes them, or pass --labels sparse")
-    train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, **camera)
+    train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, cutmix=args.cutmix,
+                                    **camera)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
     runs.check_splits(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
 
-    model = elite.Student().to(device)
+    model = elite.Student()
+    if args.init_3d is not None and resumed is None:
+        runs.load_2dpass_student(model, args.init_3d)
+    model.to(device)
     heads = elite.heads_3d().to(device) if teacher else None  # PPMSKD's 3D heads, training only
     parts = [model]
     if teacher is not None:
@@ -300,14 +369,26 @@ def main(argv=None):
     resumed = runs.load_last(last_path, kind, map_location=device) if args.resume else None
     setup = (setup_elite if args.method == "elite" else setup_u2mkd)(args, root, device, resumed)
     run = runs.RunState.resumed(resumed) if resumed is not None else runs.RunState()
+    global_batch = args.batch_size * world.size
+    lr = args.lr
+    if args.method == "u2mkd" and global_batch != args.global_batch:  # the linear scaling rule
+        lr = args.lr * global_batch / args.global_batch
+    schedule = runs.lr_schedule(args.lr_schedule, lr, args.epochs, len(setup.loader), world.size)
+    presets = PRESETS if args.method == "elite" else U2MKD_PRESETS
     runs.print_summary(f"train_student.py: the {'ELiTe' if args.method == 'elite' else 'U2MKD fusion'} student", {
         "device": runs.describe_device(device, args.amp),
         "data": runs.describe_data(root, setup.loader.dataset, args.train_sequences, setup.val_set,
                                     args.val_sequences),
-        "student": f"{type(setup.model).__name__}, {elite.count_parameters(setup.model):,} parameters",
+        "student": f"{type(setup.model).__name__}, {elite.count_parameters(setup.model):,} parameters"
+                   + (f", initialised from {args.init_3d} (2DPASS)" if args.init_3d else ""),
         "teacher": setup.describe,
-        "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(setup.loader)} steps of {args.batch_size} "
-                    f"scans per process, lr {args.lr}",
+        "preset": runs.describe_preset(args.preset, presets[args.preset], args),
+        "schedule": f"{args.epochs} epochs x {len(setup.loader)} steps; {args.batch_size} scans per process x "
+                    f"{world.size} process(es) = global batch {global_batch}; lr {lr:g}"
+                    + (f" (= {args.lr:g} x {global_batch}/{args.global_batch}, scaled to the global batch)"
+                       if lr != args.lr else "") + f", {schedule.describe()}",
+        "validation": "mIoU of the in-range points of each scan (infer.py scores every point of the .bin: "
+                      "out-of-range points count as misses there)",
         "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, resumed is not None)})
     torch.manual_seed(args.seed + world.rank)  # from here on, each process draws its own numbers
@@ -320,15 +401,15 @@ def main(argv=None):
         if improved:
             runs.atomic_save(best, best_path)
 
-    conf = runs.fit(run, setup.loader, setup.optimizer, objective, args.epochs, args.lr, setup.validate, save,
+    conf = runs.fit(run, setup.loader, setup.optimizer, objective, schedule, setup.validate, save,
                      setup.after_backward, amp_device=device if args.amp else None,
                      metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path)
     runs.close_distributed()
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
         return
-    print(f"\nValidation after the last epoch ({', '.join(args.val_sequences)}):\n{conf.table()}")
-    print(f"\nBest checkpoint: {best_path} (val mIoU {100 * run.best_miou:.1f})")
+    print(f"\nValidation after the last epoch ({', '.join(args.val_sequences)}, in-range points):\n{conf.table()}")
+    print(runs.which_checkpoint(last_path, best_path, conf.miou(), run.best_miou))
 
 
 if __name__ == "__main__":

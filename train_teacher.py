@@ -50,33 +50,85 @@ import elite
 import runs
 import synthkitti
 
-# "paper": the official setting (ViT-B, 1024x320 crops, the student's optimiser recipe).
-# "embedded": a small random ViT on small crops of the synthetic scenes, trained with AdamW
-# because SGD at lr 0.24 moves a random encoder's heads too slowly for a few-minute run; it
-# shows the pipeline runs and learns, and is NOT comparable with published numbers.
+# Named presets, each value with its source. Upstream trains the teacher jointly with the
+# student; here it is trained first (stage 1) with the same config, then the student's joint run
+# continues it (README, "Differences from the official code"). "embedded" is a small random ViT
+# on small crops of the synthetic scenes, trained with AdamW because SGD at lr 0.24 moves a random
+# encoder's heads too slowly for a few-minute run: it shows the pipeline runs and learns, and is
+# NOT comparable with published numbers.
+TRAIN, TRAINVAL = elite.SPLITS["train"], elite.SPLITS["train"] + elite.SPLITS["val"]
 PRESETS = {
-    "paper": dict(variant="vit_b", epochs=64, batch_size=4, val_batch_size=4, workers=8, crop=(320, 1024),
-                  mask_source="sam", optimizer="sgd", lr=0.24),
-    "embedded": dict(variant="vit_tiny", epochs=16, batch_size=2, val_batch_size=4, workers=0, crop=(160, 512),
-                     mask_source="ideal", optimizer="adamw", lr=0.01),
+    "paper": runs.Preset(
+        "ELiTe-semantickitti.yaml, the official default config (the paper's validation results): sparse point "
+        "labels, no SAM-PLG", {
+            "train_sequences": (TRAIN, "the train split"),
+            "labels": ("sparse", "pseudo_label: False"),
+            "variant": ("vit_b", "backbone_2d: vit_b"),
+            "crop": ((320, 1024), "bottom_crop: [1024, 320]"),
+            "mask_source": ("sam", "SAM-PLG with SAM ViT-H, used only with --labels plg"),
+            "epochs": (64, "max_num_epochs: 64"),
+            "batch_size": (4, "train_data_loader.batch_size: 4"),
+            "val_batch_size": (4, "4 crops of ViT-B at a time"),
+            "workers": (8, "num_workers: 8"),
+            "optimizer": ("sgd", "SGD, Nesterov, momentum 0.9, weight decay 1e-4"),
+            "lr": (0.24, "learning_rate: 0.24"),
+            "lr_schedule": ("step", "CosineAnnealingWarmRestarts, a per-iteration cosine")}),
+    "paper-test": runs.Preset(
+        "ELiTe-test-semantickitti.yaml, the benchmark-submission config (the paper's test-server results): "
+        "SAM-PLG pseudo-labels, train + val", {
+            "train_sequences": (TRAINVAL, "trainval: True"),
+            "labels": ("plg", "pseudo_label: True"),
+            "variant": ("vit_b", "backbone_2d: vit_b"),
+            "crop": ((320, 1024), "bottom_crop: [1024, 320]"),
+            "mask_source": ("sam", "SAM-PLG with SAM ViT-H (SAMPLG-semantickitti.yaml)"),
+            "epochs": (128, "max_num_epochs: 128"),
+            "batch_size": (2, "train_data_loader.batch_size: 2"),
+            "val_batch_size": (4, "4 crops of ViT-B at a time"),
+            "workers": (8, "num_workers: 8"),
+            "optimizer": ("sgd", "SGD, Nesterov, momentum 0.9, weight decay 1e-4"),
+            "lr": (0.24, "learning_rate: 0.24"),
+            "lr_schedule": ("epoch", "CosineAnnealingLR, T_max 128 - 4, eta_min 1e-5, per epoch")}),
+    "embedded": runs.Preset(
+        "a small random ViT on the synthetic scenes, NOT comparable with published numbers", {
+            "train_sequences": (TRAIN, "the train split (the synthetic scenes hold 00)"),
+            "labels": ("plg", "shows SAM-PLG at work"),
+            "variant": ("vit_tiny", "a small random ViT for CPU runs"),
+            "crop": ((160, 512), "half the paper's crop"),
+            "mask_source": ("ideal", "the synthetic scenes' rendered regions stand in for SAM"),
+            "epochs": (16, "a few CPU minutes"),
+            "batch_size": (2, "small batches for a CPU"),
+            "val_batch_size": (4, "small batches for a CPU"),
+            "workers": (0, "data loading in the main process"),
+            "optimizer": ("adamw", "SGD at 0.24 moves a random encoder's heads too slowly for a short run"),
+            "lr": (0.01, "AdamW's rate"),
+            "lr_schedule": ("step", "the paper's per-iteration cosine")}),
 }
-# U2MKD's LiDAR teacher. Its SemanticKITTI recipe is not released; "paper" uses the voxel
-# student's (64 epochs, batch 4, lr 0.24). "embedded" is a few CPU minutes.
+# U2MKD's LiDAR teacher. Its SemanticKITTI recipe is not released: "paper" takes the voxel
+# student's (64 epochs, batch 4, lr 0.24); "embedded" is a few CPU minutes.
 LIDAR_PRESETS = {
-    "paper": dict(epochs=64, batch_size=4, val_batch_size=8, workers=8, lr=0.24),
-    "embedded": dict(epochs=4, batch_size=2, val_batch_size=4, workers=0, lr=0.24),
+    "paper": runs.Preset("the voxel student's recipe (U2MKD releases no SemanticKITTI teacher config)", {
+        "train_sequences": (TRAIN, "the train split"),
+        "epochs": (64, "ELiTe's max_num_epochs"),
+        "batch_size": (4, "ELiTe's batch size"),
+        "val_batch_size": (8, "ELiTe's val batch size"),
+        "workers": (8, "num_workers: 8"),
+        "lr": (0.24, "lr: 0.24"),
+        "lr_schedule": ("step", "cosine_warmup, per iteration")}),
+    "embedded": runs.Preset("a few CPU minutes on the synthetic scenes, NOT comparable with published numbers", {
+        "train_sequences": (TRAIN, "the train split (the synthetic scenes hold 00)"),
+        "epochs": (4, "a few CPU minutes"),
+        "batch_size": (2, "small batches for a CPU"),
+        "val_batch_size": (4, "small batches for a CPU"),
+        "workers": (0, "data loading in the main process"),
+        "lr": (0.24, "the paper's rate"),
+        "lr_schedule": ("step", "the paper's per-iteration cosine")}),
 }
-
-
-def preset_values(key: str) -> str:
-    """'preset: sam 64 paper, 16 embedded; lidar 64 paper, 4 embedded': a flag's preset values per teacher."""
-    each = lambda presets: ", ".join(f"{presets[name][key]} {name}" for name in ("paper", "embedded"))  # noqa: E731
-    return "preset: " + "; ".join(f"{who} {each(presets)}" for who, presets in (("sam", PRESETS),
-                                                                               ("lidar", LIDAR_PRESETS)))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter,
+                                epilog="--teacher sam " + runs.presets_epilog(PRESETS) + "\n\n--teacher lidar "
+                                + runs.presets_epilog(LIDAR_PRESETS))
     runs.add_data_flags(p, "velodyne,labels,image_2,calib.txt")
     p.add_argument("--teacher", choices=("sam", "lidar"), default="sam",
                    help="sam: ELiTe's image teacher (SAM-PLG, then SAM's ViT with adapters); lidar: U2MKD's "
@@ -85,12 +137,12 @@ def parse_args(argv=None):
                    help="lidar: instances pasted into each training scan (0: no instance paste)")
     p.add_argument("--width", type=runs.positive_int, default=2,
                    help="lidar: width multiplier of the voxel student (U2MKD: 2)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="'paper' is the default with --data, 'embedded' without; its values for each teacher "
-                        "are listed at the flags they set")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="a recipe (its values and their sources are listed at the end): 'paper' is the default "
+                        "with --data, 'embedded' without; 'paper-test' (sam) is the benchmark-submission config")
     p.add_argument("--variant", choices=sorted(elite.SAM_VARIANTS),
-                   help="sam: SAM encoder (preset: vit_b paper, vit_tiny embedded; vit_tiny is a small random "
-                        "ViT for CPU runs and tests, there are no weights for it)")
+                   help="sam: SAM encoder (preset; vit_tiny is a small random ViT for CPU runs and tests, there "
+                        "are no weights for it)")
     p.add_argument("--sam-checkpoint", type=Path, default=None,
                    help="sam: official SAM file for --variant, e.g. sam_vit_b_01ec64.pth (default: none, the "
                         "encoder is random: fine for the pipeline, useless for results)")
@@ -99,11 +151,12 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=runs.positive_int, default=12, help="sam: adapter rank (AdaLoRA starts at 12)")
     p.add_argument("--target-rank", type=runs.positive_int, default=8,
                    help="sam: AdaLoRA's final average rank per layer")
-    p.add_argument("--labels", choices=("plg", "sparse"), default="plg",
-                   help="sam: 2D labels. plg: dense SAM-PLG pseudo-labels (ELiTe); sparse: projected point labels")
+    p.add_argument("--labels", choices=("plg", "sparse"), default=None,
+                   help="sam: 2D labels. plg: dense SAM-PLG pseudo-labels (paper-test, embedded); sparse: projected "
+                        "point labels (paper, the official default config)")
     p.add_argument("--mask-source", choices=("sam", "ideal"), default=None,
                    help="sam: masks for SAM-PLG: sam (ViT-H, a GPU job) or ideal (the synthetic scenes' "
-                        "rendered regions, image_2_gt/); preset: sam paper, ideal embedded")
+                        "rendered regions, image_2_gt/); preset")
     p.add_argument("--plg-variant", choices=("vit_b", "vit_l", "vit_h"), default="vit_h",
                    help="sam: SAM used for pseudo-labels (official: vit_h)")
     p.add_argument("--plg-checkpoint", type=Path, default=None,
@@ -119,18 +172,18 @@ def parse_args(argv=None):
                    help="sam: i/n: this process makes pseudo-labels for scans i, i+n, ... (default 0/1; under "
                         "torchrun each process takes its rank's share by itself)")
     p.add_argument("--crop", type=runs.positive_int, nargs=2, metavar=("H", "W"),
-                   help="sam: bottom crop of the camera frame (preset: 320 1024 paper, 160 512 embedded)")
-    p.add_argument("--epochs", type=runs.positive_int, help=f"number of epochs ({preset_values('epochs')})")
-    p.add_argument("--batch-size", type=runs.positive_int,
-                   help=f"batch size per process, images or scans ({preset_values('batch_size')})")
-    p.add_argument("--val-batch-size", type=runs.positive_int,
-                   help=f"validation batch size ({preset_values('val_batch_size')})")
-    p.add_argument("--workers", type=runs.count_int, help=f"data-loading processes ({preset_values('workers')})")
+                   help="sam: bottom crop of the camera frame (preset)")
+    p.add_argument("--epochs", type=runs.positive_int, help="number of epochs (preset)")
+    p.add_argument("--batch-size", type=runs.positive_int, help="batch size per process, images or scans (preset)")
+    p.add_argument("--val-batch-size", type=runs.positive_int, help="validation batch size (preset)")
+    p.add_argument("--workers", type=runs.count_int, help="data-loading processes (preset)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"),
                    help="sam: sgd, the student's recipe (Nesterov, momentum 0.9, weight decay 1e-4); adamw, weight "
-                        "decay 1e-4 (preset: sgd paper, adamw embedded)")
-    p.add_argument("--lr", type=runs.positive_float,
-                   help=f"peak learning rate, cosine decay per step ({preset_values('lr')})")
+                        "decay 1e-4 (preset)")
+    p.add_argument("--lr", type=runs.positive_float, help="peak learning rate (preset)")
+    p.add_argument("--lr-schedule", choices=("step", "epoch"), default=None,
+                   help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
+                        "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
     p.add_argument("--out", type=Path, default=None,
                    help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/teacher, or "
                         "runs/lidar_teacher with --teacher lidar); one run per folder; the SAM teacher's hold only "
@@ -141,22 +194,27 @@ def parse_args(argv=None):
                         "(DIR/u2mkd_instances.npz); for a read-only dataset (default: inside --data)")
     runs.add_run_flags(p)
     args = p.parse_args(argv)
-    sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer", "vis")
+    sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer", "vis",
+                "labels")
     if args.vis is not None and args.resume:
         p.error("--vis draws the pseudo-labels and stops; it trains nothing to --resume")
     given = [f"--{k.replace('_', '-')}" for k in sam_only if getattr(args, k) is not None] + (["--plg-only"] * args.plg_only)
     if args.teacher == "lidar" and given:
         p.error(f"{', '.join(given)}: for the SAM teacher, not --teacher lidar")
+    args.preset = args.preset or ("paper" if args.data else "embedded")
+    presets = PRESETS if args.teacher == "sam" else LIDAR_PRESETS
+    if args.preset not in presets:
+        p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --teacher lidar has "
+                f"{', '.join(presets)}")
+    if (args.plg_only or args.vis is not None) and args.labels is None:
+        args.labels = "plg"  # they make pseudo-labels whatever the preset trains with
+    runs.apply_preset(args, presets[args.preset])
     if args.plg_only and args.labels == "sparse":
         p.error("--plg-only makes pseudo-labels, --labels sparse trains without them: pick one")
     if args.vis is not None and args.labels == "sparse":
         p.error("--vis draws the pseudo-labels, --labels sparse makes none")
     if args.vis_every < 1:
         p.error("--vis-every must be at least 1")
-    args.preset = args.preset or ("paper" if args.data else "embedded")
-    for key, value in (PRESETS if args.teacher == "sam" else LIDAR_PRESETS)[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     args.out = args.out or Path("runs/teacher" if args.teacher == "sam" else "runs/lidar_teacher")
     if args.teacher == "lidar":
         return args
@@ -174,6 +232,13 @@ def parse_args(argv=None):
     if args.peft != "adalora" and args.target_rank != 8:
         p.error("--target-rank applies to --peft adalora only")
     return args
+
+
+def schedule_line(args, loader, schedule: runs.LRSchedule, what: str) -> str:
+    world = runs.distributed().size
+    return (f"{args.epochs} epochs x {len(loader)} steps; {args.batch_size} {what} per process x {world} process(es) "
+            f"= global batch {args.batch_size * world}; {getattr(args, 'optimizer', 'sgd')} lr {args.lr:g}, "
+            f"{schedule.describe()}")
 
 
 # ---- SAM-PLG: the dense labels the teacher learns from ----
@@ -289,20 +354,20 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
             runs.atomic_save(state, best_path)
 
     trainable = sum(p.numel() for p in params)
+    schedule = runs.lr_schedule(args.lr_schedule, args.lr, args.epochs, len(loader), runs.distributed().size)
     runs.print_summary("train_teacher.py: ELiTe's SAM image teacher", {
         "device": runs.describe_device(device, args.amp),
         "data": runs.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences)
                 + f"; {args.labels} 2D labels, crops {args.crop[0]}x{args.crop[1]}",
         "teacher": f"SAM {args.variant} ({args.sam_checkpoint or 'random weights'}) with {args.peft} r={args.rank}: "
                    f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters",
-        "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(loader)} steps of {args.batch_size} images "
-                    f"per process, {args.optimizer} lr {args.lr}",
+        "preset": runs.describe_preset(args.preset, PRESETS[args.preset], args),
+        "schedule": schedule_line(args, loader, schedule, "images"),
         "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, args.resume, "2D mIoU")})
     torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
     objective = runs.data_parallel(runs.Objective([teacher], loss_terms), args.sync_bn)
-    conf = runs.fit(run, loader, optimizer, objective, args.epochs, args.lr,
-                     lambda: runs.evaluate(teacher, val_loader, scores), save,
+    conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(teacher, val_loader, scores), save,
                      allocator.step if allocator is not None else None, amp_device=device if args.amp else None,
                      metric="val 2D mIoU", metrics_csv=args.out / "metrics.csv", save_every=args.save_every,
                      last_path=last_path)
@@ -311,7 +376,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     else:
         print(f"\n2D validation after the last epoch, projected points ({', '.join(args.val_sequences)}):\n"
               f"{conf.table()}")
-    return run
+    return run, conf
 
 
 # ---- Training U2MKD's LiDAR teacher ----
@@ -354,6 +419,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         if improved:
             runs.atomic_save(best, best_path)
 
+    schedule = runs.lr_schedule(args.lr_schedule, args.lr, args.epochs, len(loader), runs.distributed().size)
     runs.print_summary("train_teacher.py --teacher lidar: U2MKD's LiDAR-only teacher", {
         "device": runs.describe_device(device, args.amp),
         "data": runs.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences),
@@ -361,21 +427,21 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         "augmentation": (f"{args.paste} instances pasted per scan from {db_path} ({len(db)} "
                          f"instances), then flip, rotation, scaling, translation" if db is not None
                          else "flip, rotation, scaling, translation (no instance paste)"),
-        "schedule": f"preset {args.preset}: {args.epochs} epochs x {len(loader)} steps of {args.batch_size} scans "
-                    f"per process, lr {args.lr}",
+        "preset": runs.describe_preset(args.preset, LIDAR_PRESETS[args.preset], args),
+        "schedule": schedule_line(args, loader, schedule, "scans"),
+        "validation": "mIoU of the in-range points of each scan (infer.py scores every point of the .bin)",
         "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, args.resume)})
     torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
     objective = runs.data_parallel(runs.Objective([model], loss_terms), args.sync_bn)
-    conf = runs.fit(run, loader, optimizer, objective, args.epochs, args.lr,
-                     lambda: runs.evaluate(model, val_loader, scores), save,
+    conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(model, val_loader, scores), save,
                      amp_device=device if args.amp else None,
                      metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path)
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
-        print(f"\nValidation after the last epoch ({', '.join(args.val_sequences)}):\n{conf.table()}")
-    return run
+        print(f"\nValidation after the last epoch ({', '.join(args.val_sequences)}, in-range points):\n{conf.table()}")
+    return run, conf
 
 
 
@@ -393,12 +459,12 @@ def main(argv=None):
                                                                         args.val_sequences, args.seed)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     train = train_sam_teacher if args.teacher == "sam" else train_lidar_teacher
-    run = train(args, root, device, last_path, best_path)
+    result = train(args, root, device, last_path, best_path)
     runs.close_distributed()
-    if run is None:
-        return
-    if run.epoch >= args.epochs and run.best_miou >= 0:
-        print(f"\nBest checkpoint: {best_path} (val mIoU {100 * run.best_miou:.1f})")
+    if result is not None and result[1] is not None:
+        run, conf = result
+        print(runs.which_checkpoint(last_path, best_path, conf.miou(), run.best_miou,
+                                    "val 2D mIoU" if args.teacher == "sam" else "val mIoU"))
 
 
 if __name__ == "__main__":
