@@ -1007,9 +1007,10 @@ class Student(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(c * len(self.cfg.scales), 128), nn.ReLU(), nn.Linear(128, k))
 
     def forward(self, points: torch.Tensor, batch_idx: torch.Tensor) -> StudentOutput:
-        """points (N, 4) [x, y, z, remission], batch_idx (N,) -> logits (N, 20). The stages are
-        methods of their own so that U2MKD's fusion student (u2mkd.py) runs the same ones with
-        its camera fusion between them."""
+        """points (N, 4) [x, y, z, remission], batch_idx (N,) -> StudentOutput: the logits (N, 20)
+        per point, and what PPMSKD reads of each stage (its voxel features and voxels, its point
+        branch). Voxelising and classifying are methods of their own, and the blocks a list, so
+        that U2MKD's fusion student (u2mkd.py) runs the same stages with its camera fusion between them."""
         voxels = self.voxelize(points, batch_idx)
         x = self.input_encoder(points, voxels[0])  # (V1, 64)
         point_feats, stage_feats = [], []

@@ -574,7 +574,7 @@ def close_distributed() -> None:
 
 EMBEDDED_ROOT = Path("data/synthkitti")  # where the trainers write the synthetic scenes without --data
 
-EMBEDDED_COLUMNS = 512  # LiDAR azimuth steps of the embedded scenes (~25k points a scan)
+EMBEDDED_COLUMNS = 512  # LiDAR azimuth steps of the embedded scenes (about 30k points a scan)
 
 def dataset_root(data: Path | None, train_sequences: list[str], val_sequences: list[str],
                  seed: int) -> tuple[Path, list[str], list[str]]:
@@ -757,19 +757,24 @@ def show(value) -> str:
 
 
 def apply_preset(args, preset: Preset) -> None:
-    """Fill every flag the command line left unset (None) from the preset."""
+    """Fill every flag the command line left unset (None) from the preset; args.from_preset
+    lists them (a checkpoint's config keeps it)."""
+    args.from_preset = []
     for key, (value, _) in preset.values.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+            args.from_preset.append(key)
 
 
 def describe_preset(name: str, preset: Preset, args=None) -> str:
-    """The preset's values, each with its source; with args, a flag that overrides one says so."""
+    """The preset's values, each with its source; with args, a flag given on the command line says so."""
     rows = []
     for key, (value, source) in preset.values.items():
-        flag, now = "--" + key.replace("_", "-"), getattr(args, key, value) if args is not None else value
-        rows.append(f"{flag} {show(now)}  ({source})" if now == value else
-                    f"{flag} {show(now)}  (given; the preset's is {show(value)}: {source})")
+        flag = "--" + key.replace("_", "-")
+        if args is None or key in args.from_preset:
+            rows.append(f"{flag} {show(value)}  ({source})")
+        else:
+            rows.append(f"{flag} {show(getattr(args, key))}  (given; the preset's is {show(value)}: {source})")
     return f"{name}: {preset.about}\n      " + "\n      ".join(rows)
 
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,57 @@ def test_train_resume_and_infer_end_to_end(synth_root, tmp_path):
     assert (errors == infer.CORRECT).all(1).sum() + (errors == infer.WRONG).all(1).sum() > 1000
     camera = picture[infer.CAPTION:top].reshape(-1, 3)
     assert len(np.unique(camera, axis=0)) > 100  # the camera image is there
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper-test"])
+def test_each_elite_preset_runs_teacher_then_student(preset, synth_copy, tmp_path, capsys):
+    """Each official config, one step of each stage on the synthetic scenes; only the sizes that
+    a CPU cannot afford are overridden (the ViT, the crop, the batch, the epochs, the workers)."""
+    import train_student
+    import train_teacher
+    from test_elite import two_dpass_state
+    small = ["--data", str(synth_copy), "--preset", preset, "--epochs", "1", "--batch-size", "2", "--workers", "0",
+             "--val-batch-size", "1", "--device", "cpu"]
+    train_teacher.main(small + ["--variant", "vit_tiny", "--crop", "64", "128", "--mask-source", "ideal",
+                                "--out", str(tmp_path / "teacher")])
+    teacher = torch.load(tmp_path / "teacher" / "last.pt", weights_only=False)
+    assert teacher["config"]["labels"] == {"paper": "sparse", "paper-test": "plg"}[preset]
+    printed = " ".join(capsys.readouterr().out.split())
+    assert {"paper": "--labels sparse (pseudo_label: False)", "paper-test": "--labels plg (pseudo_label: True)"}[preset] \
+        in printed
+    extra = []
+    if preset == "paper-test":
+        torch.save({"state_dict": two_dpass_state()}, tmp_path / "2dpass.ckpt")
+        extra = ["--init-3d", str(tmp_path / "2dpass.ckpt")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_student.main(small + ["--teacher", str(tmp_path / "teacher" / "last.pt"),
+                                    "--out", str(tmp_path / "student"), *extra])
+    student = torch.load(tmp_path / "student" / "last.pt", weights_only=False)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert student["step"] == 1 and student["config"]["labels"] == teacher["config"]["labels"]
+    if preset == "paper":
+        assert "--lr-schedule step (lr_scheduler: CosineAnnealingWarmRestarts" in printed
+        assert "--cutmix False (no cutmix)" in printed and "2 training scans (00)" in printed
+    else:
+        assert "--lr-schedule epoch (lr_scheduler: CosineAnnealingLR, T_max 128 - 4, eta_min 1e-5" in printed
+        assert "--cutmix True (cutmix: True" in printed and "3 training scans (00 08)" in printed
+        assert "initialised from" in printed and "(2DPASS)" in printed
+        assert any("both training and validation sequences" in str(w.message) for w in caught)
+    assert "global batch 2" in printed and "--epochs 1 (given; the preset's is" in printed
+    assert "The model of this run: " + str(tmp_path / "student" / "last.pt") in printed
+
+
+def test_u2mkd_lr_follows_the_global_batch(synth_copy, tmp_path, capsys):
+    import train_student
+    train_student.main(["--data", str(synth_copy), "--method", "u2mkd", "--preset", "paper", "--teacher", "none",
+                        "--epochs", "1", "--batch-size", "2", "--workers", "0", "--val-batch-size", "1",
+                        "--image-size", "94", "310", "--device", "cpu", "--out", str(tmp_path / "run")])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "global batch 2; lr 0.03 (= 0.24 x 2/16, scaled to the global batch)" in printed
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["lr"]) == pytest.approx(0.03)  # one step of one: the schedule's first rate
 
 
 def check_plg_picture(png: Path, scan: Path) -> None:

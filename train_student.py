@@ -2,14 +2,15 @@
 or alone) or U2MKD's camera+LiDAR fusion student (distilled from a LiDAR-only teacher).
 
     python train_student.py                       # embedded default: synthetic scenes, CPU, a few minutes
-    python train_student.py --data /path/to/SemanticKITTI/dataset   # the paper's recipe (64 epochs, batch 4)
+    python train_student.py --data /path/to/SemanticKITTI/dataset   # preset paper: the official default config
+    python train_student.py --data DATASET --preset paper-test --init-3d 2DPASS.ckpt   # the benchmark config
     python train_student.py --method u2mkd        # U2MKD's fusion student (after train_teacher.py --teacher lidar)
 
 Without --data, synthetic scenes are written once in the real SemanticKITTI layout under
 ./data/synthkitti and read back through the same loader as the real dataset.
 
 --method elite (default). Teacher (--teacher): the checkpoint train_teacher.py wrote (default
-runs/teacher/best.pt when it exists; 'none' trains the baseline). Each step the teacher sees
+runs/teacher/last.pt, its last epoch, when it exists; 'none' trains the baseline). Each step the teacher sees
 the scans' camera crops and PPMSKD distils it into the student at four stages
 (elite.elite_losses):
   --teacher-mode joint   the paper: the teacher's adapters, patch decoders and 2D heads keep
@@ -19,7 +20,7 @@ the scans' camera crops and PPMSKD distils it into the student at four stages
 Loss: class-weighted CE + 0.1 Lovasz-softmax, plus the PPMSKD terms with a teacher.
 
 --method u2mkd. The fusion student (u2mkd.FusionStudent) sees the whole camera image; the
-LiDAR teacher (default runs/lidar_teacher/best.pt when it exists, from train_teacher.py
+LiDAR teacher (default runs/lidar_teacher/last.pt when it exists, from train_teacher.py
 --teacher lidar; 'none' trains the fusion student without KD) sees its own augmentation of the
 same scan. Loss (u2mkd.u2mkd_losses): CE + Lovasz in 3D and on the seen points in 2D, the
 imputation MSE at four stages, KL and feature KD from the teacher.
@@ -27,9 +28,12 @@ imputation MSE at four stages, KL and feature KD from the teacher.
 Several GPUs: torchrun --nproc_per_node N train_student.py ... (one process per GPU, --batch-size
 per process; README "Several GPUs"). --amp: bf16 autocast.
 
-Both: SGD + Nesterov, lr 0.24, momentum 0.9, weight decay 1e-4, cosine decay per iteration,
-gradient norm clipped at 1, non-finite steps skipped; validation mIoU each epoch. best.pt holds
-only the student, so infer.py reads it; last.pt adds what --resume needs.
+Both: SGD + Nesterov, lr 0.24, momentum 0.9, weight decay 1e-4, the preset's cosine schedule
+(per iteration, or per epoch for paper-test), gradient norm clipped at 1, non-finite steps
+skipped; validation mIoU (in-range points) each epoch. last.pt, the last epoch, is the model to
+score (infer.py's default) and holds what --resume needs; best.pt holds only the student of the
+epoch selected on the validation split. The presets and the source of each value are listed at
+the end of --help.
 """
 from __future__ import annotations
 
@@ -73,7 +77,7 @@ PRESETS = {  # ELiTe's student
             "cutmix": (True, "cutmix: True, instance CutMix")}),
     "embedded": runs.Preset(
         "a small CPU setting on the synthetic scenes, NOT comparable with published numbers", {
-            "train_sequences": (TRAIN, "the train split (the synthetic scenes hold 00)"),
+            "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
             "epochs": (12, "a few CPU minutes"),
             "batch_size": (2, "small batches for a CPU"),
             "val_batch_size": (4, "small batches for a CPU"),
@@ -97,7 +101,7 @@ U2MKD_PRESETS = {  # U2MKD's fusion student (its SemanticKITTI recipe is not rel
             "image_size": ((376, 1241), "KITTI's full frame (nuScenes: 0.4 x 1600 x 900)")}),
     "embedded": runs.Preset(
         "a small CPU setting on the synthetic scenes, NOT comparable with published numbers", {
-            "train_sequences": (TRAIN, "the train split (the synthetic scenes hold 00)"),
+            "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
             "epochs": (6, "a few CPU minutes"),
             "batch_size": (2, "small batches for a CPU"),
             "global_batch": (2, "one process; the lr is not scaled"),

@@ -1,8 +1,9 @@
 """Stage 1 of ELiTe: make SAM-PLG pseudo-labels, then fine-tune the SAM image teacher.
 
     python train_teacher.py                     # embedded default: synthetic scenes, vit_tiny, CPU, a few minutes
-    python train_teacher.py --data DATASET --sam-checkpoint sam_vit_b_01ec64.pth \\
-        --plg-checkpoint sam_vit_h_4b8939.pth   # the paper's setting, on a GPU
+    python train_teacher.py --data DATASET --sam-checkpoint sam_vit_b_01ec64.pth   # preset paper, on a GPU
+    python train_teacher.py --data DATASET --preset paper-test --sam-checkpoint sam_vit_b_01ec64.pth \\
+        --plg-checkpoint sam_vit_h_4b8939.pth   # the benchmark config: SAM-PLG pseudo-labels
 
 The teacher is SAM's ViT image encoder, frozen, with AdaLoRA adapters on every linear layer
 and four patch decoders that turn the token grid after each global-attention block into a
@@ -10,15 +11,15 @@ full-resolution feature map; per-stage 2D heads and a fused head classify pixels
 adapters, the patch decoders and the heads train.
 
 Labels (--labels):
-  plg     dense pseudo-labels from SAM-PLG (the ELiTe setting). Missing files are generated
+  plg     dense pseudo-labels from SAM-PLG (the benchmark config, paper-test). Missing files are generated
           first, under sequences/XX/image_2_plg/, with SAM (--mask-source sam, a GPU job) or,
           on the synthetic scenes, with the rendered regions as ideal masks (--mask-source ideal).
-  sparse  the labels of the LiDAR points that project into the crop (the official default config).
+  sparse  the labels of the LiDAR points that project into the crop (the official default config, paper).
 
 Loss: sum over the 4 stages of (lambda_seg2d / 4) (CE_w + Lovasz), plus (CE_w + Lovasz) of the
 fused head, plus AdaLoRA's orthogonality term (0.1); optimiser as the student's (SGD + Nesterov,
-lr 0.24, cosine per iteration, clip 1, non-finite steps skipped; the embedded preset uses AdamW,
-lr 0.01); AdaLoRA's rank allocator
+lr 0.24, the preset's cosine schedule, clip 1, non-finite steps skipped; the embedded preset uses
+AdamW, lr 0.01); AdaLoRA's rank allocator
 prunes 12 -> 8 ranks per layer over the run. Validation: 2D mIoU of the fused head on the
 projected points of the validation crops (official rules).
 
@@ -90,7 +91,7 @@ PRESETS = {
             "lr_schedule": ("epoch", "CosineAnnealingLR, T_max 128 - 4, eta_min 1e-5, per epoch")}),
     "embedded": runs.Preset(
         "a small random ViT on the synthetic scenes, NOT comparable with published numbers", {
-            "train_sequences": (TRAIN, "the train split (the synthetic scenes hold 00)"),
+            "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
             "labels": ("plg", "shows SAM-PLG at work"),
             "variant": ("vit_tiny", "a small random ViT for CPU runs"),
             "crop": ((160, 512), "half the paper's crop"),
@@ -115,7 +116,7 @@ LIDAR_PRESETS = {
         "lr": (0.24, "lr: 0.24"),
         "lr_schedule": ("step", "cosine_warmup, per iteration")}),
     "embedded": runs.Preset("a few CPU minutes on the synthetic scenes, NOT comparable with published numbers", {
-        "train_sequences": (TRAIN, "the train split (the synthetic scenes hold 00)"),
+        "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
         "epochs": (4, "a few CPU minutes"),
         "batch_size": (2, "small batches for a CPU"),
         "val_batch_size": (4, "small batches for a CPU"),
