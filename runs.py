@@ -752,6 +752,25 @@ class Preset:
     values: dict[str, tuple[object, str]]     # flag (dest) -> (value, source)
 
 
+# What both of ELiTe's stages take from each official config (the scripts add their own values).
+ELITE_CONFIGS = {
+    "paper": {  # ELiTe-semantickitti.yaml
+        "train_sequences": (SPLITS["train"], "the train split"),
+        "epochs": (64, "max_num_epochs: 64"),
+        "batch_size": (4, "train_data_loader.batch_size: 4"),
+        "workers": (8, "num_workers: 8"),
+        "lr": (0.24, "learning_rate: 0.24"),
+        "lr_schedule": ("step", "lr_scheduler: CosineAnnealingWarmRestarts, a per-iteration cosine")},
+    "paper-test": {  # ELiTe-test-semantickitti.yaml
+        "train_sequences": (SPLITS["train"] + SPLITS["val"], "trainval: True"),
+        "epochs": (128, "max_num_epochs: 128"),
+        "batch_size": (2, "train_data_loader.batch_size: 2"),
+        "workers": (8, "num_workers: 8"),
+        "lr": (0.24, "learning_rate: 0.24"),
+        "lr_schedule": ("epoch", "lr_scheduler: CosineAnnealingLR, T_max 128 - 4, eta_min 1e-5, per epoch")},
+}
+
+
 def show(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 

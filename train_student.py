@@ -50,30 +50,20 @@ import u2mkd
 
 # Named presets, each one official config (the source of every value beside it). "embedded"
 # is a small setting that finishes on a laptop CPU and is NOT comparable with published numbers.
-TRAIN, TRAINVAL = elite.SPLITS["train"], elite.SPLITS["train"] + elite.SPLITS["val"]
+TRAIN = elite.SPLITS["train"]
 PRESETS = {  # ELiTe's student
     "paper": runs.Preset(
         "ELiTe-semantickitti.yaml, the official default config: the paper's SemanticKITTI validation results "
-        "(train on 00-07 09 10, score 08); the teacher's labels are its preset's (paper: sparse point labels)", {
-            "train_sequences": (TRAIN, "the train split"),
-            "epochs": (64, "max_num_epochs: 64"),
-            "batch_size": (4, "train_data_loader.batch_size: 4"),
+        "(train on 00-07 09 10, score 08); the teacher's labels are its preset's (paper: sparse point labels)",
+        runs.ELITE_CONFIGS["paper"] | {
             "val_batch_size": (8, "val_data_loader.batch_size: 8"),
-            "workers": (8, "num_workers: 8"),
-            "lr": (0.24, "learning_rate: 0.24"),
-            "lr_schedule": ("step", "lr_scheduler: CosineAnnealingWarmRestarts, a per-iteration cosine"),
             "cutmix": (False, "no cutmix")}),
     "paper-test": runs.Preset(
         "ELiTe-test-semantickitti.yaml, the benchmark-submission config: the paper's SemanticKITTI test-server "
         "results (08 is trained on too, so its score here is no validation figure); pass --init-3d with a 2DPASS "
-        "checkpoint (pretrained3d: True) and a teacher trained with train_teacher.py --preset paper-test", {
-            "train_sequences": (TRAINVAL, "trainval: True"),
-            "epochs": (128, "max_num_epochs: 128"),
-            "batch_size": (2, "train_data_loader.batch_size: 2"),
+        "checkpoint (pretrained3d: True) and a teacher trained with train_teacher.py --preset paper-test",
+        runs.ELITE_CONFIGS["paper-test"] | {
             "val_batch_size": (8, "val_data_loader.batch_size: 8"),
-            "workers": (8, "num_workers: 8"),
-            "lr": (0.24, "learning_rate: 0.24"),
-            "lr_schedule": ("epoch", "lr_scheduler: CosineAnnealingLR, T_max 128 - 4, eta_min 1e-5, per epoch"),
             "cutmix": (True, "cutmix: True, instance CutMix")}),
     "embedded": runs.Preset(
         "a small CPU setting on the synthetic scenes, NOT comparable with published numbers", {

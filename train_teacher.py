@@ -57,38 +57,26 @@ import synthkitti
 # on small crops of the synthetic scenes, trained with AdamW because SGD at lr 0.24 moves a random
 # encoder's heads too slowly for a few-minute run: it shows the pipeline runs and learns, and is
 # NOT comparable with published numbers.
-TRAIN, TRAINVAL = elite.SPLITS["train"], elite.SPLITS["train"] + elite.SPLITS["val"]
+TRAIN = elite.SPLITS["train"]
 PRESETS = {
     "paper": runs.Preset(
         "ELiTe-semantickitti.yaml, the official default config (the paper's validation results): sparse point "
-        "labels, no SAM-PLG", {
-            "train_sequences": (TRAIN, "the train split"),
+        "labels, no SAM-PLG", runs.ELITE_CONFIGS["paper"] | {
             "labels": ("sparse", "pseudo_label: False"),
             "variant": ("vit_b", "backbone_2d: vit_b"),
             "crop": ((320, 1024), "bottom_crop: [1024, 320]"),
             "mask_source": ("sam", "SAM-PLG with SAM ViT-H, used only with --labels plg"),
-            "epochs": (64, "max_num_epochs: 64"),
-            "batch_size": (4, "train_data_loader.batch_size: 4"),
             "val_batch_size": (4, "4 crops of ViT-B at a time"),
-            "workers": (8, "num_workers: 8"),
-            "optimizer": ("sgd", "SGD, Nesterov, momentum 0.9, weight decay 1e-4"),
-            "lr": (0.24, "learning_rate: 0.24"),
-            "lr_schedule": ("step", "CosineAnnealingWarmRestarts, a per-iteration cosine")}),
+            "optimizer": ("sgd", "SGD, Nesterov, momentum 0.9, weight decay 1e-4")}),
     "paper-test": runs.Preset(
         "ELiTe-test-semantickitti.yaml, the benchmark-submission config (the paper's test-server results): "
-        "SAM-PLG pseudo-labels, train + val", {
-            "train_sequences": (TRAINVAL, "trainval: True"),
+        "SAM-PLG pseudo-labels, train + val", runs.ELITE_CONFIGS["paper-test"] | {
             "labels": ("plg", "pseudo_label: True"),
             "variant": ("vit_b", "backbone_2d: vit_b"),
             "crop": ((320, 1024), "bottom_crop: [1024, 320]"),
             "mask_source": ("sam", "SAM-PLG with SAM ViT-H (SAMPLG-semantickitti.yaml)"),
-            "epochs": (128, "max_num_epochs: 128"),
-            "batch_size": (2, "train_data_loader.batch_size: 2"),
             "val_batch_size": (4, "4 crops of ViT-B at a time"),
-            "workers": (8, "num_workers: 8"),
-            "optimizer": ("sgd", "SGD, Nesterov, momentum 0.9, weight decay 1e-4"),
-            "lr": (0.24, "learning_rate: 0.24"),
-            "lr_schedule": ("epoch", "CosineAnnealingLR, T_max 128 - 4, eta_min 1e-5, per epoch")}),
+            "optimizer": ("sgd", "SGD, Nesterov, momentum 0.9, weight decay 1e-4")}),
     "embedded": runs.Preset(
         "a small random ViT on the synthetic scenes, NOT comparable with published numbers", {
             "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
