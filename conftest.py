@@ -38,3 +38,11 @@ def synth(tmp_path_factory):
     assert counts == {"written": 2, "existing": 0, "unlabelled": 0}
     return root
 
+
+
+@pytest.fixture(scope="session")
+def synth_nusc(tmp_path_factory):
+    """Synthetic nuScenes-lidarseg: scene-0001 (training, 3 keyframes) and scene-0003 (val, 2)."""
+    import synthnusc
+    root = tmp_path_factory.mktemp("synthnusc")
+    return synthnusc.make_dataset(root, {"scene-0001": 3, "scene-0003": 2}, progress=False)

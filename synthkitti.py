@@ -383,9 +383,9 @@ def make_ray_grid(dirs: np.ndarray) -> RayGrid:
 
 
 @lru_cache(maxsize=None)
-def lidar_grid(columns: int) -> RayGrid:
-    """64 beams x `columns` azimuth steps over 360 degrees, top beam first."""
-    elev = np.radians(np.linspace(*LIDAR_ELEVATION, LIDAR_BEAMS))[:, None]  # (64, 1)
+def lidar_grid(columns: int, beams=LIDAR_BEAMS, elevation=LIDAR_ELEVATION) -> RayGrid:
+    """`beams` beams (KITTI's 64 by default) x `columns` azimuth steps over 360 degrees, top beam first."""
+    elev = np.radians(np.linspace(*elevation, beams))[:, None]  # (B, 1)
     azim = 2 * np.pi * np.arange(columns)[None, :] / columns  # (1, C)
     x, y, z = np.cos(elev) * np.cos(azim), np.cos(elev) * np.sin(azim), np.sin(elev) + 0 * azim
     return make_ray_grid(np.stack([x, y, z], -1))  # (64, C, 3)
@@ -621,8 +621,9 @@ SUN = np.array([-0.35, 0.45, 0.82]) / np.linalg.norm([-0.35, 0.45, 0.82])
 HORIZON, ZENITH = np.array([0.80, 0.85, 0.92]), np.array([0.35, 0.55, 0.85])
 
 
-def lidar_scan(scene: Scene, st: Street, sensor, grid: RayGrid, rng):
-    """Points (N, 4) float32 in the velodyne frame and labels (N,) uint32."""
+def lidar_scan(scene: Scene, st: Street, sensor, grid: RayGrid, rng, with_rays=False):
+    """Points (N, 4) float32 in the velodyne frame and labels (N,) uint32 (with_rays: also the
+    ray of each point (N,), whose row in the grid is its beam)."""
     t, what = cast(scene, st, sensor, grid, LIDAR_MAX_RANGE)
     hit = np.flatnonzero(what != MISS)  # rays that hit nothing give no point
     d, t, what = grid.dirs[hit], t[hit], what[hit]
@@ -635,13 +636,18 @@ def lidar_scan(scene: Scene, st: Street, sensor, grid: RayGrid, rng):
     remission = np.clip(remission + rng.normal(0, 0.04, len(t)), 0.0, 0.99)
     points = np.concatenate([xyz, remission[:, None]], 1).astype(np.float32)[keep]
     labels = ((instance.astype(np.uint32) << 16) | MAT_RAW[mat])[keep]
-    return points, labels
+    return (points, labels, hit[keep]) if with_rays else (points, labels)
 
 
 def render_camera(scene: Scene, st: Street, sensor):
     """Camera 2 image (H, W, 3) uint8 and ground truth (2, H, W) uint16 (train id, instance)."""
     grid, centre = camera_rig()
-    origin = sensor + centre
+    return render_view(scene, st, sensor + centre, grid, IMAGE_HEIGHT, IMAGE_WIDTH)
+
+
+def render_view(scene: Scene, st: Street, origin, grid: RayGrid, height: int, width: int):
+    """Any pinhole camera at `origin` whose pixel rays are `grid` -> image (H, W, 3) uint8 and
+    ground truth (2, H, W) uint16 (train id, instance)."""
     t, what = cast(scene, st, origin, grid, CAMERA_MAX_RANGE)
     hit = np.isfinite(t)
     d = grid.dirs
@@ -655,9 +661,9 @@ def render_camera(scene: Scene, st: Street, sensor):
     rgb = rgb * fog + HORIZON * (1 - fog)
     sky = HORIZON + (ZENITH - HORIZON) * np.clip(d[:, 2:3] * 4, 0, 1)
     rgb = np.where(hit[:, None], rgb, sky)
-    image = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(IMAGE_HEIGHT, IMAGE_WIDTH, 3)
+    image = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(height, width, 3)
     gt = np.stack([np.where(hit, MAT_TRAIN[mat], 0), np.where(hit, instance, 0)]).astype(np.uint16)
-    return image, gt.reshape(2, IMAGE_HEIGHT, IMAGE_WIDTH)
+    return image, gt.reshape(2, height, width)
 
 
 def frame_world(seed, seq, st, scene, frame, x_ego):

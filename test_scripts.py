@@ -525,6 +525,13 @@ BAD_INPUTS = [
     ("crop larger than the image", "train_teacher",
      lambda d: train_args(d, "--labels", "sparse", "--crop", "400", "2000"),
      r"00/image_2/000000\.png: a 1241x376 frame is smaller than the 400x2000 crop", False),
+    # Issue 18: the presets' files and flags
+    ("--init-3d a file that is no 2DPASS checkpoint", "train_student",
+     lambda d: train_args(d, "--teacher", "none", "--init-3d", str(d / "student.pt")),
+     r"student\.pt: no 'model_3d\.\*' tensors; expected a 2DPASS Lightning checkpoint", False),
+    ("--preset paper-test for U2MKD", "train_student",
+     lambda d: train_args(d, "--method", "u2mkd", "--preset", "paper-test"),
+     r"--preset paper-test is ELiTe's benchmark-submission config; --method u2mkd has paper, embedded", False),
     # Issue 15: outputs and checkpoints checked before any work
     ("--out that is an existing file", "train_student",
      lambda d: ((d / "a_file").write_text("x"), train_args(d, "--teacher", "none") + ["--out", str(d / "a_file")])[1],

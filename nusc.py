@@ -1,0 +1,421 @@
+"""nuScenes-lidarseg in plain numpy, read top to bottom, without the nuScenes devkit.
+
+U2MKD's official code and headline result are on nuScenes. This file reads the official
+layout (its tables are plain JSON), maps the 32 fine classes to the 16 of the challenge,
+projects a keyframe's LiDAR points into its six cameras, gathers the sweeps around a keyframe,
+scores with the devkit's lidarseg rules and writes the submission format:
+
+    1. The tables: v1.0-*/{scene, sample, sample_data, calibrated_sensor, ego_pose, sensor,
+       lidarseg, category}.json, indexed by token
+    2. Classes: category.json's index and name -> the 16 evaluation classes and ignore (0)
+    3. Splits: the official scenes of train / val / test, and v1.0-mini's
+    4. Keyframes: a sample's LiDAR file, its labels, its cameras
+    5. Files: points (x, y, z, intensity, ring), labels (uint8 per point), images
+    6. Projection: LiDAR -> ego -> global -> ego -> camera -> pixel, in normalised coordinates
+    7. Sweeps: the LiDAR sweeps around a keyframe, in the keyframe's LiDAR frame
+    8. Evaluation: the devkit's lidarseg confusion matrix
+    9. Submission: <lidar_sample_data_token>_lidarseg.bin and submission.json
+
+Facts follow nutonomy/nuscenes-devkit (docs/schema_nuscenes.md, eval/lidarseg) and U2MKD's
+loader (u2mkd-code.md section 7.1); deliberate differences are in README.md.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from elite import DataError
+
+# =====================================================================================
+# 1. The tables
+# =====================================================================================
+# Every row has a unique "token"; foreign keys name other rows' tokens. Only the eight
+# tables a LiDAR segmenter needs are read.
+
+TABLES = ("scene", "sample", "sample_data", "calibrated_sensor", "ego_pose", "sensor", "lidarseg", "category")
+CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
+LIDAR = "LIDAR_TOP"
+IMAGE_SIZE = (900, 1600)  # (height, width) of every nuScenes camera
+
+
+@dataclass
+class Tables:
+    version: str
+    rows: dict[str, dict[str, dict]]  # table -> token -> row
+
+    def __getitem__(self, table: str) -> dict[str, dict]:
+        return self.rows[table]
+
+    def channel(self, sample_data: dict) -> str:
+        """The sensor channel (LIDAR_TOP, CAM_FRONT, ...) a sample_data row was recorded by."""
+        calib = self.rows["calibrated_sensor"][sample_data["calibrated_sensor_token"]]
+        return self.rows["sensor"][calib["sensor_token"]]["channel"]
+
+
+def read_tables(root, version: str) -> Tables:
+    """ROOT/<version>/<table>.json for the eight tables -> Tables; a missing or malformed table
+    is a DataError naming the file."""
+    folder = Path(root) / version
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder (expected ROOT/{version}/*.json, the nuScenes tables)")
+    rows = {}
+    for table in TABLES:
+        path = folder / f"{table}.json"
+        if not path.is_file():
+            raise DataError(f"{path}: table not found (nuScenes-lidarseg needs {', '.join(TABLES)})")
+        try:
+            records = json.loads(path.read_text())
+            rows[table] = {r["token"]: r for r in records}
+        except (ValueError, TypeError, KeyError) as e:
+            raise DataError(f"{path}: not a table of the nuScenes schema ({type(e).__name__}: {e})") from None
+    return Tables(version, rows)
+
+
+# =====================================================================================
+# 2. Classes: 32 fine classes -> 16 evaluation classes + ignore
+# =====================================================================================
+# A .bin label holds category.json's `index` of each point's fine class. The challenge maps
+# fine names to coarse ones (the devkit's LidarsegClassMapper); the indices are read from
+# category.json, never assumed.
+
+CLASS_NAMES = ["ignore", "barrier", "bicycle", "bus", "car", "construction_vehicle", "motorcycle", "pedestrian",
+               "traffic_cone", "trailer", "truck", "driveable_surface", "other_flat", "sidewalk", "terrain",
+               "manmade", "vegetation"]
+NUM_CLASSES = 17  # class 0 is ignored in losses and metrics
+FINE_TO_COARSE = {
+    "noise": "ignore", "animal": "ignore",
+    "human.pedestrian.adult": "pedestrian", "human.pedestrian.child": "pedestrian",
+    "human.pedestrian.construction_worker": "pedestrian", "human.pedestrian.police_officer": "pedestrian",
+    "human.pedestrian.personal_mobility": "ignore", "human.pedestrian.stroller": "ignore",
+    "human.pedestrian.wheelchair": "ignore",
+    "movable_object.barrier": "barrier", "movable_object.trafficcone": "traffic_cone",
+    "movable_object.debris": "ignore", "movable_object.pushable_pullable": "ignore",
+    "static_object.bicycle_rack": "ignore",
+    "vehicle.bicycle": "bicycle", "vehicle.bus.bendy": "bus", "vehicle.bus.rigid": "bus", "vehicle.car": "car",
+    "vehicle.construction": "construction_vehicle", "vehicle.motorcycle": "motorcycle",
+    "vehicle.trailer": "trailer", "vehicle.truck": "truck",
+    "vehicle.emergency.ambulance": "ignore", "vehicle.emergency.police": "ignore", "vehicle.ego": "ignore",
+    "flat.driveable_surface": "driveable_surface", "flat.other": "other_flat", "flat.sidewalk": "sidewalk",
+    "flat.terrain": "terrain", "static.manmade": "manmade", "static.vegetation": "vegetation",
+    "static.other": "ignore",
+}
+CLASS_COLORS = np.array([  # the devkit's coarse colour map, RGB
+    [0, 0, 0], [112, 128, 144], [220, 20, 60], [255, 127, 80], [255, 158, 0], [233, 150, 70], [255, 61, 99],
+    [0, 0, 230], [47, 79, 79], [255, 140, 0], [255, 99, 71], [0, 207, 191], [175, 0, 75], [75, 0, 75],
+    [112, 180, 60], [222, 184, 135], [0, 175, 0]], dtype=np.uint8)
+
+
+def fine_to_coarse(tables: Tables) -> np.ndarray:
+    """(256,) uint8 lookup: category.json index -> evaluation class 0..16. A category name the
+    challenge does not know is a DataError; an index no category claims maps to 0."""
+    path = f"{tables.version}/category.json"
+    lut = np.zeros(256, dtype=np.uint8)
+    for row in tables["category"].values():
+        name, index = row.get("name"), row.get("index")
+        if index is None:
+            raise DataError(f"{path}: category '{name}' has no 'index' (nuScenes-lidarseg adds it to category.json)")
+        if name not in FINE_TO_COARSE:
+            raise DataError(f"{path}: category '{name}' is not one of the 32 nuScenes-lidarseg classes")
+        if not 0 <= index < 256:
+            raise DataError(f"{path}: category '{name}' has index {index}, outside 0..255 (labels are uint8)")
+        lut[index] = CLASS_NAMES.index(FINE_TO_COARSE[name])
+    return lut
+
+
+# =====================================================================================
+# 3. Splits
+# =====================================================================================
+# The official scene lists (the devkit's utils/splits.py), written as runs of scene numbers.
+# v1.0-trainval holds train and val (700 + 150 scenes), v1.0-test the 150 test scenes.
+
+def scene_names(runs: str) -> set[str]:
+    names = set()
+    for run in runs.split():
+        lo, _, hi = run.partition("-")
+        names |= {f"scene-{k:04d}" for k in range(int(lo), int(hi or lo) + 1)}
+    return names
+
+
+VAL_SCENES = scene_names(
+    "3 12-18 35-36 38-39 92-110 221 268-278 329-332 344-346 519-524 552-565 625-627 629-630 632-638 770-771 775 "
+    "777-778 780-784 794-800 802 904-917 919-931 962-963 966-969 971-972 1059-1073")
+MINI_SPLITS = {"train": scene_names("61 553 655 757 796 1077 1094 1100"), "val": scene_names("103 916")}
+
+
+def split_scenes(tables: Tables, split: str) -> list[dict]:
+    """The scene rows of an official split, sorted by name: train and val of v1.0-trainval,
+    test of v1.0-test, or the mini split's train and val of v1.0-mini (versions named
+    otherwise, such as the synthetic scenes', split by VAL_SCENES too)."""
+    scenes = sorted(tables["scene"].values(), key=lambda s: s["name"])
+    if tables.version.endswith("-mini"):
+        return [s for s in scenes if s["name"] in MINI_SPLITS[split]]
+    if tables.version.endswith("-test"):
+        if split != "test":
+            raise DataError(f"{tables.version}: holds the test scenes only; --split {split} needs v1.0-trainval")
+        return scenes
+    if split == "test":
+        raise DataError(f"{tables.version}: the test scenes are in v1.0-test")
+    return [s for s in scenes if (s["name"] in VAL_SCENES) == (split == "val")]
+
+
+# =====================================================================================
+# 4. Keyframes
+# =====================================================================================
+
+@dataclass
+class Camera:
+    channel: str
+    token: str      # the camera's sample_data token
+    image: Path
+    hw: tuple[int, int]  # (height, width) as recorded, from sample_data
+
+
+@dataclass
+class Keyframe:
+    """One annotated LiDAR sweep (a sample) and the six camera images taken with it."""
+    token: str            # the sample's token
+    lidar_token: str      # its LIDAR_TOP sample_data token: the name of its submission file
+    points: Path          # samples/LIDAR_TOP/*.pcd.bin
+    labels: Path | None   # lidarseg/<version>/<lidar_token>_lidarseg.bin (None in v1.0-test)
+    cameras: list[Camera]
+    scene: str
+
+
+def keyframes(tables: Tables, root, scenes: list[dict], labelled=True) -> list[Keyframe]:
+    """The keyframes of some scenes, in scene order and then time order. labelled: every
+    keyframe must have its lidarseg file (a sample without one is a DataError)."""
+    root = Path(root)
+    by_sample: dict[str, list[dict]] = {}
+    for sd in tables["sample_data"].values():
+        if sd["is_key_frame"]:
+            by_sample.setdefault(sd["sample_token"], []).append(sd)
+    label_of = {row["sample_data_token"]: row["filename"] for row in tables["lidarseg"].values()}
+    out = []
+    for scene in scenes:
+        token = scene["first_sample_token"]
+        while token:
+            sample = tables["sample"][token]
+            data = {tables.channel(sd): sd for sd in by_sample.get(token, [])}
+            if LIDAR not in data:
+                raise DataError(f"{root / tables.version}/sample_data.json: sample {token} has no {LIDAR} keyframe")
+            lidar = data[LIDAR]
+            labels = label_of.get(lidar["token"])
+            if labelled and labels is None:
+                raise DataError(f"{root / tables.version}/lidarseg.json: sample {token} (LiDAR {lidar['token']}) has "
+                                "no lidarseg file")
+            cameras = [Camera(c, data[c]["token"], root / data[c]["filename"], (data[c]["height"], data[c]["width"]))
+                       for c in CAMERAS if c in data]
+            out.append(Keyframe(token, lidar["token"], root / lidar["filename"],
+                                root / labels if labels is not None else None, cameras, scene["name"]))
+            token = sample["next"]
+    return out
+
+
+# =====================================================================================
+# 5. Files
+# =====================================================================================
+
+def read_points(path) -> np.ndarray:
+    """samples/LIDAR_TOP/*.pcd.bin: float32 rows (x, y, z, intensity, ring index) -> (N, 5)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: LiDAR file not found")
+    size = path.stat().st_size
+    if size % 20:
+        raise DataError(f"{path}: {size} bytes is not a multiple of 20 (5 float32 per point); the file is truncated")
+    return np.fromfile(path, dtype=np.float32).reshape(-1, 5)
+
+
+def read_labels(path, num_points: int, lut: np.ndarray) -> np.ndarray:
+    """lidarseg/*_lidarseg.bin: uint8 fine class per point -> (N,) int64 evaluation classes."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: lidarseg label file not found")
+    labels = np.fromfile(path, dtype=np.uint8)
+    if len(labels) != num_points:
+        raise DataError(f"{path}: {len(labels)} labels but its LiDAR file has {num_points} points")
+    return lut[labels].astype(np.int64)
+
+
+def read_camera_image(camera: Camera) -> np.ndarray:
+    """A camera's .jpg -> (H, W, 3) uint8 RGB, checked against the size sample_data records."""
+    from elite import read_image
+    if not camera.image.is_file():
+        raise DataError(f"{camera.image}: camera image not found ({camera.channel}, sample_data {camera.token})")
+    image = read_image(camera.image)
+    if image.shape[:2] != camera.hw:
+        raise DataError(f"{camera.image}: a {image.shape[1]}x{image.shape[0]} image, but sample_data records "
+                        f"{camera.hw[1]}x{camera.hw[0]}")
+    return image
+
+
+# =====================================================================================
+# 6. Projection into the cameras
+# =====================================================================================
+# A point goes LiDAR -> ego (at the LiDAR's time) -> global -> ego (at the camera's time) ->
+# camera, then through the intrinsics. The two ego poses differ because the car moves while
+# the cameras fire. Rotations are unit quaternions (w, x, y, z).
+
+def quaternion_matrix(q) -> np.ndarray:
+    """(w, x, y, z) -> (3, 3) rotation matrix (normalised first)."""
+    w, x, y, z = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+
+
+def pose_matrix(row: dict) -> np.ndarray:
+    """A calibrated_sensor or ego_pose row -> (4, 4): child frame -> parent frame."""
+    m = np.eye(4)
+    m[:3, :3] = quaternion_matrix(row["rotation"])
+    m[:3, 3] = row["translation"]
+    return m
+
+
+def sensor_to_global(tables: Tables, sample_data_token: str) -> np.ndarray:
+    """(4, 4): a sample_data's sensor frame -> global, through the ego pose at its timestamp."""
+    sd = tables["sample_data"][sample_data_token]
+    return pose_matrix(tables["ego_pose"][sd["ego_pose_token"]]) @ pose_matrix(
+        tables["calibrated_sensor"][sd["calibrated_sensor_token"]])
+
+
+def lidar_to_camera(tables: Tables, lidar_token: str, camera_token: str) -> np.ndarray:
+    """(4, 4): the keyframe's LiDAR frame -> the camera frame."""
+    return np.linalg.inv(sensor_to_global(tables, camera_token)) @ sensor_to_global(tables, lidar_token)
+
+
+def project(xyz: np.ndarray, lidar_to_cam: np.ndarray, intrinsic, hw: tuple[int, int]):
+    """Raw LiDAR points (N, 3) -> (seen (N,) bool, uv (N, 2) float32) in normalised image
+    coordinates against the recorded size: u_n = 2 u / (W - 1) - 1, v_n = 2 v / (H - 1) - 1, the
+    frame grid_sample(align_corners=True) reads at any resolution. A point is seen when it lies
+    more than 1 m in front of the camera and strictly inside (-1, 1) on both axes (U2MKD)."""
+    hom = np.concatenate([xyz.astype(np.float64), np.ones((len(xyz), 1))], 1)  # (N, 4)
+    cam = (hom @ lidar_to_cam.T)[:, :3]  # (N, 3) x right, y down, z forward
+    depth = cam[:, 2]
+    front = depth > 1.0
+    pix = cam @ np.asarray(intrinsic, dtype=np.float64).T  # (N, 3)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u, v = pix[:, 0] / pix[:, 2], pix[:, 1] / pix[:, 2]
+    h, w = hw
+    uv = np.stack([2 * u / (w - 1) - 1, 2 * v / (h - 1) - 1], 1)
+    seen = front & (np.abs(uv) < 1).all(1)
+    return seen, np.where(seen[:, None], uv, 0).astype(np.float32)
+
+
+def camera_intrinsic(tables: Tables, camera_token: str) -> np.ndarray:
+    sd = tables["sample_data"][camera_token]
+    return np.asarray(tables["calibrated_sensor"][sd["calibrated_sensor_token"]]["camera_intrinsic"], dtype=np.float64)
+
+
+def project_keyframe(tables: Tables, frame: Keyframe, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every camera of a keyframe at once -> camera (N,) int64: the index in frame.cameras of the
+    camera that sees each point (-1: none; when two do, the last in the list wins, as upstream)
+    and uv (N, 2) float32 in that camera's normalised coordinates."""
+    camera = np.full(len(xyz), -1, dtype=np.int64)
+    uv = np.zeros((len(xyz), 2), dtype=np.float32)
+    for k, cam in enumerate(frame.cameras):
+        seen, uv_k = project(xyz, lidar_to_camera(tables, frame.lidar_token, cam.token),
+                             camera_intrinsic(tables, cam.token), cam.hw)
+        camera[seen] = k
+        uv[seen] = uv_k[seen]
+    return camera, uv
+
+
+# =====================================================================================
+# 7. Sweeps
+# =====================================================================================
+# Between keyframes the LiDAR records at 20 Hz without labels. U2MKD's LiDAR teacher adds 2
+# sweeps before and 2 after (fewer on one side, more on the other at a scene's ends), moved into
+# the keyframe's LiDAR frame; their points within 1 m of the sensor (the car itself) go.
+
+def sweep_tokens(tables: Tables, lidar_token: str, count: int) -> list[str]:
+    """Up to `count` sweeps around a keyframe: count // 2 before where the scene has them, the
+    rest after, nearest first."""
+    def walk(key):
+        token, out = tables["sample_data"][lidar_token][key], []
+        while token and len(out) < count:
+            out.append(token)
+            token = tables["sample_data"][token][key]
+        return out
+    before = walk("prev")[:count // 2]
+    return before + walk("next")[:count - len(before)]
+
+
+def read_sweeps(tables: Tables, root, lidar_token: str, count: int) -> np.ndarray:
+    """The sweeps' points (M, 4) [x, y, z, intensity] in the keyframe's LiDAR frame."""
+    to_key = np.linalg.inv(sensor_to_global(tables, lidar_token))
+    parts = [np.zeros((0, 4), dtype=np.float32)]
+    for token in sweep_tokens(tables, lidar_token, count):
+        pts = read_points(Path(root) / tables["sample_data"][token]["filename"])[:, :4]
+        pts = pts[~((np.abs(pts[:, 0]) < 1.0) & (np.abs(pts[:, 1]) < 1.0))]  # the car's own returns
+        m = to_key @ sensor_to_global(tables, token)
+        xyz = pts[:, :3].astype(np.float64) @ m[:3, :3].T + m[:3, 3]
+        parts.append(np.concatenate([xyz.astype(np.float32), pts[:, 3:4]], 1))
+    return np.concatenate(parts)
+
+
+# =====================================================================================
+# 8. Evaluation: the devkit's lidarseg rules
+# =====================================================================================
+# One confusion matrix over the split (rows: ground truth). Row and column 0 (ignore) are
+# zeroed, so a point labelled 0 never counts and a prediction of 0 is never a hit or a false
+# positive. IoU = tp / (gt + pred - tp); mIoU = the mean over the classes whose union is not
+# empty (a class absent from both ground truth and predictions is left out, as nanmean does).
+
+class LidarsegConfusion:
+    def __init__(self, num_classes=NUM_CLASSES):
+        self.n = num_classes
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def add(self, gt: np.ndarray, pred: np.ndarray) -> None:
+        idx = np.asarray(gt, dtype=np.int64).ravel() * self.n + np.asarray(pred, dtype=np.int64).ravel()
+        cm = np.bincount(idx, minlength=self.n * self.n).reshape(self.n, self.n)
+        cm[0, :] = 0
+        cm[:, 0] = 0
+        self.matrix += cm
+
+    def iou(self) -> np.ndarray:
+        """(17,) IoU per class, NaN where a class has no union (class 0 always)."""
+        tp = np.diag(self.matrix).astype(np.float64)
+        union = self.matrix.sum(1) + self.matrix.sum(0) - tp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return tp / union
+
+    def miou(self) -> float:
+        iou = self.iou()
+        return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+
+    def table(self) -> str:
+        iou = self.iou()
+        lines = [f"{'class':<20} {'IoU':>6}"]
+        for c in range(1, self.n):
+            lines.append(f"{CLASS_NAMES[c]:<20} " + ("   n/a   (no point)" if np.isnan(iou[c]) else f"{100 * iou[c]:6.1f}"))
+        lines.append(f"{'mIoU':<20} {100 * self.miou():6.1f}   (nuScenes-lidarseg rules: classes with points)")
+        return "\n".join(lines)
+
+
+# =====================================================================================
+# 9. Submission
+# =====================================================================================
+# OUT/lidarseg/<split>/<lidar_sample_data_token>_lidarseg.bin: uint8 class 1..16 per point of
+# the keyframe's file, in its order (0 is not allowed); OUT/<split>/submission.json: the inputs.
+
+def submission_labels(pred: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
+    """Predictions -> the uint8 array a submission holds. A point predicted 0 (it reached no
+    voxel) takes the fallback class (the model's second choice where given, else 1): the format
+    allows 1..16 only."""
+    pred = np.asarray(pred).astype(np.int64)
+    if (pred == 0).any():
+        pred = pred.copy()
+        pred[pred == 0] = 1 if fallback is None else np.asarray(fallback)[pred == 0]
+    if pred.min(initial=1) < 1 or pred.max(initial=1) >= NUM_CLASSES:
+        raise ValueError(f"submission classes must be 1..{NUM_CLASSES - 1}")
+    return pred.astype(np.uint8)
+
+
+def submission_meta(use_camera: bool) -> dict:
+    return {"meta": {"use_camera": use_camera, "use_lidar": True, "use_radar": False, "use_map": False,
+                     "use_external": False}}

@@ -1,0 +1,261 @@
+"""Synthetic scenes in the nuScenes-lidarseg layout: the streets of synthkitti.py, recorded by
+a nuScenes-like car, so that nusc.py's reader, projection and evaluation run on files that look
+like the real ones (the embedded default of the nuScenes commands, and the tests' data).
+
+The car: a 32-beam LiDAR on the roof (+10 to -30 degrees, its x axis to the right and y
+forward, as nuScenes' LIDAR_TOP) and six cameras around it (FRONT, FRONT_RIGHT, BACK_RIGHT,
+BACK, BACK_LEFT, FRONT_LEFT) with nuScenes' focal lengths and the 1600 x 900 frame scaled by
+--image-scale (0.25: 400 x 225). The car drives along the street at about 8 m/s; its ego pose
+is stored per timestamp, and each camera fires a few milliseconds after the LiDAR, so the two
+ego poses of the projection chain differ as on the real car. Keyframes are 0.5 s apart with two
+unlabelled LiDAR sweeps between them. Labels are the 32 fine classes of category.json.
+
+    python synthnusc.py --out data/synthnusc      # 3 scenes x 4 keyframes, seconds to a minute
+
+Written:
+    ROOT/v1.0-trainval/{scene, sample, sample_data, calibrated_sensor, ego_pose, sensor,
+                        lidarseg, category, log}.json
+    ROOT/samples/LIDAR_TOP/*.pcd.bin        float32 x, y, z, intensity, ring
+    ROOT/sweeps/LIDAR_TOP/*.pcd.bin
+    ROOT/samples/CAM_*/*.jpg
+    ROOT/lidarseg/v1.0-trainval/<lidar_token>_lidarseg.bin   uint8 category index per point
+    ROOT/synth_gt/<camera_token>.npy        uint16 (H, W) rendered SemanticKITTI training id per pixel,
+                                            an extra of the synthetic scenes (the tests check projection)
+
+Scenes scene-0001 and scene-0002 are training scenes, scene-0003 a validation scene (it is in
+the official val list), so the official split rules apply unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+
+import synthkitti as sk
+
+VERSION = "v1.0-trainval"
+DEFAULT_SCENES = {"scene-0001": 4, "scene-0002": 4, "scene-0003": 4}  # name -> keyframes
+SWEEPS_BETWEEN = 2           # unlabelled LiDAR sweeps between two keyframes (the real car: 9)
+KEYFRAME_DT = 500_000        # us between keyframes (2 Hz)
+SPEED = 8.0                  # m/s along the street
+LIDAR_BEAMS, LIDAR_ELEVATION = 32, (10.0, -30.0)
+LIDAR_MOUNT = (0.94, 0.0, 1.84)  # m, in the ego frame (x forward, y left, z up, on the ground)
+CAMERA_FIRE = (12_000, 20_000, 28_000, 36_000, 44_000, 4_000)  # us after the LiDAR, per camera
+# channel, yaw of the optical axis from the car's forward axis (deg, left positive), mount in the
+# ego frame (m), focal length at 1600 x 900 (px): nuScenes' rig, rounded
+CAMERA_RIG = (
+    ("CAM_FRONT", 0.0, (1.70, 0.00, 1.51), 1266.0),
+    ("CAM_FRONT_RIGHT", -55.0, (1.55, -0.49, 1.50), 1260.0),
+    ("CAM_BACK_RIGHT", -110.0, (1.02, -0.48, 1.56), 1257.0),
+    ("CAM_BACK", 180.0, (0.03, 0.00, 1.57), 809.0),
+    ("CAM_BACK_LEFT", 110.0, (1.04, 0.48, 1.57), 1257.0),
+    ("CAM_FRONT_LEFT", 55.0, (1.52, 0.49, 1.51), 1272.0),
+)
+# The 32 fine classes with their category.json index (nuScenes-lidarseg's).
+FINE_CLASSES = [
+    "noise", "animal", "human.pedestrian.adult", "human.pedestrian.child", "human.pedestrian.construction_worker",
+    "human.pedestrian.personal_mobility", "human.pedestrian.police_officer", "human.pedestrian.stroller",
+    "human.pedestrian.wheelchair", "movable_object.barrier", "movable_object.debris",
+    "movable_object.pushable_pullable", "movable_object.trafficcone", "static_object.bicycle_rack",
+    "vehicle.bicycle", "vehicle.bus.bendy", "vehicle.bus.rigid", "vehicle.car", "vehicle.construction",
+    "vehicle.emergency.ambulance", "vehicle.emergency.police", "vehicle.motorcycle", "vehicle.trailer",
+    "vehicle.truck", "flat.driveable_surface", "flat.other", "flat.sidewalk", "flat.terrain", "static.manmade",
+    "static.other", "static.vegetation", "vehicle.ego",
+]
+RAW_TO_FINE = {  # synthkitti's raw SemanticKITTI ids -> fine class
+    10: "vehicle.car", 11: "vehicle.bicycle", 18: "vehicle.truck", 30: "human.pedestrian.adult",
+    40: "flat.driveable_surface", 60: "flat.driveable_surface", 44: "flat.other", 48: "flat.sidewalk",
+    50: "static.manmade", 51: "static.manmade", 52: "static.other", 70: "static.vegetation",
+    71: "static.vegetation", 72: "flat.terrain", 80: "static.manmade", 81: "static.manmade",
+}
+RAW_LUT = np.zeros(256, dtype=np.uint8)  # raw id -> category index
+for _raw, _fine in RAW_TO_FINE.items():
+    RAW_LUT[_raw] = FINE_CLASSES.index(_fine)
+NOISE_RATE = 0.005  # points labelled "noise" (index 0), as stray returns are in the real data
+
+
+def token(*parts) -> str:
+    """A deterministic 32-hex token, as nuScenes' are."""
+    return hashlib.md5("/".join(map(str, parts)).encode()).hexdigest()
+
+
+def yaw_quaternion(yaw: float) -> list[float]:
+    """Rotation about z by yaw (rad) as (w, x, y, z)."""
+    return [math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)]
+
+
+def matrix_quaternion(r: np.ndarray) -> list[float]:
+    """A (3, 3) rotation -> (w, x, y, z), w >= 0."""
+    w = math.sqrt(max(0.0, 1 + r[0, 0] + r[1, 1] + r[2, 2])) / 2
+    x = math.copysign(math.sqrt(max(0.0, 1 + r[0, 0] - r[1, 1] - r[2, 2])) / 2, r[2, 1] - r[1, 2])
+    y = math.copysign(math.sqrt(max(0.0, 1 - r[0, 0] + r[1, 1] - r[2, 2])) / 2, r[0, 2] - r[2, 0])
+    z = math.copysign(math.sqrt(max(0.0, 1 - r[0, 0] - r[1, 1] + r[2, 2])) / 2, r[1, 0] - r[0, 1])
+    return [w, x, y, z]
+
+
+def camera_axes(yaw_deg: float) -> np.ndarray:
+    """(3, 3) camera -> ego rotation: camera x right, y down, z along the optical axis."""
+    yaw = math.radians(yaw_deg)
+    forward = np.array([math.cos(yaw), math.sin(yaw), 0.0])
+    right = np.array([math.sin(yaw), -math.cos(yaw), 0.0])
+    return np.stack([right, [0.0, 0.0, -1.0], forward], 1)
+
+
+def intrinsic(focal: float, scale: float) -> np.ndarray:
+    return np.array([[focal * scale, 0, 800 * scale], [0, focal * scale, 450 * scale], [0, 0, 1]])
+
+
+def camera_rays(yaw_deg: float, k: np.ndarray, height: int, width: int) -> sk.RayGrid:
+    """The camera's pixel-centre rays in the world frame (the car never turns)."""
+    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    pix = np.stack([u, v, np.ones_like(u)], -1)  # (H, W, 3)
+    dirs = pix @ np.linalg.inv(k).T @ camera_axes(yaw_deg).T  # (H, W, 3) in the ego (= world) axes
+    return sk.make_ray_grid(dirs / np.linalg.norm(dirs, axis=-1, keepdims=True))
+
+
+def encode_jpg(image: np.ndarray) -> bytes:
+    from PIL import Image
+    buf = BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+class Writer:
+    """Collects the table rows of every scene, then writes the tables once."""
+
+    def __init__(self, root: Path, image_scale: float):
+        self.root, self.scale = root, image_scale
+        self.height, self.width = round(900 * image_scale), round(1600 * image_scale)
+        self.rows = {t: [] for t in ("scene", "sample", "sample_data", "calibrated_sensor", "ego_pose", "sensor",
+                                     "lidarseg", "category", "log")}
+        self.rows["category"] = [{"token": token("category", name), "name": name, "description": name, "index": i}
+                                 for i, name in enumerate(FINE_CLASSES)]
+        self.rows["log"] = [{"token": token("log"), "logfile": "synthnusc", "vehicle": "synthetic",
+                             "date_captured": "2026-11-30", "location": "synthkitti-street"}]
+        channels = [("LIDAR_TOP", "lidar")] + [(c[0], "camera") for c in CAMERA_RIG]
+        self.rows["sensor"] = [{"token": token("sensor", c), "channel": c, "modality": m} for c, m in channels]
+        self.rows["calibrated_sensor"] = [{
+            "token": token("calib", "LIDAR_TOP"), "sensor_token": token("sensor", "LIDAR_TOP"),
+            "translation": list(LIDAR_MOUNT), "rotation": yaw_quaternion(-math.pi / 2), "camera_intrinsic": []}]
+        for channel, yaw, mount, focal in CAMERA_RIG:
+            self.rows["calibrated_sensor"].append({
+                "token": token("calib", channel), "sensor_token": token("sensor", channel), "translation": list(mount),
+                "rotation": matrix_quaternion(camera_axes(yaw)),
+                "camera_intrinsic": intrinsic(focal, image_scale).tolist()})
+        self.rigs = {c[0]: camera_rays(c[1], intrinsic(c[3], image_scale), self.height, self.width) for c in CAMERA_RIG}
+
+    def ego_pose(self, x: float, y: float, timestamp: int) -> str:
+        t = token("ego", timestamp)
+        self.rows["ego_pose"].append({"token": t, "translation": [x, y, 0.0], "rotation": [1.0, 0.0, 0.0, 0.0],
+                                      "timestamp": timestamp})
+        return t
+
+    def write(self, relative: str, data: bytes) -> None:
+        if not (self.root / relative).is_file():
+            sk.write_atomic(self.root / relative, data)
+
+    def scene(self, seed: int, number: int, name: str, keyframes: int) -> None:
+        """One scene: keyframes with six images and labels, sweeps between them."""
+        steps = keyframes + (keyframes - 1) * SWEEPS_BETWEEN  # LiDAR sweeps in all, keyframes included
+        dt = KEYFRAME_DT // (SWEEPS_BETWEEN + 1)
+        t0 = 1_500_000_000_000_000 + number * 100_000_000
+        st, static = sk.build_street(seed, number, -sk.MARGIN, SPEED * steps * dt / 1e6 + sk.MARGIN)
+        grid = sk.lidar_grid(1024, LIDAR_BEAMS, LIDAR_ELEVATION)
+        lidar_to_ego = np.eye(4)
+        lidar_to_ego[:3, :3] = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # x right, y forward
+        lidar_to_ego[:3, 3] = LIDAR_MOUNT
+        sample_tokens = [token(name, "sample", k) for k in range(keyframes)]
+        lidar_tokens = [token(name, "lidar", s) for s in range(steps)]
+        for s in range(steps):
+            key, k = s % (SWEEPS_BETWEEN + 1) == 0, s // (SWEEPS_BETWEEN + 1)
+            stamp = t0 + s * dt
+            x_ego = SPEED * (stamp - t0) / 1e6
+            world, ego = sk.frame_world(seed, number, st, static, s, x_ego)
+            ego[2] = 0.0  # the ego frame sits on the ground
+            sensor = ego + lidar_to_ego[:3, 3]
+            noise = sk.rng_for(seed, number, 4, s)
+            points, raw, rays = sk.lidar_scan(world, st, sensor, grid, noise, with_rays=True)
+            xyz = points[:, :3].astype(np.float64) @ lidar_to_ego[:3, :3]  # world axes -> the LiDAR's
+            ring = (rays // 1024).astype(np.float32)
+            folder = "samples" if key else "sweeps"
+            file = f"{folder}/LIDAR_TOP/{name}__LIDAR_TOP__{stamp}.pcd.bin"
+            self.write(file, np.concatenate([xyz.astype(np.float32), points[:, 3:], ring[:, None]], 1).tobytes())
+            sample = sample_tokens[min(k + (not key), keyframes - 1)]  # a sweep belongs to the next keyframe
+            self.rows["sample_data"].append({
+                "token": lidar_tokens[s], "sample_token": sample, "ego_pose_token": self.ego_pose(x_ego, ego[1], stamp),
+                "calibrated_sensor_token": token("calib", "LIDAR_TOP"), "filename": file, "fileformat": "pcd",
+                "width": 0, "height": 0, "timestamp": stamp, "is_key_frame": key,
+                "prev": lidar_tokens[s - 1] if s else "", "next": lidar_tokens[s + 1] if s + 1 < steps else ""})
+            if not key:
+                continue
+            labels = RAW_LUT[raw & 0xFFFF]
+            labels[noise.random(len(labels)) < NOISE_RATE] = 0  # stray returns: "noise"
+            label_file = f"lidarseg/{VERSION}/{lidar_tokens[s]}_lidarseg.bin"
+            self.write(label_file, labels.tobytes())
+            self.rows["lidarseg"].append({"token": token(name, "lidarseg", k), "filename": label_file,
+                                          "sample_data_token": lidar_tokens[s]})
+            self.rows["sample"].append({"token": sample_tokens[k], "timestamp": stamp, "scene_token": token(name),
+                                        "prev": sample_tokens[k - 1] if k else "",
+                                        "next": sample_tokens[k + 1] if k + 1 < keyframes else ""})
+            for (channel, yaw, mount, _), fire in zip(CAMERA_RIG, CAMERA_FIRE):
+                cam_stamp = stamp + fire
+                x_cam = SPEED * (cam_stamp - t0) / 1e6  # the car moved on since the LiDAR fired
+                origin = np.array([x_cam, ego[1], 0.0]) + np.array(mount)
+                file = f"samples/{channel}/{name}__{channel}__{cam_stamp}.jpg"
+                gt_file = f"synth_gt/{token(name, channel, k)}.npy"
+                if not (self.root / file).is_file() or not (self.root / gt_file).is_file():
+                    image, gt = sk.render_view(world, st, origin, self.rigs[channel], self.height, self.width)
+                    self.write(gt_file, sk.encode_npy(gt[0]))  # SemanticKITTI training ids: tests only
+                    self.write(file, encode_jpg(image))
+                self.rows["sample_data"].append({
+                    "token": token(name, channel, k), "sample_token": sample_tokens[k],
+                    "ego_pose_token": self.ego_pose(x_cam, ego[1], cam_stamp),
+                    "calibrated_sensor_token": token("calib", channel), "filename": file, "fileformat": "jpg",
+                    "width": self.width, "height": self.height, "timestamp": cam_stamp, "is_key_frame": True,
+                    "prev": "", "next": ""})
+        self.rows["scene"].append({"token": token(name), "name": name, "description": "a synthetic street",
+                                   "log_token": token("log"), "nbr_samples": keyframes,
+                                   "first_sample_token": sample_tokens[0], "last_sample_token": sample_tokens[-1]})
+
+    def finish(self) -> None:
+        for table, rows in self.rows.items():
+            self.write_table(table, rows)
+
+    def write_table(self, table: str, rows: list[dict]) -> None:
+        sk.write_atomic(self.root / VERSION / f"{table}.json", json.dumps(rows, indent=1).encode())
+
+
+def make_dataset(root, scenes=None, seed=0, image_scale=0.25, progress=True) -> Path:
+    """Write the synthetic nuScenes-lidarseg scenes under root (files already there are kept,
+    the tables rewritten); returns root."""
+    from tqdm import tqdm
+    root = Path(root)
+    scenes = DEFAULT_SCENES if scenes is None else scenes
+    if (root / VERSION / "scene.json").is_file() and \
+            {s["name"] for s in json.loads((root / VERSION / "scene.json").read_text())} == set(scenes):
+        return root  # complete: the tables are written last
+    writer = Writer(root, image_scale)
+    for name, keyframes in tqdm(scenes.items(), desc="synthetic nuScenes scenes", disable=not progress):
+        writer.scene(seed, int(name.split("-")[1]), name, keyframes)
+    writer.finish()
+    return root
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("data/synthnusc"), help="root folder (default: data/synthnusc)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the streets (default: 0)")
+    p.add_argument("--image-scale", type=float, default=0.25,
+                   help="camera images at this fraction of 1600 x 900 (default: 0.25, 400 x 225)")
+    args = p.parse_args(argv)
+    make_dataset(args.out, seed=args.seed, image_scale=args.image_scale)
+    print(f"Synthetic nuScenes-lidarseg scenes in {args.out} ({VERSION})")
+
+
+if __name__ == "__main__":
+    main()
