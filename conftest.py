@@ -45,4 +45,4 @@ def synth_nusc(tmp_path_factory):
     """Synthetic nuScenes-lidarseg: scene-0001 (training, 3 keyframes) and scene-0003 (val, 2)."""
     import synthnusc
     root = tmp_path_factory.mktemp("synthnusc")
-    return synthnusc.make_dataset(root, {"scene-0001": 3, "scene-0003": 2}, progress=False)
+    return synthnusc.make_dataset(root, {"scene-0001": 3, "scene-0003": 2}, columns=512, progress=False)

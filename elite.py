@@ -336,23 +336,22 @@ RANGE_MIN = (-50.0, -50.0, -4.0)
 RANGE_MAX = (50.0, 50.0, 2.0)
 
 
-def in_range(xyz: np.ndarray) -> np.ndarray:
-    """Strict range test of the official dataset: -50<x<50, -50<y<50, -4<z<2."""
-    lo, hi = np.array(RANGE_MIN), np.array(RANGE_MAX)
-    return ((xyz > lo) & (xyz < hi)).all(axis=1)
+def in_range(xyz: np.ndarray, lo=RANGE_MIN, hi=RANGE_MAX) -> np.ndarray:
+    """Strict range test of the official dataset: -50<x<50, -50<y<50, -4<z<2 (nuScenes: z<3)."""
+    return ((xyz > np.array(lo)) & (xyz < np.array(hi))).all(axis=1)
 
 
-def usable_rows(points: np.ndarray, path) -> np.ndarray:
+def usable_rows(points: np.ndarray, path, lo=RANGE_MIN, hi=RANGE_MAX) -> np.ndarray:
     """Rows of a scan (N, 4) that are finite and inside the voxel range, ascending. Dropped
     non-finite points, and a scan with nothing in range, are reported in a warning naming
     the file (the model then sees no point of it; prediction gives such points 0)."""
     finite = np.isfinite(points).all(axis=1)
     if not finite.all():
         warnings.warn(f"{path}: dropped {int((~finite).sum())} points with NaN or Inf values")
-    rows = np.flatnonzero(finite & in_range(np.nan_to_num(points[:, :3])))
+    rows = np.flatnonzero(finite & in_range(np.nan_to_num(points[:, :3]), lo, hi))
     if len(rows) == 0:
         what = ("empty scan" if len(points) == 0 else f"none of its {len(points)} points lies inside the voxel "
-                "range (x, y in (-50, 50) m, z in (-4, 2) m)")
+                f"range (x, y in ({lo[0]:g}, {hi[0]:g}) m, z in ({lo[2]:g}, {hi[2]:g}) m)")
         warnings.warn(f"{path}: {what}: nothing of it reaches the model")
     return rows
 
@@ -651,7 +650,7 @@ def collate(scans: list[Scan]) -> Batch:
 # Every scale s re-quantises the raw points into ceil(shape / s) cells per axis, so the
 # scale-8 z axis has 8 cells (0.75 m) and the scale-16 x/y axes have 63 cells (1.587 m).
 
-GRID_SHAPE = (1000, 1000, 60)  # 0.1 m voxels over the range
+GRID_SHAPE = (1000, 1000, 60)  # 0.1 m voxels over the range (nuScenes: 70 over its -4..3 m)
 SCALES = (2, 4, 8, 16)
 
 
@@ -704,12 +703,13 @@ class Voxels:
         return len(self.coords)
 
 
-def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int) -> Voxels:
-    """Quantise points (N, 3) at one scale. Indices are not clipped: augmented points may
-    leave the range and get negative or too-large indices, as in the official code."""
-    lo = torch.tensor(RANGE_MIN, device=xyz.device)
-    hi = torch.tensor(RANGE_MAX, device=xyz.device)
-    cells = torch.tensor([math.ceil(n / scale) for n in GRID_SHAPE], device=xyz.device)
+def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int, lo=RANGE_MIN, hi=RANGE_MAX,
+             shape=GRID_SHAPE) -> Voxels:
+    """Quantise points (N, 3) at one scale of the grid `shape` over [lo, hi]. Indices are not
+    clipped: augmented points may leave the range and get negative or too-large indices, as in
+    the official code."""
+    lo, hi = torch.tensor(lo, device=xyz.device), torch.tensor(hi, device=xyz.device)
+    cells = torch.tensor([math.ceil(n / scale) for n in shape], device=xyz.device)
     idx = (cells * (xyz - lo) / (hi - lo)).long()  # .long() truncates toward zero, as upstream
     coords, inv = unique_rows(torch.cat([batch_idx[:, None], idx], 1))
     return Voxels(coords, inv)
@@ -863,21 +863,25 @@ class StudentConfig:
     hidden: int = 64
     num_classes: int = NUM_CLASSES
     scales: tuple[int, ...] = SCALES
+    range_min: tuple[float, float, float] = RANGE_MIN  # the voxel range and its 0.1 m grid
+    range_max: tuple[float, float, float] = RANGE_MAX
+    grid_shape: tuple[int, int, int] = GRID_SHAPE
 
 
 class VoxelInputEncoder(nn.Module):
     """Per-point 10-d input -> mean per 0.1 m voxel (V1, 64)."""
 
-    def __init__(self, hidden=64):
+    def __init__(self, hidden=64, lo=RANGE_MIN, cell=0.1):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(10, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.lo, self.cell = lo, cell
 
     def forward(self, points, vox: Voxels):
         xyz = points[:, :3]  # (N, 3)
         voxel_mean = scatter_mean(xyz, vox.inv, len(vox)).index_select(0, vox.inv)  # (N, 3)
         # Upstream calls this the voxel centre; it is the voxel's lower corner.
-        lo = torch.tensor(RANGE_MIN, device=xyz.device)
-        corner = vox.coords[:, 1:].to(xyz.dtype).index_select(0, vox.inv) * 0.1 + lo  # (N, 3)
+        lo = torch.tensor(self.lo, device=xyz.device)
+        corner = vox.coords[:, 1:].to(xyz.dtype).index_select(0, vox.inv) * self.cell + lo  # (N, 3)
         x = torch.cat([points, xyz - voxel_mean, xyz - corner], 1)  # (N, 10)
         # mean(Linear(h)) == Linear(mean(h)): the second layer runs per voxel, not per point.
         h = scatter_mean(self.mlp[1](self.mlp[0](x)), vox.inv, len(vox))  # (V1, 64)
@@ -1000,9 +1004,10 @@ class Student(nn.Module):
 
     def __init__(self, cfg: StudentConfig | None = None):
         super().__init__()
-        self.cfg = cfg or StudentConfig()
-        c, k = self.cfg.hidden, self.cfg.num_classes
-        self.input_encoder = VoxelInputEncoder(c)
+        self.cfg = cfg = cfg or StudentConfig()
+        c, k = cfg.hidden, cfg.num_classes
+        cell = (cfg.range_max[0] - cfg.range_min[0]) / cfg.grid_shape[0]  # 0.1 m in both datasets
+        self.input_encoder = VoxelInputEncoder(c, cfg.range_min, cell)
         self.blocks = nn.ModuleList([SPVBlock(c) for _ in self.cfg.scales])
         self.classifier = nn.Sequential(nn.Linear(c * len(self.cfg.scales), 128), nn.ReLU(), nn.Linear(128, k))
 
@@ -1024,7 +1029,8 @@ class Student(nn.Module):
     def voxelize(self, points: torch.Tensor, batch_idx: torch.Tensor) -> list[Voxels]:
         """The voxels of scales 1, 2, 4, 8, 16."""
         with torch.no_grad():
-            voxels = [voxelize(points[:, :3], batch_idx, s) for s in (1,) + tuple(self.cfg.scales)]
+            voxels = [voxelize(points[:, :3], batch_idx, s, self.cfg.range_min, self.cfg.range_max, self.cfg.grid_shape)
+                      for s in (1,) + tuple(self.cfg.scales)]
         if self.training and len(voxels[-1]) < 2:
             raise TooFewVoxels(f"the batch's {len(points)} points fill {len(voxels[-1])} voxel(s) at scale "
                                f"{self.cfg.scales[-1]}: BatchNorm needs two")
@@ -1817,6 +1823,8 @@ def elite_losses(out: StudentOutput, heads: nn.ModuleList, teacher: Teacher, bat
 # each class 1..19 = tp / (tp + fp + fn); mIoU averages all 19, absent classes as 0.
 
 class ConfusionMatrix:
+    rules = "official, 19 classes"
+
     def __init__(self, num_classes=NUM_CLASSES):
         self.n = num_classes
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # rows: prediction

@@ -20,6 +20,8 @@ run without images.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import time
 import warnings
@@ -30,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 import elite
+import nusc
 import runs
 import u2mkd
 
@@ -42,14 +45,21 @@ def parse_args(argv=None):
                    help="student checkpoint written by train_student.py: last.pt, the last epoch, as upstream "
                         "scores last.ckpt; best.pt is the epoch selected on the validation split, so its score on "
                         "that split is optimistic")
-    p.add_argument("--data", type=Path, default=Path("data/synthkitti"),
-                   help="SemanticKITTI root holding sequences/ (default: the embedded synthetic scenes)")
+    p.add_argument("--dataset", choices=("semantickitti", "nuscenes"), default="semantickitti",
+                   help="semantickitti, or nuscenes: nuScenes-lidarseg keyframes, scored with the devkit's rules and "
+                        "written in the official submission format")
+    p.add_argument("--data", type=Path, default=None,
+                   help="SemanticKITTI root holding sequences/, or the nuScenes root (default: the embedded synthetic "
+                        "scenes, data/synthkitti or data/synthnusc)")
+    p.add_argument("--version", default="v1.0-trainval",
+                   help="nuscenes: the tables (v1.0-trainval for train and val, v1.0-test, v1.0-mini)")
     p.add_argument("--split", choices=sorted(elite.SPLITS), default="val",
                    help="which official split of --data to predict")
     p.add_argument("--sequence", type=Path, default=None,
                    help="predict one sequence folder (…/sequences/XX) instead of a split (default: the split)")
     p.add_argument("--out", type=Path, default=Path("predictions"),
-                   help="where sequences/XX/predictions/*.label are written")
+                   help="where sequences/XX/predictions/*.label are written (nuscenes: lidarseg/SPLIT/"
+                        "<lidar_token>_lidarseg.bin and SPLIT/submission.json)")
     p.add_argument("--votes", type=runs.positive_int, default=1,
                    help="test-time augmentation: logits summed over this many copies (copy 0 as is, "
                         "the others rotated and translated at random; official test uses 12)")
@@ -78,6 +88,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.benchmark and (args.vis is not None or args.no_images):
         p.error("--benchmark times the student on one scan and writes no predictions: drop --vis / --no-images")
+    if args.dataset == "nuscenes" and (args.vis is not None or args.sequence is not None):
+        p.error("--dataset nuscenes: --vis and --sequence are for SemanticKITTI")
+    args.data = args.data or Path("data/synthnusc" if args.dataset == "nuscenes" else "data/synthkitti")
     return args
 
 
@@ -104,7 +117,7 @@ def vote_copies(points: np.ndarray, keep: np.ndarray, votes: int, rng: np.random
 def summed_votes(out: torch.Tensor, index: torch.Tensor, num_points: int) -> np.ndarray:
     """Raw logits summed over the votes, as upstream -> training ids (N,) of every raw point
     (a point no copy holds gets 0)."""
-    logits = torch.zeros(num_points, elite.NUM_CLASSES, device=out.device).index_add_(0, index, out.float())
+    logits = torch.zeros(num_points, out.shape[1], device=out.device).index_add_(0, index, out.float())
     return logits.argmax(1).cpu().numpy()
 
 
@@ -141,18 +154,19 @@ def predict_fusion_scan(model, points: np.ndarray, frame: np.ndarray | None, pro
     return summed_votes(model(xyzi, batch_idx, images, image_of_point, uv_t).logits, index, len(points))
 
 
-def view_table(confs: dict[str, elite.ConfusionMatrix]) -> str:
-    """Per-class IoU, one column per confusion matrix (official rules each)."""
+def view_table(confs: dict[str, elite.ConfusionMatrix], class_names=elite.CLASS_NAMES) -> str:
+    """Per-class IoU, one column per confusion matrix (each with its dataset's rules; nan: a
+    class with neither points nor predictions, which nuScenes' mIoU leaves out)."""
     names = list(confs)
     width = max(10, *(len(n) for n in names))
-    lines = [f"{'class':<14} " + " ".join(f"{n:>{width}}" for n in names)]
-    for c in range(1, elite.NUM_CLASSES):
-        lines.append(f"{elite.CLASS_NAMES[c]:<14} " + " ".join(f"{100 * float(m.iou()[c - 1]):>{width}.1f}"
-                                                              for m in confs.values()))
-    lines.append(f"{'mIoU':<14} " + " ".join(f"{100 * m.miou():>{width}.1f}" for m in confs.values()))
-    lines.append(f"{'mIoU present':<14} " + " ".join(f"{100 * float(m.iou()[m.present()].mean()):>{width}.1f}"
+    lines = [f"{'class':<20} " + " ".join(f"{n:>{width}}" for n in names)]
+    for c in range(1, len(class_names)):
+        lines.append(f"{class_names[c]:<20} " + " ".join(f"{100 * float(m.iou()[c - 1]):>{width}.1f}"
+                                                         for m in confs.values()))
+    lines.append(f"{'mIoU':<20} " + " ".join(f"{100 * m.miou():>{width}.1f}" for m in confs.values()))
+    lines.append(f"{'mIoU present':<20} " + " ".join(f"{100 * float(m.iou()[m.present()].mean()):>{width}.1f}"
                                                      for m in confs.values()))
-    lines.append(f"{'points':<14} " + " ".join(f"{int(m.matrix[:, 1:].sum()):>{width},}" for m in confs.values()))
+    lines.append(f"{'points':<20} " + " ".join(f"{int(m.matrix[:, 1:].sum()):>{width},}" for m in confs.values()))
     return "\n".join(lines)
 
 
@@ -207,6 +221,8 @@ def check_outputs(args) -> None:
 
 
 def predict(args):
+    if args.dataset == "nuscenes":
+        return predict_nuscenes(args)
     kind = runs.load_checkpoint(args.checkpoint, None)["kind"]
     if kind == u2mkd.FUSION_KIND:
         return predict_fusion(args)
@@ -309,6 +325,110 @@ def predict_fusion(args):
               f"'seen': the points the camera sees, 'no images': every image feature imputed):\n{view_table(confs)}")
     else:
         print("No labels found: predictions written, nothing scored.")
+
+
+# ------------------------------------------------------------------------------------
+# nuScenes-lidarseg: every keyframe point predicted, the devkit's rules, the submission files
+# ------------------------------------------------------------------------------------
+# A submission needs a class 1..16 for every point of the keyframe's file, and nuScenes'
+# LiDAR reaches beyond the 2DPASS range: such points are predicted where they are pushed onto
+# the range's edge, and class 0 (ignore) is never predicted.
+
+def nusc_points(points: np.ndarray) -> np.ndarray:
+    """(N, 5) keyframe -> (N, 4) x, y, z, intensity with every point inside the voxel range:
+    non-finite values become 0, coordinates beyond the range are clamped onto its edge."""
+    pts = np.nan_to_num(points[:, :4], nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    eps = 1e-3
+    pts[:, :3] = np.clip(pts[:, :3], np.array(nusc.RANGE_MIN) + eps, np.array(nusc.RANGE_MAX) - eps)
+    return pts
+
+
+@torch.no_grad()
+def predict_nusc_frame(model, points: np.ndarray, images: np.ndarray | None, camera: np.ndarray, uv: np.ndarray,
+                       votes: int, rng: np.random.Generator, device) -> np.ndarray:
+    """Classes 1..16 (N,) for every point of a keyframe; images (K, 3, H, W) and each point's
+    camera (-1: none) and uv for a fusion student (images None: a LiDAR-only student, or every
+    point imputed)."""
+    pts = nusc_points(points)
+    xyzi, batch_idx, index = vote_copies(pts, np.arange(len(pts)), votes, rng, device)
+    if isinstance(model, u2mkd.FusionStudent):
+        image_t, k = None, 0
+        if images is not None and len(images):
+            image_t, k = torch.from_numpy(images).to(device).repeat(votes, 1, 1, 1), len(images)  # (votes K, 3, H, W)
+        cam = torch.from_numpy(camera if image_t is not None else np.full(len(pts), -1)).to(device).repeat(votes)
+        image_of_point = torch.where(cam >= 0, cam + k * batch_idx, cam)  # copy v reads its own K images
+        uv_t = torch.from_numpy(uv).to(device).repeat(votes, 1)
+        logits = model(xyzi, batch_idx, image_t, image_of_point, uv_t).logits
+    else:
+        logits = model(xyzi, batch_idx).logits
+    logits = logits.float()
+    logits[:, nusc.IGNORE] = -math.inf  # a submission holds classes 1..16 only
+    return summed_votes(logits.clamp_min(-1e30), index, len(points))
+
+
+def predict_nuscenes(args):
+    """Predict the keyframes of a nuScenes split, write the submission files, score with the
+    devkit's rules on all points, on the points a camera sees and on the others; a fusion
+    student with its images and without."""
+    check_outputs(args)
+    device = torch.device(args.device)
+    kind = runs.load_checkpoint(args.checkpoint, None)["kind"]
+    if kind == u2mkd.FUSION_KIND:
+        model, ckpt = u2mkd.load_fusion_student(args.checkpoint, map_location=device)
+        image_hw = tuple(ckpt["image_hw"])
+    else:
+        model, ckpt = runs.load_student(args.checkpoint, map_location=device)
+        image_hw = None
+    if model.cfg.num_classes != nusc.NUM_CLASSES:
+        raise elite.DataError(f"{args.checkpoint}: a model of {model.cfg.num_classes} classes (SemanticKITTI); "
+                              f"nuScenes-lidarseg has {nusc.NUM_CLASSES}: train it with --dataset nuscenes")
+    model.to(device).eval()
+    tables = nusc.read_tables(args.data, args.version)
+    lut = nusc.fine_to_coarse(tables)
+    frames = nusc.keyframes(tables, args.data, nusc.split_scenes(tables, args.split), labelled=args.split != "test")
+    fusion = image_hw is not None
+    runs.print_summary("infer.py: nuScenes-lidarseg predictions", {
+        "device": runs.describe_device(device, args.amp),
+        "data": f"{args.data} ({args.version}), split {args.split}: {len(frames)} keyframes, {args.votes} vote(s)",
+        "model": f"{type(model).__name__}, {elite.count_parameters(model):,} parameters, from {args.checkpoint} "
+                 f"({which_epoch(ckpt)})" + (f"; images resized to {image_hw[0]}x{image_hw[1]}, all six cameras"
+                                             if fusion else ""),
+        "outputs": f"{args.out}/lidarseg/{args.split}/<lidar_token>_lidarseg.bin, {args.out}/{args.split}/"
+                   f"submission.json" + (f" (made {'without' if args.no_images else 'with'} images)" if fusion else "")})
+    rng = np.random.default_rng(args.seed)
+    modes = ("images", "no images") if fusion else ("lidar",)
+    written = "no images" if args.no_images else modes[0]
+    confs = {f"{m} {part}": nusc.LidarsegConfusion() for m in modes for part in ("all", "seen", "unseen")}
+    for frame in tqdm(frames, desc="predict", dynamic_ncols=True):
+        points = nusc.read_points(frame.points)
+        labels = torch.from_numpy(nusc.read_labels(frame.labels, len(points), lut)) if frame.labels else None
+        camera, uv = nusc.project_keyframe(tables, frame, points[:, :3])  # raw coordinates, all six cameras
+        seen = torch.from_numpy(camera >= 0)
+        images = np.stack([u2mkd.prepare_full_image(nusc.read_camera_image(c), image_hw) for c in frame.cameras]) \
+            if fusion else None
+        for mode in modes:
+            pred = predict_nusc_frame(model, points, images if mode == "images" else None, camera, uv, args.votes,
+                                      rng, device)
+            if mode == written:  # the files of the mode asked for
+                write_bytes(args.out / "lidarseg" / args.split / f"{frame.lidar_token}_lidarseg.bin",
+                            nusc.submission_labels(pred).tobytes())
+            if labels is not None:
+                pred_t = torch.from_numpy(pred)
+                confs[f"{mode} all"].add(pred_t, labels)
+                confs[f"{mode} seen"].add(pred_t[seen], labels[seen])
+                confs[f"{mode} unseen"].add(pred_t[~seen], labels[~seen])
+    use_camera = fusion and not args.no_images
+    write_bytes(args.out / args.split / "submission.json", json.dumps(nusc.submission_meta(use_camera), indent=2).encode())
+    if frames and frames[0].labels is not None:
+        print(f"\nScores over {len(frames)} keyframes (nuScenes-lidarseg rules, every point of each keyframe; 'seen': "
+              f"the points a camera sees{', no images: every image feature imputed' if fusion else ''}):\n"
+              f"{view_table(confs, nusc.CLASS_NAMES)}")
+    else:
+        print("No labels (the test split): submission files written, nothing scored.")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    runs.atomic_write(path, lambda f: f.write(data))
 
 
 # ------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ scores with the devkit's lidarseg rules and writes the submission format:
     5. Files: points (x, y, z, intensity, ring), labels (uint8 per point), images
     6. Projection: LiDAR -> ego -> global -> ego -> camera -> pixel, in normalised coordinates
     7. Sweeps: the LiDAR sweeps around a keyframe, in the keyframe's LiDAR frame
-    8. Evaluation: the devkit's lidarseg confusion matrix
-    9. Submission: <lidar_sample_data_token>_lidarseg.bin and submission.json
+    8. The dataset: keyframes as the voxel student reads them (nuScenes' range and grid)
+    9. Evaluation: the devkit's lidarseg confusion matrix
+   10. Submission: <lidar_sample_data_token>_lidarseg.bin and submission.json
 
 Facts follow nutonomy/nuscenes-devkit (docs/schema_nuscenes.md, eval/lidarseg) and U2MKD's
 loader (u2mkd-code.md section 7.1); deliberate differences are in README.md.
@@ -26,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from elite import DataError
+from elite import (IGNORE, ConfusionMatrix, DataError, Scan, StudentConfig, augment_xyz, dropout_points, in_range,
+                   usable_rows)
 
 # =====================================================================================
 # 1. The tables
@@ -358,47 +361,112 @@ def read_sweeps(tables: Tables, root, lidar_token: str, count: int) -> np.ndarra
 
 
 # =====================================================================================
-# 8. Evaluation: the devkit's lidarseg rules
+# 8. The dataset: keyframes as the voxel student reads them
 # =====================================================================================
-# One confusion matrix over the split (rows: ground truth). Row and column 0 (ignore) are
+# 2DPASS's nuScenes config: the range -50 < x, y < 50, -4 < z < 3 m on a 0.1 m grid, and the
+# same augmentation as on SemanticKITTI (point dropout, rotation, flip, scale, translation).
+
+RANGE_MIN, RANGE_MAX, GRID_SHAPE = (-50.0, -50.0, -4.0), (50.0, 50.0, 3.0), (1000, 1000, 70)
+
+
+def student_config(hidden=64) -> StudentConfig:
+    """The voxel student on nuScenes: 17 classes, nuScenes' range and grid."""
+    return StudentConfig(hidden=hidden, num_classes=NUM_CLASSES, range_min=RANGE_MIN, range_max=RANGE_MAX,
+                         grid_shape=GRID_SHAPE)
+
+
+class NuScenesScans(torch.utils.data.Dataset):
+    """The keyframes of a split as elite.Scan (x, y, z, intensity; evaluation classes), so the
+    voxel student, the loaders and the training loop run on them unchanged. `train` turns on
+    dropout and augmentation; sweeps=k adds k unlabelled sweeps (label 0) in the keyframe's frame
+    (U2MKD's LiDAR teacher), their rows counted on after the keyframe's own."""
+
+    def __init__(self, root, version: str, split: str, train=False, seed=0, sweeps=0, labelled=True):
+        self.root, self.train, self.seed, self.sweeps, self.epoch = Path(root), train, seed, sweeps, 0
+        self.tables = read_tables(root, version)
+        self.lut = fine_to_coarse(self.tables)
+        self.frames = keyframes(self.tables, root, split_scenes(self.tables, split), labelled)
+        if not self.frames:
+            raise DataError(f"{self.root / version}: no scene of split '{split}'")
+        self.scans = [f.points for f in self.frames]  # what progress warnings name
+        self.has_labels = [f.labels is not None for f in self.frames]
+
+    def __len__(self):
+        return len(self.frames)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rng(self, i, stream: int) -> np.random.Generator | None:
+        return np.random.default_rng([self.seed, self.epoch, i, stream]) if self.train else None
+
+    def raw(self, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Keyframe i as in its file: points (N, 4), labels (N,) and the usable rows (ascending)."""
+        frame = self.frames[i]
+        points = read_points(frame.points)[:, :4]
+        labels = read_labels(frame.labels, len(points), self.lut) if frame.labels else np.zeros(len(points), np.int64)
+        return points, labels, usable_rows(points, frame.points, RANGE_MIN, RANGE_MAX)
+
+    def __getitem__(self, i) -> Scan:
+        frame = self.frames[i]
+        points, labels, keep = self.raw(i)
+        rng = self.rng(i, 0)
+        if self.train and len(keep):
+            keep = keep[dropout_points(len(keep), rng)]
+        pts, lab, index = points[keep], labels[keep], keep
+        if self.sweeps:
+            pts, lab, index = self.add_sweeps(i, pts, lab, index, len(points))
+        pts = pts.copy()
+        if self.train:
+            pts[:, :3] = augment_xyz(pts[:, :3], rng)
+        return Scan(pts, lab, index, len(points), frame.points)
+
+    def add_sweeps(self, i, pts, labels, index, num_raw):
+        sweep = read_sweeps(self.tables, self.root, self.frames[i].lidar_token, self.sweeps)
+        sweep = sweep[in_range(np.nan_to_num(sweep[:, :3]), RANGE_MIN, RANGE_MAX)]
+        return (np.concatenate([pts, sweep]), np.concatenate([labels, np.zeros(len(sweep), np.int64)]),
+                np.concatenate([index, num_raw + np.arange(len(sweep))]))
+
+
+# =====================================================================================
+# 9. Evaluation: the devkit's lidarseg rules
+# =====================================================================================
+# One confusion matrix over the split. Row and column 0 (ignore) are
 # zeroed, so a point labelled 0 never counts and a prediction of 0 is never a hit or a false
 # positive. IoU = tp / (gt + pred - tp); mIoU = the mean over the classes whose union is not
 # empty (a class absent from both ground truth and predictions is left out, as nanmean does).
 
-class LidarsegConfusion:
+class LidarsegConfusion(ConfusionMatrix):
+    """elite.ConfusionMatrix (rows: prediction, columns: ground truth) with the devkit's rules."""
+    rules = "nuScenes-lidarseg rules"
+
     def __init__(self, num_classes=NUM_CLASSES):
-        self.n = num_classes
-        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        super().__init__(num_classes)
 
-    def add(self, gt: np.ndarray, pred: np.ndarray) -> None:
-        idx = np.asarray(gt, dtype=np.int64).ravel() * self.n + np.asarray(pred, dtype=np.int64).ravel()
-        cm = np.bincount(idx, minlength=self.n * self.n).reshape(self.n, self.n)
-        cm[0, :] = 0
-        cm[:, 0] = 0
-        self.matrix += cm
-
-    def iou(self) -> np.ndarray:
-        """(17,) IoU per class, NaN where a class has no union (class 0 always)."""
-        tp = np.diag(self.matrix).astype(np.float64)
-        union = self.matrix.sum(1) + self.matrix.sum(0) - tp
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return tp / union
+    def iou(self) -> torch.Tensor:
+        """(16,) IoU of classes 1..16, NaN where a class has no union."""
+        m = self.matrix.clone().double()
+        m[IGNORE, :] = 0
+        m[:, IGNORE] = 0
+        tp = m.diagonal()
+        return (tp / (m.sum(0) + m.sum(1) - tp))[1:]  # 0 / 0 = NaN for a class with no union
 
     def miou(self) -> float:
         iou = self.iou()
-        return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+        return float(iou.nanmean()) if not iou.isnan().all() else 0.0
 
     def table(self) -> str:
-        iou = self.iou()
+        iou, present = self.iou(), self.present()
         lines = [f"{'class':<20} {'IoU':>6}"]
         for c in range(1, self.n):
-            lines.append(f"{CLASS_NAMES[c]:<20} " + ("   n/a   (no point)" if np.isnan(iou[c]) else f"{100 * iou[c]:6.1f}"))
-        lines.append(f"{'mIoU':<20} {100 * self.miou():6.1f}   (nuScenes-lidarseg rules: classes with points)")
+            value = "   n/a   (no point, not predicted)" if iou[c - 1].isnan() else f"{100 * iou[c - 1]:6.1f}"
+            lines.append(f"{CLASS_NAMES[c]:<20} {value}" + ("" if present[c - 1] else "   (no ground-truth points)"))
+        lines.append(f"{'mIoU':<20} {100 * self.miou():6.1f}   (nuScenes-lidarseg rules: over the classes with points)")
         return "\n".join(lines)
 
 
 # =====================================================================================
-# 9. Submission
+# 10. Submission
 # =====================================================================================
 # OUT/lidarseg/<split>/<lidar_sample_data_token>_lidarseg.bin: uint8 class 1..16 per point of
 # the keyframe's file, in its order (0 is not allowed); OUT/<split>/submission.json: the inputs.

@@ -593,6 +593,22 @@ def dataset_root(data: Path | None, train_sequences: list[str], val_sequences: l
     return root, existing_sequences(root, train_sequences), existing_sequences(root, val_sequences)
 
 
+EMBEDDED_NUSC_ROOT = Path("data/synthnusc")  # the synthetic nuScenes-lidarseg scenes (--dataset nuscenes)
+
+
+def nuscenes_root(data: Path | None, seed: int) -> Path:
+    """--data for --dataset nuscenes, or without it the synthetic nuScenes scenes, written once."""
+    if data is not None:
+        return data
+    import synthnusc
+    print(f"No --data given: using synthetic nuScenes scenes in {EMBEDDED_NUSC_ROOT} (embedded preset; pass --data "
+          "for nuScenes-lidarseg)")
+    if distributed().main:
+        synthnusc.make_dataset(EMBEDDED_NUSC_ROOT, seed=seed, columns=EMBEDDED_COLUMNS)
+    barrier()
+    return EMBEDDED_NUSC_ROOT
+
+
 def existing_sequences(root, sequences: list[str]) -> list[str]:
     """The sequences that have a velodyne folder under ROOT/sequences; the others are named and skipped."""
     check_root(root)
@@ -805,9 +821,14 @@ def presets_epilog(presets: dict[str, Preset]) -> str:
 
 def add_data_flags(parser, holds: str) -> None:
     """The trainers' --data, --train-sequences and --val-sequences; `holds`: what each sequence folder needs."""
+    parser.add_argument("--dataset", choices=("semantickitti", "nuscenes"), default="semantickitti",
+                        help="semantickitti, or nuscenes (nuScenes-lidarseg: U2MKD's dataset; its splits are the "
+                             "official scenes, --version picks the tables)")
     parser.add_argument("--data", type=Path, default=None,
-                        help=f"SemanticKITTI root holding sequences/XX/{{{holds}}}; default: synthetic scenes "
-                             f"made once under {EMBEDDED_ROOT}")
+                        help=f"SemanticKITTI root holding sequences/XX/{{{holds}}}, or the nuScenes root; default: "
+                             f"synthetic scenes made once under {EMBEDDED_ROOT} ({EMBEDDED_NUSC_ROOT} for nuscenes)")
+    parser.add_argument("--version", default="v1.0-trainval",
+                        help="nuscenes: the tables, v1.0-trainval (train 700 scenes, val 150) or v1.0-mini")
     parser.add_argument("--train-sequences", nargs="+", default=None,
                         help="training sequences (preset: 00-07 09 10, with 08 for paper-test; missing ones are "
                              "skipped with a note)")
@@ -868,9 +889,19 @@ def describe_outputs(out: Path, save_every: int) -> str:
     return f"{out / 'last.pt'} ({often}), {out / 'best.pt'}, {out / 'metrics.csv'}"
 
 
-def describe_data(root, train_set, train_sequences, val_set, val_sequences) -> str:
-    return (f"{root}: {len(train_set)} training scans ({' '.join(train_sequences)}), "
-            f"{len(val_set)} validation scans ({' '.join(val_sequences)})")
+def val_name(args) -> str:
+    """The validation split as the end-of-run table names it."""
+    if getattr(args, "dataset", "semantickitti") == "nuscenes":
+        return f"the val scenes of {args.version}"
+    return ", ".join(args.val_sequences)
+
+
+def describe_data(root, train_set, val_set, args) -> str:
+    if getattr(args, "dataset", "semantickitti") == "nuscenes":
+        return (f"{root} (nuScenes-lidarseg {args.version}): {len(train_set)} training keyframes (split train), "
+                f"{len(val_set)} validation keyframes (split val)")
+    return (f"{root}: {len(train_set)} training scans ({' '.join(args.train_sequences)}), "
+            f"{len(val_set)} validation scans ({' '.join(args.val_sequences)})")
 
 
 # =====================================================================================
@@ -1117,7 +1148,7 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                             board.add_scalar(key, value, epoch + 1)
                     print(f"epoch {epoch + 1}: mean loss terms (rank 0): "
                           + " ".join(f"{k} {v:.3f}" for k, v in means.items()))
-                    print(f"epoch {epoch + 1}: {metric} {100 * miou:.1f} (official, 19 classes) | "
+                    print(f"epoch {epoch + 1}: {metric} {100 * miou:.1f} ({conf.rules}) | "
                           f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes "
                           f"present | best {100 * run.best_miou:.1f} | {time.time() - start:.0f} s")
                 if stop.signal is not None:  # arrived during validation: last.pt was just written
@@ -1130,12 +1161,12 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, scores) -> ConfusionMatrix:
-    """One confusion matrix over a validation loader, the model in eval mode meanwhile;
-    scores(batch) -> (logits (N, 20), labels (N,))."""
+def evaluate(model: nn.Module, loader, scores, conf: ConfusionMatrix | None = None) -> ConfusionMatrix:
+    """One confusion matrix over a validation loader (SemanticKITTI's rules unless `conf` brings
+    others), the model in eval mode meanwhile; scores(batch) -> (logits (N, C), labels (N,))."""
     from tqdm import tqdm
     model.eval()
-    conf = ConfusionMatrix()
+    conf = conf if conf is not None else ConfusionMatrix()
     for batch in tqdm(loader, desc="  validate", leave=False, dynamic_ncols=True, disable=not distributed().main):
         logits, labels = scores(batch)
         conf.add(logits.argmax(1), labels)

@@ -128,8 +128,8 @@ def encode_jpg(image: np.ndarray) -> bytes:
 class Writer:
     """Collects the table rows of every scene, then writes the tables once."""
 
-    def __init__(self, root: Path, image_scale: float):
-        self.root, self.scale = root, image_scale
+    def __init__(self, root: Path, image_scale: float, columns: int):
+        self.root, self.scale, self.columns = root, image_scale, columns
         self.height, self.width = round(900 * image_scale), round(1600 * image_scale)
         self.rows = {t: [] for t in ("scene", "sample", "sample_data", "calibrated_sensor", "ego_pose", "sensor",
                                      "lidarseg", "category", "log")}
@@ -165,7 +165,7 @@ class Writer:
         dt = KEYFRAME_DT // (SWEEPS_BETWEEN + 1)
         t0 = 1_500_000_000_000_000 + number * 100_000_000
         st, static = sk.build_street(seed, number, -sk.MARGIN, SPEED * steps * dt / 1e6 + sk.MARGIN)
-        grid = sk.lidar_grid(1024, LIDAR_BEAMS, LIDAR_ELEVATION)
+        grid = sk.lidar_grid(self.columns, LIDAR_BEAMS, LIDAR_ELEVATION)
         lidar_to_ego = np.eye(4)
         lidar_to_ego[:3, :3] = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # x right, y forward
         lidar_to_ego[:3, 3] = LIDAR_MOUNT
@@ -181,7 +181,7 @@ class Writer:
             noise = sk.rng_for(seed, number, 4, s)
             points, raw, rays = sk.lidar_scan(world, st, sensor, grid, noise, with_rays=True)
             xyz = points[:, :3].astype(np.float64) @ lidar_to_ego[:3, :3]  # world axes -> the LiDAR's
-            ring = (rays // 1024).astype(np.float32)
+            ring = (rays // self.columns).astype(np.float32)
             folder = "samples" if key else "sweeps"
             file = f"{folder}/LIDAR_TOP/{name}__LIDAR_TOP__{stamp}.pcd.bin"
             self.write(file, np.concatenate([xyz.astype(np.float32), points[:, 3:], ring[:, None]], 1).tobytes())
@@ -230,7 +230,7 @@ class Writer:
         sk.write_atomic(self.root / VERSION / f"{table}.json", json.dumps(rows, indent=1).encode())
 
 
-def make_dataset(root, scenes=None, seed=0, image_scale=0.25, progress=True) -> Path:
+def make_dataset(root, scenes=None, seed=0, image_scale=0.25, columns=1024, progress=True) -> Path:
     """Write the synthetic nuScenes-lidarseg scenes under root (files already there are kept,
     the tables rewritten); returns root."""
     from tqdm import tqdm
@@ -239,7 +239,7 @@ def make_dataset(root, scenes=None, seed=0, image_scale=0.25, progress=True) -> 
     if (root / VERSION / "scene.json").is_file() and \
             {s["name"] for s in json.loads((root / VERSION / "scene.json").read_text())} == set(scenes):
         return root  # complete: the tables are written last
-    writer = Writer(root, image_scale)
+    writer = Writer(root, image_scale, columns)
     for name, keyframes in tqdm(scenes.items(), desc="synthetic nuScenes scenes", disable=not progress):
         writer.scene(seed, int(name.split("-")[1]), name, keyframes)
     writer.finish()
@@ -250,10 +250,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("data/synthnusc"), help="root folder (default: data/synthnusc)")
     p.add_argument("--seed", type=int, default=0, help="seed of the streets (default: 0)")
+    p.add_argument("--columns", type=int, default=1024,
+                   help="LiDAR azimuth steps per turn (1024: about 31k points a keyframe, as nuScenes' ~34k)")
     p.add_argument("--image-scale", type=float, default=0.25,
                    help="camera images at this fraction of 1600 x 900 (default: 0.25, 400 x 225)")
     args = p.parse_args(argv)
-    make_dataset(args.out, seed=args.seed, image_scale=args.image_scale)
+    make_dataset(args.out, seed=args.seed, image_scale=args.image_scale, columns=args.columns)
     print(f"Synthetic nuScenes-lidarseg scenes in {args.out} ({VERSION})")
 
 

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import elite
 import nusc
@@ -203,16 +204,16 @@ def test_a_sweep_is_moved_into_the_keyframes_lidar_frame(tmp_path):
 
 def test_confusion_follows_the_devkit_rules():
     conf = nusc.LidarsegConfusion()
-    gt = np.array([4, 4, 4, 0, 0, 11, 11, 7])
-    pred = np.array([4, 4, 11, 4, 0, 11, 0, 3])
-    conf.add(gt, pred)
-    iou = conf.iou()
-    assert np.isnan(iou[0])  # ignore: row and column zeroed
-    assert iou[4] == pytest.approx(2 / 3)  # 2 hits, 1 missed (predicted 11); the ignored point's 4 is dropped
-    assert iou[11] == pytest.approx(1 / 2)  # 1 hit, 1 false positive; the point predicted 0 is no miss
-    assert iou[7] == 0 and iou[3] == 0  # a miss; a class predicted but absent from the ground truth
-    assert np.isnan(iou[1])  # absent from both: left out of the mean
+    gt = torch.tensor([4, 4, 4, 0, 0, 11, 11, 7])
+    pred = torch.tensor([4, 4, 11, 4, 0, 11, 0, 3])
+    conf.add(pred, gt)
+    iou = conf.iou()  # classes 1..16
+    assert iou[4 - 1] == pytest.approx(2 / 3)  # 2 hits, 1 missed (predicted 11); the ignored point's 4 is dropped
+    assert iou[11 - 1] == pytest.approx(1 / 2)  # 1 hit, 1 false positive; the point predicted 0 is no miss
+    assert iou[7 - 1] == 0 and iou[3 - 1] == 0  # a miss; a class predicted but absent from the ground truth
+    assert iou[1 - 1].isnan()  # absent from both: left out of the mean
     assert conf.miou() == pytest.approx(np.mean([2 / 3, 1 / 2, 0, 0]))
+    assert "n/a" in conf.table() and conf.present().tolist()[3] and not conf.present().tolist()[2]
 
 
 def test_submission_labels_and_meta():

@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 import elite
+import nusc
 import runs
 import u2mkd
 
@@ -101,7 +102,34 @@ U2MKD_PRESETS = {  # U2MKD's fusion student (its SemanticKITTI recipe is not rel
             "lr_schedule": ("step", "the paper's per-iteration cosine"),
             "image_size": ((188, 620), "half the KITTI frame")}),
 }
-DEFAULT_TEACHER = {"elite": Path("runs/teacher/last.pt"), "u2mkd": Path("runs/lidar_teacher/last.pt")}  # last epoch
+NUSC_PRESETS = {  # nuScenes-lidarseg: the LiDAR-only baseline (elite --teacher none) and U2MKD's fusion student
+    "paper": runs.Preset(
+        "the baseline: 2DPASS-nuscenes.yaml's recipe (80 epochs, batch 8, per-epoch cosine) for this 4-scale "
+        "64-channel student; u2mkd: spformer_tsd_full_ours_star.yaml (50 epochs, batch 4 per GPU on 4 GPUs, lr 0.24 "
+        "for the global batch of 16, images at 0.4, 3 of 6 cameras dropped in training)", {
+            "epochs": ((80, 50), "max_num_epochs: 80 (2DPASS) / num_epochs: 50 (U2MKD)"),
+            "batch_size": ((8, 4), "batch_size: 8 (2DPASS) / 4 per GPU (U2MKD)"),
+            "global_batch": ((None, 16), "U2MKD: 4 GPUs x 4"),
+            "val_batch_size": ((8, 8), "val batch_size: 8"),
+            "workers": ((8, 8), "num_workers: 8"),
+            "lr": ((0.24, 0.24), "learning_rate / lr: 0.24"),
+            "lr_schedule": (("epoch", "step"), "CosineAnnealingLR per epoch (2DPASS) / cosine_warmup per step (U2MKD)"),
+            "image_size": ((None, u2mkd.NUSC_IMAGE_HW), "U2MKD: im_cr 0.4 of 1600 x 900"),
+            "camera_drop": ((None, u2mkd.CAMERA_DROP), "U2MKD: im_drop: 3")}),
+    "embedded": runs.Preset(
+        "a few CPU minutes on the synthetic nuScenes scenes, NOT comparable with published numbers", {
+            "epochs": ((6, 6), "a few CPU minutes"),
+            "batch_size": ((2, 2), "small batches for a CPU"),
+            "global_batch": ((None, 2), "one process; the lr is not scaled"),
+            "val_batch_size": ((2, 2), "small batches for a CPU"),
+            "workers": ((0, 0), "data loading in the main process"),
+            "lr": ((0.24, 0.24), "the paper's rate"),
+            "lr_schedule": (("step", "step"), "a per-iteration cosine"),
+            "image_size": ((None, (90, 160)), "small images for a CPU"),
+            "camera_drop": ((None, u2mkd.CAMERA_DROP), "as the paper preset")}),
+}
+DEFAULT_TEACHER = {"elite": Path("runs/teacher/last.pt"), "u2mkd": Path("runs/lidar_teacher/last.pt"),  # last epoch
+                   "u2mkd nuscenes": Path("runs/lidar_teacher_nusc/last.pt")}
 
 
 def parse_args(argv=None):
@@ -131,6 +159,9 @@ def parse_args(argv=None):
                         "(default: the path the teacher checkpoint records)")
     p.add_argument("--image-size", type=runs.positive_int, nargs=2, metavar=("H", "W"),
                    help="u2mkd: the camera image is resized to H x W (preset: 376 1241 paper, 188 620 embedded)")
+    p.add_argument("--camera-drop", type=runs.count_int, default=None,
+                   help="u2mkd, nuscenes: cameras of the six dropped at random per training keyframe (preset: 3, "
+                        "upstream's im_drop)")
     p.add_argument("--image-drop", type=runs.probability, default=0.25,
                    help="u2mkd: probability that a training scan comes without its image, so that every point "
                         "is imputed (the single-camera stand-in for upstream's camera dropout)")
@@ -162,20 +193,40 @@ def parse_args(argv=None):
                         "inside --data; train_teacher.py --derived-dir for a read-only dataset)")
     runs.add_run_flags(p)
     args = p.parse_args(argv)
-    other_method = {"elite": ("image_size", "image_weights", "global_batch"),
+    other_method = {"elite": ("image_size", "image_weights", "global_batch", "camera_drop"),
                     "u2mkd": ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix")}[args.method]
+    if args.dataset == "nuscenes":
+        other_method += ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix")
     given = [f"--{k.replace('_', '-')}" for k in other_method if getattr(args, k) is not None]
     if given:
         p.error(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}")
     args.preset = args.preset or ("paper" if args.data else "embedded")
-    presets = PRESETS if args.method == "elite" else U2MKD_PRESETS
+    if args.dataset == "nuscenes":
+        if args.method == "elite" and args.teacher not in (None, "none"):
+            p.error("--dataset nuscenes --method elite trains the LiDAR-only baseline (--teacher none); ELiTe's SAM "
+                    "teacher reads SemanticKITTI")
+        if args.preset not in NUSC_PRESETS:
+            p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --dataset nuscenes has "
+                    f"{', '.join(NUSC_PRESETS)}")
+    presets = presets_of(args)
     if args.preset not in presets:
         p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --method u2mkd has "
                 f"{', '.join(presets)}")
     runs.apply_preset(args, presets[args.preset])
     args.image_size = tuple(args.image_size) if args.image_size else None
-    args.out = args.out or Path("runs/student" if args.method == "elite" else "runs/fusion_student")
+    folder = "runs/student" if args.method == "elite" else "runs/fusion_student"
+    args.out = args.out or Path(folder + ("_nusc" if args.dataset == "nuscenes" else ""))
     return args
+
+
+def presets_of(args) -> dict[str, runs.Preset]:
+    """The presets of this method and dataset; NUSC_PRESETS' values taken for the method (the
+    baseline's or U2MKD's)."""
+    if args.dataset != "nuscenes":
+        return PRESETS if args.method == "elite" else U2MKD_PRESETS
+    k = 0 if args.method == "elite" else 1
+    return {name: runs.Preset(p.about, {key: (v[k], src) for key, (v, src) in p.values.items() if v[k] is not None})
+            for name, p in NUSC_PRESETS.items()}
 
 
 def teacher_path(args, resumed: dict | None) -> str:
@@ -184,7 +235,9 @@ def teacher_path(args, resumed: dict | None) -> str:
         return resumed["config"]["teacher"]
     if args.teacher is not None:
         return args.teacher
-    default = DEFAULT_TEACHER[args.method]
+    if args.dataset == "nuscenes" and args.method == "elite":
+        return "none"  # the LiDAR-only baseline
+    default = DEFAULT_TEACHER[args.method + (" nuscenes" if args.dataset == "nuscenes" else "")]
     return str(default) if default.is_file() else "none"
 
 
@@ -297,25 +350,75 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
                  checkpoints, allocator.step if allocator is not None else None, describe, val_set)
 
 
+# ---- The LiDAR-only baseline on nuScenes ----
+
+def setup_nusc_baseline(args, root: Path, device, resumed: dict | None) -> Setup:
+    """The voxel student with nuScenes' range, grid and 17 classes, CE + Lovasz unweighted
+    (2DPASS-nuscenes.yaml has no class weights and lambda_lovasz 1): U2MKD's comparison."""
+    config = runs.config_of(args) | {"teacher": "none"}
+    train_set = nusc.NuScenesScans(root, args.version, "train", train=True, seed=args.seed)
+    val_set = nusc.NuScenesScans(root, args.version, "val")
+    loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
+                                            args.seed, pin_memory=device.type == "cuda")
+    model = elite.Student(nusc.student_config()).to(device)
+    optimizer = runs.make_optimizer(model.parameters(), lr=args.lr)
+    if resumed is not None:
+        runs.load_state(model, resumed["model"], args.out / "last.pt")
+        runs.load_optimizer_state(optimizer, resumed, args.out / "last.pt")
+
+    def loss_terms(batch):
+        batch = batch.to(device)
+        return {"seg3d_main": elite.seg_loss(model(batch.points, batch.batch_idx).logits, batch.labels, None, 1.0)}
+
+    def scores(batch):  # validation: the in-range points of each keyframe
+        batch = batch.to(device)
+        return model(batch.points, batch.batch_idx).logits, batch.labels
+
+    def checkpoints(run: runs.RunState, miou: float) -> tuple[dict, dict]:
+        best = runs.student_state(model) | run.record(miou) | {"config": config}
+        return best | {"optimizer": optimizer.state_dict()}, best
+
+    return Setup(model, loader, optimizer, [model], loss_terms,
+                 lambda: runs.evaluate(model, val_loader, scores, nusc.LidarsegConfusion()), checkpoints, None,
+                 "none (the LiDAR-only baseline)", val_set)
+
+
 # ---- U2MKD: the fusion student, with KD from the LiDAR teacher ----
+
+def u2mkd_data(args, root: Path, config: dict, teacher_sweeps: int | None):
+    """(training set, validation set, student config, validation metric) of the fusion student."""
+    image_size, with_teacher = config["image_size"], teacher_sweeps is not None
+    if args.dataset == "nuscenes":
+        train_set = u2mkd.NuScenesPairData(root, args.version, "train", train=True, seed=args.seed, image_hw=image_size,
+                                           camera_drop=config["camera_drop"], teacher_view=with_teacher,
+                                           sweeps=teacher_sweeps or 0)
+        val_set = u2mkd.NuScenesPairData(root, args.version, "val", image_hw=image_size)
+        return train_set, val_set, nusc.student_config(), nusc.LidarsegConfusion
+    train_set = u2mkd.PairData(root, args.train_sequences, train=True, seed=args.seed, image_hw=image_size,
+                               image_drop=config["image_drop"], teacher_view=with_teacher)
+    val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=image_size)
+    runs.check_splits(train_set, val_set)
+    return train_set, val_set, elite.StudentConfig(), elite.ConfusionMatrix
+
 
 def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
     config = runs.config_of(args) | {"teacher": teacher_path(args, resumed)}
     if resumed is not None:  # the run continues as it started
-        config |= {"image_size": tuple(resumed["image_hw"]), "image_drop": resumed["config"]["image_drop"]}
+        config |= {"image_size": tuple(resumed["image_hw"])} | {
+            key: resumed["config"].get(key) for key in ("image_drop", "camera_drop")}
     image_size = config["image_size"]
-    teacher = None
+    teacher, teacher_sweeps = None, None
     if config["teacher"] != "none":
-        teacher, _ = u2mkd.load_lidar_teacher(config["teacher"], map_location=device)
+        teacher, teacher_ckpt = u2mkd.load_lidar_teacher(config["teacher"], map_location=device)
         teacher.to(device).eval().requires_grad_(False)  # frozen, in eval mode, as upstream
-
-    train_set = u2mkd.PairData(root, args.train_sequences, train=True, seed=args.seed, image_hw=image_size,
-                               image_drop=config["image_drop"], teacher_view=teacher is not None)
-    val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=image_size)
-    runs.check_splits(train_set, val_set)
+        teacher_sweeps = teacher_ckpt.get("config", {}).get("sweeps") or 0  # what it was trained on
+    train_set, val_set, cfg, conf = u2mkd_data(args, root, config, teacher_sweeps)
+    if teacher is not None and teacher.cfg.num_classes != cfg.num_classes:
+        raise elite.DataError(f"{config['teacher']}: a LiDAR teacher of {teacher.cfg.num_classes} classes, but "
+                              f"--dataset {args.dataset} has {cfg.num_classes}: train the teacher on this dataset")
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, u2mkd.collate_pairs, device.type == "cuda")
-    model = u2mkd.FusionStudent().to(device)
+    model = u2mkd.FusionStudent(cfg).to(device)
     if args.image_weights is not None and resumed is None:
         u2mkd.load_imagenet_weights(model.image, args.image_weights)
     adapter = u2mkd.kd_adapter(model.cfg.hidden, teacher.cfg.hidden).to(device) if teacher else None
@@ -344,8 +447,12 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
 
     describe = (f"LiDAR teacher {config['teacher']} ({elite.count_parameters(teacher):,} parameters, frozen)"
                 if teacher else "none (the fusion student without KD)")
-    describe += f"; camera images resized to {image_size[0]}x{image_size[1]}, dropped with p {config['image_drop']}"
-    return Setup(model, loader, optimizer, parts, loss_terms, lambda: runs.evaluate(model, val_loader, scores),
+    drop = (f"{config['camera_drop']} of the 6 cameras dropped per training keyframe" if args.dataset == "nuscenes"
+            else f"dropped with p {config['image_drop']}")
+    describe += f"; camera images resized to {image_size[0]}x{image_size[1]}, {drop}"
+    if teacher is not None and teacher_sweeps:
+        describe += f"; the teacher sees {teacher_sweeps} sweeps around each keyframe, as it was trained"
+    return Setup(model, loader, optimizer, parts, loss_terms, lambda: runs.evaluate(model, val_loader, scores, conf()),
                  checkpoints, None, describe, val_set)
 
 
@@ -357,22 +464,27 @@ def main(argv=None):
     kind = runs.STUDENT_KIND if args.method == "elite" else u2mkd.FUSION_KIND
     runs.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    root, args.train_sequences, args.val_sequences = runs.dataset_root(args.data, args.train_sequences,
-                                                                        args.val_sequences, args.seed)
+    if args.dataset == "nuscenes":
+        root = runs.nuscenes_root(args.data, args.seed)
+    else:
+        root, args.train_sequences, args.val_sequences = runs.dataset_root(args.data, args.train_sequences,
+                                                                            args.val_sequences, args.seed)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     resumed = runs.load_last(last_path, kind, map_location=device) if args.resume else None
-    setup = (setup_elite if args.method == "elite" else setup_u2mkd)(args, root, device, resumed)
+    setup = (setup_u2mkd if args.method == "u2mkd" else
+             setup_nusc_baseline if args.dataset == "nuscenes" else setup_elite)(args, root, device, resumed)
     run = runs.RunState.resumed(resumed) if resumed is not None else runs.RunState()
     global_batch = args.batch_size * world.size
     lr = args.lr
     if args.method == "u2mkd" and global_batch != args.global_batch:  # the linear scaling rule
         lr = args.lr * global_batch / args.global_batch
     schedule = runs.lr_schedule(args.lr_schedule, lr, args.epochs, len(setup.loader), world.size)
-    presets = PRESETS if args.method == "elite" else U2MKD_PRESETS
-    runs.print_summary(f"train_student.py: the {'ELiTe' if args.method == 'elite' else 'U2MKD fusion'} student", {
+    presets = presets_of(args)
+    title = ("the U2MKD fusion student" if args.method == "u2mkd" else
+             "the LiDAR-only baseline" if args.dataset == "nuscenes" else "the ELiTe student")
+    runs.print_summary(f"train_student.py: {title}" + (" on nuScenes" if args.dataset == "nuscenes" else ""), {
         "device": runs.describe_device(device, args.amp),
-        "data": runs.describe_data(root, setup.loader.dataset, args.train_sequences, setup.val_set,
-                                    args.val_sequences),
+        "data": runs.describe_data(root, setup.loader.dataset, setup.val_set, args),
         "student": f"{type(setup.model).__name__}, {elite.count_parameters(setup.model):,} parameters"
                    + (f", initialised from {args.init_3d} (2DPASS)" if args.init_3d else ""),
         "teacher": setup.describe,
@@ -402,7 +514,7 @@ def main(argv=None):
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
         return
-    print(f"\nValidation after the last epoch ({', '.join(args.val_sequences)}, in-range points):\n{conf.table()}")
+    print(f"\nValidation after the last epoch ({runs.val_name(args)}, in-range points):\n{conf.table()}")
     print(runs.which_checkpoint(last_path, best_path, conf.miou(), run.best_miou))
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 import elite
+import nusc
 import runs
 import synthkitti
 
@@ -113,17 +114,41 @@ LIDAR_PRESETS = {
         "lr_schedule": ("step", "the paper's per-iteration cosine")}),
 }
 
+# U2MKD's LiDAR teacher on nuScenes (configs/nuscenes/train/spformer.yaml).
+NUSC_LIDAR_PRESETS = {
+    "paper": runs.Preset("U2MKD's nuScenes teacher config (spformer.yaml: 25 epochs, batch 3 per GPU on 4 GPUs)", {
+        "epochs": (25, "num_epochs: 25"),
+        "batch_size": (3, "batch_size: 3 per GPU"),
+        "val_batch_size": (8, "the ELiTe value"),
+        "workers": (8, "num_workers: 8"),
+        "lr": (0.24, "lr: 0.24"),
+        "lr_schedule": ("step", "cosine_warmup, per iteration"),
+        "sweeps": (4, "num_sweeps: 2, only_past: False: 2 past + 2 future")}),
+    "embedded": runs.Preset("a few CPU minutes on the synthetic nuScenes scenes, NOT comparable with published numbers", {
+        "epochs": (4, "a few CPU minutes"),
+        "batch_size": (2, "small batches for a CPU"),
+        "val_batch_size": (2, "small batches for a CPU"),
+        "workers": (0, "data loading in the main process"),
+        "lr": (0.24, "the paper's rate"),
+        "lr_schedule": ("step", "the paper's per-iteration cosine"),
+        "sweeps": (4, "as the paper preset")}),
+}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter,
                                 epilog="--teacher sam " + runs.presets_epilog(PRESETS) + "\n\n--teacher lidar "
-                                + runs.presets_epilog(LIDAR_PRESETS))
+                                + runs.presets_epilog(LIDAR_PRESETS) + "\n\n--teacher lidar --dataset nuscenes "
+                                + runs.presets_epilog(NUSC_LIDAR_PRESETS))
     runs.add_data_flags(p, "velodyne,labels,image_2,calib.txt")
     p.add_argument("--teacher", choices=("sam", "lidar"), default="sam",
                    help="sam: ELiTe's image teacher (SAM-PLG, then SAM's ViT with adapters); lidar: U2MKD's "
                         "LiDAR-only teacher (the voxel student at twice the width, instance paste)")
-    p.add_argument("--paste", type=runs.count_int, default=5,
-                   help="lidar: instances pasted into each training scan (0: no instance paste)")
+    p.add_argument("--paste", type=runs.count_int, default=None,
+                   help="lidar, semantickitti: instances pasted into each training scan (0: no instance paste); "
+                        "default: 5")
+    p.add_argument("--sweeps", type=runs.count_int, default=None,
+                   help="lidar, nuscenes: unlabelled LiDAR sweeps added around each training keyframe, half before "
+                        "and half after (preset: 4, upstream's 2 past + 2 future)")
     p.add_argument("--width", type=runs.positive_int, default=2,
                    help="lidar: width multiplier of the voxel student (U2MKD: 2)")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
@@ -190,8 +215,15 @@ def parse_args(argv=None):
     given = [f"--{k.replace('_', '-')}" for k in sam_only if getattr(args, k) is not None] + (["--plg-only"] * args.plg_only)
     if args.teacher == "lidar" and given:
         p.error(f"{', '.join(given)}: for the SAM teacher, not --teacher lidar")
+    if args.dataset == "nuscenes" and args.teacher == "sam":
+        p.error("--dataset nuscenes: the LiDAR teacher only (--teacher lidar); ELiTe's SAM teacher reads SemanticKITTI")
+    if args.dataset == "nuscenes" and args.paste:
+        p.error("--paste: instance paste is for SemanticKITTI (upstream's nuScenes teacher has inst_aug: False)")
+    if args.dataset != "nuscenes" and args.sweeps is not None:
+        p.error("--sweeps: nuScenes sweeps (--dataset nuscenes); SemanticKITTI's teacher reads one scan")
+    args.paste = (5 if args.dataset == "semantickitti" else 0) if args.paste is None else args.paste
     args.preset = args.preset or ("paper" if args.data else "embedded")
-    presets = PRESETS if args.teacher == "sam" else LIDAR_PRESETS
+    presets = PRESETS if args.teacher == "sam" else NUSC_LIDAR_PRESETS if args.dataset == "nuscenes" else LIDAR_PRESETS
     if args.preset not in presets:
         p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --teacher lidar has "
                 f"{', '.join(presets)}")
@@ -226,7 +258,7 @@ def parse_args(argv=None):
 def schedule_line(args, loader, schedule: runs.LRSchedule, what: str) -> str:
     world = runs.distributed().size
     return (f"{args.epochs} epochs x {len(loader)} steps; {args.batch_size} {what} per process x {world} process(es) "
-            f"= global batch {args.batch_size * world}; {getattr(args, 'optimizer', 'sgd')} lr {args.lr:g}, "
+            f"= global batch {args.batch_size * world}; {getattr(args, 'optimizer', None) or 'sgd'} lr {args.lr:g}, "
             f"{schedule.describe()}")
 
 
@@ -346,7 +378,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     schedule = runs.lr_schedule(args.lr_schedule, args.lr, args.epochs, len(loader), runs.distributed().size)
     runs.print_summary("train_teacher.py: ELiTe's SAM image teacher", {
         "device": runs.describe_device(device, args.amp),
-        "data": runs.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences)
+        "data": runs.describe_data(root, train_set, val_set, args)
                 + f"; {args.labels} 2D labels, crops {args.crop[0]}x{args.crop[1]}",
         "teacher": f"SAM {args.variant} ({args.sam_checkpoint or 'random weights'}) with {args.peft} r={args.rank}: "
                    f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters",
@@ -370,8 +402,16 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
 
 # ---- Training U2MKD's LiDAR teacher ----
 
-def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Path):
+def lidar_teacher_data(args, root: Path):
+    """(training set, validation set, student config, instance database, what the teacher sees) of
+    the LiDAR teacher. SemanticKITTI: instance paste, then flip, rotation, scaling, translation.
+    nuScenes: the keyframe with --sweeps sweeps around it, then the same 3D augmentation."""
     import u2mkd
+    if args.dataset == "nuscenes":
+        train_set = nusc.NuScenesScans(root, args.version, "train", train=True, seed=args.seed, sweeps=args.sweeps)
+        val_set = nusc.NuScenesScans(root, args.version, "val")
+        return train_set, val_set, nusc.student_config(), None, (
+            f"the keyframe and {args.sweeps} sweeps around it, then flip, rotation, scaling, translation")
     db_path = u2mkd.instance_db_path(root, args.derived_dir)
     if args.paste > 0 and runs.distributed().main:  # one process cuts the database, the others wait
         if not db_path.is_file():
@@ -382,9 +422,22 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     train_set = u2mkd.LidarTeacherData(root, args.train_sequences, db, seed=args.seed, add_num=args.paste)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
     runs.check_splits(train_set, val_set)
+    sees = (f"{args.paste} instances pasted per scan from {db_path} ({len(db)} instances), then flip, rotation, "
+            "scaling, translation" if db is not None else "flip, rotation, scaling, translation (no instance paste)")
+    return train_set, val_set, elite.StudentConfig(), db, sees
+
+
+def conf_of(args) -> elite.ConfusionMatrix:
+    """The validation metric: SemanticKITTI's official rules, or nuScenes-lidarseg's."""
+    return nusc.LidarsegConfusion() if args.dataset == "nuscenes" else elite.ConfusionMatrix()
+
+
+def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Path):
+    import u2mkd
+    train_set, val_set, cfg, db, sees = lidar_teacher_data(args, root)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
-    model = u2mkd.lidar_teacher(args.width).to(device)
+    model = u2mkd.lidar_teacher(args.width, cfg).to(device)
     optimizer = runs.make_optimizer(model.parameters(), lr=args.lr)
     run = runs.RunState()
     if args.resume:
@@ -411,25 +464,24 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     schedule = runs.lr_schedule(args.lr_schedule, args.lr, args.epochs, len(loader), runs.distributed().size)
     runs.print_summary("train_teacher.py --teacher lidar: U2MKD's LiDAR-only teacher", {
         "device": runs.describe_device(device, args.amp),
-        "data": runs.describe_data(root, train_set, args.train_sequences, val_set, args.val_sequences),
+        "data": runs.describe_data(root, train_set, val_set, args),
         "teacher": f"the voxel student at width x{args.width}, {elite.count_parameters(model):,} parameters",
-        "augmentation": (f"{args.paste} instances pasted per scan from {db_path} ({len(db)} "
-                         f"instances), then flip, rotation, scaling, translation" if db is not None
-                         else "flip, rotation, scaling, translation (no instance paste)"),
-        "preset": runs.describe_preset(args.preset, LIDAR_PRESETS[args.preset], args),
+        "augmentation": sees,
+        "preset": runs.describe_preset(args.preset, (NUSC_LIDAR_PRESETS if args.dataset == "nuscenes" else
+                                                      LIDAR_PRESETS)[args.preset], args),
         "schedule": schedule_line(args, loader, schedule, "scans"),
         "validation": "mIoU of the in-range points of each scan (infer.py scores every point of the .bin)",
         "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, args.resume)})
     torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
     objective = runs.data_parallel(runs.Objective([model], loss_terms), args.sync_bn)
-    conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(model, val_loader, scores), save,
+    conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(model, val_loader, scores, conf_of(args)), save,
                      amp_device=device if args.amp else None,
                      metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path)
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
-        print(f"\nValidation after the last epoch ({', '.join(args.val_sequences)}, in-range points):\n{conf.table()}")
+        print(f"\nValidation after the last epoch ({runs.val_name(args)}, in-range points):\n{conf.table()}")
     return run, conf
 
 
@@ -444,8 +496,11 @@ def main(argv=None):
         kind = runs.TEACHER_KIND if args.teacher == "sam" else u2mkd.LIDAR_TEACHER_KIND
         runs.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    root, args.train_sequences, args.val_sequences = runs.dataset_root(args.data, args.train_sequences,
-                                                                        args.val_sequences, args.seed)
+    if args.dataset == "nuscenes":
+        root = runs.nuscenes_root(args.data, args.seed)
+    else:
+        root, args.train_sequences, args.val_sequences = runs.dataset_root(args.data, args.train_sequences,
+                                                                            args.val_sequences, args.seed)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     train = train_sam_teacher if args.teacher == "sam" else train_lidar_teacher
     result = train(args, root, device, last_path, best_path)

@@ -29,7 +29,7 @@ SemanticKITTI's single camera are listed in README.md).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import elite
+import nusc
 import runs
 
 # =====================================================================================
@@ -63,6 +64,11 @@ def camera_uv(xyz: np.ndarray, proj: np.ndarray, height: int, width: int) -> tup
     fov = keep & (np.abs(uv) < 1).all(axis=1)
     uv[~fov] = 0
     return uv, fov
+
+
+def no_images(image_hw) -> np.ndarray:
+    """(0, 3, H, W): a scan without images."""
+    return np.zeros((0, 3, *image_hw), dtype=np.float32)
 
 
 def prepare_full_image(image: np.ndarray, image_hw=IMAGE_HW) -> np.ndarray:
@@ -230,9 +236,9 @@ class LidarTeacherData(elite.SemanticKITTI):
 @dataclass
 class PairScan:
     scan: elite.Scan            # the student's view: dropout, pixels found, then its own augmentation
-    image: np.ndarray | None    # (3, H, W) float32, None when the scan has none or it was dropped
+    images: np.ndarray          # (K, 3, H, W) float32: the scan's cameras (K = 0 when none or all dropped)
     uv: np.ndarray              # (n, 2) float32 normalised pixel of each student point
-    fov: np.ndarray             # (n,) bool: the camera sees the point
+    camera: np.ndarray          # (n,) int64: which of the K images sees the point, -1 if none
     teacher: elite.Scan | None  # the teacher's view of the same raw scan, independently augmented
 
 
@@ -255,13 +261,14 @@ class PairData(elite.SemanticKITTI):
         rng = self.rng(i, 0)
         keep = in_range[elite.dropout_points(len(in_range), rng)] if self.train and len(in_range) else in_range
         pts = points[keep].copy()
-        uv, fov, image = np.zeros((len(pts), 2), np.float32), np.zeros(len(pts), bool), None
+        uv, camera, images = np.zeros((len(pts), 2), np.float32), np.full(len(pts), -1), no_images(self.image_hw)
         dropped = self.train and self.rng(i, 1).random() < self.image_drop
         if self.images and not dropped:
             calib = elite.sequence_calib(path.parent.parent)
             frame = elite.read_frame(path, calib)
             uv, fov = camera_uv(pts[:, :3], calib["proj"], *frame.shape[:2])  # raw coordinates
-            image = prepare_full_image(frame, self.image_hw)
+            camera = np.where(fov, 0, -1)
+            images = prepare_full_image(frame, self.image_hw)[None]
         if self.train:
             pts[:, :3] = elite.augment_xyz(pts[:, :3], rng)  # after the pixels: they stay valid
         teacher = None
@@ -270,13 +277,61 @@ class PairData(elite.SemanticKITTI):
             if self.train:
                 t_pts[:, :3] = elite.augment_xyz(t_pts[:, :3], self.rng(i, 2))
             teacher = elite.Scan(t_pts, labels[in_range], in_range, len(points), path)
-        return PairScan(elite.Scan(pts, labels[keep], keep, len(points), path), image, uv, fov, teacher)
+        return PairScan(elite.Scan(pts, labels[keep], keep, len(points), path), images, uv, camera, teacher)
+
+
+NUSC_IMAGE_HW = (360, 640)  # nuScenes: 0.4 of the 1600 x 900 frame (upstream im_cr 0.4)
+CAMERA_DROP = 3             # nuScenes: cameras dropped per training sample (upstream im_drop)
+
+
+class NuScenesPairData(nusc.NuScenesScans):
+    """Keyframes for the fusion student on nuScenes: all six cameras in evaluation, in training
+    `camera_drop` of them dropped at random (upstream im_drop = 3), so about half the points of
+    every scan are imputed. Pixels are found in every kept camera on the raw points, before the 3D
+    augmentation (nusc.project_keyframe); images=False gives no camera at all. teacher_view adds
+    the LiDAR teacher's own view: the same in-range points plus `sweeps` sweeps, augmented with an
+    independent stream."""
+
+    def __init__(self, root, version: str, split: str, train=False, seed=0, image_hw=NUSC_IMAGE_HW, images=True,
+                 camera_drop=CAMERA_DROP, teacher_view=False, sweeps=0):
+        super().__init__(root, version, split, train=train, seed=seed)
+        self.image_hw, self.images, self.camera_drop = tuple(image_hw), images, camera_drop
+        self.teacher_view, self.teacher_sweeps = teacher_view, sweeps
+
+    def __getitem__(self, i) -> PairScan:
+        frame = self.frames[i]
+        points, labels, in_range = self.raw(i)
+        rng = self.rng(i, 0)
+        keep = in_range[elite.dropout_points(len(in_range), rng)] if self.train and len(in_range) else in_range
+        pts = points[keep].copy()
+        uv, camera, images = np.zeros((len(pts), 2), np.float32), np.full(len(pts), -1), no_images(self.image_hw)
+        if self.images:
+            kept = range(len(frame.cameras))
+            if self.train and self.camera_drop:
+                kept = sorted(self.rng(i, 1).choice(len(frame.cameras), len(frame.cameras) - self.camera_drop,
+                                                    replace=False))
+            cameras = [frame.cameras[c] for c in kept]
+            camera, uv = nusc.project_keyframe(self.tables, replace(frame, cameras=cameras), pts[:, :3])
+            images = np.stack([prepare_full_image(nusc.read_camera_image(c), self.image_hw) for c in cameras]) \
+                if cameras else images
+        if self.train:
+            pts[:, :3] = elite.augment_xyz(pts[:, :3], rng)  # after the pixels: they stay valid
+        teacher = None
+        if self.teacher_view:
+            t_pts, t_labels, t_index = points[in_range], labels[in_range], in_range
+            if self.teacher_sweeps:
+                t_pts, t_labels, t_index = self.add_sweeps(i, t_pts, t_labels, t_index, len(points))
+            t_pts = t_pts.copy()
+            if self.train:
+                t_pts[:, :3] = elite.augment_xyz(t_pts[:, :3], self.rng(i, 2))
+            teacher = elite.Scan(t_pts, t_labels, t_index, len(points), frame.points)
+        return PairScan(elite.Scan(pts, labels[keep], keep, len(points), frame.points), images, uv, camera, teacher)
 
 
 @dataclass
 class PairBatch:
     lidar: elite.Batch                 # the student's points, as any student batch
-    images: torch.Tensor | None        # (B', 3, H, W) the images of the scans that have one
+    images: torch.Tensor | None        # (B', 3, H, W) every camera image of the batch (None: none)
     image_of_point: torch.Tensor       # (N,) int64 row of `images` that sees the point, -1 if none
     uv: torch.Tensor                   # (N, 2) normalised pixel (x, y); meaningful where seen
     teacher: elite.Batch | None = None       # the teacher's view
@@ -307,10 +362,10 @@ def teacher_rows(student_index: np.ndarray, teacher_index: np.ndarray) -> np.nda
 
 def collate_pairs(items: list[PairScan]) -> PairBatch:
     lidar = elite.collate([it.scan for it in items])
-    with_image = [b for b, it in enumerate(items) if it.image is not None]
-    images = torch.from_numpy(np.stack([items[b].image for b in with_image])) if with_image else None
-    row = {b: r for r, b in enumerate(with_image)}
-    image_of_point = np.concatenate([np.where(it.fov, row.get(b, -1), -1) for b, it in enumerate(items)])
+    first = np.cumsum([0] + [len(it.images) for it in items[:-1]])  # each scan's first row of `images`
+    images = torch.from_numpy(np.concatenate([it.images for it in items])) if first[-1] + len(items[-1].images) \
+        else None
+    image_of_point = np.concatenate([np.where(it.camera >= 0, it.camera + f, -1) for it, f in zip(items, first)])
     teacher = teacher_row = None
     if items[0].teacher is not None:
         teacher = elite.collate([it.teacher for it in items])
@@ -540,8 +595,10 @@ W_KL = 1.0
 W_FEAT = 1.0
 
 
-def lidar_teacher(width_multiplier=LIDAR_TEACHER_WIDTH) -> elite.Student:
-    return elite.Student(elite.StudentConfig(hidden=64 * width_multiplier))
+def lidar_teacher(width_multiplier=LIDAR_TEACHER_WIDTH, base: elite.StudentConfig | None = None) -> elite.Student:
+    """The voxel student at `width_multiplier` times the width (on `base`'s dataset: classes, grid)."""
+    base = base or elite.StudentConfig()
+    return elite.Student(replace(base, hidden=base.hidden * width_multiplier))
 
 
 def kd_adapter(c_student=64, c_teacher=128) -> nn.Sequential:
