@@ -9,6 +9,7 @@ import contextlib
 import csv
 import errno
 import io
+import json
 import os
 import re
 import shutil
@@ -123,6 +124,50 @@ def test_u2mkd_lr_follows_the_global_batch(synth_copy, tmp_path, capsys):
     with open(tmp_path / "run" / "metrics.csv") as f:
         row = next(csv.DictReader(f))
     assert float(row["lr"]) == pytest.approx(0.03)  # one step of one: the schedule's first rate
+
+
+def test_nuscenes_teacher_fusion_student_baseline_and_submission(synth_nusc, tmp_path, capsys):
+    """U2MKD's own experiment on the synthetic nuScenes scenes: the LiDAR teacher (with sweeps),
+    the fusion student distilled from it (six cameras, three dropped in training), the LiDAR-only
+    baseline; infer.py scores with and without images, in and out of the cameras' view, and writes
+    the submission format."""
+    import infer
+    import nusc
+    import train_student
+    import train_teacher
+    common = ["--dataset", "nuscenes", "--data", str(synth_nusc), "--preset", "embedded", "--epochs", "1",
+              "--device", "cpu"]
+    train_teacher.main(["--teacher", "lidar", *common, "--out", str(tmp_path / "teacher")])
+    teacher = torch.load(tmp_path / "teacher" / "last.pt", weights_only=False)
+    assert teacher["student_config"]["num_classes"] == 17 and teacher["config"]["sweeps"] == 4
+    assert "the keyframe and 4 sweeps around it" in capsys.readouterr().out
+    train_student.main(["--method", "u2mkd", *common, "--teacher", str(tmp_path / "teacher" / "last.pt"),
+                        "--out", str(tmp_path / "fusion")])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "3 of the 6 cameras dropped per training keyframe" in printed and "the teacher sees 4 sweeps" in printed
+    assert "(nuScenes-lidarseg rules)" in printed and "train_student.py: the U2MKD fusion student on nuScenes" in printed
+    train_student.main([*common, "--out", str(tmp_path / "baseline")])
+    assert "the LiDAR-only baseline on nuScenes" in capsys.readouterr().out
+    tables = nusc.read_tables(synth_nusc, "v1.0-trainval")
+    val = nusc.keyframes(tables, synth_nusc, nusc.split_scenes(tables, "val"))
+    for run, columns, camera in (("fusion", ("images all", "images seen", "no images unseen"), True),
+                                 ("baseline", ("lidar all", "lidar seen", "lidar unseen"), False)):
+        out = tmp_path / f"pred_{run}"
+        infer.main(["--dataset", "nuscenes", "--data", str(synth_nusc), "--checkpoint",
+                    str(tmp_path / run / "last.pt"), "--out", str(out), "--device", "cpu"])
+        printed = capsys.readouterr().out
+        assert all(c in printed for c in columns) and "nuScenes-lidarseg rules" in printed
+        miou = re.search(r"^mIoU +([\d.]+)", printed, re.M)
+        assert miou and 0 <= float(miou.group(1)) <= 100
+        for frame in val:  # one file per keyframe, a class 1..16 for every point of its file
+            pred = np.fromfile(out / "lidarseg" / "val" / f"{frame.lidar_token}_lidarseg.bin", dtype=np.uint8)
+            assert len(pred) == len(nusc.read_points(frame.points)) and pred.min() >= 1 and pred.max() <= 16
+        meta = json.loads((out / "val" / "submission.json").read_text())["meta"]
+        assert meta["use_camera"] is camera and meta["use_lidar"] is True
+    with pytest.raises(elite.DataError, match="a model of 20 classes"):  # a SemanticKITTI student
+        runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "kitti.pt")
+        infer.predict(infer.parse_args(["--dataset", "nuscenes", "--data", str(synth_nusc), "--checkpoint",
+                                        str(tmp_path / "kitti.pt"), "--out", str(tmp_path / "p"), "--device", "cpu"]))
 
 
 def check_plg_picture(png: Path, scan: Path) -> None:
