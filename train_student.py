@@ -187,7 +187,7 @@ def parse_args(argv=None):
                         "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
     p.add_argument("--out", type=Path, default=None,
                    help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/student, "
-                        "runs/fusion_student for u2mkd); one run per folder")
+                        "runs/fusion_student for u2mkd; with _nusc on nuscenes); one run per folder")
     p.add_argument("--derived-dir", type=Path, default=None,
                    help="elite: where the SAM-PLG pseudo-labels were written, if not inside --data (default: "
                         "inside --data; train_teacher.py --derived-dir for a read-only dataset)")

@@ -199,8 +199,9 @@ def parse_args(argv=None):
                    help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
                         "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
     p.add_argument("--out", type=Path, default=None,
-                   help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/teacher, or "
-                        "runs/lidar_teacher with --teacher lidar); one run per folder; the SAM teacher's hold only "
+                   help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/teacher, or runs/lidar_teacher "
+                        "with --teacher lidar, runs/lidar_teacher_nusc on nuscenes); one run per folder; the SAM "
+                        "teacher's hold only "
                         "the trained tensors + the SAM variant and path")
     p.add_argument("--derived-dir", type=Path, default=None,
                    help="where files made from the dataset are written and read: SAM-PLG pseudo-labels "
@@ -236,7 +237,8 @@ def parse_args(argv=None):
         p.error("--vis draws the pseudo-labels, --labels sparse makes none")
     if args.vis_every < 1:
         p.error("--vis-every must be at least 1")
-    args.out = args.out or Path("runs/teacher" if args.teacher == "sam" else "runs/lidar_teacher")
+    args.out = args.out or Path("runs/teacher" if args.teacher == "sam" else
+                                "runs/lidar_teacher_nusc" if args.dataset == "nuscenes" else "runs/lidar_teacher")
     if args.teacher == "lidar":
         return args
     args.crop = tuple(args.crop)
