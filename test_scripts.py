@@ -164,6 +164,11 @@ def test_nuscenes_teacher_fusion_student_baseline_and_submission(synth_nusc, tmp
             assert len(pred) == len(nusc.read_points(frame.points)) and pred.min() >= 1 and pred.max() <= 16
         meta = json.loads((out / "val" / "submission.json").read_text())["meta"]
         assert meta["use_camera"] is camera and meta["use_lidar"] is True
+    runs.atomic_save(u2mkd.lidar_teacher_state(u2mkd.lidar_teacher()), tmp_path / "kitti_teacher.pt")
+    with pytest.raises(elite.DataError, match=r"kitti_teacher\.pt: a LiDAR teacher of 20 classes, but --dataset "
+                                              r"nuscenes has 17"):
+        train_student.main(["--method", "u2mkd", *common, "--teacher", str(tmp_path / "kitti_teacher.pt"),
+                            "--out", str(tmp_path / "wrong")])
     with pytest.raises(elite.DataError, match="a model of 20 classes"):  # a SemanticKITTI student
         runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "kitti.pt")
         infer.predict(infer.parse_args(["--dataset", "nuscenes", "--data", str(synth_nusc), "--checkpoint",
@@ -577,6 +582,12 @@ BAD_INPUTS = [
     ("--preset paper-test for U2MKD", "train_student",
      lambda d: train_args(d, "--method", "u2mkd", "--preset", "paper-test"),
      r"--preset paper-test is ELiTe's benchmark-submission config; --method u2mkd has paper, embedded", False),
+    # Issue 19: nuScenes
+    ("--dataset nuscenes for the SAM teacher", "train_teacher", lambda d: train_args(d, "--dataset", "nuscenes"),
+     r"--dataset nuscenes: the LiDAR teacher only \(--teacher lidar\)", False),
+    ("a SAM teacher for a nuScenes student", "train_student",
+     lambda d: train_args(d, "--dataset", "nuscenes", "--teacher", str(d / "student.pt")),
+     r"--dataset nuscenes --method elite trains the LiDAR-only baseline \(--teacher none\)", False),
     # Issue 15: outputs and checkpoints checked before any work
     ("--out that is an existing file", "train_student",
      lambda d: ((d / "a_file").write_text("x"), train_args(d, "--teacher", "none") + ["--out", str(d / "a_file")])[1],

@@ -102,40 +102,60 @@ U2MKD_PRESETS = {  # U2MKD's fusion student (its SemanticKITTI recipe is not rel
             "lr_schedule": ("step", "the paper's per-iteration cosine"),
             "image_size": ((188, 620), "half the KITTI frame")}),
 }
-NUSC_PRESETS = {  # nuScenes-lidarseg: the LiDAR-only baseline (elite --teacher none) and U2MKD's fusion student
+NUSC_BASELINE_PRESETS = {  # nuScenes-lidarseg: the LiDAR-only baseline (--method elite --teacher none)
     "paper": runs.Preset(
-        "the baseline: 2DPASS-nuscenes.yaml's recipe (80 epochs, batch 8, per-epoch cosine) for this 4-scale "
-        "64-channel student; u2mkd: spformer_tsd_full_ours_star.yaml (50 epochs, batch 4 per GPU on 4 GPUs, lr 0.24 "
-        "for the global batch of 16, images at 0.4, 3 of 6 cameras dropped in training)", {
-            "epochs": ((80, 50), "max_num_epochs: 80 (2DPASS) / num_epochs: 50 (U2MKD)"),
-            "batch_size": ((8, 4), "batch_size: 8 (2DPASS) / 4 per GPU (U2MKD)"),
-            "global_batch": ((None, 16), "U2MKD: 4 GPUs x 4"),
-            "val_batch_size": ((8, 8), "val batch_size: 8"),
-            "workers": ((8, 8), "num_workers: 8"),
-            "lr": ((0.24, 0.24), "learning_rate / lr: 0.24"),
-            "lr_schedule": (("epoch", "step"), "CosineAnnealingLR per epoch (2DPASS) / cosine_warmup per step (U2MKD)"),
-            "image_size": ((None, u2mkd.NUSC_IMAGE_HW), "U2MKD: im_cr 0.4 of 1600 x 900"),
-            "camera_drop": ((None, u2mkd.CAMERA_DROP), "U2MKD: im_drop: 3")}),
+        "2DPASS-nuscenes.yaml's recipe for this 4-scale 64-channel student (2DPASS's own nuScenes model is 6-scale "
+        "256-channel)", {
+            "epochs": (80, "max_num_epochs: 80"),
+            "batch_size": (8, "train_data_loader.batch_size: 8"),
+            "val_batch_size": (8, "val_data_loader.batch_size: 8"),
+            "workers": (8, "num_workers: 8"),
+            "lr": (0.24, "learning_rate: 0.24"),
+            "lr_schedule": ("epoch", "lr_scheduler: CosineAnnealingLR, T_max 80 - 4, eta_min 1e-5, per epoch")}),
     "embedded": runs.Preset(
         "a few CPU minutes on the synthetic nuScenes scenes, NOT comparable with published numbers", {
-            "epochs": ((6, 6), "a few CPU minutes"),
-            "batch_size": ((2, 2), "small batches for a CPU"),
-            "global_batch": ((None, 2), "one process; the lr is not scaled"),
-            "val_batch_size": ((2, 2), "small batches for a CPU"),
-            "workers": ((0, 0), "data loading in the main process"),
-            "lr": ((0.24, 0.24), "the paper's rate"),
-            "lr_schedule": (("step", "step"), "a per-iteration cosine"),
-            "image_size": ((None, (90, 160)), "small images for a CPU"),
-            "camera_drop": ((None, u2mkd.CAMERA_DROP), "as the paper preset")}),
+            "epochs": (6, "a few CPU minutes"),
+            "batch_size": (2, "small batches for a CPU"),
+            "val_batch_size": (2, "small batches for a CPU"),
+            "workers": (0, "data loading in the main process"),
+            "lr": (0.24, "the paper's rate"),
+            "lr_schedule": ("step", "a per-iteration cosine")}),
 }
+NUSC_U2MKD_PRESETS = {  # nuScenes-lidarseg: U2MKD's fusion student
+    "paper": runs.Preset(
+        "U2MKD's student config (spformer_tsd_full_ours_star.yaml): 50 epochs, batch 4 per GPU on 4 GPUs, lr 0.24 "
+        "for that global batch of 16 (scaled to the global batch run), images at 0.4, 3 of 6 cameras dropped", {
+            "epochs": (50, "num_epochs: 50"),
+            "batch_size": (4, "batch_size: 4 per GPU"),
+            "global_batch": (16, "4 per GPU x 4 GPUs (README: horovodrun -np 4)"),
+            "val_batch_size": (8, "the ELiTe value"),
+            "workers": (8, "the ELiTe value"),
+            "lr": (0.24, "lr: 0.24 for the global batch of 16"),
+            "lr_schedule": ("step", "cosine_warmup, per iteration"),
+            "image_size": (u2mkd.NUSC_IMAGE_HW, "im_cr: 0.4 of 1600 x 900"),
+            "camera_drop": (u2mkd.CAMERA_DROP, "im_drop: 3")}),
+    "embedded": runs.Preset(
+        "a few CPU minutes on the synthetic nuScenes scenes, NOT comparable with published numbers", {
+            "epochs": (6, "a few CPU minutes"),
+            "batch_size": (2, "small batches for a CPU"),
+            "global_batch": (2, "one process; the lr is not scaled"),
+            "val_batch_size": (2, "small batches for a CPU"),
+            "workers": (0, "data loading in the main process"),
+            "lr": (0.24, "the paper's rate"),
+            "lr_schedule": ("step", "the paper's per-iteration cosine"),
+            "image_size": ((90, 160), "small images for a CPU"),
+            "camera_drop": (u2mkd.CAMERA_DROP, "as the paper preset")}),
+}
+HELP_PRESETS = (("elite", "elite", "semantickitti"), ("u2mkd", "u2mkd", "semantickitti"),
+                ("--dataset nuscenes, the baseline:", "elite", "nuscenes"), ("--dataset nuscenes, u2mkd:", "u2mkd", "nuscenes"))
 DEFAULT_TEACHER = {"elite": Path("runs/teacher/last.pt"), "u2mkd": Path("runs/lidar_teacher/last.pt"),  # last epoch
                    "u2mkd nuscenes": Path("runs/lidar_teacher_nusc/last.pt")}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter,
-                                epilog="elite " + runs.presets_epilog(PRESETS) + "\n\nu2mkd "
-                                + runs.presets_epilog(U2MKD_PRESETS))
+                                epilog="\n\n".join(f"{label} " + runs.presets_epilog(presets_of(method, dataset))
+                                                     for label, method, dataset in HELP_PRESETS))
     runs.add_data_flags(p, "velodyne,labels; image_2,calib.txt with a teacher or u2mkd")
     p.add_argument("--method", choices=("elite", "u2mkd"), default="elite",
                    help="elite: the 1.9M LiDAR student, PPMSKD from the SAM teacher; u2mkd: the camera+LiDAR "
@@ -205,10 +225,10 @@ def parse_args(argv=None):
         if args.method == "elite" and args.teacher not in (None, "none"):
             p.error("--dataset nuscenes --method elite trains the LiDAR-only baseline (--teacher none); ELiTe's SAM "
                     "teacher reads SemanticKITTI")
-        if args.preset not in NUSC_PRESETS:
+        if args.preset not in NUSC_U2MKD_PRESETS:
             p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --dataset nuscenes has "
-                    f"{', '.join(NUSC_PRESETS)}")
-    presets = presets_of(args)
+                    f"{', '.join(NUSC_U2MKD_PRESETS)}")
+    presets = presets_of(args.method, args.dataset)
     if args.preset not in presets:
         p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --method u2mkd has "
                 f"{', '.join(presets)}")
@@ -219,14 +239,11 @@ def parse_args(argv=None):
     return args
 
 
-def presets_of(args) -> dict[str, runs.Preset]:
-    """The presets of this method and dataset; NUSC_PRESETS' values taken for the method (the
-    baseline's or U2MKD's)."""
-    if args.dataset != "nuscenes":
-        return PRESETS if args.method == "elite" else U2MKD_PRESETS
-    k = 0 if args.method == "elite" else 1
-    return {name: runs.Preset(p.about, {key: (v[k], src) for key, (v, src) in p.values.items() if v[k] is not None})
-            for name, p in NUSC_PRESETS.items()}
+def presets_of(method: str, dataset: str) -> dict[str, runs.Preset]:
+    """The presets of a method on a dataset."""
+    if dataset == "nuscenes":
+        return NUSC_BASELINE_PRESETS if method == "elite" else NUSC_U2MKD_PRESETS
+    return PRESETS if method == "elite" else U2MKD_PRESETS
 
 
 def teacher_path(args, resumed: dict | None) -> str:
@@ -479,7 +496,7 @@ def main(argv=None):
     if args.method == "u2mkd" and global_batch != args.global_batch:  # the linear scaling rule
         lr = args.lr * global_batch / args.global_batch
     schedule = runs.lr_schedule(args.lr_schedule, lr, args.epochs, len(setup.loader), world.size)
-    presets = presets_of(args)
+    presets = presets_of(args.method, args.dataset)
     title = ("the U2MKD fusion student" if args.method == "u2mkd" else
              "the LiDAR-only baseline" if args.dataset == "nuscenes" else "the ELiTe student")
     runs.print_summary(f"train_student.py: {title}" + (" on nuScenes" if args.dataset == "nuscenes" else ""), {
