@@ -88,29 +88,29 @@ class DataError(ValueError):
     """A data file is missing or malformed; the message names the file."""
 
 
-def scan_size(path) -> int:
-    """Points in a velodyne .bin, from its size alone (a truncated file is an error)."""
+def whole_records(path, record: int, what: str, layout: str) -> int:
+    """How many `record`-byte records a file holds, from its size alone: a missing file or a
+    size that is not a whole number of records (a truncated file) is a DataError."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: scan file not found")
+        raise DataError(f"{path}: {what} not found")
     size = path.stat().st_size
-    if size % 16:
-        raise DataError(f"{path}: {size} bytes is not a multiple of 16 (4 float32 per point); "
-                        "the file is truncated or not a velodyne scan")
-    return size // 16
+    if size % record:
+        raise DataError(f"{path}: {size} bytes is not a multiple of {record} ({layout}): the file is truncated")
+    return size // record
+
+
+def scan_size(path) -> int:
+    """Points in a velodyne .bin, from its size alone (a truncated file is an error)."""
+    return whole_records(path, 16, "scan file", "4 float32 per point")
 
 
 def label_count(path, num_points: int | None = None) -> int:
     """Labels in a .label file, from its size alone, checked against its scan's points."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: label file not found")
-    size = path.stat().st_size
-    if size % 4:
-        raise DataError(f"{path}: {size} bytes is not a multiple of 4 (one uint32 per point)")
-    if num_points is not None and size // 4 != num_points:
-        raise DataError(f"{path}: {size // 4} labels but its scan has {num_points} points")
-    return size // 4
+    count = whole_records(path, 4, "label file", "one uint32 per point")
+    if num_points is not None and count != num_points:
+        raise DataError(f"{path}: {count} labels but its scan has {num_points} points")
+    return count
 
 
 def read_scan(path) -> np.ndarray:

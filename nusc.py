@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from elite import (IGNORE, ConfusionMatrix, DataError, Scan, StudentConfig, augment_xyz, dropout_points, in_range,
-                   usable_rows)
+                   usable_rows, whole_records)
 
 # =====================================================================================
 # 1. The tables
@@ -223,12 +223,7 @@ def keyframes(tables: Tables, root, scenes: list[dict], labelled=True) -> list[K
 
 def read_points(path) -> np.ndarray:
     """samples/LIDAR_TOP/*.pcd.bin: float32 rows (x, y, z, intensity, ring index) -> (N, 5)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: LiDAR file not found")
-    size = path.stat().st_size
-    if size % 20:
-        raise DataError(f"{path}: {size} bytes is not a multiple of 20 (5 float32 per point); the file is truncated")
+    whole_records(path, 20, "LiDAR file", "5 float32 per point")
     return np.fromfile(path, dtype=np.float32).reshape(-1, 5)
 
 

@@ -609,6 +609,15 @@ def nuscenes_root(data: Path | None, seed: int) -> Path:
     return EMBEDDED_NUSC_ROOT
 
 
+def training_root(args) -> Path:
+    """The trainers' dataset root for --dataset; on SemanticKITTI, args' sequences become those it has."""
+    if args.dataset == "nuscenes":
+        return nuscenes_root(args.data, args.seed)
+    root, args.train_sequences, args.val_sequences = dataset_root(args.data, args.train_sequences,
+                                                                  args.val_sequences, args.seed)
+    return root
+
+
 def existing_sequences(root, sequences: list[str]) -> list[str]:
     """The sequences that have a velodyne folder under ROOT/sequences; the others are named and skipped."""
     check_root(root)

@@ -102,6 +102,14 @@ U2MKD_PRESETS = {  # U2MKD's fusion student (its SemanticKITTI recipe is not rel
             "lr_schedule": ("step", "the paper's per-iteration cosine"),
             "image_size": ((188, 620), "half the KITTI frame")}),
 }
+NUSC_EMBEDDED_ABOUT = "a few CPU minutes on the synthetic nuScenes scenes, NOT comparable with published numbers"
+NUSC_EMBEDDED = {  # what the baseline's and U2MKD's embedded presets share
+    "epochs": (6, "a few CPU minutes"),
+    "batch_size": (2, "small batches for a CPU"),
+    "val_batch_size": (2, "small batches for a CPU"),
+    "workers": (0, "data loading in the main process"),
+    "lr": (0.24, "the paper's rate"),
+    "lr_schedule": ("step", "the paper's per-iteration cosine")}
 NUSC_BASELINE_PRESETS = {  # nuScenes-lidarseg: the LiDAR-only baseline (--method elite --teacher none)
     "paper": runs.Preset(
         "2DPASS-nuscenes.yaml's recipe for this 4-scale 64-channel student (2DPASS's own nuScenes model is 6-scale "
@@ -112,14 +120,7 @@ NUSC_BASELINE_PRESETS = {  # nuScenes-lidarseg: the LiDAR-only baseline (--metho
             "workers": (8, "num_workers: 8"),
             "lr": (0.24, "learning_rate: 0.24"),
             "lr_schedule": ("epoch", "lr_scheduler: CosineAnnealingLR, T_max 80 - 4, eta_min 1e-5, per epoch")}),
-    "embedded": runs.Preset(
-        "a few CPU minutes on the synthetic nuScenes scenes, NOT comparable with published numbers", {
-            "epochs": (6, "a few CPU minutes"),
-            "batch_size": (2, "small batches for a CPU"),
-            "val_batch_size": (2, "small batches for a CPU"),
-            "workers": (0, "data loading in the main process"),
-            "lr": (0.24, "the paper's rate"),
-            "lr_schedule": ("step", "a per-iteration cosine")}),
+    "embedded": runs.Preset(NUSC_EMBEDDED_ABOUT, NUSC_EMBEDDED),
 }
 NUSC_U2MKD_PRESETS = {  # nuScenes-lidarseg: U2MKD's fusion student
     "paper": runs.Preset(
@@ -134,17 +135,10 @@ NUSC_U2MKD_PRESETS = {  # nuScenes-lidarseg: U2MKD's fusion student
             "lr_schedule": ("step", "cosine_warmup, per iteration"),
             "image_size": (u2mkd.NUSC_IMAGE_HW, "im_cr: 0.4 of 1600 x 900"),
             "camera_drop": (u2mkd.CAMERA_DROP, "im_drop: 3")}),
-    "embedded": runs.Preset(
-        "a few CPU minutes on the synthetic nuScenes scenes, NOT comparable with published numbers", {
-            "epochs": (6, "a few CPU minutes"),
-            "batch_size": (2, "small batches for a CPU"),
-            "global_batch": (2, "one process; the lr is not scaled"),
-            "val_batch_size": (2, "small batches for a CPU"),
-            "workers": (0, "data loading in the main process"),
-            "lr": (0.24, "the paper's rate"),
-            "lr_schedule": ("step", "the paper's per-iteration cosine"),
-            "image_size": ((90, 160), "small images for a CPU"),
-            "camera_drop": (u2mkd.CAMERA_DROP, "as the paper preset")}),
+    "embedded": runs.Preset(NUSC_EMBEDDED_ABOUT, NUSC_EMBEDDED | {
+        "global_batch": (2, "one process; the lr is not scaled"),
+        "image_size": ((90, 160), "small images for a CPU"),
+        "camera_drop": (u2mkd.CAMERA_DROP, "as the paper preset")}),
 }
 HELP_PRESETS = (("elite", "elite", "semantickitti"), ("u2mkd", "u2mkd", "semantickitti"),
                 ("--dataset nuscenes, the baseline:", "elite", "nuscenes"), ("--dataset nuscenes, u2mkd:", "u2mkd", "nuscenes"))
@@ -481,11 +475,7 @@ def main(argv=None):
     kind = runs.STUDENT_KIND if args.method == "elite" else u2mkd.FUSION_KIND
     runs.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    if args.dataset == "nuscenes":
-        root = runs.nuscenes_root(args.data, args.seed)
-    else:
-        root, args.train_sequences, args.val_sequences = runs.dataset_root(args.data, args.train_sequences,
-                                                                            args.val_sequences, args.seed)
+    root = runs.training_root(args)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     resumed = runs.load_last(last_path, kind, map_location=device) if args.resume else None
     setup = (setup_u2mkd if args.method == "u2mkd" else

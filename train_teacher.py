@@ -498,11 +498,7 @@ def main(argv=None):
         kind = runs.TEACHER_KIND if args.teacher == "sam" else u2mkd.LIDAR_TEACHER_KIND
         runs.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    if args.dataset == "nuscenes":
-        root = runs.nuscenes_root(args.data, args.seed)
-    else:
-        root, args.train_sequences, args.val_sequences = runs.dataset_root(args.data, args.train_sequences,
-                                                                            args.val_sequences, args.seed)
+    root = runs.training_root(args)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     train = train_sam_teacher if args.teacher == "sam" else train_lidar_teacher
     result = train(args, root, device, last_path, best_path)

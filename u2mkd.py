@@ -66,9 +66,9 @@ def camera_uv(xyz: np.ndarray, proj: np.ndarray, height: int, width: int) -> tup
     return uv, fov
 
 
-def no_images(image_hw) -> np.ndarray:
-    """(0, 3, H, W): a scan without images."""
-    return np.zeros((0, 3, *image_hw), dtype=np.float32)
+def no_camera(n: int, image_hw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n points no camera sees: uv (n, 2) zeros, camera (n,) -1, images (0, 3, H, W)."""
+    return np.zeros((n, 2), np.float32), np.full(n, -1), np.zeros((0, 3, *image_hw), dtype=np.float32)
 
 
 def prepare_full_image(image: np.ndarray, image_hw=IMAGE_HW) -> np.ndarray:
@@ -233,6 +233,15 @@ class LidarTeacherData(elite.SemanticKITTI):
         return elite.Scan(pts.astype(np.float32), lab, index, len(points), self.scans[i])
 
 
+def student_rows(dataset, i: int):
+    """A scan's raw points (N, 4), labels (N,), in-range rows, and the rows the student keeps
+    (point dropout in training), with the scan's 3D random stream."""
+    points, labels, in_range = dataset.raw(i)
+    rng = dataset.rng(i, 0)
+    keep = in_range[elite.dropout_points(len(in_range), rng)] if dataset.train and len(in_range) else in_range
+    return points, labels, in_range, keep, rng
+
+
 @dataclass
 class PairScan:
     scan: elite.Scan            # the student's view: dropout, pixels found, then its own augmentation
@@ -257,11 +266,9 @@ class PairData(elite.SemanticKITTI):
 
     def __getitem__(self, i) -> PairScan:
         path = self.scans[i]
-        points, labels, in_range = self.raw(i)
-        rng = self.rng(i, 0)
-        keep = in_range[elite.dropout_points(len(in_range), rng)] if self.train and len(in_range) else in_range
+        points, labels, in_range, keep, rng = student_rows(self, i)
         pts = points[keep].copy()
-        uv, camera, images = np.zeros((len(pts), 2), np.float32), np.full(len(pts), -1), no_images(self.image_hw)
+        uv, camera, images = no_camera(len(pts), self.image_hw)
         dropped = self.train and self.rng(i, 1).random() < self.image_drop
         if self.images and not dropped:
             calib = elite.sequence_calib(path.parent.parent)
@@ -300,11 +307,9 @@ class NuScenesPairData(nusc.NuScenesScans):
 
     def __getitem__(self, i) -> PairScan:
         frame = self.frames[i]
-        points, labels, in_range = self.raw(i)
-        rng = self.rng(i, 0)
-        keep = in_range[elite.dropout_points(len(in_range), rng)] if self.train and len(in_range) else in_range
+        points, labels, in_range, keep, rng = student_rows(self, i)
         pts = points[keep].copy()
-        uv, camera, images = np.zeros((len(pts), 2), np.float32), np.full(len(pts), -1), no_images(self.image_hw)
+        uv, camera, images = no_camera(len(pts), self.image_hw)
         if self.images:
             kept = range(len(frame.cameras))
             if self.train and self.camera_drop:
