@@ -214,15 +214,6 @@ def list_scans(root, sequences) -> list[Path]:
     return scans
 
 
-def check_scan_files(scans: list[Path]) -> None:
-    """Every scan's .bin and, where it has one, its .label are whole, checked from their sizes
-    before a long run starts rather than when a bad file's turn comes."""
-    for scan in scans:
-        n = scan_size(scan)
-        if label_path(scan).is_file():
-            label_count(label_path(scan), n)
-
-
 def check_root(root) -> None:
     root = Path(root)
     if not root.is_dir():
@@ -540,8 +531,7 @@ class SemanticKITTI(torch.utils.data.Dataset):
 
     def __init__(self, root, sequences, train=False, seed=0, camera=False, crop_hw=CROP_HW, dense=False,
                  derived: Path | None = None, cutmix=False):
-        self.scans = list_scans(root, sequences)
-        check_scan_files(self.scans)
+        self.scans = list_scans(root, sequences)  # their files are checked up front by runs.check_datasets
         self.train = train
         self.seed = seed
         self.epoch = 0  # set_epoch(): augmentation differs per epoch yet is reproducible
@@ -552,21 +542,6 @@ class SemanticKITTI(torch.utils.data.Dataset):
                             "have none)")
         self.camera, self.crop_hw, self.dense, self.derived = camera, tuple(crop_hw), dense, derived
         self.cutmix = cutmix and train
-        if camera:
-            self.check_camera_files()
-
-    def check_camera_files(self) -> None:
-        """Every scan's image and calibration are there, and the crop fits in each sequence's
-        frames: found now, not when the scan's turn comes."""
-        for scan in self.scans:
-            sequence_calib(scan.parent.parent)
-            if not image_path(scan).is_file():
-                raise DataError(f"{image_path(scan)}: image not found (the camera view needs image_2/ of every scan)")
-        for sequence in sorted({scan.parent.parent for scan in self.scans}):
-            first, h, w = sequence_frame(sequence)
-            if self.crop_hw[0] > h or self.crop_hw[1] > w:
-                raise DataError(f"{first}: a {w}x{h} frame is smaller than the {self.crop_hw[0]}x{self.crop_hw[1]} "
-                                "crop (--crop H W)")
 
     def __len__(self):
         return len(self.scans)

@@ -182,7 +182,7 @@ def scans_to_predict(args) -> list[Path]:
         root, sequences = args.data, elite.SPLITS[args.split]
         sequences = [s for s in sequences if (root / "sequences" / s).is_dir()]
     scans = elite.list_scans(root, sequences)
-    elite.check_scan_files(scans)
+    runs.check_scan_files(scans)
     return scans
 
 

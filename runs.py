@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 
 from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, SAM_B_URL, SAM_VARIANTS, SPLITS, ConfusionMatrix, DataError, Student,
-                   StudentConfig, Teacher, TeacherConfig, TooFewVoxels, check_root, collate, config_from, label_path,
-                   list_scans, load_plg_frame, plg_path, project_points, pseudo_labels, read_labels, read_pixel_labels,
-                   sequence_calib, to_train_ids)
+                   StudentConfig, Teacher, TeacherConfig, TooFewVoxels, check_root, collate, config_from, image_path,
+                   label_count, label_path, list_scans, load_plg_frame, plg_path, project_points, pseudo_labels,
+                   read_labels, read_pixel_labels, scan_size, sequence_calib, sequence_frame, to_train_ids)
 
 
 # =====================================================================================
@@ -628,11 +628,39 @@ def existing_sequences(root, sequences: list[str]) -> list[str]:
     return found
 
 
-def check_splits(train_set, val_set, samples=16) -> None:
-    """Before training: the splits can teach and be scored. Training labels that are all 0
-    (unlabeled, checked on up to `samples` scans spread over the split) teach nothing;
-    validation scans without labels cannot be scored; a sequence in both splits scores scans
-    the model trained on."""
+def check_scan_files(scans: list[Path]) -> None:
+    """Every scan's .bin and, where it has one, its .label are whole, checked from their sizes
+    before a long run starts rather than when a bad file's turn comes."""
+    for scan in scans:
+        n = scan_size(scan)
+        if label_path(scan).is_file():
+            label_count(label_path(scan), n)
+
+
+def check_camera_files(dataset) -> None:
+    """Every scan's image and calibration are there, and the crop fits in each sequence's
+    frames (read from the first image's header): found now, not when the scan's turn comes."""
+    for scan in dataset.scans:
+        sequence_calib(scan.parent.parent)
+        if not image_path(scan).is_file():
+            raise DataError(f"{image_path(scan)}: image not found (the camera view needs image_2/ of every scan)")
+    ch, cw = dataset.crop_hw
+    for sequence in sorted({scan.parent.parent for scan in dataset.scans}):
+        first, h, w = sequence_frame(sequence)
+        if ch > h or cw > w:
+            raise DataError(f"{first}: a {w}x{h} frame is smaller than the {ch}x{cw} crop (--crop H W)")
+
+
+def check_datasets(train_set, val_set, samples=16) -> None:
+    """Before training, the up-front checks of a SemanticKITTI run. Every scan's files are whole
+    and, when the run reads the camera, there. The splits can teach and be scored: training
+    labels that are all 0 (unlabeled, checked on up to `samples` scans spread over the split)
+    teach nothing; validation scans without labels cannot be scored; a sequence in both splits
+    scores scans the model trained on."""
+    for dataset in (train_set, val_set):
+        check_scan_files(dataset.scans)
+        if dataset.camera:
+            check_camera_files(dataset)
     both = sorted({s.parent.parent.name for s in train_set.scans} & {s.parent.parent.name for s in val_set.scans})
     if both:
         warnings.warn(f"sequences {both} are both training and validation sequences: validation then "

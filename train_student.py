@@ -298,7 +298,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, cutmix=args.cutmix,
                                     **camera)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
-    runs.check_splits(train_set, val_set)
+    runs.check_datasets(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
 
@@ -408,7 +408,7 @@ def u2mkd_data(args, root: Path, config: dict, teacher_sweeps: int | None):
     train_set = u2mkd.PairData(root, args.train_sequences, train=True, seed=args.seed, image_hw=image_size,
                                image_drop=config["image_drop"], teacher_view=with_teacher)
     val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=image_size)
-    runs.check_splits(train_set, val_set)
+    runs.check_datasets(train_set, val_set)
     return train_set, val_set, elite.StudentConfig(), elite.ConfusionMatrix
 
 

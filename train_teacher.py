@@ -332,7 +332,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
                                     crop_hw=args.crop, dense=args.labels == "plg", derived=args.derived_dir)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
-    runs.check_splits(train_set, val_set)
+    runs.check_datasets(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
@@ -423,7 +423,7 @@ def lidar_teacher_data(args, root: Path):
     db = u2mkd.load_instance_db(root, args.train_sequences, derived=args.derived_dir) if args.paste > 0 else None
     train_set = u2mkd.LidarTeacherData(root, args.train_sequences, db, seed=args.seed, add_num=args.paste)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
-    runs.check_splits(train_set, val_set)
+    runs.check_datasets(train_set, val_set)
     sees = (f"{args.paste} instances pasted per scan from {db_path} ({len(db)} instances), then flip, rotation, "
             "scaling, translation" if db is not None else "flip, rotation, scaling, translation (no instance paste)")
     return train_set, val_set, elite.StudentConfig(), db, sees

@@ -261,8 +261,7 @@ class PairData(elite.SemanticKITTI):
                  teacher_view=False):
         super().__init__(root, sequences, train=train, seed=seed)
         self.image_hw, self.images, self.image_drop, self.teacher_view = tuple(image_hw), images, image_drop, teacher_view
-        if images:
-            self.check_camera_files()
+        self.camera = images  # runs.check_datasets checks every scan's image and calibration up front
 
     def __getitem__(self, i) -> PairScan:
         path = self.scans[i]
