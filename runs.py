@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import nusc
 from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, SAM_B_URL, SAM_VARIANTS, SPLITS, ConfusionMatrix, DataError, Student,
                    StudentConfig, Teacher, TeacherConfig, TooFewVoxels, check_root, collate, config_from, image_path,
                    label_count, label_path, list_scans, load_plg_frame, plg_path, project_points, pseudo_labels,
@@ -267,8 +268,8 @@ def load_2dpass_student(model: Student, path) -> None:
     for key, theirs in student_keys_from_2dpass(len(model.blocks)).items():
         if theirs not in src:
             raise DataError(f"{path}: {prefix}{theirs} is missing; not a 2DPASS 4scale-64dimension checkpoint")
-        tensor = spconv_to_ours(src.pop(theirs)) if theirs.endswith(("layers_in.0.weight", "layers.0.weight",
-                                                                     "layers.3.weight")) else src.pop(theirs)
+        tensor = src.pop(theirs)
+        tensor = spconv_to_ours(tensor) if tensor.dim() == 5 else tensor  # the SubMConv3d weights
         if tensor.shape != ours[key].shape:
             raise DataError(f"{path}: {prefix}{theirs} has shape {tuple(tensor.shape)}, the student's {key} needs "
                             f"{tuple(ours[key].shape)}; not a 2DPASS 4scale-64dimension checkpoint")
@@ -924,6 +925,29 @@ def which_checkpoint(last_path: Path, best_path: Path, last_miou: float, best_mi
 def describe_outputs(out: Path, save_every: int) -> str:
     often = f"each epoch and every {save_every} steps" if save_every else "each epoch"
     return f"{out / 'last.pt'} ({often}), {out / 'best.pt'}, {out / 'metrics.csv'}"
+
+
+def describe_schedule(args, steps_per_epoch: int, schedule: LRSchedule, what: str, note="") -> str:
+    """The start-up summary's schedule: epochs, steps, the global batch, the lr and its schedule."""
+    world = distributed().size
+    optimizer = f"{args.optimizer} " if getattr(args, "optimizer", None) else ""  # the SAM teacher's choice
+    return (f"{args.epochs} epochs x {steps_per_epoch} steps; {args.batch_size} {what} per process x {world} "
+            f"process(es) = global batch {args.batch_size * world}; {optimizer}lr {schedule.lr:g}{note}, "
+            f"{schedule.describe()}")
+
+
+def describe_validation(args) -> str:
+    """Which points the training-time mIoU counts, and how infer.py's differs."""
+    if getattr(args, "dataset", "semantickitti") == "nuscenes":
+        return ("nuScenes-lidarseg mIoU of the in-range points of each keyframe (infer.py predicts every point, "
+                "those beyond the range at its edge)")
+    return ("mIoU of the in-range points of each scan (infer.py scores every point of the .bin: out-of-range points "
+            "count as misses there)")
+
+
+def new_confusion(dataset: str) -> ConfusionMatrix:
+    """The validation metric of a dataset: SemanticKITTI's official rules, or nuScenes-lidarseg's."""
+    return nusc.LidarsegConfusion() if dataset == "nuscenes" else ConfusionMatrix()
 
 
 def val_name(args) -> str:

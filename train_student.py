@@ -159,7 +159,8 @@ def parse_args(argv=None):
                         "with --data, 'embedded' without; 'paper-test' (elite) is the benchmark-submission config")
     p.add_argument("--teacher", default=None,
                    help="teacher checkpoint from train_teacher.py, or 'none' for the student alone; default: "
-                        f"{DEFAULT_TEACHER['elite']} (elite) or {DEFAULT_TEACHER['u2mkd']} (u2mkd), the teacher's "
+                        f"{DEFAULT_TEACHER['elite']} (elite), {DEFAULT_TEACHER['u2mkd']} (u2mkd; "
+                        f"{DEFAULT_TEACHER['u2mkd nuscenes']} on nuscenes), the teacher's "
                         "last epoch as upstream distils it, when it exists, else none (best.pt, selected on the "
                         "validation split, only when named)")
     p.add_argument("--teacher-mode", choices=("joint", "frozen"), default="joint",
@@ -213,19 +214,17 @@ def parse_args(argv=None):
         other_method += ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix")
     given = [f"--{k.replace('_', '-')}" for k in other_method if getattr(args, k) is not None]
     if given:
-        p.error(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}")
+        p.error(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}"
+                f"{' on --dataset nuscenes' if args.dataset == 'nuscenes' else ''}")
     args.preset = args.preset or ("paper" if args.data else "embedded")
     if args.dataset == "nuscenes":
         if args.method == "elite" and args.teacher not in (None, "none"):
             p.error("--dataset nuscenes --method elite trains the LiDAR-only baseline (--teacher none); ELiTe's SAM "
                     "teacher reads SemanticKITTI")
-        if args.preset not in NUSC_U2MKD_PRESETS:
-            p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --dataset nuscenes has "
-                    f"{', '.join(NUSC_U2MKD_PRESETS)}")
     presets = presets_of(args.method, args.dataset)
     if args.preset not in presets:
-        p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --method u2mkd has "
-                f"{', '.join(presets)}")
+        p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --method {args.method}"
+                f"{' on nuscenes' if args.dataset == 'nuscenes' else ''} has {', '.join(presets)}")
     runs.apply_preset(args, presets[args.preset])
     args.image_size = tuple(args.image_size) if args.image_size else None
     folder = "runs/student" if args.method == "elite" else "runs/fusion_student"
@@ -390,26 +389,26 @@ def setup_nusc_baseline(args, root: Path, device, resumed: dict | None) -> Setup
         return best | {"optimizer": optimizer.state_dict()}, best
 
     return Setup(model, loader, optimizer, [model], loss_terms,
-                 lambda: runs.evaluate(model, val_loader, scores, nusc.LidarsegConfusion()), checkpoints, None,
+                 lambda: runs.evaluate(model, val_loader, scores, runs.new_confusion("nuscenes")), checkpoints, None,
                  "none (the LiDAR-only baseline)", val_set)
 
 
 # ---- U2MKD: the fusion student, with KD from the LiDAR teacher ----
 
 def u2mkd_data(args, root: Path, config: dict, teacher_sweeps: int | None):
-    """(training set, validation set, student config, validation metric) of the fusion student."""
+    """(training set, validation set, student config) of the fusion student."""
     image_size, with_teacher = config["image_size"], teacher_sweeps is not None
     if args.dataset == "nuscenes":
         train_set = u2mkd.NuScenesPairData(root, args.version, "train", train=True, seed=args.seed, image_hw=image_size,
                                            camera_drop=config["camera_drop"], teacher_view=with_teacher,
                                            sweeps=teacher_sweeps or 0)
         val_set = u2mkd.NuScenesPairData(root, args.version, "val", image_hw=image_size)
-        return train_set, val_set, nusc.student_config(), nusc.LidarsegConfusion
+        return train_set, val_set, nusc.student_config()
     train_set = u2mkd.PairData(root, args.train_sequences, train=True, seed=args.seed, image_hw=image_size,
                                image_drop=config["image_drop"], teacher_view=with_teacher)
     val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=image_size)
     runs.check_datasets(train_set, val_set)
-    return train_set, val_set, elite.StudentConfig(), elite.ConfusionMatrix
+    return train_set, val_set, elite.StudentConfig()
 
 
 def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
@@ -423,7 +422,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
         teacher, teacher_ckpt = u2mkd.load_lidar_teacher(config["teacher"], map_location=device)
         teacher.to(device).eval().requires_grad_(False)  # frozen, in eval mode, as upstream
         teacher_sweeps = teacher_ckpt.get("config", {}).get("sweeps") or 0  # what it was trained on
-    train_set, val_set, cfg, conf = u2mkd_data(args, root, config, teacher_sweeps)
+    train_set, val_set, cfg = u2mkd_data(args, root, config, teacher_sweeps)
     if teacher is not None and teacher.cfg.num_classes != cfg.num_classes:
         raise elite.DataError(f"{config['teacher']}: a LiDAR teacher of {teacher.cfg.num_classes} classes, but "
                               f"--dataset {args.dataset} has {cfg.num_classes}: train the teacher on this dataset")
@@ -463,7 +462,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
     describe += f"; camera images resized to {image_size[0]}x{image_size[1]}, {drop}"
     if teacher is not None and teacher_sweeps:
         describe += f"; the teacher sees {teacher_sweeps} sweeps around each keyframe, as it was trained"
-    return Setup(model, loader, optimizer, parts, loss_terms, lambda: runs.evaluate(model, val_loader, scores, conf()),
+    return Setup(model, loader, optimizer, parts, loss_terms, lambda: runs.evaluate(model, val_loader, scores, runs.new_confusion(args.dataset)),
                  checkpoints, None, describe, val_set)
 
 
@@ -483,8 +482,10 @@ def main(argv=None):
     run = runs.RunState.resumed(resumed) if resumed is not None else runs.RunState()
     global_batch = args.batch_size * world.size
     lr = args.lr
+    scaled = ""
     if args.method == "u2mkd" and global_batch != args.global_batch:  # the linear scaling rule
         lr = args.lr * global_batch / args.global_batch
+        scaled = f" (= {args.lr:g} x {global_batch}/{args.global_batch}, scaled to the global batch)"
     schedule = runs.lr_schedule(args.lr_schedule, lr, args.epochs, len(setup.loader), world.size)
     presets = presets_of(args.method, args.dataset)
     title = ("the U2MKD fusion student" if args.method == "u2mkd" else
@@ -496,12 +497,8 @@ def main(argv=None):
                    + (f", initialised from {args.init_3d} (2DPASS)" if args.init_3d else ""),
         "teacher": setup.describe,
         "preset": runs.describe_preset(args.preset, presets[args.preset], args),
-        "schedule": f"{args.epochs} epochs x {len(setup.loader)} steps; {args.batch_size} scans per process x "
-                    f"{world.size} process(es) = global batch {global_batch}; lr {lr:g}"
-                    + (f" (= {args.lr:g} x {global_batch}/{args.global_batch}, scaled to the global batch)"
-                       if lr != args.lr else "") + f", {schedule.describe()}",
-        "validation": "mIoU of the in-range points of each scan (infer.py scores every point of the .bin: "
-                      "out-of-range points count as misses there)",
+        "schedule": runs.describe_schedule(args, len(setup.loader), schedule, "scans", scaled),
+        "validation": runs.describe_validation(args),
         "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, resumed is not None)})
     torch.manual_seed(args.seed + world.rank)  # from here on, each process draws its own numbers

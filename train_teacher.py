@@ -257,13 +257,6 @@ def parse_args(argv=None):
     return args
 
 
-def schedule_line(args, loader, schedule: runs.LRSchedule, what: str) -> str:
-    world = runs.distributed().size
-    return (f"{args.epochs} epochs x {len(loader)} steps; {args.batch_size} {what} per process x {world} process(es) "
-            f"= global batch {args.batch_size * world}; {getattr(args, 'optimizer', None) or 'sgd'} lr {args.lr:g}, "
-            f"{schedule.describe()}")
-
-
 # ---- SAM-PLG: the dense labels the teacher learns from ----
 
 def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.device) -> None:
@@ -385,7 +378,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
         "teacher": f"SAM {args.variant} ({args.sam_checkpoint or 'random weights'}) with {args.peft} r={args.rank}: "
                    f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters",
         "preset": runs.describe_preset(args.preset, PRESETS[args.preset], args),
-        "schedule": schedule_line(args, loader, schedule, "images"),
+        "schedule": runs.describe_schedule(args, len(loader), schedule, "images"),
         "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, args.resume, "2D mIoU")})
     torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
@@ -405,14 +398,14 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
 # ---- Training U2MKD's LiDAR teacher ----
 
 def lidar_teacher_data(args, root: Path):
-    """(training set, validation set, student config, instance database, what the teacher sees) of
+    """(training set, validation set, student config, what the teacher sees) of
     the LiDAR teacher. SemanticKITTI: instance paste, then flip, rotation, scaling, translation.
     nuScenes: the keyframe with --sweeps sweeps around it, then the same 3D augmentation."""
     import u2mkd
     if args.dataset == "nuscenes":
         train_set = nusc.NuScenesScans(root, args.version, "train", train=True, seed=args.seed, sweeps=args.sweeps)
         val_set = nusc.NuScenesScans(root, args.version, "val")
-        return train_set, val_set, nusc.student_config(), None, (
+        return train_set, val_set, nusc.student_config(), (
             f"the keyframe and {args.sweeps} sweeps around it, then flip, rotation, scaling, translation")
     db_path = u2mkd.instance_db_path(root, args.derived_dir)
     if args.paste > 0 and runs.distributed().main:  # one process cuts the database, the others wait
@@ -426,17 +419,12 @@ def lidar_teacher_data(args, root: Path):
     runs.check_datasets(train_set, val_set)
     sees = (f"{args.paste} instances pasted per scan from {db_path} ({len(db)} instances), then flip, rotation, "
             "scaling, translation" if db is not None else "flip, rotation, scaling, translation (no instance paste)")
-    return train_set, val_set, elite.StudentConfig(), db, sees
-
-
-def conf_of(args) -> elite.ConfusionMatrix:
-    """The validation metric: SemanticKITTI's official rules, or nuScenes-lidarseg's."""
-    return nusc.LidarsegConfusion() if args.dataset == "nuscenes" else elite.ConfusionMatrix()
+    return train_set, val_set, elite.StudentConfig(), sees
 
 
 def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Path):
     import u2mkd
-    train_set, val_set, cfg, db, sees = lidar_teacher_data(args, root)
+    train_set, val_set, cfg, sees = lidar_teacher_data(args, root)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     model = u2mkd.lidar_teacher(args.width, cfg).to(device)
@@ -471,13 +459,13 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         "augmentation": sees,
         "preset": runs.describe_preset(args.preset, (NUSC_LIDAR_PRESETS if args.dataset == "nuscenes" else
                                                       LIDAR_PRESETS)[args.preset], args),
-        "schedule": schedule_line(args, loader, schedule, "scans"),
-        "validation": "mIoU of the in-range points of each scan (infer.py scores every point of the .bin)",
+        "schedule": runs.describe_schedule(args, len(loader), schedule, "scans"),
+        "validation": runs.describe_validation(args),
         "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, args.resume)})
     torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
     objective = runs.data_parallel(runs.Objective([model], loss_terms), args.sync_bn)
-    conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(model, val_loader, scores, conf_of(args)), save,
+    conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(model, val_loader, scores, runs.new_confusion(args.dataset)), save,
                      amp_device=device if args.amp else None,
                      metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path)
     if conf is None:

@@ -367,8 +367,8 @@ def teacher_rows(student_index: np.ndarray, teacher_index: np.ndarray) -> np.nda
 def collate_pairs(items: list[PairScan]) -> PairBatch:
     lidar = elite.collate([it.scan for it in items])
     first = np.cumsum([0] + [len(it.images) for it in items[:-1]])  # each scan's first row of `images`
-    images = torch.from_numpy(np.concatenate([it.images for it in items])) if first[-1] + len(items[-1].images) \
-        else None
+    all_images = np.concatenate([it.images for it in items])  # (B', 3, H, W)
+    images = torch.from_numpy(all_images) if len(all_images) else None
     image_of_point = np.concatenate([np.where(it.camera >= 0, it.camera + f, -1) for it, f in zip(items, first)])
     teacher = teacher_row = None
     if items[0].teacher is not None:
