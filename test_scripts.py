@@ -588,6 +588,9 @@ BAD_INPUTS = [
     ("a SAM teacher for a nuScenes student", "train_student",
      lambda d: train_args(d, "--dataset", "nuscenes", "--teacher", str(d / "student.pt")),
      r"--dataset nuscenes --method elite trains the LiDAR-only baseline \(--teacher none\)", False),
+    ("flags: --camera-drop 7", "train_student",
+     lambda d: train_args(d, "--dataset", "nuscenes", "--method", "u2mkd", "--camera-drop", "7"),
+     r"argument --camera-drop: 7 of the 6 cameras cannot be dropped", False),
     # Issue 15: outputs and checkpoints checked before any work
     ("--out that is an existing file", "train_student",
      lambda d: ((d / "a_file").write_text("x"), train_args(d, "--teacher", "none") + ["--out", str(d / "a_file")])[1],

@@ -226,6 +226,8 @@ def parse_args(argv=None):
         p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --method {args.method}"
                 f"{' on nuscenes' if args.dataset == 'nuscenes' else ''} has {', '.join(presets)}")
     runs.apply_preset(args, presets[args.preset])
+    if args.camera_drop is not None and args.camera_drop > len(nusc.CAMERAS):
+        p.error(f"argument --camera-drop: {args.camera_drop} of the {len(nusc.CAMERAS)} cameras cannot be dropped")
     args.image_size = tuple(args.image_size) if args.image_size else None
     folder = "runs/student" if args.method == "elite" else "runs/fusion_student"
     args.out = args.out or Path(folder + ("_nusc" if args.dataset == "nuscenes" else ""))
