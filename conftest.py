@@ -1,10 +1,18 @@
-"""What both test files share: the synthetic scenes they read, and the `slow` marker of the
-end-to-end script runs (test_scripts.py), which CI runs too."""
+"""What the test files share: the synthetic scenes they read, the `slow` marker of the
+end-to-end script runs (test_scripts.py), which CI runs too, and Triton's interpreter where
+there is no GPU."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors (test_kernels.py).
+# Triton reads the variable when a kernel is defined: it is set before kernels.py is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import runs
 import synthkitti

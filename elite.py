@@ -10,7 +10,7 @@ the student, the teacher and their data, in the order the data flows:
     4. The camera view: the bottom crop the image teacher reads
     5. The dataset and its batches (points, and the camera view when asked)
     6. Voxelisation and scatter reductions
-    7. Submanifold sparse convolution (pure torch, with its neighbour map)
+    7. Submanifold sparse convolution (pure torch, with its neighbour table; kernels.py: Triton)
     8. The student: SparseBasicBlock, point encoder, SPVBlock, classifier
     9. Losses: class-weighted cross-entropy and Lovasz-softmax
    10. The image teacher: SAM's ViT, LoRA/AdaLoRA (PEFT), patch decoder, 2D heads
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -624,18 +625,66 @@ def collate(scans: list[Scan]) -> Batch:
 # =====================================================================================
 # Every scale s re-quantises the raw points into ceil(shape / s) cells per axis, so the
 # scale-8 z axis has 8 cells (0.75 m) and the scale-16 x/y axes have 63 cells (1.587 m).
+#
+# A voxel is one int64 key, [set | batch | x | y | z] in bit fields, which sorts as its row
+# [batch, x, y, z] sorts (lexicographically) within a set. The five scales are five sets of
+# one key array, so one torch.unique voxelises them all: on a GPU the host waits for the data
+# once, not once per scale. The same keys find every voxel's neighbours (section 7).
 
 GRID_SHAPE = (1000, 1000, 60)  # 0.1 m voxels over the range (nuScenes: 70 over its -4..3 m)
 SCALES = (2, 4, 8, 16)
+COORD_BITS = 15  # a coordinate field: +-16k cells around 0 (a grid is 1,000 cells across)
+BATCH_BITS = 12  # up to 4,096 scans in a batch
+VALUE_BITS = BATCH_BITS + 3 * COORD_BITS  # 57: a key below its set tag (4 bits: up to 16 sets)
 
 
-def scatter_mean(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def constant(values: tuple, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """A small constant tensor, copied to its device once per process, not once per forward."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def read_to_host(t: torch.Tensor) -> list:
+    """The forward reads values of its data only through here: one copy to the host, which on
+    a GPU waits for the device (infer.count_ops counts it)."""
+    return t.to("cpu", copy=True).tolist()
+
+
+def set_bases(sets: int, device) -> torch.Tensor:
+    """(sets,) the smallest key of each set 0 .. sets - 1."""
+    return constant(tuple(k << VALUE_BITS for k in range(sets)), device)
+
+
+def pack_keys(batch: torch.Tensor, cells: torch.Tensor, sets: torch.Tensor | int = 0) -> torch.Tensor:
+    """batch (...), cells (..., 3) int64 -> keys (...) int64 ordered as the rows [batch, x, y, z].
+    Coordinates are shifted by half a field, so that negative ones (augmentation moves points
+    off the grid, as upstream) and their -1 neighbours stay inside their own field."""
+    c = cells + (1 << COORD_BITS - 1)
+    if c.numel():
+        torch._assert_async((c.min() >= 1) & (c.max() <= (1 << COORD_BITS) - 2) & (batch.min() >= 0)
+                            & (batch.max() < 1 << BATCH_BITS),
+                            "voxel coordinates beyond +-16k cells, or a batch of 4,096 scans or more")
+    fields = constant((1 << 2 * COORD_BITS, 1 << COORD_BITS, 1), cells.device)
+    return (sets << VALUE_BITS) + (batch << 3 * COORD_BITS) + (c * fields).sum(-1)
+
+
+def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
+    """keys (V,) -> rows (V, 4) [batch, x, y, z]."""
+    device, mask = keys.device, (1 << COORD_BITS) - 1
+    shifts = constant((3 * COORD_BITS, 2 * COORD_BITS, COORD_BITS, 0), device)
+    masks = constant(((1 << BATCH_BITS) - 1, mask, mask, mask), device)
+    return ((keys[:, None] >> shifts) & masks) - constant((0,) + (1 << COORD_BITS - 1,) * 3, device)
+
+
+def scatter_mean(src: torch.Tensor, index: torch.Tensor, size: int, count: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of the rows of src (N, C) that share an index -> (size, C), summed in float32
-    at least (bf16 sums of many rows would lose digits under --amp)."""
+    at least (bf16 sums of many rows would lose digits under --amp). count (size,): the rows
+    per index when known already."""
     src = src.to(torch.promote_types(src.dtype, torch.float32))
     out = torch.zeros(size, src.shape[1], dtype=src.dtype, device=src.device)
     out.index_add_(0, index, src)
-    return out / rows_per_index(index, size).clamp_min(1).to(src.dtype)[:, None]
+    count = rows_per_index(index, size) if count is None else count
+    return out / count.clamp_min(1).to(src.dtype)[:, None]
 
 
 def rows_per_index(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -644,123 +693,130 @@ def rows_per_index(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
-def unique_rows(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.unique(coords, dim=0, return_inverse=True) for integer rows, 50x faster.
-
-    Rows are packed into one int64 key that preserves their lexicographic order, so the
-    result is sorted exactly as torch.unique(dim=0) sorts it. coords (N, D) -> (V, D), (N,)."""
-    if len(coords) == 0:
-        return coords, torch.zeros(0, dtype=torch.long, device=coords.device)
-    lo = coords.min(0).values
-    c = coords - lo
-    extent = c.max(0).values + 1
-    if math.prod(extent.tolist()) >= 2 ** 62:
-        raise ValueError(f"coordinates span {extent.tolist()} cells: too wide to pack into int64")
-    key = c[:, 0]
-    for d in range(1, coords.shape[1]):
-        key = key * extent[d] + c[:, d]
-    ukey, inverse = torch.unique(key, return_inverse=True)
-    rows = []
-    for d in reversed(range(coords.shape[1])):
-        rows.append(ukey % extent[d])
-        ukey = ukey // extent[d]
-    return torch.stack(rows[::-1], 1) + lo, inverse
-
-
 @dataclass
 class Voxels:
     """The voxels of one scale: coords (V, 4) int64 rows [batch, x, y, z] in lexicographic
-    order, and inv (N,) the voxel of every point."""
+    order, inv (N,) the voxel of every point, count (V,) the points in each voxel."""
     coords: torch.Tensor
     inv: torch.Tensor
+    count: torch.Tensor
 
     def __len__(self):
         return len(self.coords)
 
 
+@functools.lru_cache(maxsize=None)
+def grid_constants(scales: tuple, lo: tuple, hi: tuple, shape: tuple, device: torch.device):
+    """(cells (S, 1, 3) per scale, lo (3,), hi - lo (3,)) on the device, made once."""
+    cells = torch.tensor([[[math.ceil(n / s) for n in shape]] for s in scales], device=device)
+    lo_t, hi_t = torch.tensor(lo, device=device), torch.tensor(hi, device=device)
+    return cells, lo_t, hi_t - lo_t
+
+
+def voxelize_scales(xyz: torch.Tensor, batch_idx: torch.Tensor, scales: tuple, lo=RANGE_MIN, hi=RANGE_MAX,
+                    shape=GRID_SHAPE) -> tuple[list[Voxels], torch.Tensor]:
+    """Quantise points (N, 3) at several scales of the grid `shape` over [lo, hi] at once.
+    Indices are not clipped: augmented points may leave the range and get negative or
+    too-large indices, as in the official code. Returns the voxels of each scale and their
+    keys (sum of V,), sorted, scale after scale."""
+    cells, lo_t, span = grid_constants(tuple(scales), tuple(lo), tuple(hi), tuple(shape), xyz.device)
+    idx = (cells * (xyz - lo_t) / span).long()  # (S, N, 3); .long() truncates toward zero, as upstream
+    sets = torch.arange(len(scales), device=xyz.device)[:, None]  # (S, 1)
+    keys, inv, count = torch.unique(pack_keys(batch_idx, idx, sets), return_inverse=True, return_counts=True)
+    first = torch.searchsorted(keys, set_bases(len(scales) + 1, xyz.device))  # (S + 1,) where each scale starts
+    inv = inv - first[:-1, None]  # (S, N) each point's voxel within its scale
+    coords, starts = unpack_keys(keys), read_to_host(first)  # the one wait: how many voxels each scale has
+    return [Voxels(coords[a:b], inv[k], count[a:b]) for k, (a, b) in enumerate(zip(starts, starts[1:]))], keys
+
+
 def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int, lo=RANGE_MIN, hi=RANGE_MAX,
              shape=GRID_SHAPE) -> Voxels:
-    """Quantise points (N, 3) at one scale of the grid `shape` over [lo, hi]. Indices are not
-    clipped: augmented points may leave the range and get negative or too-large indices, as in
-    the official code."""
-    lo, hi = torch.tensor(lo, device=xyz.device), torch.tensor(hi, device=xyz.device)
-    cells = torch.tensor([math.ceil(n / scale) for n in shape], device=xyz.device)
-    idx = (cells * (xyz - lo) / (hi - lo)).long()  # .long() truncates toward zero, as upstream
-    coords, inv = unique_rows(torch.cat([batch_idx[:, None], idx], 1))
-    return Voxels(coords, inv)
+    """The voxels of one scale."""
+    return voxelize_scales(xyz, batch_idx, (scale,), lo, hi, shape)[0][0]
 
 
 # =====================================================================================
 # 7. Submanifold sparse convolution
 # =====================================================================================
 # out_i = sum over the 27 offsets o of W[o]^T x_j, where voxel j = voxel i + o is active in
-# the same scan. Output voxels are the input voxels. The work is a neighbour map (which
-# pairs (i, j) exist for each offset) and, per offset, gather -> matmul -> scatter-add.
+# the same scan. Output voxels are the input voxels. The work is a neighbour table (which
+# voxel sits at each offset of each voxel) and the products. This plain-torch form is the
+# definition and the CPU path: per offset, gather -> matmul -> scatter-add. On a GPU,
+# kernels.py computes the same sum in Triton, one program per tile of output rows.
 #
-# The neighbour map exploits two facts. (1) Pairs come in mirrored couples: if j is i's
-# neighbour at +o, i is j's neighbour at -o, so 13 offsets are searched and 13 mirrored.
-# (2) In sorted key order the z-neighbours of a voxel are adjacent, so one binary search
-# per (dx, dy) column finds all three dz in {-1, 0, 1} at once. It is built without waiting
-# on the data (a GPU's host need not sync) except once, for the 13 pair counts.
+# The table is found from sorted keys: in key order the z-neighbours of a voxel are adjacent,
+# so one binary search per (dx, dy) column finds all three dz in {-1, 0, 1} at once. Nothing
+# in it waits on the data. Pairs come in mirrored couples (j is i's neighbour at +o exactly
+# when i is j's at -o), so the plain form reads the 13 offsets after the centre and mirrors.
+
+COLUMNS = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+OFFSETS = [(dx, dy, dz) for dx, dy in COLUMNS for dz in (-1, 0, 1)]  # k = 9(dx+1) + 3(dy+1) + dz+1: weight.view(27, ...)[k]; -o is 26 - k
+
+
+def neighbour_table(keys: torch.Tensor) -> torch.Tensor:
+    """keys (N,) unique, sorted ascending -> (27, N) int32: [k, i] = the position of voxel
+    i's neighbour at OFFSETS[k], or -1. Keys of other sets are never neighbours."""
+    n, device = len(keys), keys.device
+    table = torch.empty(9, 3, n, dtype=torch.int32, device=device)
+    if n == 0:  # a batch with no point in range
+        return table.view(27, 0)
+    steps = constant(tuple((dx << 2 * COORD_BITS) + (dy << COORD_BITS) - 1 for dx, dy in COLUMNS), device)
+    lowest = keys + steps[:, None]  # (9, N) the key of (x + dx, y + dy, z - 1)
+    pos = torch.searchsorted(keys, lowest, out_int32=True)  # (9, N) the first key >= it
+    none = constant(-1, device, torch.int32)
+    for dz in range(3):  # z - 1, z, z + 1: each found one moves the next candidate one place on
+        found = keys.index_select(0, pos.view(-1).clamp_max(n - 1)).view(9, n) == lowest + dz
+        torch.where(found, pos, none, out=table[:, dz])
+        pos += found
+    return table.view(27, n)
+
 
 @dataclass
-class NeighbourMap:
-    """pairs[k] = (i, j): voxel j is voxel i's neighbour at +offsets[k] (so i is j's at -o).
-    Built once per voxel set and shared by every convolution on it (spconv's indice_key)."""
-    num_voxels: int
-    offsets: list[tuple[int, int, int]]
-    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+class Neighbours:
+    """rows (27, N) int32: rows[k, i] = the voxel at OFFSETS[k] from voxel i, or -1. Built
+    once per voxel set and shared by every convolution on it (spconv's indice_key)."""
+    rows: torch.Tensor
+    _pairs: list | None = field(default=None, repr=False)
+
+    def __len__(self):
+        return self.rows.shape[1]
+
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(i, j) int64 for each of the 13 offsets after the centre, OFFSETS[14:]: voxel j is
+        voxel i's neighbour at +o (so i is j's at -o). What the plain-torch form reads; made
+        on first use (one wait, for the 13 pair counts) and kept."""
+        if self._pairs is None:
+            ahead = self.rows[14:].reshape(-1)  # (13 * N,)
+            flat = torch.nonzero(ahead >= 0).squeeze(1)  # every pair, grouped by offset
+            k = flat // len(self)
+            counts = read_to_host(rows_per_index(k, 13))
+            i, j = flat - k * len(self), ahead.index_select(0, flat).long()
+            self._pairs = list(zip(i.split(counts), j.split(counts)))
+        return self._pairs
 
     @property
     def num_pairs(self) -> int:  # including the 27th offset, the voxel itself
-        return self.num_voxels + 2 * sum(len(i) for i, _ in self.pairs)
+        return int((self.rows >= 0).sum())
 
 
-KEY_FIELD = 1 << 16  # a packed key holds 14 bits of batch and 16 of each coordinate
-COLUMNS = ((0, 1), (1, -1), (1, 0), (1, 1))  # the (dx, dy) columns ahead of a voxel in key order
-FORWARD_OFFSETS = [(0, 0, 1)] + [(dx, dy, dz) for dx, dy in COLUMNS for dz in (-1, 0, 1)]
+def neighbours_of(coords: torch.Tensor) -> Neighbours:
+    """The table of one voxel set given as unique rows (N, 4) [batch, x, y, z] in any order."""
+    keys, order = torch.sort(pack_keys(coords[:, 0], coords[:, 1:]))
+    table = neighbour_table(keys)  # positions in key order
+    order = order.int()
+    rows = torch.empty_like(table)
+    rows[:, order] = torch.where(table >= 0, order.index_select(0, table.view(-1).clamp_min(0)).view_as(table), -1)
+    return Neighbours(rows)
 
 
-def build_neighbour_map(coords: torch.Tensor) -> NeighbourMap:
-    """coords (N, 4) int64 [batch, x, y, z], unique rows in any order; coordinates within
-    +-32k cells (a voxel grid is 1,000 cells across; augmented points stay near it)."""
-    n, device = len(coords), coords.device
-    if n == 0:  # a batch with no point in range: no pairs
-        return NeighbourMap(0, [], [])
-    # One int64 key per voxel, ordered as its row: shifted by half a field so that negative
-    # coordinates and their -1 neighbours stay inside their own field.
-    c = coords[:, 1:] + KEY_FIELD // 2
-    torch._assert_async(((c >= 1) & (c <= KEY_FIELD - 2)).all() & (coords[:, 0] >= 0).all()
-                        & (coords[:, 0] < 1 << 14).all(), "voxel coordinates beyond +-32k cells or batch >= 16k")
-    key = ((coords[:, 0] * KEY_FIELD + c[:, 0]) * KEY_FIELD + c[:, 1]) * KEY_FIELD + c[:, 2]  # (N,)
-    skey, order = torch.sort(key)  # voxelize() gives them sorted already: a cheap pass then
-    # table[k, i] = position of the neighbour of sorted voxel i at FORWARD_OFFSETS[k], or -1.
-    table = torch.empty(13, n, dtype=torch.long, device=device)
-    none = torch.tensor(-1, device=device)
-    above = torch.cat([skey[1:] == skey[:-1] + 1, skey.new_zeros(1, dtype=torch.bool)])  # (0, 0, +1): the next key
-    torch.where(above, torch.arange(1, n + 1, device=device), none, out=table[0])
-    steps = torch.tensor([(dx * KEY_FIELD + dy) * KEY_FIELD - 1 for dx, dy in COLUMNS], device=device)
-    lowest = skey + steps[:, None]  # (4, N) the key of (x + dx, y + dy, z - 1)
-    pos = torch.searchsorted(skey, lowest)  # (4, N) the first key >= it
-    for dz in range(3):  # z - 1, z, z + 1: each found one moves the next candidate one place on
-        found = skey.index_select(0, pos.view(-1).clamp_max(n - 1)).view(4, n) == lowest + dz
-        torch.where(found, pos, none, out=table[1 + dz::3])  # rows 1 + 3 * column + dz
-        pos += found
-    flat = torch.nonzero(table.view(-1) >= 0).squeeze(1)  # every pair, grouped by offset
-    k = flat // n
-    i = order.index_select(0, flat - k * n)  # back to the caller's voxel order
-    j = order.index_select(0, table.view(-1).index_select(0, flat))
-    counts = rows_per_index(k, 13).tolist()  # the one wait: how many pairs each offset has
-    return NeighbourMap(n, FORWARD_OFFSETS, list(zip(i.split(counts), j.split(counts))))
-
-
-def _gather_mm_scatter(feats: torch.Tensor, weight: torch.Tensor, nmap: NeighbourMap) -> torch.Tensor:
+def _gather_mm_scatter(feats: torch.Tensor, weight: torch.Tensor, neighbours: Neighbours) -> torch.Tensor:
     """The convolution itself: feats (N, Cin), weight (3, 3, 3, Cin, Cout) -> (N, Cout)."""
     out = feats @ weight[1, 1, 1]  # the centre offset pairs every voxel with itself
-    most = max([len(i) for i, _ in nmap.pairs], default=0)
+    pairs = neighbours.pairs()
+    most = max([len(i) for i, _ in pairs], default=0)
     gathered = feats.new_empty(most, feats.shape[1])  # reused buffers: no allocation per offset
     product = feats.new_empty(most, weight.shape[-1])
-    for (i, j), (dx, dy, dz) in zip(nmap.pairs, nmap.offsets):
+    for (i, j), (dx, dy, dz) in zip(pairs, OFFSETS[14:]):
         n = len(i)
         for dst, src, w in ((i, j, weight[1 + dx, 1 + dy, 1 + dz]), (j, i, weight[1 - dx, 1 - dy, 1 - dz])):
             torch.index_select(feats, 0, src, out=gathered[:n])
@@ -773,10 +829,10 @@ class _SubMConv3dFunction(torch.autograd.Function):
     """Saves only the inputs: gathered rows are recomputed in backward, not stored."""
 
     @staticmethod
-    def forward(ctx, feats, weight, nmap):
+    def forward(ctx, feats, weight, neighbours):
         ctx.save_for_backward(feats, weight)
-        ctx.nmap = nmap
-        return _gather_mm_scatter(feats, weight, nmap)
+        ctx.neighbours = neighbours
+        return _gather_mm_scatter(feats, weight, neighbours)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -787,7 +843,7 @@ class _SubMConv3dFunction(torch.autograd.Function):
         grad_feats = grad_out @ weight[1, 1, 1].T
         grad_weight = torch.empty_like(weight)
         grad_weight[1, 1, 1] = feats.T @ grad_out
-        for (i, j), (dx, dy, dz) in zip(ctx.nmap.pairs, ctx.nmap.offsets):
+        for (i, j), (dx, dy, dz) in zip(ctx.neighbours.pairs(), OFFSETS[14:]):
             plus, minus = (1 + dx, 1 + dy, 1 + dz), (1 - dx, 1 - dy, 1 - dz)
             g_i, g_j = grad_out.index_select(0, i), grad_out.index_select(0, j)
             grad_feats.index_add_(0, j, g_i @ weight[plus].T)
@@ -798,21 +854,62 @@ class _SubMConv3dFunction(torch.autograd.Function):
         return grad_feats, grad_weight if ctx.needs_input_grad[1] else None, None
 
 
-def submconv3d(feats: torch.Tensor, coords: torch.Tensor, weight: torch.Tensor,
-               nmap: NeighbourMap | None = None) -> torch.Tensor:
+# ---- Which form runs: the plain-torch definition, or the Triton kernels (kernels.py) ----
+# "auto" takes Triton on CUDA tensors when triton imports, plain torch otherwise. The
+# environment variable ELITE_CONV (auto | torch | triton) sets it for a process; the scripts'
+# --conv flag calls set_conv_path. Forcing "triton" on CPU tensors needs TRITON_INTERPRET=1
+# set before start (Triton's interpreter: exact in float32 and slow; it is how the tests run it).
+
+CONV_PATHS = ("auto", "torch", "triton")
+CONV_PATH = os.environ.get("ELITE_CONV", "auto")
+
+
+def set_conv_path(path: str) -> None:
+    global CONV_PATH
+    if path not in CONV_PATHS:
+        raise ValueError(f"convolution path {path!r}: expected one of {', '.join(CONV_PATHS)}")
+    CONV_PATH = path
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels():
+    """The kernels module, or None where triton does not import."""
+    try:
+        import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def conv_path(device: torch.device) -> str:
+    """'triton' or 'torch': the form the convolutions on this device run."""
+    if CONV_PATH not in CONV_PATHS:
+        raise ValueError(f"ELITE_CONV={CONV_PATH!r}: expected one of {', '.join(CONV_PATHS)}")
+    if CONV_PATH == "torch" or (CONV_PATH == "auto" and (device.type != "cuda" or triton_kernels() is None)):
+        return "torch"
+    if triton_kernels() is None:
+        raise RuntimeError("the Triton convolution was asked for (--conv triton / ELITE_CONV=triton) but triton "
+                           "does not import: install torch's CUDA build (it brings triton), or use --conv torch")
+    if device.type != "cuda" and not triton_kernels().INTERPRET:
+        raise RuntimeError(f"the Triton convolution runs on CUDA tensors; these are on {device}. Use --conv torch "
+                           "(or TRITON_INTERPRET=1, Triton's slow CPU interpreter, for tests)")
+    return "triton"
+
+
+def submconv3d(feats: torch.Tensor, neighbours: Neighbours, weight: torch.Tensor) -> torch.Tensor:
     """Submanifold 3x3x3 convolution.
 
-    feats (N, Cin) float; coords (N, 4) int64 unique rows [batch, x, y, z];
+    feats (N, Cin) float, one row per voxel of the set `neighbours` describes;
     weight (3, 3, 3, Cin, Cout), weight[i, j, k] multiplies the neighbour at offset
-    (i-1, j-1, k-1). Returns (N, Cout). Pass nmap to reuse a neighbour map."""
-    if nmap is None:
-        nmap = build_neighbour_map(coords)
-    if nmap.num_voxels != len(feats):
-        raise ValueError(f"neighbour map has {nmap.num_voxels} voxels but feats has {len(feats)} rows")
+    (i-1, j-1, k-1). Returns (N, Cout)."""
+    if len(neighbours) != len(feats):
+        raise ValueError(f"the neighbour table has {len(neighbours)} voxels but feats has {len(feats)} rows")
     if torch.is_autocast_enabled(feats.device.type):  # --amp: a matrix product, so in bf16 like nn.Linear's
         low = torch.get_autocast_dtype(feats.device.type)
         feats, weight = feats.to(low), weight.to(low)
-    return _SubMConv3dFunction.apply(feats, weight, nmap)
+    if conv_path(feats.device) == "triton":
+        return triton_kernels().SubMConv3dTriton.apply(feats, weight, neighbours.rows)
+    return _SubMConv3dFunction.apply(feats, weight, neighbours)
 
 
 class SubMConv3d(nn.Module):
@@ -824,8 +921,8 @@ class SubMConv3d(nn.Module):
         bound = 1 / math.sqrt(27 * cin)  # nn.Conv3d's default init
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, feats, coords, nmap=None):
-        return submconv3d(feats, coords, self.weight, nmap)
+    def forward(self, feats, neighbours: Neighbours):
+        return submconv3d(feats, neighbours, self.weight)
 
 
 # =====================================================================================
@@ -843,6 +940,85 @@ class StudentConfig:
     grid_shape: tuple[int, int, int] = GRID_SHAPE
 
 
+# ---- 8.1 Where the features go: every index the four blocks read, found before any feature ----
+
+@dataclass
+class ScaleLink:
+    """How the points tie scale-L voxels to scale-s voxels: the distinct (src, dst) pairs
+    and weight = (points in both) / (points in dst). Scales are quantised independently,
+    so one L voxel can feed several s voxels."""
+    src: torch.Tensor
+    dst: torch.Tensor
+    weight: torch.Tensor
+    size: int
+
+
+@dataclass
+class Stage:
+    """What SPVBlock k reads: its scale L and the next scale s = 2L, the neighbour table of
+    the L voxels (shared by the block's four convolutions), the context pool of each L voxel
+    (the L coords // 2) and the link from L to s."""
+    vox_l: Voxels
+    vox_s: Voxels
+    neighbours: Neighbours
+    group: torch.Tensor  # (V_L,) the context pool of each L voxel
+    group_count: torch.Tensor  # (G,) the L voxels in each pool
+    link: ScaleLink
+
+
+@dataclass
+class Pyramid:
+    voxels: list[Voxels]  # scales 1, 2, 4, 8, 16
+    stages: list[Stage]  # one per SPVBlock
+
+
+def build_pyramid(xyz: torch.Tensor, batch_idx: torch.Tensor, cfg: StudentConfig) -> Pyramid:
+    """The voxels of every scale and each block's Stage, batched across the scales: one
+    unique for the voxels, one neighbour search for the four convolved scales, one unique for
+    the four context poolings and the four scale links. Per block the work would be the same;
+    batched, a GPU's host waits for the data twice, not 13 times."""
+    voxels, keys = voxelize_scales(xyz, batch_idx, (1,) + tuple(cfg.scales), cfg.range_min, cfg.range_max,
+                                   cfg.grid_shape)
+    conv, sizes = voxels[:-1], [len(v) for v in voxels]
+    n_conv = sum(sizes[:-1])
+    conv_keys, conv_coords = keys[:n_conv], unpack_keys(keys[:n_conv])  # (V,) the convolved scales, one after another
+    scale_of = conv_keys >> VALUE_BITS  # (V,) 0..3
+    starts = torch.tensor([sum(sizes[:k]) for k in range(len(conv))], device=xyz.device)  # (4,)
+    # Neighbours never cross scales (sets), so one search serves all four; positions made per scale.
+    table = neighbour_table(conv_keys)  # (27, V)
+    table = torch.where(table >= 0, table - starts.index_select(0, scale_of).int(), -1)
+    # Context pools (sets 0..3: the L coords // 2) and scale links (sets 4..7: the distinct
+    # (L voxel, s voxel) pairs of the points) in one unique.
+    pool_keys = pack_keys(conv_coords[:, 0], torch.div(conv_coords[:, 1:], 2, rounding_mode="floor"), scale_of)
+    next_size = torch.tensor(sizes[1:], device=xyz.device)[:, None]  # (4, 1)
+    if max(a * b for a, b in zip(sizes, sizes[1:])) >= 1 << VALUE_BITS:
+        raise ValueError(f"voxels per scale {sizes}: too many to pair the scales in one int64 key")
+    inv = torch.stack([v.inv for v in voxels])  # (5, N)
+    link_keys = set_bases(8, xyz.device)[4:, None] + inv[:-1] * next_size + inv[1:]  # (4, N)
+    ukeys, which, count = torch.unique(torch.cat([pool_keys, link_keys.view(-1)]), return_inverse=True,
+                                       return_counts=True)
+    bounds = read_to_host(torch.searchsorted(ukeys, set_bases(9, xyz.device)))  # the second wait
+    stages = []
+    for k, (vox_l, vox_s) in enumerate(zip(conv, voxels[1:])):
+        a, b = sum(sizes[:k]), sum(sizes[:k + 1])
+        pair = ukeys[bounds[4 + k]:bounds[5 + k]] - (4 + k << VALUE_BITS)  # (P,) L voxel * n_s + s voxel
+        src, dst = pair // len(vox_s), pair % len(vox_s)
+        link = ScaleLink(src, dst, count[bounds[4 + k]:bounds[5 + k]] / vox_s.count.index_select(0, dst), len(vox_s))
+        stages.append(Stage(vox_l, vox_s, Neighbours(table[:, a:b]), which[a:b] - bounds[k],
+                            count[bounds[k]:bounds[k + 1]], link))
+    return Pyramid(voxels, stages)
+
+
+def move_to_scale(feats: torch.Tensor, link: ScaleLink) -> torch.Tensor:
+    """scatter_mean(feats[inv_L], inv_s) computed over voxel pairs instead of points:
+    (V_L, C) -> (V_s, C)."""
+    dtype = torch.promote_types(feats.dtype, torch.float32)  # summed in float32 at least, as scatter_mean
+    out = torch.zeros(link.size, feats.shape[1], dtype=dtype, device=feats.device)
+    return out.index_add_(0, link.dst, feats.index_select(0, link.src) * link.weight[:, None].to(dtype))
+
+
+# ---- 8.2 The network ----
+
 class VoxelInputEncoder(nn.Module):
     """Per-point 10-d input -> mean per 0.1 m voxel (V1, 64)."""
 
@@ -853,13 +1029,13 @@ class VoxelInputEncoder(nn.Module):
 
     def forward(self, points, vox: Voxels):
         xyz = points[:, :3]  # (N, 3)
-        voxel_mean = scatter_mean(xyz, vox.inv, len(vox)).index_select(0, vox.inv)  # (N, 3)
+        voxel_mean = scatter_mean(xyz, vox.inv, len(vox), vox.count).index_select(0, vox.inv)  # (N, 3)
         # Upstream calls this the voxel centre; it is the voxel's lower corner.
-        lo = torch.tensor(self.lo, device=xyz.device)
+        lo = constant(tuple(self.lo), xyz.device, xyz.dtype)
         corner = vox.coords[:, 1:].to(xyz.dtype).index_select(0, vox.inv) * self.cell + lo  # (N, 3)
         x = torch.cat([points, xyz - voxel_mean, xyz - corner], 1)  # (N, 10)
         # mean(Linear(h)) == Linear(mean(h)): the second layer runs per voxel, not per point.
-        h = scatter_mean(self.mlp[1](self.mlp[0](x)), vox.inv, len(vox))  # (V1, 64)
+        h = scatter_mean(self.mlp[1](self.mlp[0](x)), vox.inv, len(vox), vox.count)  # (V1, 64)
         return self.mlp[2](h)  # (V1, 64)
 
 
@@ -875,9 +1051,9 @@ class SparseBasicBlock(nn.Module):
         self.conv2 = SubMConv3d(cout, cout)
         self.bn2 = nn.BatchNorm1d(cout)
 
-    def forward(self, x, coords, nmap):
-        h = F.leaky_relu(self.bn1(self.conv1(x, coords, nmap)), 0.1)
-        h = self.bn2(self.conv2(h, coords, nmap))
+    def forward(self, x, neighbours: Neighbours):
+        h = F.leaky_relu(self.bn1(self.conv1(x, neighbours)), 0.1)
+        h = self.bn2(self.conv2(h, neighbours))
         return F.leaky_relu(h + self.bn_shortcut(self.shortcut(x)), 0.1)
 
 
@@ -895,48 +1071,19 @@ class PointEncoder(nn.Module):
             nn.Linear(c // 2, c), nn.LeakyReLU(0.1))
         self.layer_out = nn.Sequential(nn.Linear(2 * c, c), nn.LeakyReLU(0.1), nn.Linear(c, c))
 
-    def forward(self, feats, vox_l: Voxels):
+    def forward(self, feats, stage: Stage):
         """feats (V_L, 64) -> (V_L, 64): the point features, one row per L voxel.
 
         Upstream runs layer_out on every point; all points of a voxel carry the same row,
         so running it once per voxel gives the same values for a fraction of the work."""
         # Context is always pooled by factor 2 of the L voxels, not by the next scale.
-        coarse = torch.cat([vox_l.coords[:, :1], torch.div(vox_l.coords[:, 1:], 2, rounding_mode="floor")], 1)
-        groups, group = unique_rows(coarse)
-        ctx = self.context(scatter_mean(feats, group, len(groups)))  # (G, 64), one row per group
+        ctx = self.context(scatter_mean(feats, stage.group, len(stage.group_count), stage.group_count))  # (G, 64)
         # layer_out[0] on cat([layer_in(feats), ctx[group]]) (V_L, 128), split in its two halves:
         # the context half runs once per group and the concatenation is never built.
         first, c = self.layer_out[0], feats.shape[1]
-        h = torch.addmm(first.bias, ctx, first.weight[:, c:].T).index_select(0, group)  # (V_L, 64)
+        h = torch.addmm(first.bias, ctx, first.weight[:, c:].T).index_select(0, stage.group)  # (V_L, 64)
         h = torch.addmm(h, self.layer_in(feats), first.weight[:, :c].T)  # (V_L, 64)
         return self.layer_out[2](self.layer_out[1](h))  # (V_L, 64)
-
-
-@dataclass
-class ScaleLink:
-    """How the points tie scale-L voxels to scale-s voxels: the distinct (src, dst) pairs
-    and weight = (points in both) / (points in dst). Scales are quantised independently,
-    so one L voxel can feed several s voxels."""
-    src: torch.Tensor
-    dst: torch.Tensor
-    weight: torch.Tensor
-    size: int
-
-
-def link_scales(vox_l: Voxels, vox_s: Voxels) -> ScaleLink:
-    n_s = len(vox_s)
-    pair, count = torch.unique(vox_l.inv * n_s + vox_s.inv, return_counts=True)
-    src, dst = pair // n_s, pair % n_s
-    points_in_dst = rows_per_index(vox_s.inv, n_s)
-    return ScaleLink(src, dst, count / points_in_dst[dst], n_s)
-
-
-def move_to_scale(feats: torch.Tensor, link: ScaleLink) -> torch.Tensor:
-    """scatter_mean(feats[inv_L], inv_s) computed over voxel pairs instead of points:
-    (V_L, C) -> (V_s, C)."""
-    dtype = torch.promote_types(feats.dtype, torch.float32)  # summed in float32 at least, as scatter_mean
-    out = torch.zeros(link.size, feats.shape[1], dtype=dtype, device=feats.device)
-    return out.index_add_(0, link.dst, feats.index_select(0, link.src) * link.weight[:, None].to(dtype))
 
 
 class SPVBlock(nn.Module):
@@ -945,18 +1092,16 @@ class SPVBlock(nn.Module):
         self.v_enc = nn.ModuleList([SparseBasicBlock(c, c), SparseBasicBlock(c, c)])
         self.point_enc = PointEncoder(c)
 
-    def forward(self, x, vox_l: Voxels, vox_s: Voxels):
+    def forward(self, x, stage: Stage):
         """x (V_L, 64) at scale L -> (p (V_s, 64), v_down (V_s, 64), v (V_L, 64)).
 
         p, the point branch averaged into the s voxels, is what the classifier reads;
         p + v_down feeds the next block; v is what PPMSKD's 3D heads read."""
-        nmap = build_neighbour_map(vox_l.coords)  # shared by the block's four convolutions
         v = x
         for block in self.v_enc:
-            v = block(v, vox_l.coords, nmap)  # (V_L, 64)
-        link = link_scales(vox_l, vox_s)
+            v = block(v, stage.neighbours)  # (V_L, 64)
         c = v.shape[1]
-        p, v_down = move_to_scale(torch.cat([self.point_enc(x + v, vox_l), v], 1), link).split(c, 1)
+        p, v_down = move_to_scale(torch.cat([self.point_enc(x + v, stage), v], 1), stage.link).split(c, 1)
         return p, v_down, v
 
 
@@ -991,34 +1136,43 @@ class Student(nn.Module):
         per point, and what PPMSKD reads of each stage (its voxel features and voxels, its point
         branch). Voxelising and classifying are methods of their own, and the blocks a list, so
         that U2MKD's fusion student (u2mkd.py) runs the same stages with its camera fusion between them."""
-        voxels = self.voxelize(points, batch_idx)
-        x = self.input_encoder(points, voxels[0])  # (V1, 64)
+        pyramid = self.voxelize(points, batch_idx)
+        x = self.input_encoder(points, pyramid.voxels[0])  # (V1, 64)
         point_feats, stage_feats = [], []
-        for block, vox_l, vox_s in zip(self.blocks, voxels[:-1], voxels[1:]):
-            p, v_down, v = block(x, vox_l, vox_s)
+        for block, stage in zip(self.blocks, pyramid.stages):
+            p, v_down, v = block(x, stage)
             x = p + v_down  # (V_s, 64), the next block's input
             point_feats.append(p)
             stage_feats.append(v)
+        voxels = pyramid.voxels
         return StudentOutput(self.classify(point_feats, voxels), stage_feats, voxels[:-1], point_feats, voxels[1:])
 
-    def voxelize(self, points: torch.Tensor, batch_idx: torch.Tensor) -> list[Voxels]:
-        """The voxels of scales 1, 2, 4, 8, 16."""
+    def voxelize(self, points: torch.Tensor, batch_idx: torch.Tensor) -> Pyramid:
+        """The voxels of scales 1, 2, 4, 8, 16 and what each block reads of them."""
         with torch.no_grad():
-            voxels = [voxelize(points[:, :3], batch_idx, s, self.cfg.range_min, self.cfg.range_max, self.cfg.grid_shape)
-                      for s in (1,) + tuple(self.cfg.scales)]
-        if self.training and len(voxels[-1]) < 2:
-            raise TooFewVoxels(f"the batch's {len(points)} points fill {len(voxels[-1])} voxel(s) at scale "
+            pyramid = build_pyramid(points[:, :3], batch_idx, self.cfg)
+        if self.training and len(pyramid.voxels[-1]) < 2:
+            raise TooFewVoxels(f"the batch's {len(points)} points fill {len(pyramid.voxels[-1])} voxel(s) at scale "
                                f"{self.cfg.scales[-1]}: BatchNorm needs two")
-        return voxels
+        return pyramid
 
     def classify(self, point_feats: list[torch.Tensor], voxels: list[Voxels]) -> torch.Tensor:
         """The four stages' point branches (V_s, 64) -> logits (N, 20) per point.
 
         A point's feature is cat(p_2[its scale-2 voxel], ..., p_16[its scale-16 voxel]).
         Points that share all four voxels share it, so each combination is classified once."""
-        combos, combo_of_point = unique_rows(torch.stack([v.inv for v in voxels[1:]], 1))  # (U, 4), (N,)
-        feats = torch.cat([p.index_select(0, combos[:, k]) for k, p in enumerate(point_feats)], 1)  # (U, 256)
-        return self.classifier(feats).index_select(0, combo_of_point)  # (N, 20)
+        sizes = [len(v) for v in voxels[1:]]
+        if math.prod(sizes) >= 1 << 63:
+            raise ValueError(f"voxels per scale {sizes}: too many to number their combinations in one int64")
+        key = voxels[1].inv
+        for v in voxels[2:]:  # the combination's number, ordered as its row (inv_2, inv_4, inv_8, inv_16)
+            key = key * len(v) + v.inv
+        combos, combo_of_point = torch.unique(key, return_inverse=True)  # (U,), (N,)
+        feats = []
+        for k, p in enumerate(point_feats):
+            below = math.prod(sizes[k + 1:])
+            feats.append(p.index_select(0, combos // below % sizes[k]))
+        return self.classifier(torch.cat(feats, 1)).index_select(0, combo_of_point)  # (N, 20)
 
 
 def config_from(cls, values: dict):

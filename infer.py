@@ -20,10 +20,13 @@ run without images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +76,9 @@ def parse_args(argv=None):
                         "no pictures)")
     p.add_argument("--vis-every", type=runs.positive_int, default=1, help="with --vis, draw every k-th frame only")
     p.add_argument("--benchmark", action="store_true",
-                   help="print parameter count, voxels per scale, sparse-conv and student forward timings, on "
-                        "--device alone")
+                   help="print parameter count, voxels per scale, the sparse convolution per scale, the student's "
+                        "forward and training step (ms, peak memory, bitwise repeatability), on --device alone; "
+                        "with --conv auto on CUDA both convolution paths side by side")
     p.add_argument("--threads", type=runs.positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--repeats", type=runs.positive_int, default=10, help="--benchmark: timed repetitions per figure")
@@ -84,7 +88,12 @@ def parse_args(argv=None):
                    help="--benchmark: SAM encoder of the timed teacher training step ('none' skips it)")
     p.add_argument("--teacher-batch", type=runs.positive_int, default=1,
                    help="--benchmark: crops (320x1024) in the timed teacher training step")
+    p.add_argument("--batch", type=runs.positive_int, default=4,
+                   help="--benchmark: scans in the timed student training step (the scan turned by multiples of "
+                        "90 degrees; the paper's batch is 4)")
+    runs.add_conv_flag(p)
     args = p.parse_args(argv)
+    runs.apply_conv_flag(p, args)
     if args.benchmark and (args.vis is not None or args.no_images):
         p.error("--benchmark times the student on one scan and writes no predictions: drop --vis / --no-images")
     if args.dataset == "nuscenes" and (args.vis is not None or args.sequence is not None):
@@ -193,6 +202,7 @@ def print_summary(args, scans: list[Path], device: torch.device, model: str) -> 
         outputs += f"; pictures {args.vis}/sequences/XX/NNNNNN.png ({often})"
     runs.print_summary("infer.py: predictions", {
         "device": runs.describe_device(device, args.amp),
+        "convolutions": runs.describe_conv(device),
         "data": f"{len(scans)} scans of sequences {' '.join(sequences)} "
                 f"({args.sequence if args.sequence else f'{args.data}, split {args.split}'}), {args.votes} vote(s)",
         "model": model,
@@ -388,6 +398,7 @@ def predict_nuscenes(args):
     fusion = image_hw is not None
     runs.print_summary("infer.py: nuScenes-lidarseg predictions", {
         "device": runs.describe_device(device, args.amp),
+        "convolutions": runs.describe_conv(device),
         "data": f"{args.data} ({args.version}), split {args.split}: {len(frames)} keyframes, {args.votes} vote(s)",
         "model": f"{type(model).__name__}, {elite.count_parameters(model):,} parameters, from {args.checkpoint} "
                  f"({which_epoch(ckpt)})" + (f"; images resized to {image_hw[0]}x{image_hw[1]}, all six cameras"
@@ -557,12 +568,12 @@ def alternating_median_ms(fns: list, rounds: int, sync=lambda: None) -> list[flo
     return [1000 * statistics.median(t) for t in times]
 
 
-def products_only(feats: torch.Tensor, weight: torch.Tensor, nmap: elite.NeighbourMap) -> torch.Tensor:
-    """The convolution's matrix products on rows already in place, without the gathers and
-    scatter-adds around them: the floor of elite.submconv3d's cost at this matmul speed."""
+def products_only(feats: torch.Tensor, weight: torch.Tensor, neighbours: elite.Neighbours) -> torch.Tensor:
+    """The plain convolution's matrix products on rows already in place, without the gathers and
+    scatter-adds around them: the floor of its cost at this matmul speed."""
     out = feats @ weight[1, 1, 1]
     product = torch.empty_like(out)
-    for (i, _), (dx, dy, dz) in zip(nmap.pairs, nmap.offsets):
+    for (i, _), (dx, dy, dz) in zip(neighbours.pairs(), elite.OFFSETS[14:]):
         for w in (weight[1 + dx, 1 + dy, 1 + dz], weight[1 - dx, 1 - dy, 1 - dz]):
             torch.mm(feats[:len(i)], w, out=product[:len(i)])
     return out
@@ -605,12 +616,13 @@ def peak_memory_mib(fn, device: torch.device) -> float:
 
 def student_training_step(model: elite.Student, points: torch.Tensor, batch_idx: torch.Tensor,
                           labels: torch.Tensor, amp: bool):
-    """Forward, the student's loss (CE_w + 0.1 Lovasz) and backward on one scan."""
+    """Forward, the student's loss (CE_w + 0.1 Lovasz) and backward; the gradients stay in the
+    parameters (until the next step sets them anew)."""
     model.train()
+    model.zero_grad(set_to_none=True)
     with runs.autocast(points.device, amp):
         logits = model(points, batch_idx).logits
     elite.seg_loss(logits, labels, elite.class_weights().to(points.device), lovasz_weight=0.1).backward()
-    model.zero_grad(set_to_none=True)
 
 
 def teacher_training_step(teacher: elite.Teacher, batch: int, amp: bool, device: torch.device):
@@ -635,11 +647,26 @@ DATA_DEPENDENT = {"nonzero", "argwhere", "masked_select", "unique", "_unique", "
                   "unique_consecutive", "unique_dim_consecutive", "bincount", "_local_scalar_dense"}
 
 
-def count_aten_ops(fn) -> dict[str, int]:
-    """Run fn() and count the aten operations it dispatches, by name -> {name: count}. Views
-    (slice, select, t, ...: no kernel, no new memory) are left out. Boolean-mask indexing and
-    repeat_interleave without output_size are counted under their names with a '*' suffix:
-    data-dependent too."""
+@dataclass
+class OpCount:
+    """What a call dispatched: aten operations by name (views left out: no kernel, no new
+    memory) and Triton kernel launches by kernel."""
+    aten: dict[str, int]
+    triton: dict[str, int]
+
+    @property
+    def data_dependent(self) -> dict[str, int]:
+        """The operations after which a GPU's host waits for the device: a data-dependent output
+        size, an item(), a copy to the host (elite.read_to_host), marked '*' where the name alone
+        does not tell."""
+        return {k: v for k, v in self.aten.items() if k in DATA_DEPENDENT or k.endswith("*")}
+
+
+def count_ops(fn) -> OpCount:
+    """Run fn() and count what it dispatches. Boolean-mask indexing, repeat_interleave without
+    output_size and copies to the host are counted under their names with a '*' suffix:
+    data-dependent too. Triton launches are counted by kernels.launch (the interpreter's own
+    copies to and from numpy are hidden from this count: a GPU makes none)."""
     from collections import Counter
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -655,17 +682,60 @@ def count_aten_ops(fn) -> dict[str, int]:
                 name = "index*"  # a boolean mask: as many rows as it holds True
             if name == "repeat_interleave" and kwargs.get("output_size") is None and len(args) == 1:
                 name = "repeat_interleave*"
+            if name == "_to_copy" and kwargs.get("device") == torch.device("cpu"):
+                name = "to_host*"  # elite.read_to_host: on a GPU, a wait for the device
             if not func.is_view:
                 self.ops[name] += 1
             return func(*args, **kwargs)
 
+    kernels = elite.triton_kernels()
+    before = Counter(kernels.LAUNCHES) if kernels else Counter()
     with Count() as mode:
         fn()
-    return dict(mode.ops)
+    launched = (Counter(kernels.LAUNCHES) - before) if kernels else Counter()
+    return OpCount(dict(mode.ops), dict(launched))
 
 
-def data_dependent(ops: dict[str, int]) -> dict[str, int]:
-    return {k: v for k, v in ops.items() if k in DATA_DEPENDENT or k.endswith("*")}
+def benchmark_paths(device: torch.device, conv: str) -> list[str]:
+    """The convolution paths timed side by side: both where the device runs Triton (CUDA), the
+    plain one elsewhere, or the one --conv names."""
+    if conv != "auto":
+        return [conv]
+    return ["torch", "triton"] if device.type == "cuda" and elite.triton_kernels() else ["torch"]
+
+
+@contextlib.contextmanager
+def conv_path(path: str):
+    """Run the convolutions on this path inside the block, as before it after."""
+    before = elite.CONV_PATH
+    elite.set_conv_path(path)
+    try:
+        yield
+    finally:
+        elite.set_conv_path(before)
+
+
+def on_path(path: str, amp: bool, device: torch.device, fn):
+    """fn run on a convolution path and precision, without gradients: a thunk for the timers."""
+    def run():
+        with torch.no_grad(), conv_path(path), runs.autocast(device, amp):
+            return fn()
+    return run
+
+
+def rotated_copies(points: torch.Tensor, labels: torch.Tensor, copies: int):
+    """A batch of `copies` scans: the scan turned by 0, 90, 180, 270 degrees about z, and so on."""
+    turned = []
+    for k in range(copies):
+        c, s = [(1, 0), (0, 1), (-1, 0), (0, -1)][k % 4]
+        x, y = points[:, 0], points[:, 1]
+        turned.append(torch.stack([c * x - s * y, s * x + c * y, points[:, 2], points[:, 3]], 1))
+    batch_idx = torch.arange(copies, device=points.device).repeat_interleave(len(points))
+    return torch.cat(turned), batch_idx, labels.repeat(copies)
+
+
+def print_row(name: str, cells: list[str], width=14):
+    print(f"    {name:<34}" + "".join(f"{c:>{width}}" for c in cells))
 
 
 def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.device, args):
@@ -673,69 +743,103 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     points, labels = points.to(device), labels.to(device)
     batch_idx = torch.zeros(len(points), dtype=torch.long, device=device)
+    paths = benchmark_paths(device, args.conv)
+    # bf16 runs on GPUs always; on a CPU only when asked (most CPUs have no bf16 units).
+    precisions = (False, True) if device.type == "cuda" or args.amp else (False,)
+    columns = [(path, amp) for amp in precisions for path in paths]
+    names = [f"{path} {'bf16' if amp else 'fp32'}" for path, amp in columns]
     torch.manual_seed(0)
     model = elite.Student().to(device).eval()
-    voxels = [elite.voxelize(points[:, :3], batch_idx, s) for s in (1, 2, 4, 8)]  # the convolved scales
-    nmaps = [elite.build_neighbour_map(v.coords) for v in voxels]
-    scale_feats = [torch.randn(m.num_voxels, 64, device=device) for m in nmaps]
-    vox, nmap, feats = voxels[0], nmaps[0], scale_feats[0]  # one convolution at scale 1
-    weight = torch.randn(3, 3, 3, 64, 64, device=device) * 0.05
-    flops = nmap.num_pairs * 64 * 64 * 2
-    t_map = median_ms(lambda: elite.build_neighbour_map(vox.coords), repeats, sync)
-    dense = torch.randn(4096, 4096, device=device)
-    t_conv, t_products, t_dense = alternating_median_ms(
-        [lambda: elite.submconv3d(feats, vox.coords, weight, nmap), lambda: products_only(feats, weight, nmap),
-         lambda: dense @ dense], max(5, repeats // 2), sync)
-    dense_rate = 2 * 4096 ** 3 / t_dense / 1e6
-
-    def rate(ms):
-        return f"{flops / ms / 1e6:6.1f} GFLOP/s ({100 * flops / ms / 1e6 / dense_rate:.0f}% of dense matmul)"
-
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"\n[{device}{threads}] float32")
-    print(f"  3x3x3 SubM conv 64->64 on {len(vox):,} voxels, {nmap.num_pairs:,} neighbour pairs")
-    print(f"    neighbour map            {t_map:8.1f} ms")
-    print(f"    convolution              {t_conv:8.1f} ms  = {rate(t_conv)}")
-    print(f"      its products alone     {t_products:8.1f} ms  = {rate(t_products)}: the rest is gather and scatter-add")
-    print(f"    map + convolution        {t_map + t_conv:8.1f} ms")
-    print(f"    dense 4096x4096 matmul   {dense_rate:8.1f} GFLOP/s")
-    # The forward's 16 convolutions (4 at each of scales 1/2/4/8) reduced to their products.
-    t_floor = median_ms(lambda: [products_only(f, weight, m) for f, m in zip(scale_feats, nmaps) for _ in range(4)],
-                        repeats, sync)
-    # bf16 runs on GPUs always; on a CPU only when asked (most CPUs have no bf16 units).
-    for amp in (False, True) if device.type == "cuda" or args.amp else (False,):
-        precision = "bf16 autocast" if amp else "float32"
-        with torch.no_grad(), runs.autocast(device, amp):
-            t_fwd = median_ms(lambda: model(points, batch_idx), repeats, sync)
-        print(f"  {'student forward, ' + precision:<31}{t_fwd:8.1f} ms  = {1000 / t_fwd:.1f} Hz (median of {repeats})")
-        if not amp:
-            print(f"    its 16 convolutions' products alone {t_floor:6.1f} ms: the floor at this matmul speed")
-            with torch.no_grad():
-                ops = count_aten_ops(lambda: model(points, batch_idx))
-            sizes = data_dependent(ops)
-            print(f"    aten operations dispatched {sum(ops.values()):,}, {sum(sizes.values())} with a data-dependent "
-                  "size (" + ", ".join(f"{k} {v}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])) + ")")
-        step = lambda: student_training_step(model, points, batch_idx, labels, amp)  # noqa: E731
-        step()  # warm-up
-        t_step = median_ms(step, max(3, repeats // 3), sync)
-        mib = peak_memory_mib(step, device)
-        print(f"  {'student training step, ' + precision:<31}{t_step:8.1f} ms, peak memory +{mib:,.0f} MiB "
-              "(forward, CE + Lovasz, backward)")
-        model.eval()
-    if args.teacher_variant != "none":
-        crop = (320, 1024)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # random SAM weights: the cost is the same
-            teacher = runs.build_teacher(elite.TeacherConfig(variant=args.teacher_variant, crop_hw=crop)).to(device)
-        for amp in (False, True) if device.type == "cuda" or args.amp else (False,):
-            step = lambda: teacher_training_step(teacher, args.teacher_batch, amp, device)  # noqa: E731
+    print(f"\n[{device}{threads}] convolution paths: " + ", ".join(
+        {"torch": "torch (plain torch, elite.py)", "triton": "triton (Triton kernels, kernels.py)"}[p] for p in paths))
+
+    # One convolution per scale, on the voxels of the scan, its neighbour table built already.
+    pyramid = elite.build_pyramid(points[:, :3], batch_idx, model.cfg)
+    weight = torch.randn(3, 3, 3, 64, 64, device=device) * 0.05
+    print("  one 3x3x3 SubM convolution 64->64, ms (median; the paths timed in turn, round after round)")
+    print_row("scale: voxels, neighbour pairs", ["table", "+ pairs"] + names)
+    scale_one = None
+    for scale, stage in zip((1, 2, 4, 8), pyramid.stages):
+        coords = stage.vox_l.coords
+        t_table = median_ms(lambda: elite.neighbours_of(coords), repeats, sync)  # noqa: B023
+        neighbours = elite.neighbours_of(coords)
+        t_pairs = median_ms(lambda: elite.Neighbours(neighbours.rows).pairs(), repeats, sync)  # noqa: B023
+        neighbours.pairs()  # the plain path reads them; made once per voxel set, as in a forward
+        feats = torch.randn(len(coords), 64, device=device)
+        times = alternating_median_ms([on_path(p, amp, device, partial(elite.submconv3d, feats, neighbours, weight))
+                                       for p, amp in columns], max(5, repeats // 2), sync)
+        print_row(f"{scale}: {len(coords):,}, {neighbours.num_pairs:,}", [f"{t_table:.2f}", f"{t_pairs:.2f}"] +
+                  [f"{t:.3f}" for t in times])
+        scale_one = scale_one or (feats, neighbours, times)
+    feats, neighbours, times = scale_one
+    flops = neighbours.num_pairs * 64 * 64 * 2
+    dense = torch.randn(4096, 4096, device=device)
+    t_products, t_dense = alternating_median_ms([lambda: products_only(feats, weight, neighbours), lambda: dense @ dense],
+                                                max(5, repeats // 2), sync)
+    dense_rate = 2 * 4096 ** 3 / t_dense / 1e6
+    print(f"  scale 1: " + ", ".join(f"{n} {flops / t / 1e6:.1f} GFLOP/s" for n, t in zip(names, times)) +
+          f"; the plain convolution's products alone {t_products:.2f} ms ({flops / t_products / 1e6:.1f} GFLOP/s); "
+          f"a dense 4096x4096 float32 matmul {dense_rate:.1f} GFLOP/s")
+    t_pyramid = median_ms(lambda: elite.build_pyramid(points[:, :3], batch_idx, model.cfg), repeats, sync)
+    print(f"  the voxels of all five scales and every block's indices (elite.build_pyramid): {t_pyramid:.1f} ms")
+
+    # The student's forward on the scan, each path and precision.
+    print("  student forward on the scan")
+    forwards = [on_path(p, amp, device, lambda: model(points, batch_idx).logits) for p, amp in columns]
+    t_forward = alternating_median_ms(forwards, repeats, sync)
+    print_row("", names)
+    print_row("ms", [f"{t:.1f}" for t in t_forward])
+    print_row("Hz", [f"{1000 / t:.1f}" for t in t_forward])
+    print_row("two forwards bitwise equal", [str(torch.equal(f(), f())) for f in forwards])
+    for path in paths:
+        with torch.no_grad(), conv_path(path):
+            ops = count_ops(lambda: model(points, batch_idx))
+        waits = ops.data_dependent
+        print(f"    {path} path, float32: {sum(ops.aten.values()):,} aten operations dispatched, "
+              f"{sum(waits.values())} of them waits on the data (" +
+              ", ".join(f"{k} {v}" for k, v in sorted(waits.items(), key=lambda kv: -kv[1])) + "), "
+              f"{sum(ops.triton.values())} Triton launches")
+
+    # One training step on a batch of the scan's rotated copies.
+    batch_points, batch_index, batch_labels = rotated_copies(points, labels, args.batch)
+    print(f"  student training step, batch of {args.batch} (the scan turned by multiples of 90 degrees): forward, "
+          "CE + 0.1 Lovasz, backward")
+    print_row("", names)
+    step_ms, step_mib, step_equal = [], [], []
+    for path, amp in columns:
+        with conv_path(path):
+            def step():
+                student_training_step(model, batch_points, batch_index, batch_labels, amp)
             step()  # warm-up
-            start = time.perf_counter()
-            mib = peak_memory_mib(step, device)
-            seconds = time.perf_counter() - start
-            print(f"  teacher training step, SAM {args.teacher_variant} + AdaLoRA, batch {args.teacher_batch} of "
-                  f"{crop[0]}x{crop[1]}, {'bf16 autocast' if amp else 'float32'}: {seconds:.2f} s, "
-                  f"peak memory +{mib:,.0f} MiB")
+            step_ms.append(median_ms(step, max(3, repeats // 3), sync))
+            step_mib.append(peak_memory_mib(step, device))
+            grads = [p.grad.clone() for p in model.parameters()]
+            step()
+            step_equal.append(all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters())))
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    print_row("ms", [f"{t:.1f}" for t in step_ms])
+    print_row("peak memory, MiB above the start", [f"+{m:,.0f}" for m in step_mib])
+    print_row("two steps' gradients bitwise equal", [str(e) for e in step_equal])
+    if args.teacher_variant != "none":
+        benchmark_teacher(device, args)
+
+
+def benchmark_teacher(device: torch.device, args):
+    crop = (320, 1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random SAM weights: the cost is the same
+        teacher = runs.build_teacher(elite.TeacherConfig(variant=args.teacher_variant, crop_hw=crop)).to(device)
+    for amp in (False, True) if device.type == "cuda" or args.amp else (False,):
+        step = lambda: teacher_training_step(teacher, args.teacher_batch, amp, device)  # noqa: E731
+        step()  # warm-up
+        start = time.perf_counter()
+        mib = peak_memory_mib(step, device)
+        seconds = time.perf_counter() - start
+        print(f"  teacher training step, SAM {args.teacher_variant} + AdaLoRA, batch {args.teacher_batch} of "
+              f"{crop[0]}x{crop[1]}, {'bf16 autocast' if amp else 'float32'}: {seconds:.2f} s, "
+              f"peak memory +{mib:,.0f} MiB")
 
 
 def benchmark(args):
@@ -743,18 +847,18 @@ def benchmark(args):
     keep = np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3]))
     pts, labels = torch.from_numpy(points[keep]), torch.from_numpy(labels[keep])
     devices = [torch.device(args.device)]  # one device a run: a GPU's figures are not held up by the CPU's
+    batch_idx = torch.zeros(len(pts), dtype=torch.long)
+    voxels = elite.voxelize_scales(pts[:, :3], batch_idx, (1, 2, 4, 8, 16))[0]
     runs.print_summary("infer.py --benchmark: the student's size, speed and memory", {
         "devices": ", ".join(runs.describe_device(d) for d in devices),
+        "convolution paths": ", ".join(benchmark_paths(devices[0], args.conv)),
         "student": f"Student, {elite.count_parameters(elite.Student()):,} parameters",
         "input": f"{source}: {len(points):,} points, {len(pts):,} in range",
         "teacher": (f"one training step of SAM {args.teacher_variant} + AdaLoRA on {args.teacher_batch} crop(s)"
                     if args.teacher_variant != "none" else "not timed (--teacher-variant none)"),
         "outputs": "this printout (no files)"})
-    batch_idx = torch.zeros(len(pts), dtype=torch.long)
-    voxels = [elite.voxelize(pts[:, :3], batch_idx, s) for s in (1, 2, 4, 8)]
-    print("Voxels per scale: " + " / ".join(f"{len(v):,} (scale {s})" for v, s in zip(voxels, (1, 2, 4, 8))) +
-          f" / {len(elite.voxelize(pts[:, :3], batch_idx, 16)):,} (scale 16)")
-    pairs = sum(elite.build_neighbour_map(v.coords).num_pairs for v in voxels)
+    print("Voxels per scale: " + " / ".join(f"{len(v):,} (scale {s})" for v, s in zip(voxels, (1, 2, 4, 8, 16))))
+    pairs = sum(elite.neighbours_of(v.coords).num_pairs for v in voxels[:4])
     print(f"Sparse-conv work of one forward: 4 convolutions 64->64 at each of scales 1/2/4/8, whose neighbour "
           f"pairs add up to {pairs:,}: {4 * pairs * 64 * 64 * 2 / 1e9:.1f} GFLOP")
     for device in devices:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import elite
 import nusc
 from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, SAM_B_URL, SAM_VARIANTS, SPLITS, ConfusionMatrix, DataError, Student,
                    StudentConfig, Teacher, TeacherConfig, TooFewVoxels, check_root, collate, config_from, image_path,
@@ -874,7 +875,7 @@ def add_data_flags(parser, holds: str) -> None:
 
 
 def add_run_flags(parser) -> None:
-    """The trainers' --resume, --overwrite, --device, --seed, --save-every, --amp and --sync-bn."""
+    """The trainers' --resume, --overwrite, --device, --seed, --save-every, --amp, --sync-bn and --conv."""
     parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/last.pt")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a fresh run in an OUT that holds one, deleting its last.pt, best.pt and "
@@ -891,6 +892,30 @@ def add_run_flags(parser) -> None:
     parser.add_argument("--sync-bn", action="store_true",
                         help="under torchrun on GPUs: BatchNorm statistics over all processes' batches "
                              "(default: each process normalises its own batch)")
+    add_conv_flag(parser)
+
+
+def add_conv_flag(parser) -> None:
+    parser.add_argument("--conv", choices=elite.CONV_PATHS, default=elite.CONV_PATH,
+                        help="the sparse convolutions of the voxel networks: triton (kernels.py, Triton kernels on "
+                             "CUDA), torch (elite.py's plain-torch definition), or auto: triton on CUDA when triton "
+                             "imports, torch otherwise (default: $ELITE_CONV, else auto)")
+
+
+def apply_conv_flag(parser, args) -> None:
+    """Run the convolutions on the path --conv names; refuse one this machine cannot run."""
+    elite.set_conv_path(args.conv)
+    try:
+        elite.conv_path(torch.device(args.device))
+    except RuntimeError as e:
+        parser.error(f"--conv {args.conv}: {e}")
+
+
+def describe_conv(device: torch.device) -> str:
+    """The summary's line for the path the student's convolutions take on this device."""
+    path = elite.conv_path(device)
+    what = "Triton kernels (kernels.py)" if path == "triton" else "plain torch (elite.submconv3d)"
+    return f"{path}: {what}" + (" --conv auto" if elite.CONV_PATH == "auto" else "")
 
 
 def config_of(args) -> dict:

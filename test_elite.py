@@ -58,7 +58,7 @@ def test_submconv3d_equals_dense_conv3d(seed):
     ref = dense_submconv(coords, feats, weight, 8)
     perm = torch.randperm(len(coords), generator=torch.Generator().manual_seed(seed))
     shifted = coords[perm] + torch.tensor([0, -4, 3, -9])  # any integers, negative too, any order
-    out = elite.submconv3d(feats[perm], shifted, weight)
+    out = elite.submconv3d(feats[perm], elite.neighbours_of(shifted), weight)
     torch.testing.assert_close(out, ref[perm], rtol=1e-4, atol=1e-4)
 
 
@@ -67,7 +67,8 @@ def test_submconv3d_backward_equals_dense_conv3d():
     weight = torch.randn(3, 3, 3, 5, 7, generator=torch.Generator().manual_seed(14))
     upstream = torch.randn(len(coords), 7, generator=torch.Generator().manual_seed(24))
     grads = []
-    for conv in (lambda f, w: elite.submconv3d(f, coords, w), lambda f, w: dense_submconv(coords, f, w, 8)):
+    neighbours = elite.neighbours_of(coords)
+    for conv in (lambda f, w: elite.submconv3d(f, neighbours, w), lambda f, w: dense_submconv(coords, f, w, 8)):
         f, w = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         (conv(f, w) * upstream).sum().backward()
         grads.append((f.grad, w.grad))
@@ -75,46 +76,68 @@ def test_submconv3d_backward_equals_dense_conv3d():
         torch.testing.assert_close(ours, dense, rtol=1e-4, atol=1e-4)
 
 
-def test_neighbour_map_matches_brute_force():
-    coords, _ = random_sparse(batch=2, size=6, density=0.4, seed=5)
-    nmap = elite.build_neighbour_map(coords)
+def brute_force_table(coords) -> torch.Tensor:
+    """(27, N): the row of the voxel at each of the 27 offsets, or -1, looked up in a dict."""
     index = {tuple(c): k for k, c in enumerate(coords.tolist())}
-    assert len(nmap.offsets) == 13 and len(set(nmap.offsets)) == 13
-    for (i, j), (dx, dy, dz) in zip(nmap.pairs, nmap.offsets):
-        expect = sorted((k, index[(b, x + dx, y + dy, z + dz)]) for (b, x, y, z), k in index.items()
-                        if (b, x + dx, y + dy, z + dz) in index)
-        assert sorted(zip(i.tolist(), j.tolist())) == expect
+    return torch.tensor([[index.get((b, x + dx, y + dy, z + dz), -1) for b, x, y, z in coords.tolist()]
+                         for dx, dy, dz in elite.OFFSETS], dtype=torch.int32).view(27, len(coords))
+
+
+def test_neighbour_table_and_pairs_match_brute_force():
+    coords, _ = random_sparse(batch=2, size=6, density=0.4, seed=5)
+    perm = torch.randperm(len(coords), generator=torch.Generator().manual_seed(0))
+    coords = coords[perm] - torch.tensor([0, 3, 0, 7])  # any order, negative coordinates too
+    neighbours = elite.neighbours_of(coords)
+    expect = brute_force_table(coords)
+    assert torch.equal(neighbours.rows, expect)
+    assert elite.OFFSETS[13] == (0, 0, 0) and all(elite.OFFSETS[26 - k] == tuple(-d for d in o)
+                                                  for k, o in enumerate(elite.OFFSETS))
+    for k, (i, j) in enumerate(neighbours.pairs()):  # the 13 offsets after the centre, as pairs
+        valid = expect[14 + k] >= 0
+        assert torch.equal(i, valid.nonzero()[:, 0]) and torch.equal(j, expect[14 + k][valid].long())
+
+
+def test_one_neighbour_search_serves_several_voxel_sets():
+    # The student's four scales are four sets of one sorted key array: neighbours never cross sets.
+    coords, _ = random_sparse(batch=2, size=6, density=0.4, seed=6)
+    keys = torch.cat([elite.pack_keys(coords[:, 0], coords[:, 1:], s) for s in (0, 1, 2)])
+    table = elite.neighbour_table(keys)  # the keys of each set sorted, sets in order: sorted
+    n, expect = len(coords), brute_force_table(coords)
+    for s in range(3):
+        rows = table[:, s * n:(s + 1) * n]
+        assert torch.equal(torch.where(rows >= 0, rows - s * n, -1), expect)
 
 
 def test_submconv3d_gradcheck():
     coords, feats = random_sparse(batch=2, size=4, density=0.5, cin=2, seed=3, dtype=torch.float64)
     feats.requires_grad_(True)
     weight = torch.randn(3, 3, 3, 2, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda f, w: elite.submconv3d(f, coords, w), (feats, weight))
+    neighbours = elite.neighbours_of(coords)
+    assert torch.autograd.gradcheck(lambda f, w: elite.submconv3d(f, neighbours, w), (feats, weight))
 
 
 def test_submconv3d_identical_across_calls_and_threads():
     coords, feats = random_sparse(batch=2, size=24, density=0.2, cin=64, seed=7)
     weight = torch.randn(3, 3, 3, 64, 64)
-    nmap = elite.build_neighbour_map(coords)
+    neighbours = elite.neighbours_of(coords)
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 4):
             torch.set_num_threads(n)
-            results += [elite.submconv3d(feats, coords, weight, nmap) for _ in range(3)]
+            results += [elite.submconv3d(feats, neighbours, weight) for _ in range(3)]
     finally:
         torch.set_num_threads(threads)
     for r in results[1:]:
         assert torch.equal(r, results[0])
 
 
-def test_unique_rows_matches_torch_unique():
+def test_keys_sort_as_rows_and_unpack_to_them():
     g = torch.Generator().manual_seed(0)
-    rows = torch.randint(-5, 5, (500, 4), generator=g)
+    rows = torch.cat([torch.randint(0, 3, (500, 1), generator=g), torch.randint(-9000, 9000, (500, 3), generator=g)], 1)
     ref, ref_inv = torch.unique(rows, dim=0, return_inverse=True)
-    got, inv = elite.unique_rows(rows)
-    assert torch.equal(got, ref) and torch.equal(inv, ref_inv)
+    keys, inv = torch.unique(elite.pack_keys(rows[:, 0], rows[:, 1:]), return_inverse=True)
+    assert torch.equal(elite.unpack_keys(keys), ref) and torch.equal(inv, ref_inv)
 
 
 # ------------------------------------------------------------------------------------
@@ -149,16 +172,19 @@ def test_student_has_official_parameter_count():
 def reference_student_forward(model: elite.Student, points, batch_idx):
     """The upstream data flow written the slow way: every MLP and mean over points."""
     voxels = [elite.voxelize(points[:, :3], batch_idx, s) for s in (1, 2, 4, 8, 16)]
+    for vox in voxels:  # the voxels of each scale, as torch.unique(dim=0) finds them
+        coords = torch.unique(vox.coords[vox.inv], dim=0)
+        assert torch.equal(coords, vox.coords) and torch.equal(vox.count, torch.bincount(vox.inv))
     xyz, v1 = points[:, :3], voxels[0]
     mean = elite.scatter_mean(xyz, v1.inv, len(v1))[v1.inv]
     corner = v1.coords[v1.inv, 1:].float() * 0.1 + torch.tensor(elite.RANGE_MIN)
     x = elite.scatter_mean(model.input_encoder.mlp(torch.cat([points, xyz - mean, xyz - corner], 1)), v1.inv, len(v1))
     per_point = []
     for block, vl, vs in zip(model.blocks, voxels[:-1], voxels[1:]):
-        nmap = elite.build_neighbour_map(vl.coords)
+        neighbours = elite.neighbours_of(vl.coords)
         v = x
         for b in block.v_enc:
-            v = b(v, vl.coords, nmap)
+            v = b(v, neighbours)
         v_down = elite.scatter_mean(v[vl.inv], vs.inv, len(vs))
         pe = block.point_enc
         feats = x + v
@@ -439,7 +465,7 @@ def test_spconv_weight_layout_is_a_dense_conv_over_zyx_indices():
     dense = torch.zeros(1, 4, size[2], size[1], size[0], dtype=torch.float64)  # (1, C, Z, Y, X)
     dense[0, :, z, y, x] = feats.T
     expected = F.conv3d(dense, w.permute(0, 4, 1, 2, 3), padding=1)[0, :, z, y, x].T  # (120, 5)
-    torch.testing.assert_close(elite.submconv3d(feats, coords, runs.spconv_to_ours(w)), expected)
+    torch.testing.assert_close(elite.submconv3d(feats, elite.neighbours_of(coords), runs.spconv_to_ours(w)), expected)
 
 
 def test_dataset_drops_non_finite_points_and_survives_empty_range(tmp_path):
@@ -543,7 +569,7 @@ def test_real_voxels_per_scale():
     counts = [len(elite.voxelize(xyz, b, s)) for s in (1, 2, 4, 8, 16)]
     for got, expect in zip(counts, (58_500, 30_200, 13_200, 5_300, 1_900)):
         assert abs(got - expect) < 0.01 * expect, counts
-    assert abs(elite.build_neighbour_map(elite.voxelize(xyz, b, 1).coords).num_pairs - 362_000) < 1_000
+    assert abs(elite.neighbours_of(elite.voxelize(xyz, b, 1).coords).num_pairs - 362_000) < 1_000
 
 
 @needs_real
@@ -1980,7 +2006,7 @@ def test_default_outputs_are_ignored_by_git():
         assert folder in ignored, folder
 
 
-def test_aten_op_counter_sees_data_dependent_sizes():
+def test_op_counter_sees_data_dependent_sizes_and_host_reads():
     import infer
     x = torch.arange(10)
 
@@ -1989,11 +2015,14 @@ def test_aten_op_counter_sees_data_dependent_sizes():
         x[x > 3]
         torch.unique(x)
         x.sum().item()
+        elite.read_to_host(x)
         x[2:5].t()  # views: not counted
         torch.searchsorted(x, x)  # a fixed size
-    ops = infer.count_aten_ops(fn)
-    assert infer.data_dependent(ops) == {"nonzero": 1, "index*": 1, "_unique2": 1, "_local_scalar_dense": 1}
-    assert "slice" not in ops and "t" not in ops and ops["searchsorted"] == 1 and ops["gt"] == 2
+        x.float()  # a cast, not a read
+    ops = infer.count_ops(fn)
+    assert ops.data_dependent == {"nonzero": 1, "index*": 1, "_unique2": 1, "_local_scalar_dense": 1, "to_host*": 1}
+    assert "slice" not in ops.aten and "t" not in ops.aten and ops.aten["searchsorted"] == 1 and ops.aten["gt"] == 2
+    assert ops.aten["_to_copy"] == 1 and ops.triton == {}
 
 
 def test_student_forward_waits_on_the_data_a_fixed_number_of_times(synth_root):
@@ -2001,23 +2030,25 @@ def test_student_forward_waits_on_the_data_a_fixed_number_of_times(synth_root):
     scan = elite.SemanticKITTI(synth_root, ["08"])[0]
     points = torch.from_numpy(scan.points)
     model = elite.Student().eval()
-    with torch.no_grad():
-        ops = infer.count_aten_ops(lambda: model(points, torch.zeros(len(points), dtype=torch.long)))
-    # One unique per voxel scale (5), per context pooling (4) and per scale link (4), one for the
-    # classifier's voxel combinations, one nonzero per neighbour map (4): nothing per offset.
-    assert infer.data_dependent(ops) == {"_unique2": 14, "nonzero": 4}
+    with torch.no_grad(), infer.conv_path("torch"):
+        ops = infer.count_ops(lambda: model(points, torch.zeros(len(points), dtype=torch.long)))
+    # One unique for the voxels of all five scales and one for every block's context pools and
+    # scale links (each followed by a read of where each scale's or set's rows start), one for the
+    # classifier's voxel combinations; on the plain path one nonzero and one read of the 13 pair
+    # counts per neighbour table (4): nothing per offset.
+    assert ops.data_dependent == {"_unique2": 3, "to_host*": 6, "nonzero": 4}
 
 
-def test_neighbour_map_refuses_coordinates_it_cannot_pack():
-    coords = torch.tensor([[0, 0, 0, 0], [0, 40_000, 0, 0]])
+def test_keys_refuse_coordinates_they_cannot_pack():
+    coords = torch.tensor([[0, 0, 0, 0], [0, 20_000, 0, 0]])
     with pytest.raises(RuntimeError, match="beyond"):
-        elite.build_neighbour_map(coords)
+        elite.neighbours_of(coords)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_submconv3d_cpu_gpu_parity():
     coords, feats = random_sparse(batch=2, size=24, density=0.2, cin=64, seed=7)
     weight = torch.randn(3, 3, 3, 64, 64) * 0.05
-    cpu = elite.submconv3d(feats, coords, weight)
-    gpu = elite.submconv3d(feats.cuda(), coords.cuda(), weight.cuda()).cpu()
+    cpu = elite.submconv3d(feats, elite.neighbours_of(coords), weight)  # the plain path
+    gpu = elite.submconv3d(feats.cuda(), elite.neighbours_of(coords.cuda()), weight.cuda()).cpu()  # auto: Triton
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)

@@ -208,6 +208,7 @@ def parse_args(argv=None):
                         "inside --data; train_teacher.py --derived-dir for a read-only dataset)")
     runs.add_run_flags(p)
     args = p.parse_args(argv)
+    runs.apply_conv_flag(p, args)
     other_method = {"elite": ("image_size", "image_weights", "global_batch", "camera_drop"),
                     "u2mkd": ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix")}[args.method]
     if args.dataset == "nuscenes":
@@ -494,6 +495,7 @@ def main(argv=None):
              "the LiDAR-only baseline" if args.dataset == "nuscenes" else "the ELiTe student")
     runs.print_summary(f"train_student.py: {title}" + (" on nuScenes" if args.dataset == "nuscenes" else ""), {
         "device": runs.describe_device(device, args.amp),
+        "convolutions": runs.describe_conv(device),
         "data": runs.describe_data(root, setup.loader.dataset, setup.val_set, args),
         "student": f"{type(setup.model).__name__}, {elite.count_parameters(setup.model):,} parameters"
                    + (f", initialised from {args.init_3d} (2DPASS)" if args.init_3d else ""),

@@ -209,6 +209,7 @@ def parse_args(argv=None):
                         "(DIR/u2mkd_instances.npz); for a read-only dataset (default: inside --data)")
     runs.add_run_flags(p)
     args = p.parse_args(argv)
+    runs.apply_conv_flag(p, args)
     sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer", "vis",
                 "labels")
     if args.vis is not None and args.resume:
@@ -454,6 +455,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     schedule = runs.lr_schedule(args.lr_schedule, args.lr, args.epochs, len(loader), runs.distributed().size)
     runs.print_summary("train_teacher.py --teacher lidar: U2MKD's LiDAR-only teacher", {
         "device": runs.describe_device(device, args.amp),
+        "convolutions": runs.describe_conv(device),
         "data": runs.describe_data(root, train_set, val_set, args),
         "teacher": f"the voxel student at width x{args.width}, {elite.count_parameters(model):,} parameters",
         "augmentation": sees,

@@ -556,12 +556,13 @@ class FusionStudent(nn.Module):
         lidar = self.lidar
         seen = (image_of_point >= 0).nonzero()[:, 0] if images is not None else image_of_point.new_zeros(0)
         seen_uv, seen_row = uv.index_select(0, seen), image_of_point.index_select(0, seen)  # (K, 2), (K,)
-        voxels = lidar.voxelize(points, batch_idx)  # scales 1, 2, 4, 8, 16
-        x = lidar.input_encoder(points, voxels[0])  # (V1, 64)
+        pyramid = lidar.voxelize(points, batch_idx)  # scales 1, 2, 4, 8, 16 and each block's indices
+        x = lidar.input_encoder(points, pyramid.voxels[0])  # (V1, 64)
         x_im = self.image.stem(images) if images is not None else None
         point_feats, skips, imputation = [], [], []
-        for k, (block, vox_l, vox) in enumerate(zip(lidar.blocks, voxels[:-1], voxels[1:])):
-            p, v_down, _ = block(x, vox_l, vox)  # the LiDAR block: point branch (V_s, 64) at scale s
+        for k, (block, stage) in enumerate(zip(lidar.blocks, pyramid.stages)):
+            p, v_down, _ = block(x, stage)  # the LiDAR block: point branch (V_s, 64) at scale s
+            vox = stage.vox_s
             p_pts = p.index_select(0, vox.inv)  # (N, 64) each point's stage-k point feature
             if k == 3:
                 bottleneck = p_pts  # the feature U2MKD's feature KD reads
@@ -580,7 +581,7 @@ class FusionStudent(nn.Module):
             p = elite.scatter_mean(fused, vox.inv, len(vox))  # back into the stage's voxels
             x = p + v_down  # the next block's input
             point_feats.append(p)
-        logits = lidar.classify(point_feats, voxels)
+        logits = lidar.classify(point_feats, pyramid.voxels)
         pixel_logits = sample_image(self.image.decode(skips), seen_uv, seen_row) if skips else None
         return FusionOutput(logits, pixel_logits, imputation, bottleneck)
 
