@@ -803,9 +803,9 @@ def neighbours_of(coords: torch.Tensor) -> Neighbours:
     """The table of one voxel set given as unique rows (N, 4) [batch, x, y, z] in any order."""
     keys, order = torch.sort(pack_keys(coords[:, 0], coords[:, 1:]))
     table = neighbour_table(keys)  # positions in key order
-    order = order.int()
+    found = order.int().index_select(0, table.view(-1).clamp_min(0)).view_as(table)  # (27, N) in the caller's order
     rows = torch.empty_like(table)
-    rows[:, order] = torch.where(table >= 0, order.index_select(0, table.view(-1).clamp_min(0)).view_as(table), -1)
+    rows[:, order] = torch.where(table >= 0, found, -1)  # rows[:, order[s]] = the neighbours of sorted voxel s
     return Neighbours(rows)
 
 

@@ -739,26 +739,41 @@ def print_row(name: str, cells: list[str], width=14):
 
 
 def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.device, args):
-    repeats = args.repeats
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     points, labels = points.to(device), labels.to(device)
-    batch_idx = torch.zeros(len(points), dtype=torch.long, device=device)
     paths = benchmark_paths(device, args.conv)
     # bf16 runs on GPUs always; on a CPU only when asked (most CPUs have no bf16 units).
     precisions = (False, True) if device.type == "cuda" or args.amp else (False,)
-    columns = [(path, amp) for amp in precisions for path in paths]
-    names = [f"{path} {'bf16' if amp else 'fp32'}" for path, amp in columns]
-    torch.manual_seed(0)
-    model = elite.Student().to(device).eval()
+    columns = [(path, amp) for amp in precisions for path in paths]  # timed side by side
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\n[{device}{threads}] convolution paths: " + ", ".join(
-        {"torch": "torch (plain torch, elite.py)", "triton": "triton (Triton kernels, kernels.py)"}[p] for p in paths))
+        {"torch": "torch (plain torch, elite.py)", "triton": "triton (Triton kernels, kernels.py)"}[p] for p in paths)
+        + (", deterministic algorithms" if torch.are_deterministic_algorithms_enabled() else ""))
+    torch.manual_seed(0)
+    model = elite.Student().to(device).eval()
+    benchmark_convolutions(model, points, columns, args.repeats)
+    benchmark_forward(model, points, columns, args.repeats)
+    benchmark_training_step(model, points, labels, columns, args)
+    if args.teacher_variant != "none":
+        benchmark_teacher(device, args)
 
-    # One convolution per scale, on the voxels of the scan, its neighbour table built already.
+
+def column_names(columns: list[tuple[str, bool]]) -> list[str]:
+    return [f"{path} {'bf16' if amp else 'fp32'}" for path, amp in columns]
+
+
+def device_sync(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def benchmark_convolutions(model: elite.Student, points: torch.Tensor, columns, repeats: int):
+    """One 64->64 convolution on the scan's voxels at each convolved scale, on each path and
+    precision; its neighbour table built already, as in a forward."""
+    device, sync = points.device, device_sync(points.device)
+    batch_idx = torch.zeros(len(points), dtype=torch.long, device=device)
     pyramid = elite.build_pyramid(points[:, :3], batch_idx, model.cfg)
     weight = torch.randn(3, 3, 3, 64, 64, device=device) * 0.05
     print("  one 3x3x3 SubM convolution 64->64, ms (median; the paths timed in turn, round after round)")
-    print_row("scale: voxels, neighbour pairs", ["table", "+ pairs"] + names)
+    print_row("scale: voxels, neighbour pairs", ["table", "+ pairs"] + column_names(columns))
     scale_one = None
     for scale, stage in zip((1, 2, 4, 8), pyramid.stages):
         coords = stage.vox_l.coords
@@ -768,7 +783,7 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
         neighbours.pairs()  # the plain path reads them; made once per voxel set, as in a forward
         feats = torch.randn(len(coords), 64, device=device)
         times = alternating_median_ms([on_path(p, amp, device, partial(elite.submconv3d, feats, neighbours, weight))
-                                       for p, amp in columns], max(5, repeats // 2), sync)
+                                       for p, amp in columns], max(1, repeats // 2), sync)
         print_row(f"{scale}: {len(coords):,}, {neighbours.num_pairs:,}", [f"{t_table:.2f}", f"{t_pairs:.2f}"] +
                   [f"{t:.3f}" for t in times])
         scale_one = scale_one or (feats, neighbours, times)
@@ -776,23 +791,26 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
     flops = neighbours.num_pairs * 64 * 64 * 2
     dense = torch.randn(4096, 4096, device=device)
     t_products, t_dense = alternating_median_ms([lambda: products_only(feats, weight, neighbours), lambda: dense @ dense],
-                                                max(5, repeats // 2), sync)
-    dense_rate = 2 * 4096 ** 3 / t_dense / 1e6
-    print(f"  scale 1: " + ", ".join(f"{n} {flops / t / 1e6:.1f} GFLOP/s" for n, t in zip(names, times)) +
-          f"; the plain convolution's products alone {t_products:.2f} ms ({flops / t_products / 1e6:.1f} GFLOP/s); "
-          f"a dense 4096x4096 float32 matmul {dense_rate:.1f} GFLOP/s")
+                                                max(1, repeats // 2), sync)
+    print("  scale 1: " + ", ".join(f"{n} {flops / t / 1e6:.1f} GFLOP/s" for n, t in zip(column_names(columns), times))
+          + f"; the plain convolution's products alone {t_products:.2f} ms ({flops / t_products / 1e6:.1f} GFLOP/s); "
+          f"a dense 4096x4096 float32 matmul {2 * 4096 ** 3 / t_dense / 1e6:.1f} GFLOP/s")
     t_pyramid = median_ms(lambda: elite.build_pyramid(points[:, :3], batch_idx, model.cfg), repeats, sync)
     print(f"  the voxels of all five scales and every block's indices (elite.build_pyramid): {t_pyramid:.1f} ms")
 
-    # The student's forward on the scan, each path and precision.
+
+def benchmark_forward(model: elite.Student, points: torch.Tensor, columns, repeats: int):
+    """The student's forward on the scan: time, repeatability and operations, each path and precision."""
+    device = points.device
+    batch_idx = torch.zeros(len(points), dtype=torch.long, device=device)
     print("  student forward on the scan")
     forwards = [on_path(p, amp, device, lambda: model(points, batch_idx).logits) for p, amp in columns]
-    t_forward = alternating_median_ms(forwards, repeats, sync)
-    print_row("", names)
+    t_forward = alternating_median_ms(forwards, repeats, device_sync(device))
+    print_row("", column_names(columns))
     print_row("ms", [f"{t:.1f}" for t in t_forward])
     print_row("Hz", [f"{1000 / t:.1f}" for t in t_forward])
     print_row("two forwards bitwise equal", [str(torch.equal(f(), f())) for f in forwards])
-    for path in paths:
+    for path in dict.fromkeys(p for p, _ in columns):
         with torch.no_grad(), conv_path(path):
             ops = count_ops(lambda: model(points, batch_idx))
         waits = ops.data_dependent
@@ -801,18 +819,21 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
               ", ".join(f"{k} {v}" for k, v in sorted(waits.items(), key=lambda kv: -kv[1])) + "), "
               f"{sum(ops.triton.values())} Triton launches")
 
-    # One training step on a batch of the scan's rotated copies.
+
+def benchmark_training_step(model: elite.Student, points: torch.Tensor, labels: torch.Tensor, columns, args):
+    """One training step on a batch of the scan's rotated copies: time, memory, repeatability."""
+    device = points.device
     batch_points, batch_index, batch_labels = rotated_copies(points, labels, args.batch)
     print(f"  student training step, batch of {args.batch} (the scan turned by multiples of 90 degrees): forward, "
           "CE + 0.1 Lovasz, backward")
-    print_row("", names)
+    print_row("", column_names(columns))
     step_ms, step_mib, step_equal = [], [], []
     for path, amp in columns:
         with conv_path(path):
             def step():
                 student_training_step(model, batch_points, batch_index, batch_labels, amp)
             step()  # warm-up
-            step_ms.append(median_ms(step, max(3, repeats // 3), sync))
+            step_ms.append(median_ms(step, max(1, args.repeats // 3), device_sync(device)))
             step_mib.append(peak_memory_mib(step, device))
             grads = [p.grad.clone() for p in model.parameters()]
             step()
@@ -822,8 +843,6 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
     print_row("ms", [f"{t:.1f}" for t in step_ms])
     print_row("peak memory, MiB above the start", [f"+{m:,.0f}" for m in step_mib])
     print_row("two steps' gradients bitwise equal", [str(e) for e in step_equal])
-    if args.teacher_variant != "none":
-        benchmark_teacher(device, args)
 
 
 def benchmark_teacher(device: torch.device, args):

@@ -144,6 +144,8 @@ def gather_conv(x: torch.Tensor, weight: torch.Tensor, nb: torch.Tensor, mirror=
         c_in, c_out, w_stride_in, w_stride_out = c_out, c_in, w_stride_out, w_stride_in
     n = len(x)
     out = x.new_empty(n, c_out)
+    if n == 0:  # a batch with no voxel: nothing to launch
+        return out
     block_n = block_n or tile_rows(x.dtype)
     block_out = channel_block(c_out)
     launch(gather_conv_kernel, (triton.cdiv(n, block_n), triton.cdiv(c_out, block_out)),

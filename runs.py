@@ -875,7 +875,8 @@ def add_data_flags(parser, holds: str) -> None:
 
 
 def add_run_flags(parser) -> None:
-    """The trainers' --resume, --overwrite, --device, --seed, --save-every, --amp, --sync-bn and --conv."""
+    """The trainers' --resume, --overwrite, --device, --seed, --save-every, --amp, --sync-bn, --conv and
+    --deterministic."""
     parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/last.pt")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a fresh run in an OUT that holds one, deleting its last.pt, best.pt and "
@@ -896,26 +897,36 @@ def add_run_flags(parser) -> None:
 
 
 def add_conv_flag(parser) -> None:
+    """--conv and --deterministic: how the voxel networks run on a GPU."""
     parser.add_argument("--conv", choices=elite.CONV_PATHS, default=elite.CONV_PATH,
                         help="the sparse convolutions of the voxel networks: triton (kernels.py, Triton kernels on "
                              "CUDA), torch (elite.py's plain-torch definition), or auto: triton on CUDA when triton "
                              "imports, torch otherwise (default: $ELITE_CONV, else auto)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="on a GPU, bitwise-repeatable results: torch's deterministic algorithms (index_add_ "
+                             "without float atomics; a little slower). The Triton convolution is deterministic "
+                             "either way; a CPU is too")
 
 
 def apply_conv_flag(parser, args) -> None:
-    """Run the convolutions on the path --conv names; refuse one this machine cannot run."""
+    """Run the convolutions on the path --conv names (refusing one this machine cannot run),
+    deterministically when asked."""
     elite.set_conv_path(args.conv)
     try:
         elite.conv_path(torch.device(args.device))
     except RuntimeError as e:
         parser.error(f"--conv {args.conv}: {e}")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's own condition for repeatable sums
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no such form warns, not stops
 
 
 def describe_conv(device: torch.device) -> str:
     """The summary's line for the path the student's convolutions take on this device."""
     path = elite.conv_path(device)
     what = "Triton kernels (kernels.py)" if path == "triton" else "plain torch (elite.submconv3d)"
-    return f"{path}: {what}" + (" --conv auto" if elite.CONV_PATH == "auto" else "")
+    repeatable = ", deterministic algorithms" if torch.are_deterministic_algorithms_enabled() else ""
+    return f"{path}: {what}" + (" (--conv auto)" if elite.CONV_PATH == "auto" else "") + repeatable
 
 
 def config_of(args) -> dict:

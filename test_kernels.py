@@ -190,3 +190,14 @@ def test_triton_bf16_under_autocast_is_close_to_float32():
         with torch.autocast("cuda", torch.bfloat16):
             low = elite.submconv3d(feats, neighbours, weight)
     assert low.dtype == torch.bfloat16 and relative_error(low.float(), full) < 2e-2
+
+
+def test_triton_flag_refused_where_it_cannot_run(monkeypatch, capsys):
+    monkeypatch.setattr(kernels, "INTERPRET", False)  # as on a machine without the interpreter
+    before = elite.CONV_PATH
+    try:
+        with pytest.raises(SystemExit):
+            infer.parse_args(["--benchmark", "--conv", "triton", "--device", "cpu"])
+    finally:
+        elite.set_conv_path(before)
+    assert "--conv triton: the Triton convolution runs on CUDA tensors; these are on cpu" in capsys.readouterr().err
