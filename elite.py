@@ -659,6 +659,7 @@ def pack_keys(batch: torch.Tensor, cells: torch.Tensor, sets: torch.Tensor | int
     """batch (...), cells (..., 3) int64 -> keys (...) int64 ordered as the rows [batch, x, y, z].
     Coordinates are shifted by half a field, so that negative ones (augmentation moves points
     off the grid, as upstream) and their -1 neighbours stay inside their own field."""
+    batch, cells = batch.long(), cells.long()  # the fields need 64 bits
     c = cells + (1 << COORD_BITS - 1)
     if c.numel():
         torch._assert_async((c.min() >= 1) & (c.max() <= (1 << COORD_BITS) - 2) & (batch.min() >= 0)
@@ -757,18 +758,29 @@ def neighbour_table(keys: torch.Tensor) -> torch.Tensor:
     """keys (N,) unique, sorted ascending -> (27, N) int32: [k, i] = the position of voxel
     i's neighbour at OFFSETS[k], or -1. Keys of other sets are never neighbours."""
     n, device = len(keys), keys.device
-    table = torch.empty(9, 3, n, dtype=torch.int32, device=device)
+    flat = torch.full((27 * n + 1,), -1, dtype=torch.int32, device=device)  # + 1: where absent mirrors go
+    table = flat[:-1].view(27, n)
     if n == 0:  # a batch with no point in range
-        return table.view(27, 0)
-    steps = constant(tuple((dx << 2 * COORD_BITS) + (dy << COORD_BITS) - 1 for dx, dy in COLUMNS), device)
-    lowest = keys + steps[:, None]  # (9, N) the key of (x + dx, y + dy, z - 1)
-    pos = torch.searchsorted(keys, lowest, out_int32=True)  # (9, N) the first key >= it
+        return table
+    index = torch.arange(n, dtype=torch.int32, device=device)
+    table[13] = index  # the centre: every voxel is its own neighbour
+    # The 13 offsets after the centre in key order: (0, 0, +1) is the next key; the rest lie in
+    # the 4 (dx, dy) columns ahead, searched once each for z - 1 (then z and z + 1 follow it).
     none = constant(-1, device, torch.int32)
+    torch.where(keys[1:] == keys[:-1] + 1, index[1:], none, out=table[14, :-1])
+    steps = constant(tuple((dx << 2 * COORD_BITS) + (dy << COORD_BITS) - 1 for dx, dy in COLUMNS[5:]), device)
+    lowest = keys + steps[:, None]  # (4, N) the key of (x + dx, y + dy, z - 1)
+    pos = torch.searchsorted(keys, lowest, out_int32=True)  # (4, N) the first key >= it
     for dz in range(3):  # z - 1, z, z + 1: each found one moves the next candidate one place on
-        found = keys.index_select(0, pos.view(-1).clamp_max(n - 1)).view(9, n) == lowest + dz
-        torch.where(found, pos, none, out=table[:, dz])
+        found = keys.index_select(0, pos.view(-1).clamp_max(n - 1)).view(4, n) == lowest + dz
+        torch.where(found, pos, none, out=table[15 + dz::3])  # rows 15 + 3 * column + dz
         pos += found
-    return table.view(27, n)
+    # The 13 offsets before the centre are their mirrors: j at +o from i means i at -o (row 26 - k) from j.
+    ahead = table[14:]  # (13, N)
+    mirror_rows = constant(tuple((12 - m) * n for m in range(13)), device)[:, None]  # row 26 - k, flattened
+    target = torch.where(ahead >= 0, mirror_rows + ahead, 27 * n)  # (13, N) where i goes; absent: the spare slot
+    flat.index_put_((target,), index.expand(13, n))
+    return table
 
 
 @dataclass
@@ -803,10 +815,9 @@ def neighbours_of(coords: torch.Tensor) -> Neighbours:
     """The table of one voxel set given as unique rows (N, 4) [batch, x, y, z] in any order."""
     keys, order = torch.sort(pack_keys(coords[:, 0], coords[:, 1:]))
     table = neighbour_table(keys)  # positions in key order
-    found = order.int().index_select(0, table.view(-1).clamp_min(0)).view_as(table)  # (27, N) in the caller's order
-    rows = torch.empty_like(table)
-    rows[:, order] = torch.where(table >= 0, found, -1)  # rows[:, order[s]] = the neighbours of sorted voxel s
-    return Neighbours(rows)
+    found = order.int().index_select(0, table.view(-1).clamp_min(0)).view_as(table)  # the caller's numbers
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    return Neighbours(torch.where(table >= 0, found, -1).index_select(1, rank))  # columns in the caller's order
 
 
 def _gather_mm_scatter(feats: torch.Tensor, weight: torch.Tensor, neighbours: Neighbours) -> torch.Tensor:
@@ -885,8 +896,9 @@ def conv_path(device: torch.device) -> str:
     """'triton' or 'torch': the form the convolutions on this device run."""
     if CONV_PATH not in CONV_PATHS:
         raise ValueError(f"ELITE_CONV={CONV_PATH!r}: expected one of {', '.join(CONV_PATHS)}")
-    if CONV_PATH == "torch" or (CONV_PATH == "auto" and (device.type != "cuda" or triton_kernels() is None)):
-        return "torch"
+    if CONV_PATH == "torch" or (CONV_PATH == "auto" and (device.type != "cuda" or triton_kernels() is None
+                                                        or torch.cuda.get_device_capability(device) < (8, 0))):
+        return "torch"  # auto: Triton on GPUs from Ampere (sm_80) on, where its bf16 products run
     if triton_kernels() is None:
         raise RuntimeError("the Triton convolution was asked for (--conv triton / ELITE_CONV=triton) but triton "
                            "does not import: install torch's CUDA build (it brings triton), or use --conv torch")
@@ -1161,18 +1173,28 @@ class Student(nn.Module):
 
         A point's feature is cat(p_2[its scale-2 voxel], ..., p_16[its scale-16 voxel]).
         Points that share all four voxels share it, so each combination is classified once."""
-        sizes = [len(v) for v in voxels[1:]]
-        if math.prod(sizes) >= 1 << 63:
-            raise ValueError(f"voxels per scale {sizes}: too many to number their combinations in one int64")
-        key = voxels[1].inv
-        for v in voxels[2:]:  # the combination's number, ordered as its row (inv_2, inv_4, inv_8, inv_16)
-            key = key * len(v) + v.inv
-        combos, combo_of_point = torch.unique(key, return_inverse=True)  # (U,), (N,)
-        feats = []
-        for k, p in enumerate(point_feats):
-            below = math.prod(sizes[k + 1:])
-            feats.append(p.index_select(0, combos // below % sizes[k]))
-        return self.classifier(torch.cat(feats, 1)).index_select(0, combo_of_point)  # (N, 20)
+        combos, combo_of_point = unique_columns([v.inv for v in voxels[1:]], [len(v) for v in voxels[1:]])  # (U, 4), (N,)
+        feats = torch.cat([p.index_select(0, combos[:, k]) for k, p in enumerate(point_feats)], 1)  # (U, 256)
+        return self.classifier(feats).index_select(0, combo_of_point)  # (N, 20)
+
+
+def unique_columns(columns: list[torch.Tensor], sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(torch.stack(columns, 1), dim=0, return_inverse=True) for columns of indices
+    (N,) each in [0, sizes[k]): the rows numbered by one int64 that sorts as they do. When the
+    numbers would not fit in an int64 (large batches), each half of the columns is numbered
+    first. -> (U, K) the distinct rows in lexicographic order, (N,) the row of each."""
+    if math.prod(sizes) < 1 << 63:
+        key = columns[0]
+        for column, size in zip(columns[1:], sizes[1:]):
+            key = key * size + column
+        ukey, inverse = torch.unique(key, return_inverse=True)
+        below = [math.prod(sizes[k + 1:]) for k in range(len(sizes))]
+        return torch.stack([ukey // b % s for b, s in zip(below, sizes)], 1), inverse
+    half = len(columns) // 2
+    left, left_of = unique_columns(columns[:half], sizes[:half])
+    right, right_of = unique_columns(columns[half:], sizes[half:])
+    pairs, inverse = unique_columns([left_of, right_of], [len(left), len(right)])
+    return torch.cat([left.index_select(0, pairs[:, 0]), right.index_select(0, pairs[:, 1])], 1), inverse
 
 
 def config_from(cls, values: dict):

@@ -146,6 +146,8 @@ def gather_conv(x: torch.Tensor, weight: torch.Tensor, nb: torch.Tensor, mirror=
     out = x.new_empty(n, c_out)
     if n == 0:  # a batch with no voxel: nothing to launch
         return out
+    if 27 * nb.stride(0) >= 1 << 31:
+        raise ValueError(f"a neighbour table of {nb.stride(0):,} columns: too many voxels for int32 offsets")
     block_n = block_n or tile_rows(x.dtype)
     block_out = channel_block(c_out)
     launch(gather_conv_kernel, (triton.cdiv(n, block_n), triton.cdiv(c_out, block_out)),
@@ -162,7 +164,10 @@ def weight_grad(x: torch.Tensor, grad_out: torch.Tensor, nb: torch.Tensor, block
     n, c_in = x.shape
     c_out = grad_out.shape[1]
     block_n = block_n or tile_rows(x.dtype)
-    rows_per_program = rows_per_program or 16 * block_n  # a multiple of block_n
+    # At most 32 chunks of whole tiles per offset: 27 x 32 programs fill a GPU, and the partials stay small.
+    rows_per_program = rows_per_program or block_n * max(1, triton.cdiv(triton.cdiv(n, 32), block_n))
+    if rows_per_program % block_n:
+        raise ValueError(f"rows_per_program {rows_per_program} is not a multiple of the tile's {block_n} rows")
     chunks = max(1, triton.cdiv(n, rows_per_program))
     block_in, block_out = channel_block(c_in), channel_block(c_out)
     part = torch.empty(chunks, 27, c_in, c_out, dtype=torch.float32, device=x.device)
@@ -182,6 +187,9 @@ class SubMConv3dTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats, weight, nb):
+        if feats.dtype != weight.dtype:
+            raise TypeError(f"features in {feats.dtype} but weights in {weight.dtype}: the Triton convolution "
+                            "multiplies one type (under autocast, elite.submconv3d casts both)")
         feats = feats.contiguous()
         ctx.save_for_backward(feats, weight, nb)
         return gather_conv(feats, weight.reshape(27, *weight.shape[3:]), nb)

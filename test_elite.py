@@ -132,6 +132,15 @@ def test_submconv3d_identical_across_calls_and_threads():
         assert torch.equal(r, results[0])
 
 
+@pytest.mark.parametrize("size", [50, 1 << 20])  # one int64 key; or, past 2^63 combinations, one per half first
+def test_unique_columns_match_torch_unique(size):
+    g = torch.Generator().manual_seed(size % 7)
+    rows = torch.randint(0, 4, (500, 4), generator=g) * (size // 4)
+    ref, ref_inv = torch.unique(rows, dim=0, return_inverse=True)
+    got, inv = elite.unique_columns(list(rows.T), [size] * 4)
+    assert torch.equal(got, ref) and torch.equal(inv, ref_inv)
+
+
 def test_keys_sort_as_rows_and_unpack_to_them():
     g = torch.Generator().manual_seed(0)
     rows = torch.cat([torch.randint(0, 3, (500, 1), generator=g), torch.randint(-9000, 9000, (500, 3), generator=g)], 1)

@@ -18,6 +18,7 @@ import kernels  # noqa: E402  (after the skip: it imports triton)
 import infer  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOLERANCE = 1e-5 if DEVICE.type == "cuda" else 1e-6  # a GPU sums in another order than the CPU reference
 
 
 def clustered_voxels(batch=2, size=9, density=0.3, seed=0) -> torch.Tensor:
@@ -72,9 +73,9 @@ def test_triton_forward_and_gradients_equal_the_plain_convolution(case):
     got = kernels.gather_conv(feats, w27, nb, block_n=block_n)
     got_feats = kernels.gather_conv(upstream, w27, nb, mirror=True, block_n=block_n)
     got_weight = kernels.weight_grad(feats, upstream, nb, block_n=block_n, rows_per_program=2 * block_n)
-    assert relative_error(got.cpu(), out) < 1e-6
-    assert relative_error(got_feats.cpu(), grad_feats) < 1e-6
-    assert relative_error(got_weight.view_as(weight).cpu(), grad_weight) < 1e-6
+    assert relative_error(got.cpu(), out) < TOLERANCE
+    assert relative_error(got_feats.cpu(), grad_feats) < TOLERANCE
+    assert relative_error(got_weight.view_as(weight).cpu(), grad_weight) < TOLERANCE
     if "no pairs" in case:  # the offsets above and below the layer: no rows, so no weight gradient
         assert (got_weight.view(3, 3, 3, cin, cout)[:, :, [0, 2]] == 0).all()
 
@@ -90,7 +91,7 @@ def test_triton_path_through_autograd_equals_the_plain_path():
         got = elite.submconv3d(f, elite.neighbours_of(coords.to(DEVICE)), w)
     (got * upstream.to(DEVICE)).sum().backward()
     for ours, plain in ((got.detach(), out), (f.grad, grad_feats), (w.grad, grad_weight)):
-        assert relative_error(ours.cpu(), plain) < 1e-6
+        assert relative_error(ours.cpu(), plain) < TOLERANCE
 
 
 def test_triton_runs_are_bitwise_equal():
