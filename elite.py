@@ -892,8 +892,8 @@ def triton_kernels():
     return kernels
 
 
-def conv_path(device: torch.device) -> str:
-    """'triton' or 'torch': the form the convolutions on this device run."""
+def conv_path(device: torch.device, dtype=torch.float32) -> str:
+    """'triton' or 'torch': the form the convolutions on this device and in this precision run."""
     if CONV_PATH not in CONV_PATHS:
         raise ValueError(f"ELITE_CONV={CONV_PATH!r}: expected one of {', '.join(CONV_PATHS)}")
     if CONV_PATH == "torch" or (CONV_PATH == "auto" and (device.type != "cuda" or triton_kernels() is None
@@ -905,7 +905,33 @@ def conv_path(device: torch.device) -> str:
     if device.type != "cuda" and not triton_kernels().INTERPRET:
         raise RuntimeError(f"the Triton convolution runs on CUDA tensors; these are on {device}. Use --conv torch "
                            "(or TRITON_INTERPRET=1, Triton's slow CPU interpreter, for tests)")
+    if CONV_PATH == "auto" and not triton_agrees(device, dtype):
+        return "torch"
     return "triton"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_agrees(device: torch.device, dtype: torch.dtype) -> bool:
+    """auto's check, once per device and precision: the Triton convolution of a small voxel set
+    runs and gives the plain form's output. If not (a GPU or triton version it does not compile
+    for), auto keeps plain torch and says why; --conv triton would raise instead."""
+    g = torch.Generator().manual_seed(0)
+    coords = torch.nonzero(torch.rand(2, 6, 6, 6, generator=g) < 0.5).to(device)  # (N, 4), two scans
+    feats = torch.randn(len(coords), 64, generator=g).to(device, dtype)
+    weight = (torch.randn(3, 3, 3, 64, 64, generator=g) * 0.05).to(device, dtype)
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            neighbours = neighbours_of(coords)
+            plain = _SubMConv3dFunction.apply(feats, weight, neighbours).float()
+            error = (triton_kernels().SubMConv3dTriton.apply(feats, weight, neighbours.rows).float() - plain).abs().max()
+        agrees = bool(error <= (1e-2 if dtype != torch.float32 else 1e-4) * plain.abs().max())
+        why = f"its output differs from the plain form's by {float(error):.2g}"
+    except Exception as e:  # noqa: BLE001 - any failure to compile or run means: not here
+        agrees, why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not agrees:
+        warnings.warn(f"the Triton convolution does not work on {device} in {dtype} ({why}): the plain-torch form "
+                      "runs instead (--conv torch silences this; --conv triton raises)")
+    return agrees
 
 
 def submconv3d(feats: torch.Tensor, neighbours: Neighbours, weight: torch.Tensor) -> torch.Tensor:
@@ -919,7 +945,7 @@ def submconv3d(feats: torch.Tensor, neighbours: Neighbours, weight: torch.Tensor
     if torch.is_autocast_enabled(feats.device.type):  # --amp: a matrix product, so in bf16 like nn.Linear's
         low = torch.get_autocast_dtype(feats.device.type)
         feats, weight = feats.to(low), weight.to(low)
-    if conv_path(feats.device) == "triton":
+    if conv_path(feats.device, feats.dtype) == "triton":
         return triton_kernels().SubMConv3dTriton.apply(feats, weight, neighbours.rows)
     return _SubMConv3dFunction.apply(feats, weight, neighbours)
 

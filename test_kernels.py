@@ -175,6 +175,20 @@ def test_triton_path_choice(monkeypatch):
         elite.set_conv_path("cuda")
 
 
+def test_triton_first_use_check_falls_back_with_a_warning(monkeypatch):
+    cpu = torch.device("cpu")
+    elite.triton_agrees.cache_clear()
+    assert elite.triton_agrees(cpu, torch.float32)  # the kernels agree with the plain form here
+
+    def broken(*args):
+        raise RuntimeError("PTX compile failed\nmore detail")
+    monkeypatch.setattr(kernels.SubMConv3dTriton, "apply", broken)
+    elite.triton_agrees.cache_clear()
+    with pytest.warns(UserWarning, match=r"does not work on cpu in torch.float32 \(RuntimeError: PTX compile failed\)"):
+        assert not elite.triton_agrees(cpu, torch.float32)
+    elite.triton_agrees.cache_clear()
+
+
 def test_triton_products_in_float32_unless_torch_allows_tf32(monkeypatch):
     assert kernels.precision(torch.float32) == "ieee"
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
