@@ -1307,10 +1307,11 @@ class LoRALinear(nn.Linear):
         return self.lora_B @ self.lora_A * self.scaling  # (out, in)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return y
-        return y + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling  # via (.., r): cheap
+            return F.linear(x, self.weight, self.bias)
+        # W x + b + s B A x as one product with the weight formed first: two small matrix
+        # products a step instead of two per token batch, so a GPU launches fewer kernels.
+        return F.linear(x, self.weight + self.delta_weight(), self.bias)
 
     @torch.no_grad()
     def merge(self):
@@ -1324,25 +1325,18 @@ class SVDLinear(LoRALinear):
     """AdaLoRA (Zhang et al. 2023): the update in SVD form, y = W x + b + B diag(E) A x * alpha / r.
 
     A (r, in) and B (out, r) ~ N(0, 0.02^2), the "singular values" E (r, 1) = 0 at init.
-    The RankAllocator prunes a rank by zeroing its entry of E. The divisor `ranknum` stays r
-    for the whole run (as upstream, which never updates it), so the factor is alpha / 12."""
+    The RankAllocator prunes a rank by zeroing its entry of E. The divisor (upstream's
+    `ranknum`) stays r for the whole run, as upstream never updates it: the factor is alpha / r."""
 
     def __init__(self, base: nn.Linear, r=12, alpha=1.0):
         super().__init__(base, r, alpha)
         self.lora_E = nn.Parameter(torch.zeros(r, 1))
         nn.init.normal_(self.lora_A, std=0.02)
         nn.init.normal_(self.lora_B, std=0.02)
-        self.register_buffer("ranknum", torch.tensor(float(r)), persistent=False)  # never updated
-        self.scaling = alpha
+        self.scaling = alpha  # divided by r (upstream's ranknum buffer, never updated) in delta_weight
 
     def delta_weight(self) -> torch.Tensor:
-        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
-
-    def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return y
-        return y + (x @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling / (self.ranknum + 1e-5)
+        return self.lora_B @ (self.lora_A * self.lora_E) * (self.scaling / (self.r + 1e-5))  # (out, in)
 
 
 ADAPTED_LAYERS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.proj", "mlp.lin1", "mlp.lin2")
@@ -1366,16 +1360,21 @@ def add_adapters(encoder: nn.Module, peft="adalora", r=12, alpha=1.0) -> None:
 def orth_regularizer(model: nn.Module, weight=0.1) -> torch.Tensor:
     """AdaLoRA's R = weight * mean over all A and B of ||A A^T - I||_F or ||B^T B - I||_F,
     keeping the factors close to orthonormal so E acts like singular values. The plain
-    Frobenius norm, not its square."""
-    norms = []
+    Frobenius norm, not its square. Factors of one shape are stacked and taken at once
+    (4 groups in ViT-B instead of 144 matrices)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if "lora_A" in name or "lora_B" in name:
-            gram = p @ p.T if "lora_A" in name else p.T @ p  # (r, r) either way
-            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-            norms.append(torch.linalg.matrix_norm(gram - eye))
-    if not norms:
+            factor = p if "lora_A" in name else p.T  # (r, in), or B (out, r) as (r, out)
+            groups.setdefault((name.rsplit(".", 1)[1],) + tuple(factor.shape), []).append(factor)
+    if not groups:
         return torch.zeros(())
-    return weight * torch.stack(norms).mean()
+    norms = []
+    for (_, r, _), factors in groups.items():
+        stacked = torch.stack(factors)  # (L, r, d)
+        eye = torch.eye(r, dtype=stacked.dtype, device=stacked.device)
+        norms.append(torch.linalg.matrix_norm(stacked @ stacked.transpose(1, 2) - eye))  # (L,)
+    return weight * torch.cat(norms).mean()
 
 
 # ---- 10.2 AdaLoRA's rank budget ----
@@ -1500,23 +1499,16 @@ def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
-def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """SAM's decomposed relative-position term as an additive attention bias.
-
-    q (B*heads, h*w, d) unscaled -> (B*heads, h*w, h*w). get_rel_pos linearly resizes a table
-    made for the 64-token side (127 rows) to 2h-1 rows when the grid is smaller."""
-    from segment_anything.modeling.image_encoder import get_rel_pos  # segment-anything: for the teacher only
-    rh = get_rel_pos(h, h, rel_pos_h)  # (h, h, d): embedding of (query row - key row)
-    rw = get_rel_pos(w, w, rel_pos_w)  # (w, w, d)
-    grid_q = q.reshape(-1, h, w, q.shape[-1])
-    bias_h = torch.einsum("nyxd,ykd->nyxk", grid_q, rh)  # (n, h, w, h): per key row
-    bias_w = torch.einsum("nyxd,xkd->nyxk", grid_q, rw)  # (n, h, w, w): per key column
-    return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(-1, h * w, h * w)
-
-
 class SplitQKVAttention(nn.Module):
     """SAM's attention with its fused qkv projection split into q_proj, k_proj, v_proj, so
-    each can carry its own adapter. Same maths as SAM's Attention (a test compares them)."""
+    each can carry its own adapter. Same maths as SAM's Attention (a test compares them):
+
+        softmax(s q k^T + q R_h[row_q - row_k] + q R_w[col_q - col_k]) v,   s = 1 / sqrt(d)
+
+    SAM adds the decomposed relative-position term to the logits as a mask, which sends torch's
+    attention to its slow unfused form. Here it is folded into the queries and keys instead:
+    q' = [s q, q R_h[row_q, :], q R_w[col_q, :]] and k' = [k, onehot(row_k), onehot(col_k)] give
+    q' k'^T = s q k^T + the term, exactly, with no mask: the fused kernels run."""
 
     def __init__(self, attn: nn.Module):  # segment_anything's Attention
         super().__init__()
@@ -1528,6 +1520,21 @@ class SplitQKVAttention(nn.Module):
         self.use_rel_pos = attn.use_rel_pos
         if self.use_rel_pos:
             self.rel_pos_h, self.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
+        self._tables = {}  # (h, w, ...) -> the frozen tables for that grid, made once
+
+    def rel_pos_tables(self, h: int, w: int):
+        """(R_h (h, h, d), R_w (w, w, d), one-hot key rows and columns (h*w, h + w)) for an h x w
+        grid: SAM's tables resized to the grid (get_rel_pos; frozen, so made once per grid and
+        weights), and each key's row and column as one-hot columns."""
+        from segment_anything.modeling.image_encoder import get_rel_pos  # segment-anything: for the teacher only
+        p_h, p_w = self.rel_pos_h, self.rel_pos_w
+        key = (h, w, p_h.device, p_h.dtype, p_h._version, p_w._version, p_h.data_ptr(), p_w.data_ptr())
+        if key not in self._tables:
+            with torch.no_grad():
+                rows = torch.arange(h * w, device=p_h.device)
+                onehot = torch.cat([F.one_hot(rows // w, h), F.one_hot(rows % w, w)], 1).to(p_h.dtype)  # (h*w, h + w)
+                self._tables = {key: (get_rel_pos(h, h, p_h), get_rel_pos(w, w, p_w), onehot)}  # the last grid only
+        return self._tables[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape  # a window (14 x 14) or the whole grid (global blocks)
@@ -1536,8 +1543,17 @@ class SplitQKVAttention(nn.Module):
             return t.reshape(b, h * w, self.num_heads, -1).transpose(1, 2).reshape(b * self.num_heads, h * w, -1)
 
         q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
-        bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, h, w) if self.use_rel_pos else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # softmax(q k^T / sqrt(d) + bias) v
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            rel_h, rel_w, onehot = self.rel_pos_tables(h, w)
+            grid_q = q.reshape(-1, h, w, q.shape[-1])  # (n, h, w, d)
+            by_row = torch.einsum("nyxd,ykd->nyxk", grid_q, rel_h.to(q.dtype)).reshape(len(q), h * w, h)
+            by_col = torch.einsum("nyxd,xkd->nyxk", grid_q, rel_w.to(q.dtype)).reshape(len(q), h * w, w)
+            pad = -(q.shape[-1] + h + w) % 8  # zero columns to a multiple of 8, as the fused kernels want
+            q2 = F.pad(torch.cat([q * q.shape[-1] ** -0.5, by_row, by_col], -1), (0, pad))  # (n, h*w, d + h + w + pad)
+            k2 = F.pad(torch.cat([k, onehot.to(k.dtype).expand(len(k), -1, -1)], -1), (0, pad))
+            out = F.scaled_dot_product_attention(q2, k2, v, scale=1.0)  # softmax(q2 k2^T) v
         out = out.reshape(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
         return self.proj(out)
 
@@ -1627,16 +1643,10 @@ class Teacher(nn.Module):
         return tokens
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images (B, 3, H, W) normalised -> 4 feature maps (B, C/8, H, W)."""
-        height, width = images.shape[-2:]
-        feats = []
-        for x, decoder in zip(self.encode(images), self.output_upscaling):
-            y = decoder(x.permute(0, 3, 1, 2))  # (B, C/8, 4h, 4w)
-            # Upsample to the padded 16h x 16w the tokens cover, then drop the padding, so each
-            # pixel reads the token grid where its patch lies (a no-op crop for 320 x 1024).
-            y = F.interpolate(y, size=(4 * y.shape[2], 4 * y.shape[3]), mode="bilinear", align_corners=False)
-            feats.append(y[:, :, :height, :width])
-        return feats
+        """images (B, 3, H, W) normalised -> 4 patch-decoder maps (B, C/8, 4h, 4w), a quarter of
+        the padded crop's resolution. A pixel's feature is the map upsampled 4x bilinearly
+        (upsample_maps); sample_pixels computes it at the pixels that are read, and only there."""
+        return [decoder(x.permute(0, 3, 1, 2)) for x, decoder in zip(self.encode(images), self.output_upscaling)]
 
     def classify(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per-stage features (N, C/8) each -> (4 stage logits (N, 20), fused logits (N, 20))."""
@@ -1647,14 +1657,35 @@ class Teacher(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-def sample_pixels(feats: list[torch.Tensor], pixel_indices: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Feature maps (B, C, H, W) at each sample's (Ki, 2) (row, col) pixels -> (sum Ki, C)
-    per map, samples concatenated in batch order."""
-    out = []
-    for f in feats:
-        rows = [f[b, :, idx[:, 0], idx[:, 1]].T for b, idx in enumerate(pixel_indices)]  # (Ki, C)
-        out.append(torch.cat(rows) if rows else f.new_zeros(0, f.shape[1]))
-    return out
+def upsample_maps(maps: list[torch.Tensor], height: int, width: int) -> list[torch.Tensor]:
+    """The teacher's maps (B, C, 4h, 4w) at full resolution (B, C, height, width): upsampled 4x
+    to the padded 16h x 16w the tokens cover, then the padding dropped, so each pixel reads the
+    token grid where its patch lies (a no-op crop for 320 x 1024). Upstream's form; used where
+    every pixel counts (pseudo-labels)."""
+    return [F.interpolate(m, size=(4 * m.shape[2], 4 * m.shape[3]), mode="bilinear", align_corners=False)
+            [:, :, :height, :width] for m in maps]
+
+
+def sample_pixels(maps: list[torch.Tensor], pixel_indices: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The teacher's maps (B, C, 4h, 4w) at each sample's (Ki, 2) (row, col) crop pixels ->
+    (sum Ki, C) per map, samples concatenated in batch order: what upsample_maps holds at those
+    pixels (bilinear, align_corners=False), computed from the four map cells around each."""
+    if not pixel_indices or sum(len(p) for p in pixel_indices) == 0:
+        return [m.new_zeros(0, m.shape[1]) for m in maps]
+    device = maps[0].device
+    sample = torch.cat([torch.full((len(p),), b, device=device) for b, p in enumerate(pixel_indices)])  # (K,)
+    pixel = torch.cat(pixel_indices).to(device)  # (K, 2)
+    # F.interpolate's source coordinate of an output pixel: (p + 0.5) / 4 - 0.5, clamped at 0.
+    src = ((pixel.to(maps[0].dtype) + 0.5) / 4 - 0.5).clamp_min(0)  # (K, 2)
+    low = src.floor().long()
+    frac = src - low  # (K, 2) the weight of the cell after
+    last = torch.tensor(maps[0].shape[2:], device=device) - 1
+    high = torch.minimum(low + 1, last)
+    (r0, c0), (r1, c1), fr, fc = low.unbind(1), high.unbind(1), frac[:, :1], frac[:, 1:]  # fr, fc (K, 1)
+    m = torch.cat(maps, 1)  # (B, 4C, 4h, 4w): the four maps read at once
+    top = m[sample, :, r0, c0] * (1 - fc) + m[sample, :, r0, c1] * fc  # (K, 4C)
+    bottom = m[sample, :, r1, c0] * (1 - fc) + m[sample, :, r1, c1] * fc
+    return list((top * (1 - fr) + bottom * fr).split([x.shape[1] for x in maps], 1))
 
 
 def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], views: Views, weight: torch.Tensor,
@@ -1664,7 +1695,8 @@ def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], views: Views, we
     the projected points and their labels (sparse mode, the official default config).
     Also returns each stage head's logits at the points' pixels, 4 x (K, 20), for PPMSKD."""
     if views.dense is not None:
-        inputs = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]  # 4 x (B*H*W, C/8)
+        height, width = views.dense.shape[-2:]
+        inputs = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in upsample_maps(feats, height, width)]  # 4 x (B*H*W, C/8)
         labels = views.dense.reshape(-1)
     else:
         inputs = sample_pixels(feats, views.pixels)  # 4 x (K, C/8)
@@ -1674,7 +1706,6 @@ def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], views: Views, we
              for k, logits in enumerate(stage_logits)}
     terms["seg2d_fused"] = seg_loss(fused, labels, weight, lovasz_weight=1.0)
     if views.dense is not None:  # the pixel rows of the points, in the flattened (B, H, W) order
-        height, width = feats[0].shape[-2:]
         rows = torch.cat([b * height * width + p[:, 0] * width + p[:, 1] for b, p in enumerate(views.pixels)])
         stage_logits = [logits.index_select(0, rows) for logits in stage_logits]
     return terms, stage_logits

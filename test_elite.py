@@ -856,6 +856,34 @@ def test_split_qkv_attention_equals_sam_block(window, grid):
     torch.testing.assert_close(gout, gref, rtol=1e-4, atol=1e-4)
 
 
+# SAM's own Attention, its rel-pos bias added to the logits as a mask, against ours with the bias
+# folded into q and k; q, k, v carry AdaLoRA adapters, and SAM gets the same adapted weights.
+@pytest.mark.parametrize("input_size, grid", [((64, 64), (5, 20)), ((14, 14), (14, 14))])  # global, window
+def test_folded_attention_with_adapters_equals_sams_attention(input_size, grid):
+    from segment_anything.modeling.image_encoder import Attention
+    sam = randomize_(Attention(96, 3, qkv_bias=True, use_rel_pos=True, input_size=input_size), seed=1)
+    ours = elite.SplitQKVAttention(copy.deepcopy(sam))
+    adapters = [elite.SVDLinear(getattr(ours, name)) for name in ("q_proj", "k_proj", "v_proj")]
+    ours.q_proj, ours.k_proj, ours.v_proj = adapters
+    randomize_(nn.ModuleList(adapters), seed=2)  # non-zero E: the adapters change the outputs
+    for a in adapters:
+        a.weight.requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    x, upstream = torch.randn(2, *grid, 96, generator=g), torch.randn(2, *grid, 96, generator=g)
+    results = []
+    for attention in (lambda: ours(x), lambda: torch.func.functional_call(sam, {  # SAM's, with the adapted qkv
+            "qkv.weight": torch.cat([a.weight + a.delta_weight() for a in adapters]),
+            "qkv.bias": torch.cat([a.bias for a in adapters])}, (x,))):
+        out = attention()
+        (out * upstream).sum().backward()
+        params = [p for a in adapters for p in (a.lora_A, a.lora_B, a.lora_E)]
+        results.append([out.detach()] + [p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    for got, want in zip(*results):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
 def test_crop_tokens_equal_sams_padded_and_cut_tokens():
     teacher = tiny_teacher()
     enc = randomize_(teacher.encoder)
@@ -871,22 +899,34 @@ def test_crop_tokens_equal_sams_padded_and_cut_tokens():
     torch.testing.assert_close(captured[0], full[:, :4, :5], rtol=1e-5, atol=1e-5)
 
 
-def test_forward_gives_four_maps_at_crop_resolution():
+def test_forward_gives_four_maps_that_upsample_to_crop_resolution():
     teacher = tiny_teacher()
     feats = teacher(torch.randn(2, 3, 64, 256))  # 4 x 16 tokens: two 14x14 windows per row band
-    assert [f.shape for f in feats] == [(2, 12, 64, 256)] * 4
-    feats = teacher(torch.randn(1, 3, 50, 70))
-    assert [f.shape for f in feats] == [(1, 12, 50, 70)] * 4
+    assert [f.shape for f in feats] == [(2, 12, 16, 64)] * 4  # a quarter of the crop
+    assert [f.shape for f in elite.upsample_maps(feats, 64, 256)] == [(2, 12, 64, 256)] * 4
+    feats = teacher(torch.randn(1, 3, 50, 70))  # 4 x 5 tokens: padded to 64 x 80 pixels
+    assert [f.shape for f in elite.upsample_maps(feats, 50, 70)] == [(1, 12, 50, 70)] * 4
     assert not torch.allclose(feats[0], feats[3])  # four depths, four different maps
 
 
-def test_sample_pixels_reads_each_samples_pixels():
-    feats = [torch.randn(2, 5, 7, 9) for _ in range(4)]
-    idx = [torch.tensor([[0, 0], [6, 8], [3, 4]]), torch.tensor([[1, 2]])]
-    out = elite.sample_pixels(feats, idx)
-    assert [o.shape for o in out] == [(4, 5)] * 4
-    torch.testing.assert_close(out[2][1], feats[2][0, :, 6, 8])
-    torch.testing.assert_close(out[2][3], feats[2][1, :, 1, 2])
+def test_sample_pixels_equals_upsampling_then_reading_the_pixels():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 5, 7, 9, generator=g, requires_grad=True) for _ in range(4)]
+    idx = [torch.tensor([[0, 0], [27, 35], [13, 18], [1, 34], [26, 2]]), torch.tensor([[1, 2], [14, 15]])]  # edges too
+    upstream = torch.randn(7, 5, generator=g)
+    results = []
+    for read in (lambda: elite.sample_pixels(maps, idx),  # at the pixels only
+                 lambda: [torch.cat([u[b, :, p[:, 0], p[:, 1]].T for b, p in enumerate(idx)])  # upstream's way
+                          for u in elite.upsample_maps(maps, 28, 36)]):
+        out = read()
+        sum((o * upstream).sum() for o in out).backward()
+        results.append((out, [m.grad.clone() for m in maps]))
+        for m in maps:
+            m.grad = None
+    (points, point_grads), (full, full_grads) = results
+    assert [o.shape for o in points] == [(7, 5)] * 4
+    for ours, reference in zip(points + point_grads, full + full_grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
     stage, fused = tiny_teacher().classify([torch.randn(4, 12) for _ in range(4)])
     assert [s.shape for s in stage] == [(4, 20)] * 4 and fused.shape == (4, 20)
 
@@ -920,6 +960,14 @@ def test_adapter_formula_and_merge(adapter, r, alpha, starts_zero, update):
         if adapter is elite.SVDLinear:
             a.lora_E[3] = 0  # a pruned rank
     torch.testing.assert_close(a(x), plain + update(a, x))
+    # The weight is formed first, W + s B A, then applied: its gradients are the low-rank form's.
+    grads = []
+    for out in (a(x), plain + update(a, x)):
+        (out * torch.arange(7.0)).sum().backward()
+        grads.append([p.grad.clone() for p in (a.lora_A, a.lora_B)])
+        a.zero_grad()
+    for ours, low_rank in zip(*grads):
+        torch.testing.assert_close(ours, low_rank, rtol=1e-5, atol=1e-6)
     unmerged = a(x).detach()
     a.merge()
     torch.testing.assert_close(a(x), unmerged, rtol=1e-5, atol=1e-5)
@@ -930,7 +978,7 @@ def test_adalora_init_and_constant_ranknum():
     svd = elite.SVDLinear(nn.Linear(10, 7), r=12, alpha=1.0)
     assert svd.lora_E.shape == (12, 1)
     assert 0.01 < svd.lora_A.std() < 0.03 and 0.01 < svd.lora_B.std() < 0.03
-    assert "ranknum" not in svd.state_dict() and float(svd.ranknum) == 12.0  # constant, not a parameter
+    assert not any("ranknum" in k for k in svd.state_dict())  # a constant r, not a parameter or buffer
 
 
 def test_orth_regularizer_is_mean_frobenius_norm():
@@ -1623,7 +1671,7 @@ def test_teacher_losses_weights_and_both_label_modes():
     dense_labels = torch.randint(0, 20, (2, 32, 64))
     views = elite.Views(images, pixels, labels, dense_labels)
     dense, dense_points = elite.teacher_losses(teacher, feats, views, w, lambda_seg2d=2.0)
-    per_pixel = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]
+    per_pixel = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in elite.upsample_maps(feats, 32, 64)]
     stage, fused = teacher.classify(per_pixel)
     assert torch.allclose(dense["seg2d_scale2"], 2.0 / 4 * elite.seg_loss(stage[0], dense_labels.reshape(-1), w, 1.0))
     assert torch.allclose(dense["seg2d_fused"], elite.seg_loss(fused, dense_labels.reshape(-1), w, 1.0))
