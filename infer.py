@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
 import elite
@@ -86,8 +87,9 @@ def parse_args(argv=None):
                    help="bf16 autocast for prediction; with --benchmark, also time bf16 on the CPU (always on GPUs)")
     p.add_argument("--teacher-variant", default="vit_b", choices=["none"] + sorted(elite.SAM_VARIANTS),
                    help="--benchmark: SAM encoder of the timed teacher training step ('none' skips it)")
-    p.add_argument("--teacher-batch", type=runs.positive_int, default=1,
-                   help="--benchmark: crops (320x1024) in the timed teacher training step")
+    p.add_argument("--teacher-batch", type=runs.positive_int, default=None,
+                   help="--benchmark: crops (320x1024) in the timed teacher and joint steps (default: the paper's "
+                        "4 on a GPU, which also gives the paper preset's hours; 1 on a CPU, where 4 take minutes)")
     p.add_argument("--batch", type=runs.positive_int, default=4,
                    help="--benchmark: scans in the timed student training step (the scan turned by multiples of "
                         "90 degrees; the paper's batch is 4)")
@@ -754,7 +756,7 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
     benchmark_forward(model, points, columns, args.repeats)
     benchmark_training_step(model, points, labels, columns, args)
     if args.teacher_variant != "none":
-        benchmark_teacher(device, args)
+        benchmark_teacher(points, labels, device, args)
 
 
 def column_names(columns: list[tuple[str, bool]]) -> list[str]:
@@ -846,20 +848,63 @@ def benchmark_training_step(model: elite.Student, points: torch.Tensor, labels: 
     print_row("two steps' gradients bitwise equal", [str(e) for e in step_equal])
 
 
-def benchmark_teacher(device: torch.device, args):
-    crop = (320, 1024)
+PAPER_STEPS_PER_EPOCH = 4_782  # the official training split at batch 4, as the loader counts it
+PAPER_EPOCHS = 64  # both stages of ELiTe's paper preset
+
+
+def joint_batch(points: torch.Tensor, labels: torch.Tensor, copies: int, crop: tuple[int, int],
+                device: torch.device) -> elite.Batch:
+    """Stage 2's input: `copies` turned copies of the scan, each with a random camera crop and
+    4,000 of its points at random pixels of it (the points' true projection does not change the cost)."""
+    g = torch.Generator().manual_seed(0)
+    pts, batch_idx, lab = rotated_copies(points.cpu(), labels.cpu(), copies)
+    per_scan = len(points)
+    rows = torch.cat([b * per_scan + torch.randperm(per_scan, generator=g)[:4000] for b in range(copies)])
+    pixels = [torch.stack([torch.randint(0, crop[0], (4000,), generator=g), torch.randint(0, crop[1], (4000,), generator=g)],
+                          1) for _ in range(copies)]
+    views = elite.Views(torch.randn(copies, 3, *crop, generator=g), pixels, lab[rows], None)
+    return elite.Batch(pts, batch_idx, lab, torch.arange(len(pts)), [per_scan] * copies, [Path("benchmark")] * copies,
+                       views, rows).to(device)
+
+
+def joint_training_step(student: elite.Student, heads: nn.Module, teacher: elite.Teacher, batch: elite.Batch,
+                        amp: bool):
+    """One step of ELiTe's stage 2 (the paper's joint mode): the student's loss, the teacher's 2D
+    terms, PPMSKD and AdaLoRA's orthogonality term, and backward through both."""
+    student.train()
+    with runs.autocast(batch.points.device, amp):
+        out = student(batch.points, batch.batch_idx)
+        terms = elite.elite_losses(out, heads, teacher, batch, elite.class_weights().to(batch.points.device))
+    sum(t.float() for t in terms.values()).backward()
+    for model in (student, heads, teacher):
+        model.zero_grad(set_to_none=True)
+
+
+def benchmark_teacher(points: torch.Tensor, labels: torch.Tensor, device: torch.device, args):
+    """ELiTe's two stages: the SAM teacher's step (stage 1) and the joint step (stage 2), each
+    precision, with the hours the paper preset's 64 epochs would take at that speed."""
+    crop, batch = (320, 1024), args.teacher_batch or (4 if device.type == "cuda" else 1)
+    sync, repeats = device_sync(device), max(1, args.repeats // 5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random SAM weights: the cost is the same
         teacher = runs.build_teacher(elite.TeacherConfig(variant=args.teacher_variant, crop_hw=crop)).to(device)
+    torch.manual_seed(0)
+    student, heads = elite.Student().to(device), elite.heads_3d().to(device)
+    stage2 = joint_batch(points, labels, batch, crop, device)
+    print(f"  ELiTe's two stages, SAM {args.teacher_variant} + AdaLoRA, batch {batch} ({crop[0]}x{crop[1]} crops, "
+          f"4,000 labelled pixels each): ms a step (median of {repeats}), peak memory"
+          + ("" if batch == 4 else "; hours for the paper preset need --teacher-batch 4"))
     for amp in (False, True) if device.type == "cuda" or args.amp else (False,):
-        step = lambda: teacher_training_step(teacher, args.teacher_batch, amp, device)  # noqa: E731
-        step()  # warm-up
-        start = time.perf_counter()
-        mib = peak_memory_mib(step, device)
-        seconds = time.perf_counter() - start
-        print(f"  teacher training step, SAM {args.teacher_variant} + AdaLoRA, batch {args.teacher_batch} of "
-              f"{crop[0]}x{crop[1]}, {'bf16 autocast' if amp else 'float32'}: {seconds:.2f} s, "
-              f"peak memory +{mib:,.0f} MiB")
+        for stage, step in (("stage 1: teacher step", lambda: teacher_training_step(teacher, batch, amp, device)),
+                            ("stage 2: joint step", lambda: joint_training_step(student, heads, teacher, stage2, amp))):
+            ms = median_ms(step, repeats, sync)
+            mib = peak_memory_mib(step, device)
+            hours = (f", {PAPER_EPOCHS} paper epochs of {PAPER_STEPS_PER_EPOCH:,} steps: "
+                     f"{ms * PAPER_STEPS_PER_EPOCH * PAPER_EPOCHS / 3.6e6:.1f} h" if batch == 4 else "")
+            print(f"    {stage + (', bf16 autocast' if amp else ', float32'):<40}{ms:10.1f} ms, "
+                  f"peak memory +{mib:,.0f} MiB{hours}")
+    ops = count_ops(lambda: teacher_training_step(teacher, 1, False, device))
+    print(f"    one teacher step on one crop, float32: {sum(ops.aten.values()):,} aten operations dispatched")
 
 
 def benchmark(args):
@@ -874,7 +919,7 @@ def benchmark(args):
         "convolution paths": ", ".join(benchmark_paths(devices[0], args.conv)),
         "student": f"Student, {elite.count_parameters(elite.Student()):,} parameters",
         "input": f"{source}: {len(points):,} points, {len(pts):,} in range",
-        "teacher": (f"one training step of SAM {args.teacher_variant} + AdaLoRA on {args.teacher_batch} crop(s)"
+        "teacher": (f"ELiTe's two stages' steps with SAM {args.teacher_variant} + AdaLoRA"
                     if args.teacher_variant != "none" else "not timed (--teacher-variant none)"),
         "outputs": "this printout (no files)"})
     print("Voxels per scale: " + " / ".join(f"{len(v):,} (scale {s})" for v, s in zip(voxels, (1, 2, 4, 8, 16))))

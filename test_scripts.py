@@ -896,7 +896,7 @@ def test_every_flag_shows_its_default(script):
 
 def test_benchmark_runs_on_the_device_asked_for_and_counts_operations(capsys):
     import infer
-    infer.main(["--benchmark", "--device", "cpu", "--repeats", "1", "--teacher-variant", "none", "--batch", "1"])
+    infer.main(["--benchmark", "--device", "cpu", "--repeats", "1", "--teacher-variant", "vit_tiny", "--batch", "1"])
     printed = capsys.readouterr().out
     assert "[cpu, " in printed and "[cuda" not in printed  # the device asked for, alone
     assert "convolution paths  torch" in printed  # a CPU: the plain path alone (Triton needs CUDA)
@@ -904,3 +904,5 @@ def test_benchmark_runs_on_the_device_asked_for_and_counts_operations(capsys):
                         r"\(to_host\* 6, nonzero 4, _unique2 3\), 0 Triton launches", printed)
     assert counted and int(counted.group(2)) == 13, printed
     assert re.search(r"two forwards bitwise equal +True", printed) and re.search(r"gradients bitwise equal +True", printed)
+    assert re.search(r"stage 1: teacher step, float32 +[\d.]+ ms", printed)  # ELiTe's two stages, batch 1 on a CPU
+    assert re.search(r"stage 2: joint step, float32 +[\d.]+ ms", printed) and "need --teacher-batch 4" in printed
