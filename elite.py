@@ -1419,16 +1419,26 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_importance(self) -> None:
+        """For every adapter entry: I_bar <- b1 I_bar + (1 - b1) |p * dL/dp|, U_bar <- b2 U_bar +
+        (1 - b2) |sens - I_bar|. All tensors at once with torch's _foreach operations (as
+        torch.optim does): a few launches a step instead of eight per tensor (216 for ViT-B)."""
+        keys, params = [], []
         for name, m in self.layers.items():
             for pname in ("lora_A", "lora_E", "lora_B"):
                 p = getattr(m, pname)
-                if p.grad is None:  # e.g. a layer the loss did not reach this step
-                    continue
-                key = f"{name}.{pname}"
-                sens = (p * p.grad).abs()  # first-order loss change if the entry were zeroed
-                ipt = self.beta1 * self.ipt.get(key, torch.zeros_like(p)) + (1 - self.beta1) * sens
-                unc = self.beta2 * self.unc.get(key, torch.zeros_like(p)) + (1 - self.beta2) * (sens - ipt).abs()
-                self.ipt[key], self.unc[key] = ipt, unc
+                if p.grad is not None:  # a layer the loss did not reach this step keeps its scores
+                    keys.append(f"{name}.{pname}")
+                    params.append(p)
+        if not params:
+            return
+        sens = torch._foreach_abs(torch._foreach_mul(params, [p.grad for p in params]))  # first-order loss change
+        ipt = torch._foreach_add(torch._foreach_mul([self.ipt.get(k, torch.zeros_like(p)) for k, p in zip(keys, params)],
+                                                    self.beta1), torch._foreach_mul(sens, 1 - self.beta1))
+        deviation = torch._foreach_abs(torch._foreach_sub(sens, ipt))
+        unc = torch._foreach_add(torch._foreach_mul([self.unc.get(k, torch.zeros_like(p)) for k, p in zip(keys, params)],
+                                                    self.beta2), torch._foreach_mul(deviation, 1 - self.beta2))
+        self.ipt.update(zip(keys, ipt))
+        self.unc.update(zip(keys, unc))
 
     def _score(self, m: SVDLinear, key: str, pname: str) -> torch.Tensor:
         if key not in self.ipt:
