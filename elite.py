@@ -714,12 +714,22 @@ def grid_constants(scales: tuple, lo: tuple, hi: tuple, shape: tuple, device: to
     return cells, lo_t, hi_t - lo_t
 
 
+@dataclass
+class VoxelSets:
+    """The voxels of several scales as one array, scale after scale: keys (V,) sorted, their
+    rows coords (V, 4), inv (S, N) each point's voxel within its scale, and per_scale the
+    Voxels of each scale (views into these)."""
+    keys: torch.Tensor
+    coords: torch.Tensor
+    inv: torch.Tensor
+    per_scale: list[Voxels]
+
+
 def voxelize_scales(xyz: torch.Tensor, batch_idx: torch.Tensor, scales: tuple, lo=RANGE_MIN, hi=RANGE_MAX,
-                    shape=GRID_SHAPE) -> tuple[list[Voxels], torch.Tensor]:
+                    shape=GRID_SHAPE) -> VoxelSets:
     """Quantise points (N, 3) at several scales of the grid `shape` over [lo, hi] at once.
     Indices are not clipped: augmented points may leave the range and get negative or
-    too-large indices, as in the official code. Returns the voxels of each scale and their
-    keys (sum of V,), sorted, scale after scale."""
+    too-large indices, as in the official code."""
     cells, lo_t, span = grid_constants(tuple(scales), tuple(lo), tuple(hi), tuple(shape), xyz.device)
     idx = (cells * (xyz - lo_t) / span).long()  # (S, N, 3); .long() truncates toward zero, as upstream
     sets = torch.arange(len(scales), device=xyz.device)[:, None]  # (S, 1)
@@ -727,13 +737,14 @@ def voxelize_scales(xyz: torch.Tensor, batch_idx: torch.Tensor, scales: tuple, l
     first = torch.searchsorted(keys, set_bases(len(scales) + 1, xyz.device))  # (S + 1,) where each scale starts
     inv = inv - first[:-1, None]  # (S, N) each point's voxel within its scale
     coords, starts = unpack_keys(keys), read_to_host(first)  # the one wait: how many voxels each scale has
-    return [Voxels(coords[a:b], inv[k], count[a:b]) for k, (a, b) in enumerate(zip(starts, starts[1:]))], keys
+    per_scale = [Voxels(coords[a:b], inv[k], count[a:b]) for k, (a, b) in enumerate(zip(starts, starts[1:]))]
+    return VoxelSets(keys, coords, inv, per_scale)
 
 
 def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int, lo=RANGE_MIN, hi=RANGE_MAX,
              shape=GRID_SHAPE) -> Voxels:
     """The voxels of one scale."""
-    return voxelize_scales(xyz, batch_idx, (scale,), lo, hi, shape)[0][0]
+    return voxelize_scales(xyz, batch_idx, (scale,), lo, hi, shape).per_scale[0]
 
 
 # =====================================================================================
@@ -1015,11 +1026,11 @@ def build_pyramid(xyz: torch.Tensor, batch_idx: torch.Tensor, cfg: StudentConfig
     unique for the voxels, one neighbour search for the four convolved scales, one unique for
     the four context poolings and the four scale links. Per block the work would be the same;
     batched, a GPU's host waits for the data twice, not 13 times."""
-    voxels, keys = voxelize_scales(xyz, batch_idx, (1,) + tuple(cfg.scales), cfg.range_min, cfg.range_max,
-                                   cfg.grid_shape)
+    sets = voxelize_scales(xyz, batch_idx, (1,) + tuple(cfg.scales), cfg.range_min, cfg.range_max, cfg.grid_shape)
+    voxels = sets.per_scale
     conv, sizes = voxels[:-1], [len(v) for v in voxels]
     n_conv = sum(sizes[:-1])
-    conv_keys, conv_coords = keys[:n_conv], unpack_keys(keys[:n_conv])  # (V,) the convolved scales, one after another
+    conv_keys, conv_coords = sets.keys[:n_conv], sets.coords[:n_conv]  # the convolved scales, one after another
     scale_of = conv_keys >> VALUE_BITS  # (V,) 0..3
     starts = torch.tensor([sum(sizes[:k]) for k in range(len(conv))], device=xyz.device)  # (4,)
     # Neighbours never cross scales (sets), so one search serves all four; positions made per scale.
@@ -1031,8 +1042,7 @@ def build_pyramid(xyz: torch.Tensor, batch_idx: torch.Tensor, cfg: StudentConfig
     next_size = torch.tensor(sizes[1:], device=xyz.device)[:, None]  # (4, 1)
     if max(a * b for a, b in zip(sizes, sizes[1:])) >= 1 << VALUE_BITS:
         raise ValueError(f"voxels per scale {sizes}: too many to pair the scales in one int64 key")
-    inv = torch.stack([v.inv for v in voxels])  # (5, N)
-    link_keys = set_bases(8, xyz.device)[4:, None] + inv[:-1] * next_size + inv[1:]  # (4, N)
+    link_keys = set_bases(8, xyz.device)[4:, None] + sets.inv[:-1] * next_size + sets.inv[1:]  # (4, N)
     ukeys, which, count = torch.unique(torch.cat([pool_keys, link_keys.view(-1)]), return_inverse=True,
                                        return_counts=True)
     bounds = read_to_host(torch.searchsorted(ukeys, set_bases(9, xyz.device)))  # the second wait

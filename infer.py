@@ -913,7 +913,7 @@ def benchmark(args):
     pts, labels = torch.from_numpy(points[keep]), torch.from_numpy(labels[keep])
     devices = [torch.device(args.device)]  # one device a run: a GPU's figures are not held up by the CPU's
     batch_idx = torch.zeros(len(pts), dtype=torch.long)
-    voxels = elite.voxelize_scales(pts[:, :3], batch_idx, (1, 2, 4, 8, 16))[0]
+    voxels = elite.voxelize_scales(pts[:, :3], batch_idx, (1, 2, 4, 8, 16)).per_scale
     runs.print_summary("infer.py --benchmark: the student's size, speed and memory", {
         "devices": ", ".join(runs.describe_device(d) for d in devices),
         "convolution paths": ", ".join(benchmark_paths(devices[0], args.conv)),
