@@ -1256,33 +1256,40 @@ def class_weights() -> torch.Tensor:
 
 
 def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, ignore=IGNORE) -> torch.Tensor:
-    """Lovasz-softmax (Berman et al. 2018): probs (P, C), labels (P,); mean over the
-    classes present, all points pooled, ignored points dropped."""
+    """Lovasz-softmax (Berman et al. 2018): probs (..., P, C), labels (P,) -> (...): mean over
+    the classes present, all points pooled, ignored points dropped. Leading dimensions are
+    several heads scored against the same labels at once."""
     valid = labels != ignore
-    probs, labels = probs[valid], labels[valid]
+    probs, labels = probs[..., valid, :], labels[valid]
     if len(labels) == 0:
-        return probs.sum() * 0
+        return probs.sum((-2, -1)) * 0
     classes = torch.unique(labels)  # (K,) the classes present
     fg = (labels[None, :] == classes[:, None]).to(probs.dtype)  # (K, P)
-    errors = (fg - probs[:, classes].T).abs()  # (K, P)
+    errors = (fg - probs[..., classes].transpose(-2, -1)).abs()  # (..., K, P)
     # One batched sort for all classes: it runs the rows in parallel, twice as fast as a loop.
-    errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
-    fg_sorted = fg.gather(1, perm)
+    errors_sorted, perm = torch.sort(errors, dim=-1, descending=True)
+    fg_sorted = fg.expand_as(errors).gather(-1, perm)
     # Gradient of the Lovasz extension of the Jaccard loss at the sorted errors.
-    gts = fg_sorted.sum(1, keepdim=True)  # (K, 1)
-    intersection = gts - fg_sorted.cumsum(1)
-    union = gts + (1 - fg_sorted).cumsum(1)
-    jaccard = 1 - intersection / union  # (K, P)
-    jaccard = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], 1)
-    return (errors_sorted * jaccard).sum(1).mean()
+    gts = fg.sum(1, keepdim=True)  # (K, 1)
+    intersection = gts - fg_sorted.cumsum(-1)
+    union = gts + (1 - fg_sorted).cumsum(-1)
+    jaccard = 1 - intersection / union  # (..., K, P)
+    jaccard = torch.cat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], -1)
+    return (errors_sorted * jaccard).sum(-1).mean(-1)
 
 
-def seg_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, lovasz_weight: float) -> torch.Tensor:
-    """Class-weighted cross-entropy (label 0 ignored) + lovasz_weight * Lovasz-softmax."""
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, lovasz_weight: float) -> torch.Tensor:
+    """Class-weighted cross-entropy (label 0 ignored) + lovasz_weight * Lovasz-softmax.
+    logits (..., P, C), labels (P,) -> (...): leading dimensions are heads scored at once."""
     if not bool((labels != IGNORE).any()):
-        return logits.sum() * 0  # nothing labelled: no signal, but keep the graph
-    ce = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=IGNORE)
-    return ce + lovasz_weight * lovasz_softmax(F.softmax(logits.float(), 1), labels)
+        return logits.sum((-2, -1)) * 0  # nothing labelled: no signal, but keep the graph
+    logits = logits.float()
+    heads = logits.reshape(-1, *logits.shape[-2:])  # (H, P, C)
+    nll = F.cross_entropy(heads.transpose(1, 2), labels.expand(len(heads), -1), weight=weight,
+                          ignore_index=IGNORE, reduction="none")  # (H, P): w_y * -log p_y, 0 where ignored
+    counted = (labels != IGNORE).float() * (1 if weight is None else weight[labels])  # cross_entropy's mean divides by this sum
+    ce = (nll.sum(-1) / counted.sum()).reshape(logits.shape[:-2])
+    return ce + lovasz_weight * lovasz_softmax(logits.softmax(-1), labels)
 
 
 # =====================================================================================
@@ -1294,108 +1301,89 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, l
 # adapters, the patch decoders and the 2D heads train. The image is the bottom 320 x 1024
 # crop of the camera frame; its 20 x 64 token grid is the top-left of SAM's 64 x 64 grid.
 
-# ---- 10.1 Adapters: LoRA, AdaLoRA's SVD form, the orthogonality regulariser ----
-# An adapter subclasses nn.Linear and shares the frozen layer's weight and bias, so the
-# state-dict keys of the frozen encoder do not change (q_proj.weight stays q_proj.weight) and a
-# SAM checkpoint loads the same before or after the adapters go in. Every adapter tensor's
-# name contains "lora_", which is how freezing, the optimiser and AdaLoRA find them.
+# ---- 10.1 Adapters: LoRA and AdaLoRA's SVD form, every layer's update at once ----
+# Every linear layer of every block gets a low-rank update: q, k and v (each its own adapter,
+# as upstream, which splits SAM's fused qkv into three projections), proj, lin1 and lin2; 72 in
+# ViT-B. The factors of one kind of layer are stacked over the blocks, so one batched product
+# forms the updates of all its layers, and each step runs SAM's own blocks with the weights
+# W + delta W (torch.func.functional_call). SAM's encoder stays SAM's: frozen, fused qkv, its
+# checkpoint keys. Every adapter tensor's name contains "lora_", which is how freezing, the
+# optimiser and AdaLoRA find them.
 
-class LoRALinear(nn.Linear):
-    """y = W x + b + (alpha / r) B A x, with A (r, in), B (out, r); B = 0 at init so the
-    layer starts as the frozen one (Hu et al. 2022)."""
-
-    def __init__(self, base: nn.Linear, r=8, alpha=1.0):
-        nn.Module.__init__(self)  # not nn.Linear.__init__: the weight and bias come from base
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.r, self.scaling, self.merged = r, alpha / r, False
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as loralib
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.lora_B @ self.lora_A * self.scaling  # (out, in)
-
-    def forward(self, x):
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        # W x + b + s B A x as one product with the weight formed first: two small matrix
-        # products a step instead of two per token batch, so a GPU launches fewer kernels.
-        return F.linear(x, self.weight + self.delta_weight(), self.bias)
-
-    @torch.no_grad()
-    def merge(self):
-        """Fold the update into the weight for inference; the adapter is skipped afterwards."""
-        if not self.merged:
-            self.weight += self.delta_weight().to(self.weight.dtype)
-            self.merged = True
-
-
-class SVDLinear(LoRALinear):
-    """AdaLoRA (Zhang et al. 2023): the update in SVD form, y = W x + b + B diag(E) A x * alpha / r.
-
-    A (r, in) and B (out, r) ~ N(0, 0.02^2), the "singular values" E (r, 1) = 0 at init.
-    The RankAllocator prunes a rank by zeroing its entry of E. The divisor (upstream's
-    `ranknum`) stays r for the whole run, as upstream never updates it: the factor is alpha / r."""
-
-    def __init__(self, base: nn.Linear, r=12, alpha=1.0):
-        super().__init__(base, r, alpha)
-        self.lora_E = nn.Parameter(torch.zeros(r, 1))
-        nn.init.normal_(self.lora_A, std=0.02)
-        nn.init.normal_(self.lora_B, std=0.02)
-        self.scaling = alpha  # divided by r (upstream's ranknum buffer, never updated) in delta_weight
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.lora_B @ (self.lora_A * self.lora_E) * (self.scaling / (self.r + 1e-5))  # (out, in)
-
-
-ADAPTED_LAYERS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.proj", "mlp.lin1", "mlp.lin2")
+ADAPTED_LAYERS = {"qkv": ("attn.qkv", 3), "proj": ("attn.proj", 1), "lin1": ("mlp.lin1", 1), "lin2": ("mlp.lin2", 1)}
 PEFT_CHOICES = ("adalora", "lora", "none")
 
 
-def add_adapters(encoder: nn.Module, peft="adalora", r=12, alpha=1.0) -> None:
-    """Wrap the six linear layers of every block (72 for ViT-B) in place."""
+class Adapters(nn.Module):
+    """The low-rank updates of one kind of linear layer (out, in) in all `depth` blocks, its
+    rows split into `parts` adapters (q, k, v of qkv), each with
+
+        LoRA     delta W = alpha / r B A,                   B = 0 at init (Hu et al. 2022)
+        AdaLoRA  delta W = alpha / (r + 1e-5) B diag(E) A,  A, B ~ N(0, 0.02^2), E = 0 at init
+
+    for A (r, in), B (out / parts, r), E (r, 1), stored stacked: lora_A (depth, parts, r, in),
+    lora_B (depth, parts, out / parts, r), lora_E (depth, parts, r, 1). AdaLoRA (Zhang et al.
+    2023) prunes a rank by zeroing its entry of E; its divisor (upstream's `ranknum`) stays r for
+    the whole run, as upstream never updates it."""
+
+    def __init__(self, depth: int, parts: int, out_features: int, in_features: int, r: int, alpha: float, svd: bool):
+        super().__init__()
+        self.r, self.svd = r, svd
+        self.lora_A = nn.Parameter(torch.empty(depth, parts, r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(depth, parts, out_features // parts, r))
+        if svd:
+            self.lora_E = nn.Parameter(torch.zeros(depth, parts, r, 1))
+            nn.init.normal_(self.lora_A, std=0.02)
+            nn.init.normal_(self.lora_B, std=0.02)
+            self.scaling = alpha / (r + 1e-5)
+        else:  # nn.Linear's own init for A (as loralib), per adapter
+            bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
+            nn.init.uniform_(self.lora_A, -bound, bound)
+            self.scaling = alpha / r
+
+    def delta_weights(self) -> torch.Tensor:
+        """(depth, out, in): every block's update, the parts' rows stacked in order."""
+        a = self.lora_A * self.lora_E if self.svd else self.lora_A  # diag(E) A
+        return (self.lora_B @ a * self.scaling).flatten(1, 2)  # (depth, parts, out/parts, in) -> (depth, out, in)
+
+
+def make_adapters(encoder: nn.Module, peft="adalora", r=12, alpha=1.0) -> nn.ModuleDict:
+    """One Adapters per kind of layer in ADAPTED_LAYERS (none for peft='none')."""
     if peft not in PEFT_CHOICES:
         raise ValueError(f"peft must be one of {PEFT_CHOICES}, got {peft!r}")
     if peft == "none":
-        return
-    adapter = SVDLinear if peft == "adalora" else LoRALinear
-    for block in encoder.blocks:
-        for path in ADAPTED_LAYERS:
-            parent, name = path.split(".")
-            module = getattr(block, parent)
-            setattr(module, name, adapter(getattr(module, name), r, alpha))
+        return nn.ModuleDict()
+    block = encoder.blocks[0]
+    return nn.ModuleDict({
+        kind: Adapters(len(encoder.blocks), parts, *block.get_submodule(path).weight.shape, r, alpha, peft == "adalora")
+        for kind, (path, parts) in ADAPTED_LAYERS.items()})
 
 
 def orth_regularizer(model: nn.Module, weight=0.1) -> torch.Tensor:
     """AdaLoRA's R = weight * mean over all A and B of ||A A^T - I||_F or ||B^T B - I||_F,
     keeping the factors close to orthonormal so E acts like singular values. The plain
-    Frobenius norm, not its square. Factors of one shape are stacked and taken at once
-    (4 groups in ViT-B instead of 144 matrices)."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for name, p in model.named_parameters():
-        if "lora_A" in name or "lora_B" in name:
-            factor = p if "lora_A" in name else p.T  # (r, in), or B (out, r) as (r, out)
-            groups.setdefault((name.rsplit(".", 1)[1],) + tuple(factor.shape), []).append(factor)
-    if not groups:
+    Frobenius norm, not its square (144 matrices in ViT-B: 8 batched products, one norm)."""
+    grams = []
+    for m in model.modules():
+        if isinstance(m, Adapters):
+            a, b = m.lora_A.flatten(0, 1), m.lora_B.flatten(0, 1)  # (L, r, in), (L, out, r)
+            grams += [a @ a.transpose(1, 2), b.transpose(1, 2) @ b]  # (L, r, r) each
+    if not grams:
         return torch.zeros(())
-    norms = []
-    for (_, r, _), factors in groups.items():
-        stacked = torch.stack(factors)  # (L, r, d)
-        eye = torch.eye(r, dtype=stacked.dtype, device=stacked.device)
-        norms.append(torch.linalg.matrix_norm(stacked @ stacked.transpose(1, 2) - eye))  # (L,)
-    return weight * torch.cat(norms).mean()
+    grams = torch.cat(grams)  # (2 x 72, r, r) for ViT-B
+    eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
+    return weight * torch.linalg.matrix_norm(grams - eye).mean()
 
 
 # ---- 10.2 AdaLoRA's rank budget ----
 
 class RankAllocator:
-    """AdaLoRA's budget schedule over every SVDLinear of a model.
+    """AdaLoRA's budget schedule over every AdaLoRA adapter of a model.
 
     Each adapter entry p gets a sensitivity I = |p * dL/dp|, smoothed (I_bar) and with its
-    smoothed deviation (U_bar); score = I_bar * U_bar. Rank i of a layer scores
+    smoothed deviation (U_bar); score = I_bar * U_bar. Rank i of an adapter scores
     score(E_i) + mean score of row i of A + mean score of column i of B. The total rank
-    (12 per layer) stays full for the first T/6 steps, falls as a cubic to 8 per layer at
+    (12 per adapter) stays full for the first T/6 steps, falls as a cubic to 8 per adapter at
     T/2 (masking every T/300 steps), then stays there with frozen scores. "Masking" zeros
     the E entries whose score is at or below the k-th smallest, k = total - budget.
 
@@ -1403,8 +1391,8 @@ class RankAllocator:
 
     def __init__(self, model: nn.Module, total_steps: int, target_rank=8, init_warmup=None,
                  final_warmup=None, mask_interval=None, beta1=0.85, beta2=0.85):
-        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, SVDLinear)}
-        if not self.layers:
+        self.kinds = {n: m for n, m in model.named_modules() if isinstance(m, Adapters) and m.svd}
+        if not self.kinds:
             raise ValueError("RankAllocator needs AdaLoRA adapters (peft='adalora'); the model has none")
         self.total_steps = total_steps
         self.init_warmup = total_steps // 6 if init_warmup is None else init_warmup
@@ -1412,10 +1400,10 @@ class RankAllocator:
         # Upstream uses T/300 as is; at least 1 so that short runs do not divide by zero.
         self.mask_interval = max(1, total_steps // 300) if mask_interval is None else mask_interval
         self.beta1, self.beta2 = beta1, beta2
-        self.total_rank = sum(m.r for m in self.layers.values())  # 12 x 72 = 864 for ViT-B
-        self.target_total = target_rank * len(self.layers)         # 8 x 72 = 576
-        self.ipt: dict[str, torch.Tensor] = {}  # "layer.lora_X" -> I_bar
-        self.unc: dict[str, torch.Tensor] = {}  # "layer.lora_X" -> U_bar
+        self.total_rank = sum(m.lora_E.numel() for m in self.kinds.values())  # 12 x 72 = 864 for ViT-B
+        self.target_total = target_rank * sum(m.lora_E[..., 0, 0].numel() for m in self.kinds.values())  # 8 x 72
+        self.ipt: dict[str, torch.Tensor] = {}  # "kind.lora_X" -> I_bar, the kind's stacked shape
+        self.unc: dict[str, torch.Tensor] = {}  # "kind.lora_X" -> U_bar
 
     def budget(self, step: int) -> tuple[int, bool]:
         """(total rank allowed at this step, whether to mask at this step)."""
@@ -1430,13 +1418,13 @@ class RankAllocator:
     @torch.no_grad()
     def update_importance(self) -> None:
         """For every adapter entry: I_bar <- b1 I_bar + (1 - b1) |p * dL/dp|, U_bar <- b2 U_bar +
-        (1 - b2) |sens - I_bar|. All tensors at once with torch's _foreach operations (as
-        torch.optim does): a few launches a step instead of eight per tensor (216 for ViT-B)."""
+        (1 - b2) |sens - I_bar|. All stacked tensors at once with torch's _foreach operations (as
+        torch.optim does): a few launches a step."""
         keys, params = [], []
-        for name, m in self.layers.items():
+        for name, m in self.kinds.items():
             for pname in ("lora_A", "lora_E", "lora_B"):
                 p = getattr(m, pname)
-                if p.grad is not None:  # a layer the loss did not reach this step keeps its scores
+                if p.grad is not None:  # a kind the loss did not reach this step keeps its scores
                     keys.append(f"{name}.{pname}")
                     params.append(p)
         if not params:
@@ -1450,18 +1438,18 @@ class RankAllocator:
         self.ipt.update(zip(keys, ipt))
         self.unc.update(zip(keys, unc))
 
-    def _score(self, m: SVDLinear, key: str, pname: str) -> torch.Tensor:
+    def _score(self, m: Adapters, key: str, pname: str) -> torch.Tensor:
         if key not in self.ipt:
             return torch.zeros_like(getattr(m, pname))
         return self.ipt[key] * self.unc[key]
 
     @torch.no_grad()
     def rank_importance(self) -> dict[str, torch.Tensor]:
-        """Per layer (r,): the triplet importance of each rank."""
+        """Per kind (depth, parts, r): the triplet importance of each adapter's ranks."""
         out = {}
-        for name, m in self.layers.items():
+        for name, m in self.kinds.items():
             e, a, b = (self._score(m, f"{name}.{p}", p) for p in ("lora_E", "lora_A", "lora_B"))
-            out[name] = e.view(-1) + a.mean(1) + b.mean(0)  # (r,) + row means of A + column means of B
+            out[name] = e[..., 0] + a.mean(-1) + b.mean(-2)  # E + row means of A + column means of B
         return out
 
     @torch.no_grad()
@@ -1471,9 +1459,9 @@ class RankAllocator:
         if k <= 0:
             return None
         scores = self.rank_importance()
-        threshold = torch.cat(list(scores.values())).kthvalue(k).values.item()
-        for name, m in self.layers.items():
-            m.lora_E.masked_fill_((scores[name] <= threshold).view(-1, 1), 0.0)
+        threshold = torch.cat([s.flatten() for s in scores.values()]).kthvalue(k).values.item()
+        for name, m in self.kinds.items():
+            m.lora_E.masked_fill_((scores[name] <= threshold)[..., None], 0.0)
         return threshold
 
     def step(self, global_step: int) -> int:
@@ -1492,7 +1480,7 @@ class RankAllocator:
         self.ipt, self.unc = dict(state["ipt"]), dict(state["unc"])
 
 
-# ---- 10.3 SAM's encoder with separate q, k, v projections ----
+# ---- 10.3 SAM's encoder with its attention's relative positions folded into q and k ----
 
 @dataclass
 class SamVariant:
@@ -1512,76 +1500,69 @@ SAM_IMG_SIZE, SAM_PATCH, SAM_WINDOW = 1024, 16, 14
 SAM_B_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
 
 
-def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no init work
-    lin.weight = nn.Parameter(weight.detach().clone())
-    lin.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-    return lin
-
-
-class SplitQKVAttention(nn.Module):
-    """SAM's attention with its fused qkv projection split into q_proj, k_proj, v_proj, so
-    each can carry its own adapter. Same maths as SAM's Attention (a test compares them):
+class FoldedAttention(nn.Module):
+    """SAM's attention, same maths and the same modules (qkv, proj, rel_pos_h, rel_pos_w); a
+    test compares it with SAM's Attention:
 
         softmax(s q k^T + q R_h[row_q - row_k] + q R_w[col_q - col_k]) v,   s = 1 / sqrt(d)
 
     SAM adds the decomposed relative-position term to the logits as a mask, which sends torch's
     attention to its slow unfused form. Here it is folded into the queries and keys instead:
-    q' = [s q, q R_h[row_q, :], q R_w[col_q, :]] and k' = [k, onehot(row_k), onehot(col_k)] give
-    q' k'^T = s q k^T + the term, exactly, with no mask: the fused kernels run."""
+    q' = [q, q R_h[row_q]^T / s, q R_w[col_q]^T / s] and k' = [k, onehot(row_k), onehot(col_k)]
+    give s q' k'^T = s q k^T + the term, exactly, with no mask: the fused kernels run."""
 
     def __init__(self, attn: nn.Module):  # segment_anything's Attention
         super().__init__()
         self.num_heads = attn.num_heads
-        bias = attn.qkv.bias.chunk(3) if attn.qkv.bias is not None else (None,) * 3
-        self.q_proj, self.k_proj, self.v_proj = (
-            _linear_from(w, b) for w, b in zip(attn.qkv.weight.chunk(3), bias))  # rows 0:C, C:2C, 2C:3C
-        self.proj = attn.proj
+        self.qkv, self.proj = attn.qkv, attn.proj  # (3C, C): q rows 0:C, k C:2C, v 2C:3C
         self.use_rel_pos = attn.use_rel_pos
         if self.use_rel_pos:
             self.rel_pos_h, self.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
-        self._tables = {}  # (h, w, ...) -> the frozen tables for that grid, made once
+        self._tables = {}  # (h, w, dtype, ...) -> the frozen tables for that grid, made once
 
-    def rel_pos_tables(self, h: int, w: int):
-        """(R_h (h, h, d), R_w (w, w, d), one-hot key rows and columns (h*w, h + w)) for an h x w
-        grid: SAM's tables resized to the grid (get_rel_pos; frozen, so made once per grid and
-        weights), and each key's row and column as one-hot columns."""
+    def rel_pos_tables(self, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """For an h x w grid, per position p = (row, col): (R_h[row] and R_w[col] divided by s,
+        (h*w, h + w + pad, d); onehot(row), onehot(col), (h*w, h + w + pad)), zero-padded to a
+        multiple of 8 columns once q and k are extended, as the fused kernels want. SAM's tables
+        are resized to the grid (get_rel_pos); they are frozen, so this is made once per grid."""
         from segment_anything.modeling.image_encoder import get_rel_pos  # segment-anything: for the teacher only
         p_h, p_w = self.rel_pos_h, self.rel_pos_w
-        key = (h, w, p_h.device, p_h.dtype, p_h._version, p_w._version, p_h.data_ptr(), p_w.data_ptr())
+        key = (h, w, dtype, p_h.device, p_h._version, p_w._version, p_h.data_ptr(), p_w.data_ptr())
         if key not in self._tables:
             with torch.no_grad():
-                rows = torch.arange(h * w, device=p_h.device)
-                onehot = torch.cat([F.one_hot(rows // w, h), F.one_hot(rows % w, w)], 1).to(p_h.dtype)  # (h*w, h + w)
-                self._tables = {key: (get_rel_pos(h, h, p_h), get_rel_pos(w, w, p_w), onehot)}  # the last grid only
+                d = p_h.shape[1]
+                pad = -(d + h + w) % 8
+                row, col = torch.arange(h * w, device=p_h.device).div(w, rounding_mode="floor"), \
+                    torch.arange(h * w, device=p_h.device) % w
+                table = torch.cat([get_rel_pos(h, h, p_h)[row], get_rel_pos(w, w, p_w)[col]], 1) * d ** 0.5
+                onehot = torch.cat([F.one_hot(row, h), F.one_hot(col, w)], 1)
+                tables = (F.pad(table, (0, 0, 0, pad)).to(dtype), F.pad(onehot, (0, pad)).to(dtype))
+                self._tables = {key: tables}  # the last grid only
         return self._tables[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape  # a window (14 x 14) or the whole grid (global blocks)
-
-        def split_heads(t):  # (B, h, w, C) -> (B*heads, h*w, C/heads)
-            return t.reshape(b, h * w, self.num_heads, -1).transpose(1, 2).reshape(b * self.num_heads, h * w, -1)
-
-        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
+        n, d = b * self.num_heads, c // self.num_heads
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, d).permute(2, 0, 3, 1, 4)  # (3, B, heads, h*w, d)
+        q, k, v = qkv.reshape(3, n, h * w, d).unbind(0)  # (B*heads, h*w, d) each
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            rel_h, rel_w, onehot = self.rel_pos_tables(h, w)
-            grid_q = q.reshape(-1, h, w, q.shape[-1])  # (n, h, w, d)
-            by_row = torch.einsum("nyxd,ykd->nyxk", grid_q, rel_h.to(q.dtype)).reshape(len(q), h * w, h)
-            by_col = torch.einsum("nyxd,xkd->nyxk", grid_q, rel_w.to(q.dtype)).reshape(len(q), h * w, w)
-            pad = -(q.shape[-1] + h + w) % 8  # zero columns to a multiple of 8, as the fused kernels want
-            q2 = F.pad(torch.cat([q * q.shape[-1] ** -0.5, by_row, by_col], -1), (0, pad))  # (n, h*w, d + h + w + pad)
-            k2 = F.pad(torch.cat([k, onehot.to(k.dtype).expand(len(k), -1, -1)], -1), (0, pad))
-            out = F.scaled_dot_product_attention(q2, k2, v, scale=1.0)  # softmax(q2 k2^T) v
-        out = out.reshape(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
+            table, onehot = self.rel_pos_tables(h, w, q.dtype)
+            # Each query times its own position's rows of R_h and R_w: one product per position,
+            # all positions at once (the batch is the position, the rows the heads).
+            rel = torch.bmm(q.transpose(0, 1), table.transpose(1, 2)).transpose(0, 1)  # (n, h*w, h + w + pad)
+            q2 = torch.cat([q, rel], -1)  # (n, h*w, d + h + w + pad)
+            k2 = torch.cat([k, onehot.expand(n, -1, -1)], -1)
+            out = F.scaled_dot_product_attention(q2, k2, v, scale=d ** -0.5)  # softmax(s q2 k2^T) v
+        out = out.reshape(b, self.num_heads, h, w, d).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
         return self.proj(out)
 
 
 def build_sam_encoder(variant="vit_b") -> nn.Module:
     """segment-anything's ImageEncoderViT with sam_model_registry's settings, randomly
-    initialised, without the neck, and with q/k/v projections split. segment-anything is
-    imported here, where the teacher is built: the student needs none of it."""
+    initialised, without the neck, its attention folded (same weights, same keys).
+    segment-anything is imported here, where the teacher is built: the student needs none of it."""
     from segment_anything.modeling.image_encoder import ImageEncoderViT
     if variant not in SAM_VARIANTS:
         raise ValueError(f"unknown SAM variant {variant!r}; choose from {sorted(SAM_VARIANTS)}")
@@ -1592,15 +1573,22 @@ def build_sam_encoder(variant="vit_b") -> nn.Module:
         use_rel_pos=True, window_size=SAM_WINDOW, global_attn_indexes=v.global_attn_indexes)
     del encoder.neck  # ELiTe reads the blocks themselves; SAM's 256-channel neck is never used
     for block in encoder.blocks:
-        block.attn = SplitQKVAttention(block.attn)
+        block.attn = FoldedAttention(block.attn)
     return encoder
 
 
 # ---- 10.4 The teacher: encoder, patch decoders, 2D heads ----
 
+class LayerNorm2d(nn.LayerNorm):
+    """segment-anything's LayerNorm2d (normalise each pixel over the channels of (B, C, H, W)),
+    same weight and bias, through torch's fused layer norm: one operation instead of seven."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 def patch_decoder(c: int) -> nn.Sequential:
     """Tokens (B, C, h, w) -> (B, C/8, 4h, 4w): two 2x transposed convs, as SAM's mask decoder."""
-    from segment_anything.modeling.common import LayerNorm2d
     return nn.Sequential(
         nn.ConvTranspose2d(c, c // 4, kernel_size=2, stride=2), LayerNorm2d(c // 4, eps=1e-6), nn.GELU(),
         nn.ConvTranspose2d(c // 4, c // 8, kernel_size=2, stride=2), nn.GELU())
@@ -1629,8 +1617,8 @@ class Teacher(nn.Module):
     def __init__(self, cfg: TeacherConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or TeacherConfig()
-        self.encoder = build_sam_encoder(cfg.variant)
-        add_adapters(self.encoder, cfg.peft, cfg.rank, cfg.alpha)
+        self.encoder = build_sam_encoder(cfg.variant).requires_grad_(False)  # SAM itself stays frozen: all of it
+        self.adapters = make_adapters(self.encoder, cfg.peft, cfg.rank, cfg.alpha)
         self.stage_blocks = SAM_VARIANTS[cfg.variant].global_attn_indexes
         c = SAM_VARIANTS[cfg.variant].embed_dim
         self.feat_dim = c // 8  # 96 for ViT-B
@@ -1638,8 +1626,7 @@ class Teacher(nn.Module):
         self.heads_2d = nn.ModuleList([head_2d(c // 8, c // 4, cfg.num_classes) for _ in self.stage_blocks])
         self.fused_head = head_2d(len(self.stage_blocks) * c // 8, c // 4, cfg.num_classes)
         self.sam_checkpoint: str | None = None  # set by runs.build_teacher; recorded in teacher_state
-        for name, p in self.encoder.named_parameters():
-            p.requires_grad = "lora_" in name  # SAM itself stays frozen: biases, LNs, pos/rel-pos too
+        self._low_precision: tuple = (None, [])  # frozen_weights' bf16 copy under autocast, and its key
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, 3, H, W) normalised -> tokens (B, h, w, C) after each global block,
@@ -1656,11 +1643,40 @@ class Teacher(nn.Module):
         x = F.pad(images, (0, w * SAM_PATCH - width, 0, h * SAM_PATCH - height))
         x = self.encoder.patch_embed(x) + self.encoder.pos_embed[:, :h, :w]  # (B, h, w, C)
         tokens = []
+        weights = self.adapted_weights()  # this step's W + delta W, all layers at once
         for i, block in enumerate(self.encoder.blocks):
-            x = block(x)  # windowed blocks pad to multiples of 14 and unpad themselves
+            # SAM's block, run with the adapted weights in place of its frozen ones. Windowed
+            # blocks pad to multiples of 14 and unpad themselves.
+            x = torch.func.functional_call(block, weights[i], (x,))
             if i in self.stage_blocks:
                 tokens.append(x)
         return tokens
+
+    def adapted_weights(self) -> list[dict[str, torch.Tensor]]:
+        """Per block, {'attn.qkv.weight': W + delta W, ...}: the weights its adapted layers run with.
+        Each is one matrix, so a layer costs one product a step, not three (W x + B (A x))."""
+        layers = [(i, ADAPTED_LAYERS[kind][0]) for kind in self.adapters for i in range(len(self.encoder.blocks))]
+        updates = [u for a in self.adapters.values() for u in a.delta_weights().unbind(0)]  # (out, in) each
+        # Every sum W + delta W in one operation (the plain form: one add per layer, 48 in ViT-B).
+        summed = torch._foreach_add(self.frozen_weights(layers), updates) if layers else []
+        weights = [{} for _ in self.encoder.blocks]
+        for (i, path), w in zip(layers, summed):
+            weights[i][f"{path}.weight"] = w
+        return weights
+
+    def frozen_weights(self, layers: list[tuple[int, str]]) -> list[torch.Tensor]:
+        """The frozen weights of these (block, layer) in the precision the blocks compute in: under
+        autocast (--amp) a bf16 copy made once, as SAM's weights never train, instead of a cast of
+        every weight at every step."""
+        weights = [self.encoder.blocks[i].get_submodule(path).weight for i, path in layers]
+        device = weights[0].device.type if weights else "cpu"
+        if not weights or not torch.is_autocast_enabled(device):
+            return weights
+        dtype = torch.get_autocast_dtype(device)
+        key = (dtype,) + tuple((w.data_ptr(), w._version) for w in weights)  # new weights (a load, .to()): a new copy
+        if self._low_precision[0] != key:
+            self._low_precision = (key, [w.detach().to(dtype) for w in weights])
+        return self._low_precision[1]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, 3, H, W) normalised -> 4 patch-decoder maps (B, C/8, 4h, 4w), a quarter of
@@ -1722,9 +1738,10 @@ def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], views: Views, we
         inputs = sample_pixels(feats, views.pixels)  # 4 x (K, C/8)
         labels = views.labels
     stage_logits, fused = teacher.classify(inputs)
-    terms = {f"seg2d_scale{2 ** (k + 1)}": lambda_seg2d / 4 * seg_loss(logits, labels, weight, lovasz_weight=1.0)
-             for k, logits in enumerate(stage_logits)}
-    terms["seg2d_fused"] = seg_loss(fused, labels, weight, lovasz_weight=1.0)
+    losses = seg_loss(torch.stack(stage_logits + [fused]), labels, weight, lovasz_weight=1.0)  # (5,) all heads at once
+    *stage_losses, fused_loss = losses.unbind()
+    terms = {f"seg2d_scale{2 ** (k + 1)}": lambda_seg2d / 4 * loss for k, loss in enumerate(stage_losses)}
+    terms["seg2d_fused"] = fused_loss
     if views.dense is not None:  # the pixel rows of the points, in the flattened (B, H, W) order
         rows = torch.cat([b * height * width + p[:, 0] * width + p[:, 1] for b, p in enumerate(views.pixels)])
         stage_logits = [logits.index_select(0, rows) for logits in stage_logits]

@@ -627,8 +627,11 @@ def student_training_step(model: elite.Student, points: torch.Tensor, batch_idx:
     elite.seg_loss(logits, labels, elite.class_weights().to(points.device), lovasz_weight=0.1).backward()
 
 
-def teacher_training_step(teacher: elite.Teacher, batch: int, amp: bool, device: torch.device):
-    """One step of the SAM teacher's 2D losses on random crops with 4,000 labelled pixels each."""
+def teacher_training_step(teacher: elite.Teacher, batch: int, amp: bool, device: torch.device,
+                          weight: torch.Tensor | None = None):
+    """One step of the SAM teacher's 2D losses on random crops with 4,000 labelled pixels each;
+    weight: the class weights, made once per run by the trainer (here if not given)."""
+    weight = elite.class_weights().to(device) if weight is None else weight
     h, w = teacher.cfg.crop_hw
     g = torch.Generator().manual_seed(0)
     pixels = [torch.stack([torch.randint(0, h, (4000,), generator=g), torch.randint(0, w, (4000,), generator=g)], 1)
@@ -636,7 +639,7 @@ def teacher_training_step(teacher: elite.Teacher, batch: int, amp: bool, device:
     views = elite.Views(torch.randn(batch, 3, h, w, generator=g), pixels,
                         torch.randint(1, elite.NUM_CLASSES, (4000 * batch,), generator=g), None).to(device)
     with runs.autocast(device, amp):
-        terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, elite.class_weights().to(device))
+        terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, weight)
         terms["orth"] = elite.orth_regularizer(teacher, elite.ORTH_WEIGHT)
     sum(t.float() for t in terms.values()).backward()
     teacher.zero_grad(set_to_none=True)
@@ -868,13 +871,14 @@ def joint_batch(points: torch.Tensor, labels: torch.Tensor, copies: int, crop: t
 
 
 def joint_training_step(student: elite.Student, heads: nn.Module, teacher: elite.Teacher, batch: elite.Batch,
-                        amp: bool):
+                        amp: bool, weight: torch.Tensor):
     """One step of ELiTe's stage 2 (the paper's joint mode): the student's loss, the teacher's 2D
-    terms, PPMSKD and AdaLoRA's orthogonality term, and backward through both."""
+    terms, PPMSKD and AdaLoRA's orthogonality term, and backward through both; weight: the
+    class weights."""
     student.train()
     with runs.autocast(batch.points.device, amp):
         out = student(batch.points, batch.batch_idx)
-        terms = elite.elite_losses(out, heads, teacher, batch, elite.class_weights().to(batch.points.device))
+        terms = elite.elite_losses(out, heads, teacher, batch, weight)
     sum(t.float() for t in terms.values()).backward()
     for model in (student, heads, teacher):
         model.zero_grad(set_to_none=True)
@@ -891,19 +895,20 @@ def benchmark_teacher(points: torch.Tensor, labels: torch.Tensor, device: torch.
     torch.manual_seed(0)
     student, heads = elite.Student().to(device), elite.heads_3d().to(device)
     stage2 = joint_batch(points, labels, batch, crop, device)
+    weight = elite.class_weights().to(device)  # made once, as the trainers do
     print(f"  ELiTe's two stages, SAM {args.teacher_variant} + AdaLoRA, batch {batch} ({crop[0]}x{crop[1]} crops, "
           f"4,000 labelled pixels each): ms a step (median of {repeats}), peak memory"
           + ("" if batch == 4 else "; hours for the paper preset need --teacher-batch 4"))
     for amp in (False, True) if device.type == "cuda" or args.amp else (False,):
-        for stage, step in (("stage 1: teacher step", lambda: teacher_training_step(teacher, batch, amp, device)),
-                            ("stage 2: joint step", lambda: joint_training_step(student, heads, teacher, stage2, amp))):
+        for stage, step in (("stage 1: teacher step", lambda: teacher_training_step(teacher, batch, amp, device, weight)),
+                            ("stage 2: joint step", lambda: joint_training_step(student, heads, teacher, stage2, amp, weight))):
             ms = median_ms(step, repeats, sync)
             mib = peak_memory_mib(step, device)
             hours = (f", {PAPER_EPOCHS} paper epochs of {PAPER_STEPS_PER_EPOCH:,} steps: "
                      f"{ms * PAPER_STEPS_PER_EPOCH * PAPER_EPOCHS / 3.6e6:.1f} h" if batch == 4 else "")
             print(f"    {stage + (', bf16 autocast' if amp else ', float32'):<40}{ms:10.1f} ms, "
                   f"peak memory +{mib:,.0f} MiB{hours}")
-    ops = count_ops(lambda: teacher_training_step(teacher, 1, False, device))
+    ops = count_ops(lambda: teacher_training_step(teacher, 1, False, device, weight))
     print(f"    one teacher step on one crop, float32: {sum(ops.aten.values()):,} aten operations dispatched")
 
 

@@ -349,25 +349,17 @@ def encoder_weights_of(state: dict) -> dict:
 
 
 def load_sam_checkpoint(encoder: nn.Module, path, variant="vit_b") -> None:
-    """Load the frozen encoder weights of an official SAM checkpoint (sam_vit_b_01ec64.pth).
-
-    Takes the `image_encoder.*` tensors except the neck and splits each fused qkv (3C, C)
-    weight and (3C,) bias into q = rows 0:C, k = C:2C, v = 2C:3C. The official ELiTe loader
-    wrote them under attn.q/k/v while its modules are q_proj/k_proj/v_proj, so strict=False
-    silently dropped them and q, k, v stayed random; here they load, and every frozen tensor
-    must be present with the right shape."""
+    """Load the frozen encoder weights of an official SAM checkpoint (sam_vit_b_01ec64.pth):
+    its `image_encoder.*` tensors except the neck, under their own names (the teacher keeps SAM's
+    fused qkv and puts the q, k, v adapters on its rows). The official ELiTe loader split qkv into
+    attn.q/k/v while its modules are q_proj/k_proj/v_proj, so strict=False silently dropped them
+    and q, k, v stayed random; here every frozen tensor must be present with the right shape."""
     path = Path(path)
     weights = encoder_weights_of(read_sam_state(path))
     prefix = "image_encoder."
     if not weights:
         raise DataError(f"{path}: no '{prefix}*' tensors; expected a SAM checkpoint such as sam_vit_b_01ec64.pth")
-    for key in [k for k in weights if ".attn.qkv." in k]:
-        fused = weights.pop(key)
-        if fused.shape[0] % 3:
-            raise DataError(f"{path}: {prefix}{key} has {fused.shape[0]} rows, not a multiple of 3")
-        for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3)):
-            weights[key.replace("qkv", name)] = part
-    frozen = {k: v for k, v in encoder.state_dict().items() if "lora_" not in k}
+    frozen = encoder.state_dict()
     mismatched = [k for k in frozen if k in weights and weights[k].shape != frozen[k].shape]
     missing = [k for k in frozen if k not in weights]
     if mismatched or missing:
@@ -379,8 +371,7 @@ def load_sam_checkpoint(encoder: nn.Module, path, variant="vit_b") -> None:
     unexpected = sorted(set(weights) - set(frozen))
     if unexpected:
         raise DataError(f"{path}: {len(unexpected)} unexpected encoder tensors, e.g. {prefix}{unexpected[0]}")
-    result = encoder.load_state_dict(weights, strict=False)
-    assert all("lora_" in k for k in result.missing_keys), result.missing_keys  # only adapters start fresh
+    encoder.load_state_dict(weights)
 
 
 def build_teacher(cfg: TeacherConfig | None = None, sam_checkpoint=None) -> Teacher:
