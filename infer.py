@@ -63,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("predictions"),
                    help="where sequences/XX/predictions/*.label are written (nuscenes: lidarseg/SPLIT/"
                         "<lidar_token>_lidarseg.bin and SPLIT/submission.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the predictions --out already holds for what this run predicts (the sequences, or "
+                        "the nuScenes split's submission), once every input is checked; without it such a --out "
+                        "is refused")
     p.add_argument("--votes", type=runs.positive_int, default=1,
                    help="test-time augmentation: logits summed over this many copies (copy 0 as is, "
                         "the others rotated and translated at random; official test uses 12)")
@@ -231,6 +235,28 @@ def check_outputs(args) -> None:
         runs.writable_folder(args.vis, "give another --vis")
 
 
+def existing_predictions(args, sequences: list[str]) -> list[Path]:
+    """The prediction files already in --out that this run would write: the sequences' .label
+    files, or the nuScenes split's _lidarseg.bin files and submission.json."""
+    if args.dataset == "nuscenes":
+        meta = args.out / args.split / "submission.json"
+        return sorted((args.out / "lidarseg" / args.split).glob("*_lidarseg.bin")) + ([meta] if meta.exists() else [])
+    return [p for s in sequences for p in sorted((args.out / "sequences" / s / "predictions").glob("*.label"))]
+
+
+def claim_predictions(args, sequences: list[str]) -> None:
+    """Another run's predictions in --out are never mixed with or silently replaced by these:
+    refused, or with --overwrite removed (only now, every input checked), so that a replaced
+    submission holds exactly the new files."""
+    found = existing_predictions(args, sequences)
+    if found and not args.overwrite:
+        files = f"{len(found)} file{'s' * (len(found) != 1)}"
+        raise elite.DataError(f"{args.out}: already holds predictions ({files}, e.g. {found[0]}); give another "
+                              "--out, or --overwrite to replace them")
+    for path in found:
+        path.unlink()
+
+
 def predict(args):
     if args.dataset == "nuscenes":
         return predict_nuscenes(args)
@@ -245,6 +271,7 @@ def predict(args):
     model, ckpt = runs.load_student(args.checkpoint, map_location=device)
     model.to(device).eval()
     scans = scans_to_predict(args)
+    claim_predictions(args, sorted({s.parent.parent.name for s in scans}))
     print_summary(args, scans, device, f"ELiTe Student, {elite.count_parameters(model):,} parameters, from "
                   f"{args.checkpoint} ({which_epoch(ckpt)})")
     rng = np.random.default_rng(args.seed)
@@ -302,6 +329,7 @@ def predict_fusion(args):
     model.to(device).eval()
     image_hw = tuple(ckpt["image_hw"])
     scans = scans_to_predict(args)
+    claim_predictions(args, sorted({s.parent.parent.name for s in scans}))
     print_summary(args, scans, device, f"U2MKD FusionStudent, {elite.count_parameters(model):,} parameters, from "
                   f"{args.checkpoint} ({which_epoch(ckpt)}); images resized to "
                   f"{image_hw[0]}x{image_hw[1]}; files written {'without' if args.no_images else 'with'} images")
@@ -397,6 +425,7 @@ def predict_nuscenes(args):
     tables = nusc.read_tables(args.data, args.version)
     lut = nusc.fine_to_coarse(tables)
     frames = nusc.keyframes(tables, args.data, nusc.split_scenes(tables, args.split), labelled=args.split != "test")
+    claim_predictions(args, [])
     fusion = image_hw is not None
     runs.print_summary("infer.py: nuScenes-lidarseg predictions", {
         "device": runs.describe_device(device, args.amp),

@@ -67,9 +67,12 @@ def atomic_write(path, write) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError):
+        # A failed write: OSError from Python, RuntimeError from torch.save's C++ writer (a full
+        # disk: "[enforce fail at inline_container.cc] ... file write failed").
+        if isinstance(e, (OSError, RuntimeError)):
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1][:200]
             kept = "the previous file is unchanged" if path.exists() else "no partial file was left"
-            raise DataError(f"{path}: could not be written ({e.strerror or e}); nothing was lost: {kept}") from None
+            raise DataError(f"{path}: could not be written ({why}); nothing was lost: {kept}") from None
         raise
 
 
@@ -133,10 +136,13 @@ def load_checkpoint(path, kind: str | None, map_location="cpu") -> dict:
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: tensors and plain containers are built, no other class is ever imported or
+        # called, so a hostile file cannot run code here (our checkpoints hold nothing else).
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise DataError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); "
-                        "the file is truncated or not a torch checkpoint") from None
+        raise DataError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        "the file is truncated, not a torch checkpoint, or holds objects other than "
+                        "tensors and plain containers (never loaded here: unpickling them could run code)") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise DataError(f"{path}: not a checkpoint written by this project (no 'kind' entry)")
     if kind is not None and ckpt["kind"] != kind:
@@ -220,20 +226,25 @@ def student_keys_from_2dpass(num_blocks=4, blocks_per_scale=2) -> dict[str, str]
 
 
 class _TensorsOnly:
-    """A pickle module for torch.load that reads a Lightning checkpoint without the classes of
-    its saved config (EasyDict, ...): any class that cannot be imported becomes a plain dict."""
+    """A pickle module for torch.load that reads a Lightning checkpoint (2DPASS) safely: it builds
+    tensors and plain containers, and every other global the file names (the classes of its saved
+    config, EasyDict, ...; or a function a hostile file asks pickle to call) becomes an inert
+    stand-in, never imported and never called. torch.load's weights_only=True would refuse the
+    whole file at the first such class."""
+    SAFE = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+            ("torch._utils", "_rebuild_parameter"), ("torch", "Size"), ("builtins", "set"), ("builtins", "frozenset")}
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
-            try:
-                return super().find_class(module, name)
-            except (ImportError, AttributeError):
-                return _StandIn
+            return super().find_class(module, name) if (module, name) in _TensorsOnly.SAFE else _StandIn
 
     load = pickle.load
 
 
 class _StandIn(dict):
+    """Whatever a pickle builds from a global that is not SAFE: an empty dict that ignores its
+    arguments and state."""
+
     def __init__(self, *args, **kwargs):
         super().__init__()
 
@@ -742,6 +753,8 @@ def run_script(main, argv=None) -> None:
     except KeyboardInterrupt:  # outside training: every file is whole (atomic writes)
         print("interrupted (Ctrl-C); every file written so far is whole", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:
+        release_run_folders()
 
 
 def _flag_type(convert, test, wants: str):
@@ -1076,23 +1089,89 @@ def claim_run_folder(out: Path, kind: str, resume: bool, overwrite: bool) -> Non
     for name in ("last.pt", "best.pt"):
         if (out / name).is_file():
             try:
-                found = torch.load(out / name, map_location="cpu", weights_only=False, mmap=True).get("kind")  # lazily
+                found = torch.load(out / name, map_location="cpu", weights_only=True, mmap=True).get("kind")  # lazily
             except Exception:
                 found = None  # unreadable: --resume names it; a fresh run needs --overwrite below
             if found is not None and found != kind:
                 raise DataError(f"{out / name}: holds a '{found}' model and this run trains '{kind}': a run "
                                 "never writes over another kind's checkpoint; choose another --out")
     existing = [name for name in RUN_FILES if (out / name).exists()]
+    if resume and (out / "metrics.csv").is_file():
+        read_metrics(out / "metrics.csv")  # unreadable: said now, not after the first epoch's checkpoint
     if existing and not resume and not overwrite:
         raise DataError(f"{out}: already holds a run ({', '.join(existing)}); continue it with --resume, start "
                         "over in it with --overwrite, or give a new --out")
     if not distributed().main:
         return
     writable_folder(out, "give another --out")
-    if overwrite:
-        for name in existing:
-            (out / name).unlink()
+    lock_run_folder(out)
     remove_partial_writes(out / name for name in RUN_FILES)  # left by a run killed while saving
+    # With --overwrite the earlier run's files stay until fit() starts (start_over): every input
+    # is checked by then, so a mistyped --data or --teacher costs nothing.
+
+
+_RUN_LOCKS: dict = {}  # folder -> its lock file, held by this process until its script ends (run_script)
+
+
+def lock_run_folder(out: Path) -> None:
+    """One run owns a folder at a time: an exclusive lock (flock) on OUT/run.lock, which names its
+    holder. The system drops the lock when the holding process ends, however it ends, so a lock
+    left by a killed run is free again; run.lock itself stays, harmless."""
+    import fcntl
+    import socket
+    if out.resolve() in _RUN_LOCKS:
+        return  # this process holds it already (an earlier run of this process, e.g. run and resume)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        f = open(out / "run.lock", "a+")
+    except OSError as e:
+        raise DataError(f"{out / 'run.lock'}: cannot be written ({e.strerror or e}); give another --out") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its name yet"
+        f.close()
+        raise DataError(f"{out}: another run is using this folder ({holder}); wait for it to end, "
+                        "or give another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{' '.join(sys.argv)}\n")
+    f.flush()
+    _RUN_LOCKS[out.resolve()] = f
+
+
+def release_run_folders() -> None:
+    while _RUN_LOCKS:
+        _RUN_LOCKS.popitem()[1].close()  # closing the file drops its flock
+
+
+def start_over(out: Path) -> None:
+    """--overwrite, once every input is checked: the earlier run's files go (the fit starts)."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.csv, also after a spreadsheet re-saved it with ';' or tab
+    separators; a file without an integer 'epoch' column is refused by name."""
+    import csv
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    header = text.splitlines()[0] if text.strip() else ""
+    delimiter = max(",;\t", key=header.count)
+    rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+    try:
+        for r in rows:
+            r["epoch"] = int(r["epoch"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path}: not the metrics table a run writes (a header with 'epoch' and an integer epoch "
+                        f"on each row); put the run's own file back, or move this one away and the run starts a "
+                        f"new one") from None
+    return rows
 
 
 def log_metrics(path: Path, row: dict) -> None:
@@ -1100,10 +1179,7 @@ def log_metrics(path: Path, row: dict) -> None:
     left by a run that was killed after them and resumed from an earlier checkpoint, go."""
     import csv
     import io
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < row["epoch"]]
+    rows = [r for r in read_metrics(path) if r["epoch"] < row["epoch"]] if path.is_file() else []
     rows.append(row)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
@@ -1143,7 +1219,7 @@ class StopRequest:
 
 def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.Module, schedule: LRSchedule,
         validate, save, after_backward=None, amp_device: torch.device | None = None, metric="val mIoU",
-        metrics_csv: Path | None = None, save_every: int = 0, last_path: Path | None = None):
+        metrics_csv: Path | None = None, save_every: int = 0, last_path: Path | None = None, overwrite=False):
     """The training loop every trainer here shares. Per epoch: shuffling and augmentation drawn
     from (seed, epoch), so a resumed run repeats them; per step: the schedule's learning rate and
     train_step(); every save_every steps (0: never), on rank 0, save(run, None, False): a
@@ -1164,6 +1240,8 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                         f"resume it with the same --batch-size and number of processes "
                         f"(now {loader.batch_size} x {world.size})")
     run.batch_size = loader.batch_size * world.size
+    if overwrite and world.main and last_path is not None:
+        start_over(last_path.parent)  # only now: the run's inputs all passed their checks
     saved = [run.where() if run.step else None]  # where the last checkpoint on disk stands
 
     def checkpoint(miou, improved):
@@ -1225,12 +1303,12 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                 run.epoch, run.batch, run.sums, run.best_miou = epoch + 1, 0, {}, max(run.best_miou, miou)
                 present = conf.present()
                 if world.main:
-                    checkpoint(miou, improved)
                     row = {"epoch": epoch + 1, "step": run.step, "lr": schedule.at(run.step - 1)}
                     row |= means | {"miou": 100 * miou, "miou_present": 100 * float(conf.iou()[present].mean()),
                                     "best_miou": 100 * run.best_miou, "seconds": round(time.time() - start, 1)}
-                    if metrics_csv is not None:
+                    if metrics_csv is not None:  # before the checkpoint: a failed row leaves the epoch to redo, not lost
                         log_metrics(metrics_csv, row)
+                    checkpoint(miou, improved)
                     if board is not None:
                         for key, value in row.items():
                             board.add_scalar(key, value, epoch + 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import shutil
 import stat
@@ -416,6 +417,54 @@ def two_dpass_state(seed=0) -> dict:
             torch.randn(shape, generator=gen)
         state["model_3d." + theirs] = value.to(ours[key].dtype)
     return state
+
+
+class RunsACommand:
+    """What a hostile checkpoint holds: unpickling it calls os.system (a shell command)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_no_checkpoint_runs_code_when_loaded(tmp_path):
+    import u2mkd
+    marker = tmp_path / "the command ran"
+    evil = RunsACommand(marker)
+    student = runs.student_state(elite.Student())
+    files = {  # each entry point with a file a user hands over, the hostile object inside what it expects
+        "student.pt": student | {"x": evil},                                   # infer.py --checkpoint, --init-3d (ours)
+        "last.pt": student | {"optimizer": {}, "config": {}, "step": 0, "x": evil},  # --resume, and a run folder's last.pt
+        "2dpass.ckpt": {"state_dict": two_dpass_state(), "hyper_parameters": evil},  # --init-3d (2DPASS)
+        "sam.pth": {"image_encoder.patch_embed.proj.weight": torch.zeros(1), "x": evil},  # --sam-checkpoint, --plg-checkpoint
+        "resnet.pth": {"conv1.weight": torch.zeros(1), "x": evil},             # --image-weights
+    }
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+    calls = [
+        lambda: runs.load_student(tmp_path / "student.pt"),
+        lambda: runs.load_teacher(tmp_path / "student.pt"),
+        lambda: u2mkd.load_lidar_teacher(tmp_path / "student.pt"),
+        lambda: runs.load_last(tmp_path / "last.pt", runs.STUDENT_KIND),
+        lambda: runs.load_sam_checkpoint(elite.build_sam_encoder("vit_tiny"), tmp_path / "sam.pth", "vit_tiny"),
+        lambda: runs.load_sam(tmp_path / "sam.pth", "vit_b"),
+        lambda: u2mkd.load_imagenet_weights(u2mkd.ImageBranch(), tmp_path / "resnet.pth"),
+    ]
+    for call in calls:
+        with pytest.raises(elite.DataError, match="cannot read"):
+            call()
+    # A run folder whose last.pt is hostile: looked at, never executed (a fresh run needs --overwrite).
+    with pytest.raises(elite.DataError, match="already holds a run"):
+        runs.claim_run_folder(tmp_path, runs.STUDENT_KIND, resume=False, overwrite=False)
+    # The 2DPASS file is read as data: its hostile object becomes an inert stand-in, the tensors load.
+    model = elite.Student()
+    runs.load_2dpass_student(model, tmp_path / "2dpass.ckpt")
+    assert torch.equal(model.state_dict()["classifier.2.bias"], two_dpass_state()["model_3d.classifier.2.bias"])
+    assert not marker.exists()
+    torch.load(tmp_path / "student.pt", weights_only=False)  # the file does what the test says it does
+    assert marker.exists()
 
 
 def test_init_3d_maps_every_tensor_of_a_2dpass_checkpoint(tmp_path):

@@ -58,6 +58,11 @@ def test_train_resume_and_infer_end_to_end(synth_root, tmp_path):
     pred = np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label", dtype=np.uint32)
     assert len(pred) == len(elite.read_scan(synth_root / "sequences" / "08" / "velodyne" / "000000.bin"))
     assert set(np.unique(pred).tolist()) <= set(elite.LEARNING_MAP_INV.values())
+    message = run_main("infer", ["--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(synth_root),
+                                 "--split", "val", "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert re.search(r"pred: already holds predictions \(1 file, e\.g\. .*000000\.label\)", message), message
+    assert np.array_equal(np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label",
+                                      dtype=np.uint32), pred)  # another model's predictions are kept
     # The picture: a caption, the camera image, two 600x600 top views in the predicted classes'
     # colours, a legend.
     from PIL import Image
@@ -164,6 +169,18 @@ def test_nuscenes_teacher_fusion_student_baseline_and_submission(synth_nusc, tmp
             assert len(pred) == len(nusc.read_points(frame.points)) and pred.min() >= 1 and pred.max() <= 16
         meta = json.loads((out / "val" / "submission.json").read_text())["meta"]
         assert meta["use_camera"] is camera and meta["use_lidar"] is True
+    # Onto the other model's submission: refused; with --overwrite, exactly the new files.
+    again = ["--dataset", "nuscenes", "--data", str(synth_nusc), "--checkpoint", str(tmp_path / "baseline" / "last.pt"),
+             "--out", str(tmp_path / "pred_fusion"), "--device", "cpu"]
+    (tmp_path / "pred_fusion" / "lidarseg" / "val" / "stale_lidarseg.bin").write_bytes(b"\x01")
+    before = {p: p.read_bytes() for p in (tmp_path / "pred_fusion").rglob("*") if p.is_file()}
+    assert re.search(r"pred_fusion: already holds predictions \(\d+ files?, e\.g\. .*\); give another --out, or "
+                     r"--overwrite to replace them", run_main("infer", again))
+    assert {p: p.read_bytes() for p in (tmp_path / "pred_fusion").rglob("*") if p.is_file()} == before
+    assert run_main("infer", again + ["--overwrite"]) == ""
+    assert sorted(p.name for p in (tmp_path / "pred_fusion" / "lidarseg" / "val").iterdir()) == \
+        sorted(f"{frame.lidar_token}_lidarseg.bin" for frame in val)  # the stale file is gone
+    assert json.loads((tmp_path / "pred_fusion" / "val" / "submission.json").read_text())["meta"]["use_camera"] is False
     runs.atomic_save(u2mkd.lidar_teacher_state(u2mkd.lidar_teacher()), tmp_path / "kitti_teacher.pt")
     with pytest.raises(elite.DataError, match=r"kitti_teacher\.pt: a LiDAR teacher of 20 classes, but --dataset "
                                               r"nuscenes has 17"):
@@ -703,11 +720,70 @@ def test_fresh_run_in_a_run_folder_is_refused_and_overwrite_starts_over(synth_ro
     assert re.search(r"run: already holds a run \(last\.pt, best\.pt, metrics\.csv\); continue it with --resume, "
                      r"start over in it with --overwrite, or give a new --out", message), message
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost
+    # --overwrite with a mistyped input: refused before anything of the earlier run is touched.
+    for typo in (["--data", str(tmp_path / "no-such-data")], ["--teacher", str(tmp_path / "no-such-teacher.pt")]):
+        message = run_main("train_student", args + typo + ["--overwrite"])
+        assert "no-such-" in message, message
+        assert {name: (out / name).read_bytes() for name in before} == before
     assert run_main("train_student", args + ["--overwrite"]) == ""
     assert (out / "best.pt").read_bytes() != before["best.pt"]
     with open(out / "metrics.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1"]  # the old run's rows are gone
     assert "--resume continues" in run_main("train_student", args + ["--overwrite", "--resume"])
+
+
+def test_one_run_owns_a_folder_at_a_time(tmp_path):
+    import subprocess
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r); import runs; runs.lock_run_folder(__import__('pathlib').Path(%r)); "
+        "print('held', flush=True); time.sleep(60)") % (str(Path(runs.__file__).parent), str(out))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(elite.DataError, match=rf"run: another run is using this folder \(pid {holder.pid} on .*\); "
+                                                  "wait for it to end, or give another --out"):
+            runs.claim_run_folder(out, runs.STUDENT_KIND, resume=False, overwrite=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    runs.claim_run_folder(out, runs.STUDENT_KIND, resume=False, overwrite=False)  # a killed holder's lock is free
+    runs.release_run_folders()
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_loses_nothing(tmp_path):
+    # A real write failure: a child process may not write files larger than 64 kB (RLIMIT_FSIZE;
+    # SIGXFSZ ignored, so the write fails instead of killing it), as on a full disk.
+    import subprocess
+    runs.atomic_save({"model": torch.zeros(10)}, tmp_path / "last.pt")
+    before = (tmp_path / "last.pt").read_bytes()
+    code = ("import resource, signal, sys, torch; sys.path.insert(0, %r); import runs; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); "
+            "runs.run_script(lambda argv: runs.atomic_save({'model': torch.zeros(100_000)}, %r))"
+            % (str(Path(runs.__file__).parent), str(tmp_path / "last.pt")))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.fullmatch(r"error: .*last\.pt: could not be written \(.+\); nothing was lost: the previous file is "
+                        r"unchanged\n", result.stderr), result.stderr
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left
+
+
+def test_metrics_csv_resaved_by_a_spreadsheet_is_read_or_refused_up_front(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch;step;miou\r\n1;10;12,5\r\n2;20;13,0\r\n")  # ';' and decimal commas, as a spreadsheet saves
+    runs.log_metrics(path, {"epoch": 2, "step": 20, "miou": 14.0})  # epoch 2 again (a resumed run): replaced
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["miou"]) for r in rows] == [("1", "12,5"), ("2", "14.0")]
+    path.write_text("Epoch,mIoU\n1,12.5\n")  # renamed columns: refused by name, before any step
+    fake_run(tmp_path / "run", runs.student_state(elite.Student()))
+    (tmp_path / "run" / "metrics.csv").write_text(path.read_text())
+    with pytest.raises(elite.DataError, match=r"run/metrics\.csv: not the metrics table a run writes"):
+        runs.claim_run_folder(tmp_path / "run", runs.STUDENT_KIND, resume=True, overwrite=False)
+    with pytest.raises(elite.DataError, match=r"metrics\.csv: not the metrics table"):
+        runs.log_metrics(path, {"epoch": 2, "miou": 1.0})
+    assert path.read_text() == "Epoch,mIoU\n1,12.5\n"  # untouched
 
 
 def test_a_run_never_writes_over_another_kinds_checkpoint(synth_root, tmp_path):

@@ -517,7 +517,8 @@ def main(argv=None):
 
     conf = runs.fit(run, setup.loader, setup.optimizer, objective, schedule, setup.validate, save,
                      setup.after_backward, amp_device=device if args.amp else None,
-                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path)
+                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path,
+                     overwrite=args.overwrite)
     runs.close_distributed()
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")

@@ -387,7 +387,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(teacher, val_loader, scores), save,
                      allocator.step if allocator is not None else None, amp_device=device if args.amp else None,
                      metric="val 2D mIoU", metrics_csv=args.out / "metrics.csv", save_every=args.save_every,
-                     last_path=last_path)
+                     last_path=last_path, overwrite=args.overwrite)
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
@@ -469,7 +469,8 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     objective = runs.data_parallel(runs.Objective([model], loss_terms), args.sync_bn)
     conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(model, val_loader, scores, runs.new_confusion(args.dataset)), save,
                      amp_device=device if args.amp else None,
-                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path)
+                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path,
+                     overwrite=args.overwrite)
     if conf is None:
         print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
     else:
