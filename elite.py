@@ -115,9 +115,19 @@ def label_count(path, num_points: int | None = None) -> int:
 
 
 def read_scan(path) -> np.ndarray:
-    """A velodyne .bin: float32 rows (x, y, z, remission) -> (N, 4)."""
+    """A velodyne .bin: float32 rows (x, y, z, remission) -> (N, 4). Remission is 0..1 in
+    SemanticKITTI; a file on another scale (0..255) is named in a warning, as the network would
+    read it as a different surface."""
     scan_size(path)
-    return np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+    points = np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+    remission = points[:, 3][np.isfinite(points[:, 3])]
+    if len(remission) and remission.max() > REMISSION_MAX:
+        warnings.warn(f"{path}: remission up to {remission.max():g}, beyond SemanticKITTI's 0..1 (a 0..255 scale?): "
+                      "the models here learn it on 0..1, so their predictions on this scan will be poor")
+    return points
+
+
+REMISSION_MAX = 1.5  # a little room above 1: real scans stay within 0..1
 
 
 def read_labels(path, num_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -198,18 +208,22 @@ def read_image(path) -> np.ndarray:
         raise DataError(f"{path}: image not found")
     try:
         with Image.open(path) as im:
+            if im.mode not in ("RGB", "RGBA", "L", "LA", "P"):  # 16-bit or float: convert() would clip it to garbage
+                raise DataError(f"{path}: a {im.mode} image (16-bit or floating point); the camera frames are 8-bit "
+                                "RGB, as KITTI's image_2 PNGs")
             return np.asarray(im.convert("RGB"))
     except OSError as e:
         raise DataError(f"{path}: cannot decode image ({e})") from None
 
 
 def list_scans(root, sequences) -> list[Path]:
-    """All velodyne/*.bin of the given sequences under ROOT/sequences, sorted."""
+    """All velodyne/NNNNNN.bin of the given sequences under ROOT/sequences, sorted. Other files
+    there (macOS's ._000000.bin metadata twins, editor backups) are not scans and are left out."""
     check_root(root)
     root = Path(root)
     scans = []
     for seq in sequences:
-        scans += sorted((root / "sequences" / seq / "velodyne").glob("*.bin"))
+        scans += sorted(p for p in (root / "sequences" / seq / "velodyne").glob("*.bin") if p.stem.isdigit())
     if not scans:
         raise DataError(f"{root}/sequences: no scans in sequences {list(sequences)}")
     return scans

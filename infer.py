@@ -269,6 +269,7 @@ def predict(args):
     check_outputs(args)
     device = torch.device(args.device)
     model, ckpt = runs.load_student(args.checkpoint, map_location=device)
+    runs.check_dataset(model.cfg, args.dataset, args.checkpoint)
     model.to(device).eval()
     scans = scans_to_predict(args)
     claim_predictions(args, sorted({s.parent.parent.name for s in scans}))
@@ -326,6 +327,7 @@ def predict_fusion(args):
     check_outputs(args)
     device = torch.device(args.device)
     model, ckpt = u2mkd.load_fusion_student(args.checkpoint, map_location=device)
+    runs.check_dataset(model.cfg, args.dataset, args.checkpoint)
     model.to(device).eval()
     image_hw = tuple(ckpt["image_hw"])
     scans = scans_to_predict(args)
@@ -373,9 +375,14 @@ def predict_fusion(args):
 # LiDAR reaches beyond the 2DPASS range: such points are predicted where they are pushed onto
 # the range's edge, and class 0 (ignore) is never predicted.
 
-def nusc_points(points: np.ndarray) -> np.ndarray:
+def nusc_points(points: np.ndarray, path) -> np.ndarray:
     """(N, 5) keyframe -> (N, 4) x, y, z, intensity with every point inside the voxel range:
-    non-finite values become 0, coordinates beyond the range are clamped onto its edge."""
+    non-finite values become 0 (named in a warning: those points still need a class in the
+    submission, but it is a guess), coordinates beyond the range are clamped onto its edge."""
+    bad = ~np.isfinite(points[:, :4]).all(1)
+    if bad.any():
+        warnings.warn(f"{path}: {int(bad.sum())} points with NaN or Inf values; the submission needs a class for "
+                      "each, so they are predicted where their finite values put them (a guess) and scored")
     pts = np.nan_to_num(points[:, :4], nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
     eps = 1e-3
     pts[:, :3] = np.clip(pts[:, :3], np.array(nusc.RANGE_MIN) + eps, np.array(nusc.RANGE_MAX) - eps)
@@ -384,11 +391,11 @@ def nusc_points(points: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def predict_nusc_frame(model, points: np.ndarray, images: np.ndarray | None, camera: np.ndarray, uv: np.ndarray,
-                       votes: int, rng: np.random.Generator, device) -> np.ndarray:
+                       votes: int, rng: np.random.Generator, device, path="keyframe") -> np.ndarray:
     """Classes 1..16 (N,) for every point of a keyframe; images (K, 3, H, W) and each point's
     camera (-1: none) and uv for a fusion student (images None: a LiDAR-only student, or every
     point imputed)."""
-    pts = nusc_points(points)
+    pts = nusc_points(points, path)
     xyzi, batch_idx, index = vote_copies(pts, np.arange(len(pts)), votes, rng, device)
     if isinstance(model, u2mkd.FusionStudent):
         image_t, k = None, 0
@@ -418,15 +425,14 @@ def predict_nuscenes(args):
     else:
         model, ckpt = runs.load_student(args.checkpoint, map_location=device)
         image_hw = None
-    if model.cfg.num_classes != nusc.NUM_CLASSES:
-        raise elite.DataError(f"{args.checkpoint}: a model of {model.cfg.num_classes} classes (SemanticKITTI); "
-                              f"nuScenes-lidarseg has {nusc.NUM_CLASSES}: train it with --dataset nuscenes")
+    runs.check_dataset(model.cfg, args.dataset, args.checkpoint)
     model.to(device).eval()
     tables = nusc.read_tables(args.data, args.version)
     lut = nusc.fine_to_coarse(tables)
     frames = nusc.keyframes(tables, args.data, nusc.split_scenes(tables, args.split), labelled=args.split != "test")
-    claim_predictions(args, [])
     fusion = image_hw is not None
+    nusc.check_files(tables, args.data, frames, cameras=fusion)  # every file, before the first prediction
+    claim_predictions(args, [])
     runs.print_summary("infer.py: nuScenes-lidarseg predictions", {
         "device": runs.describe_device(device, args.amp),
         "convolutions": runs.describe_conv(device),
@@ -449,7 +455,7 @@ def predict_nuscenes(args):
             if fusion else None
         for mode in modes:
             pred = predict_nusc_frame(model, points, images if mode == "images" else None, camera, uv, args.votes,
-                                      rng, device)
+                                      rng, device, frame.points)
             if mode == written:  # the files of the mode asked for
                 write_bytes(args.out / "lidarseg" / args.split / f"{frame.lidar_token}_lidarseg.bin",
                             nusc.submission_labels(pred).tobytes())

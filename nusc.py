@@ -74,7 +74,58 @@ def read_tables(root, version: str) -> Tables:
             rows[table] = {r["token"]: r for r in records}
         except (ValueError, TypeError, KeyError) as e:
             raise DataError(f"{path}: not a table of the nuScenes schema ({type(e).__name__}: {e})") from None
-    return Tables(version, rows)
+    tables = Tables(version, rows)
+    check_tables(tables, folder)
+    return tables
+
+
+# Every token a row names must be a row of the table it points into ("?": or empty, a chain's end).
+LINKS = {
+    "scene": [("first_sample_token", "sample")],
+    "sample": [("next", "sample?"), ("prev", "sample?")],
+    "sample_data": [("sample_token", "sample"), ("calibrated_sensor_token", "calibrated_sensor"),
+                    ("ego_pose_token", "ego_pose"), ("next", "sample_data?"), ("prev", "sample_data?")],
+    "calibrated_sensor": [("sensor_token", "sensor")],
+    "lidarseg": [("sample_data_token", "sample_data")],
+}
+
+
+def check_tables(tables: Tables, folder: Path) -> None:
+    """The tables' links and geometry, checked once when read, so a bad row is one line naming
+    table, row and field, not a traceback or a wrong projection later: every token points to a
+    row; poses hold a non-zero quaternion and 3 finite numbers; cameras a finite 3 x 3 intrinsic."""
+    def fail(table, token, field, what):
+        raise DataError(f"{folder / table}.json: row {token}: '{field}' {what}")
+
+    for table, links in LINKS.items():
+        for token, row in tables[table].items():
+            for field, target in links:
+                value = row.get(field)
+                if target.endswith("?") and value in ("", None):
+                    continue
+                if not isinstance(value, str) or value not in tables[target.rstrip("?")]:
+                    fail(table, token, field, f"is {value!r}, not a token of {target.rstrip('?')}.json")
+    for table in ("calibrated_sensor", "ego_pose"):
+        for token, row in tables[table].items():
+            rotation, translation = numbers(row.get("rotation"), 4), numbers(row.get("translation"), 3)
+            if rotation is None or not np.linalg.norm(rotation) > 0:
+                fail(table, token, "rotation", f"is {row.get('rotation')!r}, not a non-zero quaternion (w, x, y, z)")
+            if translation is None:
+                fail(table, token, "translation", f"is {row.get('translation')!r}, not 3 finite numbers")
+    for token, row in tables["calibrated_sensor"].items():
+        if tables["sensor"][row["sensor_token"]].get("modality") == "camera" and \
+                numbers(row.get("camera_intrinsic"), 9) is None:
+            fail("calibrated_sensor", token, "camera_intrinsic",
+                 f"is {row.get('camera_intrinsic')!r}, not a camera's 3 x 3 matrix of finite numbers")
+
+
+def numbers(value, count: int) -> np.ndarray | None:
+    """value as `count` finite float64 numbers (nested lists flattened), or None."""
+    try:
+        a = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    return a if a.size == count and np.isfinite(a).all() else None
 
 
 # =====================================================================================
@@ -111,19 +162,27 @@ CLASS_COLORS = np.array([  # the devkit's coarse colour map, RGB
     [112, 180, 60], [222, 184, 135], [0, 175, 0]], dtype=np.uint8)
 
 
+UNCLAIMED = 255  # in fine_to_coarse's table: an index no category claims (read_labels refuses it)
+
+
 def fine_to_coarse(tables: Tables) -> np.ndarray:
-    """(256,) uint8 lookup: category.json index -> evaluation class 0..16. A category name the
-    challenge does not know is a DataError; an index no category claims maps to 0."""
+    """(256,) uint8 lookup: category.json index -> evaluation class 0..16, UNCLAIMED where no
+    category has that index. A category name the challenge does not know, or two categories on
+    one index, is a DataError."""
     path = f"{tables.version}/category.json"
-    lut = np.zeros(256, dtype=np.uint8)
+    lut = np.full(256, UNCLAIMED, dtype=np.uint8)
+    claimed: dict[int, str] = {}
     for row in tables["category"].values():
         name, index = row.get("name"), row.get("index")
         if index is None:
             raise DataError(f"{path}: category '{name}' has no 'index' (nuScenes-lidarseg adds it to category.json)")
         if name not in FINE_TO_COARSE:
             raise DataError(f"{path}: category '{name}' is not one of the 32 nuScenes-lidarseg classes")
-        if not 0 <= index < 256:
-            raise DataError(f"{path}: category '{name}' has index {index}, outside 0..255 (labels are uint8)")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 256:
+            raise DataError(f"{path}: category '{name}' has index {index!r}, not an integer in 0..255 (labels are uint8)")
+        if index in claimed:
+            raise DataError(f"{path}: categories '{claimed[index]}' and '{name}' both have index {index}")
+        claimed[index] = name
         lut[index] = CLASS_NAMES.index(FINE_TO_COARSE[name])
     return lut
 
@@ -198,8 +257,12 @@ def keyframes(tables: Tables, root, scenes: list[dict], labelled=True) -> list[K
     label_of = {row["sample_data_token"]: row["filename"] for row in tables["lidarseg"].values()}
     out = []
     for scene in scenes:
-        token = scene["first_sample_token"]
+        token, seen = scene["first_sample_token"], set()
         while token:
+            if token in seen:
+                raise DataError(f"{root / tables.version}/sample.json: the samples of scene {scene['name']} loop: "
+                                f"'next' leads back to sample {token}")
+            seen.add(token)
             sample = tables["sample"][token]
             data = {tables.channel(sd): sd for sd in by_sample.get(token, [])}
             if LIDAR not in data:
@@ -235,6 +298,10 @@ def read_labels(path, num_points: int, lut: np.ndarray) -> np.ndarray:
     labels = np.fromfile(path, dtype=np.uint8)
     if len(labels) != num_points:
         raise DataError(f"{path}: {len(labels)} labels but its LiDAR file has {num_points} points")
+    unclaimed = np.unique(labels[lut[labels] == UNCLAIMED])
+    if len(unclaimed):
+        raise DataError(f"{path}: label index {int(unclaimed[0])} ({len(unclaimed)} such) is no category's index in "
+                        "category.json: labels and tables of different releases?")
     return lut[labels].astype(np.int64)
 
 
@@ -355,6 +422,25 @@ def read_sweeps(tables: Tables, root, lidar_token: str, count: int) -> np.ndarra
     return np.concatenate(parts)
 
 
+def check_files(tables: Tables, root, frames: list[Keyframe], sweeps=0, cameras=False) -> None:
+    """Every file a run will read of these keyframes, checked before its first step from the
+    sizes alone: each LiDAR file whole, its lidarseg file there with one label per point, the
+    sweeps around it (sweeps > 0) whole, its camera images there (cameras). One line naming the
+    first bad file, not an error in epoch 2."""
+    for frame in frames:
+        n = whole_records(frame.points, 20, "LiDAR file", "5 float32 per point")
+        if frame.labels is not None:
+            if not frame.labels.is_file():
+                raise DataError(f"{frame.labels}: lidarseg label file not found")
+            if frame.labels.stat().st_size != n:
+                raise DataError(f"{frame.labels}: {frame.labels.stat().st_size} labels but its LiDAR file has {n} points")
+        for token in sweep_tokens(tables, frame.lidar_token, sweeps) if sweeps else ():
+            whole_records(Path(root) / tables["sample_data"][token]["filename"], 20, "LiDAR sweep", "5 float32 per point")
+        for camera in frame.cameras if cameras else ():
+            if not camera.image.is_file():
+                raise DataError(f"{camera.image}: camera image not found ({camera.channel} of sample {frame.token})")
+
+
 # =====================================================================================
 # 8. The dataset: keyframes as the voxel student reads them
 # =====================================================================================
@@ -376,13 +462,14 @@ class NuScenesScans(torch.utils.data.Dataset):
     dropout and augmentation; sweeps=k adds k unlabelled sweeps (label 0) in the keyframe's frame
     (U2MKD's LiDAR teacher), their rows counted on after the keyframe's own."""
 
-    def __init__(self, root, version: str, split: str, train=False, seed=0, sweeps=0, labelled=True):
+    def __init__(self, root, version: str, split: str, train=False, seed=0, sweeps=0, labelled=True, cameras=False):
         self.root, self.train, self.seed, self.sweeps, self.epoch = Path(root), train, seed, sweeps, 0
         self.tables = read_tables(root, version)
         self.lut = fine_to_coarse(self.tables)
         self.frames = keyframes(self.tables, root, split_scenes(self.tables, split), labelled)
         if not self.frames:
             raise DataError(f"{self.root / version}: no scene of split '{split}'")
+        check_files(self.tables, root, self.frames, sweeps, cameras)
         self.scans = [f.points for f in self.frames]  # what progress warnings name
         self.has_labels = [f.labels is not None for f in self.frames]
 

@@ -152,7 +152,12 @@ def load_checkpoint(path, kind: str | None, map_location="cpu") -> dict:
 
 def load_state(module: nn.Module, state: dict, path, strict=True):
     """module.load_state_dict(state), with an error that names the file and the tensor when
-    the checkpoint does not fit the model. strict=False: tensors may be missing."""
+    the checkpoint does not fit the model or holds NaN or Inf (a diverged model would predict
+    class 0 everywhere). strict=False: tensors may be missing."""
+    bad = non_finite_tensors(state)
+    if bad:
+        raise DataError(f"{path}: {len(bad)} tensors hold NaN or Inf (e.g. '{bad[0]}'): the model diverged; "
+                        "use an earlier checkpoint of its run")
     own = module.state_dict()
     for key, value in state.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape):
@@ -181,6 +186,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: dict, path) -> 
         optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as e:
         raise DataError(f"{path}: its optimiser state does not fit this run's parameters ({e})") from None
+
+
+def dataset_of(cfg: StudentConfig) -> str | None:
+    """Which dataset a voxel model's config was built for: its classes and voxel grid say it."""
+    grids = {"semantickitti": StudentConfig(), "nuscenes": nusc.student_config()}
+    key = lambda c: (c.num_classes, tuple(c.range_min), tuple(c.range_max), tuple(c.grid_shape))  # noqa: E731
+    return next((name for name, ref in grids.items() if key(ref) == key(cfg)), None)
+
+
+def check_dataset(cfg: StudentConfig, dataset: str, path) -> None:
+    """A checkpoint of one dataset's classes and grid never predicts or trains on the other's."""
+    found = dataset_of(cfg)
+    if found != dataset:
+        made = f"{found} ({cfg.num_classes} classes and its voxel grid)" if found else \
+            f"{cfg.num_classes} classes and the grid {cfg.range_min}..{cfg.range_max}"
+        raise DataError(f"{path}: a model for {made}, not for {dataset}: its class ids would be written as "
+                        f"{dataset}'s; give a checkpoint trained with --dataset {dataset}")
 
 
 STUDENT_KIND = "elite-student"
@@ -683,6 +705,10 @@ def check_datasets(train_set, val_set, samples=16) -> None:
         raise DataError(f"{checked[0].parent}: every point of the {len(checked)} training .label files checked "
                         f"({checked[0].name} ... {checked[-1].name}) is unlabeled (training id 0): there is nothing "
                         "to learn from")
+    if getattr(train_set, "cutmix", False) and all(not read_labels(path)[1].any() for path in checked):
+        raise DataError(f"{checked[0].parent}: --cutmix pastes the points of other scans' instances, but no point of "
+                        f"the {len(checked)} training .label files checked carries an instance id (their upper 16 "
+                        "bits are 0): there is nothing to paste; run without --cutmix (--no-cutmix)")
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -875,7 +901,18 @@ def add_data_flags(parser, holds: str) -> None:
     parser.add_argument("--train-sequences", nargs="+", default=None,
                         help="training sequences (preset: 00-07 09 10, with 08 for paper-test; missing ones are "
                              "skipped with a note)")
-    parser.add_argument("--val-sequences", nargs="+", default=SPLITS["val"], help="validation sequences (official: 08)")
+    parser.add_argument("--val-sequences", nargs="+", default=None,
+                        help=f"validation sequences (default: {' '.join(SPLITS['val'])}, the official val split)")
+
+
+def check_data_flags(parser, args) -> None:
+    """The sequence flags are SemanticKITTI's: refused on nuScenes (its splits are the official
+    scenes), not silently ignored. Then --val-sequences' default."""
+    given = [f"--{k.replace('_', '-')}" for k in ("train_sequences", "val_sequences") if getattr(args, k) is not None]
+    if args.dataset == "nuscenes" and given:
+        parser.error(f"{' and '.join(given)}: SemanticKITTI's sequences; nuScenes' splits are the official scenes "
+                     "(--version picks the tables)")
+    args.val_sequences = args.val_sequences or list(SPLITS["val"])
 
 
 def add_run_flags(parser) -> None:
@@ -935,7 +972,31 @@ def describe_conv(device: torch.device) -> str:
 
 def config_of(args) -> dict:
     """A script's flags as a checkpoint stores them."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "given"}
+
+
+def given_flags(parser, args) -> None:
+    """args.given: the flags this command line set (before presets fill the rest)."""
+    args.given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+
+
+# Flags that only say how this process runs, not what the run is: a resume may change them freely.
+HOW_IT_RUNS = ("resume", "overwrite", "out", "device", "workers", "val_batch_size", "save_every", "conv",
+               "deterministic", "amp", "sync_bn", "threads")
+
+
+def resume_changes(args, recorded: dict, keeps: tuple[str, ...], path) -> str:
+    """--resume: the run keeps what defines it (`keeps`: its method, teacher, image size, ...): a
+    flag given now that would change one is refused. Every other setting that differs from the
+    run's recorded config changes it from here on, and the start-up summary says so."""
+    now = config_of(args)
+    for key in keeps:
+        if key in args.given and key in recorded and now.get(key) != recorded[key]:
+            raise DataError(f"{path}: --{key.replace('_', '-')} {now[key]}: the run being resumed keeps "
+                            f"{recorded.get(key)!r}, as it started; give a new --out to change it")
+    changed = [f"--{k.replace('_', '-')} {now[k]} (was {recorded.get(k)})" for k in now
+               if k not in HOW_IT_RUNS and k not in keeps and k in recorded and now[k] != recorded[k]]
+    return "; changed from here on: " + ", ".join(changed) if changed else "; every setting as the run started"
 
 
 def print_summary(title: str, rows: dict[str, str]) -> None:
@@ -1067,11 +1128,12 @@ class RunState:
     def where(self) -> str:
         return f"epoch {self.epoch + 1}" + (f", batch {self.batch}" if self.batch else "") + f", step {self.step}"
 
-    def start(self, checkpoint: Path, resumed: bool, metric="mIoU") -> str:
-        """The start-up summary's line: a fresh run, or where a resumed one goes on."""
+    def start(self, checkpoint: Path, resumed: bool, metric="mIoU", changes="") -> str:
+        """The start-up summary's line: a fresh run, or where a resumed one goes on (and what
+        changes, resume_changes)."""
         if not resumed:
             return "from scratch"
-        return f"resumed from {checkpoint}: {self.where()}, best {metric} {100 * self.best_miou:.1f}"
+        return f"resumed from {checkpoint}: {self.where()}, best {metric} {100 * self.best_miou:.1f}{changes}"
 
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
@@ -1244,11 +1306,14 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
         start_over(last_path.parent)  # only now: the run's inputs all passed their checks
     saved = [run.where() if run.step else None]  # where the last checkpoint on disk stands
 
-    def checkpoint(miou, improved):
+    def at_where(write):  # a write that fails says where the run stands
         try:
-            save(run, miou, improved)
+            write()
         except DataError as e:
             raise DataError(f"{e} (at {run.where()})") from None
+
+    def checkpoint(miou, improved):
+        at_where(lambda: save(run, miou, improved))
         saved[0] = run.where()
 
     def sigterm_stop() -> Stopped:
@@ -1307,7 +1372,7 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                     row |= means | {"miou": 100 * miou, "miou_present": 100 * float(conf.iou()[present].mean()),
                                     "best_miou": 100 * run.best_miou, "seconds": round(time.time() - start, 1)}
                     if metrics_csv is not None:  # before the checkpoint: a failed row leaves the epoch to redo, not lost
-                        log_metrics(metrics_csv, row)
+                        at_where(lambda: log_metrics(metrics_csv, row))
                     checkpoint(miou, improved)
                     if board is not None:
                         for key, value in row.items():

@@ -363,11 +363,22 @@ def test_bad_files_give_clear_errors(tmp_path):
         elite.read_calib(tmp_path / "calib.txt")
     with pytest.raises(elite.DataError, match="image not found"):
         elite.read_image(tmp_path / "image_2" / "000000.png")
+    from PIL import Image
+    Image.fromarray(np.full((4, 6), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")  # a 16-bit PNG
+    with pytest.raises(elite.DataError, match=r"deep\.png: a I;16 image \(16-bit or floating point\)"):
+        elite.read_image(tmp_path / "deep.png")
+    (tmp_path / "calib_crlf.txt").write_text("P2:\t1 0 0 0 0 1 0 0 0 0 1 0\r\nTr: 1 0 0 0 0 1 0 0 0 0 1 0\r\n")
+    assert np.array_equal(elite.read_calib(tmp_path / "calib_crlf.txt")["P2"], np.eye(3, 4))  # tabs, CRLF: read
     with pytest.raises(elite.DataError, match="no 'sequences' folder"):
         elite.list_scans(tmp_path, ["00"])
     (tmp_path / "sequences" / "00").mkdir(parents=True)
     with pytest.raises(elite.DataError, match="no scans"):
         elite.list_scans(tmp_path, ["00"])
+    velodyne = tmp_path / "sequences" / "00" / "velodyne"
+    velodyne.mkdir()
+    for name in ("000000.bin", "._000000.bin", "000000 copy.bin"):  # a scan, macOS metadata, a file manager's copy
+        (velodyne / name).write_bytes(bytes(16))
+    assert [p.name for p in elite.list_scans(tmp_path, ["00"])] == ["000000.bin"]
 
 
 def test_unknown_raw_ids_warn_and_become_unlabelled():
@@ -2064,6 +2075,11 @@ def test_instance_database_round_trip_and_paste(synth_copy):
     assert any(np.array_equal(points[match & (instance == i)], first) for i in np.unique(instance[match]))
     other = u2mkd.load_instance_db(synth_copy, ["00", "08"], min_points=20, progress=False)  # other key: rebuilt
     assert len(other) >= len(db)
+    # A cache never outlives what it was cut from: labels edited since (every instance id 0) -> rebuilt.
+    for label in (synth_copy / "sequences" / "00" / "labels").glob("*.label"):
+        raw = np.fromfile(label, dtype=np.uint32)
+        (raw & 0xFFFF).astype(np.uint32).tofile(label)
+    assert len(u2mkd.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)) == 0
     pts, lab = u2mkd.paste_instances(points, labels, db, np.random.default_rng(0), add_num=3)
     added = pts[len(points):]
     assert len(added) > 0 and set(np.unique(lab[len(points):]).tolist()) <= set(u2mkd.THING_CLASSES)

@@ -4,6 +4,7 @@ computation, the sweeps, the devkit's evaluation rules, the submission format, b
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -54,6 +55,26 @@ def test_class_mapping_follows_category_names_not_numbers(synth_nusc, tmp_path):
     (root / VERSION / "category.json").write_text(json.dumps(rows))
     with pytest.raises(elite.DataError, match="category 'animal' has no 'index'"):
         nusc.fine_to_coarse(tables_of(root))
+    rows[3]["index"] = rows[4]["index"]  # two categories on one index: refused, not "the last wins"
+    (root / VERSION / "category.json").write_text(json.dumps(rows))
+    with pytest.raises(elite.DataError, match=rf"categories '.*' and '.*' both have index {rows[4]['index']}$") as e:
+        nusc.fine_to_coarse(tables_of(root))
+    assert {"'animal'", f"'{rows[4]['name']}'"} <= set(re.findall(r"'[^']+'", str(e.value)))
+    rows[3]["index"] = "7"  # an index given as a string
+    (root / VERSION / "category.json").write_text(json.dumps(rows))
+    with pytest.raises(elite.DataError, match=r"category 'animal' has index '7', not an integer"):
+        nusc.fine_to_coarse(tables_of(root))
+
+
+def test_a_label_index_no_category_claims_is_refused(synth_nusc, tmp_path):
+    tables = tables_of(synth_nusc)
+    lut = nusc.fine_to_coarse(tables)
+    unclaimed = next(i for i in range(256) if i not in {r["index"] for r in tables["category"].values()})
+    labels = np.array([lut.argmax(), unclaimed, unclaimed], dtype=np.uint8)
+    labels.tofile(tmp_path / "x_lidarseg.bin")
+    with pytest.raises(elite.DataError, match=rf"x_lidarseg\.bin: label index {unclaimed} \(1 such\) is no "
+                                              "category's index in category.json"):
+        nusc.read_labels(tmp_path / "x_lidarseg.bin", 3, lut)
 
 
 # ------------------------------------------------------------------------------------
@@ -267,3 +288,110 @@ def test_bad_nuscenes_input_names_the_file(synth_nusc, tmp_path):
         tables_of(root)
     with pytest.raises(elite.DataError, match=r"v1\.0-mini: no such folder"):
         nusc.read_tables(root, "v1.0-mini")
+
+
+# ------------------------------------------------------------------------------------
+# Tables that do not hold together: one line naming table, row and field
+# ------------------------------------------------------------------------------------
+
+def first(rows, **where):
+    return next(r for r in rows if all(r.get(k) == v for k, v in where.items()))
+
+
+def camera_calibration(tables_dir):
+    sensors = json.loads((tables_dir / "sensor.json").read_text())
+    camera = first(sensors, modality="camera")["token"]
+    return lambda rows: first(rows, sensor_token=camera)
+
+
+@pytest.mark.parametrize("table, spoil, message", [
+    ("scene.json", lambda rows, d: rows[0].update(first_sample_token="nope"),
+     r"scene\.json: row .*: 'first_sample_token' is 'nope', not a token of sample\.json"),
+    ("sample_data.json", lambda rows, d: rows[0].update(calibrated_sensor_token="gone"),
+     r"sample_data\.json: row .*: 'calibrated_sensor_token' is 'gone', not a token of calibrated_sensor\.json"),
+    ("ego_pose.json", lambda rows, d: rows[0].update(rotation=[0, 0, 0, 0]),
+     r"ego_pose\.json: row .*: 'rotation' is \[0, 0, 0, 0\], not a non-zero quaternion"),
+    ("calibrated_sensor.json", lambda rows, d: camera_calibration(d)(rows).update(camera_intrinsic=[]),
+     r"calibrated_sensor\.json: row .*: 'camera_intrinsic' is \[\], not a camera's 3 x 3 matrix"),
+    ("calibrated_sensor.json", lambda rows, d: rows[0].update(translation=["1", None, 3]),
+     r"calibrated_sensor\.json: row .*: 'translation' is \['1', None, 3\], not 3 finite numbers"),
+])
+def test_tables_that_do_not_hold_together_are_refused_by_row_and_field(synth_nusc, tmp_path, table, spoil, message):
+    root = tmp_path / "nusc"
+    shutil.copytree(synth_nusc / VERSION, root / VERSION)
+    rows = json.loads((root / VERSION / table).read_text())
+    spoil(rows, root / VERSION)
+    (root / VERSION / table).write_text(json.dumps(rows))
+    with pytest.raises(elite.DataError, match=message):
+        nusc.read_tables(root, VERSION)
+
+
+def test_samples_whose_next_loops_back_are_refused_not_followed_forever(synth_nusc, tmp_path):
+    root = tmp_path / "nusc"
+    shutil.copytree(synth_nusc / VERSION, root / VERSION)
+    samples = json.loads((root / VERSION / "sample.json").read_text())
+    scenes = json.loads((root / VERSION / "scene.json").read_text())
+    by_token = {s["token"]: s for s in samples}
+    head = by_token[scenes[0]["first_sample_token"]]
+    second = by_token[head["next"]]
+    second["next"] = head["token"]  # back to the scene's first sample
+    (root / VERSION / "sample.json").write_text(json.dumps(samples))
+    tables = nusc.read_tables(root, VERSION)
+    with pytest.raises(elite.DataError, match=rf"sample\.json: the samples of scene {scenes[0]['name']} loop: 'next' "
+                                              rf"leads back to sample {head['token']}"):
+        nusc.keyframes(tables, root, [tables["scene"][scenes[0]["token"]]], labelled=False)
+
+
+def test_non_finite_keyframe_points_at_inference_are_named():
+    import infer
+    points = np.zeros((3, 5), dtype=np.float32)
+    points[1, 0] = np.nan
+    with pytest.warns(UserWarning, match=r"kf\.pcd\.bin: 1 points with NaN or Inf values; the submission needs a "
+                                         "class for each"):
+        pts = infer.nusc_points(points, "kf.pcd.bin")
+    assert np.isfinite(pts).all() and len(pts) == 3
+
+
+def test_every_file_a_run_reads_is_checked_before_its_first_step(synth_nusc, tmp_path):
+    import u2mkd
+    root = tmp_path / "nusc"
+    shutil.copytree(synth_nusc, root)
+    tables = tables_of(root)
+    train = nusc.keyframes(tables, root, nusc.split_scenes(tables, "train"))
+    val = nusc.keyframes(tables, root, nusc.split_scenes(tables, "val"))
+
+    def refused(spoil, restore, build, message):
+        saved = spoil()
+        try:
+            with pytest.raises(elite.DataError, match=message):
+                build()
+        finally:
+            restore(saved)
+
+    def cut(path):
+        data = path.read_bytes()
+        path.write_bytes(data[:-8])
+        return path, data
+
+    def remove(path):
+        data = path.read_bytes()
+        path.unlink()
+        return path, data
+
+    def put_back(saved):
+        saved[0].write_bytes(saved[1])
+
+    last = train[-1]  # the last keyframe of training: reached after every other step
+    refused(lambda: cut(last.points), put_back, lambda: nusc.NuScenesScans(root, VERSION, "train", train=True),
+            rf"{last.points.name}: \d+ bytes is not a multiple of 20 .*: the file is truncated")
+    refused(lambda: remove(val[-1].labels), put_back, lambda: nusc.NuScenesScans(root, VERSION, "val"),
+            rf"{val[-1].labels.name}: lidarseg label file not found")
+    refused(lambda: cut(val[0].labels), put_back, lambda: nusc.NuScenesScans(root, VERSION, "val"),
+            rf"{val[0].labels.name}: \d+ labels but its LiDAR file has \d+ points")
+    camera = last.cameras[-1].image
+    refused(lambda: remove(camera), put_back, lambda: u2mkd.NuScenesPairData(root, VERSION, "train", train=True),
+            rf"{camera.name}: camera image not found \({last.cameras[-1].channel} of sample {last.token}\)")
+    nusc.NuScenesScans(root, VERSION, "train", train=True)  # without images, a missing one is not read
+    sweep = root / tables["sample_data"][nusc.sweep_tokens(tables, last.lidar_token, 2)[0]]["filename"]
+    refused(lambda: remove(sweep), put_back, lambda: nusc.NuScenesScans(root, VERSION, "train", train=True, sweeps=2),
+            rf"{sweep.name}: LiDAR sweep not found")

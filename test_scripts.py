@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import elite
+import nusc
 import runs
 import synthkitti
 import u2mkd
@@ -186,7 +187,8 @@ def test_nuscenes_teacher_fusion_student_baseline_and_submission(synth_nusc, tmp
                                               r"nuscenes has 17"):
         train_student.main(["--method", "u2mkd", *common, "--teacher", str(tmp_path / "kitti_teacher.pt"),
                             "--out", str(tmp_path / "wrong")])
-    with pytest.raises(elite.DataError, match="a model of 20 classes"):  # a SemanticKITTI student
+    with pytest.raises(elite.DataError, match=r"kitti\.pt: a model for semantickitti \(20 classes and its voxel "
+                                              r"grid\), not for nuscenes"):  # a SemanticKITTI student
         runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "kitti.pt")
         infer.predict(infer.parse_args(["--dataset", "nuscenes", "--data", str(synth_nusc), "--checkpoint",
                                         str(tmp_path / "kitti.pt"), "--out", str(tmp_path / "p"), "--device", "cpu"]))
@@ -424,6 +426,12 @@ def set_unknown_ids(path: Path) -> None:
     raw.tofile(path)
 
 
+def strip_instances(labels: Path) -> None:
+    for path in labels.glob("*.label"):
+        raw = np.fromfile(path, dtype=np.uint32)
+        (raw & 0xFFFF).astype(np.uint32).tofile(path)
+
+
 def half_size_image(path: Path) -> None:
     from PIL import Image
     with Image.open(path) as im:
@@ -460,6 +468,13 @@ S00, S08 = "sequences/00", "sequences/08"
 def train_args(d: Path, *more) -> list[str]:
     return ["--data", str(d / "data"), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
             "--epochs", "1", "--batch-size", "1", "--device", "cpu", "--out", str(d / "out"), *more]
+
+
+def nusc_train_args(d: Path, *more) -> list[str]:
+    """train_args without the SemanticKITTI sequence flags, which nuScenes refuses."""
+    args = train_args(d, "--dataset", "nuscenes", *more)
+    return [a for i, a in enumerate(args) if a not in ("--train-sequences", "--val-sequences")
+            and args[i - 1] not in ("--train-sequences", "--val-sequences")]
 
 
 def infer_args(d: Path, *more, checkpoint="student.pt") -> list[str]:
@@ -512,6 +527,9 @@ BAD_INPUTS = [
      lambda d: ((d / "data" / S00 / "velodyne/000001.bin").write_bytes(b""),
                 (d / "data" / S00 / "labels/000001.label").write_bytes(b""), train_args(d, "--teacher", "none"))[2],
      r"00/velodyne/000001\.bin: empty scan", True),
+    ("remission on a 0..255 scale", "infer",
+     lambda d: (edit_scan(d / "data" / S08 / "velodyne/000000.bin", lambda p: p[:, 3].__imul__(255)), infer_args(d))[1],
+     r"08/velodyne/000000\.bin: remission up to [\d.]+, beyond SemanticKITTI's 0\.\.1 \(a 0\.\.255 scale\?\)", True),
     ("every point out of range", "infer",
      lambda d: (edit_scan(d / "data" / S08 / "velodyne/000000.bin", lambda p: p.__imul__(1000)), infer_args(d))[1],
      r"08/velodyne/000000\.bin: none of its \d+ points lies inside the voxel range", True),
@@ -543,6 +561,25 @@ BAD_INPUTS = [
     ("flags: an ELiTe option for U2MKD", "train_student",
      lambda d: train_args(d, "--method", "u2mkd", "--labels", "plg"),
      r"--labels does not apply to --method u2mkd", False),
+    ("flags: --camera-drop for U2MKD on SemanticKITTI", "train_student",
+     lambda d: train_args(d, "--method", "u2mkd", "--camera-drop", "2"),
+     r"--camera-drop does not apply to --method u2mkd on --dataset semantickitti", False),
+    ("flags: --image-drop for an ELiTe student", "train_student",
+     lambda d: train_args(d, "--teacher", "none", "--image-drop", "0.5"),
+     r"--image-drop does not apply to --method elite on --dataset semantickitti", False),
+    ("flags: --train-sequences on nuScenes", "train_student",
+     lambda d: train_args(d, "--dataset", "nuscenes", "--method", "u2mkd"),
+     r"--train-sequences and --val-sequences: SemanticKITTI's sequences; nuScenes' splits are the official scenes",
+     False),
+    ("--cutmix on labels without instance ids", "train_student",
+     lambda d: (strip_instances(d / "data" / S00 / "labels"), train_args(d, "--teacher", "none", "--cutmix"))[1],
+     r"00/labels: --cutmix pastes the points of other scans' instances, but no point of the 2 training \.label "
+     r"files checked carries an instance id", False),
+    ("flags: another --teacher on --resume", "train_student",
+     lambda d: ((d / "out").mkdir(), shutil.copy(d / "last_none.pt", d / "out/last.pt"),
+                train_args(d, "--teacher", str(d / "teacher.pt"), "--resume"))[2],
+     r"out/last\.pt: --teacher .*teacher\.pt: the run being resumed keeps 'none', as it started; give a new --out "
+     r"to change it", False),
     ("flags: --no-images for an ELiTe student", "infer",
      lambda d: infer_args(d, "--no-images"),
      r"student\.pt: --no-images is for a U2MKD fusion student", False),
@@ -606,7 +643,7 @@ BAD_INPUTS = [
      lambda d: train_args(d, "--dataset", "nuscenes", "--teacher", str(d / "student.pt")),
      r"--dataset nuscenes --method elite trains the LiDAR-only baseline \(--teacher none\)", False),
     ("flags: --camera-drop 7", "train_student",
-     lambda d: train_args(d, "--dataset", "nuscenes", "--method", "u2mkd", "--camera-drop", "7"),
+     lambda d: nusc_train_args(d, "--method", "u2mkd", "--camera-drop", "7"),
      r"argument --camera-drop: 7 of the 6 cameras cannot be dropped", False),
     # Issue 15: outputs and checkpoints checked before any work
     ("--out that is an existing file", "train_student",
@@ -642,6 +679,8 @@ def bad_input_files(tmp_path_factory):
     runs.atomic_save(bad, d / "bad_shape.pt")
     runs.atomic_save(bad | runs.RunState().record(None) | {"config": {"teacher": "none"}, "optimizer": {}},
                       d / "bad_shape_last.pt")
+    runs.atomic_save(runs.student_state(elite.Student()) | runs.RunState().record(None) |
+                     {"config": {"teacher": "none"}, "optimizer": {}}, d / "last_none.pt")
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
                 "image_encoder.blocks.11.norm1.weight": torch.zeros(768)}, d / "sam_vit_b.pth")
     return d
@@ -786,6 +825,23 @@ def test_metrics_csv_resaved_by_a_spreadsheet_is_read_or_refused_up_front(tmp_pa
     assert path.read_text() == "Epoch,mIoU\n1,12.5\n"  # untouched
 
 
+def test_a_checkpoint_of_the_other_dataset_or_with_nan_weights_is_refused(tmp_path):
+    nusc_student = elite.Student(nusc.student_config())
+    runs.atomic_save(runs.student_state(nusc_student), tmp_path / "nusc.pt")
+    message = run_main("infer", ["--checkpoint", str(tmp_path / "nusc.pt"), "--data", str(tmp_path / "kitti"),
+                                 "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert re.search(r"nusc\.pt: a model for nuscenes \(17 classes and its voxel grid\), not for semantickitti: "
+                     r"its class ids would be written as semantickitti's", message), message
+    state = runs.student_state(elite.Student())
+    state["model"]["classifier.2.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")  # written around atomic_save, which would refuse it
+    message = run_main("infer", ["--checkpoint", str(tmp_path / "nan.pt"), "--data", str(tmp_path / "kitti"),
+                                 "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert re.search(r"nan\.pt: 1 tensors hold NaN or Inf \(e\.g\. 'classifier\.2\.weight'\): the model diverged",
+                     message), message
+    assert not (tmp_path / "pred").exists()
+
+
 def test_a_run_never_writes_over_another_kinds_checkpoint(synth_root, tmp_path):
     teacher_run = tmp_path / "teacher"
     before = fake_run(teacher_run, runs.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))))
@@ -814,16 +870,18 @@ def test_full_disk_names_the_file_and_loses_nothing(synth_root, tmp_path, monkey
     args = train_args(tmp_path, "--teacher", "none", "--save-every", "0")
     args += ["--data", str(synth_root), "--out", str(tmp_path / "out")]
     assert run_main("train_student", args) == ""
-    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    run_files = lambda: {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()  # noqa: E731
+                         if p.is_file() and p.name != "run.lock"}  # run.lock: who holds the folder now
+    before = run_files()
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(runs.os, "fsync", full)
     message = run_main("train_student", args + ["--epochs", "2", "--resume"])
-    assert re.search(r"^error: \S+out/last\.pt: could not be written \(No space left on device\); nothing was lost: "
-                     r"the previous file is unchanged \(at epoch 3, step 4\)", message), message
-    after = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
-    assert after == before  # no temporary left, every file as it was
+    # The epoch's metrics row is written first (then its checkpoint): that is the write that fails.
+    assert re.search(r"^error: \S+out/metrics\.csv: could not be written \(No space left on device\); nothing was "
+                     r"lost: the previous file is unchanged \(at epoch 3, step 4\)", message), message
+    assert run_files() == before  # no temporary left, every file as it was
 
 
 @contextlib.contextmanager

@@ -177,9 +177,10 @@ def parse_args(argv=None):
     p.add_argument("--camera-drop", type=runs.count_int, default=None,
                    help="u2mkd, nuscenes: cameras of the six dropped at random per training keyframe (preset: 3, "
                         "upstream's im_drop)")
-    p.add_argument("--image-drop", type=runs.probability, default=0.25,
-                   help="u2mkd: probability that a training scan comes without its image, so that every point "
-                        "is imputed (the single-camera stand-in for upstream's camera dropout)")
+    p.add_argument("--image-drop", type=runs.probability, default=None,
+                   help="u2mkd, semantickitti: probability that a training scan comes without its image, so that "
+                        "every point is imputed (the single-camera stand-in for upstream's camera dropout; default: "
+                        "0.25)")
     p.add_argument("--image-weights", type=Path, default=None,
                    help="u2mkd: torchvision's ImageNet ResNet-18 file (resnet18-f37072fd.pth) for the image "
                         "branch (default: none, the branch starts random)")
@@ -208,20 +209,26 @@ def parse_args(argv=None):
                         "inside --data; train_teacher.py --derived-dir for a read-only dataset)")
     runs.add_run_flags(p)
     args = p.parse_args(argv)
+    runs.given_flags(p, args)
     runs.apply_conv_flag(p, args)
-    other_method = {"elite": ("image_size", "image_weights", "global_batch", "camera_drop"),
+    other_method = {"elite": ("image_size", "image_weights", "global_batch", "camera_drop", "image_drop"),
                     "u2mkd": ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix")}[args.method]
-    if args.dataset == "nuscenes":
-        other_method += ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix")
+    # Camera dropout has two forms: of nuScenes' six cameras, or of SemanticKITTI's one image.
+    other_method += ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix", "image_drop") \
+        if args.dataset == "nuscenes" else ("camera_drop",)
+    other_method = tuple(dict.fromkeys(other_method))
     given = [f"--{k.replace('_', '-')}" for k in other_method if getattr(args, k) is not None]
     if given:
         p.error(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}"
-                f"{' on --dataset nuscenes' if args.dataset == 'nuscenes' else ''}")
+                f" on --dataset {args.dataset}")
+    if args.method == "u2mkd" and args.dataset == "semantickitti" and args.image_drop is None:
+        args.image_drop = 0.25
     args.preset = args.preset or ("paper" if args.data else "embedded")
     if args.dataset == "nuscenes":
         if args.method == "elite" and args.teacher not in (None, "none"):
             p.error("--dataset nuscenes --method elite trains the LiDAR-only baseline (--teacher none); ELiTe's SAM "
                     "teacher reads SemanticKITTI")
+    runs.check_data_flags(p, args)
     presets = presets_of(args.method, args.dataset)
     if args.preset not in presets:
         p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --method {args.method}"
@@ -233,6 +240,11 @@ def parse_args(argv=None):
     folder = "runs/student" if args.method == "elite" else "runs/fusion_student"
     args.out = args.out or Path(folder + ("_nusc" if args.dataset == "nuscenes" else ""))
     return args
+
+
+# What a resumed run keeps as it started: a flag that would change one of these is refused.
+RESUME_KEEPS = ("method", "dataset", "version", "preset", "teacher", "teacher_mode", "labels", "image_size",
+                "image_drop", "camera_drop", "cutmix", "init_3d", "image_weights", "global_batch", "seed")
 
 
 def presets_of(method: str, dataset: str) -> dict[str, runs.Preset]:
@@ -480,6 +492,7 @@ def main(argv=None):
     root = runs.training_root(args)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     resumed = runs.load_last(last_path, kind, map_location=device) if args.resume else None
+    changes = runs.resume_changes(args, resumed["config"], RESUME_KEEPS, last_path) if resumed else ""
     setup = (setup_u2mkd if args.method == "u2mkd" else
              setup_nusc_baseline if args.dataset == "nuscenes" else setup_elite)(args, root, device, resumed)
     run = runs.RunState.resumed(resumed) if resumed is not None else runs.RunState()
@@ -504,7 +517,7 @@ def main(argv=None):
         "schedule": runs.describe_schedule(args, len(setup.loader), schedule, "scans", scaled),
         "validation": runs.describe_validation(args),
         "outputs": runs.describe_outputs(args.out, args.save_every),
-        "start": run.start(last_path, resumed is not None)})
+        "start": run.start(last_path, resumed is not None, changes=changes)})
     torch.manual_seed(args.seed + world.rank)  # from here on, each process draws its own numbers
     objective = runs.data_parallel(runs.Objective(setup.parts, setup.loss_terms), args.sync_bn,
                                     some_unused=args.method == "u2mkd")  # scans without images

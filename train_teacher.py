@@ -209,6 +209,7 @@ def parse_args(argv=None):
                         "(DIR/u2mkd_instances.npz); for a read-only dataset (default: inside --data)")
     runs.add_run_flags(p)
     args = p.parse_args(argv)
+    runs.given_flags(p, args)
     runs.apply_conv_flag(p, args)
     sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer", "vis",
                 "labels")
@@ -223,6 +224,7 @@ def parse_args(argv=None):
         p.error("--paste: instance paste is for SemanticKITTI (upstream's nuScenes teacher has inst_aug: False)")
     if args.dataset != "nuscenes" and args.sweeps is not None:
         p.error("--sweeps: nuScenes sweeps (--dataset nuscenes); SemanticKITTI's teacher reads one scan")
+    runs.check_data_flags(p, args)
     args.paste = (5 if args.dataset == "semantickitti" else 0) if args.paste is None else args.paste
     args.preset = args.preset or ("paper" if args.data else "embedded")
     presets = PRESETS if args.teacher == "sam" else NUSC_LIDAR_PRESETS if args.dataset == "nuscenes" else LIDAR_PRESETS
@@ -331,6 +333,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
                                             args.seed, pin_memory=device.type == "cuda")
     cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
     ckpt = runs.load_last(last_path, runs.TEACHER_KIND, map_location=device) if args.resume else None
+    changes = runs.resume_changes(args, ckpt["config"], RESUME_KEEPS, last_path) if ckpt is not None else ""
     if ckpt is None:
         teacher = runs.build_teacher(cfg, args.sam_checkpoint).to(device)
     elif ckpt["teacher_config"] != asdict(cfg):
@@ -381,7 +384,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
         "preset": runs.describe_preset(args.preset, PRESETS[args.preset], args),
         "schedule": runs.describe_schedule(args, len(loader), schedule, "images"),
         "outputs": runs.describe_outputs(args.out, args.save_every),
-        "start": run.start(last_path, args.resume, "2D mIoU")})
+        "start": run.start(last_path, args.resume, "2D mIoU", changes)})
     torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
     objective = runs.data_parallel(runs.Objective([teacher], loss_terms), args.sync_bn)
     conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(teacher, val_loader, scores), save,
@@ -433,6 +436,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     run = runs.RunState()
     if args.resume:
         ckpt = runs.load_last(last_path, u2mkd.LIDAR_TEACHER_KIND, map_location=device)
+        changes = runs.resume_changes(args, ckpt["config"], RESUME_KEEPS, last_path)
         runs.load_state(model, ckpt["model"], last_path)
         runs.load_optimizer_state(optimizer, ckpt, last_path)
         run = runs.RunState.resumed(ckpt)
@@ -464,7 +468,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         "schedule": runs.describe_schedule(args, len(loader), schedule, "scans"),
         "validation": runs.describe_validation(args),
         "outputs": runs.describe_outputs(args.out, args.save_every),
-        "start": run.start(last_path, args.resume)})
+        "start": run.start(last_path, args.resume, changes=changes if args.resume else "")})
     torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
     objective = runs.data_parallel(runs.Objective([model], loss_terms), args.sync_bn)
     conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(model, val_loader, scores, runs.new_confusion(args.dataset)), save,
@@ -477,6 +481,11 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         print(f"\nValidation after the last epoch ({runs.val_name(args)}, in-range points):\n{conf.table()}")
     return run, conf
 
+
+
+# What a resumed run keeps as it started: a flag that would change one of these is refused.
+RESUME_KEEPS = ("teacher", "dataset", "version", "preset", "variant", "peft", "rank", "target_rank", "labels",
+                "crop", "paste", "sweeps", "width", "optimizer", "seed")
 
 
 def main(argv=None):

@@ -146,22 +146,34 @@ def instance_db_path(root, derived: Path | None = None) -> Path:
 
 def load_instance_db(root, sequences, min_points=MIN_INSTANCE_POINTS, progress=True,
                      derived: Path | None = None) -> InstanceDB:
-    """The cached database of these sequences, built (and written atomically) when missing or
-    cut from other sequences."""
+    """The cached database of these sequences, built (and written atomically) when missing, cut
+    from other sequences, or older than the scans and labels it was cut from."""
     path = instance_db_path(root, derived)
+    source = files_fingerprint(root, sequences)
     if path.is_file():
         try:
             with np.load(path) as f:
                 db = InstanceDB(f["points"], f["offsets"], f["classes"], f["sequences"].tolist(), int(f["min_points"]))
+                built_from = str(f["source"]) if "source" in f else None
         except Exception as e:
             raise elite.DataError(f"{path}: cannot read the instance database ({type(e).__name__}: {e}); "
                                   "delete it to rebuild") from None
-        if db.sequences == sorted(sequences) and db.min_points == min_points:
+        if db.sequences == sorted(sequences) and db.min_points == min_points and built_from == source:
             return db
     db = build_instance_db(root, sequences, min_points, progress)
     runs.atomic_write(path, lambda f: np.savez(f, points=db.points, offsets=db.offsets, classes=db.classes,
-                                                sequences=np.array(db.sequences), min_points=db.min_points))
+                                                sequences=np.array(db.sequences), min_points=db.min_points,
+                                                source=np.array(source)))
     return db
+
+
+def files_fingerprint(root, sequences) -> str:
+    """What a cache built from these sequences' scans and labels depends on: their number, total
+    size and newest modification. A changed, added or removed file changes it."""
+    files = [f for s in sorted(sequences) for folder in ("velodyne", "labels")
+             for f in (Path(root) / "sequences" / s / folder).glob("*") if f.is_file()]
+    stats = [f.stat() for f in files]
+    return f"{len(files)} files, {sum(s.st_size for s in stats)} bytes, newest {max((s.st_mtime_ns for s in stats), default=0)}"
 
 
 def rotate_z(xy: np.ndarray, angle: float) -> np.ndarray:
@@ -300,7 +312,9 @@ class NuScenesPairData(nusc.NuScenesScans):
 
     def __init__(self, root, version: str, split: str, train=False, seed=0, image_hw=NUSC_IMAGE_HW, images=True,
                  camera_drop=CAMERA_DROP, teacher_view=False, sweeps=0):
-        super().__init__(root, version, split, train=train, seed=seed)
+        super().__init__(root, version, split, train=train, seed=seed, cameras=images)  # checks its files
+        if teacher_view and sweeps:
+            nusc.check_files(self.tables, root, self.frames, sweeps)  # and the sweeps the teacher's view reads
         self.image_hw, self.images, self.camera_drop = tuple(image_hw), images, camera_drop
         self.teacher_view, self.teacher_sweeps = teacher_view, sweeps
 
