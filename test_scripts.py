@@ -1030,13 +1030,26 @@ def test_every_flag_shows_its_default(script):
 
 def test_benchmark_runs_on_the_device_asked_for_and_counts_operations(capsys):
     import infer
-    infer.main(["--benchmark", "--device", "cpu", "--repeats", "1", "--teacher-variant", "vit_tiny", "--batch", "1"])
+    infer.main(["--benchmark", "--device", "cpu", "--repeats", "1", "--teacher-variant", "none", "--batch", "1"])
     printed = capsys.readouterr().out
+    assert "not timed (--teacher-variant none)" in printed
     assert "[cpu, " in printed and "[cuda" not in printed  # the device asked for, alone
     assert "convolution paths  torch" in printed  # a CPU: the plain path alone (Triton needs CUDA)
     counted = re.search(r"torch path, float32: ([\d,]+) aten operations dispatched, (\d+) of them waits on the data "
                         r"\(to_host\* 6, nonzero 4, _unique2 3\), 0 Triton launches", printed)
     assert counted and int(counted.group(2)) == 13, printed
     assert re.search(r"two forwards bitwise equal +True", printed) and re.search(r"gradients bitwise equal +True", printed)
+
+
+def test_benchmark_times_elites_two_stages_and_counts_a_teacher_step(capsys):
+    # The stages on a small synthetic scan (the full benchmark runs them on the real frame).
+    import infer
+    points, raw = synthkitti.make_scan(seed=0, columns=256)
+    labels = torch.from_numpy(elite.to_train_ids(raw & 0xFFFF))
+    keep = torch.from_numpy(elite.in_range(points[:, :3]))
+    args = argparse.Namespace(teacher_batch=None, repeats=5, teacher_variant="vit_tiny", amp=False)
+    infer.benchmark_teacher(torch.from_numpy(points)[keep], labels[keep], torch.device("cpu"), args)
+    printed = capsys.readouterr().out
     assert re.search(r"stage 1: teacher step, float32 +[\d.]+ ms", printed)  # ELiTe's two stages, batch 1 on a CPU
     assert re.search(r"stage 2: joint step, float32 +[\d.]+ ms", printed) and "need --teacher-batch 4" in printed
+    assert re.search(r"one teacher step on one crop, float32: [\d,]+ aten operations dispatched", printed)
