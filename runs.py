@@ -920,8 +920,9 @@ def add_run_flags(parser) -> None:
     --deterministic."""
     parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/last.pt")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start a fresh run in an OUT that holds one, deleting its last.pt, best.pt and "
-                             "metrics.csv (without it, such an OUT is refused); never replaces another kind of model")
+                        help="start a fresh run in an OUT that holds one: its last.pt, best.pt and metrics.csv "
+                             "are deleted when training starts, once every input has passed its checks (without "
+                             "it, such an OUT is refused); never replaces another kind of model")
     parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when present, else cpu)")
     parser.add_argument("--seed", type=count_int, default=0, help="seed for weights, shuffling and augmentation")
