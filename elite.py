@@ -120,9 +120,9 @@ def read_scan(path) -> np.ndarray:
     read it as a different surface."""
     scan_size(path)
     points = np.fromfile(path, dtype=np.float32).reshape(-1, 4)
-    remission = points[:, 3][np.isfinite(points[:, 3])]
-    if len(remission) and remission.max() > REMISSION_MAX:
-        warnings.warn(f"{path}: remission up to {remission.max():g}, beyond SemanticKITTI's 0..1 (a 0..255 scale?): "
+    highest = np.max(points[:, 3], initial=0.0, where=np.isfinite(points[:, 3]))  # one pass, no copy
+    if highest > REMISSION_MAX:
+        warnings.warn(f"{path}: remission up to {highest:g}, beyond SemanticKITTI's 0..1 (a 0..255 scale?): "
                       "the models here learn it on 0..1, so their predictions on this scan will be poor")
     return points
 
@@ -1546,8 +1546,8 @@ class FoldedAttention(nn.Module):
             with torch.no_grad():
                 d = p_h.shape[1]
                 pad = -(d + h + w) % 8
-                row, col = torch.arange(h * w, device=p_h.device).div(w, rounding_mode="floor"), \
-                    torch.arange(h * w, device=p_h.device) % w
+                position = torch.arange(h * w, device=p_h.device)
+                row, col = position.div(w, rounding_mode="floor"), position % w
                 table = torch.cat([get_rel_pos(h, h, p_h)[row], get_rel_pos(w, w, p_w)[col]], 1) * d ** 0.5
                 onehot = torch.cat([F.one_hot(row, h), F.one_hot(col, w)], 1)
                 tables = (F.pad(table, (0, 0, 0, pad)).to(dtype), F.pad(onehot, (0, pad)).to(dtype))
@@ -1673,7 +1673,7 @@ class Teacher(nn.Module):
         layers = [(i, ADAPTED_LAYERS[kind][0]) for kind in self.adapters for i in range(len(self.encoder.blocks))]
         updates = [u for a in self.adapters.values() for u in a.delta_weights().unbind(0)]  # (out, in) each
         # Every sum W + delta W in one operation (the plain form: one add per layer, 48 in ViT-B).
-        summed = torch._foreach_add(self.frozen_weights(layers), updates) if layers else []
+        summed = torch._foreach_add(self.frozen_weights(layers), updates) if layers else []  # peft none: no layers
         weights = [{} for _ in self.encoder.blocks]
         for (i, path), w in zip(layers, summed):
             weights[i][f"{path}.weight"] = w
@@ -1684,8 +1684,8 @@ class Teacher(nn.Module):
         autocast (--amp) a bf16 copy made once, as SAM's weights never train, instead of a cast of
         every weight at every step."""
         weights = [self.encoder.blocks[i].get_submodule(path).weight for i, path in layers]
-        device = weights[0].device.type if weights else "cpu"
-        if not weights or not torch.is_autocast_enabled(device):
+        device = weights[0].device.type
+        if not torch.is_autocast_enabled(device):
             return weights
         dtype = torch.get_autocast_dtype(device)
         key = (dtype,) + tuple((w.data_ptr(), w._version) for w in weights)  # new weights (a load, .to()): a new copy

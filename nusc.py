@@ -432,8 +432,9 @@ def check_files(tables: Tables, root, frames: list[Keyframe], sweeps=0, cameras=
         if frame.labels is not None:
             if not frame.labels.is_file():
                 raise DataError(f"{frame.labels}: lidarseg label file not found")
-            if frame.labels.stat().st_size != n:
-                raise DataError(f"{frame.labels}: {frame.labels.stat().st_size} labels but its LiDAR file has {n} points")
+            labels = frame.labels.stat().st_size  # one uint8 per point
+            if labels != n:
+                raise DataError(f"{frame.labels}: {labels} labels but its LiDAR file has {n} points")
         for token in sweep_tokens(tables, frame.lidar_token, sweeps) if sweeps else ():
             whole_records(Path(root) / tables["sample_data"][token]["filename"], 20, "LiDAR sweep", "5 float32 per point")
         for camera in frame.cameras if cameras else ():

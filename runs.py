@@ -1197,6 +1197,10 @@ def lock_run_folder(out: Path) -> None:
         f.close()
         raise DataError(f"{out}: another run is using this folder ({holder}); wait for it to end, "
                         "or give another --out") from None
+    except OSError as e:  # a file system without locks (some network mounts)
+        f.close()
+        raise DataError(f"{out / 'run.lock'}: cannot be locked ({e.strerror or e}); give an --out on a local "
+                        "file system") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
@@ -1292,7 +1296,8 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
     per process. Each epoch's mean loss terms and validation figures go to metrics_csv (and
     to TensorBoard beside it when installed). SIGTERM writes last.pt at the current step and
     stops; Ctrl-C stops and names the last checkpoint written. Returns the last epoch's
-    confusion matrix (None if nothing was left)."""
+    confusion matrix (None if nothing was left). overwrite (--overwrite): the earlier run's
+    files in last_path's folder are removed first, here, once every input has been checked."""
     from tqdm import tqdm
     world = distributed()
     board = tensorboard_writer(metrics_csv.parent / "tensorboard") if metrics_csv and world.main else None

@@ -433,7 +433,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
                                             args.seed, pin_memory=device.type == "cuda")
     model = u2mkd.lidar_teacher(args.width, cfg).to(device)
     optimizer = runs.make_optimizer(model.parameters(), lr=args.lr)
-    run = runs.RunState()
+    run, changes = runs.RunState(), ""
     if args.resume:
         ckpt = runs.load_last(last_path, u2mkd.LIDAR_TEACHER_KIND, map_location=device)
         changes = runs.resume_changes(args, ckpt["config"], RESUME_KEEPS, last_path)
@@ -468,7 +468,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         "schedule": runs.describe_schedule(args, len(loader), schedule, "scans"),
         "validation": runs.describe_validation(args),
         "outputs": runs.describe_outputs(args.out, args.save_every),
-        "start": run.start(last_path, args.resume, changes=changes if args.resume else "")})
+        "start": run.start(last_path, args.resume, changes=changes)})
     torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
     objective = runs.data_parallel(runs.Objective([model], loss_terms), args.sync_bn)
     conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(model, val_loader, scores, runs.new_confusion(args.dataset)), save,
