@@ -981,22 +981,30 @@ def given_flags(parser, args) -> None:
     args.given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
 
 
-# Flags that only say how this process runs, not what the run is: a resume may change them freely.
+# Flags that only say how this process runs, not what the run is: a resume may change them freely,
+# and one not given takes its default, not the recorded value.
 HOW_IT_RUNS = ("resume", "overwrite", "out", "device", "workers", "val_batch_size", "save_every", "conv",
-               "deterministic", "amp", "sync_bn", "threads")
+               "deterministic", "amp", "sync_bn", "threads", "plg_only", "vis", "vis_every", "shard")
+PATH_FLAGS = ("data", "derived_dir", "sam_checkpoint", "plg_checkpoint", "init_3d", "image_weights")
 
 
-def resume_changes(args, recorded: dict, keeps: tuple[str, ...], path) -> str:
-    """--resume: the run keeps what defines it (`keeps`: its method, teacher, image size, ...): a
-    flag given now that would change one is refused. Every other setting that differs from the
-    run's recorded config changes it from here on, and the start-up summary says so."""
+def resume_settings(args, recorded: dict, keeps: tuple[str, ...], path) -> str:
+    """--resume continues the run as it started: every flag not given now takes the run's recorded
+    value (not the preset's). A flag given now that would change what defines the run (`keeps`:
+    its method, teacher, image size, ...) is refused; any other given flag that differs changes
+    the run from here on, and the returned line (for the start-up summary) says which."""
     now = config_of(args)
     for key in keeps:
         if key in args.given and key in recorded and now.get(key) != recorded[key]:
             raise DataError(f"{path}: --{key.replace('_', '-')} {now[key]}: the run being resumed keeps "
                             f"{recorded.get(key)!r}, as it started; give a new --out to change it")
-    changed = [f"--{k.replace('_', '-')} {now[k]} (was {recorded.get(k)})" for k in now
-               if k not in HOW_IT_RUNS and k not in keeps and k in recorded and now[k] != recorded[k]]
+    for key, value in recorded.items():
+        if key in args.given or key in HOW_IT_RUNS or key == "from_preset" or not hasattr(args, key):
+            continue
+        setattr(args, key, Path(value) if key in PATH_FLAGS and value is not None else value)
+    args.from_preset = [k for k in recorded.get("from_preset", args.from_preset) if k not in args.given]
+    changed = [f"--{k.replace('_', '-')} {show(now[k])} (was {show(recorded[k])})" for k in sorted(args.given)
+               if k not in HOW_IT_RUNS and k in recorded and now[k] != recorded[k]]
     return "; changed from here on: " + ", ".join(changed) if changed else "; every setting as the run started"
 
 
@@ -1131,7 +1139,7 @@ class RunState:
 
     def start(self, checkpoint: Path, resumed: bool, metric="mIoU", changes="") -> str:
         """The start-up summary's line: a fresh run, or where a resumed one goes on (and what
-        changes, resume_changes)."""
+        changes, resume_settings)."""
         if not resumed:
             return "from scratch"
         return f"resumed from {checkpoint}: {self.where()}, best {metric} {100 * self.best_miou:.1f}{changes}"

@@ -34,18 +34,24 @@ REPO = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
 
 
-def test_train_resume_and_infer_end_to_end(synth_root, tmp_path):
+def test_train_resume_and_infer_end_to_end(synth_root, tmp_path, capsys):
     import infer
     import train_student
-    common = ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08",
-              "--preset", "embedded", "--batch-size", "2", "--out", str(tmp_path / "run"), "--device", "cpu",
-              "--teacher", "none"]
-    train_student.main(common + ["--epochs", "1"])
+    where = ["--out", str(tmp_path / "run"), "--device", "cpu"]
+    train_student.main(where + ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08",
+                                "--preset", "embedded", "--batch-size", "2", "--teacher", "none", "--lr", "0.05",
+                                "--epochs", "1"])
     first = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert first["epoch"] == 0 and (tmp_path / "run" / "best.pt").is_file()
-    train_student.main(common + ["--epochs", "2", "--resume"])
+    capsys.readouterr()
+    # A resume given only what it changes: every other flag as the run started, not the preset's.
+    train_student.main(where + ["--epochs", "2", "--resume"])
     second = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert second["epoch"] == 1 and second["step"] == 2
+    kept = ("data", "train_sequences", "batch_size", "lr", "teacher", "preset")
+    assert {k: second["config"][k] for k in kept} == {k: first["config"][k] for k in kept}
+    assert second["config"]["lr"] == 0.05 and second["config"]["epochs"] == 2
+    assert "changed from here on: --epochs 2 (was 1)" in capsys.readouterr().out
     assert not torch.equal(first["model"]["classifier.2.weight"], second["model"]["classifier.2.weight"])
     import csv
     with open(tmp_path / "run" / "metrics.csv") as f:

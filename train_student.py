@@ -488,11 +488,11 @@ def main(argv=None):
     world = runs.distributed()
     kind = runs.STUDENT_KIND if args.method == "elite" else u2mkd.FUSION_KIND
     runs.claim_run_folder(args.out, kind, args.resume, args.overwrite)
-    torch.manual_seed(args.seed)  # the same initial weights in every process
-    root = runs.training_root(args)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     resumed = runs.load_last(last_path, kind, map_location=device) if args.resume else None
-    changes = runs.resume_changes(args, resumed["config"], RESUME_KEEPS, last_path) if resumed else ""
+    changes = runs.resume_settings(args, resumed["config"], RESUME_KEEPS, last_path) if resumed else ""
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    root = runs.training_root(args)
     setup = (setup_u2mkd if args.method == "u2mkd" else
              setup_nusc_baseline if args.dataset == "nuscenes" else setup_elite)(args, root, device, resumed)
     run = runs.RunState.resumed(resumed) if resumed is not None else runs.RunState()

@@ -311,7 +311,9 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
 
 
-def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path):
+def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path, ckpt: dict | None, changes: str):
+    """SAM-PLG (when the pseudo-labels are missing), then the SAM teacher's training; ckpt: the
+    resumed run's last.pt, changes: what the resume changes (runs.resume_settings)."""
     missing = elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir) if args.labels == "plg" else 0
     if args.plg_only or missing:
         make_pseudo_labels(args, root, args.train_sequences, device)
@@ -332,8 +334,6 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
-    ckpt = runs.load_last(last_path, runs.TEACHER_KIND, map_location=device) if args.resume else None
-    changes = runs.resume_changes(args, ckpt["config"], RESUME_KEEPS, last_path) if ckpt is not None else ""
     if ckpt is None:
         teacher = runs.build_teacher(cfg, args.sam_checkpoint).to(device)
     elif ckpt["teacher_config"] != asdict(cfg):
@@ -426,17 +426,16 @@ def lidar_teacher_data(args, root: Path):
     return train_set, val_set, elite.StudentConfig(), sees
 
 
-def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Path):
+def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Path, ckpt: dict | None, changes: str):
+    """U2MKD's LiDAR teacher (its arguments as train_sam_teacher's)."""
     import u2mkd
     train_set, val_set, cfg, sees = lidar_teacher_data(args, root)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     model = u2mkd.lidar_teacher(args.width, cfg).to(device)
     optimizer = runs.make_optimizer(model.parameters(), lr=args.lr)
-    run, changes = runs.RunState(), ""
-    if args.resume:
-        ckpt = runs.load_last(last_path, u2mkd.LIDAR_TEACHER_KIND, map_location=device)
-        changes = runs.resume_changes(args, ckpt["config"], RESUME_KEEPS, last_path)
+    run = runs.RunState()
+    if ckpt is not None:
         runs.load_state(model, ckpt["model"], last_path)
         runs.load_optimizer_state(optimizer, ckpt, last_path)
         run = runs.RunState.resumed(ckpt)
@@ -493,15 +492,19 @@ def main(argv=None):
     device = runs.init_distributed(args.device, args.sync_bn)
     if args.vis is not None:
         runs.writable_folder(args.vis, "give another --vis")
+    import u2mkd
+    kind = runs.TEACHER_KIND if args.teacher == "sam" else u2mkd.LIDAR_TEACHER_KIND
     if args.vis is None and not args.plg_only:  # a training run: OUT is its folder
-        import u2mkd
-        kind = runs.TEACHER_KIND if args.teacher == "sam" else u2mkd.LIDAR_TEACHER_KIND
         runs.claim_run_folder(args.out, kind, args.resume, args.overwrite)
+    last_path, best_path = args.out / "last.pt", args.out / "best.pt"
+    ckpt, changes = None, ""
+    if args.resume and not args.plg_only:
+        ckpt = runs.load_last(last_path, kind, map_location=device)
+        changes = runs.resume_settings(args, ckpt["config"], RESUME_KEEPS, last_path)
     torch.manual_seed(args.seed)  # the same initial weights in every process
     root = runs.training_root(args)
-    last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     train = train_sam_teacher if args.teacher == "sam" else train_lidar_teacher
-    result = train(args, root, device, last_path, best_path)
+    result = train(args, root, device, last_path, best_path, ckpt, changes)
     runs.close_distributed()
     if result is not None and result[1] is not None:
         run, conf = result
