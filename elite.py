@@ -120,6 +120,7 @@ def read_scan(path) -> np.ndarray:
     read it as a different surface."""
     scan_size(path)
     points = np.fromfile(path, dtype=np.float32).reshape(-1, 4)
+    check_point_values(points, path, "float32 (x, y, z, remission)")
     highest = np.max(points[:, 3], initial=0.0, where=np.isfinite(points[:, 3]))  # one pass, no copy
     if highest > REMISSION_MAX:
         warnings.warn(f"{path}: remission up to {highest:g}, beyond SemanticKITTI's 0..1 (a 0..255 scale?): "
@@ -128,6 +129,19 @@ def read_scan(path) -> np.ndarray:
 
 
 REMISSION_MAX = 1.5  # a little room above 1: real scans stay within 0..1
+
+
+def check_point_values(points: np.ndarray, path, layout: str) -> None:
+    """A file whose size fits the layout but whose bytes are another element type (float64
+    rows read as float32 put the low halves of the doubles in x or z: values like 1e-19 or
+    4e19) is refused: in a real scan no coordinate is beyond 10 km or closer to 0 than 1e-10
+    without being 0. A few such points are left to usable_rows; a tenth of the scan is not."""
+    xyz = np.abs(points[:, :3])
+    odd = ((xyz > 1e4) & np.isfinite(xyz)) | ((xyz > 0) & (xyz < 1e-10))  # (N, 3)
+    share = float(odd.any(1).mean()) if len(points) else 0.0
+    if share > 0.1:
+        raise DataError(f"{path}: {100 * share:.0f}% of its points have coordinates beyond 10 km or below 1e-10 m: "
+                        f"not {layout} records (float64? another sensor's layout?)")
 
 
 def read_labels(path, num_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +172,8 @@ def read_calib(path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: calibration file not found (every sequence folder needs calib.txt)")
     mats = {}
-    for line in path.read_text().splitlines():
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")  # a BOM or stray bytes: no traceback
+    for line in text.splitlines():
         if not line.strip():
             break  # the official reader stops at the first blank line
         key, _, values = line.partition(":")
@@ -267,7 +282,7 @@ def sequence_frame(sequence: Path) -> tuple[Path, int, int] | None:
 @functools.lru_cache(maxsize=64)
 def _first_frame(folder: Path, version) -> tuple[Path, int, int] | None:
     from PIL import Image
-    first = min(folder.glob("*.png"), default=None)
+    first = min((p for p in folder.glob("*.png") if p.stem.isdigit()), default=None)  # not macOS's ._000000.png
     if first is None:
         return None
     try:
@@ -1907,8 +1922,10 @@ class SamMaskSource:
     """Stage 1 with SAM. masks(frame) -> masks (M, H, W) bool, predicted IoU (M,), in
     descending predicted IoU (the NMS order upstream's voting reads backwards)."""
 
-    def __init__(self, sam, points_per_batch=128, stability_thresh=0.9, stability_offset=1.0, nms_thresh=0.7):
+    def __init__(self, sam, points_per_batch=128, stability_thresh=0.9, stability_offset=1.0, nms_thresh=0.7,
+                 name="sam"):
         from segment_anything import SamPredictor
+        self.name = name  # what the pseudo-labels' record keeps (PLG_RECORD): the variant and its file
         self.predictor = SamPredictor(sam)
         self.points_per_batch = points_per_batch
         self.stability_thresh = stability_thresh
@@ -1993,9 +2010,43 @@ def pseudo_labels(frame: PlgFrame, source) -> np.ndarray:
     return vote_masks(masks, iou, sparse)
 
 
-def missing_pseudo_labels(root, sequences, derived: Path | None = None) -> int:
-    """Labelled scans without a pseudo-label file (scans without labels get none)."""
+def missing_pseudo_labels(root, sequences, derived: Path | None = None, masks: str | None = None) -> int:
+    """Labelled scans without a pseudo-label file (scans without labels get none), after
+    check_pseudo_labels: the files there were made from these labels (and with these masks)."""
+    check_pseudo_labels(root, sequences, derived, masks)
     return sum(label_path(s).is_file() and not plg_path(s, derived).is_file() for s in list_scans(root, sequences))
+
+
+# The pseudo-labels are a cache of hours of SAM: each sequence's image_2_plg/ records what made it
+# (PLG_RECORD), so that files made from other labels or with other masks are never read as these.
+PLG_RECORD = "made_with.json"
+
+
+def plg_record(sequence: Path, masks: str | None) -> dict:
+    """What a sequence's pseudo-labels are made from: its .label files (number, total bytes; a
+    copied dataset keeps them, another sequence's labels do not) and, when known, the masks."""
+    labels = [p for p in (sequence / "labels").glob("*.label") if p.stem.isdigit()]
+    return {"labels": [len(labels), sum(p.stat().st_size for p in labels)]} | ({"masks": masks} if masks else {})
+
+
+def check_pseudo_labels(root, sequences, derived: Path | None = None, masks: str | None = None) -> None:
+    """Refuse pseudo-labels made from other labels, or (masks given) with other masks, naming the folder."""
+    import json
+    for seq in sequences:
+        sequence = Path(root) / "sequences" / seq
+        folder = plg_path(sequence / "velodyne" / "0.bin", derived).parent
+        if not (folder / PLG_RECORD).is_file():
+            continue  # none made yet (or made before records were kept)
+        try:
+            made = json.loads((folder / PLG_RECORD).read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{folder / PLG_RECORD}: unreadable ({e}); delete {folder} to make the pseudo-labels "
+                            "again") from None
+        now = plg_record(sequence, masks)
+        differs = [f"{k} {made.get(k)} then, {now[k]} now" for k in now if made.get(k) != now[k]]
+        if differs:
+            raise DataError(f"{folder}: pseudo-labels made from other inputs ({'; '.join(differs)}): they do not "
+                            f"belong to this data; delete {folder} to make them again, or give another --derived-dir")
 
 
 # =====================================================================================

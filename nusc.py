@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elite import (IGNORE, ConfusionMatrix, DataError, Scan, StudentConfig, augment_xyz, dropout_points, in_range,
-                   usable_rows, whole_records)
+from elite import (IGNORE, ConfusionMatrix, DataError, Scan, StudentConfig, augment_xyz, check_point_values,
+                   dropout_points, in_range, usable_rows, whole_records)
 
 # =====================================================================================
 # 1. The tables
@@ -287,7 +287,9 @@ def keyframes(tables: Tables, root, scenes: list[dict], labelled=True) -> list[K
 def read_points(path) -> np.ndarray:
     """samples/LIDAR_TOP/*.pcd.bin: float32 rows (x, y, z, intensity, ring index) -> (N, 5)."""
     whole_records(path, 20, "LiDAR file", "5 float32 per point")
-    return np.fromfile(path, dtype=np.float32).reshape(-1, 5)
+    points = np.fromfile(path, dtype=np.float32).reshape(-1, 5)
+    check_point_values(points, path, "float32 (x, y, z, intensity, ring)")
+    return points
 
 
 def read_labels(path, num_points: int, lut: np.ndarray) -> np.ndarray:
@@ -422,10 +424,11 @@ def read_sweeps(tables: Tables, root, lidar_token: str, count: int) -> np.ndarra
     return np.concatenate(parts)
 
 
-def check_files(tables: Tables, root, frames: list[Keyframe], sweeps=0, cameras=False) -> None:
+def check_files(tables: Tables, root, frames: list[Keyframe], sweeps=0, cameras=False, samples=16) -> None:
     """Every file a run will read of these keyframes, checked before its first step from the
     sizes alone: each LiDAR file whole, its lidarseg file there with one label per point, the
-    sweeps around it (sweeps > 0) whole, its camera images there (cameras). One line naming the
+    sweeps around it (sweeps > 0) whole, its camera images there (cameras); and the points of
+    `samples` keyframes spread over the split read (check_point_values). One line naming the
     first bad file, not an error in epoch 2."""
     for frame in frames:
         n = whole_records(frame.points, 20, "LiDAR file", "5 float32 per point")
@@ -434,12 +437,15 @@ def check_files(tables: Tables, root, frames: list[Keyframe], sweeps=0, cameras=
                 raise DataError(f"{frame.labels}: lidarseg label file not found")
             labels = frame.labels.stat().st_size  # one uint8 per point
             if labels != n:
+                read_points(frame.points)  # a file of float64 values has twice the points: said, if it is the cause
                 raise DataError(f"{frame.labels}: {labels} labels but its LiDAR file has {n} points")
         for token in sweep_tokens(tables, frame.lidar_token, sweeps) if sweeps else ():
             whole_records(Path(root) / tables["sample_data"][token]["filename"], 20, "LiDAR sweep", "5 float32 per point")
         for camera in frame.cameras if cameras else ():
             if not camera.image.is_file():
                 raise DataError(f"{camera.image}: camera image not found ({camera.channel} of sample {frame.token})")
+    for k in range(min(samples, len(frames))):  # a few read whole: a split written in another element type
+        read_points(frames[round(k * (len(frames) - 1) / max(min(samples, len(frames)) - 1, 1))].points)
 
 
 # =====================================================================================

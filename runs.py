@@ -31,10 +31,11 @@ import torch.nn as nn
 
 import elite
 import nusc
-from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, SAM_B_URL, SAM_VARIANTS, SPLITS, ConfusionMatrix, DataError, Student,
-                   StudentConfig, Teacher, TeacherConfig, TooFewVoxels, check_root, collate, config_from, image_path,
-                   label_count, label_path, list_scans, load_plg_frame, plg_path, project_points, pseudo_labels,
-                   read_labels, read_pixel_labels, scan_size, sequence_calib, sequence_frame, to_train_ids)
+from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, PLG_RECORD, SAM_B_URL, SAM_VARIANTS, SPLITS, ConfusionMatrix,
+                   DataError, Student, StudentConfig, Teacher, TeacherConfig, TooFewVoxels, check_pseudo_labels,
+                   check_root, collate, config_from, image_path, label_count, label_path, list_scans, load_plg_frame,
+                   plg_path, plg_record, project_points, pseudo_labels,
+                   read_labels, read_pixel_labels, read_scan, scan_size, sequence_calib, sequence_frame, to_train_ids)
 
 
 # =====================================================================================
@@ -659,7 +660,8 @@ def check_scan_files(scans: list[Path]) -> None:
     before a long run starts rather than when a bad file's turn comes."""
     for scan in scans:
         n = scan_size(scan)
-        if label_path(scan).is_file():
+        if label_path(scan).is_file() and label_count(label_path(scan)) != n:
+            read_scan(scan)  # a scan of float64 values has twice the points: say that, if it is the cause
             label_count(label_path(scan), n)
 
 
@@ -682,7 +684,7 @@ def check_datasets(train_set, val_set, samples=16) -> None:
     and, when the run reads the camera, there. The splits can teach and be scored: training
     labels that are all 0 (unlabeled, checked on up to `samples` scans spread over the split)
     teach nothing; validation scans without labels cannot be scored; a sequence in both splits
-    scores scans the model trained on."""
+    scores scans the model trained on. The sampled scans are read whole (read_scan's value checks)."""
     for dataset in (train_set, val_set):
         check_scan_files(dataset.scans)
         if dataset.camera:
@@ -700,6 +702,8 @@ def check_datasets(train_set, val_set, samples=16) -> None:
                       f"{len(val_set)} validation scans have no .label file and are not scored")
     m = min(samples, len(train_set))
     picks = sorted({round(k * (len(train_set) - 1) / max(m - 1, 1)) for k in range(m)})
+    for scan in [train_set.scans[i] for i in picks] + val_set.scans[:1]:
+        read_scan(scan)  # a split written in another element type (check_point_values), said now
     checked = [label_path(train_set.scans[i]) for i in picks]
     if all(not to_train_ids(read_labels(path)[0], path).any() for path in checked):
         raise DataError(f"{checked[0].parent}: every point of the {len(checked)} training .label files checked "
@@ -1236,9 +1240,11 @@ def read_metrics(path: Path) -> list[dict]:
         text = path.read_text(errors="replace")
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    text = text.removeprefix("\ufeff")  # a spreadsheet's byte-order mark
     header = text.splitlines()[0] if text.strip() else ""
     delimiter = max(",;\t", key=header.count)
-    rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+    rows = [{k.strip(): v.strip() if isinstance(v, str) else v for k, v in r.items() if k is not None}
+            for r in csv.DictReader(text.splitlines(), delimiter=delimiter)]  # "epoch " or " epoch" alike
     try:
         for r in rows:
             r["epoch"] = int(r["epoch"])
@@ -1438,11 +1444,15 @@ def parse_shard(text: str) -> tuple[int, int]:
 def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True,
                            derived: Path | None = None) -> dict[str, int]:
     """Write plg_path(scan, derived) for every labelled scan of this shard -> counts of files
-    written, already there (skipped, so a stopped run resumes) and scans without labels."""
+    written, already there (skipped, so a stopped run resumes) and scans without labels. Each
+    sequence's folder records the mask source (source.name) with its labels (PLG_RECORD); files
+    made with other masks or from other labels are refused, not taken as these."""
+    import json
     from tqdm import tqdm
     i, n = shard
     if not 0 <= i < n:
         raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
+    check_pseudo_labels(root, sequences, derived, source.name)
     scans = list_scans(root, sequences)[i::n]
     remove_partial_writes(plg_path(s, derived) for s in scans)  # left by a run killed mid-write
     counts = {"written": 0, "existing": 0, "unlabelled": 0}
@@ -1455,6 +1465,10 @@ def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True,
             counts["unlabelled"] += 1  # test sequences: no labels to spread
             continue
         pseudo = pseudo_labels(load_plg_frame(scan, sequence_calib(scan.parent.parent)), source)
+        record = out.parent / PLG_RECORD  # with the folder's first file (every shard writes the same)
+        if not record.is_file():
+            made = json.dumps(plg_record(scan.parent.parent, source.name)).encode()
+            atomic_write(record, lambda f: f.write(made))
         atomic_write(out, lambda f: np.save(f, pseudo))  # a file object: np.save adds no suffix
         counts["written"] += 1
     if counts["unlabelled"]:

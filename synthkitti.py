@@ -773,6 +773,7 @@ class IdealMaskSource:
     per distinct (class, instance) region (each object, each stuff class as a whole, the sky),
     predicted IoU 1. The masks tile the image, so painting order does not matter, and what
     stage 2 gets wrong comes from the point labels and the voting alone."""
+    name = "ideal"  # what the pseudo-labels' record keeps (elite.PLG_RECORD)
 
     def masks(self, frame) -> tuple[np.ndarray, np.ndarray]:
         """frame: an elite.PlgFrame -> masks (M, H, W) bool, predicted IoU (M,)."""

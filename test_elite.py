@@ -4,6 +4,7 @@ run end to end are in test_scripts.py."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -379,6 +380,32 @@ def test_bad_files_give_clear_errors(tmp_path):
     for name in ("000000.bin", "._000000.bin", "000000 copy.bin"):  # a scan, macOS metadata, a file manager's copy
         (velodyne / name).write_bytes(bytes(16))
     assert [p.name for p in elite.list_scans(tmp_path, ["00"])] == ["000000.bin"]
+    image_2 = tmp_path / "sequences" / "00" / "image_2"
+    image_2.mkdir()
+    (image_2 / "._000000.png").write_bytes(bytes(4096))  # sorts before the frames; not an image
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(image_2 / "000000.png")
+    assert elite.sequence_frame(image_2.parent) == (image_2 / "000000.png", 30, 40)
+    calib = tmp_path / "calib_bom.txt"  # saved by an editor with a byte-order mark; then with a stray Latin-1 byte
+    calib.write_bytes(b"\xef\xbb\xbfP2: 1 0 0 0 0 1 0 0 0 0 1 0\nTr: 1 0 0 0 0 1 0 0 0 0 1 0\n")
+    assert np.array_equal(elite.read_calib(calib)["Tr"], np.eye(4))
+    calib.write_bytes(b"P2: 1 0 0 0 0 1 0 0 0 0 1 0\nTr: 1 0 0 0 0 1 0 0 0 0 1 \xe9\n")
+    with pytest.raises(elite.DataError, match=r"calib_bom\.txt: line 'Tr' has a non-numeric value"):
+        elite.read_calib(calib)
+
+
+def test_a_scan_in_another_element_type_is_refused_and_real_scans_pass(tmp_path):
+    rng = np.random.default_rng(0)
+    scan = np.concatenate([rng.uniform(-60, 60, (500, 3)), rng.uniform(0, 1, (500, 1))], 1).astype(np.float32)
+    scan[:3] = 0.0  # points at the origin are real (a sensor's no-return), not a wrong element type
+    scan.tofile(tmp_path / "ok.bin")
+    assert np.array_equal(elite.read_scan(tmp_path / "ok.bin"), scan)
+    scan.astype(np.float64).tofile(tmp_path / "f64.bin")  # 32 bytes a point: the size fits 2x the points
+    with pytest.raises(elite.DataError, match=r"f64\.bin: \d+% of its points have coordinates beyond 10 km"):
+        elite.read_scan(tmp_path / "f64.bin")
+    real = REAL / "semantickitti" / "sequences" / "00" / "velodyne" / "000000.bin"
+    if real.is_file():
+        assert len(elite.read_scan(real)) == real.stat().st_size // 16
 
 
 def test_unknown_raw_ids_warn_and_become_unlabelled():
@@ -1668,7 +1695,9 @@ def test_ideal_masks_densify_the_labels_and_agree_with_the_rendering(synth):
 def test_generation_resumes_skips_existing_and_leaves_no_temp_files(synth):
     folder = synth / "sequences/00/image_2_plg"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    assert sorted(before) == ["000000.npy", "000001.npy"]  # nothing else: no temp files
+    assert sorted(before) == ["000000.npy", "000001.npy", elite.PLG_RECORD]  # nothing else: no temp files
+    assert json.loads((folder / elite.PLG_RECORD).read_text()) == {
+        "labels": [2, sum(p.stat().st_size for p in (synth / "sequences/00/labels").iterdir())], "masks": "ideal"}
     counts = runs.generate_pseudo_labels(synth, ["00"], synthkitti.IdealMaskSource(), progress=False)
     assert counts == {"written": 0, "existing": 2, "unlabelled": 0}
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
@@ -1694,6 +1723,11 @@ def test_shards_split_the_scans_and_existing_files_are_trusted(synth, tmp_path):
         elite.read_pixel_labels(out[0], synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH)
     with pytest.raises(ValueError, match="need 0 <= i < n"):
         runs.generate_pseudo_labels(root, ["00"], src, shard=(2, 2))
+    # Labels changed since (a scan's labels removed): the files are not these labels' pseudo-labels.
+    (root / "sequences/00/labels/000001.label").unlink()
+    with pytest.raises(elite.DataError, match=r"00/image_2_plg: pseudo-labels made from other inputs \(labels "
+                                              r"\[2, \d+\] then, \[1, \d+\] now\)"):
+        elite.missing_pseudo_labels(root, ["00"])
 
 
 def test_missing_inputs_are_named(synth, tmp_path):

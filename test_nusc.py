@@ -395,3 +395,12 @@ def test_every_file_a_run_reads_is_checked_before_its_first_step(synth_nusc, tmp
     sweep = root / tables["sample_data"][nusc.sweep_tokens(tables, last.lidar_token, 2)[0]]["filename"]
     refused(lambda: remove(sweep), put_back, lambda: nusc.NuScenesScans(root, VERSION, "train", train=True, sweeps=2),
             rf"{sweep.name}: LiDAR sweep not found")
+
+    def as_float64(path):  # the size fits (40 bytes a point = 2 x 20), the values do not
+        data = path.read_bytes()
+        np.frombuffer(data, dtype=np.float32).astype(np.float64).tofile(path)
+        return path, data
+
+    refused(lambda: as_float64(last.points), put_back, lambda: nusc.NuScenesScans(root, VERSION, "train", train=True),
+            rf"{last.points.name}: \d+% of its points have coordinates beyond 10 km or below 1e-10 m: not float32 "
+            r"\(x, y, z, intensity, ring\) records")

@@ -468,6 +468,17 @@ def one_voxel(p: np.ndarray) -> None:
     p[:, :3] = np.array([10.0, 5.0, -1.0]) + 0.1 * (np.arange(len(p))[:, None] % 3) / 3  # all within 0.1 m
 
 
+def to_float64(path: Path) -> None:
+    np.fromfile(path, dtype=np.float32).astype(np.float64).tofile(path)
+
+
+def make_plg_with(root: Path, masks: str) -> None:
+    """Sequence 00's pseudo-labels, recorded as made with other masks."""
+    source = synthkitti.IdealMaskSource()
+    source.name = masks
+    runs.generate_pseudo_labels(root, ["00"], source, progress=False)
+
+
 S00, S08 = "sequences/00", "sequences/08"
 
 
@@ -537,7 +548,7 @@ BAD_INPUTS = [
      lambda d: (edit_scan(d / "data" / S08 / "velodyne/000000.bin", lambda p: p[:, 3].__imul__(255)), infer_args(d))[1],
      r"08/velodyne/000000\.bin: remission up to [\d.]+, beyond SemanticKITTI's 0\.\.1 \(a 0\.\.255 scale\?\)", True),
     ("every point out of range", "infer",
-     lambda d: (edit_scan(d / "data" / S08 / "velodyne/000000.bin", lambda p: p.__imul__(1000)), infer_args(d))[1],
+     lambda d: (edit_scan(d / "data" / S08 / "velodyne/000000.bin", lambda p: p.__imul__(100)), infer_args(d))[1],
      r"08/velodyne/000000\.bin: none of its \d+ points lies inside the voxel range", True),
     ("folder without sequences/", "infer",
      lambda d: ((d / "empty").mkdir(), infer_args(d)[:2] + ["--data", str(d / "empty"), "--out", str(d / "pred")])[1],
@@ -665,6 +676,15 @@ BAD_INPUTS = [
      lambda d: ((d / "out").mkdir(), shutil.copy(d / "bad_shape_last.pt", d / "out/last.pt"),
                 train_args(d, "--teacher", "none", "--resume"))[2],
      r"out/last\.pt: tensor 'classifier\.2\.weight' has shape \(19, 128\)", False),
+    # Issue 25: the size fits, the content does not; caches that outlive their inputs
+    ("a scan written as float64", "train_student",
+     lambda d: (to_float64(d / "data" / S00 / "velodyne/000000.bin"), train_args(d, "--teacher", "none"))[1],
+     r"00/velodyne/000000\.bin: \d+% of its points have coordinates beyond 10 km or below 1e-10 m: not float32 "
+     r"\(x, y, z, remission\) records \(float64\?", False),
+    ("pseudo-labels made with other masks", "train_teacher",
+     lambda d: (make_plg_with(d / "data", "sam vit_b sam_vit_b_01ec64.pth"), train_args(d, "--labels", "plg"))[1],
+     r"00/image_2_plg: pseudo-labels made from other inputs \(masks sam vit_b sam_vit_b_01ec64\.pth then, ideal "
+     r"now\): they do not belong to this data; delete .* to make them again", False),
     ("best.pt given where --resume expects last.pt", "train_student",
      lambda d: ((d / "out").mkdir(), shutil.copy(d / "student.pt", d / "out/last.pt"),
                 train_args(d, "--teacher", "none", "--resume"))[2],
@@ -821,6 +841,8 @@ def test_metrics_csv_resaved_by_a_spreadsheet_is_read_or_refused_up_front(tmp_pa
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["epoch"], r["miou"]) for r in rows] == [("1", "12,5"), ("2", "14.0")]
+    path.write_text("\ufeffepoch , miou\n1, 12.5\n")  # a byte-order mark, spaces around the names: read
+    assert runs.read_metrics(path) == [{"epoch": 1, "miou": "12.5"}]
     path.write_text("Epoch,mIoU\n1,12.5\n")  # renamed columns: refused by name, before any step
     fake_run(tmp_path / "run", runs.student_state(elite.Student()))
     (tmp_path / "run" / "metrics.csv").write_text(path.read_text())

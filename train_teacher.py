@@ -262,12 +262,19 @@ def parse_args(argv=None):
 
 # ---- SAM-PLG: the dense labels the teacher learns from ----
 
+def mask_name(args) -> str:
+    """The mask source as the pseudo-labels' record keeps it (elite.PLG_RECORD): ideal, or the SAM
+    variant and its file's name."""
+    return "ideal" if args.mask_source == "ideal" else f"sam {args.plg_variant} {Path(args.plg_checkpoint).name}"
+
+
 def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.device) -> None:
     if args.mask_source == "ideal":
         source, masks = synthkitti.IdealMaskSource(), "ideal: the synthetic scenes' rendered regions (image_2_gt/)"
     else:
         sam = runs.load_sam(args.plg_checkpoint, args.plg_variant, device=device)
-        source, masks = elite.SamMaskSource(sam), f"SAM {args.plg_variant} ({args.plg_checkpoint})"
+        source = elite.SamMaskSource(sam, name=mask_name(args))
+        masks = f"SAM {args.plg_variant} ({args.plg_checkpoint})"
     scans = elite.list_scans(root, sequences)
     i, n = args.shard
     check_writable(elite.plg_path(scans[0], args.derived_dir).parent.parent.parent)
@@ -314,7 +321,8 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
 def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path, ckpt: dict | None, changes: str):
     """SAM-PLG (when the pseudo-labels are missing), then the SAM teacher's training; ckpt: the
     resumed run's last.pt, changes: what the resume changes (runs.resume_settings)."""
-    missing = elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir) if args.labels == "plg" else 0
+    missing = elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir, mask_name(args)) \
+        if args.labels == "plg" else 0
     if args.plg_only or missing:
         make_pseudo_labels(args, root, args.train_sequences, device)
     if args.vis is not None:  # pictures only: no training
