@@ -67,6 +67,9 @@ def read_tables(root, version: str) -> Tables:
     rows = {}
     for table in TABLES:
         path = folder / f"{table}.json"
+        if table == "lidarseg" and version.endswith("-test") and not path.is_file():
+            rows[table] = {}  # the test release has no labels: lidarseg.json absent (or empty)
+            continue
         if not path.is_file():
             raise DataError(f"{path}: table not found (nuScenes-lidarseg needs {', '.join(TABLES)})")
         try:

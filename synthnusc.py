@@ -5,25 +5,34 @@ like the real ones (the embedded default of the nuScenes commands, and the tests
 The car: a 32-beam LiDAR on the roof (+10 to -30 degrees, its x axis to the right and y
 forward, as nuScenes' LIDAR_TOP) and six cameras around it (FRONT, FRONT_RIGHT, BACK_RIGHT,
 BACK, BACK_LEFT, FRONT_LEFT) with nuScenes' focal lengths and the 1600 x 900 frame scaled by
---image-scale (0.25: 400 x 225). The car drives along the street at about 8 m/s; its ego pose
-is stored per timestamp, and each camera fires a few milliseconds after the LiDAR, so the two
-ego poses of the projection chain differ as on the real car. Keyframes are 0.5 s apart with two
+--image-scale (0.25: 400 x 225). The car drives along the street at about 8 m/s, weaving (yaw
+within +-9 degrees) and rocking (pitch and roll within about 1 degree), so every rotation of the
+projection and sweep chains matters; its ego pose is stored per timestamp, and each camera fires
+a few milliseconds after the LiDAR, so the two ego poses of the projection chain differ as on the
+real car. The LiDAR also returns a few points off the car's own roof, within 1 m of the sensor
+(vehicle.ego), which the sweeps' near-point filter removes. Keyframes are 0.5 s apart with two
 unlabelled LiDAR sweeps between them. Labels are the 32 fine classes of category.json.
 
-    python synthnusc.py --out data/synthnusc      # 3 scenes x 4 keyframes, seconds to a minute
+    python synthnusc.py --out data/synthnusc      # 3 + 1 scenes x 4 (2) keyframes, about a minute
 
-Written:
-    ROOT/v1.0-trainval/{scene, sample, sample_data, calibrated_sensor, ego_pose, sensor,
-                        lidarseg, category, log}.json
+Written, as the official devkit (nuscenes-devkit 1.2.0's NuScenes(version, dataroot)) loads it:
+    ROOT/v1.0-trainval/{attribute, calibrated_sensor, category, ego_pose, instance, log, map, sample,
+                        sample_annotation, sample_data, scene, sensor, visibility, lidarseg}.json
+    ROOT/v1.0-test/    the same tables for the test scene, without lidarseg.json (no labels)
+    ROOT/maps/<token>.png                   the map's mask (the devkit checks the file is there)
+    ROOT/synthnusc.json                     the format of these files (older scenes are written again)
     ROOT/samples/LIDAR_TOP/*.pcd.bin        float32 x, y, z, intensity, ring
     ROOT/sweeps/LIDAR_TOP/*.pcd.bin
     ROOT/samples/CAM_*/*.jpg
-    ROOT/lidarseg/v1.0-trainval/<lidar_token>_lidarseg.bin   uint8 category index per point
+    ROOT/lidarseg/v1.0-trainval/<lidar_token>_lidarseg.bin   uint8 category index per point; the
+                                            lidarseg row's token is its LiDAR sample_data token
     ROOT/synth_gt/<camera_token>.npy        uint16 (H, W) rendered SemanticKITTI training id per pixel,
                                             an extra of the synthetic scenes (the tests check projection)
 
-Scenes scene-0001 and scene-0002 are training scenes, scene-0003 a validation scene (it is in
-the official val list), so the official split rules apply unchanged.
+The synthetic scenes carry no 3D boxes: instance and sample_annotation are empty tables (as in
+the real v1.0-test), attribute and visibility hold the real releases' fixed rows. Scenes
+scene-0001 and scene-0002 are training scenes, scene-0003 a validation scene (it is in the
+official val list), so the official split rules apply unchanged; scene-0077 is v1.0-test's.
 """
 from __future__ import annotations
 
@@ -38,8 +47,9 @@ import numpy as np
 
 import synthkitti as sk
 
-VERSION = "v1.0-trainval"
+VERSION, TEST_VERSION = "v1.0-trainval", "v1.0-test"
 DEFAULT_SCENES = {"scene-0001": 4, "scene-0002": 4, "scene-0003": 4}  # name -> keyframes
+DEFAULT_TEST_SCENES = {"scene-0077": 2}  # v1.0-test: no labels
 SWEEPS_BETWEEN = 2           # unlabelled LiDAR sweeps between two keyframes (the real car: 9)
 KEYFRAME_DT = 500_000        # us between keyframes (2 Hz)
 SPEED = 8.0                  # m/s along the street
@@ -77,6 +87,13 @@ RAW_LUT = np.zeros(256, dtype=np.uint8)  # raw id -> category index
 for _raw, _fine in RAW_TO_FINE.items():
     RAW_LUT[_raw] = FINE_CLASSES.index(_fine)
 NOISE_RATE = 0.005  # points labelled "noise" (index 0), as stray returns are in the real data
+EGO_RETURNS = 24  # points per sweep off the car's own roof, 0.4-0.95 m from the sensor (vehicle.ego)
+# The tables every version has besides the lidarseg ones (the devkit loads all thirteen).
+TABLES = ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "log", "map", "sample",
+          "sample_annotation", "sample_data", "scene", "sensor", "visibility")
+ATTRIBUTES = ("vehicle.moving", "vehicle.stopped", "vehicle.parked", "cycle.with_rider", "cycle.without_rider",
+              "pedestrian.sitting_lying_down", "pedestrian.standing", "pedestrian.moving")
+VISIBILITY = (("1", "v0-40"), ("2", "v40-60"), ("3", "v60-80"), ("4", "v80-100"))  # token, level
 
 
 def token(*parts) -> str:
@@ -87,6 +104,24 @@ def token(*parts) -> str:
 def yaw_quaternion(yaw: float) -> list[float]:
     """Rotation about z by yaw (rad) as (w, x, y, z)."""
     return [math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)]
+
+
+def ego_rotation(timestamp: int) -> np.ndarray:
+    """(3, 3) ego -> world at a timestamp (us): yaw, then pitch, then roll (Rz Ry Rx), each a
+    slow sine of the time, so no two timestamps share a rotation."""
+    seconds = (timestamp % 600_000_000) / 1e6  # within ten minutes: exact in float64
+    yaw = 0.15 * math.sin(2 * math.pi * seconds / 6.0)
+    pitch = 0.02 * math.sin(2 * math.pi * seconds / 2.5)
+    roll = 0.015 * math.sin(2 * math.pi * seconds / 3.5 + 1.0)
+    cz, sz, cy, sy, cx, sx = (math.cos(yaw), math.sin(yaw), math.cos(pitch), math.sin(pitch), math.cos(roll),
+                              math.sin(roll))
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    return rz @ ry @ rx
+
+
+LIDAR_AXES = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # LiDAR -> ego: x right, y forward
 
 
 def matrix_quaternion(r: np.ndarray) -> list[float]:
@@ -110,12 +145,26 @@ def intrinsic(focal: float, scale: float) -> np.ndarray:
     return np.array([[focal * scale, 0, 800 * scale], [0, focal * scale, 450 * scale], [0, 0, 1]])
 
 
-def camera_rays(yaw_deg: float, k: np.ndarray, height: int, width: int) -> sk.RayGrid:
-    """The camera's pixel-centre rays in the world frame (the car never turns)."""
+def camera_rays(yaw_deg: float, k: np.ndarray, height: int, width: int, ego_to_world: np.ndarray) -> sk.RayGrid:
+    """The camera's pixel-centre rays in the world frame, the car turned by ego_to_world (3, 3)."""
     u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
     pix = np.stack([u, v, np.ones_like(u)], -1)  # (H, W, 3)
-    dirs = pix @ np.linalg.inv(k).T @ camera_axes(yaw_deg).T  # (H, W, 3) in the ego (= world) axes
+    dirs = pix @ np.linalg.inv(k).T @ (ego_to_world @ camera_axes(yaw_deg)).T  # (H, W, 3) world axes
     return sk.make_ray_grid(dirs / np.linalg.norm(dirs, axis=-1, keepdims=True))
+
+
+def lidar_rays(columns: int, lidar_to_world: np.ndarray) -> sk.RayGrid:
+    """The LiDAR's beams x columns rays (in its own frame: synthkitti's grid) turned into the world."""
+    grid = sk.lidar_grid(columns, LIDAR_BEAMS, LIDAR_ELEVATION)
+    return sk.make_ray_grid((grid.dirs @ lidar_to_world.T).reshape(LIDAR_BEAMS, columns, 3))
+
+
+def ego_returns(rng: np.random.Generator) -> np.ndarray:
+    """(EGO_RETURNS, 5) points off the car's roof in the LiDAR frame: within 0.4-0.95 m of the
+    sensor, 0.35 m below it, on the lowest beam."""
+    r, angle = rng.uniform(0.4, 0.95, EGO_RETURNS), rng.uniform(0, 2 * np.pi, EGO_RETURNS)
+    return np.stack([r * np.cos(angle), r * np.sin(angle), np.full(EGO_RETURNS, -0.35),
+                     np.full(EGO_RETURNS, 0.2), np.full(EGO_RETURNS, LIDAR_BEAMS - 1.0)], 1).astype(np.float32)
 
 
 def encode_jpg(image: np.ndarray) -> bytes:
@@ -126,17 +175,22 @@ def encode_jpg(image: np.ndarray) -> bytes:
 
 
 class Writer:
-    """Collects the table rows of every scene, then writes the tables once."""
+    """Collects the table rows of one version's scenes, then writes its tables once."""
 
-    def __init__(self, root: Path, image_scale: float, columns: int):
-        self.root, self.scale, self.columns = root, image_scale, columns
+    def __init__(self, root: Path, version: str, image_scale: float, columns: int, rewrite=False):
+        self.root, self.version, self.scale, self.columns, self.rewrite = root, version, image_scale, columns, rewrite
+        self.labelled = not version.endswith("-test")
         self.height, self.width = round(900 * image_scale), round(1600 * image_scale)
-        self.rows = {t: [] for t in ("scene", "sample", "sample_data", "calibrated_sensor", "ego_pose", "sensor",
-                                     "lidarseg", "category", "log")}
+        self.rows = {t: [] for t in TABLES + (("lidarseg",) if self.labelled else ())}
         self.rows["category"] = [{"token": token("category", name), "name": name, "description": name, "index": i}
                                  for i, name in enumerate(FINE_CLASSES)]
+        self.rows["attribute"] = [{"token": token("attribute", a), "name": a, "description": a} for a in ATTRIBUTES]
+        self.rows["visibility"] = [{"token": t, "level": level, "description": f"visibility of the instance: {level}"}
+                                   for t, level in VISIBILITY]
         self.rows["log"] = [{"token": token("log"), "logfile": "synthnusc", "vehicle": "synthetic",
                              "date_captured": "2026-11-30", "location": "synthkitti-street"}]
+        self.rows["map"] = [{"token": token("map"), "log_tokens": [token("log")], "category": "semantic_prior",
+                             "filename": f"maps/{token('map')}.png"}]
         channels = [("LIDAR_TOP", "lidar")] + [(c[0], "camera") for c in CAMERA_RIG]
         self.rows["sensor"] = [{"token": token("sensor", c), "channel": c, "modality": m} for c, m in channels]
         self.rows["calibrated_sensor"] = [{
@@ -147,28 +201,24 @@ class Writer:
                 "token": token("calib", channel), "sensor_token": token("sensor", channel), "translation": list(mount),
                 "rotation": matrix_quaternion(camera_axes(yaw)),
                 "camera_intrinsic": intrinsic(focal, image_scale).tolist()})
-        self.rigs = {c[0]: camera_rays(c[1], intrinsic(c[3], image_scale), self.height, self.width) for c in CAMERA_RIG}
+        self.intrinsics = {c[0]: intrinsic(c[3], image_scale) for c in CAMERA_RIG}
 
-    def ego_pose(self, x: float, y: float, timestamp: int) -> str:
+    def ego_pose(self, translation: np.ndarray, rotation: np.ndarray, timestamp: int) -> str:
         t = token("ego", timestamp)
-        self.rows["ego_pose"].append({"token": t, "translation": [x, y, 0.0], "rotation": [1.0, 0.0, 0.0, 0.0],
-                                      "timestamp": timestamp})
+        self.rows["ego_pose"].append({"token": t, "translation": [float(v) for v in translation],
+                                      "rotation": matrix_quaternion(rotation), "timestamp": timestamp})
         return t
 
     def write(self, relative: str, data: bytes) -> None:
-        if not (self.root / relative).is_file():
+        if self.rewrite or not (self.root / relative).is_file():
             sk.write_atomic(self.root / relative, data)
 
     def scene(self, seed: int, number: int, name: str, keyframes: int) -> None:
-        """One scene: keyframes with six images and labels, sweeps between them."""
+        """One scene: keyframes with six images and (in a labelled version) labels, sweeps between them."""
         steps = keyframes + (keyframes - 1) * SWEEPS_BETWEEN  # LiDAR sweeps in all, keyframes included
         dt = KEYFRAME_DT // (SWEEPS_BETWEEN + 1)
         t0 = 1_500_000_000_000_000 + number * 100_000_000
         st, static = sk.build_street(seed, number, -sk.MARGIN, SPEED * steps * dt / 1e6 + sk.MARGIN)
-        grid = sk.lidar_grid(self.columns, LIDAR_BEAMS, LIDAR_ELEVATION)
-        lidar_to_ego = np.eye(4)
-        lidar_to_ego[:3, :3] = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # x right, y forward
-        lidar_to_ego[:3, 3] = LIDAR_MOUNT
         sample_tokens = [token(name, "sample", k) for k in range(keyframes)]
         lidar_tokens = [token(name, "lidar", s) for s in range(steps)]
         for s in range(steps):
@@ -177,44 +227,53 @@ class Writer:
             x_ego = SPEED * (stamp - t0) / 1e6
             world, ego = sk.frame_world(seed, number, st, static, s, x_ego)
             ego[2] = 0.0  # the ego frame sits on the ground
-            sensor = ego + lidar_to_ego[:3, 3]
+            turn = ego_rotation(stamp)  # ego -> world
+            sensor = ego + turn @ np.array(LIDAR_MOUNT)
+            lidar_to_world = turn @ LIDAR_AXES
             noise = sk.rng_for(seed, number, 4, s)
-            points, raw, rays = sk.lidar_scan(world, st, sensor, grid, noise, with_rays=True)
-            xyz = points[:, :3].astype(np.float64) @ lidar_to_ego[:3, :3]  # world axes -> the LiDAR's
+            points, raw, rays = sk.lidar_scan(world, st, sensor, lidar_rays(self.columns, lidar_to_world), noise,
+                                              with_rays=True)
+            xyz = points[:, :3].astype(np.float64) @ lidar_to_world  # world axes -> the LiDAR's
             ring = (rays // self.columns).astype(np.float32)
+            own = ego_returns(sk.rng_for(seed, number, 5, s))  # the car's roof, within 1 m
             folder = "samples" if key else "sweeps"
             file = f"{folder}/LIDAR_TOP/{name}__LIDAR_TOP__{stamp}.pcd.bin"
-            self.write(file, np.concatenate([xyz.astype(np.float32), points[:, 3:], ring[:, None]], 1).tobytes())
+            self.write(file, np.concatenate([np.concatenate([xyz.astype(np.float32), points[:, 3:], ring[:, None]], 1),
+                                             own]).tobytes())
             sample = sample_tokens[min(k + (not key), keyframes - 1)]  # a sweep belongs to the next keyframe
             self.rows["sample_data"].append({
-                "token": lidar_tokens[s], "sample_token": sample, "ego_pose_token": self.ego_pose(x_ego, ego[1], stamp),
+                "token": lidar_tokens[s], "sample_token": sample, "ego_pose_token": self.ego_pose(ego, turn, stamp),
                 "calibrated_sensor_token": token("calib", "LIDAR_TOP"), "filename": file, "fileformat": "pcd",
                 "width": 0, "height": 0, "timestamp": stamp, "is_key_frame": key,
                 "prev": lidar_tokens[s - 1] if s else "", "next": lidar_tokens[s + 1] if s + 1 < steps else ""})
             if not key:
                 continue
-            labels = RAW_LUT[raw & 0xFFFF]
-            labels[noise.random(len(labels)) < NOISE_RATE] = 0  # stray returns: "noise"
-            label_file = f"lidarseg/{VERSION}/{lidar_tokens[s]}_lidarseg.bin"
-            self.write(label_file, labels.tobytes())
-            self.rows["lidarseg"].append({"token": token(name, "lidarseg", k), "filename": label_file,
-                                          "sample_data_token": lidar_tokens[s]})
+            if self.labelled:
+                labels = RAW_LUT[raw & 0xFFFF]
+                labels[noise.random(len(labels)) < NOISE_RATE] = 0  # stray returns: "noise"
+                labels = np.concatenate([labels, np.full(EGO_RETURNS, FINE_CLASSES.index("vehicle.ego"), np.uint8)])
+                label_file = f"lidarseg/{self.version}/{lidar_tokens[s]}_lidarseg.bin"
+                self.write(label_file, labels.tobytes())
+                self.rows["lidarseg"].append({"token": lidar_tokens[s], "filename": label_file,
+                                              "sample_data_token": lidar_tokens[s]})  # as in the real release
             self.rows["sample"].append({"token": sample_tokens[k], "timestamp": stamp, "scene_token": token(name),
                                         "prev": sample_tokens[k - 1] if k else "",
                                         "next": sample_tokens[k + 1] if k + 1 < keyframes else ""})
             for (channel, yaw, mount, _), fire in zip(CAMERA_RIG, CAMERA_FIRE):
                 cam_stamp = stamp + fire
                 x_cam = SPEED * (cam_stamp - t0) / 1e6  # the car moved on since the LiDAR fired
-                origin = np.array([x_cam, ego[1], 0.0]) + np.array(mount)
+                ego_cam, turn_cam = np.array([x_cam, ego[1], 0.0]), ego_rotation(cam_stamp)
+                origin = ego_cam + turn_cam @ np.array(mount)
                 file = f"samples/{channel}/{name}__{channel}__{cam_stamp}.jpg"
                 gt_file = f"synth_gt/{token(name, channel, k)}.npy"
-                if not (self.root / file).is_file() or not (self.root / gt_file).is_file():
-                    image, gt = sk.render_view(world, st, origin, self.rigs[channel], self.height, self.width)
+                if self.rewrite or not (self.root / file).is_file() or not (self.root / gt_file).is_file():
+                    rays = camera_rays(yaw, self.intrinsics[channel], self.height, self.width, turn_cam)
+                    image, gt = sk.render_view(world, st, origin, rays, self.height, self.width)
                     self.write(gt_file, sk.encode_npy(gt[0]))  # SemanticKITTI training ids: tests only
                     self.write(file, encode_jpg(image))
                 self.rows["sample_data"].append({
                     "token": token(name, channel, k), "sample_token": sample_tokens[k],
-                    "ego_pose_token": self.ego_pose(x_cam, ego[1], cam_stamp),
+                    "ego_pose_token": self.ego_pose(ego_cam, turn_cam, cam_stamp),
                     "calibrated_sensor_token": token("calib", channel), "filename": file, "fileformat": "jpg",
                     "width": self.width, "height": self.height, "timestamp": cam_stamp, "is_key_frame": True,
                     "prev": "", "next": ""})
@@ -223,26 +282,69 @@ class Writer:
                                    "first_sample_token": sample_tokens[0], "last_sample_token": sample_tokens[-1]})
 
     def finish(self) -> None:
-        for table, rows in self.rows.items():
-            self.write_table(table, rows)
+        """The map's mask, then the tables (scene.json last: make_dataset's sign of a complete version)."""
+        self.write(self.rows["map"][0]["filename"], map_mask())
+        for table in sorted(self.rows, key=lambda t: t == "scene"):
+            self.write_table(table, self.rows[table])
 
     def write_table(self, table: str, rows: list[dict]) -> None:
-        sk.write_atomic(self.root / VERSION / f"{table}.json", json.dumps(rows, indent=1).encode())
+        sk.write_atomic(self.root / self.version / f"{table}.json", json.dumps(rows, indent=1).encode())
 
 
-def make_dataset(root, scenes=None, seed=0, image_scale=0.25, columns=1024, progress=True) -> Path:
-    """Write the synthetic nuScenes-lidarseg scenes under root (files already there are kept,
-    the tables rewritten); returns root."""
+def map_mask() -> bytes:
+    """A small semantic-prior mask PNG (8-bit, 255 on the street's band): the devkit's MapMask
+    only checks the file is there until a map is drawn."""
+    from PIL import Image
+    mask = np.zeros((100, 400), dtype=np.uint8)
+    mask[40:60] = 255
+    buf = BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+FORMAT = 2  # of the files written here: 2 turned the car and took the devkit's layout (1: before)
+MARKER = "synthnusc.json"  # ROOT/synthnusc.json: {"format": FORMAT}, written last
+
+
+def complete(root: Path, version: str, scenes: dict) -> bool:
+    """A version whose scene.json (written last) names exactly these scenes."""
+    path = root / version / "scene.json"
+    return path.is_file() and {s["name"] for s in json.loads(path.read_text())} == set(scenes)
+
+
+def written_here(root: Path) -> int | None:
+    """The format of the synthetic scenes in root: MARKER's, 1 for scenes of before the marker
+    (their log says synthnusc), None for an empty root; other tables (a real nuScenes) are refused."""
+    if (root / MARKER).is_file():
+        return json.loads((root / MARKER).read_text()).get("format")
+    log = root / VERSION / "log.json"
+    if not log.is_file():
+        return None
+    if all(row.get("logfile") == "synthnusc" for row in json.loads(log.read_text())):
+        return 1
+    raise ValueError(f"{root}: holds nuScenes tables that synthnusc.py did not write; give another folder")
+
+
+def make_dataset(root, scenes=None, seed=0, image_scale=0.25, columns=1024, progress=True,
+                 test_scenes=None) -> Path:
+    """Write the synthetic nuScenes-lidarseg scenes under root: v1.0-trainval with `scenes`, and
+    v1.0-test with `test_scenes` ({} for none). Files already there are kept, the tables
+    rewritten; returns root."""
     from tqdm import tqdm
     root = Path(root)
-    scenes = DEFAULT_SCENES if scenes is None else scenes
-    if (root / VERSION / "scene.json").is_file() and \
-            {s["name"] for s in json.loads((root / VERSION / "scene.json").read_text())} == set(scenes):
-        return root  # complete: the tables are written last
-    writer = Writer(root, image_scale, columns)
-    for name, keyframes in tqdm(scenes.items(), desc="synthetic nuScenes scenes", disable=not progress):
-        writer.scene(seed, int(name.split("-")[1]), name, keyframes)
-    writer.finish()
+    versions = {VERSION: DEFAULT_SCENES if scenes is None else scenes,
+                TEST_VERSION: DEFAULT_TEST_SCENES if test_scenes is None else test_scenes}
+    stale = written_here(root) not in (None, FORMAT)  # an older format: every file is written again
+    for version, names in versions.items():
+        if not names or (complete(root, version, names) and not stale):
+            continue
+        writer = Writer(root, version, image_scale, columns, rewrite=stale)
+        for name, keyframes in tqdm(names.items(), desc=f"synthetic nuScenes scenes ({version})",
+                                    disable=not progress):
+            writer.scene(seed, int(name.split("-")[1]), name, keyframes)
+        writer.finish()
+    if written_here(root) != FORMAT:
+        sk.write_atomic(root / MARKER, json.dumps({"format": FORMAT}).encode())
     return root
 
 
@@ -256,7 +358,7 @@ def main(argv=None):
                    help="camera images at this fraction of 1600 x 900 (default: 0.25, 400 x 225)")
     args = p.parse_args(argv)
     make_dataset(args.out, seed=args.seed, image_scale=args.image_scale, columns=args.columns)
-    print(f"Synthetic nuScenes-lidarseg scenes in {args.out} ({VERSION})")
+    print(f"Synthetic nuScenes-lidarseg scenes in {args.out} ({VERSION}, {TEST_VERSION})")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,80 @@ def test_synthetic_points_project_onto_pixels_of_their_class(synth_nusc):
 # Sweeps
 # ------------------------------------------------------------------------------------
 
+# The official schema (nuscenes-devkit's docs/schema_nuscenes.md): every field of every table
+# the devkit's NuScenes(version, dataroot) loads, with lidarseg's.
+SCHEMA = {
+    "attribute": {"token", "name", "description"},
+    "calibrated_sensor": {"token", "sensor_token", "translation", "rotation", "camera_intrinsic"},
+    "category": {"token", "name", "description", "index"},
+    "ego_pose": {"token", "translation", "rotation", "timestamp"},
+    "instance": {"token", "category_token", "nbr_annotations", "first_annotation_token", "last_annotation_token"},
+    "lidarseg": {"token", "filename", "sample_data_token"},
+    "log": {"token", "logfile", "vehicle", "date_captured", "location"},
+    "map": {"token", "log_tokens", "category", "filename"},
+    "sample": {"token", "timestamp", "scene_token", "next", "prev"},
+    "sample_annotation": {"token", "sample_token", "instance_token", "attribute_tokens", "visibility_token",
+                          "translation", "size", "rotation", "num_lidar_pts", "num_radar_pts", "next", "prev"},
+    "sample_data": {"token", "sample_token", "ego_pose_token", "calibrated_sensor_token", "filename", "fileformat",
+                    "width", "height", "timestamp", "is_key_frame", "next", "prev"},
+    "scene": {"token", "name", "description", "log_token", "nbr_samples", "first_sample_token", "last_sample_token"},
+    "sensor": {"token", "channel", "modality"},
+    "visibility": {"token", "level", "description"},
+}
+
+
+@pytest.mark.parametrize("version", [synthnusc.VERSION, synthnusc.TEST_VERSION])
+def test_synthetic_tables_follow_the_official_schema_and_link_as_the_real_ones(synth_nusc, version):
+    folder = synth_nusc / version
+    labelled = version == synthnusc.VERSION
+    assert {p.stem for p in folder.glob("*.json")} == set(SCHEMA) - ({"lidarseg"} if not labelled else set())
+    rows = {t: json.loads((folder / f"{t}.json").read_text()) for t in SCHEMA if (folder / f"{t}.json").is_file()}
+    for table, fields in SCHEMA.items():
+        for row in rows.get(table, []):
+            assert set(row) == fields, (table, set(row) ^ fields)
+    tokens = {t: {r["token"] for r in rs} for t, rs in rows.items()}
+    for t, rs in rows.items():
+        assert len(tokens[t]) == len(rs), t  # tokens are unique
+    links = [("scene", "log_token", "log"), ("scene", "first_sample_token", "sample"),
+             ("scene", "last_sample_token", "sample"), ("sample", "scene_token", "scene"),
+             ("sample_data", "sample_token", "sample"), ("sample_data", "ego_pose_token", "ego_pose"),
+             ("sample_data", "calibrated_sensor_token", "calibrated_sensor"),
+             ("calibrated_sensor", "sensor_token", "sensor"), ("lidarseg", "sample_data_token", "sample_data")]
+    for table, field, target in links:
+        assert all(r[field] in tokens[target] for r in rows.get(table, [])), (table, field)
+    for table in ("sample", "sample_data"):
+        assert all(r[k] in tokens[table] | {""} for r in rows[table] for k in ("next", "prev"))
+    assert {t for m in rows["map"] for t in m["log_tokens"]} == tokens["log"]  # every log has its map
+    assert all((synth_nusc / m["filename"]).is_file() for m in rows["map"])  # the mask the devkit checks for
+    assert len(rows["attribute"]) == 8 and len(rows["visibility"]) == 4 and rows["instance"] == []
+    channel = {r["token"]: r["channel"] for r in rows["sensor"]}
+    sensor_of = {r["token"]: channel[r["sensor_token"]] for r in rows["calibrated_sensor"]}
+    lidar_keyframes = [r for r in rows["sample_data"] if r["is_key_frame"] and
+                       sensor_of[r["calibrated_sensor_token"]] == "LIDAR_TOP"]
+    if labelled:  # a lidarseg row's token is its LiDAR sample_data token; one label file per row
+        assert sorted(r["token"] for r in rows["lidarseg"]) == sorted(r["sample_data_token"] for r in rows["lidarseg"])
+        assert sorted(r["token"] for r in rows["lidarseg"]) == sorted(r["token"] for r in lidar_keyframes)
+        assert len(list((synth_nusc / "lidarseg" / version).glob("*.bin"))) == len(rows["lidarseg"])
+    else:
+        assert not (synth_nusc / "lidarseg" / version).exists()
+    rotations = {tuple(np.round(r["rotation"], 6)) for r in rows["ego_pose"]}
+    assert len(rotations) == len(rows["ego_pose"])  # the car turns: no two poses share a rotation
+    assert all(abs(np.linalg.norm(r["rotation"]) - 1) < 1e-9 for r in rows["ego_pose"])
+
+
+def test_the_test_version_reads_with_lidarseg_absent_or_empty(synth_nusc, tmp_path):
+    root = tmp_path / "nusc"
+    shutil.copytree(synth_nusc / synthnusc.TEST_VERSION, root / synthnusc.TEST_VERSION)
+    for lidarseg in (None, "[]"):
+        if lidarseg is not None:
+            (root / synthnusc.TEST_VERSION / "lidarseg.json").write_text(lidarseg)
+        tables = nusc.read_tables(root, synthnusc.TEST_VERSION)
+        frames = nusc.keyframes(tables, root, nusc.split_scenes(tables, "test"), labelled=False)
+        assert len(frames) == 2 and all(f.labels is None for f in frames)
+    with pytest.raises(elite.DataError, match=r"v1\.0-test: holds the test scenes only"):
+        nusc.split_scenes(tables, "val")
+
+
 def test_sweeps_around_a_keyframe(synth_nusc):
     tables = tables_of(synth_nusc)
     frames = nusc.keyframes(tables, synth_nusc, nusc.split_scenes(tables, "train"))
@@ -193,6 +267,24 @@ def test_sweeps_around_a_keyframe(synth_nusc):
                for t in nusc.sweep_tokens(tables, first.lidar_token, 4))
     sweeps = nusc.read_sweeps(tables, synth_nusc, middle.lidar_token, 4)
     assert sweeps.shape[1] == 4 and len(sweeps) > 3 * len(nusc.read_points(middle.points))
+    # On the turned car, against an independent computation: each sweep's points moved by the
+    # poses synthnusc built the scenes from (its Euler angles, not the tables' quaternions).
+    def lidar_to_world(token):
+        row = tables["sample_data"][token]
+        m = np.eye(4)
+        m[:3, :3] = synthnusc.ego_rotation(row["timestamp"]) @ synthnusc.LIDAR_AXES
+        m[:3, 3] = tables["ego_pose"][row["ego_pose_token"]]["translation"] + \
+            synthnusc.ego_rotation(row["timestamp"]) @ np.array(synthnusc.LIDAR_MOUNT)
+        return m
+
+    expected = []
+    for token in tokens:
+        pts = nusc.read_points(synth_nusc / tables["sample_data"][token]["filename"])
+        near = (np.abs(pts[:, 0]) < 1) & (np.abs(pts[:, 1]) < 1)
+        assert near.sum() >= synthnusc.EGO_RETURNS  # the car's roof: the filter has work to do
+        m = np.linalg.inv(lidar_to_world(middle.lidar_token)) @ lidar_to_world(token)
+        expected.append(pts[~near, :3].astype(np.float64) @ m[:3, :3].T + m[:3, 3])
+    assert np.abs(sweeps[:, :3] - np.concatenate(expected)).max() < 1e-3
 
 
 def test_a_sweep_is_moved_into_the_keyframes_lidar_frame(tmp_path):
@@ -404,3 +496,22 @@ def test_every_file_a_run_reads_is_checked_before_its_first_step(synth_nusc, tmp
     refused(lambda: as_float64(last.points), put_back, lambda: nusc.NuScenesScans(root, VERSION, "train", train=True),
             rf"{last.points.name}: \d+% of its points have coordinates beyond 10 km or below 1e-10 m: not float32 "
             r"\(x, y, z, intensity, ring\) records")
+
+
+def test_synthetic_scenes_of_an_older_format_are_written_again_and_real_tables_are_refused(tmp_path):
+    root = synthnusc.make_dataset(tmp_path / "s", {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
+    assert json.loads((root / synthnusc.MARKER).read_text()) == {"format": synthnusc.FORMAT}
+    points = next((root / "samples" / "LIDAR_TOP").iterdir())
+    fresh = points.read_bytes()
+    points.write_bytes(fresh[:-20])  # as an older format's file would differ
+    synthnusc.make_dataset(root, {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
+    assert len(points.read_bytes()) == len(fresh) - 20  # the same format: files already there are kept
+    (root / synthnusc.MARKER).unlink()  # scenes written before the marker: format 1
+    synthnusc.make_dataset(root, {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
+    assert points.read_bytes() == fresh and (root / synthnusc.MARKER).is_file()
+    (root / synthnusc.MARKER).unlink()
+    log = root / synthnusc.VERSION / "log.json"
+    log.write_text(json.dumps([{"token": "t", "logfile": "n015-2018-07-24-11-22-45+0800", "vehicle": "n015",
+                                "date_captured": "2018-07-24", "location": "singapore-onenorth"}]))
+    with pytest.raises(ValueError, match=r"s: holds nuScenes tables that synthnusc\.py did not write"):
+        synthnusc.make_dataset(root, {"scene-0001": 1}, columns=64, progress=False, test_scenes={})

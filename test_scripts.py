@@ -176,6 +176,17 @@ def test_nuscenes_teacher_fusion_student_baseline_and_submission(synth_nusc, tmp
             assert len(pred) == len(nusc.read_points(frame.points)) and pred.min() >= 1 and pred.max() <= 16
         meta = json.loads((out / "val" / "submission.json").read_text())["meta"]
         assert meta["use_camera"] is camera and meta["use_lidar"] is True
+    # v1.0-test (no labels): the submission files of every test keyframe, nothing scored.
+    test_tables = nusc.read_tables(synth_nusc, "v1.0-test")
+    test_frames = nusc.keyframes(test_tables, synth_nusc, nusc.split_scenes(test_tables, "test"), labelled=False)
+    infer.main(["--dataset", "nuscenes", "--data", str(synth_nusc), "--version", "v1.0-test", "--split", "test",
+                "--checkpoint", str(tmp_path / "fusion" / "last.pt"), "--out", str(tmp_path / "pred_test"),
+                "--device", "cpu"])
+    assert "No labels (the test split): submission files written, nothing scored." in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "pred_test" / "lidarseg" / "test").iterdir()) == \
+        sorted(f"{frame.lidar_token}_lidarseg.bin" for frame in test_frames) and len(test_frames) == 2
+    meta = json.loads((tmp_path / "pred_test" / "test" / "submission.json").read_text())["meta"]
+    assert meta == {"use_camera": True, "use_lidar": True, "use_radar": False, "use_map": False, "use_external": False}
     # Onto the other model's submission: refused; with --overwrite, exactly the new files.
     again = ["--dataset", "nuscenes", "--data", str(synth_nusc), "--checkpoint", str(tmp_path / "baseline" / "last.pt"),
              "--out", str(tmp_path / "pred_fusion"), "--device", "cpu"]

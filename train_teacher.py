@@ -281,7 +281,8 @@ def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.dev
     runs.print_summary("train_teacher.py: SAM-PLG pseudo-labels", {
         "device": runs.describe_device(device),
         "data": f"{root}: {len(scans)} scans ({' '.join(sequences)}); this process makes shard {i}/{n}: "
-                f"{len(scans[i::n])} scans, {elite.missing_pseudo_labels(root, sequences, args.derived_dir)} of all still missing",
+                f"{len(scans[i::n])} scans, {elite.missing_pseudo_labels(root, sequences, args.derived_dir)} of all "
+                "still missing",
         "masks": masks,
         "outputs": f"{args.derived_dir or root}/sequences/XX/image_2_plg/NNNNNN.npy (written atomically; existing "
                    "files are kept)"})
