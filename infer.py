@@ -180,6 +180,8 @@ def view_table(confs: dict[str, elite.ConfusionMatrix], class_names=elite.CLASS_
     lines.append(f"{'mIoU':<20} " + " ".join(f"{100 * m.miou():>{width}.1f}" for m in confs.values()))
     lines.append(f"{'mIoU present':<20} " + " ".join(f"{100 * float(m.iou()[m.present()].mean()):>{width}.1f}"
                                                      for m in confs.values()))
+    if all(hasattr(m, "fw_iou") for m in confs.values()):  # nuScenes: the devkit reports it beside mIoU
+        lines.append(f"{'fwIoU':<20} " + " ".join(f"{100 * m.fw_iou():>{width}.1f}" for m in confs.values()))
     lines.append(f"{'points':<20} " + " ".join(f"{int(m.matrix[:, 1:].sum()):>{width},}" for m in confs.values()))
     return "\n".join(lines)
 
@@ -390,26 +392,52 @@ def nusc_points(points: np.ndarray, path) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_nusc_frame(model, points: np.ndarray, images: np.ndarray | None, camera: np.ndarray, uv: np.ndarray,
+def predict_nusc_frame(model, points: np.ndarray, images: np.ndarray | None, sightings: nusc.Sightings | None,
                        votes: int, rng: np.random.Generator, device, path="keyframe") -> np.ndarray:
-    """Classes 1..16 (N,) for every point of a keyframe; images (K, 3, H, W) and each point's
-    camera (-1: none) and uv for a fusion student (images None: a LiDAR-only student, or every
-    point imputed)."""
-    pts = nusc_points(points, path)
-    xyzi, batch_idx, index = vote_copies(pts, np.arange(len(pts)), votes, rng, device)
-    if isinstance(model, u2mkd.FusionStudent):
-        image_t, k = None, 0
-        if images is not None and len(images):
-            image_t, k = torch.from_numpy(images).to(device).repeat(votes, 1, 1, 1), len(images)  # (votes K, 3, H, W)
-        cam = torch.from_numpy(camera if image_t is not None else np.full(len(pts), -1)).to(device).repeat(votes)
-        image_of_point = torch.where(cam >= 0, cam + k * batch_idx, cam)  # copy v reads its own K images
-        uv_t = torch.from_numpy(uv).to(device).repeat(votes, 1)
-        logits = model(xyzi, batch_idx, image_t, image_of_point, uv_t).logits
-    else:
-        logits = model(xyzi, batch_idx).logits
-    logits = logits.float()
+    """Classes 1..16 (N,) for every point of a keyframe; images (K, 3, H, W) and the points'
+    sightings for a fusion student (images None: a LiDAR-only student, or every point imputed).
+    The points beyond the voxel range (and non-finite ones) are predicted apart, pushed onto the
+    range's edge: voxelised with the others they would change genuine edge voxels' features, and
+    no in-range prediction may depend on them (upstream predicts every point, without a range)."""
+    pts = nusc_points(points, path)  # (N, 4), inside the range
+    inside = np.isfinite(points[:, :4]).all(1) & elite.in_range(np.nan_to_num(points[:, :3]), nusc.RANGE_MIN,
+                                                                 nusc.RANGE_MAX)
+    logits = torch.zeros(len(points), nusc.NUM_CLASSES, device=device)
+    for rows in (np.flatnonzero(inside), np.flatnonzero(~inside)):
+        if len(rows):
+            part = rows_logits(model, pts, rows, images, sightings, votes, rng, device)  # (len(rows), 17)
+            logits.index_add_(0, torch.from_numpy(rows).to(device), part)
     logits[:, nusc.IGNORE] = -1e9  # a submission holds classes 1..16 only
-    return summed_votes(logits, index, len(points))
+    return logits.argmax(1).cpu().numpy()
+
+
+def rows_logits(model, pts: np.ndarray, rows: np.ndarray, images: np.ndarray | None,
+                sightings: nusc.Sightings | None, votes: int, rng: np.random.Generator, device) -> torch.Tensor:
+    """The logits (len(rows), C) of these rows of a keyframe, summed over the votes, with the
+    images and sightings of these rows only."""
+    xyzi, batch_idx, _ = vote_copies(pts, rows, votes, rng, device)
+    local = torch.arange(len(rows), device=device).repeat(votes)  # each copy's row in `rows`
+    if not isinstance(model, u2mkd.FusionStudent):
+        out = model(xyzi, batch_idx).logits
+    elif images is None or not len(images):
+        out = model(xyzi, batch_idx, None, torch.full((len(xyzi),), -1, device=device), torch.zeros(len(xyzi), 2,
+                    device=device)).logits
+    else:
+        row_of = np.full(len(pts), -1)
+        row_of[rows] = np.arange(len(rows))
+        held = row_of[sightings.point] >= 0  # the sightings of these rows, renumbered
+        mine = nusc.Sightings(row_of[sightings.point[held]], sightings.camera[held], sightings.uv[held])
+        camera, uv = nusc.last_sighting(mine, len(rows))
+        k, p = len(images), len(mine.point)
+        copy = torch.arange(votes, device=device).repeat_interleave(p)  # copy v reads its own K images
+        t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+        splat = u2mkd.Splat(t(mine.point).repeat(votes) + len(rows) * copy, t(mine.camera).repeat(votes) + k * copy,
+                            t(mine.uv).repeat(votes, 1))
+        cam = t(camera).repeat(votes)
+        image_of_point = torch.where(cam >= 0, cam + k * batch_idx, cam)
+        out = model(xyzi, batch_idx, t(images).repeat(votes, 1, 1, 1), image_of_point, t(uv).repeat(votes, 1),
+                    splat).logits
+    return torch.zeros(len(rows), out.shape[1], device=device).index_add_(0, local, out.float())
 
 
 def predict_nuscenes(args):
@@ -449,12 +477,12 @@ def predict_nuscenes(args):
     for frame in tqdm(frames, desc="predict", dynamic_ncols=True):
         points = nusc.read_points(frame.points)
         labels = torch.from_numpy(nusc.read_labels(frame.labels, len(points), lut)) if frame.labels else None
-        camera, uv = nusc.project_keyframe(tables, frame, points[:, :3])  # raw coordinates, all six cameras
-        seen = torch.from_numpy(camera >= 0)
+        sightings = nusc.camera_sightings(tables, frame, points[:, :3])  # raw coordinates, all six cameras
+        seen = torch.from_numpy(nusc.last_sighting(sightings, len(points))[0] >= 0)
         images = np.stack([u2mkd.prepare_full_image(nusc.read_camera_image(c), image_hw) for c in frame.cameras]) \
             if fusion else None
         for mode in modes:
-            pred = predict_nusc_frame(model, points, images if mode == "images" else None, camera, uv, args.votes,
+            pred = predict_nusc_frame(model, points, images if mode == "images" else None, sightings, args.votes,
                                       rng, device, frame.points)
             if mode == written:  # the files of the mode asked for
                 write_bytes(args.out / "lidarseg" / args.split / f"{frame.lidar_token}_lidarseg.bin",

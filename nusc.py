@@ -39,7 +39,8 @@ from elite import (IGNORE, ConfusionMatrix, DataError, Scan, StudentConfig, augm
 # tables a LiDAR segmenter needs are read.
 
 TABLES = ("scene", "sample", "sample_data", "calibrated_sensor", "ego_pose", "sensor", "lidarseg", "category")
-CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
+# Upstream's camera order: where two cameras see a point, the later one's pixel is the point's.
+CAMERAS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
 LIDAR = "LIDAR_TOP"
 IMAGE_SIZE = (900, 1600)  # (height, width) of every nuScenes camera
 
@@ -380,18 +381,43 @@ def camera_intrinsic(tables: Tables, camera_token: str) -> np.ndarray:
     return np.asarray(tables["calibrated_sensor"][sd["calibrated_sensor_token"]]["camera_intrinsic"], dtype=np.float64)
 
 
-def project_keyframe(tables: Tables, frame: Keyframe, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every camera of a keyframe at once -> camera (N,) int64: the index in frame.cameras of the
-    camera that sees each point (-1: none; when two do, the last in the list wins, as upstream)
-    and uv (N, 2) float32 in that camera's normalised coordinates."""
-    camera = np.full(len(xyz), -1, dtype=np.int64)
-    uv = np.zeros((len(xyz), 2), dtype=np.float32)
+@dataclass
+class Sightings:
+    """Every (point, camera) pair where the camera's image holds the point, camera by camera:
+    a point two cameras see is here twice (U2MKD's LiDAR-to-camera splat takes both)."""
+    point: np.ndarray   # (P,) int64 row of the points
+    camera: np.ndarray  # (P,) int64 index in frame.cameras
+    uv: np.ndarray      # (P, 2) float32 normalised pixel in that camera
+
+
+def camera_sightings(tables: Tables, frame: Keyframe, xyz: np.ndarray) -> Sightings:
+    """Every camera of a keyframe at once: the sightings of the raw points (N, 3)."""
+    parts = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.float32))]
     for k, cam in enumerate(frame.cameras):
         seen, uv_k = project(xyz, lidar_to_camera(tables, frame.lidar_token, cam.token),
                              camera_intrinsic(tables, cam.token), cam.hw)
-        camera[seen] = k
-        uv[seen] = uv_k[seen]
+        rows = np.flatnonzero(seen)
+        parts.append((rows, np.full(len(rows), k, np.int64), uv_k[rows]))
+    return Sightings(*(np.concatenate(column) for column in zip(*parts)))
+
+
+def last_sighting(sightings: Sightings, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The camera whose pixel a point takes (C2L): the last that sees it, as upstream writes the
+    cameras in order -> camera (n,) int64 (-1: none) and uv (n, 2) float32."""
+    last = np.full(n, -1, dtype=np.int64)  # each point's last sighting (they come camera by camera)
+    np.maximum.at(last, sightings.point, np.arange(len(sightings.point)))
+    seen = last >= 0
+    camera = np.full(n, -1, dtype=np.int64)
+    uv = np.zeros((n, 2), dtype=np.float32)
+    camera[seen], uv[seen] = sightings.camera[last[seen]], sightings.uv[last[seen]]
     return camera, uv
+
+
+def project_keyframe(tables: Tables, frame: Keyframe, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every camera of a keyframe -> camera (N,) int64: the index in frame.cameras of the camera
+    that sees each point (-1: none; when two do, the last in the list wins, as upstream) and
+    uv (N, 2) float32 in that camera's normalised coordinates."""
+    return last_sighting(camera_sightings(tables, frame, xyz), len(xyz))
 
 
 # =====================================================================================
@@ -547,6 +573,15 @@ class LidarsegConfusion(ConfusionMatrix):
         iou = self.iou()
         return float(iou.nanmean()) if not iou.isnan().all() else 0.0
 
+    def fw_iou(self) -> float:
+        """The devkit's frequency-weighted IoU: each class's IoU weighted by its share of the
+        labelled points (sum_c points_c IoU_c / points)."""
+        m = self.matrix.clone().double()
+        m[IGNORE, :] = 0
+        m[:, IGNORE] = 0
+        points = m.sum(0)[1:]  # (16,) ground-truth points per class
+        return float((points * self.iou().nan_to_num()).sum() / points.sum()) if points.sum() else 0.0
+
     def table(self) -> str:
         iou, present = self.iou(), self.present()
         lines = [f"{'class':<20} {'IoU':>6}"]
@@ -554,6 +589,7 @@ class LidarsegConfusion(ConfusionMatrix):
             value = "   n/a   (no point, not predicted)" if iou[c - 1].isnan() else f"{100 * iou[c - 1]:6.1f}"
             lines.append(f"{CLASS_NAMES[c]:<20} {value}" + ("" if present[c - 1] else "   (no ground-truth points)"))
         lines.append(f"{'mIoU':<20} {100 * self.miou():6.1f}   (nuScenes-lidarseg rules: over the classes with points)")
+        lines.append(f"{'fwIoU':<20} {100 * self.fw_iou():6.1f}   (frequency-weighted, as the devkit also reports)")
         return "\n".join(lines)
 
 

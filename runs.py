@@ -1041,6 +1041,17 @@ def describe_outputs(out: Path, save_every: int) -> str:
     return f"{out / 'last.pt'} ({often}), {out / 'best.pt'}, {out / 'metrics.csv'}"
 
 
+def scaled_lr(args) -> tuple[float, str]:
+    """The peak lr of this run: --lr, scaled by the linear scaling rule where the recipe names the
+    global batch it is meant for (args.global_batch: U2MKD's runs) and this run's differs ->
+    (lr, the summary's note)."""
+    run_batch = args.batch_size * distributed().size
+    meant = getattr(args, "global_batch", None)
+    if meant is None or run_batch == meant:
+        return args.lr, ""
+    return args.lr * run_batch / meant, f" (= {args.lr:g} x {run_batch}/{meant}, scaled to the global batch)"
+
+
 def describe_schedule(args, steps_per_epoch: int, schedule: LRSchedule, what: str, note="") -> str:
     """The start-up summary's schedule: epochs, steps, the global batch, the lr and its schedule."""
     world = distributed().size

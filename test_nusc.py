@@ -327,6 +327,9 @@ def test_confusion_follows_the_devkit_rules():
     assert iou[1 - 1].isnan()  # absent from both: left out of the mean
     assert conf.miou() == pytest.approx(np.mean([2 / 3, 1 / 2, 0, 0]))
     assert "n/a" in conf.table() and conf.present().tolist()[3] and not conf.present().tolist()[2]
+    # The devkit's frequency-weighted IoU: (3 points x 2/3 + 1 x 1/2 + 1 x 0) / the 5 points its matrix keeps.
+    assert conf.fw_iou() == pytest.approx((3 * 2 / 3 + 1 * 1 / 2 + 1 * 0) / 5)
+    assert re.search(r"^fwIoU +50\.0", conf.table(), re.M)
 
 
 def test_submission_labels_and_meta():
@@ -515,3 +518,50 @@ def test_synthetic_scenes_of_an_older_format_are_written_again_and_real_tables_a
                                 "date_captured": "2018-07-24", "location": "singapore-onenorth"}]))
     with pytest.raises(ValueError, match=r"s: holds nuScenes tables that synthnusc\.py did not write"):
         synthnusc.make_dataset(root, {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
+
+
+def test_a_point_two_cameras_see_is_splatted_into_both_and_takes_the_last_cameras_pixel(synth_nusc):
+    """U2MKD's camera order (FRONT_LEFT, FRONT, FRONT_RIGHT, BACK_LEFT, BACK, BACK_RIGHT): L2C
+    splats a point into every image that holds it; C2L reads the last camera's pixel."""
+    import u2mkd
+    tables = tables_of(synth_nusc)
+    frame = nusc.keyframes(tables, synth_nusc, nusc.split_scenes(tables, "train"))[1]
+    assert [c.channel for c in frame.cameras] == list(nusc.CAMERAS) and nusc.CAMERAS[0] == "CAM_FRONT_LEFT"
+    points = nusc.read_points(frame.points)
+    sightings = nusc.camera_sightings(tables, frame, points[:, :3])
+    twice = np.bincount(sightings.point, minlength=len(points)) == 2
+    assert twice.sum() > 50  # the cameras overlap
+    camera, uv = nusc.last_sighting(sightings, len(points))
+    for p in np.flatnonzero(twice)[:20]:
+        mine = np.flatnonzero(sightings.point == p)
+        assert camera[p] == sightings.camera[mine].max() and np.array_equal(uv[p], sightings.uv[mine[-1]])
+    data = u2mkd.NuScenesPairData(synth_nusc, VERSION, "train", image_hw=(45, 80))
+    batch = u2mkd.collate_pairs([data[1], data[0]])
+    first = len(data[1].scan.points)
+    item = data[1]
+    assert len(batch.splat.point) == len(item.sightings.point) + len(data[0].sightings.point)
+    assert torch.equal(batch.splat.point[:len(item.sightings.point)], torch.from_numpy(item.sightings.point))
+    assert (batch.splat.point[len(item.sightings.point):] >= first).all()
+    assert (batch.splat.row[len(item.sightings.point):] >= len(item.images)).all()  # the second scan's images
+
+
+def test_far_points_do_not_change_the_predictions_of_the_points_in_range(synth_nusc):
+    import infer
+    import u2mkd
+    tables = tables_of(synth_nusc)
+    frame = nusc.keyframes(tables, synth_nusc, nusc.split_scenes(tables, "val"))[0]
+    points = nusc.read_points(frame.points)
+    far = points[:300].copy()
+    far[:, 0] += 70.0  # beyond the 50 m range: pushed onto its edge at inference
+    far[:5, 0] = np.nan  # and non-finite ones, which nusc_points puts at 0
+    more = np.concatenate([points, far])
+    inside = elite.in_range(points[:, :3], nusc.RANGE_MIN, nusc.RANGE_MAX)
+    torch.manual_seed(0)
+    student = elite.Student(nusc.student_config()).eval()
+    fusion = u2mkd.FusionStudent(nusc.student_config()).eval()
+    images = np.stack([u2mkd.prepare_full_image(nusc.read_camera_image(c), (45, 80)) for c in frame.cameras])
+    for model, imgs in ((student, None), (fusion, images)):
+        runs_ = [infer.predict_nusc_frame(model, p, imgs, nusc.camera_sightings(tables, frame, p[:, :3]), 2,
+                                          np.random.default_rng(0), "cpu", "kf") for p in (points, more)]
+        assert np.array_equal(runs_[0][inside], runs_[1][:len(points)][inside])
+        assert runs_[1].min() >= 1 and runs_[1].max() <= 16

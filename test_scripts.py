@@ -169,6 +169,7 @@ def test_nuscenes_teacher_fusion_student_baseline_and_submission(synth_nusc, tmp
                     str(tmp_path / run / "last.pt"), "--out", str(out), "--device", "cpu"])
         printed = capsys.readouterr().out
         assert all(c in printed for c in columns) and "nuScenes-lidarseg rules" in printed
+        assert re.search(r"^fwIoU +[\d.]+", printed, re.M)  # beside mIoU, as the devkit reports
         miou = re.search(r"^mIoU +([\d.]+)", printed, re.M)
         assert miou and 0 <= float(miou.group(1)) <= 100
         for frame in val:  # one file per keyframe, a class 1..16 for every point of its file

@@ -84,7 +84,7 @@ U2MKD_PRESETS = {  # U2MKD's fusion student (its SemanticKITTI recipe is not rel
             "train_sequences": (TRAIN, "the train split"),
             "epochs": (50, "num_epochs: 50"),
             "batch_size": (4, "batch_size: 4 per GPU"),
-            "global_batch": (16, "4 per GPU x 4 GPUs (README: horovodrun -np 4)"),
+            "global_batch": (16, "4 per GPU x 4 GPUs (README: torchpack dist-run -np 4)"),
             "val_batch_size": (8, "the ELiTe value"),
             "workers": (8, "the ELiTe value"),
             "lr": (0.24, "lr: 0.24 for the global batch of 16"),
@@ -128,7 +128,7 @@ NUSC_U2MKD_PRESETS = {  # nuScenes-lidarseg: U2MKD's fusion student
         "for that global batch of 16 (scaled to the global batch run), images at 0.4, 3 of 6 cameras dropped", {
             "epochs": (50, "num_epochs: 50"),
             "batch_size": (4, "batch_size: 4 per GPU"),
-            "global_batch": (16, "4 per GPU x 4 GPUs (README: horovodrun -np 4)"),
+            "global_batch": (16, "4 per GPU x 4 GPUs (README: torchpack dist-run -np 4)"),
             "val_batch_size": (8, "the ELiTe value"),
             "workers": (8, "the ELiTe value"),
             "lr": (0.24, "lr: 0.24 for the global batch of 16"),
@@ -142,8 +142,10 @@ NUSC_U2MKD_PRESETS = {  # nuScenes-lidarseg: U2MKD's fusion student
 }
 HELP_PRESETS = (("elite", "elite", "semantickitti"), ("u2mkd", "u2mkd", "semantickitti"),
                 ("--dataset nuscenes, the baseline:", "elite", "nuscenes"), ("--dataset nuscenes, u2mkd:", "u2mkd", "nuscenes"))
-DEFAULT_TEACHER = {"elite": Path("runs/teacher/last.pt"), "u2mkd": Path("runs/lidar_teacher/last.pt"),  # last epoch
-                   "u2mkd nuscenes": Path("runs/lidar_teacher_nusc/last.pt")}
+# The teacher each method distils by default, as upstream: ELiTe's and U2MKD's SemanticKITTI
+# teacher from its last epoch; U2MKD's nuScenes config the best-validation one (max-iou-val-vox.pt).
+DEFAULT_TEACHER = {"elite": Path("runs/teacher/last.pt"), "u2mkd": Path("runs/lidar_teacher/last.pt"),
+                   "u2mkd nuscenes": Path("runs/lidar_teacher_nusc/best.pt")}
 
 
 def parse_args(argv=None):
@@ -160,9 +162,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default=None,
                    help="teacher checkpoint from train_teacher.py, or 'none' for the student alone; default: "
                         f"{DEFAULT_TEACHER['elite']} (elite), {DEFAULT_TEACHER['u2mkd']} (u2mkd; "
-                        f"{DEFAULT_TEACHER['u2mkd nuscenes']} on nuscenes), the teacher's "
-                        "last epoch as upstream distils it, when it exists, else none (best.pt, selected on the "
-                        "validation split, only when named)")
+                        f"{DEFAULT_TEACHER['u2mkd nuscenes']} on nuscenes: the checkpoint upstream distils, the "
+                        "last epoch, or on nuscenes the best on the validation split) when it exists, else none")
     p.add_argument("--teacher-mode", choices=("joint", "frozen"), default="joint",
                    help="elite: joint (the paper): the teacher's adapters, patch decoders and 2D heads train on "
                         "with their 2D losses; frozen: the teacher is fixed (cheaper). u2mkd's teacher is always frozen")
@@ -457,13 +458,14 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
 
     def loss_terms(batch):
         b = batch.to(device)
-        out = model(b.lidar.points, b.lidar.batch_idx, b.images, b.image_of_point, b.uv)
+        out = model(b.lidar.points, b.lidar.batch_idx, b.images, b.image_of_point, b.uv, b.splat)
         targets = u2mkd.teacher_targets(teacher, b) if teacher is not None else None
         return u2mkd.u2mkd_losses(out, b, targets, adapter)
 
     def scores(batch):  # validation: the 3D prediction with the images, in-range points
         b = batch.to(device)
-        return model(b.lidar.points, b.lidar.batch_idx, b.images, b.image_of_point, b.uv).logits, b.lidar.labels
+        return model(b.lidar.points, b.lidar.batch_idx, b.images, b.image_of_point, b.uv, b.splat).logits, \
+            b.lidar.labels
 
     def checkpoints(run: runs.RunState, miou: float) -> tuple[dict, dict]:
         best = u2mkd.fusion_state(model, image_size) | run.record(miou) | {"config": config}
@@ -496,12 +498,7 @@ def main(argv=None):
     setup = (setup_u2mkd if args.method == "u2mkd" else
              setup_nusc_baseline if args.dataset == "nuscenes" else setup_elite)(args, root, device, resumed)
     run = runs.RunState.resumed(resumed) if resumed is not None else runs.RunState()
-    global_batch = args.batch_size * world.size
-    lr = args.lr
-    scaled = ""
-    if args.method == "u2mkd" and global_batch != args.global_batch:  # the linear scaling rule
-        lr = args.lr * global_batch / args.global_batch
-        scaled = f" (= {args.lr:g} x {global_batch}/{args.global_batch}, scaled to the global batch)"
+    lr, scaled = runs.scaled_lr(args)  # U2MKD's recipes name the global batch their lr is meant for
     schedule = runs.lr_schedule(args.lr_schedule, lr, args.epochs, len(setup.loader), world.size)
     presets = presets_of(args.method, args.dataset)
     title = ("the U2MKD fusion student" if args.method == "u2mkd" else

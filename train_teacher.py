@@ -103,6 +103,7 @@ LIDAR_PRESETS = {
         "val_batch_size": (8, "ELiTe's val batch size"),
         "workers": (8, "num_workers: 8"),
         "lr": (0.24, "lr: 0.24"),
+        "global_batch": (4, "ELiTe's batch on one GPU: the lr is scaled only for another global batch"),
         "lr_schedule": ("step", "cosine_warmup, per iteration")}),
     "embedded": runs.Preset("a few CPU minutes on the synthetic scenes, NOT comparable with published numbers", {
         "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
@@ -111,6 +112,7 @@ LIDAR_PRESETS = {
         "val_batch_size": (4, "small batches for a CPU"),
         "workers": (0, "data loading in the main process"),
         "lr": (0.24, "the paper's rate"),
+        "global_batch": (2, "one process; the lr is not scaled"),
         "lr_schedule": ("step", "the paper's per-iteration cosine")}),
 }
 
@@ -122,6 +124,8 @@ NUSC_LIDAR_PRESETS = {
         "val_batch_size": (8, "the ELiTe value"),
         "workers": (8, "num_workers: 8"),
         "lr": (0.24, "lr: 0.24"),
+        "global_batch": (12, "3 per GPU x 4 GPUs (README: torchpack dist-run -np 4); the lr scales with the "
+                             "global batch run, as the fusion student's"),
         "lr_schedule": ("step", "cosine_warmup, per iteration"),
         "sweeps": (4, "num_sweeps: 2, only_past: False: 2 past + 2 future")}),
     "embedded": runs.Preset("a few CPU minutes on the synthetic nuScenes scenes, NOT comparable with published numbers", {
@@ -130,6 +134,7 @@ NUSC_LIDAR_PRESETS = {
         "val_batch_size": (2, "small batches for a CPU"),
         "workers": (0, "data loading in the main process"),
         "lr": (0.24, "the paper's rate"),
+        "global_batch": (2, "one process; the lr is not scaled"),
         "lr_schedule": ("step", "the paper's per-iteration cosine"),
         "sweeps": (4, "as the paper preset")}),
 }
@@ -195,6 +200,9 @@ def parse_args(argv=None):
                    help="sam: sgd, the student's recipe (Nesterov, momentum 0.9, weight decay 1e-4); adamw, weight "
                         "decay 1e-4 (preset)")
     p.add_argument("--lr", type=runs.positive_float, help="peak learning rate (preset)")
+    p.add_argument("--global-batch", type=runs.positive_int,
+                   help="lidar: the global batch the preset's lr is meant for; with another batch x processes the "
+                        "lr scales in proportion (preset: 12 on nuscenes, upstream's 4 GPUs x 3)")
     p.add_argument("--lr-schedule", choices=("step", "epoch"), default=None,
                    help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
                         "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
@@ -213,6 +221,8 @@ def parse_args(argv=None):
     runs.apply_conv_flag(p, args)
     sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer", "vis",
                 "labels")
+    if args.teacher == "sam" and args.global_batch is not None:
+        p.error("--global-batch: for the LiDAR teacher (--teacher lidar); the SAM teacher's lr is not scaled")
     if args.vis is not None and args.resume:
         p.error("--vis draws the pseudo-labels and stops; it trains nothing to --resume")
     given = [f"--{k.replace('_', '-')}" for k in sam_only if getattr(args, k) is not None] + (["--plg-only"] * args.plg_only)
@@ -417,9 +427,10 @@ def lidar_teacher_data(args, root: Path):
     import u2mkd
     if args.dataset == "nuscenes":
         train_set = nusc.NuScenesScans(root, args.version, "train", train=True, seed=args.seed, sweeps=args.sweeps)
-        val_set = nusc.NuScenesScans(root, args.version, "val")
+        val_set = nusc.NuScenesScans(root, args.version, "val", sweeps=args.sweeps)  # as upstream validates
         return train_set, val_set, nusc.student_config(), (
-            f"the keyframe and {args.sweeps} sweeps around it, then flip, rotation, scaling, translation")
+            f"the keyframe and {args.sweeps} sweeps around it, then flip, rotation, scaling, translation; "
+            f"validation also reads the sweeps (their points are label 0: only the keyframe's are scored)")
     db_path = u2mkd.instance_db_path(root, args.derived_dir)
     if args.paste > 0 and runs.distributed().main:  # one process cuts the database, the others wait
         if not db_path.is_file():
@@ -464,7 +475,8 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         if improved:
             runs.atomic_save(best, best_path)
 
-    schedule = runs.lr_schedule(args.lr_schedule, args.lr, args.epochs, len(loader), runs.distributed().size)
+    lr, scaled = runs.scaled_lr(args)  # as the fusion student's: upstream's lr is for 4 GPUs x 3
+    schedule = runs.lr_schedule(args.lr_schedule, lr, args.epochs, len(loader), runs.distributed().size)
     runs.print_summary("train_teacher.py --teacher lidar: U2MKD's LiDAR-only teacher", {
         "device": runs.describe_device(device, args.amp),
         "convolutions": runs.describe_conv(device),
@@ -473,7 +485,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         "augmentation": sees,
         "preset": runs.describe_preset(args.preset, (NUSC_LIDAR_PRESETS if args.dataset == "nuscenes" else
                                                       LIDAR_PRESETS)[args.preset], args),
-        "schedule": runs.describe_schedule(args, len(loader), schedule, "scans"),
+        "schedule": runs.describe_schedule(args, len(loader), schedule, "scans", scaled),
         "validation": runs.describe_validation(args),
         "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, args.resume, changes=changes)})
@@ -493,7 +505,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
 
 # What a resumed run keeps as it started: a flag that would change one of these is refused.
 RESUME_KEEPS = ("teacher", "dataset", "version", "preset", "variant", "peft", "rank", "target_rank", "labels",
-                "crop", "paste", "sweeps", "width", "optimizer", "seed")
+                "crop", "paste", "sweeps", "width", "optimizer", "global_batch", "seed")
 
 
 def main(argv=None):

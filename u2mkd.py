@@ -261,6 +261,7 @@ class PairScan:
     uv: np.ndarray              # (n, 2) float32 normalised pixel of each student point
     camera: np.ndarray          # (n,) int64: which of the K images sees the point, -1 if none
     teacher: elite.Scan | None  # the teacher's view of the same raw scan, independently augmented
+    sightings: nusc.Sightings | None = None  # nuScenes: every image holding each point (L2C); None: `camera`'s
 
 
 class PairData(elite.SemanticKITTI):
@@ -323,13 +324,15 @@ class NuScenesPairData(nusc.NuScenesScans):
         points, labels, in_range, keep, rng = student_rows(self, i)
         pts = points[keep].copy()
         uv, camera, images = no_camera(len(pts), self.image_hw)
+        sightings = None
         if self.images:
             kept = range(len(frame.cameras))
             if self.train and self.camera_drop:
                 kept = sorted(self.rng(i, 1).choice(len(frame.cameras), len(frame.cameras) - self.camera_drop,
                                                     replace=False))
             cameras = [frame.cameras[c] for c in kept]
-            camera, uv = nusc.project_keyframe(self.tables, replace(frame, cameras=cameras), pts[:, :3])
+            sightings = nusc.camera_sightings(self.tables, replace(frame, cameras=cameras), pts[:, :3])
+            camera, uv = nusc.last_sighting(sightings, len(pts))
             images = np.stack([prepare_full_image(nusc.read_camera_image(c), self.image_hw) for c in cameras]) \
                 if cameras else images
         if self.train:
@@ -343,7 +346,27 @@ class NuScenesPairData(nusc.NuScenesScans):
             if self.train:
                 t_pts[:, :3] = elite.augment_xyz(t_pts[:, :3], self.rng(i, 2))
             teacher = elite.Scan(t_pts, t_labels, t_index, len(points), frame.points)
-        return PairScan(elite.Scan(pts, labels[keep], keep, len(points), frame.points), images, uv, camera, teacher)
+        return PairScan(elite.Scan(pts, labels[keep], keep, len(points), frame.points), images, uv, camera, teacher,
+                        sightings)
+
+
+@dataclass
+class Splat:
+    """What L2C splats into the images: every (point, image) pair where the image holds the
+    point. On nuScenes a point two cameras see is splatted into both (upstream: each camera takes
+    all points in its view), while C2L reads one pixel per point, the last camera's."""
+    point: torch.Tensor  # (P,) int64 row of the batch's points
+    row: torch.Tensor    # (P,) int64 row of the images
+    uv: torch.Tensor     # (P, 2) normalised pixel
+
+    @classmethod
+    def of_seen(cls, image_of_point: torch.Tensor, uv: torch.Tensor) -> "Splat":
+        """One camera per point (SemanticKITTI's single image): the seen points themselves."""
+        seen = (image_of_point >= 0).nonzero()[:, 0]
+        return cls(seen, image_of_point.index_select(0, seen), uv.index_select(0, seen))
+
+    def to(self, device) -> "Splat":
+        return Splat(self.point.to(device), self.row.to(device), self.uv.to(device))
 
 
 @dataclass
@@ -352,6 +375,7 @@ class PairBatch:
     images: torch.Tensor | None        # (B', 3, H, W) every camera image of the batch (None: none)
     image_of_point: torch.Tensor       # (N,) int64 row of `images` that sees the point, -1 if none
     uv: torch.Tensor                   # (N, 2) normalised pixel (x, y); meaningful where seen
+    splat: Splat                       # every (point, image) sighting, for L2C
     teacher: elite.Batch | None = None       # the teacher's view
     teacher_row: torch.Tensor | None = None  # (N,) row of teacher.points that is the same raw point
 
@@ -366,7 +390,7 @@ class PairBatch:
     def to(self, device) -> "PairBatch":
         opt = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PairBatch(self.lidar.to(device), opt(self.images), self.image_of_point.to(device),
-                         self.uv.to(device), opt(self.teacher), opt(self.teacher_row))
+                         self.uv.to(device), self.splat.to(device), opt(self.teacher), opt(self.teacher_row))
 
 
 def teacher_rows(student_index: np.ndarray, teacher_index: np.ndarray) -> np.ndarray:
@@ -384,6 +408,12 @@ def collate_pairs(items: list[PairScan]) -> PairBatch:
     all_images = np.concatenate([it.images for it in items])  # (B', 3, H, W)
     images = torch.from_numpy(all_images) if len(all_images) else None
     image_of_point = np.concatenate([np.where(it.camera >= 0, it.camera + f, -1) for it, f in zip(items, first)])
+    starts = np.cumsum([0] + [len(it.scan.points) for it in items[:-1]])  # each scan's first point row
+    sights = [it.sightings or nusc.Sightings(np.flatnonzero(it.camera >= 0), it.camera[it.camera >= 0],
+                                             it.uv[it.camera >= 0]) for it in items]
+    splat = Splat(torch.from_numpy(np.concatenate([s.point + o for s, o in zip(sights, starts)]).astype(np.int64)),
+                  torch.from_numpy(np.concatenate([s.camera + f for s, f in zip(sights, first)]).astype(np.int64)),
+                  torch.from_numpy(np.concatenate([s.uv for s in sights]).astype(np.float32)))
     teacher = teacher_row = None
     if items[0].teacher is not None:
         teacher = elite.collate([it.teacher for it in items])
@@ -391,7 +421,7 @@ def collate_pairs(items: list[PairScan]) -> PairBatch:
         teacher_row = torch.from_numpy(np.concatenate(
             [teacher_rows(it.scan.index, it.teacher.index) + o for it, o in zip(items, offsets)]))
     return PairBatch(lidar, images, torch.from_numpy(image_of_point.astype(np.int64)),
-                     torch.from_numpy(np.concatenate([it.uv for it in items])), teacher, teacher_row)
+                     torch.from_numpy(np.concatenate([it.uv for it in items])), splat, teacher, teacher_row)
 
 
 # =====================================================================================
@@ -564,12 +594,14 @@ class FusionStudent(nn.Module):
         self.learners = nn.ModuleList([learner(pc, ic) for ic in ImageBranch.channels])
 
     def forward(self, points: torch.Tensor, batch_idx: torch.Tensor, images: torch.Tensor | None,
-                image_of_point: torch.Tensor, uv: torch.Tensor) -> FusionOutput:
+                image_of_point: torch.Tensor, uv: torch.Tensor, splat: Splat | None = None) -> FusionOutput:
         """The voxel student's stages with the camera fused in between, stage by stage: LiDAR
-        block -> (image stage -> L2C) -> learner's imputation -> C2L -> the next block."""
+        block -> (image stage -> L2C) -> learner's imputation -> C2L -> the next block. splat:
+        what L2C splats (default: each seen point into its one image)."""
         lidar = self.lidar
         seen = (image_of_point >= 0).nonzero()[:, 0] if images is not None else image_of_point.new_zeros(0)
         seen_uv, seen_row = uv.index_select(0, seen), image_of_point.index_select(0, seen)  # (K, 2), (K,)
+        splat = splat or Splat.of_seen(image_of_point, uv)
         pyramid = lidar.voxelize(points, batch_idx)  # scales 1, 2, 4, 8, 16 and each block's indices
         x = lidar.input_encoder(points, pyramid.voxels[0])  # (V1, 64)
         x_im = self.image.stem(images) if images is not None else None
@@ -584,8 +616,9 @@ class FusionStudent(nn.Module):
             img_feat = imputed
             if x_im is not None:
                 y = self.image.stage(k, x_im)  # the image stage (B', ic, h, w)
-                splat = splat_multiscale(p_pts.index_select(0, seen), seen_uv, seen_row, len(y), *y.shape[-2:], 4 - k)
-                x_im, skip = self.l2c[k](y, splat)  # L2C: LiDAR features splatted into the image
+                splatted = splat_multiscale(p_pts.index_select(0, splat.point), splat.uv, splat.row, len(y),
+                                            *y.shape[-2:], 4 - k)  # (B', 64, h, w)
+                x_im, skip = self.l2c[k](y, splatted)  # L2C: LiDAR features splatted into the images
                 skips.append(skip)
                 sampled = sample_image(skip, seen_uv, seen_row)  # (K, ic)
                 img_feat = imputed.index_put((seen,), sampled)  # seen points: the real image feature
