@@ -607,13 +607,17 @@ class SemanticKITTI(torch.utils.data.Dataset):
         if self.train:
             pts[:, :3] = augment_xyz(pts[:, :3], rng)  # after projection: pixels stay valid
         scan = Scan(pts, labels[keep], keep, len(points), path, view, view_points)
-        return self.paste_instances(scan, self.rng(i, 2)) if self.cutmix else scan
+        return self.paste_instances(scan, i, self.rng(i, 2)) if self.cutmix else scan
 
-    def paste_instances(self, scan: Scan, rng: np.random.Generator) -> Scan:
-        """Instance CutMix (official dataset.py, cutmix: True): the points of a random training
-        scan that carry an instance id, in range, thinned and augmented on their own, stacked
-        after the scan's points. They get no pixel: the camera view stays the scan's own."""
-        path = self.scans[int(rng.integers(len(self)))]
+    def paste_instances(self, scan: Scan, i: int, rng: np.random.Generator) -> Scan:
+        """Instance CutMix (official dataset.py, cutmix: True): the points of another random
+        training scan (drawn again while it is scan i itself, as upstream) that carry an instance
+        id, in range, thinned and augmented on their own, stacked after the scan's points. They
+        get no pixel: the camera view stays the scan's own."""
+        j = int(rng.integers(len(self)))
+        while j == i and len(self) > 1:
+            j = int(rng.integers(len(self)))
+        path = self.scans[j]
         points = read_scan(path)
         raw, instance = read_labels(label_path(path), len(points))
         rows = usable_rows(points, path)

@@ -141,7 +141,7 @@ def load_checkpoint(path, kind: str | None, map_location="cpu") -> dict:
         # called, so a hostile file cannot run code here (our checkpoints hold nothing else).
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise DataError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        raise DataError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first_line(e)}); "
                         "the file is truncated, not a torch checkpoint, or holds objects other than "
                         "tensors and plain containers (never loaded here: unpickling them could run code)") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
@@ -248,6 +248,11 @@ def student_keys_from_2dpass(num_blocks=4, blocks_per_scale=2) -> dict[str, str]
     return names
 
 
+def first_line(error: Exception) -> str:
+    """An exception's message, first line only ('' for an empty one, as EOFError on a 0-byte file)."""
+    return (str(error).splitlines() or [""])[0]
+
+
 class _TensorsOnly:
     """A pickle module for torch.load that reads a Lightning checkpoint (2DPASS) safely: it builds
     tensors and plain containers, and every other global the file names (the classes of its saved
@@ -261,7 +266,11 @@ class _TensorsOnly:
         def find_class(self, module, name):
             return super().find_class(module, name) if (module, name) in _TensorsOnly.SAFE else _StandIn
 
-    load = pickle.load
+    @staticmethod
+    def load(file, **kwargs):
+        """What torch's loader of the older, non-zip format calls: the same restricted unpickler
+        (pickle.load here would build any global the file names)."""
+        return _TensorsOnly.Unpickler(file, **kwargs).load()
 
 
 class _StandIn(dict):

@@ -426,7 +426,11 @@ def test_instance_cutmix_adds_instance_points_without_pixels(synth_root):
     assert torch.equal(mixed.view.pixels, plain.view.pixels) and np.array_equal(mixed.view_points, plain.view_points)
     assert mixed.view_points.max() < n  # no pasted point has a pixel
     # The pasted points: the other scan's instance points (rows counted on from the scan's), labels kept.
-    other = mixed_set.scans[int(mixed_set.rng(0, 2).integers(len(mixed_set)))]
+    draws = mixed_set.rng(0, 2)
+    j = int(draws.integers(len(mixed_set)))
+    while j == 0:
+        j = int(draws.integers(len(mixed_set)))  # never the scan itself
+    other = mixed_set.scans[j]
     raw, instance = elite.read_labels(elite.label_path(other))
     rows = mixed.index[n:] - plain.num_raw
     assert len(rows) > 50 and (instance[rows] != 0).all()
@@ -435,6 +439,13 @@ def test_instance_cutmix_adds_instance_points_without_pixels(synth_root):
     assert not np.allclose(mixed.points[n:, :3], elite.read_scan(other)[rows, :3])  # augmented on their own
     assert np.array_equal(mixed.points[n:, 3], elite.read_scan(other)[rows, 3])  # remission as in the file
     assert len(elite.SemanticKITTI(synth_root, ["00"], cutmix=True)[0].points) == n  # evaluation: no CutMix
+    sizes = [elite.scan_size(p) for p in mixed_set.scans]  # each scan known by its size
+    assert len(set(sizes)) == len(sizes)
+    sources = set()
+    for epoch in range(12):  # upstream draws again until it picks another scan
+        mixed_set.set_epoch(epoch)
+        sources.add(mixed_set[0].num_raw - sizes[0])
+    assert sizes[0] not in sources and sources <= set(sizes[1:])
     batch = elite.collate([mixed, plain])  # the second scan's pixels still point at its own points
     assert torch.equal(batch.points[batch.view_points[len(mixed.view_points):]],
                        torch.from_numpy(plain.points[plain.view_points]))
@@ -493,6 +504,24 @@ def test_no_checkpoint_runs_code_when_loaded(tmp_path):
     for call in calls:
         with pytest.raises(elite.DataError, match="cannot read"):
             call()
+    # The same files in torch's older, non-zip format, a bare pickle of the hostile object, and an
+    # empty file: every loader, the 2DPASS one included, refuses each in one line.
+    import pickle
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name, _use_new_zipfile_serialization=False)
+    for call in calls:
+        with pytest.raises(elite.DataError, match="cannot read"):
+            call()
+    runs.load_2dpass_student(elite.Student(), tmp_path / "2dpass.ckpt")  # as data: the object is a stand-in
+    for content in (pickle.dumps(evil), b""):
+        for name in files:
+            (tmp_path / name).write_bytes(content)
+        for call in calls + [lambda: runs.load_2dpass_student(elite.Student(), tmp_path / "2dpass.ckpt")]:
+            with pytest.raises(elite.DataError, match="cannot read"):
+                call()
+    assert not marker.exists()
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
     # A run folder whose last.pt is hostile: looked at, never executed (a fresh run needs --overwrite).
     with pytest.raises(elite.DataError, match="already holds a run"):
         runs.claim_run_folder(tmp_path, runs.STUDENT_KIND, resume=False, overwrite=False)
