@@ -2026,15 +2026,31 @@ def missing_pseudo_labels(root, sequences, derived: Path | None = None, masks: s
 PLG_RECORD = "made_with.json"
 
 
-def plg_record(sequence: Path, masks: str | None) -> dict:
-    """What a sequence's pseudo-labels are made from: its .label files (number, total bytes; a
-    copied dataset keeps them, another sequence's labels do not) and, when known, the masks."""
-    labels = [p for p in (sequence / "labels").glob("*.label") if p.stem.isdigit()]
-    return {"labels": [len(labels), sum(p.stat().st_size for p in labels)]} | ({"masks": masks} if masks else {})
+def label_files(sequence: Path) -> list[Path]:
+    return sorted(p for p in (sequence / "labels").glob("*.label") if p.stem.isdigit())
+
+
+def file_crc(path: Path) -> int:
+    """CRC-32 of a file's bytes, read in 1 MiB pieces."""
+    import zlib
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def plg_record(sequence: Path, masks: str) -> dict:
+    """What a sequence's pseudo-labels are made from: the masks, and each .label file's size,
+    modification time and CRC-32 (the content, for a dataset copied with new times)."""
+    return {"masks": masks, "labels": {p.stem: [p.stat().st_size, p.stat().st_mtime_ns, file_crc(p)]
+                                       for p in label_files(sequence)}}
 
 
 def check_pseudo_labels(root, sequences, derived: Path | None = None, masks: str | None = None) -> None:
-    """Refuse pseudo-labels made from other labels, or (masks given) with other masks, naming the folder."""
+    """Refuse pseudo-labels made from other labels, or (masks given) with other masks, naming the
+    folder. A label file whose size and time are as recorded is taken as it was; one whose time
+    changed (a copied dataset) is compared by its content."""
     import json
     for seq in sequences:
         sequence = Path(root) / "sequences" / seq
@@ -2043,14 +2059,23 @@ def check_pseudo_labels(root, sequences, derived: Path | None = None, masks: str
             continue  # none made yet (or made before records were kept)
         try:
             made = json.loads((folder / PLG_RECORD).read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{folder / PLG_RECORD}: unreadable ({e}); delete {folder} to make the pseudo-labels "
-                            "again") from None
-        now = plg_record(sequence, masks)
-        differs = [f"{k} {made.get(k)} then, {now[k]} now" for k in now if made.get(k) != now[k]]
-        if differs:
-            raise DataError(f"{folder}: pseudo-labels made from other inputs ({'; '.join(differs)}): they do not "
-                            f"belong to this data; delete {folder} to make them again, or give another --derived-dir")
+            recorded = {name: tuple(v) for name, v in made["labels"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{folder / PLG_RECORD}: unreadable ({type(e).__name__}); delete {folder} to make the "
+                            "pseudo-labels again") from None
+        why = f"masks {made.get('masks')} then, {masks} now" if masks and made.get("masks") != masks else None
+        labels = {p.stem: p for p in label_files(sequence)}
+        if why is None and set(labels) != set(recorded):
+            why = f"{len(recorded)} label files then, {len(labels)} now"
+        for name, path in labels.items() if why is None else ():
+            size, mtime, crc = recorded[name]
+            st = path.stat()
+            if st.st_size != size or (st.st_mtime_ns != mtime and file_crc(path) != crc):
+                why = f"{path.name} changed since"
+                break
+        if why:
+            raise DataError(f"{folder}: pseudo-labels made from other inputs ({why}): they do not belong to this "
+                            f"data; delete {folder} to make them again, or give another --derived-dir")
 
 
 # =====================================================================================

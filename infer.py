@@ -451,6 +451,9 @@ def predict_nuscenes(args):
         model, ckpt = u2mkd.load_fusion_student(args.checkpoint, map_location=device)
         image_hw = tuple(ckpt["image_hw"])
     else:
+        if args.no_images:
+            raise elite.DataError(f"{args.checkpoint}: --no-images is for a U2MKD fusion student; this checkpoint "
+                                  f"holds a '{kind}' model, which never sees images")
         model, ckpt = runs.load_student(args.checkpoint, map_location=device)
         image_hw = None
     runs.check_dataset(model.cfg, args.dataset, args.checkpoint)

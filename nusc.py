@@ -23,6 +23,7 @@ loader (u2mkd-code.md section 7.1); deliberate differences are in README.md.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def read_tables(root, version: str) -> Tables:
     return tables
 
 
+PLAIN_TOKEN = re.compile(r"[0-9A-Za-z_-]+")
+
 # Every token a row names must be a row of the table it points into ("?": or empty, a chain's end).
 LINKS = {
     "scene": [("first_sample_token", "sample")],
@@ -101,6 +104,11 @@ def check_tables(tables: Tables, folder: Path) -> None:
     def fail(table, token, field, what):
         raise DataError(f"{folder / table}.json: row {token}: '{field}' {what}")
 
+    for table, rows in tables.rows.items():  # tokens name output files (<token>_lidarseg.bin): plain names only
+        for token in rows:
+            if not PLAIN_TOKEN.fullmatch(str(token)):
+                fail(table, repr(token), "token", "holds characters other than letters, digits, '_' and '-' (the "
+                     "dataset's are 32 hex digits); a token with '/' or '..' would name a file outside --out")
     for table, links in LINKS.items():
         for token, row in tables[table].items():
             for field, target in links:

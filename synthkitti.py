@@ -791,13 +791,35 @@ def make_dataset(root, sequences=DEFAULT_SEQUENCES, columns=1024, seed=0, progre
 
     Each sequence is its own street drawn from (seed, sequence id); its frames are the
     car's positions 3-5 m apart along it. Complete sequences are skipped, so a second
-    call is instant and an interrupted one resumes."""
+    call is instant and an interrupted one resumes, with the seed and columns root records."""
     from tqdm import tqdm
     root = Path(root)
+    seed, columns = world_of(root, seed, columns)
     with tqdm(total=sum(sequences.values()), desc="synthkitti", unit="scan", disable=not progress) as bar:
         for seq, n in sequences.items():
             write_sequence(root, seed, seq, n, columns, bar)
     return root
+
+
+MARKER = "synthkitti.json"  # ROOT/synthkitti.json: the seed and columns the files are made with
+
+
+def world_of(root: Path, seed: int, columns: int) -> tuple[int, int]:
+    """The seed and columns of the scenes in root: those it records, so that a run resumed or
+    extended with another --seed never mixes two streets in one sequence (a note says so);
+    else these, recorded before the first file is written."""
+    import json
+    marker = root / MARKER
+    if marker.is_file():
+        made = json.loads(marker.read_text())
+        if (made["seed"], made["columns"]) != (seed, columns):
+            print(f"note: {root} holds synthetic scenes made with seed {made['seed']} and {made['columns']} "
+                  f"columns; kept as they are (give another folder for seed {seed}, {columns} columns)")
+        return made["seed"], made["columns"]
+    if any((root / "sequences").glob("*/velodyne/*.bin")):
+        return seed, columns  # scenes of before the marker: their seed is not known
+    write_atomic(marker, json.dumps({"seed": seed, "columns": columns}).encode())
+    return seed, columns
 
 
 def main(argv=None):

@@ -1725,8 +1725,10 @@ def test_generation_resumes_skips_existing_and_leaves_no_temp_files(synth):
     folder = synth / "sequences/00/image_2_plg"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert sorted(before) == ["000000.npy", "000001.npy", elite.PLG_RECORD]  # nothing else: no temp files
-    assert json.loads((folder / elite.PLG_RECORD).read_text()) == {
-        "labels": [2, sum(p.stat().st_size for p in (synth / "sequences/00/labels").iterdir())], "masks": "ideal"}
+    record = json.loads((folder / elite.PLG_RECORD).read_text())
+    label = synth / "sequences/00/labels/000001.label"
+    assert record["masks"] == "ideal" and sorted(record["labels"]) == ["000000", "000001"]
+    assert record["labels"]["000001"] == [label.stat().st_size, label.stat().st_mtime_ns, elite.file_crc(label)]
     counts = runs.generate_pseudo_labels(synth, ["00"], synthkitti.IdealMaskSource(), progress=False)
     assert counts == {"written": 0, "existing": 2, "unlabelled": 0}
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
@@ -1752,10 +1754,20 @@ def test_shards_split_the_scans_and_existing_files_are_trusted(synth, tmp_path):
         elite.read_pixel_labels(out[0], synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH)
     with pytest.raises(ValueError, match="need 0 <= i < n"):
         runs.generate_pseudo_labels(root, ["00"], src, shard=(2, 2))
-    # Labels changed since (a scan's labels removed): the files are not these labels' pseudo-labels.
-    (root / "sequences/00/labels/000001.label").unlink()
-    with pytest.raises(elite.DataError, match=r"00/image_2_plg: pseudo-labels made from other inputs \(labels "
-                                              r"\[2, \d+\] then, \[1, \d+\] now\)"):
+    # Labels changed since: the files are not these labels' pseudo-labels. A copy with new times
+    # and the same bytes is still these labels.
+    label = root / "sequences/00/labels/000001.label"
+    data = label.read_bytes()
+    label.write_bytes(data)  # a new modification time, the same content
+    assert elite.missing_pseudo_labels(root, ["00"]) == 0
+    relabelled = np.frombuffer(data, np.uint32).copy()
+    relabelled[:100] = 40  # road, the same size
+    label.write_bytes(relabelled.tobytes())
+    with pytest.raises(elite.DataError, match=r"00/image_2_plg: pseudo-labels made from other inputs \(000001\.label "
+                                              r"changed since\)"):
+        elite.missing_pseudo_labels(root, ["00"])
+    label.unlink()
+    with pytest.raises(elite.DataError, match=r"\(2 label files then, 1 now\)"):
         elite.missing_pseudo_labels(root, ["00"])
 
 
@@ -2138,7 +2150,15 @@ def test_instance_database_round_trip_and_paste(synth_copy):
     assert any(np.array_equal(points[match & (instance == i)], first) for i in np.unique(instance[match]))
     other = u2mkd.load_instance_db(synth_copy, ["00", "08"], min_points=20, progress=False)  # other key: rebuilt
     assert len(other) >= len(db)
-    # A cache never outlives what it was cut from: labels edited since (every instance id 0) -> rebuilt.
+    # A cache never outlives what it was cut from: one label file put back with other instance ids,
+    # the same size and an older time (cp -p, rsync -a) -> rebuilt.
+    label = synth_copy / "sequences" / "00" / "labels" / "000000.label"
+    before = label.stat().st_mtime_ns
+    raw = np.fromfile(label, dtype=np.uint32)
+    (raw & 0xFFFF).astype(np.uint32).tofile(label)
+    os.utime(label, ns=(before - 10**9, before - 10**9))
+    assert len(u2mkd.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)) < len(db)
+    # Every label file edited (every instance id 0) -> rebuilt, empty.
     for label in (synth_copy / "sequences" / "00" / "labels").glob("*.label"):
         raw = np.fromfile(label, dtype=np.uint32)
         (raw & 0xFFFF).astype(np.uint32).tofile(label)
@@ -2289,3 +2309,14 @@ def test_submconv3d_cpu_gpu_parity():
     cpu = elite.submconv3d(feats, elite.neighbours_of(coords), weight)  # the plain path
     gpu = elite.submconv3d(feats.cuda(), elite.neighbours_of(coords.cuda()), weight.cuda()).cpu()  # auto: Triton
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_synthetic_scenes_resumed_with_another_seed_keep_the_recorded_one(tmp_path, capsys):
+    """An interrupted first run (seed 1), finished by a run with --seed 0: one street, seed 1's."""
+    synthkitti.make_dataset(tmp_path / "a", {"01": 1}, columns=64, seed=1, progress=False)
+    synthkitti.make_dataset(tmp_path / "a", {"01": 2}, columns=64, seed=0, progress=False)
+    assert "made with seed 1 and 64 columns; kept as they are" in capsys.readouterr().out
+    synthkitti.make_dataset(tmp_path / "b", {"01": 2}, columns=64, seed=1, progress=False)
+    for name in ("000000.bin", "000001.bin"):
+        assert (tmp_path / "a/sequences/01/velodyne" / name).read_bytes() == \
+            (tmp_path / "b/sequences/01/velodyne" / name).read_bytes()

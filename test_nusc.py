@@ -366,7 +366,7 @@ def test_bad_nuscenes_input_names_the_file(synth_nusc, tmp_path):
         nusc.read_points(frame.points)
     # A camera image missing.
     frame.cameras[2].image.unlink()
-    with pytest.raises(elite.DataError, match=r"CAM_BACK_RIGHT.*\.jpg: camera image not found \(CAM_BACK_RIGHT"):
+    with pytest.raises(elite.DataError, match=r"CAM_FRONT_RIGHT.*\.jpg: camera image not found \(CAM_FRONT_RIGHT"):
         nusc.read_camera_image(frame.cameras[2])
     # A sample without its lidarseg row.
     rows = json.loads((root / VERSION / "lidarseg.json").read_text())
@@ -400,6 +400,9 @@ def camera_calibration(tables_dir):
 
 
 @pytest.mark.parametrize("table, spoil, message", [
+    ("sample_data.json", lambda rows, d: rows[0].update(token="../../elsewhere/" + rows[0]["token"]),
+     r"sample_data\.json: row '\.\./\.\./elsewhere/\w+': 'token' holds characters other than letters, digits, "
+     r"'_' and '-' .* would name a file outside --out"),
     ("scene.json", lambda rows, d: rows[0].update(first_sample_token="nope"),
      r"scene\.json: row .*: 'first_sample_token' is 'nope', not a token of sample\.json"),
     ("sample_data.json", lambda rows, d: rows[0].update(calibrated_sensor_token="gone"),

@@ -152,7 +152,8 @@ def test_nuscenes_teacher_fusion_student_baseline_and_submission(synth_nusc, tmp
     train_teacher.main(["--teacher", "lidar", *common, "--out", str(tmp_path / "teacher")])
     teacher = torch.load(tmp_path / "teacher" / "last.pt", weights_only=False)
     assert teacher["student_config"]["num_classes"] == 17 and teacher["config"]["sweeps"] == 4
-    assert "the keyframe and 4 sweeps around it" in capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the keyframe and 4 sweeps around it" in printed and "validation also reads the sweeps" in printed
     train_student.main(["--method", "u2mkd", *common, "--teacher", str(tmp_path / "teacher" / "last.pt"),
                         "--out", str(tmp_path / "fusion")])
     printed = " ".join(capsys.readouterr().out.split())
@@ -210,6 +211,21 @@ def test_nuscenes_teacher_fusion_student_baseline_and_submission(synth_nusc, tmp
         runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "kitti.pt")
         infer.predict(infer.parse_args(["--dataset", "nuscenes", "--data", str(synth_nusc), "--checkpoint",
                                         str(tmp_path / "kitti.pt"), "--out", str(tmp_path / "p"), "--device", "cpu"]))
+
+
+def test_u2mkd_runs_scale_the_lr_with_their_global_batch():
+    """Both U2MKD trainers: the preset's lr is for its global batch (the teacher's 4 GPUs x 3 on
+    nuScenes); another batch x processes scales it in proportion, as upstream's recipe implies."""
+    import train_teacher
+    args = train_teacher.parse_args(["--teacher", "lidar", "--dataset", "nuscenes", "--data", "NUSC", "--device",
+                                     "cpu"])
+    assert (args.batch_size, args.global_batch, args.lr) == (3, 12, 0.24)
+    lr, note = runs.scaled_lr(args)  # one process of 3
+    assert lr == pytest.approx(0.06) and note == " (= 0.24 x 3/12, scaled to the global batch)"
+    args.batch_size = 12
+    assert runs.scaled_lr(args) == (0.24, "")
+    sam = train_teacher.parse_args(["--data", "KITTI", "--device", "cpu"])
+    assert sam.global_batch is None and runs.scaled_lr(sam) == (sam.lr, "")  # the SAM teacher's lr is not scaled
 
 
 def check_plg_picture(png: Path, scan: Path) -> None:
@@ -403,7 +419,8 @@ def test_sam_plg_killed_midway_resumes_without_redoing_or_corrupt_files(tmp_path
     (folder / "000007.npy.killed00.tmp").write_bytes(b"half a file")  # as a kill mid-write leaves it
     printed = finish(start_script("train_teacher.py", args, tmp_path / "second.log"), tmp_path / "second.log")
     assert f"{8 - len(done)} written, {len(done)} already there" in printed
-    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.npy" for i in range(8)]  # no temporaries
+    expected = [f"{i:06d}.npy" for i in range(8)] + [elite.PLG_RECORD]
+    assert sorted(p.name for p in folder.iterdir()) == expected  # no temporaries
     assert {n: (folder / n).stat().st_mtime_ns for n in done} == done  # the finished ones were not redone
     calib = elite.read_calib(root / "sequences/00/calib.txt")
     for scan in elite.list_scans(root, ["00"]):  # every file whole and equal to an uninterrupted run's
@@ -980,7 +997,8 @@ def test_read_only_dataset_writes_derived_files_elsewhere(synth_root, tmp_path):
         assert train[0].view.dense_labels is not None  # read from DERIVED
         assert elite.missing_pseudo_labels(data, ["00"], derived) == 0
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into the dataset
-    assert sorted(p.name for p in (derived / S00 / "image_2_plg").iterdir()) == ["000000.npy", "000001.npy"]
+    assert sorted(p.name for p in (derived / S00 / "image_2_plg").iterdir()) == ["000000.npy", "000001.npy",
+                                                                                  elite.PLG_RECORD]
     assert (derived / "u2mkd_instances.npz").is_file() and (tmp_path / "lidar" / "best.pt").is_file()
 
 

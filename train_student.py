@@ -222,6 +222,8 @@ def parse_args(argv=None):
     if given:
         p.error(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}"
                 f" on --dataset {args.dataset}")
+    if args.teacher == "none" and args.labels is not None:
+        p.error("--labels: the 2D labels of the teacher's losses; --teacher none trains without a teacher")
     if args.method == "u2mkd" and args.dataset == "semantickitti" and args.image_drop is None:
         args.image_drop = 0.25
     args.preset = args.preset or ("paper" if args.data else "embedded")
@@ -531,7 +533,7 @@ def main(argv=None):
                      overwrite=args.overwrite)
     runs.close_distributed()
     if conf is None:
-        print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
+        print(f"Nothing to train: {last_path} has trained {run.epoch} epochs, --epochs asks for {args.epochs}")
         return
     print(f"\nValidation after the last epoch ({runs.val_name(args)}, in-range points):\n{conf.table()}")
     print(runs.which_checkpoint(last_path, best_path, conf.miou(), run.best_miou))

@@ -411,7 +411,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
                      metric="val 2D mIoU", metrics_csv=args.out / "metrics.csv", save_every=args.save_every,
                      last_path=last_path, overwrite=args.overwrite)
     if conf is None:
-        print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
+        print(f"Nothing to train: {last_path} has trained {run.epoch} epochs, --epochs asks for {args.epochs}")
     else:
         print(f"\n2D validation after the last epoch, projected points ({', '.join(args.val_sequences)}):\n"
               f"{conf.table()}")
@@ -496,7 +496,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
                      metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path,
                      overwrite=args.overwrite)
     if conf is None:
-        print(f"Nothing to train: {last_path} already finished {args.epochs} epochs")
+        print(f"Nothing to train: {last_path} has trained {run.epoch} epochs, --epochs asks for {args.epochs}")
     else:
         print(f"\nValidation after the last epoch ({runs.val_name(args)}, in-range points):\n{conf.table()}")
     return run, conf

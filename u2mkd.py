@@ -168,12 +168,17 @@ def load_instance_db(root, sequences, min_points=MIN_INSTANCE_POINTS, progress=T
 
 
 def files_fingerprint(root, sequences) -> str:
-    """What a cache built from these sequences' scans and labels depends on: their number, total
-    size and newest modification. A changed, added or removed file changes it."""
-    files = [f for s in sorted(sequences) for folder in ("velodyne", "labels")
-             for f in (Path(root) / "sequences" / s / folder).glob("*") if f.is_file()]
-    stats = [f.stat() for f in files]
-    return f"{len(files)} files, {sum(s.st_size for s in stats)} bytes, newest {max((s.st_mtime_ns for s in stats), default=0)}"
+    """What a cache built from these sequences' scans and labels depends on: each file's name,
+    size and modification time, digested. A changed, added, removed or replaced file (also one
+    put back with an older time) changes it."""
+    import hashlib
+    files = sorted(f for s in sequences for folder in ("velodyne", "labels")
+                   for f in (Path(root) / "sequences" / s / folder).glob("*") if f.is_file() and f.stem.isdigit())
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.parent.parent.name}/{f.parent.name}/{f.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return f"{len(files)} files, sha256 of their names, sizes and times {digest.hexdigest()[:16]}"
 
 
 def rotate_z(xy: np.ndarray, angle: float) -> np.ndarray:
