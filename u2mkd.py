@@ -22,9 +22,9 @@ Read top to bottom, as the data flows:
     7. Uni-to-multi KD and the total loss
     8. Checkpoints
 
-It reuses elite.py's data, projection, augmentation, voxel student and losses. Facts follow
-../shared/reference/u2mkd-code.md (the official code covers nuScenes only; the choices made for
-SemanticKITTI's single camera are listed in README.md).
+It reuses elite.py's data, projection, augmentation, voxel student and losses. Facts follow the
+official code (isunLt/U2MKD; it covers nuScenes only: the choices made for SemanticKITTI's single
+camera are listed in README.md).
 """
 from __future__ import annotations
 
