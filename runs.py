@@ -842,63 +842,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A named recipe: the value of each flag it sets and where that value comes from (the
-    official config's key, or why it differs). A flag given on the command line wins."""
-    about: str                                 # which config it is, and which results it reproduces
-    values: dict[str, tuple[object, str]]     # flag (dest) -> (value, source)
-
-
-# What both of ELiTe's stages take from each official config (the scripts add their own values).
-ELITE_CONFIGS = {
-    "paper": {  # ELiTe-semantickitti.yaml
-        "train_sequences": (SPLITS["train"], "the train split"),
-        "epochs": (64, "max_num_epochs: 64"),
-        "batch_size": (4, "train_data_loader.batch_size: 4"),
-        "workers": (8, "num_workers: 8"),
-        "lr": (0.24, "learning_rate: 0.24"),
-        "lr_schedule": ("step", "lr_scheduler: CosineAnnealingWarmRestarts, a per-iteration cosine")},
-    "paper-test": {  # ELiTe-test-semantickitti.yaml
-        "train_sequences": (SPLITS["train"] + SPLITS["val"], "trainval: True"),
-        "epochs": (128, "max_num_epochs: 128"),
-        "batch_size": (2, "train_data_loader.batch_size: 2"),
-        "workers": (8, "num_workers: 8"),
-        "lr": (0.24, "learning_rate: 0.24"),
-        "lr_schedule": ("epoch", "lr_scheduler: CosineAnnealingLR, T_max 128 - 4, eta_min 1e-5, per epoch")},
-}
-
-
 def show(value) -> str:
+    """A flag's value as the command line writes it (a list as its items)."""
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def apply_preset(args, preset: Preset) -> None:
-    """Fill every flag the command line left unset (None) from the preset; args.from_preset
-    lists them (a checkpoint's config keeps it)."""
-    args.from_preset = []
-    for key, (value, _) in preset.values.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-            args.from_preset.append(key)
-
-
-def describe_preset(name: str, preset: Preset, args=None) -> str:
-    """The preset's values, each with its source; with args, a flag given on the command line says so."""
-    rows = []
-    for key, (value, source) in preset.values.items():
-        flag = "--" + key.replace("_", "-")
-        if args is None or key in args.from_preset:
-            rows.append(f"{flag} {show(value)}  ({source})")
-        else:
-            rows.append(f"{flag} {show(getattr(args, key))}  (given; the preset's is {show(value)}: {source})")
-    return f"{name}: {preset.about}\n      " + "\n      ".join(rows)
-
-
-def presets_epilog(presets: dict[str, Preset]) -> str:
-    """--help's list of the presets, every value with its source."""
-    return "presets (--preset), every value with where it comes from:\n" + "\n".join(
-        "  " + describe_preset(name, preset).replace("\n      ", "\n    ") for name, preset in presets.items())
 
 
 def add_data_flags(parser, holds: str) -> None:

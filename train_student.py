@@ -46,100 +46,10 @@ import torch
 
 import elite
 import nusc
+import presets
 import runs
 import u2mkd
 
-# Named presets, each one official config (the source of every value beside it). "embedded"
-# is a small setting that finishes on a laptop CPU and is NOT comparable with published numbers.
-TRAIN = elite.SPLITS["train"]
-PRESETS = {  # ELiTe's student
-    "paper": runs.Preset(
-        "ELiTe-semantickitti.yaml, the official default config: the paper's SemanticKITTI validation results "
-        "(train on 00-07 09 10, score 08); the teacher's labels are its preset's (paper: sparse point labels)",
-        runs.ELITE_CONFIGS["paper"] | {
-            "val_batch_size": (8, "val_data_loader.batch_size: 8"),
-            "cutmix": (False, "no cutmix")}),
-    "paper-test": runs.Preset(
-        "ELiTe-test-semantickitti.yaml, the benchmark-submission config: the paper's SemanticKITTI test-server "
-        "results (08 is trained on too, so its score here is no validation figure); pass --init-3d with a 2DPASS "
-        "checkpoint (pretrained3d: True) and a teacher trained with train_teacher.py --preset paper-test",
-        runs.ELITE_CONFIGS["paper-test"] | {
-            "val_batch_size": (8, "val_data_loader.batch_size: 8"),
-            "cutmix": (True, "cutmix: True, instance CutMix")}),
-    "embedded": runs.Preset(
-        "a small CPU setting on the synthetic scenes, NOT comparable with published numbers", {
-            "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
-            "epochs": (12, "a few CPU minutes"),
-            "batch_size": (2, "small batches for a CPU"),
-            "val_batch_size": (4, "small batches for a CPU"),
-            "workers": (0, "data loading in the main process"),
-            "lr": (0.24, "the paper's rate"),
-            "lr_schedule": ("step", "the paper's per-iteration cosine"),
-            "cutmix": (False, "as the paper preset")}),
-}
-U2MKD_PRESETS = {  # U2MKD's fusion student (its SemanticKITTI recipe is not released: the nuScenes one)
-    "paper": runs.Preset(
-        "U2MKD's student config (spformer_tsd_full_ours_star.yaml: 50 epochs, batch 4 per GPU on 4 GPUs); with "
-        "another global batch the lr scales with it (linear scaling rule)", {
-            "train_sequences": (TRAIN, "the train split"),
-            "epochs": (50, "num_epochs: 50"),
-            "batch_size": (4, "batch_size: 4 per GPU"),
-            "global_batch": (16, "4 per GPU x 4 GPUs (README: torchpack dist-run -np 4)"),
-            "val_batch_size": (8, "the ELiTe value"),
-            "workers": (8, "the ELiTe value"),
-            "lr": (0.24, "lr: 0.24 for the global batch of 16"),
-            "lr_schedule": ("step", "cosine_warmup, per iteration"),
-            "image_size": ((376, 1241), "KITTI's full frame (nuScenes: 0.4 x 1600 x 900)")}),
-    "embedded": runs.Preset(
-        "a small CPU setting on the synthetic scenes, NOT comparable with published numbers", {
-            "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
-            "epochs": (6, "a few CPU minutes"),
-            "batch_size": (2, "small batches for a CPU"),
-            "global_batch": (2, "one process; the lr is not scaled"),
-            "val_batch_size": (4, "small batches for a CPU"),
-            "workers": (0, "data loading in the main process"),
-            "lr": (0.24, "the paper's rate"),
-            "lr_schedule": ("step", "the paper's per-iteration cosine"),
-            "image_size": ((188, 620), "half the KITTI frame")}),
-}
-NUSC_EMBEDDED_ABOUT = "a few CPU minutes on the synthetic nuScenes scenes, NOT comparable with published numbers"
-NUSC_EMBEDDED = {  # what the baseline's and U2MKD's embedded presets share
-    "epochs": (6, "a few CPU minutes"),
-    "batch_size": (2, "small batches for a CPU"),
-    "val_batch_size": (2, "small batches for a CPU"),
-    "workers": (0, "data loading in the main process"),
-    "lr": (0.24, "the paper's rate"),
-    "lr_schedule": ("step", "the paper's per-iteration cosine")}
-NUSC_BASELINE_PRESETS = {  # nuScenes-lidarseg: the LiDAR-only baseline (--method elite --teacher none)
-    "paper": runs.Preset(
-        "2DPASS-nuscenes.yaml's recipe for this 4-scale 64-channel student (2DPASS's own nuScenes model is 6-scale "
-        "256-channel)", {
-            "epochs": (80, "max_num_epochs: 80"),
-            "batch_size": (8, "train_data_loader.batch_size: 8"),
-            "val_batch_size": (8, "val_data_loader.batch_size: 8"),
-            "workers": (8, "num_workers: 8"),
-            "lr": (0.24, "learning_rate: 0.24"),
-            "lr_schedule": ("epoch", "lr_scheduler: CosineAnnealingLR, T_max 80 - 4, eta_min 1e-5, per epoch")}),
-    "embedded": runs.Preset(NUSC_EMBEDDED_ABOUT, NUSC_EMBEDDED),
-}
-NUSC_U2MKD_PRESETS = {  # nuScenes-lidarseg: U2MKD's fusion student
-    "paper": runs.Preset(
-        "U2MKD's student config (spformer_tsd_full_ours_star.yaml): 50 epochs, batch 4 per GPU on 4 GPUs, lr 0.24 "
-        "for that global batch of 16 (scaled to the global batch run), images at 0.4, 3 of 6 cameras dropped", {
-            "epochs": (50, "num_epochs: 50"),
-            "batch_size": (4, "batch_size: 4 per GPU"),
-            "global_batch": (16, "4 per GPU x 4 GPUs (README: torchpack dist-run -np 4)"),
-            "val_batch_size": (8, "the ELiTe value"),
-            "workers": (8, "the ELiTe value"),
-            "lr": (0.24, "lr: 0.24 for the global batch of 16"),
-            "lr_schedule": ("step", "cosine_warmup, per iteration"),
-            "image_size": (u2mkd.NUSC_IMAGE_HW, "im_cr: 0.4 of 1600 x 900"),
-            "camera_drop": (u2mkd.CAMERA_DROP, "im_drop: 3")}),
-    "embedded": runs.Preset(NUSC_EMBEDDED_ABOUT, NUSC_EMBEDDED | {
-        "global_batch": (2, "one process; the lr is not scaled"),
-        "image_size": ((90, 160), "small images for a CPU"),
-        "camera_drop": (u2mkd.CAMERA_DROP, "as the paper preset")}),
-}
 HELP_PRESETS = (("elite", "elite", "semantickitti"), ("u2mkd", "u2mkd", "semantickitti"),
                 ("--dataset nuscenes, the baseline:", "elite", "nuscenes"), ("--dataset nuscenes, u2mkd:", "u2mkd", "nuscenes"))
 # The teacher each method distils by default, as upstream: ELiTe's and U2MKD's SemanticKITTI
@@ -150,13 +60,13 @@ DEFAULT_TEACHER = {"elite": Path("runs/teacher/last.pt"), "u2mkd": Path("runs/li
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter,
-                                epilog="\n\n".join(f"{label} " + runs.presets_epilog(presets_of(method, dataset))
+                                epilog="\n\n".join(f"{label} " + presets.presets_epilog(presets_of(method, dataset))
                                                      for label, method, dataset in HELP_PRESETS))
     runs.add_data_flags(p, "velodyne,labels; image_2,calib.txt with a teacher or u2mkd")
     p.add_argument("--method", choices=("elite", "u2mkd"), default="elite",
                    help="elite: the 1.9M LiDAR student, PPMSKD from the SAM teacher; u2mkd: the camera+LiDAR "
                         "fusion student, KD from the LiDAR teacher")
-    p.add_argument("--preset", choices=list(PRESETS), default=None,
+    p.add_argument("--preset", choices=presets.NAMES, default=None,
                    help="a recipe (its values and their sources are listed at the end): 'paper' is the default "
                         "with --data, 'embedded' without; 'paper-test' (elite) is the benchmark-submission config")
     p.add_argument("--teacher", default=None,
@@ -232,11 +142,11 @@ def parse_args(argv=None):
             p.error("--dataset nuscenes --method elite trains the LiDAR-only baseline (--teacher none); ELiTe's SAM "
                     "teacher reads SemanticKITTI")
     runs.check_data_flags(p, args)
-    presets = presets_of(args.method, args.dataset)
-    if args.preset not in presets:
+    recipes = presets_of(args.method, args.dataset)
+    if args.preset not in recipes:
         p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --method {args.method}"
-                f"{' on nuscenes' if args.dataset == 'nuscenes' else ''} has {', '.join(presets)}")
-    runs.apply_preset(args, presets[args.preset])
+                f"{' on nuscenes' if args.dataset == 'nuscenes' else ''} has {', '.join(recipes)}")
+    presets.apply_preset(args, recipes[args.preset])
     if args.camera_drop is not None and args.camera_drop > len(nusc.CAMERAS):
         p.error(f"argument --camera-drop: {args.camera_drop} of the {len(nusc.CAMERAS)} cameras cannot be dropped")
     args.image_size = tuple(args.image_size) if args.image_size else None
@@ -250,11 +160,9 @@ RESUME_KEEPS = ("method", "dataset", "version", "preset", "teacher", "teacher_mo
                 "image_drop", "camera_drop", "cutmix", "init_3d", "image_weights", "global_batch", "seed")
 
 
-def presets_of(method: str, dataset: str) -> dict[str, runs.Preset]:
-    """The presets of a method on a dataset."""
-    if dataset == "nuscenes":
-        return NUSC_BASELINE_PRESETS if method == "elite" else NUSC_U2MKD_PRESETS
-    return PRESETS if method == "elite" else U2MKD_PRESETS
+def presets_of(method: str, dataset: str) -> dict[str, presets.Preset]:
+    """The presets of a method on a dataset (presets.py)."""
+    return presets.RECIPES[("student", method, dataset)]
 
 
 def teacher_path(args, resumed: dict | None) -> str:
@@ -451,7 +359,8 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
         u2mkd.load_imagenet_weights(model.image, args.image_weights)
     adapter = u2mkd.kd_adapter(model.cfg.hidden, teacher.cfg.hidden).to(device) if teacher else None
     parts = [model] + ([adapter] if adapter is not None else [])
-    optimizer = runs.make_optimizer([p for part in parts for p in part.parameters()], lr=args.lr)  # one lr, as upstream
+    params = [p for part in parts for p in part.parameters()]
+    optimizer = runs.make_optimizer(params, lr=runs.scaled_lr(args)[0])  # one lr, the schedule's peak, as upstream
     if resumed is not None:
         runs.load_state(model, resumed["model"], args.out / "last.pt")
         if adapter is not None:
@@ -502,7 +411,6 @@ def main(argv=None):
     run = runs.RunState.resumed(resumed) if resumed is not None else runs.RunState()
     lr, scaled = runs.scaled_lr(args)  # U2MKD's recipes name the global batch their lr is meant for
     schedule = runs.lr_schedule(args.lr_schedule, lr, args.epochs, len(setup.loader), world.size)
-    presets = presets_of(args.method, args.dataset)
     title = ("the U2MKD fusion student" if args.method == "u2mkd" else
              "the LiDAR-only baseline" if args.dataset == "nuscenes" else "the ELiTe student")
     runs.print_summary(f"train_student.py: {title}" + (" on nuScenes" if args.dataset == "nuscenes" else ""), {
@@ -512,7 +420,7 @@ def main(argv=None):
         "student": f"{type(setup.model).__name__}, {elite.count_parameters(setup.model):,} parameters"
                    + (f", initialised from {args.init_3d} (2DPASS)" if args.init_3d else ""),
         "teacher": setup.describe,
-        "preset": runs.describe_preset(args.preset, presets[args.preset], args),
+        "preset": presets.describe_preset(args.preset, presets_of(args.method, args.dataset)[args.preset], args),
         "schedule": runs.describe_schedule(args, len(setup.loader), schedule, "scans", scaled),
         "validation": runs.describe_validation(args),
         "outputs": runs.describe_outputs(args.out, args.save_every),

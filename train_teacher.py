@@ -49,101 +49,25 @@ import torch
 
 import elite
 import nusc
+import presets
 import runs
 import synthkitti
 
-# Named presets, each value with its source. Upstream trains the teacher jointly with the
-# student; here it is trained first (stage 1) with the same config, then the student's joint run
-# continues it (README, "Differences from the official code"). "embedded" is a small random ViT
-# on small crops of the synthetic scenes, trained with AdamW because SGD at lr 0.24 moves a random
-# encoder's heads too slowly for a few-minute run: it shows the pipeline runs and learns, and is
-# NOT comparable with published numbers.
-TRAIN = elite.SPLITS["train"]
-PRESETS = {
-    "paper": runs.Preset(
-        "ELiTe-semantickitti.yaml, the official default config (the paper's validation results): sparse point "
-        "labels, no SAM-PLG", runs.ELITE_CONFIGS["paper"] | {
-            "labels": ("sparse", "pseudo_label: False"),
-            "variant": ("vit_b", "backbone_2d: vit_b"),
-            "crop": ((320, 1024), "bottom_crop: [1024, 320]"),
-            "mask_source": ("sam", "SAM-PLG with SAM ViT-H, used only with --labels plg"),
-            "val_batch_size": (4, "4 crops of ViT-B at a time"),
-            "optimizer": ("sgd", "SGD, Nesterov, momentum 0.9, weight decay 1e-4")}),
-    "paper-test": runs.Preset(
-        "ELiTe-test-semantickitti.yaml, the benchmark-submission config (the paper's test-server results): "
-        "SAM-PLG pseudo-labels, train + val", runs.ELITE_CONFIGS["paper-test"] | {
-            "labels": ("plg", "pseudo_label: True"),
-            "variant": ("vit_b", "backbone_2d: vit_b"),
-            "crop": ((320, 1024), "bottom_crop: [1024, 320]"),
-            "mask_source": ("sam", "SAM-PLG with SAM ViT-H (SAMPLG-semantickitti.yaml)"),
-            "val_batch_size": (4, "4 crops of ViT-B at a time"),
-            "optimizer": ("sgd", "SGD, Nesterov, momentum 0.9, weight decay 1e-4")}),
-    "embedded": runs.Preset(
-        "a small random ViT on the synthetic scenes, NOT comparable with published numbers", {
-            "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
-            "labels": ("plg", "shows SAM-PLG at work"),
-            "variant": ("vit_tiny", "a small random ViT for CPU runs"),
-            "crop": ((160, 512), "half the paper's crop"),
-            "mask_source": ("ideal", "the synthetic scenes' rendered regions stand in for SAM"),
-            "epochs": (16, "a few CPU minutes"),
-            "batch_size": (2, "small batches for a CPU"),
-            "val_batch_size": (4, "small batches for a CPU"),
-            "workers": (0, "data loading in the main process"),
-            "optimizer": ("adamw", "SGD at 0.24 moves a random encoder's heads too slowly for a short run"),
-            "lr": (0.01, "AdamW's rate"),
-            "lr_schedule": ("step", "the paper's per-iteration cosine")}),
-}
-# U2MKD's LiDAR teacher. Its SemanticKITTI recipe is not released: "paper" takes the voxel
-# student's (64 epochs, batch 4, lr 0.24); "embedded" is a few CPU minutes.
-LIDAR_PRESETS = {
-    "paper": runs.Preset("the voxel student's recipe (U2MKD releases no SemanticKITTI teacher config)", {
-        "train_sequences": (TRAIN, "the train split"),
-        "epochs": (64, "ELiTe's max_num_epochs"),
-        "batch_size": (4, "ELiTe's batch size"),
-        "val_batch_size": (8, "ELiTe's val batch size"),
-        "workers": (8, "num_workers: 8"),
-        "lr": (0.24, "lr: 0.24"),
-        "global_batch": (4, "ELiTe's batch on one GPU: the lr is scaled only for another global batch"),
-        "lr_schedule": ("step", "cosine_warmup, per iteration")}),
-    "embedded": runs.Preset("a few CPU minutes on the synthetic scenes, NOT comparable with published numbers", {
-        "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
-        "epochs": (4, "a few CPU minutes"),
-        "batch_size": (2, "small batches for a CPU"),
-        "val_batch_size": (4, "small batches for a CPU"),
-        "workers": (0, "data loading in the main process"),
-        "lr": (0.24, "the paper's rate"),
-        "global_batch": (2, "one process; the lr is not scaled"),
-        "lr_schedule": ("step", "the paper's per-iteration cosine")}),
-}
 
-# U2MKD's LiDAR teacher on nuScenes (configs/nuscenes/train/spformer.yaml).
-NUSC_LIDAR_PRESETS = {
-    "paper": runs.Preset("U2MKD's nuScenes teacher config (spformer.yaml: 25 epochs, batch 3 per GPU on 4 GPUs)", {
-        "epochs": (25, "num_epochs: 25"),
-        "batch_size": (3, "batch_size: 3 per GPU"),
-        "val_batch_size": (8, "the ELiTe value"),
-        "workers": (8, "num_workers: 8"),
-        "lr": (0.24, "lr: 0.24"),
-        "global_batch": (12, "3 per GPU x 4 GPUs (README: torchpack dist-run -np 4); the lr scales with the "
-                             "global batch run, as the fusion student's"),
-        "lr_schedule": ("step", "cosine_warmup, per iteration"),
-        "sweeps": (4, "num_sweeps: 2, only_past: False: 2 past + 2 future")}),
-    "embedded": runs.Preset("a few CPU minutes on the synthetic nuScenes scenes, NOT comparable with published numbers", {
-        "epochs": (4, "a few CPU minutes"),
-        "batch_size": (2, "small batches for a CPU"),
-        "val_batch_size": (2, "small batches for a CPU"),
-        "workers": (0, "data loading in the main process"),
-        "lr": (0.24, "the paper's rate"),
-        "global_batch": (2, "one process; the lr is not scaled"),
-        "lr_schedule": ("step", "the paper's per-iteration cosine"),
-        "sweeps": (4, "as the paper preset")}),
-}
+HELP_PRESETS = (("--teacher sam", ("teacher", "sam", "semantickitti")),
+                ("--teacher lidar", ("teacher", "lidar", "semantickitti")),
+                ("--teacher lidar --dataset nuscenes", ("teacher", "lidar", "nuscenes")))
+
+
+def recipes_of(args) -> dict[str, presets.Preset]:
+    """The presets of the teacher and dataset asked for (presets.py)."""
+    return presets.RECIPES[("teacher", args.teacher, args.dataset)]
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter,
-                                epilog="--teacher sam " + runs.presets_epilog(PRESETS) + "\n\n--teacher lidar "
-                                + runs.presets_epilog(LIDAR_PRESETS) + "\n\n--teacher lidar --dataset nuscenes "
-                                + runs.presets_epilog(NUSC_LIDAR_PRESETS))
+                                epilog="\n\n".join(f"{label} " + presets.presets_epilog(presets.RECIPES[key])
+                                                     for label, key in HELP_PRESETS))
     runs.add_data_flags(p, "velodyne,labels,image_2,calib.txt")
     p.add_argument("--teacher", choices=("sam", "lidar"), default="sam",
                    help="sam: ELiTe's image teacher (SAM-PLG, then SAM's ViT with adapters); lidar: U2MKD's "
@@ -156,7 +80,7 @@ def parse_args(argv=None):
                         "and half after (preset: 4, upstream's 2 past + 2 future)")
     p.add_argument("--width", type=runs.positive_int, default=2,
                    help="lidar: width multiplier of the voxel student (U2MKD: 2)")
-    p.add_argument("--preset", choices=list(PRESETS), default=None,
+    p.add_argument("--preset", choices=presets.NAMES, default=None,
                    help="a recipe (its values and their sources are listed at the end): 'paper' is the default "
                         "with --data, 'embedded' without; 'paper-test' (sam) is the benchmark-submission config")
     p.add_argument("--variant", choices=sorted(elite.SAM_VARIANTS),
@@ -237,13 +161,13 @@ def parse_args(argv=None):
     runs.check_data_flags(p, args)
     args.paste = (5 if args.dataset == "semantickitti" else 0) if args.paste is None else args.paste
     args.preset = args.preset or ("paper" if args.data else "embedded")
-    presets = PRESETS if args.teacher == "sam" else NUSC_LIDAR_PRESETS if args.dataset == "nuscenes" else LIDAR_PRESETS
-    if args.preset not in presets:
+    recipes = recipes_of(args)
+    if args.preset not in recipes:
         p.error(f"--preset {args.preset} is ELiTe's benchmark-submission config; --teacher lidar has "
-                f"{', '.join(presets)}")
+                f"{', '.join(recipes)}")
     if (args.plg_only or args.vis is not None) and args.labels is None:
         args.labels = "plg"  # they make pseudo-labels whatever the preset trains with
-    runs.apply_preset(args, presets[args.preset])
+    presets.apply_preset(args, recipes[args.preset])
     if args.plg_only and args.labels == "sparse":
         p.error("--plg-only makes pseudo-labels, --labels sparse trains without them: pick one")
     if args.vis is not None and args.labels == "sparse":
@@ -400,7 +324,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
                 + f"; {args.labels} 2D labels, crops {args.crop[0]}x{args.crop[1]}",
         "teacher": f"SAM {args.variant} ({args.sam_checkpoint or 'random weights'}) with {args.peft} r={args.rank}: "
                    f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters",
-        "preset": runs.describe_preset(args.preset, PRESETS[args.preset], args),
+        "preset": presets.describe_preset(args.preset, recipes_of(args)[args.preset], args),
         "schedule": runs.describe_schedule(args, len(loader), schedule, "images"),
         "outputs": runs.describe_outputs(args.out, args.save_every),
         "start": run.start(last_path, args.resume, "2D mIoU", changes)})
@@ -453,7 +377,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     model = u2mkd.lidar_teacher(args.width, cfg).to(device)
-    optimizer = runs.make_optimizer(model.parameters(), lr=args.lr)
+    optimizer = runs.make_optimizer(model.parameters(), lr=runs.scaled_lr(args)[0])
     run = runs.RunState()
     if ckpt is not None:
         runs.load_state(model, ckpt["model"], last_path)
@@ -483,8 +407,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         "data": runs.describe_data(root, train_set, val_set, args),
         "teacher": f"the voxel student at width x{args.width}, {elite.count_parameters(model):,} parameters",
         "augmentation": sees,
-        "preset": runs.describe_preset(args.preset, (NUSC_LIDAR_PRESETS if args.dataset == "nuscenes" else
-                                                      LIDAR_PRESETS)[args.preset], args),
+        "preset": presets.describe_preset(args.preset, recipes_of(args)[args.preset], args),
         "schedule": runs.describe_schedule(args, len(loader), schedule, "scans", scaled),
         "validation": runs.describe_validation(args),
         "outputs": runs.describe_outputs(args.out, args.save_every),
