@@ -58,7 +58,8 @@ DEFAULT_TEACHER = {"elite": Path("runs/teacher/last.pt"), "u2mkd": Path("runs/li
                    "u2mkd nuscenes": Path("runs/lidar_teacher_nusc/best.pt")}
 
 
-def parse_args(argv=None):
+def make_parser() -> argparse.ArgumentParser:
+    """Every flag of train_student.py, the presets listed at the end of --help."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter,
                                 epilog="\n\n".join(f"{label} " + presets.presets_epilog(presets_of(method, dataset))
                                                      for label, method, dataset in HELP_PRESETS))
@@ -69,6 +70,25 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=presets.NAMES, default=None,
                    help="a recipe (its values and their sources are listed at the end): 'paper' is the default "
                         "with --data, 'embedded' without; 'paper-test' (elite) is the benchmark-submission config")
+    add_elite_flags(p)
+    add_u2mkd_flags(p)
+    p.add_argument("--epochs", type=runs.positive_int, help="number of epochs (preset)")
+    p.add_argument("--batch-size", type=runs.positive_int, help="training batch size in scans, per process (preset)")
+    p.add_argument("--val-batch-size", type=runs.positive_int, help="validation batch size (preset)")
+    p.add_argument("--workers", type=runs.count_int, help="data-loading processes (preset)")
+    p.add_argument("--lr", type=runs.positive_float, help="peak learning rate (preset: 0.24, as upstream)")
+    p.add_argument("--lr-schedule", choices=("step", "epoch"), default=None,
+                   help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
+                        "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/student, "
+                        "runs/fusion_student for u2mkd; with _nusc on nuscenes); one run per folder")
+    runs.add_run_flags(p)
+    return p
+
+
+def add_elite_flags(p) -> None:
+    """ELiTe's: the teacher and its labels, the 2DPASS start, CutMix, where the pseudo-labels are."""
     p.add_argument("--teacher", default=None,
                    help="teacher checkpoint from train_teacher.py, or 'none' for the student alone; default: "
                         f"{DEFAULT_TEACHER['elite']} (elite), {DEFAULT_TEACHER['u2mkd']} (u2mkd; "
@@ -83,6 +103,19 @@ def parse_args(argv=None):
     p.add_argument("--sam-checkpoint", type=Path, default=None,
                    help="elite: SAM file for the teacher's frozen encoder, if it moved since train_teacher.py "
                         "(default: the path the teacher checkpoint records)")
+    p.add_argument("--init-3d", type=Path, default=None,
+                   help="elite: start the student from an official 2DPASS SemanticKITTI checkpoint (.ckpt; its "
+                        "model_3d tensors), as paper-test does upstream (pretrained3d: True); default: none, random weights")
+    p.add_argument("--cutmix", action=argparse.BooleanOptionalAction, default=None,
+                   help="elite: instance CutMix: the instance points of another training scan, augmented on their "
+                        "own, stacked after each training scan's, without pixels (preset)")
+    p.add_argument("--derived-dir", type=Path, default=None,
+                   help="elite: where the SAM-PLG pseudo-labels were written, if not inside --data (default: "
+                        "inside --data; train_teacher.py --derived-dir for a read-only dataset)")
+
+
+def add_u2mkd_flags(p) -> None:
+    """U2MKD's: the camera images, their dropout, the ImageNet start, the global batch of the lr."""
     p.add_argument("--image-size", type=runs.positive_int, nargs=2, metavar=("H", "W"),
                    help="u2mkd: the camera image is resized to H x W (preset: 376 1241 paper, 188 620 embedded)")
     p.add_argument("--camera-drop", type=runs.count_int, default=None,
@@ -95,52 +128,20 @@ def parse_args(argv=None):
     p.add_argument("--image-weights", type=Path, default=None,
                    help="u2mkd: torchvision's ImageNet ResNet-18 file (resnet18-f37072fd.pth) for the image "
                         "branch (default: none, the branch starts random)")
-    p.add_argument("--init-3d", type=Path, default=None,
-                   help="elite: start the student from an official 2DPASS SemanticKITTI checkpoint (.ckpt; its "
-                        "model_3d tensors), as paper-test does upstream (pretrained3d: True); default: none, random weights")
-    p.add_argument("--cutmix", action=argparse.BooleanOptionalAction, default=None,
-                   help="elite: instance CutMix: the instance points of another training scan, augmented on their "
-                        "own, stacked after each training scan's, without pixels (preset)")
-    p.add_argument("--epochs", type=runs.positive_int, help="number of epochs (preset)")
-    p.add_argument("--batch-size", type=runs.positive_int, help="training batch size in scans, per process (preset)")
     p.add_argument("--global-batch", type=runs.positive_int,
                    help="u2mkd: the global batch the preset's lr is meant for; with another batch x processes "
                         "the lr scales in proportion (preset: 16, upstream's 4 GPUs x 4)")
-    p.add_argument("--val-batch-size", type=runs.positive_int, help="validation batch size (preset)")
-    p.add_argument("--workers", type=runs.count_int, help="data-loading processes (preset)")
-    p.add_argument("--lr", type=runs.positive_float, help="peak learning rate (preset: 0.24, as upstream)")
-    p.add_argument("--lr-schedule", choices=("step", "epoch"), default=None,
-                   help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
-                        "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/student, "
-                        "runs/fusion_student for u2mkd; with _nusc on nuscenes); one run per folder")
-    p.add_argument("--derived-dir", type=Path, default=None,
-                   help="elite: where the SAM-PLG pseudo-labels were written, if not inside --data (default: "
-                        "inside --data; train_teacher.py --derived-dir for a read-only dataset)")
-    runs.add_run_flags(p)
+
+
+def parse_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     runs.given_flags(p, args)
     runs.apply_conv_flag(p, args)
-    other_method = {"elite": ("image_size", "image_weights", "global_batch", "camera_drop", "image_drop"),
-                    "u2mkd": ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix")}[args.method]
-    # Camera dropout has two forms: of nuScenes' six cameras, or of SemanticKITTI's one image.
-    other_method += ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix", "image_drop") \
-        if args.dataset == "nuscenes" else ("camera_drop",)
-    other_method = tuple(dict.fromkeys(other_method))
-    given = [f"--{k.replace('_', '-')}" for k in other_method if getattr(args, k) is not None]
-    if given:
-        p.error(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}"
-                f" on --dataset {args.dataset}")
-    if args.teacher == "none" and args.labels is not None:
-        p.error("--labels: the 2D labels of the teacher's losses; --teacher none trains without a teacher")
+    refuse_flags_that_do_not_apply(p, args)
     if args.method == "u2mkd" and args.dataset == "semantickitti" and args.image_drop is None:
         args.image_drop = 0.25
     args.preset = args.preset or ("paper" if args.data else "embedded")
-    if args.dataset == "nuscenes":
-        if args.method == "elite" and args.teacher not in (None, "none"):
-            p.error("--dataset nuscenes --method elite trains the LiDAR-only baseline (--teacher none); ELiTe's SAM "
-                    "teacher reads SemanticKITTI")
     runs.check_data_flags(p, args)
     recipes = presets_of(args.method, args.dataset)
     if args.preset not in recipes:
@@ -153,6 +154,26 @@ def parse_args(argv=None):
     folder = "runs/student" if args.method == "elite" else "runs/fusion_student"
     args.out = args.out or Path(folder + ("_nusc" if args.dataset == "nuscenes" else ""))
     return args
+
+
+def refuse_flags_that_do_not_apply(p, args) -> None:
+    """A flag of the other method or dataset is refused, never silently ignored."""
+    other_method = {"elite": ("image_size", "image_weights", "global_batch", "camera_drop", "image_drop"),
+                    "u2mkd": ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix")}[args.method]
+    # Camera dropout has two forms: of nuScenes' six cameras, or of SemanticKITTI's one image.
+    other_method += ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix", "image_drop") \
+        if args.dataset == "nuscenes" else ("camera_drop",)
+    other_method = tuple(dict.fromkeys(other_method))
+    given = [f"--{k.replace('_', '-')}" for k in other_method if getattr(args, k) is not None]
+    if given:
+        p.error(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --method {args.method}"
+                f" on --dataset {args.dataset}")
+    if args.teacher == "none" and args.labels is not None:
+        p.error("--labels: the 2D labels of the teacher's losses; --teacher none trains without a teacher")
+    if args.dataset == "nuscenes":
+        if args.method == "elite" and args.teacher not in (None, "none"):
+            p.error("--dataset nuscenes --method elite trains the LiDAR-only baseline (--teacher none); ELiTe's SAM "
+                    "teacher reads SemanticKITTI")
 
 
 # What a resumed run keeps as it started: a flag that would change one of these is refused.

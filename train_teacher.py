@@ -64,7 +64,8 @@ def recipes_of(args) -> dict[str, presets.Preset]:
     return presets.RECIPES[("teacher", args.teacher, args.dataset)]
 
 
-def parse_args(argv=None):
+def make_parser() -> argparse.ArgumentParser:
+    """Every flag of train_teacher.py, the presets listed at the end of --help."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter,
                                 epilog="\n\n".join(f"{label} " + presets.presets_epilog(presets.RECIPES[key])
                                                      for label, key in HELP_PRESETS))
@@ -72,6 +73,34 @@ def parse_args(argv=None):
     p.add_argument("--teacher", choices=("sam", "lidar"), default="sam",
                    help="sam: ELiTe's image teacher (SAM-PLG, then SAM's ViT with adapters); lidar: U2MKD's "
                         "LiDAR-only teacher (the voxel student at twice the width, instance paste)")
+    p.add_argument("--preset", choices=presets.NAMES, default=None,
+                   help="a recipe (its values and their sources are listed at the end): 'paper' is the default "
+                        "with --data, 'embedded' without; 'paper-test' (sam) is the benchmark-submission config")
+    add_lidar_flags(p)
+    add_sam_flags(p)
+    p.add_argument("--epochs", type=runs.positive_int, help="number of epochs (preset)")
+    p.add_argument("--batch-size", type=runs.positive_int, help="batch size per process, images or scans (preset)")
+    p.add_argument("--val-batch-size", type=runs.positive_int, help="validation batch size (preset)")
+    p.add_argument("--workers", type=runs.count_int, help="data-loading processes (preset)")
+    p.add_argument("--lr", type=runs.positive_float, help="peak learning rate (preset)")
+    p.add_argument("--lr-schedule", choices=("step", "epoch"), default=None,
+                   help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
+                        "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/teacher, or runs/lidar_teacher "
+                        "with --teacher lidar, runs/lidar_teacher_nusc on nuscenes); one run per folder; the SAM "
+                        "teacher's hold only "
+                        "the trained tensors + the SAM variant and path")
+    p.add_argument("--derived-dir", type=Path, default=None,
+                   help="where files made from the dataset are written and read: SAM-PLG pseudo-labels "
+                        "(DIR/sequences/XX/image_2_plg/) and the lidar teacher's instance database "
+                        "(DIR/u2mkd_instances.npz); for a read-only dataset (default: inside --data)")
+    runs.add_run_flags(p)
+    return p
+
+
+def add_lidar_flags(p) -> None:
+    """The flags of U2MKD's LiDAR teacher."""
     p.add_argument("--paste", type=runs.count_int, default=None,
                    help="lidar, semantickitti: instances pasted into each training scan (0: no instance paste); "
                         "default: 5")
@@ -80,9 +109,13 @@ def parse_args(argv=None):
                         "and half after (preset: 4, upstream's 2 past + 2 future)")
     p.add_argument("--width", type=runs.positive_int, default=2,
                    help="lidar: width multiplier of the voxel student (U2MKD: 2)")
-    p.add_argument("--preset", choices=presets.NAMES, default=None,
-                   help="a recipe (its values and their sources are listed at the end): 'paper' is the default "
-                        "with --data, 'embedded' without; 'paper-test' (sam) is the benchmark-submission config")
+    p.add_argument("--global-batch", type=runs.positive_int,
+                   help="lidar: the global batch the preset's lr is meant for; with another batch x processes the "
+                        "lr scales in proportion (preset: 12 on nuscenes, upstream's 4 GPUs x 3)")
+
+
+def add_sam_flags(p) -> None:
+    """The flags of ELiTe's SAM teacher and its SAM-PLG pseudo-labels."""
     p.add_argument("--variant", choices=sorted(elite.SAM_VARIANTS),
                    help="sam: SAM encoder (preset; vit_tiny is a small random ViT for CPU runs and tests, there "
                         "are no weights for it)")
@@ -116,48 +149,17 @@ def parse_args(argv=None):
                         "torchrun each process takes its rank's share by itself)")
     p.add_argument("--crop", type=runs.positive_int, nargs=2, metavar=("H", "W"),
                    help="sam: bottom crop of the camera frame (preset)")
-    p.add_argument("--epochs", type=runs.positive_int, help="number of epochs (preset)")
-    p.add_argument("--batch-size", type=runs.positive_int, help="batch size per process, images or scans (preset)")
-    p.add_argument("--val-batch-size", type=runs.positive_int, help="validation batch size (preset)")
-    p.add_argument("--workers", type=runs.count_int, help="data-loading processes (preset)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"),
                    help="sam: sgd, the student's recipe (Nesterov, momentum 0.9, weight decay 1e-4); adamw, weight "
                         "decay 1e-4 (preset)")
-    p.add_argument("--lr", type=runs.positive_float, help="peak learning rate (preset)")
-    p.add_argument("--global-batch", type=runs.positive_int,
-                   help="lidar: the global batch the preset's lr is meant for; with another batch x processes the "
-                        "lr scales in proportion (preset: 12 on nuscenes, upstream's 4 GPUs x 3)")
-    p.add_argument("--lr-schedule", choices=("step", "epoch"), default=None,
-                   help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
-                        "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/teacher, or runs/lidar_teacher "
-                        "with --teacher lidar, runs/lidar_teacher_nusc on nuscenes); one run per folder; the SAM "
-                        "teacher's hold only "
-                        "the trained tensors + the SAM variant and path")
-    p.add_argument("--derived-dir", type=Path, default=None,
-                   help="where files made from the dataset are written and read: SAM-PLG pseudo-labels "
-                        "(DIR/sequences/XX/image_2_plg/) and the lidar teacher's instance database "
-                        "(DIR/u2mkd_instances.npz); for a read-only dataset (default: inside --data)")
-    runs.add_run_flags(p)
+
+
+def parse_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     runs.given_flags(p, args)
     runs.apply_conv_flag(p, args)
-    sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer", "vis",
-                "labels")
-    if args.teacher == "sam" and args.global_batch is not None:
-        p.error("--global-batch: for the LiDAR teacher (--teacher lidar); the SAM teacher's lr is not scaled")
-    if args.vis is not None and args.resume:
-        p.error("--vis draws the pseudo-labels and stops; it trains nothing to --resume")
-    given = [f"--{k.replace('_', '-')}" for k in sam_only if getattr(args, k) is not None] + (["--plg-only"] * args.plg_only)
-    if args.teacher == "lidar" and given:
-        p.error(f"{', '.join(given)}: for the SAM teacher, not --teacher lidar")
-    if args.dataset == "nuscenes" and args.teacher == "sam":
-        p.error("--dataset nuscenes: the LiDAR teacher only (--teacher lidar); ELiTe's SAM teacher reads SemanticKITTI")
-    if args.dataset == "nuscenes" and args.paste:
-        p.error("--paste: instance paste is for SemanticKITTI (upstream's nuScenes teacher has inst_aug: False)")
-    if args.dataset != "nuscenes" and args.sweeps is not None:
-        p.error("--sweeps: nuScenes sweeps (--dataset nuscenes); SemanticKITTI's teacher reads one scan")
+    refuse_flags_that_do_not_apply(p, args)
     runs.check_data_flags(p, args)
     args.paste = (5 if args.dataset == "semantickitti" else 0) if args.paste is None else args.paste
     args.preset = args.preset or ("paper" if args.data else "embedded")
@@ -176,8 +178,32 @@ def parse_args(argv=None):
         p.error("--vis-every must be at least 1")
     args.out = args.out or Path("runs/teacher" if args.teacher == "sam" else
                                 "runs/lidar_teacher_nusc" if args.dataset == "nuscenes" else "runs/lidar_teacher")
-    if args.teacher == "lidar":
-        return args
+    if args.teacher == "sam":
+        finish_sam_args(p, args)
+    return args
+
+
+def refuse_flags_that_do_not_apply(p, args) -> None:
+    """A flag of the other teacher or dataset is refused, never silently ignored."""
+    sam_only = ("variant", "sam_checkpoint", "mask_source", "plg_checkpoint", "shard", "crop", "optimizer", "vis",
+                "labels")
+    if args.teacher == "sam" and args.global_batch is not None:
+        p.error("--global-batch: for the LiDAR teacher (--teacher lidar); the SAM teacher's lr is not scaled")
+    if args.vis is not None and args.resume:
+        p.error("--vis draws the pseudo-labels and stops; it trains nothing to --resume")
+    given = [f"--{k.replace('_', '-')}" for k in sam_only if getattr(args, k) is not None] + (["--plg-only"] * args.plg_only)
+    if args.teacher == "lidar" and given:
+        p.error(f"{', '.join(given)}: for the SAM teacher, not --teacher lidar")
+    if args.dataset == "nuscenes" and args.teacher == "sam":
+        p.error("--dataset nuscenes: the LiDAR teacher only (--teacher lidar); ELiTe's SAM teacher reads SemanticKITTI")
+    if args.dataset == "nuscenes" and args.paste:
+        p.error("--paste: instance paste is for SemanticKITTI (upstream's nuScenes teacher has inst_aug: False)")
+    if args.dataset != "nuscenes" and args.sweeps is not None:
+        p.error("--sweeps: nuScenes sweeps (--dataset nuscenes); SemanticKITTI's teacher reads one scan")
+
+
+def finish_sam_args(p, args) -> None:
+    """The SAM teacher's crop, its process's SAM-PLG shard and the flags that go together."""
     args.crop = tuple(args.crop)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.shard is not None and world > 1:
@@ -191,7 +217,6 @@ def parse_args(argv=None):
                 "on synthetic scenes --mask-source ideal needs none")
     if args.peft != "adalora" and args.target_rank != 8:
         p.error("--target-rank applies to --peft adalora only")
-    return args
 
 
 # ---- SAM-PLG: the dense labels the teacher learns from ----
