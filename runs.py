@@ -1264,30 +1264,69 @@ class StopRequest:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+def check_mid_epoch_resume(run: RunState, batch_size: int, processes: int) -> None:
+    """A run resumed in the middle of an epoch skips the batches it did: only with the same
+    batches, so the same --batch-size and number of processes."""
+    if run.batch and run.batch_size != batch_size * processes:
+        raise DataError(f"the run stopped in the middle of epoch {run.epoch + 1} with {run.batch_size} scans per step; "
+                        f"resume it with the same --batch-size and number of processes "
+                        f"(now {batch_size} x {processes})")
+    run.batch_size = batch_size * processes
+
+
+def count_step(run: RunState, terms: dict, skipped: str | None, paths, last_checkpoint: str | None) -> None:
+    """A step taken into the run's counts: its loss terms into the epoch's sums, or, skipped, a
+    warning naming its scans; MAX_SKIPS_IN_A_ROW skipped steps in a row stop the run."""
+    run.step += 1
+    run.batch += 1
+    if not skipped:
+        run.skipped_in_row = 0
+        for name, value in terms.items():
+            run.sums[name] = run.sums.get(name, 0.0) + value.item()
+        return
+    run.skipped += 1
+    run.skipped_in_row += 1
+    warnings.warn(f"step {run.step} skipped ({skipped}): {', '.join(map(str, paths))}")
+    if run.skipped_in_row >= MAX_SKIPS_IN_A_ROW:
+        raise DataError(f"training stopped at {run.where()}: the last {run.skipped_in_row} steps were all skipped "
+                        f"({skipped}); the model is as it was before them. Check these scans and --lr. "
+                        + (f"The last checkpoint is {last_checkpoint}." if last_checkpoint
+                           else "No checkpoint was written."))
+
+
+def epoch_row(run: RunState, conf, means: dict, lr: float, seconds: float) -> dict:
+    """An epoch's row of metrics.csv: where the run stands, the mean loss terms, the validation."""
+    present = conf.present()
+    return {"epoch": run.epoch, "step": run.step, "lr": lr} | means | {
+        "miou": 100 * conf.miou(), "miou_present": 100 * float(conf.iou()[present].mean()),
+        "best_miou": 100 * run.best_miou, "seconds": round(seconds, 1)}
+
+
+def print_epoch(row: dict, means: dict, conf, metric: str) -> None:
+    """The two lines an epoch ends with: its mean loss terms, its validation."""
+    present = conf.present()
+    print(f"epoch {row['epoch']}: mean loss terms (rank 0): " + " ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    print(f"epoch {row['epoch']}: {metric} {row['miou']:.1f} ({conf.rules}) | {row['miou_present']:.1f} over the "
+          f"{int(present.sum())} classes present | best {row['best_miou']:.1f} | {row['seconds']:.0f} s")
+
+
 def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.Module, schedule: LRSchedule,
         validate, save, after_backward=None, amp_device: torch.device | None = None, metric="val mIoU",
         metrics_csv: Path | None = None, save_every: int = 0, last_path: Path | None = None, overwrite=False):
-    """The training loop every trainer here shares. Per epoch: shuffling and augmentation drawn
-    from (seed, epoch), so a resumed run repeats them; per step: the schedule's learning rate and
-    train_step(); every save_every steps (0: never), on rank 0, save(run, None, False): a
-    mid-epoch last.pt that --resume continues from the next batch; after each epoch:
-    validate() -> ConfusionMatrix and, on rank 0, save(run, miou, improved). The schedule
-    counts optimiser steps, which are global steps: under torchrun each step consumes a batch
-    per process. Each epoch's mean loss terms and validation figures go to metrics_csv (and
-    to TensorBoard beside it when installed). SIGTERM writes last.pt at the current step and
-    stops; Ctrl-C stops and names the last checkpoint written. Returns the last epoch's
-    confusion matrix (None if nothing was left). overwrite (--overwrite): the earlier run's
-    files in last_path's folder are removed first, here, once every input has been checked."""
+    """The training loop every trainer shares. Per epoch: shuffling and augmentation drawn from
+    (seed, epoch), so a resumed run repeats them; per step (a global step under torchrun): the
+    schedule's lr and train_step(); every save_every steps on rank 0, a mid-epoch last.pt
+    (save(run, None, False)) that --resume continues from the next batch; after each epoch,
+    validate() and on rank 0 a row of metrics_csv (and TensorBoard when installed), then
+    save(run, miou, improved). SIGTERM writes last.pt and stops; Ctrl-C stops naming the last
+    checkpoint. overwrite: the earlier run's files go first, here, once every input is checked.
+    Returns the last epoch's confusion matrix (None if nothing was left)."""
     from tqdm import tqdm
     world = distributed()
     board = tensorboard_writer(metrics_csv.parent / "tensorboard") if metrics_csv and world.main else None
     epochs = schedule.epochs
     conf, start = None, time.time()
-    if run.batch and run.batch_size != loader.batch_size * world.size:
-        raise DataError(f"the run stopped in the middle of epoch {run.epoch + 1} with {run.batch_size} scans per step; "
-                        f"resume it with the same --batch-size and number of processes "
-                        f"(now {loader.batch_size} x {world.size})")
-    run.batch_size = loader.batch_size * world.size
+    check_mid_epoch_resume(run, loader.batch_size, world.size)
     if overwrite and world.main and last_path is not None:
         start_over(last_path.parent)  # only now: the run's inputs all passed their checks
     saved = [run.where() if run.step else None]  # where the last checkpoint on disk stands
@@ -1306,11 +1345,6 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
         return Stopped(f"stopped by SIGTERM at {run.where()}: {last_path} written; continue with the same command "
                        "and --resume", 143)
 
-    def resume_hint() -> str:
-        if saved[0] is None:
-            return "no checkpoint was written yet; start again (the same command)"
-        return f"the last checkpoint is {last_path} ({saved[0]}); continue with the same command and --resume"
-
     try:
         with StopRequest() as stop:
             for epoch in range(run.epoch, epochs):
@@ -1323,22 +1357,8 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                         group["lr"] = lr_now
                     terms, skipped = train_step(objective, batch, optimizer, amp_device,
                                                 partial(after_backward, run.step) if after_backward else None)
-                    run.step += 1
-                    run.batch += 1
-                    if skipped:
-                        run.skipped += 1
-                        run.skipped_in_row += 1
-                        warnings.warn(f"step {run.step} skipped ({skipped}): {', '.join(map(str, batch.paths))}")
-                        if run.skipped_in_row >= MAX_SKIPS_IN_A_ROW:
-                            raise DataError(f"training stopped at {run.where()}: the last {run.skipped_in_row} "
-                                            f"steps were all skipped ({skipped}); the model is as it was before "
-                                            f"them. Check these scans and --lr. "
-                                            + (f"The last checkpoint is {last_path} ({saved[0]})." if saved[0]
-                                               else "No checkpoint was written."))
-                    else:
-                        run.skipped_in_row = 0
-                        for name, value in terms.items():
-                            run.sums[name] = run.sums.get(name, 0.0) + value.item()
+                    count_step(run, terms, skipped, batch.paths, f"{last_path} ({saved[0]})" if saved[0] else None)
+                    if not skipped:
                         bar.set_postfix(loss=f"{sum(t.item() for t in terms.values()):.3f}", lr=f"{lr_now:.4f}")
                     if stop.signal is not None:
                         if world.main:
@@ -1352,26 +1372,21 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                 improved = miou > run.best_miou
                 means = {k: v / len(loader) for k, v in run.sums.items()}
                 run.epoch, run.batch, run.sums, run.best_miou = epoch + 1, 0, {}, max(run.best_miou, miou)
-                present = conf.present()
                 if world.main:
-                    row = {"epoch": epoch + 1, "step": run.step, "lr": schedule.at(run.step - 1)}
-                    row |= means | {"miou": 100 * miou, "miou_present": 100 * float(conf.iou()[present].mean()),
-                                    "best_miou": 100 * run.best_miou, "seconds": round(time.time() - start, 1)}
+                    row = epoch_row(run, conf, means, schedule.at(run.step - 1), time.time() - start)
                     if metrics_csv is not None:  # before the checkpoint: a failed row leaves the epoch to redo, not lost
                         at_where(lambda: log_metrics(metrics_csv, row))
                     checkpoint(miou, improved)
                     if board is not None:
                         for key, value in row.items():
                             board.add_scalar(key, value, epoch + 1)
-                    print(f"epoch {epoch + 1}: mean loss terms (rank 0): "
-                          + " ".join(f"{k} {v:.3f}" for k, v in means.items()))
-                    print(f"epoch {epoch + 1}: {metric} {100 * miou:.1f} ({conf.rules}) | "
-                          f"{100 * float(conf.iou()[present].mean()):.1f} over the {int(present.sum())} classes "
-                          f"present | best {100 * run.best_miou:.1f} | {time.time() - start:.0f} s")
+                    print_epoch(row, means, conf, metric)
                 if stop.signal is not None:  # arrived during validation: last.pt was just written
                     raise sigterm_stop()
     except KeyboardInterrupt:
-        raise Stopped(f"interrupted (Ctrl-C) at {run.where()}: {resume_hint()}", 130) from None
+        hint = (f"the last checkpoint is {last_path} ({saved[0]}); continue with the same command and --resume"
+                if saved[0] else "no checkpoint was written yet; start again (the same command)")
+        raise Stopped(f"interrupted (Ctrl-C) at {run.where()}: {hint}", 130) from None
     if run.skipped and world.main:
         print(f"{run.skipped} steps skipped (non-finite gradients, or batches too small for BatchNorm)")
     return conf

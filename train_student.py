@@ -215,23 +215,39 @@ class Setup:
 
 # ---- ELiTe: the 1.9M student, with PPMSKD from the SAM teacher ----
 
+def elite_teacher(args, config: dict, device, resumed: dict | None) -> tuple:
+    """The SAM teacher a run distils (None for --teacher none) and its AdaLoRA rank scores: from
+    the teacher checkpoint, or on --resume the trained tensors as they were. `config` takes what
+    the teacher brings: its labels and AdaLoRA budget (or, resumed, what the run started with)."""
+    if resumed is not None:
+        config |= {key: resumed["config"].get(key) for key in ("teacher_mode", "labels", "target_rank")}
+        if resumed.get("teacher") is None:
+            return None, None
+        teacher = runs.load_teacher_state(resumed["teacher"], args.sam_checkpoint, args.out / "last.pt")
+        return teacher.to(device), resumed.get("rank_allocator")
+    if config["teacher"] == "none":
+        return None, None
+    teacher, ckpt = runs.load_teacher(config["teacher"], args.sam_checkpoint, map_location=device)
+    config |= {"labels": args.labels or ckpt["config"]["labels"], "target_rank": ckpt["config"].get("target_rank", 8)}
+    return teacher.to(device), ckpt.get("rank_allocator")
+
+
+def continued_rank_allocator(teacher, scores: dict | None, total_steps: int, target_rank: int):
+    """The teacher's rank budget was spent in train_teacher.py: its pruned ranks stay pruned
+    (AdaLoRA's final phase: masked to the target rank each step with the scores it learnt)."""
+    if scores is None:
+        print("note: the teacher checkpoint has no AdaLoRA rank scores; its ranks are not pruned further")
+        return None
+    allocator = elite.RankAllocator(teacher, total_steps, target_rank, init_warmup=0, final_warmup=total_steps)
+    allocator.load_state_dict(scores)
+    return allocator
+
+
 def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     # The run's config as its checkpoints record it: the flags, with what the teacher brings
     # (its labels, its AdaLoRA budget) or, on --resume, what the run started with.
     config = runs.config_of(args) | {"teacher": teacher_path(args, resumed)}
-    teacher, allocator_state = None, None
-    if resumed is not None:
-        config |= {key: resumed["config"].get(key) for key in ("teacher_mode", "labels", "target_rank")}
-        if resumed.get("teacher") is not None:  # the teacher's trained tensors as they were
-            teacher = runs.load_teacher_state(resumed["teacher"], args.sam_checkpoint, args.out / "last.pt")
-            teacher.to(device)
-            allocator_state = resumed.get("rank_allocator")
-    elif config["teacher"] != "none":
-        teacher, ckpt = runs.load_teacher(config["teacher"], args.sam_checkpoint, map_location=device)
-        teacher.to(device)
-        config |= {"labels": args.labels or ckpt["config"]["labels"],
-                   "target_rank": ckpt["config"].get("target_rank", 8)}
-        allocator_state = ckpt.get("rank_allocator")
+    teacher, allocator_state = elite_teacher(args, config, device, resumed)
     joint = teacher is not None and config["teacher_mode"] == "joint"
 
     # With a teacher, each training scan also brings its camera crop and the points in it.
@@ -261,17 +277,8 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
         else:
             teacher.eval()  # frozen: its tensors stay out of the optimiser; it runs without gradients
     optimizer = runs.make_optimizer([p for part in parts for p in part.parameters() if p.requires_grad], lr=args.lr)
-    allocator = None
-    if joint and teacher.cfg.peft == "adalora":
-        if allocator_state is None:
-            print("note: the teacher checkpoint has no AdaLoRA rank scores; its ranks are not pruned further")
-        else:
-            # The teacher's rank budget was spent in train_teacher.py: keep its pruned ranks pruned
-            # (AdaLoRA's final phase: mask to the target rank each step with the scores it learnt).
-            total_steps = args.epochs * len(loader)
-            allocator = elite.RankAllocator(teacher, total_steps, config["target_rank"], init_warmup=0,
-                                            final_warmup=total_steps)
-            allocator.load_state_dict(allocator_state)
+    allocator = continued_rank_allocator(teacher, allocator_state, args.epochs * len(loader), config["target_rank"]) \
+        if joint and teacher.cfg.peft == "adalora" else None
     if resumed is not None:
         runs.load_state(model, resumed["model"], args.out / "last.pt")
         if heads is not None:

@@ -278,22 +278,41 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
 
 
-def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path, ckpt: dict | None, changes: str):
-    """SAM-PLG (when the pseudo-labels are missing), then the SAM teacher's training; ckpt: the
-    resumed run's last.pt, changes: what the resume changes (runs.resume_settings)."""
+def pseudo_labels_first(args, root: Path, device) -> bool:
+    """SAM-PLG's part of a run: the missing pseudo-labels made (all of this shard's with
+    --plg-only), or drawn with --vis -> whether the teacher's training follows."""
     missing = elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir, mask_name(args)) \
         if args.labels == "plg" else 0
     if args.plg_only or missing:
         make_pseudo_labels(args, root, args.train_sequences, device)
     if args.vis is not None:  # pictures only: no training
         draw_pseudo_labels(args, root, args.train_sequences)
-        return None
+        return False
     if args.plg_only:
-        return None
+        return False
     if args.labels == "plg" and args.shard != (0, 1) and \
             elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir):
         raise elite.DataError(f"{root}: pseudo-labels of other shards are still missing; "
                               "run the other shards (or drop --shard) before training")
+    return True
+
+
+def sam_teacher(args, ckpt: dict | None, last_path: Path) -> elite.Teacher:
+    """A new teacher on the SAM file, or on --resume the same SAM file (the recorded one unless
+    --sam-checkpoint says otherwise) with its trained tensors."""
+    cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
+    if ckpt is None:
+        return runs.build_teacher(cfg, args.sam_checkpoint)
+    if ckpt["teacher_config"] != asdict(cfg):
+        raise elite.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for {asdict(cfg)}")
+    return runs.load_teacher_state(ckpt, args.sam_checkpoint, last_path)
+
+
+def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path, ckpt: dict | None, changes: str):
+    """SAM-PLG (when the pseudo-labels are missing), then the SAM teacher's training; ckpt: the
+    resumed run's last.pt, changes: what the resume changes (runs.resume_settings)."""
+    if not pseudo_labels_first(args, root, device):
+        return None
     # The student's dataset with its camera view on: per scan, the crop and the points in it.
     train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
                                     crop_hw=args.crop, dense=args.labels == "plg", derived=args.derived_dir)
@@ -301,14 +320,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     runs.check_datasets(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
-    cfg = elite.TeacherConfig(variant=args.variant, peft=args.peft, rank=args.rank, crop_hw=args.crop)
-    if ckpt is None:
-        teacher = runs.build_teacher(cfg, args.sam_checkpoint).to(device)
-    elif ckpt["teacher_config"] != asdict(cfg):
-        raise elite.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for "
-                              f"{asdict(cfg)}")
-    else:  # the same SAM file (the recorded one unless --sam-checkpoint says otherwise), its trained tensors
-        teacher = runs.load_teacher_state(ckpt, args.sam_checkpoint, last_path).to(device)
+    teacher = sam_teacher(args, ckpt, last_path).to(device)
     params = teacher.trainable_parameters()  # the adapters, patch decoders and heads
     optimizer = make_optimizer(params, args.optimizer, args.lr)
     allocator = (elite.RankAllocator(teacher, args.epochs * len(loader), args.target_rank)
