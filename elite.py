@@ -2060,7 +2060,7 @@ def check_pseudo_labels(root, sequences, derived: Path | None = None, masks: str
         try:
             made = json.loads((folder / PLG_RECORD).read_text())
             recorded = {name: tuple(v) for name, v in made["labels"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise DataError(f"{folder / PLG_RECORD}: unreadable ({type(e).__name__}); delete {folder} to make the "
                             "pseudo-labels again") from None
         why = f"masks {made.get('masks')} then, {masks} now" if masks and made.get("masks") != masks else None

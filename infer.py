@@ -250,6 +250,12 @@ def claim_predictions(args, sequences: list[str]) -> None:
     """Another run's predictions in --out are never mixed with or silently replaced by these:
     refused, or with --overwrite removed (only now, every input checked), so that a replaced
     submission holds exactly the new files."""
+    folders = [args.out / "lidarseg" / args.split, args.out / args.split] if args.dataset == "nuscenes" else \
+        [args.out / "sequences" / s / "predictions" for s in sequences]
+    for folder in folders:  # a link there could point at a dataset's labels: never written through
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise elite.DataError(f"{folder}: is a link or not a folder; predictions are written only into plain "
+                                  "folders (a link could lead to a dataset's own labels); give another --out")
     found = existing_predictions(args, sequences)
     if found and not args.overwrite:
         files = f"{len(found)} file{'s' * (len(found) != 1)}"

@@ -77,7 +77,7 @@ def read_tables(root, version: str) -> Tables:
         try:
             records = json.loads(path.read_text())
             rows[table] = {r["token"]: r for r in records}
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, RecursionError) as e:  # nesting deeper than Python recurses too
             raise DataError(f"{path}: not a table of the nuScenes schema ({type(e).__name__}: {e})") from None
     tables = Tables(version, rows)
     check_tables(tables, folder)
@@ -85,6 +85,15 @@ def read_tables(root, version: str) -> Tables:
 
 
 PLAIN_TOKEN = re.compile(r"[0-9A-Za-z_-]+")
+# The fields the readers use beside the links, by the type they use them as.
+FIELDS = {
+    "scene": {"name": str},
+    "sample_data": {"filename": str, "is_key_frame": bool, "timestamp": int, "width": int, "height": int},
+    "sensor": {"channel": str, "modality": str},
+    "lidarseg": {"filename": str},
+    "category": {"name": str},
+}
+KIND_NAMES = {str: "a string", bool: "true or false", int: "an integer"}
 
 # Every token a row names must be a row of the table it points into ("?": or empty, a chain's end).
 LINKS = {
@@ -109,6 +118,11 @@ def check_tables(tables: Tables, folder: Path) -> None:
             if not PLAIN_TOKEN.fullmatch(str(token)):
                 fail(table, repr(token), "token", "holds characters other than letters, digits, '_' and '-' (the "
                      "dataset's are 32 hex digits); a token with '/' or '..' would name a file outside --out")
+    for table, fields in FIELDS.items():  # what the readers use of each row, of the type they use it as
+        for token, row in tables[table].items():
+            for field, kind in fields.items():
+                if not isinstance(row.get(field), kind) or (kind is int and isinstance(row.get(field), bool)):
+                    fail(table, token, field, f"is {row.get(field)!r}, not {KIND_NAMES[kind]}")
     for table, links in LINKS.items():
         for token, row in tables[table].items():
             for field, target in links:

@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -31,7 +32,8 @@ import torch.nn as nn
 
 import elite
 import nusc
-from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, PLG_RECORD, SAM_B_URL, SAM_VARIANTS, SPLITS, ConfusionMatrix,
+from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, PEFT_CHOICES, PLG_RECORD, SAM_B_URL, SAM_VARIANTS, SPLITS,
+                   ConfusionMatrix,
                    DataError, Student, StudentConfig, Teacher, TeacherConfig, TooFewVoxels, check_pseudo_labels,
                    check_root, collate, config_from, image_path, label_count, label_path, list_scans, load_plg_frame,
                    plg_path, plg_record, project_points, pseudo_labels,
@@ -155,6 +157,8 @@ def load_state(module: nn.Module, state: dict, path, strict=True):
     """module.load_state_dict(state), with an error that names the file and the tensor when
     the checkpoint does not fit the model or holds NaN or Inf (a diverged model would predict
     class 0 everywhere). strict=False: tensors may be missing."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{path}: its model is not a dict of tensors: not a checkpoint of this project's format")
     bad = non_finite_tensors(state)
     if bad:
         raise DataError(f"{path}: {len(bad)} tensors hold NaN or Inf (e.g. '{bad[0]}'): the model diverged; "
@@ -214,8 +218,7 @@ def student_state(model: Student) -> dict:
 
 def load_student(path, map_location="cpu") -> tuple[Student, dict]:
     ckpt = load_checkpoint(path, STUDENT_KIND, map_location)
-    cfg = config_from(StudentConfig, ckpt["student_config"])
-    model = Student(cfg)
+    model = Student(checked_config(StudentConfig, entry(ckpt, "student_config", dict, path), path))
     load_state(model, ckpt["model"], path)
     return model, ckpt
 
@@ -335,11 +338,54 @@ def teacher_state(teacher: Teacher) -> dict:
             "sam_checkpoint": teacher.sam_checkpoint, "weights": weights}
 
 
+def entry(ckpt: dict, key: str, kind, path):
+    """ckpt[key], which must be of `kind`: a file of the right kind but another layout (an older
+    or newer version of this code, or a hand-made one) is one line, not a KeyError later."""
+    if key not in ckpt or not isinstance(ckpt[key], kind):
+        raise DataError(f"{path}: no '{key}' entry of the expected type: not a checkpoint of this project's format "
+                        "(written by another version of it?)")
+    return ckpt[key]
+
+
+# Bounds of a config's integers (the others: 1..1,000,000): beyond them a model would not fit in memory.
+CONFIG_LIMITS = {"in_dims": 16, "hidden": 4096, "num_classes": 256, "rank": 1024}
+
+
+def checked_config(cls, values: dict, path):
+    """The config dataclass a checkpoint records, each field checked against its default's
+    type (and integers against CONFIG_LIMITS) before any model is built from it."""
+    from dataclasses import fields
+    known = {f.name: f.default for f in fields(cls)}
+    for key, value in values.items():
+        default = known.get(key, ...)
+        if default is ...:
+            raise DataError(f"{path}: its {cls.__name__} has a field '{key}' this code does not know (written by "
+                            "another version of it?)")
+        items = list(value) if isinstance(value, (list, tuple)) and isinstance(default, tuple) else [value]
+        wanted = type(default[0]) if isinstance(default, tuple) and default else type(default)
+        ok = not isinstance(default, tuple) or isinstance(value, (list, tuple))
+        for v in items:
+            if wanted is float:
+                ok = ok and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            elif wanted is int:
+                ok = ok and isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= CONFIG_LIMITS.get(key, 10**6)
+            else:
+                ok = ok and isinstance(v, wanted)
+        if not ok:
+            raise DataError(f"{path}: its {cls.__name__}.{key} is {value!r}, not a valid {wanted.__name__}"
+                            f"{' list' if isinstance(default, tuple) else ''}")
+    if cls is TeacherConfig and (values.get("variant", "vit_b") not in SAM_VARIANTS
+                                 or values.get("peft", "adalora") not in PEFT_CHOICES):
+        raise DataError(f"{path}: its teacher is '{values.get('variant')}' with '{values.get('peft')}' adapters, "
+                        f"not one of {sorted(SAM_VARIANTS)} with {list(PEFT_CHOICES)}")
+    return config_from(cls, values)
+
+
 def load_teacher_state(state: dict, sam_checkpoint=None, path="teacher state") -> Teacher:
     """Rebuild a teacher from teacher_state() (read from path); sam_checkpoint overrides the
     recorded SAM path."""
-    cfg = config_from(TeacherConfig, state["teacher_config"])
-    sam = sam_checkpoint or state["sam_checkpoint"]
+    cfg = checked_config(TeacherConfig, entry(state, "teacher_config", dict, path), path)
+    sam = sam_checkpoint or entry(state, "sam_checkpoint", (str, type(None)), path)
     teacher = Teacher(cfg)
     if sam is not None:
         load_sam_checkpoint(teacher.encoder, sam, cfg.variant)
@@ -368,7 +414,7 @@ def read_sam_state(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"{path}: cannot read SAM checkpoint ({type(e).__name__}: {e}); "
+        raise DataError(f"{path}: cannot read SAM checkpoint ({type(e).__name__}: {first_line(e)}); "
                         "the file is truncated or not a torch checkpoint of tensors") from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
@@ -1127,6 +1173,10 @@ def claim_run_folder(out: Path, kind: str, resume: bool, overwrite: bool) -> Non
         raise DataError(f"{out}: --out is an existing file, not a folder")
     if resume and overwrite:
         raise DataError(f"{out}: --resume continues the run there, --overwrite starts it over: pick one")
+    for name in RUN_FILES:
+        if (out / name).exists() and not (out / name).is_file():
+            raise DataError(f"{out / name}: is not a regular file (a folder, a device?), so it is no run file; "
+                            "move it away or give another --out")
     for name in ("last.pt", "best.pt"):
         if (out / name).is_file():
             try:
@@ -1163,10 +1213,15 @@ def lock_run_folder(out: Path) -> None:
     if out.resolve() in _RUN_LOCKS:
         return  # this process holds it already (an earlier run of this process, e.g. run and resume)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        f = open(out / "run.lock", "a+")
+    try:  # never through a link: the lock would write its holder's name into the file it points to
+        fd = os.open(out / "run.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(0, "not a regular file")
+        f = os.fdopen(fd, "a+")
     except OSError as e:
-        raise DataError(f"{out / 'run.lock'}: cannot be written ({e.strerror or e}); give another --out") from None
+        raise DataError(f"{out / 'run.lock'}: cannot be used as this folder's lock ({e.strerror or e}: a link or "
+                        "something other than a file?); remove it or give another --out") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

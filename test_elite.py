@@ -534,6 +534,43 @@ def test_no_checkpoint_runs_code_when_loaded(tmp_path):
     assert marker.exists()
 
 
+def test_a_checkpoint_of_the_right_kind_but_another_layout_is_one_line(tmp_path):
+    """A file of this project's kind written by another version (or by hand): its entries and
+    config fields are checked before any model is built from them."""
+    import u2mkd
+    student = runs.student_state(elite.Student())
+    cases = {
+        "no config": ({"kind": runs.STUDENT_KIND}, r"no 'student_config' entry of the expected type"),
+        "unknown field": (student | {"student_config": student["student_config"] | {"evil": 1}},
+                          r"its StudentConfig has a field 'evil' this code does not know"),
+        "negative width": (student | {"student_config": student["student_config"] | {"hidden": -4}},
+                           r"its StudentConfig\.hidden is -4, not a valid int"),
+        "huge width": (student | {"student_config": student["student_config"] | {"num_classes": 10**9}},
+                       r"its StudentConfig\.num_classes is 1000000000, not a valid int"),
+        "config a string": (student | {"student_config": "x"}, r"no 'student_config' entry"),
+        "model a list": (student | {"model": [1, 2]}, r"its model is not a dict of tensors"),
+    }
+    for name, (state, message) in cases.items():
+        torch.save(state, tmp_path / "x.pt")
+        with pytest.raises(elite.DataError, match=message):
+            runs.load_student(tmp_path / "x.pt")
+        if "student_config" in message or "StudentConfig" in message:
+            torch.save(state | {"kind": u2mkd.LIDAR_TEACHER_KIND}, tmp_path / "t.pt")
+            with pytest.raises(elite.DataError, match=message):
+                u2mkd.load_lidar_teacher(tmp_path / "t.pt")
+    teacher = runs.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny")))
+    for state, message in ((teacher | {"teacher_config": teacher["teacher_config"] | {"variant": "nonexist"}},
+                            r"its teacher is 'nonexist' with 'adalora' adapters"),
+                           ({"kind": runs.TEACHER_KIND}, r"no 'teacher_config' entry")):
+        torch.save(state, tmp_path / "teacher.pt")
+        with pytest.raises(elite.DataError, match=message):
+            runs.load_teacher(tmp_path / "teacher.pt")
+    fusion = u2mkd.fusion_state(u2mkd.FusionStudent(), (94, 310)) | {"image_hw": [0, 310]}
+    torch.save(fusion, tmp_path / "f.pt")
+    with pytest.raises(elite.DataError, match=r"its image_hw is \[0, 310\], not an image size"):
+        u2mkd.load_fusion_student(tmp_path / "f.pt")
+
+
 def test_init_3d_maps_every_tensor_of_a_2dpass_checkpoint(tmp_path):
     import sys
     import types

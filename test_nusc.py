@@ -400,6 +400,12 @@ def camera_calibration(tables_dir):
 
 
 @pytest.mark.parametrize("table, spoil, message", [
+    ("sample_data.json", lambda rows, d: rows[0].pop("filename"),
+     r"sample_data\.json: row \w+: 'filename' is None, not a string"),
+    ("sample_data.json", lambda rows, d: rows[0].update(is_key_frame="yes"),
+     r"sample_data\.json: row \w+: 'is_key_frame' is 'yes', not true or false"),
+    ("scene.json", lambda rows, d: rows[0].update(name=3), r"scene\.json: row \w+: 'name' is 3, not a string"),
+    ("sensor.json", lambda rows, d: rows[0].pop("channel"), r"sensor\.json: row \w+: 'channel' is None, not a string"),
     ("sample_data.json", lambda rows, d: rows[0].update(token="../../elsewhere/" + rows[0]["token"]),
      r"sample_data\.json: row '\.\./\.\./elsewhere/\w+': 'token' holds characters other than letters, digits, "
      r"'_' and '-' .* would name a file outside --out"),
@@ -421,6 +427,14 @@ def test_tables_that_do_not_hold_together_are_refused_by_row_and_field(synth_nus
     spoil(rows, root / VERSION)
     (root / VERSION / table).write_text(json.dumps(rows))
     with pytest.raises(elite.DataError, match=message):
+        nusc.read_tables(root, VERSION)
+
+
+def test_a_table_nested_deeper_than_python_recurses_is_one_line(synth_nusc, tmp_path):
+    root = tmp_path / "nusc"
+    shutil.copytree(synth_nusc / VERSION, root / VERSION)
+    (root / VERSION / "sample.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(elite.DataError, match=r"sample\.json: not a table of the nuScenes schema \(RecursionError"):
         nusc.read_tables(root, VERSION)
 
 

@@ -863,6 +863,35 @@ def test_a_failed_checkpoint_write_is_one_line_and_loses_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left
 
 
+def test_nothing_is_written_through_a_link_or_onto_a_folder_named_as_a_run_file(synth_root, tmp_path):
+    """A run.lock that links to a dataset file, a folder named metrics.csv, an infer.py output
+    folder that links to a dataset's labels: each refused in one line, the linked file untouched."""
+    import infer
+    target = tmp_path / "calib.txt"
+    target.write_text("P2: 1 2 3\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.lock").symlink_to(target)
+    with pytest.raises(elite.DataError, match=r"run/run\.lock: cannot be used as this folder's lock"):
+        runs.lock_run_folder(run)
+    assert target.read_text() == "P2: 1 2 3\n"
+    other = tmp_path / "other"
+    (other / "metrics.csv").mkdir(parents=True)
+    with pytest.raises(elite.DataError, match=r"other/metrics\.csv: is not a regular file"):
+        runs.claim_run_folder(other, runs.STUDENT_KIND, resume=False, overwrite=True)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "000000.label").write_bytes(b"1234")
+    (tmp_path / "pred" / "sequences" / "08").mkdir(parents=True)
+    (tmp_path / "pred" / "sequences" / "08" / "predictions").symlink_to(labels)
+    runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "student.pt")
+    message = run_main("infer", ["--checkpoint", str(tmp_path / "student.pt"), "--data", str(synth_root),
+                                 "--split", "val", "--out", str(tmp_path / "pred"), "--device", "cpu", "--overwrite"])
+    assert re.search(r"08/predictions: is a link or not a folder; predictions are written only into plain folders",
+                     message), message
+    assert (labels / "000000.label").read_bytes() == b"1234"
+
+
 def test_metrics_csv_resaved_by_a_spreadsheet_is_read_or_refused_up_front(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch;step;miou\r\n1;10;12,5\r\n2;20;13,0\r\n")  # ';' and decimal commas, as a spreadsheet saves

@@ -477,7 +477,8 @@ def load_imagenet_weights(branch: ImageBranch, path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise elite.DataError(f"{path}: cannot read ResNet-18 weights ({type(e).__name__}: {e})") from None
+        raise elite.DataError(f"{path}: cannot read ResNet-18 weights ({type(e).__name__}: {runs.first_line(e)})") \
+            from None
     rename = {"conv1.": "stem.0.", "bn1.": "stem.1."} | {f"layer{k + 1}.": f"stages.{k}." for k in range(4)}
     mapped = {}
     for key, value in state.items():
@@ -709,7 +710,10 @@ def fusion_state(model: FusionStudent, image_hw) -> dict:
 
 def load_fusion_student(path, map_location="cpu") -> tuple[FusionStudent, dict]:
     ckpt = runs.load_checkpoint(path, FUSION_KIND, map_location)
-    model = FusionStudent(elite.config_from(elite.StudentConfig, ckpt["student_config"]))
+    model = FusionStudent(runs.checked_config(elite.StudentConfig, runs.entry(ckpt, "student_config", dict, path), path))
+    hw = runs.entry(ckpt, "image_hw", (list, tuple), path)
+    if len(hw) != 2 or not all(isinstance(v, int) and 1 <= v <= 10_000 for v in hw):
+        raise elite.DataError(f"{path}: its image_hw is {hw!r}, not an image size (H, W)")
     runs.load_state(model, ckpt["model"], path)
     return model, ckpt
 
@@ -720,6 +724,6 @@ def lidar_teacher_state(model: elite.Student) -> dict:
 
 def load_lidar_teacher(path, map_location="cpu") -> tuple[elite.Student, dict]:
     ckpt = runs.load_checkpoint(path, LIDAR_TEACHER_KIND, map_location)
-    model = elite.Student(elite.config_from(elite.StudentConfig, ckpt["student_config"]))
+    model = elite.Student(runs.checked_config(elite.StudentConfig, runs.entry(ckpt, "student_config", dict, path), path))
     runs.load_state(model, ckpt["model"], path)
     return model, ckpt
