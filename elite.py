@@ -20,7 +20,7 @@ the student, the teacher and their data, in the order the data flows:
 
 The machinery of a run (the training loop, checkpoints, torchrun, files, pictures) is in
 runs.py; U2MKD is in u2mkd.py. Facts follow the official ELiTe/2DPASS code; deliberate differences are listed
-in README.md under "Differences from the official code".
+in docs/differences.md.
 """
 from __future__ import annotations
 

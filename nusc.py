@@ -18,7 +18,7 @@ scores with the devkit's lidarseg rules and writes the submission format:
    10. Submission: <lidar_sample_data_token>_lidarseg.bin and submission.json
 
 Facts follow nutonomy/nuscenes-devkit (docs/schema_nuscenes.md, eval/lidarseg) and U2MKD's
-loader (u2mkd-code.md section 7.1); deliberate differences are in README.md.
+loader (u2mkd-code.md section 7.1); deliberate differences are in docs/nuscenes.md.
 """
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ ELITE_CONFIGS = {
 
 # Named presets, each value with its source. Upstream trains the teacher jointly with the
 # student; here it is trained first (stage 1) with the same config, then the student's joint run
-# continues it (README, "Differences from the official code"). "embedded" is a small random ViT
+# continues it (docs/differences.md). "embedded" is a small random ViT
 # on small crops of the synthetic scenes, trained with AdamW because SGD at lr 0.24 moves a random
 # encoder's heads too slowly for a few-minute run: it shows the pipeline runs and learns, and is
 # NOT comparable with published numbers.

@@ -1,6 +1,6 @@
 """Tests: the scripts run end to end, as a user runs them. Training, resuming and inference
 on the synthetic scenes; real processes killed (SIGKILL) or stopped (SIGTERM, Ctrl-C) and
-resumed; every row of README's bad-input table; run folders, read-only places, a full disk.
+resumed; every row of the bad-input table (docs/reliability.md); run folders, read-only places, a full disk.
 Marked `slow` (conftest.py); CI runs them with the rest."""
 from __future__ import annotations
 
@@ -429,7 +429,7 @@ def test_sam_plg_killed_midway_resumes_without_redoing_or_corrupt_files(tmp_path
 
 
 # =====================================================================================
-# Bad input: the table in README, each row run through the script a user would run
+# Bad input: the table in docs/reliability.md, each row run through the script a user would run
 # =====================================================================================
 # Each case spoils a private copy of the synthetic scenes, runs the script in-process through
 # runs.run_script (the scripts' own entry point), and checks that it stops with "error:" and
@@ -743,9 +743,9 @@ def bad_input_files(tmp_path_factory):
 
 def test_bad_input_table_has_the_cases_the_issue_names():
     assert len(BAD_INPUTS) >= 15 and len({c[0] for c in BAD_INPUTS}) == len(BAD_INPUTS)
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "reliability.md").read_text()
     missing = [name for name, *_ in BAD_INPUTS if f"| {name} |" not in readme]
-    assert not missing, f"README's bad-input table lacks {missing}"
+    assert not missing, f"docs/reliability.md's bad-input table lacks {missing}"
 
 
 @pytest.mark.parametrize("name, script, spoil, message, usable", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
@@ -1140,3 +1140,23 @@ def test_benchmark_times_elites_two_stages_and_counts_a_teacher_step(capsys):
     assert re.search(r"stage 1: teacher step, float32 +[\d.]+ ms", printed)  # ELiTe's two stages, batch 1 on a CPU
     assert re.search(r"stage 2: joint step, float32 +[\d.]+ ms", printed) and "need --teacher-batch 4" in printed
     assert re.search(r"one teacher step on one crop, float32: [\d,]+ aten operations dispatched", printed)
+
+
+def markdown_slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", "")).replace(" ", "-")
+
+
+def test_readme_is_a_page_a_newcomer_finishes_and_every_link_resolves():
+    pages = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+    assert len((REPO / "README.md").read_text().splitlines()) <= 250 and len(pages) > 5
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"https?://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.name}: link to {target}: no such file"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.M)
+                assert anchor in {markdown_slug(h) for h in headings}, f"{page.name}: link to {target}: no such heading"

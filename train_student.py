@@ -26,7 +26,7 @@ same scan. Loss (u2mkd.u2mkd_losses): CE + Lovasz in 3D and on the seen points i
 imputation MSE at four stages, KL and feature KD from the teacher.
 
 Several GPUs: torchrun --nproc_per_node N train_student.py ... (one process per GPU, --batch-size
-per process; README "Several GPUs"). --amp: bf16 autocast.
+per process; docs/training.md, "Several GPUs"). --amp: bf16 autocast.
 
 Both: SGD + Nesterov, lr 0.24, momentum 0.9, weight decay 1e-4, the preset's cosine schedule
 (per iteration, or per epoch for paper-test), gradient norm clipped at 1, non-finite steps

@@ -24,7 +24,7 @@ Read top to bottom, as the data flows:
 
 It reuses elite.py's data, projection, augmentation, voxel student and losses. Facts follow the
 official code (isunLt/U2MKD; it covers nuScenes only: the choices made for SemanticKITTI's single
-camera are listed in README.md).
+camera are listed in docs/u2mkd.md).
 """
 from __future__ import annotations
 
