@@ -269,7 +269,7 @@ def predict(args):
     if args.dataset == "nuscenes":
         return predict_nuscenes(args)
     kind = runs.load_checkpoint(args.checkpoint, None)["kind"]
-    if kind == u2mkd.FUSION_KIND:
+    if kind == runs.FUSION_KIND:
         return predict_fusion(args)
     if args.no_images:
         raise elite.DataError(f"{args.checkpoint}: --no-images is for a U2MKD fusion student; this checkpoint "
@@ -334,7 +334,7 @@ def predict_fusion(args):
     """The fusion student with and without images; scores on all, seen and unseen points."""
     check_outputs(args)
     device = torch.device(args.device)
-    model, ckpt = u2mkd.load_fusion_student(args.checkpoint, map_location=device)
+    model, ckpt = runs.load_fusion_student(args.checkpoint, map_location=device)
     runs.check_dataset(model.cfg, args.dataset, args.checkpoint)
     model.to(device).eval()
     image_hw = tuple(ckpt["image_hw"])
@@ -453,8 +453,8 @@ def predict_nuscenes(args):
     check_outputs(args)
     device = torch.device(args.device)
     kind = runs.load_checkpoint(args.checkpoint, None)["kind"]
-    if kind == u2mkd.FUSION_KIND:
-        model, ckpt = u2mkd.load_fusion_student(args.checkpoint, map_location=device)
+    if kind == runs.FUSION_KIND:
+        model, ckpt = runs.load_fusion_student(args.checkpoint, map_location=device)
         image_hw = tuple(ckpt["image_hw"])
     else:
         if args.no_images:

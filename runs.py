@@ -32,6 +32,7 @@ import torch.nn as nn
 
 import elite
 import nusc
+import u2mkd
 from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, PEFT_CHOICES, PLG_RECORD, SAM_B_URL, SAM_VARIANTS, SPLITS,
                    ConfusionMatrix,
                    DataError, Student, StudentConfig, Teacher, TeacherConfig, TooFewVoxels, check_pseudo_labels,
@@ -496,6 +497,64 @@ def load_sam(checkpoint, variant="vit_h", device="cpu"):
     return sam.to(device).eval()
 
 
+# ---- U2MKD's checkpoints: the fusion student and the LiDAR teacher ----
+
+FUSION_KIND = "u2mkd-fusion-student"
+LIDAR_TEACHER_KIND = "u2mkd-lidar-teacher"
+
+
+def fusion_state(model: u2mkd.FusionStudent, image_hw) -> dict:
+    return {"kind": FUSION_KIND, "student_config": asdict(model.cfg), "image_hw": list(image_hw),
+            "model": model.state_dict()}
+
+
+def load_fusion_student(path, map_location="cpu") -> tuple[u2mkd.FusionStudent, dict]:
+    ckpt = load_checkpoint(path, FUSION_KIND, map_location)
+    model = u2mkd.FusionStudent(checked_config(elite.StudentConfig, entry(ckpt, "student_config", dict, path), path))
+    hw = entry(ckpt, "image_hw", (list, tuple), path)
+    if len(hw) != 2 or not all(isinstance(v, int) and 1 <= v <= 10_000 for v in hw):
+        raise DataError(f"{path}: its image_hw is {hw!r}, not an image size (H, W)")
+    load_state(model, ckpt["model"], path)
+    return model, ckpt
+
+
+def lidar_teacher_state(model: elite.Student) -> dict:
+    return {"kind": LIDAR_TEACHER_KIND, "student_config": asdict(model.cfg), "model": model.state_dict()}
+
+
+def load_lidar_teacher(path, map_location="cpu") -> tuple[elite.Student, dict]:
+    ckpt = load_checkpoint(path, LIDAR_TEACHER_KIND, map_location)
+    model = elite.Student(checked_config(elite.StudentConfig, entry(ckpt, "student_config", dict, path), path))
+    load_state(model, ckpt["model"], path)
+    return model, ckpt
+
+
+# ---- torchvision's ImageNet ResNet-18 file: the fusion student's image backbone ----
+
+def load_imagenet_weights(branch: u2mkd.ImageBranch, path) -> None:
+    """torchvision's ImageNet ResNet-18 file (e.g. resnet18-f37072fd.pth) into the backbone."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: ResNet-18 weights not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read ResNet-18 weights ({type(e).__name__}: {first_line(e)})") \
+            from None
+    rename = {"conv1.": "stem.0.", "bn1.": "stem.1."} | {f"layer{k + 1}.": f"stages.{k}." for k in range(4)}
+    mapped = {}
+    for key, value in state.items():
+        for old, new in rename.items():
+            if key.startswith(old):
+                mapped[new + key[len(old):]] = value
+    own = {k: v for k, v in branch.state_dict().items() if k.startswith(("stem.", "stages."))}
+    missing = [k for k in own if k not in mapped or mapped[k].shape != own[k].shape]
+    if missing:
+        raise DataError(f"{path}: not a torchvision ResNet-18 state dict ({len(missing)} backbone tensors "
+                              f"missing or of another shape, e.g. {missing[0]})")
+    branch.load_state_dict(mapped, strict=False)
+
+
 # =====================================================================================
 # 3. The optimiser recipe: SGD with Nesterov momentum, the learning-rate schedules, clipping
 # =====================================================================================
@@ -806,6 +865,50 @@ def make_loaders(train_set, val_set, batch_size: int, val_batch_size: int, worke
     val_share = torch.utils.data.Subset(val_set, range(world.rank, len(val_set), world.size))
     val = torch.utils.data.DataLoader(val_share, batch_size=val_batch_size, num_workers=workers, collate_fn=collate_fn)
     return train, val
+
+
+# ---- U2MKD's instance database: cut once from the training scans, cached beside them ----
+
+def instance_db_path(root, derived: Path | None = None) -> Path:
+    """ROOT/u2mkd_instances.npz, or DERIVED/u2mkd_instances.npz (--derived-dir) when the dataset is read-only."""
+    return Path(derived if derived is not None else root) / "u2mkd_instances.npz"
+
+
+def load_instance_db(root, sequences, min_points=u2mkd.MIN_INSTANCE_POINTS, progress=True,
+                     derived: Path | None = None) -> u2mkd.InstanceDB:
+    """The cached database of these sequences, built (and written atomically) when missing, cut
+    from other sequences, or older than the scans and labels it was cut from."""
+    path = instance_db_path(root, derived)
+    source = files_fingerprint(root, sequences)
+    if path.is_file():
+        try:
+            with np.load(path) as f:
+                db = u2mkd.InstanceDB(f["points"], f["offsets"], f["classes"], f["sequences"].tolist(), int(f["min_points"]))
+                built_from = str(f["source"]) if "source" in f else None
+        except Exception as e:
+            raise DataError(f"{path}: cannot read the instance database ({type(e).__name__}: {e}); "
+                                  "delete it to rebuild") from None
+        if db.sequences == sorted(sequences) and db.min_points == min_points and built_from == source:
+            return db
+    db = u2mkd.build_instance_db(root, sequences, min_points, progress)
+    atomic_write(path, lambda f: np.savez(f, points=db.points, offsets=db.offsets, classes=db.classes,
+                                                sequences=np.array(db.sequences), min_points=db.min_points,
+                                                source=np.array(source)))
+    return db
+
+
+def files_fingerprint(root, sequences) -> str:
+    """What a cache built from these sequences' scans and labels depends on: each file's name,
+    size and modification time, digested. A changed, added, removed or replaced file (also one
+    put back with an older time) changes it."""
+    import hashlib
+    files = sorted(f for s in sequences for folder in ("velodyne", "labels")
+                   for f in (Path(root) / "sequences" / s / folder).glob("*") if f.is_file() and f.stem.isdigit())
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.parent.parent.name}/{f.parent.name}/{f.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return f"{len(files)} files, sha256 of their names, sizes and times {digest.hexdigest()[:16]}"
 
 
 # =====================================================================================

@@ -495,11 +495,11 @@ def test_no_checkpoint_runs_code_when_loaded(tmp_path):
     calls = [
         lambda: runs.load_student(tmp_path / "student.pt"),
         lambda: runs.load_teacher(tmp_path / "student.pt"),
-        lambda: u2mkd.load_lidar_teacher(tmp_path / "student.pt"),
+        lambda: runs.load_lidar_teacher(tmp_path / "student.pt"),
         lambda: runs.load_last(tmp_path / "last.pt", runs.STUDENT_KIND),
         lambda: runs.load_sam_checkpoint(elite.build_sam_encoder("vit_tiny"), tmp_path / "sam.pth", "vit_tiny"),
         lambda: runs.load_sam(tmp_path / "sam.pth", "vit_b"),
-        lambda: u2mkd.load_imagenet_weights(u2mkd.ImageBranch(), tmp_path / "resnet.pth"),
+        lambda: runs.load_imagenet_weights(u2mkd.ImageBranch(), tmp_path / "resnet.pth"),
     ]
     for call in calls:
         with pytest.raises(elite.DataError, match="cannot read"):
@@ -555,9 +555,9 @@ def test_a_checkpoint_of_the_right_kind_but_another_layout_is_one_line(tmp_path)
         with pytest.raises(elite.DataError, match=message):
             runs.load_student(tmp_path / "x.pt")
         if "student_config" in message or "StudentConfig" in message:
-            torch.save(state | {"kind": u2mkd.LIDAR_TEACHER_KIND}, tmp_path / "t.pt")
+            torch.save(state | {"kind": runs.LIDAR_TEACHER_KIND}, tmp_path / "t.pt")
             with pytest.raises(elite.DataError, match=message):
-                u2mkd.load_lidar_teacher(tmp_path / "t.pt")
+                runs.load_lidar_teacher(tmp_path / "t.pt")
     teacher = runs.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny")))
     for state, message in ((teacher | {"teacher_config": teacher["teacher_config"] | {"variant": "nonexist"}},
                             r"its teacher is 'nonexist' with 'adalora' adapters"),
@@ -565,10 +565,10 @@ def test_a_checkpoint_of_the_right_kind_but_another_layout_is_one_line(tmp_path)
         torch.save(state, tmp_path / "teacher.pt")
         with pytest.raises(elite.DataError, match=message):
             runs.load_teacher(tmp_path / "teacher.pt")
-    fusion = u2mkd.fusion_state(u2mkd.FusionStudent(), (94, 310)) | {"image_hw": [0, 310]}
+    fusion = runs.fusion_state(u2mkd.FusionStudent(), (94, 310)) | {"image_hw": [0, 310]}
     torch.save(fusion, tmp_path / "f.pt")
     with pytest.raises(elite.DataError, match=r"its image_hw is \[0, 310\], not an image size"):
-        u2mkd.load_fusion_student(tmp_path / "f.pt")
+        runs.load_fusion_student(tmp_path / "f.pt")
 
 
 def test_init_3d_maps_every_tensor_of_a_2dpass_checkpoint(tmp_path):

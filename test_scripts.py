@@ -201,7 +201,7 @@ def test_nuscenes_teacher_fusion_student_baseline_and_submission(synth_nusc, tmp
     assert sorted(p.name for p in (tmp_path / "pred_fusion" / "lidarseg" / "val").iterdir()) == \
         sorted(f"{frame.lidar_token}_lidarseg.bin" for frame in val)  # the stale file is gone
     assert json.loads((tmp_path / "pred_fusion" / "val" / "submission.json").read_text())["meta"]["use_camera"] is False
-    runs.atomic_save(u2mkd.lidar_teacher_state(u2mkd.lidar_teacher()), tmp_path / "kitti_teacher.pt")
+    runs.atomic_save(runs.lidar_teacher_state(u2mkd.lidar_teacher()), tmp_path / "kitti_teacher.pt")
     with pytest.raises(elite.DataError, match=r"kitti_teacher\.pt: a LiDAR teacher of 20 classes, but --dataset "
                                               r"nuscenes has 17"):
         train_student.main(["--method", "u2mkd", *common, "--teacher", str(tmp_path / "kitti_teacher.pt"),
@@ -318,16 +318,16 @@ def test_lidar_teacher_then_u2mkd_student_then_infer_with_and_without_images(syn
     data = ["--data", str(synth_copy), "--train-sequences", "00", "--val-sequences", "08", "--batch-size", "2",
             "--preset", "embedded", "--device", "cpu"]
     train_teacher.main(["--teacher", "lidar", "--epochs", "1", "--paste", "2", "--out", str(tmp_path / "lt")] + data)
-    teacher, ckpt = u2mkd.load_lidar_teacher(tmp_path / "lt" / "best.pt")
+    teacher, ckpt = runs.load_lidar_teacher(tmp_path / "lt" / "best.pt")
     assert teacher.cfg.hidden == 128 and ckpt["epoch"] == 0 and "optimizer" not in ckpt
-    assert u2mkd.instance_db_path(synth_copy).is_file()
+    assert runs.instance_db_path(synth_copy).is_file()
     student = ["--method", "u2mkd", "--image-size", "64", "192", "--out", str(tmp_path / "fs")] + data
     with pytest.raises(elite.DataError, match="elite-student"):  # not a LiDAR teacher
         runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "s.pt")
         train_student.main(student + ["--teacher", str(tmp_path / "s.pt"), "--epochs", "1"])
     train_student.main(student + ["--teacher", str(tmp_path / "lt" / "best.pt"), "--epochs", "1"])
     last = torch.load(tmp_path / "fs" / "last.pt", weights_only=False)
-    assert last["kind"] == u2mkd.FUSION_KIND and last["kd_adapter"] is not None and last["image_hw"] == [64, 192]
+    assert last["kind"] == runs.FUSION_KIND and last["kd_adapter"] is not None and last["image_hw"] == [64, 192]
     train_student.main(student + ["--epochs", "2", "--resume"])
     second = torch.load(tmp_path / "fs" / "last.pt", weights_only=False)
     assert second["epoch"] == 1 and second["step"] == 2 and second["config"]["teacher"] == str(tmp_path / "lt" / "best.pt")

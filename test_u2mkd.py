@@ -134,10 +134,10 @@ def test_u2mkd_losses_and_no_gradient_reaches_the_teacher(synth_root):
 
 
 def test_instance_database_round_trip_and_paste(synth_copy):
-    db = u2mkd.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
+    db = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
     assert len(db) > 0 and set(db.classes.tolist()) <= set(u2mkd.THING_CLASSES)
-    assert u2mkd.instance_db_path(synth_copy).is_file()
-    again = u2mkd.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
+    assert runs.instance_db_path(synth_copy).is_file()
+    again = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
     assert np.array_equal(again.points, db.points) and np.array_equal(again.classes, db.classes)
     first = db.instance(0)
     scan = elite.list_scans(synth_copy, ["00"])[0]
@@ -147,7 +147,7 @@ def test_instance_database_round_trip_and_paste(synth_copy):
     # The first instance really is the points of one (class, instance) of the first scan.
     match = (labels == db.classes[0]) & elite.in_range(points[:, :3])
     assert any(np.array_equal(points[match & (instance == i)], first) for i in np.unique(instance[match]))
-    other = u2mkd.load_instance_db(synth_copy, ["00", "08"], min_points=20, progress=False)  # other key: rebuilt
+    other = runs.load_instance_db(synth_copy, ["00", "08"], min_points=20, progress=False)  # other key: rebuilt
     assert len(other) >= len(db)
     # A cache never outlives what it was cut from: one label file put back with other instance ids,
     # the same size and an older time (cp -p, rsync -a) -> rebuilt.
@@ -156,12 +156,12 @@ def test_instance_database_round_trip_and_paste(synth_copy):
     raw = np.fromfile(label, dtype=np.uint32)
     (raw & 0xFFFF).astype(np.uint32).tofile(label)
     os.utime(label, ns=(before - 10**9, before - 10**9))
-    assert len(u2mkd.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)) < len(db)
+    assert len(runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)) < len(db)
     # Every label file edited (every instance id 0) -> rebuilt, empty.
     for label in (synth_copy / "sequences" / "00" / "labels").glob("*.label"):
         raw = np.fromfile(label, dtype=np.uint32)
         (raw & 0xFFFF).astype(np.uint32).tofile(label)
-    assert len(u2mkd.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)) == 0
+    assert len(runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)) == 0
     pts, lab = u2mkd.paste_instances(points, labels, db, np.random.default_rng(0), add_num=3)
     added = pts[len(points):]
     assert len(added) > 0 and set(np.unique(lab[len(points):]).tolist()) <= set(u2mkd.THING_CLASSES)
@@ -169,7 +169,7 @@ def test_instance_database_round_trip_and_paste(synth_copy):
 
 
 def test_lidar_teacher_data_pastes_before_augmentation(synth_copy):
-    db = u2mkd.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
+    db = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
     plain = elite.SemanticKITTI(synth_copy, ["00"], train=False)[0]
     pasted = u2mkd.LidarTeacherData(synth_copy, ["00"], db, seed=0, add_num=3)[0]
     assert len(pasted.points) > len(plain.points) and (pasted.index == -1).sum() == len(pasted.points) - len(plain.points)
@@ -182,9 +182,9 @@ def test_imagenet_weights_load_into_the_backbone(tmp_path):
     ref = torchvision.models.resnet18(weights=None)
     torch.save(ref.state_dict(), tmp_path / "resnet18.pth")
     branch = u2mkd.ImageBranch()
-    u2mkd.load_imagenet_weights(branch, tmp_path / "resnet18.pth")
+    runs.load_imagenet_weights(branch, tmp_path / "resnet18.pth")
     assert torch.equal(branch.stem[0].weight, ref.conv1.weight)
     assert torch.equal(branch.stages[3][1].bn2.running_var, ref.layer4[1].bn2.running_var)
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(elite.DataError, match="bad.pth"):
-        u2mkd.load_imagenet_weights(branch, tmp_path / "bad.pth")
+        runs.load_imagenet_weights(branch, tmp_path / "bad.pth")

@@ -373,7 +373,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
     image_size = config["image_size"]
     teacher, teacher_sweeps = None, None
     if config["teacher"] != "none":
-        teacher, teacher_ckpt = u2mkd.load_lidar_teacher(config["teacher"], map_location=device)
+        teacher, teacher_ckpt = runs.load_lidar_teacher(config["teacher"], map_location=device)
         teacher.to(device).eval().requires_grad_(False)  # frozen, in eval mode, as upstream
         teacher_sweeps = teacher_ckpt.get("config", {}).get("sweeps") or 0  # what it was trained on
     train_set, val_set, cfg = u2mkd_data(args, root, config, teacher_sweeps)
@@ -384,7 +384,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
                                             args.seed, u2mkd.collate_pairs, device.type == "cuda")
     model = u2mkd.FusionStudent(cfg).to(device)
     if args.image_weights is not None and resumed is None:
-        u2mkd.load_imagenet_weights(model.image, args.image_weights)
+        runs.load_imagenet_weights(model.image, args.image_weights)
     adapter = u2mkd.kd_adapter(model.cfg.hidden, teacher.cfg.hidden).to(device) if teacher else None
     parts = [model] + ([adapter] if adapter is not None else [])
     params = [p for part in parts for p in part.parameters()]
@@ -407,7 +407,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
             b.lidar.labels
 
     def checkpoints(run: runs.RunState, miou: float) -> tuple[dict, dict]:
-        best = u2mkd.fusion_state(model, image_size) | run.record(miou) | {"config": config}
+        best = runs.fusion_state(model, image_size) | run.record(miou) | {"config": config}
         return best | {"optimizer": optimizer.state_dict(),
                        "kd_adapter": adapter.state_dict() if adapter is not None else None}, best
 
@@ -427,7 +427,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = runs.init_distributed(args.device, args.sync_bn)
     world = runs.distributed()
-    kind = runs.STUDENT_KIND if args.method == "elite" else u2mkd.FUSION_KIND
+    kind = runs.STUDENT_KIND if args.method == "elite" else runs.FUSION_KIND
     runs.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     resumed = runs.load_last(last_path, kind, map_location=device) if args.resume else None

@@ -392,13 +392,13 @@ def lidar_teacher_data(args, root: Path):
         return train_set, val_set, nusc.student_config(), (
             f"the keyframe and {args.sweeps} sweeps around it, then flip, rotation, scaling, translation; "
             f"validation also reads the sweeps (their points are label 0: only the keyframe's are scored)")
-    db_path = u2mkd.instance_db_path(root, args.derived_dir)
+    db_path = runs.instance_db_path(root, args.derived_dir)
     if args.paste > 0 and runs.distributed().main:  # one process cuts the database, the others wait
         if not db_path.is_file():
             check_writable(db_path.parent)
-        u2mkd.load_instance_db(root, args.train_sequences, derived=args.derived_dir)
+        runs.load_instance_db(root, args.train_sequences, derived=args.derived_dir)
     runs.barrier()
-    db = u2mkd.load_instance_db(root, args.train_sequences, derived=args.derived_dir) if args.paste > 0 else None
+    db = runs.load_instance_db(root, args.train_sequences, derived=args.derived_dir) if args.paste > 0 else None
     train_set = u2mkd.LidarTeacherData(root, args.train_sequences, db, seed=args.seed, add_num=args.paste)
     val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
     runs.check_datasets(train_set, val_set)
@@ -431,7 +431,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         return model(batch.points, batch.batch_idx).logits, batch.labels
 
     def save(run, miou, improved):
-        best = u2mkd.lidar_teacher_state(model) | run.record(miou) | {"config": runs.config_of(args)}
+        best = runs.lidar_teacher_state(model) | run.record(miou) | {"config": runs.config_of(args)}
         runs.atomic_save(best | {"optimizer": optimizer.state_dict()}, last_path)
         if improved:
             runs.atomic_save(best, best_path)
@@ -474,7 +474,7 @@ def main(argv=None):
     if args.vis is not None:
         runs.writable_folder(args.vis, "give another --vis")
     import u2mkd
-    kind = runs.TEACHER_KIND if args.teacher == "sam" else u2mkd.LIDAR_TEACHER_KIND
+    kind = runs.TEACHER_KIND if args.teacher == "sam" else runs.LIDAR_TEACHER_KIND
     if args.vis is None and not args.plg_only:  # a training run: OUT is its folder
         runs.claim_run_folder(args.out, kind, args.resume, args.overwrite)
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"

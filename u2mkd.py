@@ -20,7 +20,6 @@ Read top to bottom, as the data flows:
     5. Bidirectional fusion: the multi-scale splat, L2C and C2L fusion, the learner
     6. The fusion student
     7. Uni-to-multi KD and the total loss
-    8. Checkpoints
 
 It reuses elite.py's data, projection, augmentation, voxel student and losses. Facts follow the
 official code (isunLt/U2MKD; it covers nuScenes only: the choices made for SemanticKITTI's single
@@ -29,8 +28,7 @@ camera are listed in docs/u2mkd.md).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,7 +37,6 @@ import torch.nn.functional as F
 
 import elite
 import nusc
-import runs
 
 # =====================================================================================
 # 1. The camera for fusion
@@ -137,48 +134,6 @@ def build_instance_db(root, sequences, min_points=MIN_INSTANCE_POINTS, progress=
                       offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
                       classes=np.array([c for c, _ in found], dtype=np.int64),
                       sequences=sorted(sequences), min_points=min_points)
-
-
-def instance_db_path(root, derived: Path | None = None) -> Path:
-    """ROOT/u2mkd_instances.npz, or DERIVED/u2mkd_instances.npz (--derived-dir) when the dataset is read-only."""
-    return Path(derived if derived is not None else root) / "u2mkd_instances.npz"
-
-
-def load_instance_db(root, sequences, min_points=MIN_INSTANCE_POINTS, progress=True,
-                     derived: Path | None = None) -> InstanceDB:
-    """The cached database of these sequences, built (and written atomically) when missing, cut
-    from other sequences, or older than the scans and labels it was cut from."""
-    path = instance_db_path(root, derived)
-    source = files_fingerprint(root, sequences)
-    if path.is_file():
-        try:
-            with np.load(path) as f:
-                db = InstanceDB(f["points"], f["offsets"], f["classes"], f["sequences"].tolist(), int(f["min_points"]))
-                built_from = str(f["source"]) if "source" in f else None
-        except Exception as e:
-            raise elite.DataError(f"{path}: cannot read the instance database ({type(e).__name__}: {e}); "
-                                  "delete it to rebuild") from None
-        if db.sequences == sorted(sequences) and db.min_points == min_points and built_from == source:
-            return db
-    db = build_instance_db(root, sequences, min_points, progress)
-    runs.atomic_write(path, lambda f: np.savez(f, points=db.points, offsets=db.offsets, classes=db.classes,
-                                                sequences=np.array(db.sequences), min_points=db.min_points,
-                                                source=np.array(source)))
-    return db
-
-
-def files_fingerprint(root, sequences) -> str:
-    """What a cache built from these sequences' scans and labels depends on: each file's name,
-    size and modification time, digested. A changed, added, removed or replaced file (also one
-    put back with an older time) changes it."""
-    import hashlib
-    files = sorted(f for s in sequences for folder in ("velodyne", "labels")
-                   for f in (Path(root) / "sequences" / s / folder).glob("*") if f.is_file() and f.stem.isdigit())
-    digest = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        digest.update(f"{f.parent.parent.name}/{f.parent.name}/{f.name} {st.st_size} {st.st_mtime_ns}\n".encode())
-    return f"{len(files)} files, sha256 of their names, sizes and times {digest.hexdigest()[:16]}"
 
 
 def rotate_z(xy: np.ndarray, angle: float) -> np.ndarray:
@@ -469,30 +424,6 @@ class ImageBranch(nn.Module):
         return self.head(x)
 
 
-def load_imagenet_weights(branch: ImageBranch, path) -> None:
-    """torchvision's ImageNet ResNet-18 file (e.g. resnet18-f37072fd.pth) into the backbone."""
-    path = Path(path)
-    if not path.is_file():
-        raise elite.DataError(f"{path}: ResNet-18 weights not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise elite.DataError(f"{path}: cannot read ResNet-18 weights ({type(e).__name__}: {runs.first_line(e)})") \
-            from None
-    rename = {"conv1.": "stem.0.", "bn1.": "stem.1."} | {f"layer{k + 1}.": f"stages.{k}." for k in range(4)}
-    mapped = {}
-    for key, value in state.items():
-        for old, new in rename.items():
-            if key.startswith(old):
-                mapped[new + key[len(old):]] = value
-    own = {k: v for k, v in branch.state_dict().items() if k.startswith(("stem.", "stages."))}
-    missing = [k for k in own if k not in mapped or mapped[k].shape != own[k].shape]
-    if missing:
-        raise elite.DataError(f"{path}: not a torchvision ResNet-18 state dict ({len(missing)} backbone tensors "
-                              f"missing or of another shape, e.g. {missing[0]})")
-    branch.load_state_dict(mapped, strict=False)
-
-
 # =====================================================================================
 # 5. Bidirectional fusion
 # =====================================================================================
@@ -693,37 +624,3 @@ def u2mkd_losses(out: FusionOutput, batch: PairBatch, targets=None, adapter: nn.
                                              reduction="batchmean")
         terms["kd_feature"] = W_FEAT * F.mse_loss(adapter(out.bottleneck), t_feats)
     return terms
-
-
-# =====================================================================================
-# 8. Checkpoints
-# =====================================================================================
-
-FUSION_KIND = "u2mkd-fusion-student"
-LIDAR_TEACHER_KIND = "u2mkd-lidar-teacher"
-
-
-def fusion_state(model: FusionStudent, image_hw) -> dict:
-    return {"kind": FUSION_KIND, "student_config": asdict(model.cfg), "image_hw": list(image_hw),
-            "model": model.state_dict()}
-
-
-def load_fusion_student(path, map_location="cpu") -> tuple[FusionStudent, dict]:
-    ckpt = runs.load_checkpoint(path, FUSION_KIND, map_location)
-    model = FusionStudent(runs.checked_config(elite.StudentConfig, runs.entry(ckpt, "student_config", dict, path), path))
-    hw = runs.entry(ckpt, "image_hw", (list, tuple), path)
-    if len(hw) != 2 or not all(isinstance(v, int) and 1 <= v <= 10_000 for v in hw):
-        raise elite.DataError(f"{path}: its image_hw is {hw!r}, not an image size (H, W)")
-    runs.load_state(model, ckpt["model"], path)
-    return model, ckpt
-
-
-def lidar_teacher_state(model: elite.Student) -> dict:
-    return {"kind": LIDAR_TEACHER_KIND, "student_config": asdict(model.cfg), "model": model.state_dict()}
-
-
-def load_lidar_teacher(path, map_location="cpu") -> tuple[elite.Student, dict]:
-    ckpt = runs.load_checkpoint(path, LIDAR_TEACHER_KIND, map_location)
-    model = elite.Student(runs.checked_config(elite.StudentConfig, runs.entry(ckpt, "student_config", dict, path), path))
-    runs.load_state(model, ckpt["model"], path)
-    return model, ckpt
