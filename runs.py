@@ -407,16 +407,22 @@ def load_teacher(path, sam_checkpoint=None, map_location="cpu") -> tuple[Teacher
 
 # ---- SAM's official checkpoint files: the teacher's frozen encoder, SAM-PLG's whole SAM ----
 
+def read_tensor_file(path: Path, what: str, where="", why="") -> object:
+    """An official weights file (SAM's, torchvision's) read with weights_only, so it cannot run
+    code; a missing or unreadable one is a DataError naming it (`where`, `why`: hints)."""
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found{where}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read {what} ({type(e).__name__}: {first_line(e)}){why}") from None
+
+
 def read_sam_state(path) -> dict:
     """An official SAM checkpoint file -> its state dict, or a DataError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: SAM checkpoint not found (the official files, e.g. {SAM_B_URL})")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path}: cannot read SAM checkpoint ({type(e).__name__}: {first_line(e)}); "
-                        "the file is truncated or not a torch checkpoint of tensors") from None
+    ckpt = read_tensor_file(path, "SAM checkpoint", f" (the official files, e.g. {SAM_B_URL})",
+                            "; the file is truncated or not a torch checkpoint of tensors")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise DataError(f"{path}: not a state dict (got {type(ckpt).__name__})")
@@ -534,13 +540,7 @@ def load_lidar_teacher(path, map_location="cpu") -> tuple[elite.Student, dict]:
 def load_imagenet_weights(branch: u2mkd.ImageBranch, path) -> None:
     """torchvision's ImageNet ResNet-18 file (e.g. resnet18-f37072fd.pth) into the backbone."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: ResNet-18 weights not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path}: cannot read ResNet-18 weights ({type(e).__name__}: {first_line(e)})") \
-            from None
+    state = read_tensor_file(path, "ResNet-18 weights")
     rename = {"conv1.": "stem.0.", "bn1.": "stem.1."} | {f"layer{k + 1}.": f"stages.{k}." for k in range(4)}
     mapped = {}
     for key, value in state.items():
@@ -994,6 +994,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def show(value) -> str:
     """A flag's value as the command line writes it (a list as its items)."""
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def add_recipe_flags(parser, batch_of: str) -> None:
+    """The trainers' --epochs, --batch-size (of `batch_of`), --val-batch-size, --workers, --lr and
+    --lr-schedule: the values a preset fills when they are not given (presets.py)."""
+    parser.add_argument("--epochs", type=positive_int, help="number of epochs (preset)")
+    parser.add_argument("--batch-size", type=positive_int, help=f"training batch size in {batch_of}, per process "
+                                                                 "(preset)")
+    parser.add_argument("--val-batch-size", type=positive_int, help="validation batch size (preset)")
+    parser.add_argument("--workers", type=count_int, help="data-loading processes (preset)")
+    parser.add_argument("--lr", type=positive_float, help="peak learning rate (preset: 0.24 in the paper presets, "
+                                                          "as upstream)")
+    parser.add_argument("--lr-schedule", choices=("step", "epoch"), default=None,
+                        help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
+                             "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
 
 
 def add_data_flags(parser, holds: str) -> None:

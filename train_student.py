@@ -72,14 +72,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "with --data, 'embedded' without; 'paper-test' (elite) is the benchmark-submission config")
     add_elite_flags(p)
     add_u2mkd_flags(p)
-    p.add_argument("--epochs", type=runs.positive_int, help="number of epochs (preset)")
-    p.add_argument("--batch-size", type=runs.positive_int, help="training batch size in scans, per process (preset)")
-    p.add_argument("--val-batch-size", type=runs.positive_int, help="validation batch size (preset)")
-    p.add_argument("--workers", type=runs.count_int, help="data-loading processes (preset)")
-    p.add_argument("--lr", type=runs.positive_float, help="peak learning rate (preset: 0.24, as upstream)")
-    p.add_argument("--lr-schedule", choices=("step", "epoch"), default=None,
-                   help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
-                        "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
+    runs.add_recipe_flags(p, "scans")
     p.add_argument("--out", type=Path, default=None,
                    help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/student, "
                         "runs/fusion_student for u2mkd; with _nusc on nuscenes); one run per folder")

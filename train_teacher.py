@@ -78,14 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "with --data, 'embedded' without; 'paper-test' (sam) is the benchmark-submission config")
     add_lidar_flags(p)
     add_sam_flags(p)
-    p.add_argument("--epochs", type=runs.positive_int, help="number of epochs (preset)")
-    p.add_argument("--batch-size", type=runs.positive_int, help="batch size per process, images or scans (preset)")
-    p.add_argument("--val-batch-size", type=runs.positive_int, help="validation batch size (preset)")
-    p.add_argument("--workers", type=runs.count_int, help="data-loading processes (preset)")
-    p.add_argument("--lr", type=runs.positive_float, help="peak learning rate (preset)")
-    p.add_argument("--lr-schedule", choices=("step", "epoch"), default=None,
-                   help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
-                        "torchrun); epoch: CosineAnnealingLR(T_max = epochs - 4, eta_min 1e-5) per epoch (preset)")
+    runs.add_recipe_flags(p, "images or scans")
     p.add_argument("--out", type=Path, default=None,
                    help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/teacher, or runs/lidar_teacher "
                         "with --teacher lidar, runs/lidar_teacher_nusc on nuscenes); one run per folder; the SAM "
