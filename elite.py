@@ -1,660 +1,42 @@
 """ELiTe in plain PyTorch, read top to bottom.
 
 ELiTe (ICME 2024) distils a Segment Anything image teacher into a 1.9M-parameter
-voxel LiDAR student (the 2DPASS "4scale-64dimension" network). This file holds
-the student, the teacher and their data, in the order the data flows:
+voxel LiDAR student (the 2DPASS "4scale-64dimension" network). This file holds the
+method, in the order the data flows once a scan is read:
 
-    1. SemanticKITTI files: scans, labels, calibration, images, splits, the label map
-    2. Geometry: LiDAR-to-camera projection
-    3. Training augmentation
-    4. The camera view: the bottom crop the image teacher reads
-    5. The dataset and its batches (points, and the camera view when asked)
-    6. Voxelisation and scatter reductions
-    7. Submanifold sparse convolution (pure torch, with its neighbour table; kernels.py: Triton)
-    8. The student: SparseBasicBlock, point encoder, SPVBlock, classifier
-    9. Losses: class-weighted cross-entropy and Lovasz-softmax
-   10. The image teacher: SAM's ViT, LoRA/AdaLoRA (PEFT), patch decoder, 2D heads
-   11. SAM-PLG: dense pseudo-labels from sparse LiDAR labels
-   12. PPMSKD: patch-to-point multi-stage distillation from the teacher into the student
-   13. Evaluation: the official SemanticKITTI IoU
+    1. Voxelisation and scatter reductions
+    2. Submanifold sparse convolution (pure torch, with its neighbour table; kernels.py: Triton)
+    3. The student: SparseBasicBlock, point encoder, SPVBlock, classifier
+    4. Losses: class-weighted cross-entropy and Lovasz-softmax
+    5. The image teacher: SAM's ViT, LoRA/AdaLoRA (PEFT), patch decoder, 2D heads
+    6. SAM-PLG: dense pseudo-labels from sparse LiDAR labels
+    7. PPMSKD: patch-to-point multi-stage distillation from the teacher into the student
 
-The machinery of a run (the training loop, checkpoints, torchrun, files, pictures) is in
-runs.py; U2MKD is in u2mkd.py. Facts follow the official ELiTe/2DPASS code; deliberate differences are listed
-in docs/differences.md.
+Reading the data comes before: semantickitti.py (files, projection, the camera crop, the
+dataset, the official evaluator), nusc.py (nuScenes), scandata.py (the Scan and Batch types both
+share, augmentation). The machinery of a run (the training loop, checkpoints, torchrun) is in
+runs.py; U2MKD is in u2mkd.py. Facts follow the official ELiTe/2DPASS code; deliberate
+differences are listed in docs/differences.md.
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# =====================================================================================
-# 1. SemanticKITTI files
-# =====================================================================================
-# Values copied from the official semantic-kitti.yaml (a test compares them to it).
-
-CLASS_NAMES = [
-    "unlabeled", "car", "bicycle", "motorcycle", "truck", "other-vehicle", "person",
-    "bicyclist", "motorcyclist", "road", "parking", "sidewalk", "other-ground",
-    "building", "fence", "vegetation", "trunk", "terrain", "pole", "traffic-sign",
-]
-NUM_CLASSES = 20  # class 0 ("unlabeled") is ignored in losses and metrics
-IGNORE = 0
-
-LEARNING_MAP = {  # raw SemanticKITTI id -> training id 0..19
-    0: 0, 1: 0, 10: 1, 11: 2, 13: 5, 15: 3, 16: 5, 18: 4, 20: 5, 30: 6, 31: 7, 32: 8,
-    40: 9, 44: 10, 48: 11, 49: 12, 50: 13, 51: 14, 52: 0, 60: 9, 70: 15, 71: 16,
-    72: 17, 80: 18, 81: 19, 99: 0, 252: 1, 253: 7, 254: 6, 255: 8, 256: 5, 257: 5,
-    258: 4, 259: 5,
-}
-LEARNING_MAP_INV = {  # training id -> raw id written in submission files
-    0: 0, 1: 10, 2: 11, 3: 15, 4: 18, 5: 20, 6: 30, 7: 31, 8: 32, 9: 40, 10: 44,
-    11: 48, 12: 49, 13: 50, 14: 51, 15: 70, 16: 71, 17: 72, 18: 80, 19: 81,
-}
-CLASS_COLORS = np.array([  # training id -> RGB, the official color_map (which the yaml lists as BGR)
-    [0, 0, 0], [100, 150, 245], [100, 230, 245], [30, 60, 150], [80, 30, 180], [0, 0, 255],
-    [255, 30, 30], [255, 40, 200], [150, 30, 90], [255, 0, 255], [255, 150, 255], [75, 0, 75],
-    [175, 0, 75], [255, 200, 0], [255, 120, 50], [0, 175, 0], [135, 60, 0], [150, 240, 80],
-    [255, 240, 150], [255, 0, 0],
-], dtype=np.uint8)
-SPLITS = {
-    "train": ["00", "01", "02", "03", "04", "05", "06", "07", "09", "10"],
-    "val": ["08"],
-    "test": [f"{s:02d}" for s in range(11, 22)],
-}
-# Points per class in the SemanticKITTI training split (2DPASS `seg_labelweights`).
-CLASS_COUNTS = [
-    0, 55437630, 320797, 541736, 2578735, 3274484, 552662, 184064, 78858, 240942562,
-    17294618, 170599734, 6369672, 230413074, 101130274, 476491114, 9833174, 129609852,
-    4506626, 1168181,
-]
-
-# Lookup tables: raw id -> training id (unknown raw ids -> 0, as the official evaluator does).
-_RAW_TO_TRAIN = np.zeros(max(LEARNING_MAP) + 1, dtype=np.int64)
-for _raw, _train in LEARNING_MAP.items():
-    _RAW_TO_TRAIN[_raw] = _train
-TRAIN_TO_RAW = np.array([LEARNING_MAP_INV[i] for i in range(NUM_CLASSES)], dtype=np.uint32)
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file."""
-
-
-def whole_records(path, record: int, what: str, layout: str) -> int:
-    """How many `record`-byte records a file holds, from its size alone: a missing file or a
-    size that is not a whole number of records (a truncated file) is a DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    size = path.stat().st_size
-    if size % record:
-        raise DataError(f"{path}: {size} bytes is not a multiple of {record} ({layout}): the file is truncated")
-    return size // record
-
-
-def scan_size(path) -> int:
-    """Points in a velodyne .bin, from its size alone (a truncated file is an error)."""
-    return whole_records(path, 16, "scan file", "4 float32 per point")
-
-
-def label_count(path, num_points: int | None = None) -> int:
-    """Labels in a .label file, from its size alone, checked against its scan's points."""
-    count = whole_records(path, 4, "label file", "one uint32 per point")
-    if num_points is not None and count != num_points:
-        raise DataError(f"{path}: {count} labels but its scan has {num_points} points")
-    return count
-
-
-def read_scan(path) -> np.ndarray:
-    """A velodyne .bin: float32 rows (x, y, z, remission) -> (N, 4). Remission is 0..1 in
-    SemanticKITTI; a file on another scale (0..255) is named in a warning, as the network would
-    read it as a different surface."""
-    scan_size(path)
-    points = np.fromfile(path, dtype=np.float32).reshape(-1, 4)
-    check_point_values(points, path, "float32 (x, y, z, remission)")
-    highest = np.max(points[:, 3], initial=0.0, where=np.isfinite(points[:, 3]))  # one pass, no copy
-    if highest > REMISSION_MAX:
-        warnings.warn(f"{path}: remission up to {highest:g}, beyond SemanticKITTI's 0..1 (a 0..255 scale?): "
-                      "the models here learn it on 0..1, so their predictions on this scan will be poor")
-    return points
-
-
-REMISSION_MAX = 1.5  # a little room above 1: real scans stay within 0..1
-
-
-def check_point_values(points: np.ndarray, path, layout: str) -> None:
-    """A file whose size fits the layout but whose bytes are another element type (float64
-    rows read as float32 put the low halves of the doubles in x or z: values like 1e-19 or
-    4e19) is refused: in a real scan no coordinate is beyond 10 km or closer to 0 than 1e-10
-    without being 0. A few such points are left to usable_rows; a tenth of the scan is not."""
-    xyz = np.abs(points[:, :3])
-    odd = ((xyz > 1e4) & np.isfinite(xyz)) | ((xyz > 0) & (xyz < 1e-10))  # (N, 3)
-    share = float(odd.any(1).mean()) if len(points) else 0.0
-    if share > 0.1:
-        raise DataError(f"{path}: {100 * share:.0f}% of its points have coordinates beyond 10 km or below 1e-10 m: "
-                        f"not {layout} records (float64? another sensor's layout?)")
-
-
-def read_labels(path, num_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A .label file: uint32 per point -> (semantic raw id, instance id), both (N,)."""
-    label_count(path, num_points)
-    raw = np.fromfile(path, dtype=np.uint32)
-    return (raw & 0xFFFF).astype(np.int64), (raw >> 16).astype(np.int64)
-
-
-def to_train_ids(raw_semantic: np.ndarray, path="labels") -> np.ndarray:
-    """Raw SemanticKITTI ids -> training ids 0..19; unknown ids become 0 with a warning."""
-    known = raw_semantic < len(_RAW_TO_TRAIN)
-    known[known] = np.isin(raw_semantic[known], list(LEARNING_MAP))
-    if not known.all():
-        bad = np.unique(raw_semantic[~known])[:10].tolist()
-        warnings.warn(f"{path}: {int((~known).sum())} points carry raw label ids not in "
-                      f"semantic-kitti.yaml {bad}; they are treated as unlabeled (0)")
-    out = np.zeros(len(raw_semantic), dtype=np.int64)
-    out[known] = _RAW_TO_TRAIN[raw_semantic[known]]
-    return out
-
-
-def read_calib(path) -> dict[str, np.ndarray]:
-    """calib.txt -> {"P2": (3, 4), "Tr": (4, 4), "proj": (3, 4) = P2 @ Tr}.
-
-    Tr maps velodyne to rectified camera 0 (the odometry files need no R0_rect)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: calibration file not found (every sequence folder needs calib.txt)")
-    mats = {}
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")  # a BOM or stray bytes: no traceback
-    for line in text.splitlines():
-        if not line.strip():
-            break  # the official reader stops at the first blank line
-        key, _, values = line.partition(":")
-        try:
-            mats[key.strip()] = np.array([float(v) for v in values.split()], dtype=np.float64)
-        except ValueError as e:
-            raise DataError(f"{path}: line '{key}' has a non-numeric value ({e})") from None
-    for key in ("P2", "Tr"):
-        if key not in mats:
-            raise DataError(f"{path}: no '{key}:' line")
-        if mats[key].size != 12:
-            raise DataError(f"{path}: '{key}' has {mats[key].size} values, expected 12 (a 3x4 matrix)")
-        if not np.isfinite(mats[key]).all():
-            raise DataError(f"{path}: '{key}' holds non-finite values (NaN or Inf): no point could be projected")
-    p2 = mats["P2"].reshape(3, 4)
-    tr = np.eye(4)
-    tr[:3] = mats["Tr"].reshape(3, 4)
-    return {"P2": p2, "Tr": tr, "proj": p2 @ tr}
-
-
-def file_version(path: Path) -> tuple[int, int] | None:
-    """(modification time, size) of a file or folder, None if absent: a cache key that changes
-    when the file does."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
-def sequence_calib(sequence: Path) -> dict[str, np.ndarray]:
-    """read_calib() of a sequence folder's calib.txt, read once per process while the file
-    stays as it is: every reader of a scan's camera asks here."""
-    return _read_calib_once(sequence / "calib.txt", file_version(sequence / "calib.txt"))
-
-
-@functools.lru_cache(maxsize=64)
-def _read_calib_once(path: Path, version) -> dict[str, np.ndarray]:
-    return read_calib(path)
-
-
-def read_image(path) -> np.ndarray:
-    """image_2/*.png -> (H, W, 3) uint8 RGB."""
-    from PIL import Image  # Pillow comes with torchvision
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: image not found")
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("RGB", "RGBA", "L", "LA", "P"):  # 16-bit or float: convert() would clip it to garbage
-                raise DataError(f"{path}: a {im.mode} image (16-bit or floating point); the camera frames are 8-bit "
-                                "RGB, as KITTI's image_2 PNGs")
-            return np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise DataError(f"{path}: cannot decode image ({e})") from None
-
-
-def list_scans(root, sequences) -> list[Path]:
-    """All velodyne/NNNNNN.bin of the given sequences under ROOT/sequences, sorted. Other files
-    there (macOS's ._000000.bin metadata twins, editor backups) are not scans and are left out."""
-    check_root(root)
-    root = Path(root)
-    scans = []
-    for seq in sequences:
-        scans += sorted(p for p in (root / "sequences" / seq / "velodyne").glob("*.bin") if p.stem.isdigit())
-    if not scans:
-        raise DataError(f"{root}/sequences: no scans in sequences {list(sequences)}")
-    return scans
-
-
-def check_root(root) -> None:
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset folder not found")
-    if not (root / "sequences").is_dir():
-        raise DataError(f"{root}: no 'sequences' folder (expected ROOT/sequences/XX/velodyne/*.bin)")
-
-
-def label_path(scan_path: Path) -> Path:
-    return scan_path.parent.parent / "labels" / (scan_path.stem + ".label")
-
-
-def image_path(scan_path: Path) -> Path:
-    return scan_path.parent.parent / "image_2" / (scan_path.stem + ".png")
-
-
-def plg_path(scan_path: Path, derived: Path | None = None) -> Path:
-    """Where SAM-PLG writes the pseudo-labels of a scan: sequences/XX/image_2_plg/NNNNNN.npy
-    inside the dataset, or under `derived` (--derived-dir) when the dataset is read-only."""
-    sequence = scan_path.parent.parent
-    folder = sequence if derived is None else Path(derived) / "sequences" / sequence.name
-    return folder / "image_2_plg" / (scan_path.stem + ".npy")
-
-
-def calib_path(scan_path: Path) -> Path:
-    return scan_path.parent.parent / "calib.txt"
-
-
-def sequence_frame(sequence: Path) -> tuple[Path, int, int] | None:
-    """The first image of a sequence's image_2/ and its (height, width), read from the file's
-    header once while the folder stays as it is: every frame of a KITTI sequence has this size
-    (None: the sequence has no image)."""
-    return _first_frame(sequence / "image_2", file_version(sequence / "image_2"))
-
-
-@functools.lru_cache(maxsize=64)
-def _first_frame(folder: Path, version) -> tuple[Path, int, int] | None:
-    from PIL import Image
-    first = min((p for p in folder.glob("*.png") if p.stem.isdigit()), default=None)  # not macOS's ._000000.png
-    if first is None:
-        return None
-    try:
-        with Image.open(first) as im:
-            return first, im.height, im.width
-    except OSError as e:
-        raise DataError(f"{first}: cannot decode image ({e})") from None
-
-
-def read_frame(scan_path: Path, calib: dict[str, np.ndarray]) -> np.ndarray:
-    """The scan's camera frame (H, W, 3), checked against its sequence's calibration. In every
-    KITTI sequence P2 puts the principal point within 2% of the image centre (checked at 10%), and all frames
-    of a sequence have one size; an image of another size (resized, cropped, from another
-    camera) would put every projected point on a wrong pixel."""
-    path = image_path(scan_path)
-    image = read_image(path)
-    h, w = image.shape[:2]
-    first, fh, fw = sequence_frame(scan_path.parent.parent)
-    if (h, w) != (fh, fw):
-        raise DataError(f"{path}: a {w}x{h} image, but the frames of this sequence are {fw}x{fh} ({first.name}); "
-                        f"{calib_path(scan_path)} holds one camera for all of them: image_2 must hold the frames "
-                        "as recorded, not resized or cropped")
-    cx, cy = calib["P2"][0, 2], calib["P2"][1, 2]
-    if not (abs(cx - w / 2) < 0.1 * w and abs(cy - h / 2) < 0.1 * h):
-        raise DataError(f"{path}: a {w}x{h} image does not match {calib_path(scan_path)}, whose P2 puts the "
-                        f"principal point at ({cx:.0f}, {cy:.0f}), not near the image centre ({w / 2:.0f}, "
-                        f"{h / 2:.0f}); image_2 must hold the camera frames as recorded")
-    return image
-
-
-def read_pixel_labels(path, height: int, width: int) -> np.ndarray:
-    """A (2, H, W) uint16 [training id, instance] file: SAM-PLG output or SynthKITTI's image_2_gt."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: pixel-label file not found")
-    try:
-        labels = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise DataError(f"{path}: cannot read pixel labels ({type(e).__name__}: {e}); "
-                        "the file is truncated or not a .npy array") from None
-    if labels.dtype != np.uint16 or labels.shape != (2, height, width):
-        raise DataError(f"{path}: holds {labels.dtype} {labels.shape}, expected uint16 (2, {height}, {width}) "
-                        "([training id, instance] at the image's size)")
-    if labels[0].max(initial=0) >= NUM_CLASSES:
-        raise DataError(f"{path}: class id {int(labels[0].max())} in channel 0, expected training ids 0..19")
-    return labels
-
+import kernels
+import nusc
+from scandata import Batch, CameraCrops
+from semantickitti import CLASS_COUNTS, CROP_HW, GRID_SHAPE, IGNORE, NUM_CLASSES, RANGE_MAX, RANGE_MIN, PlgFrame
 
 # =====================================================================================
-# 2. Geometry: LiDAR points onto the camera image
-# =====================================================================================
-
-def project_points(xyz: np.ndarray, proj: np.ndarray, height: int, width: int):
-    """Pixels of LiDAR points as the official code finds them.
-
-    xyz (N, 3) un-augmented velodyne coordinates, proj (3, 4) = P2 @ Tr.
-    Returns keep (N,) bool (x > 0 and strictly inside the image) and
-    rows_cols (K, 2) float (row, col) of the kept points."""
-    keep = xyz[:, 0] > 0  # in front of the car (the camera looks along +x)
-    hom = np.concatenate([xyz[keep], np.ones((int(keep.sum()), 1))], axis=1)  # (K, 4)
-    uvw = hom @ proj.T  # (K, 3)
-    u, v = uvw[:, 0] / uvw[:, 2], uvw[:, 1] / uvw[:, 2]
-    inside = (u > 0) & (u < width) & (v > 0) & (v < height)
-    keep[keep] = inside
-    return keep, np.stack([v[inside], u[inside]], axis=1)
-
-
-# =====================================================================================
-# 3. Training augmentation (applied after projection, so pixel indices stay valid)
-# =====================================================================================
-RANGE_MIN = (-50.0, -50.0, -4.0)
-RANGE_MAX = (50.0, 50.0, 2.0)
-
-
-def in_range(xyz: np.ndarray, lo=RANGE_MIN, hi=RANGE_MAX) -> np.ndarray:
-    """Strict range test of the official dataset: -50<x<50, -50<y<50, -4<z<2 (nuScenes: z<3)."""
-    return ((xyz > np.array(lo)) & (xyz < np.array(hi))).all(axis=1)
-
-
-def usable_rows(points: np.ndarray, path, lo=RANGE_MIN, hi=RANGE_MAX) -> np.ndarray:
-    """Rows of a scan (N, 4) that are finite and inside the voxel range, ascending. Dropped
-    non-finite points, and a scan with nothing in range, are reported in a warning naming
-    the file (the model then sees no point of it; prediction gives such points 0)."""
-    finite = np.isfinite(points).all(axis=1)
-    if not finite.all():
-        warnings.warn(f"{path}: dropped {int((~finite).sum())} points with NaN or Inf values")
-    rows = np.flatnonzero(finite & in_range(np.nan_to_num(points[:, :3]), lo, hi))
-    if len(rows) == 0:
-        what = ("empty scan" if len(points) == 0 else f"none of its {len(points)} points lies inside the voxel "
-                f"range (x, y in ({lo[0]:g}, {hi[0]:g}) m, z in ({lo[2]:g}, {hi[2]:g}) m)")
-        warnings.warn(f"{path}: {what}: nothing of it reaches the model")
-    return rows
-
-
-def dropout_points(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices after point dropout: each point is replaced by point 0 with probability
-    U(0, 0.2), as the official code does (the point count does not change)."""
-    ratio = rng.uniform(0, 0.2)
-    idx = np.arange(n)
-    idx[rng.random(n) <= ratio] = 0
-    return idx
-
-
-def augment_xyz(xyz: np.ndarray, rng: np.random.Generator, flip_scale=True) -> np.ndarray:
-    """Rotation (360 degrees), 4-way flip, x/y scale 0.95-1.05, translation N(0, 0.1).
-
-    Test-time votes use rotation and translation only (flip_scale=False)."""
-    xyz = xyz.copy()
-    theta = rng.uniform(0, 2 * np.pi)
-    c, s = np.cos(theta), np.sin(theta)
-    xyz[:, :2] = xyz[:, :2] @ np.array([[c, s], [-s, c]])  # x' = cx - sy, y' = sx + cy
-    if flip_scale:
-        flip = rng.integers(4)
-        if flip in (1, 3):
-            xyz[:, 0] = -xyz[:, 0]
-        if flip in (2, 3):
-            xyz[:, 1] = -xyz[:, 1]
-        xyz[:, :2] *= rng.uniform(0.95, 1.05)
-    xyz += rng.normal(0, 0.1, size=(1, 3))
-    return xyz.astype(np.float32)
-
-
-# =====================================================================================
-# 4. The camera view: bottom crop, colour jitter, flip (what the image teacher reads)
-# =====================================================================================
-# The teacher sees the bottom 320 x 1024 crop of the KITTI frame: the rows above hold sky,
-# where no LiDAR point lands. Every change to the image is applied to the points' pixel
-# indices too, so a point keeps reading the pixel it projects onto.
-
-CROP_HW = (320, 1024)  # (height, width): the bottom rows of the KITTI frame, a window of columns
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB on the 0..255 scale (no /255)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
-
-@dataclass
-class ImageCrop:
-    image: torch.Tensor               # (3, ch, cw) float32, normalised with SAM's mean/std
-    pixels: torch.Tensor              # (Ki, 2) int64 (row, col) of the kept points in the crop
-    kept: np.ndarray                  # (Ki,) int64: which input points are in the crop
-    dense_labels: np.ndarray | None   # (..., ch, cw) cropped (and flipped) like the image
-
-
-def color_jitter(image: np.ndarray, rng: np.random.Generator, strength=0.4) -> np.ndarray:
-    """torchvision's ColorJitter(0.4, 0.4, 0.4) on a uint8 (H, W, 3) image: brightness, contrast
-    and saturation factors ~ U(0.6, 1.4), applied in random order. The factors are drawn from
-    rng (not torch's global generator) so a seeded loader is reproducible."""
-    from PIL import Image
-    import torchvision.transforms.functional as TF
-    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-    im = Image.fromarray(image)
-    for i in rng.permutation(3):
-        im = ops[i](im, rng.uniform(1 - strength, 1 + strength))
-    return np.asarray(im)
-
-
-def normalize_image(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) RGB -> float32 (3, H, W) with SAM's pixel mean/std."""
-    x = torch.from_numpy(np.array(image, dtype=np.float32))  # a writable float copy
-    x = (x - torch.tensor(SAM_PIXEL_MEAN)) / torch.tensor(SAM_PIXEL_STD)
-    return x.permute(2, 0, 1).contiguous()
-
-
-def prepare_image(image: np.ndarray, pixel_rc: np.ndarray, crop_hw=CROP_HW,
-                  rng: np.random.Generator | None = None, train=False,
-                  dense_labels: np.ndarray | None = None, jitter=0.4) -> ImageCrop:
-    """The teacher's view of one frame (official steps 7-11, in their order).
-
-    image (H, W, 3) uint8 RGB; pixel_rc (K, 2) float (row, col) of the projected points.
-    Training: a random window of columns at the bottom, colour jitter, a flip with p = 0.5.
-    Evaluation: the centred window at the bottom, nothing random (rng may be None)."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
-    height, width = image.shape[:2]
-    ch, cw = crop_hw
-    if height < ch or width < cw:
-        raise ValueError(f"image {height}x{width} (HxW) is smaller than the crop {ch}x{cw}")
-    if train and rng is None:
-        raise ValueError("training augmentation needs a numpy Generator (rng)")
-    top = height - ch  # the bottom rows: the sky above them holds no LiDAR points
-    left = int(rng.random() * (width + 1 - cw)) if train else (width - cw) // 2
-    rows, cols = pixel_rc[:, 0], pixel_rc[:, 1]
-    kept = np.flatnonzero((rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw))
-    pixels = (pixel_rc[kept] - np.array([top, left])).astype(np.int64)  # shift, then truncate
-    crop = image[top:, left:left + cw]
-    dense = None if dense_labels is None else dense_labels[..., top:, left:left + cw]
-    if train:
-        if jitter:
-            crop = color_jitter(np.ascontiguousarray(crop), rng, jitter)
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-            pixels[:, 1] = cw - 1 - pixels[:, 1]
-            dense = None if dense is None else dense[..., ::-1]
-    dense = None if dense is None else np.ascontiguousarray(dense)
-    return ImageCrop(normalize_image(crop), torch.from_numpy(pixels), kept, dense)
-
-
-def camera_view(image: np.ndarray, xyz: np.ndarray, proj: np.ndarray, crop_hw, rng, train: bool,
-                dense: np.ndarray | None) -> tuple[ImageCrop, np.ndarray]:
-    """Project points (n, 3) with their raw (un-augmented) coordinates, then crop, jitter and
-    flip the image. Returns the crop and the point behind each row of crop.pixels: indices
-    (K,) into xyz."""
-    visible, pixel_rc = project_points(xyz.astype(np.float64), proj, *image.shape[:2])
-    crop = prepare_image(image, pixel_rc, crop_hw, rng, train, dense)
-    return crop, np.flatnonzero(visible)[crop.kept]
-
-
-# =====================================================================================
-# 5. The dataset and its batches
-# =====================================================================================
-# A scan is read, cropped to the voxel range, thinned by dropout (training), projected into
-# the camera with its raw coordinates when the image branch needs it, and only then augmented
-# in 3D: the pixel indices stay valid because projection comes first (official order).
-
-@dataclass
-class Scan:
-    """One scan, cropped to the voxel range. n = points kept, num_raw = points in the file.
-    With instance CutMix the pasted points follow the scan's own: their rows count on from
-    num_raw (upstream's ref_index + origin_len) and num_raw includes their file's points."""
-    points: np.ndarray      # (n, 4) float32: x, y, z (augmented in training), remission
-    labels: np.ndarray      # (n,) int64 training ids (zeros when the scan has no labels)
-    index: np.ndarray       # (n,) int64 row of each point in the raw .bin
-    num_raw: int
-    path: Path
-    view: ImageCrop | None = None          # the camera crop, when the dataset has camera=True
-    view_points: np.ndarray | None = None  # (K,) rows of points seen at view.pixels
-
-
-@dataclass
-class Views:
-    """The camera side of a batch: crops and the labelled points inside them."""
-    images: torch.Tensor              # (B, 3, ch, cw) normalised with SAM's mean/std
-    pixels: list[torch.Tensor]        # B x (K_b, 2) int64 (row, col) in the crop
-    labels: torch.Tensor              # (sum K_b,) training ids of those points, samples in order
-    dense: torch.Tensor | None        # (B, ch, cw) int64 pseudo-labels, or None
-
-    def to(self, device) -> "Views":
-        return Views(self.images.to(device), [p.to(device) for p in self.pixels], self.labels.to(device),
-                     None if self.dense is None else self.dense.to(device))
-
-
-@dataclass
-class Batch:
-    points: torch.Tensor     # (N, 4) float
-    batch_idx: torch.Tensor  # (N,) int64: which scan each point belongs to
-    labels: torch.Tensor     # (N,) int64
-    index: torch.Tensor      # (N,) int64 row in its raw scan
-    num_raw: list[int]
-    paths: list[Path]
-    views: Views | None = None               # the camera crops (camera=True)
-    view_points: torch.Tensor | None = None  # (sum K_b,) rows of `points` behind views.pixels, in order
-
-    def to(self, device) -> "Batch":
-        return Batch(self.points.to(device), self.batch_idx.to(device), self.labels.to(device),
-                     self.index.to(device), self.num_raw, self.paths,
-                     None if self.views is None else self.views.to(device),
-                     None if self.view_points is None else self.view_points.to(device))
-
-
-def load_scan(path: Path, with_labels=True) -> tuple[np.ndarray, np.ndarray]:
-    """Raw points (N, 4) and training labels (N,) of one scan; non-finite points are
-    kept in the arrays (so indices match the file) but flagged by in_range()."""
-    points = read_scan(path)
-    if with_labels:
-        raw, _ = read_labels(label_path(path), len(points))
-        labels = to_train_ids(raw, label_path(path))
-    else:
-        labels = np.zeros(len(points), dtype=np.int64)
-    return points, labels
-
-
-class SemanticKITTI(torch.utils.data.Dataset):
-    """Scans of some sequences; `train` turns on dropout and augmentation (3D, and 2D on the
-    crop). camera=True adds each scan's crop of image_2 and the points inside it; dense=True
-    also the crop of its SAM-PLG pseudo-labels (image_2_plg/); cutmix=True (training) stacks
-    the instance points of another scan after each scan's (ELiTe's benchmark config)."""
-
-    def __init__(self, root, sequences, train=False, seed=0, camera=False, crop_hw=CROP_HW, dense=False,
-                 derived: Path | None = None, cutmix=False):
-        self.scans = list_scans(root, sequences)  # their files are checked up front by runs.check_datasets
-        self.train = train
-        self.seed = seed
-        self.epoch = 0  # set_epoch(): augmentation differs per epoch yet is reproducible
-        self.has_labels = [label_path(p).is_file() for p in self.scans]
-        unlabelled = [s for s, has in zip(self.scans, self.has_labels) if not has]
-        if train and unlabelled:
-            raise DataError(f"{label_path(unlabelled[0])}: label file not found ({len(unlabelled)} training scans "
-                            "have none)")
-        self.camera, self.crop_hw, self.dense, self.derived = camera, tuple(crop_hw), dense, derived
-        self.cutmix = cutmix and train
-
-    def __len__(self):
-        return len(self.scans)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def raw(self, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Scan i as in the file: points (N, 4), training labels (N,), and the rows that are
-        finite and inside the voxel range (ascending)."""
-        path = self.scans[i]
-        points, labels = load_scan(path, with_labels=self.has_labels[i])
-        return points, labels, usable_rows(points, path)
-
-    def rng(self, i, stream: int) -> np.random.Generator | None:
-        """Scan i's random stream for this epoch (None in evaluation). Separate streams keep
-        the 3D points the same whatever else (camera crop, a teacher's view) draws numbers."""
-        return np.random.default_rng([self.seed, self.epoch, i, stream]) if self.train else None
-
-    def __getitem__(self, i) -> Scan:
-        path = self.scans[i]
-        points, labels, keep = self.raw(i)
-        rng, rng_2d = self.rng(i, 0), self.rng(i, 1)
-        if self.train and len(keep):
-            keep = keep[dropout_points(len(keep), rng)]
-        pts = points[keep].copy()
-        view = view_points = None
-        if self.camera:
-            image = read_frame(path, sequence_calib(path.parent.parent))
-            dense = read_pixel_labels(plg_path(path, self.derived), *image.shape[:2])[0] if self.dense else None
-            view, view_points = camera_view(image, pts[:, :3], sequence_calib(path.parent.parent)["proj"], self.crop_hw, rng_2d,
-                                            self.train, dense)
-        if self.train:
-            pts[:, :3] = augment_xyz(pts[:, :3], rng)  # after projection: pixels stay valid
-        scan = Scan(pts, labels[keep], keep, len(points), path, view, view_points)
-        return self.paste_instances(scan, i, self.rng(i, 2)) if self.cutmix else scan
-
-    def paste_instances(self, scan: Scan, i: int, rng: np.random.Generator) -> Scan:
-        """Instance CutMix (official dataset.py, cutmix: True): the points of another random
-        training scan (drawn again while it is scan i itself, as upstream) that carry an instance
-        id, in range, thinned and augmented on their own, stacked after the scan's points. They
-        get no pixel: the camera view stays the scan's own."""
-        j = int(rng.integers(len(self)))
-        while j == i and len(self) > 1:
-            j = int(rng.integers(len(self)))
-        path = self.scans[j]
-        points = read_scan(path)
-        raw, instance = read_labels(label_path(path), len(points))
-        rows = usable_rows(points, path)
-        rows = rows[instance[rows] != 0]
-        rows = rows[dropout_points(len(rows), rng)] if len(rows) else rows
-        pasted = points[rows].copy()
-        pasted[:, :3] = augment_xyz(pasted[:, :3], rng)
-        return Scan(np.concatenate([scan.points, pasted]),
-                    np.concatenate([scan.labels, to_train_ids(raw[rows], label_path(path))]),
-                    np.concatenate([scan.index, scan.num_raw + rows]), scan.num_raw + len(points), scan.path,
-                    scan.view, scan.view_points)
-
-
-def collate(scans: list[Scan]) -> Batch:
-    offsets = np.cumsum([0] + [len(s.points) for s in scans[:-1]])
-    views = view_points = None
-    if scans[0].view is not None:
-        dense = None
-        if scans[0].view.dense_labels is not None:
-            dense = torch.from_numpy(np.stack([s.view.dense_labels for s in scans]).astype(np.int64))
-        view_points = torch.from_numpy(np.concatenate([s.view_points + o for s, o in zip(scans, offsets)]))
-        views = Views(torch.stack([s.view.image for s in scans]), [s.view.pixels for s in scans],
-                      torch.from_numpy(np.concatenate([s.labels[s.view_points] for s in scans])), dense)
-    return Batch(
-        points=torch.from_numpy(np.concatenate([s.points for s in scans])).float(),
-        batch_idx=torch.cat([torch.full((len(s.points),), b, dtype=torch.long) for b, s in enumerate(scans)]),
-        labels=torch.from_numpy(np.concatenate([s.labels for s in scans])),
-        index=torch.from_numpy(np.concatenate([s.index for s in scans])),
-        num_raw=[s.num_raw for s in scans],
-        paths=[s.path for s in scans],
-        views=views,
-        view_points=view_points,
-    )
-
-
-# =====================================================================================
-# 6. Voxelisation and scatter reductions
+# 1. Voxelisation and scatter reductions
 # =====================================================================================
 # Every scale s re-quantises the raw points into ceil(shape / s) cells per axis, so the
 # scale-8 z axis has 8 cells (0.75 m) and the scale-16 x/y axes have 63 cells (1.587 m).
@@ -662,9 +44,8 @@ def collate(scans: list[Scan]) -> Batch:
 # A voxel is one int64 key, [set | batch | x | y | z] in bit fields, which sorts as its row
 # [batch, x, y, z] sorts (lexicographically) within a set. The five scales are five sets of
 # one key array, so one torch.unique voxelises them all: on a GPU the host waits for the data
-# once, not once per scale. The same keys find every voxel's neighbours (section 7).
+# once, not once per scale. The same keys find every voxel's neighbours (section 2).
 
-GRID_SHAPE = (1000, 1000, 60)  # 0.1 m voxels over the range (nuScenes: 70 over its -4..3 m)
 SCALES = (2, 4, 8, 16)
 COORD_BITS = 15  # a coordinate field: +-16k cells around 0 (a grid is 1,000 cells across)
 BATCH_BITS = 12  # up to 4,096 scans in a batch
@@ -751,7 +132,7 @@ def grid_constants(scales: tuple, lo: tuple, hi: tuple, shape: tuple, device: to
 class VoxelSets:
     """The voxels of several scales as one array, scale after scale: keys (V,) sorted, their
     rows coords (V, 4), inv (S, N) each point's voxel within its scale, and per_scale the
-    Voxels of each scale (views into these)."""
+    Voxels of each scale (crops into these)."""
     keys: torch.Tensor
     coords: torch.Tensor
     inv: torch.Tensor
@@ -781,7 +162,7 @@ def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int, lo=RANGE_MI
 
 
 # =====================================================================================
-# 7. Submanifold sparse convolution
+# 2. Submanifold sparse convolution
 # =====================================================================================
 # out_i = sum over the 27 offsets o of W[o]^T x_j, where voxel j = voxel i + o is active in
 # the same scan. Output voxels are the input voxels. The work is a neighbour table (which
@@ -794,8 +175,8 @@ def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int, lo=RANGE_MI
 # in it waits on the data. Pairs come in mirrored couples (j is i's neighbour at +o exactly
 # when i is j's at -o), so the plain form reads the 13 offsets after the centre and mirrors.
 
-COLUMNS = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
-OFFSETS = [(dx, dy, dz) for dx, dy in COLUMNS for dz in (-1, 0, 1)]  # k = 9(dx+1) + 3(dy+1) + dz+1: weight.view(27, ...)[k]; -o is 26 - k
+XY_OFFSETS = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+OFFSETS = [(dx, dy, dz) for dx, dy in XY_OFFSETS for dz in (-1, 0, 1)]  # k = 9(dx+1) + 3(dy+1) + dz+1: weight.view(27, ...)[k]; -o is 26 - k
 
 
 def neighbour_table(keys: torch.Tensor) -> torch.Tensor:
@@ -812,7 +193,7 @@ def neighbour_table(keys: torch.Tensor) -> torch.Tensor:
     # the 4 (dx, dy) columns ahead, searched once each for z - 1 (then z and z + 1 follow it).
     none = constant(-1, device, torch.int32)
     torch.where(keys[1:] == keys[:-1] + 1, index[1:], none, out=table[14, :-1])
-    steps = constant(tuple((dx << 2 * COORD_BITS) + (dy << COORD_BITS) - 1 for dx, dy in COLUMNS[5:]), device)
+    steps = constant(tuple((dx << 2 * COORD_BITS) + (dy << COORD_BITS) - 1 for dx, dy in XY_OFFSETS[5:]), device)
     lowest = keys + steps[:, None]  # (4, N) the key of (x + dx, y + dy, z - 1)
     pos = torch.searchsorted(keys, lowest, out_int32=True)  # (4, N) the first key >= it
     for dz in range(3):  # z - 1, z, z + 1: each found one moves the next candidate one place on
@@ -909,75 +290,6 @@ class _SubMConv3dFunction(torch.autograd.Function):
         return grad_feats, grad_weight if ctx.needs_input_grad[1] else None, None
 
 
-# ---- Which form runs: the plain-torch definition, or the Triton kernels (kernels.py) ----
-# "auto" takes Triton on CUDA tensors when triton imports, plain torch otherwise. The
-# environment variable ELITE_CONV (auto | torch | triton) sets it for a process; the scripts'
-# --conv flag calls set_conv_path. Forcing "triton" on CPU tensors needs TRITON_INTERPRET=1
-# set before start (Triton's interpreter: exact in float32 and slow; it is how the tests run it).
-
-CONV_PATHS = ("auto", "torch", "triton")
-CONV_PATH = os.environ.get("ELITE_CONV", "auto")
-
-
-def set_conv_path(path: str) -> None:
-    global CONV_PATH
-    if path not in CONV_PATHS:
-        raise ValueError(f"convolution path {path!r}: expected one of {', '.join(CONV_PATHS)}")
-    CONV_PATH = path
-
-
-@functools.lru_cache(maxsize=None)
-def triton_kernels():
-    """The kernels module, or None where triton does not import."""
-    try:
-        import kernels
-    except ImportError:
-        return None
-    return kernels
-
-
-def conv_path(device: torch.device, dtype=torch.float32) -> str:
-    """'triton' or 'torch': the form the convolutions on this device and in this precision run."""
-    if CONV_PATH not in CONV_PATHS:
-        raise ValueError(f"ELITE_CONV={CONV_PATH!r}: expected one of {', '.join(CONV_PATHS)}")
-    if CONV_PATH == "torch" or (CONV_PATH == "auto" and (device.type != "cuda" or triton_kernels() is None
-                                                        or torch.cuda.get_device_capability(device) < (8, 0))):
-        return "torch"  # auto: Triton on GPUs from Ampere (sm_80) on, where its bf16 products run
-    if triton_kernels() is None:
-        raise RuntimeError("the Triton convolution was asked for (--conv triton / ELITE_CONV=triton) but triton "
-                           "does not import: install torch's CUDA build (it brings triton), or use --conv torch")
-    if device.type != "cuda" and not triton_kernels().INTERPRET:
-        raise RuntimeError(f"the Triton convolution runs on CUDA tensors; these are on {device}. Use --conv torch "
-                           "(or TRITON_INTERPRET=1, Triton's slow CPU interpreter, for tests)")
-    if CONV_PATH == "auto" and not triton_agrees(device, dtype):
-        return "torch"
-    return "triton"
-
-
-@functools.lru_cache(maxsize=None)
-def triton_agrees(device: torch.device, dtype: torch.dtype) -> bool:
-    """auto's check, once per device and precision: the Triton convolution of a small voxel set
-    runs and gives the plain form's output. If not (a GPU or triton version it does not compile
-    for), auto keeps plain torch and says why; --conv triton would raise instead."""
-    g = torch.Generator().manual_seed(0)
-    coords = torch.nonzero(torch.rand(2, 6, 6, 6, generator=g) < 0.5).to(device)  # (N, 4), two scans
-    feats = torch.randn(len(coords), 64, generator=g).to(device, dtype)
-    weight = (torch.randn(3, 3, 3, 64, 64, generator=g) * 0.05).to(device, dtype)
-    try:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            neighbours = neighbours_of(coords)
-            plain = _SubMConv3dFunction.apply(feats, weight, neighbours).float()
-            error = (triton_kernels().SubMConv3dTriton.apply(feats, weight, neighbours.rows).float() - plain).abs().max()
-        agrees = bool(error <= (1e-2 if dtype != torch.float32 else 1e-4) * plain.abs().max())
-        why = f"its output differs from the plain form's by {float(error):.2g}"
-    except Exception as e:  # noqa: BLE001 - any failure to compile or run means: not here
-        agrees, why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if not agrees:
-        warnings.warn(f"the Triton convolution does not work on {device} in {dtype} ({why}): the plain-torch form "
-                      "runs instead (--conv torch silences this; --conv triton raises)")
-    return agrees
-
-
 def submconv3d(feats: torch.Tensor, neighbours: Neighbours, weight: torch.Tensor) -> torch.Tensor:
     """Submanifold 3x3x3 convolution.
 
@@ -989,8 +301,8 @@ def submconv3d(feats: torch.Tensor, neighbours: Neighbours, weight: torch.Tensor
     if torch.is_autocast_enabled(feats.device.type):  # --amp: a matrix product, so in bf16 like nn.Linear's
         low = torch.get_autocast_dtype(feats.device.type)
         feats, weight = feats.to(low), weight.to(low)
-    if conv_path(feats.device, feats.dtype) == "triton":
-        return triton_kernels().SubMConv3dTriton.apply(feats, weight, neighbours.rows)
+    if kernels.conv_path(feats.device, feats.dtype) == "triton":  # kernels.py: the same sum in Triton
+        return kernels.SubMConv3dTriton.apply(feats, weight, neighbours.rows)
     return _SubMConv3dFunction.apply(feats, weight, neighbours)
 
 
@@ -1008,7 +320,7 @@ class SubMConv3d(nn.Module):
 
 
 # =====================================================================================
-# 8. The student (2DPASS baseline, 4 scales x 64 channels, 1,933,460 parameters)
+# 3. The student (2DPASS baseline, 4 scales x 64 channels, 1,933,460 parameters)
 # =====================================================================================
 
 @dataclass
@@ -1022,7 +334,16 @@ class StudentConfig:
     grid_shape: tuple[int, int, int] = GRID_SHAPE
 
 
-# ---- 8.1 Where the features go: every index the four blocks read, found before any feature ----
+def student_config(dataset="semantickitti", hidden=64) -> StudentConfig:
+    """The student on a dataset: SemanticKITTI's 20 classes, range and grid (the defaults), or
+    nuScenes' 17 classes and its range (z up to 3 m: 70 cells of the 0.1 m grid)."""
+    if dataset == "nuscenes":
+        return StudentConfig(hidden=hidden, num_classes=nusc.NUM_CLASSES, range_min=nusc.RANGE_MIN,
+                             range_max=nusc.RANGE_MAX, grid_shape=nusc.GRID_SHAPE)
+    return StudentConfig(hidden=hidden)
+
+
+# ---- 3.1 Where the features go: every index the four blocks read, found before any feature ----
 
 @dataclass
 class ScaleLink:
@@ -1098,7 +419,7 @@ def move_to_scale(feats: torch.Tensor, link: ScaleLink) -> torch.Tensor:
     return out.index_add_(0, link.dst, feats.index_select(0, link.src) * link.weight[:, None].to(dtype))
 
 
-# ---- 8.2 The network ----
+# ---- 3.2 The network ----
 
 class VoxelInputEncoder(nn.Module):
     """Per-point 10-d input -> mean per 0.1 m voxel (V1, 64)."""
@@ -1266,18 +587,12 @@ def unique_columns(columns: list[torch.Tensor], sizes: list[int]) -> tuple[torch
     return torch.cat([left.index_select(0, pairs[:, 0]), right.index_select(0, pairs[:, 1])], 1), inverse
 
 
-def config_from(cls, values: dict):
-    """A config dataclass rebuilt from the dict a checkpoint stores (its lists back to tuples)."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # =====================================================================================
-# 9. Losses
+# 4. Losses
 # =====================================================================================
+
+LAMBDA_LOVASZ = 0.1  # train_params.get('lambda_lovasz', 0.1): the student's main loss; every other head weighs 1.0
+
 
 def class_weights() -> torch.Tensor:
     """w_c = (max_frac / frac_c)^(1/3) from the training-split counts; w_0 = 0 (ignored)."""
@@ -1326,7 +641,7 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | 
 
 
 # =====================================================================================
-# 10. The image teacher: SAM's ViT encoder, PEFT adapters (LoRA, AdaLoRA), patch decoder
+# 5. The image teacher: SAM's ViT encoder, PEFT adapters (LoRA, AdaLoRA), patch decoder
 # =====================================================================================
 # The teacher is SAM's image encoder, frozen, without its neck. Every linear layer of every
 # block carries a low-rank adapter, and after each global-attention block a small transposed-
@@ -1334,7 +649,7 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | 
 # adapters, the patch decoders and the 2D heads train. The image is the bottom 320 x 1024
 # crop of the camera frame; its 20 x 64 token grid is the top-left of SAM's 64 x 64 grid.
 
-# ---- 10.1 Adapters: LoRA and AdaLoRA's SVD form, every layer's update at once ----
+# ---- 5.1 Adapters: LoRA and AdaLoRA's SVD form, every layer's update at once ----
 # Every linear layer of every block gets a low-rank update: q, k and v (each its own adapter,
 # as upstream, which splits SAM's fused qkv into three projections), proj, lin1 and lin2; 72 in
 # ViT-B. The factors of one kind of layer are stacked over the blocks, so one batched product
@@ -1408,7 +723,7 @@ def orth_regularizer(model: nn.Module, weight=0.1) -> torch.Tensor:
     return weight * torch.linalg.matrix_norm(grams - eye).mean()
 
 
-# ---- 10.2 AdaLoRA's rank budget ----
+# ---- 5.2 AdaLoRA's rank budget ----
 
 class RankAllocator:
     """AdaLoRA's budget schedule over every AdaLoRA adapter of a model.
@@ -1513,7 +828,7 @@ class RankAllocator:
         self.ipt, self.unc = dict(state["ipt"]), dict(state["unc"])
 
 
-# ---- 10.3 SAM's encoder with its attention's relative positions folded into q and k ----
+# ---- 5.3 SAM's encoder with its attention's relative positions folded into q and k ----
 
 @dataclass
 class SamVariant:
@@ -1530,66 +845,6 @@ SAM_VARIANTS = {  # sam_model_registry's settings, plus a small random preset fo
     "vit_tiny": SamVariant(96, 8, 3, (1, 3, 5, 7)),
 }
 SAM_IMG_SIZE, SAM_PATCH, SAM_WINDOW = 1024, 16, 14
-SAM_B_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
-
-
-class FoldedAttention(nn.Module):
-    """SAM's attention, same maths and the same modules (qkv, proj, rel_pos_h, rel_pos_w); a
-    test compares it with SAM's Attention:
-
-        softmax(s q k^T + q R_h[row_q - row_k] + q R_w[col_q - col_k]) v,   s = 1 / sqrt(d)
-
-    SAM adds the decomposed relative-position term to the logits as a mask, which sends torch's
-    attention to its slow unfused form. Here it is folded into the queries and keys instead:
-    q' = [q, q R_h[row_q]^T / s, q R_w[col_q]^T / s] and k' = [k, onehot(row_k), onehot(col_k)]
-    give s q' k'^T = s q k^T + the term, exactly, with no mask: the fused kernels run."""
-
-    def __init__(self, attn: nn.Module):  # segment_anything's Attention
-        super().__init__()
-        self.num_heads = attn.num_heads
-        self.qkv, self.proj = attn.qkv, attn.proj  # (3C, C): q rows 0:C, k C:2C, v 2C:3C
-        self.use_rel_pos = attn.use_rel_pos
-        if self.use_rel_pos:
-            self.rel_pos_h, self.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
-        self._tables = {}  # (h, w, dtype, ...) -> the frozen tables for that grid, made once
-
-    def rel_pos_tables(self, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """For an h x w grid, per position p = (row, col): (R_h[row] and R_w[col] divided by s,
-        (h*w, h + w + pad, d); onehot(row), onehot(col), (h*w, h + w + pad)), zero-padded to a
-        multiple of 8 columns once q and k are extended, as the fused kernels want. SAM's tables
-        are resized to the grid (get_rel_pos); they are frozen, so this is made once per grid."""
-        from segment_anything.modeling.image_encoder import get_rel_pos  # segment-anything: for the teacher only
-        p_h, p_w = self.rel_pos_h, self.rel_pos_w
-        key = (h, w, dtype, p_h.device, p_h._version, p_w._version, p_h.data_ptr(), p_w.data_ptr())
-        if key not in self._tables:
-            with torch.no_grad():
-                d = p_h.shape[1]
-                pad = -(d + h + w) % 8
-                position = torch.arange(h * w, device=p_h.device)
-                row, col = position.div(w, rounding_mode="floor"), position % w
-                table = torch.cat([get_rel_pos(h, h, p_h)[row], get_rel_pos(w, w, p_w)[col]], 1) * d ** 0.5
-                onehot = torch.cat([F.one_hot(row, h), F.one_hot(col, w)], 1)
-                tables = (F.pad(table, (0, 0, 0, pad)).to(dtype), F.pad(onehot, (0, pad)).to(dtype))
-                self._tables = {key: tables}  # the last grid only
-        return self._tables[key]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape  # a window (14 x 14) or the whole grid (global blocks)
-        n, d = b * self.num_heads, c // self.num_heads
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, d).permute(2, 0, 3, 1, 4)  # (3, B, heads, h*w, d)
-        q, k, v = qkv.reshape(3, n, h * w, d).unbind(0)  # (B*heads, h*w, d) each
-        if not self.use_rel_pos:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            table, onehot = self.rel_pos_tables(h, w, q.dtype)
-            # Each query times its own position's rows of R_h and R_w: one product per position,
-            # all positions at once (the batch is the position, the rows the heads).
-            rel = torch.bmm(q.transpose(0, 1), table.transpose(1, 2)).transpose(0, 1)  # (n, h*w, h + w + pad)
-            q2 = torch.cat([q, rel], -1)  # (n, h*w, d + h + w + pad)
-            k2 = torch.cat([k, onehot.expand(n, -1, -1)], -1)
-            out = F.scaled_dot_product_attention(q2, k2, v, scale=d ** -0.5)  # softmax(s q2 k2^T) v
-        out = out.reshape(b, self.num_heads, h, w, d).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
-        return self.proj(out)
 
 
 def build_sam_encoder(variant="vit_b") -> nn.Module:
@@ -1606,11 +861,11 @@ def build_sam_encoder(variant="vit_b") -> nn.Module:
         use_rel_pos=True, window_size=SAM_WINDOW, global_attn_indexes=v.global_attn_indexes)
     del encoder.neck  # ELiTe reads the blocks themselves; SAM's 256-channel neck is never used
     for block in encoder.blocks:
-        block.attn = FoldedAttention(block.attn)
+        block.attn = kernels.FoldedAttention(block.attn)  # SAM's maths, in the form torch's fused attention runs
     return encoder
 
 
-# ---- 10.4 The teacher: encoder, patch decoders, 2D heads ----
+# ---- 5.4 The teacher: encoder, patch decoders, 2D heads ----
 
 class LayerNorm2d(nn.LayerNorm):
     """segment-anything's LayerNorm2d (normalise each pixel over the channels of (B, C, H, W)),
@@ -1656,7 +911,7 @@ class Teacher(nn.Module):
         self.stage_blocks = SAM_VARIANTS[cfg.variant].global_attn_indexes
         c = SAM_VARIANTS[cfg.variant].embed_dim
         self.feat_dim = c // 8  # 96 for ViT-B
-        self.output_upscaling = nn.ModuleList([patch_decoder(c) for _ in self.stage_blocks])
+        self.patch_decoders = nn.ModuleList([patch_decoder(c) for _ in self.stage_blocks])
         self.heads_2d = nn.ModuleList([head_2d(c // 8, c // 4, cfg.num_classes) for _ in self.stage_blocks])
         self.fused_head = head_2d(len(self.stage_blocks) * c // 8, c // 4, cfg.num_classes)
         self.sam_checkpoint: str | None = None  # the SAM file the frozen encoder was loaded from, if any
@@ -1716,7 +971,7 @@ class Teacher(nn.Module):
         """images (B, 3, H, W) normalised -> 4 patch-decoder maps (B, C/8, 4h, 4w), a quarter of
         the padded crop's resolution. A pixel's feature is the map upsampled 4x bilinearly
         (upsample_maps); sample_pixels computes it at the pixels that are read, and only there."""
-        return [decoder(x.permute(0, 3, 1, 2)) for x, decoder in zip(self.encode(images), self.output_upscaling)]
+        return [decoder(x.permute(0, 3, 1, 2)) for x, decoder in zip(self.encode(images), self.patch_decoders)]
 
     def classify(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per-stage features (N, C/8) each -> (4 stage logits (N, 20), fused logits (N, 20))."""
@@ -1758,32 +1013,32 @@ def sample_pixels(maps: list[torch.Tensor], pixel_indices: list[torch.Tensor]) -
     return list((top * (1 - fr) + bottom * fr).split([x.shape[1] for x in maps], 1))
 
 
-def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], views: Views, weight: torch.Tensor,
+def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], crops: CameraCrops, weight: torch.Tensor,
                    lambda_seg2d=1.0) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """The teacher's 2D terms by name: each stage head (lambda_seg2d / 4)(CE_w + Lovasz) and the
     fused head (CE_w + Lovasz). With pseudo-labels every crop pixel counts (dense mode); without,
     the projected points and their labels (sparse mode, the official default config).
     Also returns each stage head's logits at the points' pixels, 4 x (K, 20), for PPMSKD."""
-    if views.dense is not None:
-        height, width = views.dense.shape[-2:]
+    if crops.dense is not None:
+        height, width = crops.dense.shape[-2:]
         inputs = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in upsample_maps(feats, height, width)]  # 4 x (B*H*W, C/8)
-        labels = views.dense.reshape(-1)
+        labels = crops.dense.reshape(-1)
     else:
-        inputs = sample_pixels(feats, views.pixels)  # 4 x (K, C/8)
-        labels = views.labels
+        inputs = sample_pixels(feats, crops.pixels)  # 4 x (K, C/8)
+        labels = crops.labels
     stage_logits, fused = teacher.classify(inputs)
     losses = seg_loss(torch.stack(stage_logits + [fused]), labels, weight, lovasz_weight=1.0)  # (5,) all heads at once
     *stage_losses, fused_loss = losses.unbind()
     terms = {f"seg2d_scale{2 ** (k + 1)}": lambda_seg2d / 4 * loss for k, loss in enumerate(stage_losses)}
     terms["seg2d_fused"] = fused_loss
-    if views.dense is not None:  # the pixel rows of the points, in the flattened (B, H, W) order
-        rows = torch.cat([b * height * width + p[:, 0] * width + p[:, 1] for b, p in enumerate(views.pixels)])
+    if crops.dense is not None:  # the pixel rows of the points, in the flattened (B, H, W) order
+        rows = torch.cat([b * height * width + p[:, 0] * width + p[:, 1] for b, p in enumerate(crops.pixels)])
         stage_logits = [logits.index_select(0, rows) for logits in stage_logits]
     return terms, stage_logits
 
 
 # =====================================================================================
-# 11. SAM-PLG: dense image pseudo-labels from sparse LiDAR labels
+# 6. SAM-PLG: dense image pseudo-labels from sparse LiDAR labels
 # =====================================================================================
 # Offline, once per scan (upstream: amg.py and plg/segment_anything/pseudo_label_generator.py):
 #
@@ -1799,31 +1054,12 @@ def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], views: Views, we
 #                                                 (0 = ignore), [1] instance id
 #
 # Upstream writes the same array to ROOT/processed_sk/XX/image_2_labels/NNNNNN.npy.
-# The mask source is pluggable: SamMaskSource runs SAM (a GPU job: ViT-H per image plus
-# the mask decoder per prompt), synthkitti.IdealMaskSource reads SynthKITTI's rendered regions.
+# The mask source is pluggable: runs.SamMaskSource pushes a frame's prompts through SAM in
+# batches with the rules below (a GPU job: ViT-H per image plus the mask decoder per prompt);
+# synthkitti.IdealMaskSource reads SynthKITTI's rendered regions.
 
 NO_POINT = 65535  # stage 2's "no point projects onto this pixel"
 LOW_RES = 256     # SAM's mask frame; its input frame is 4x that (1024)
-
-
-@dataclass
-class PlgFrame:
-    """What pseudo-labelling needs of one scan: its image and the labels of the points
-    that project into it (all points of the file: PLG crops no range)."""
-    image: np.ndarray     # (H, W, 3) uint8 RGB
-    semantic: np.ndarray  # (K,) int64 training ids
-    instance: np.ndarray  # (K,) int64
-    pixel_rc: np.ndarray  # (K, 2) int64 (row, col), truncated as upstream's img_indices
-    scan_path: Path
-
-
-def load_plg_frame(scan_path: Path, calib: dict[str, np.ndarray]) -> PlgFrame:
-    points = read_scan(scan_path)
-    raw, instance = read_labels(label_path(scan_path), len(points))
-    semantic = to_train_ids(raw, label_path(scan_path))
-    image = read_frame(scan_path, calib)
-    keep, rows_cols = project_points(points[:, :3].astype(np.float64), calib["proj"], *image.shape[:2])
-    return PlgFrame(image, semantic[keep], instance[keep], rows_cols.astype(np.int64), scan_path)
 
 
 def last_point_per_pixel(pixel_rc: np.ndarray, width: int) -> np.ndarray:
@@ -1922,50 +1158,6 @@ def nms_masks(boxes: torch.Tensor, iou: torch.Tensor, thresh=0.7) -> torch.Tenso
     return batched_nms(boxes.float(), iou.float(), one_category, thresh)
 
 
-class SamMaskSource:
-    """Stage 1 with SAM. masks(frame) -> masks (M, H, W) bool, predicted IoU (M,), in
-    descending predicted IoU (the NMS order upstream's voting reads backwards)."""
-
-    def __init__(self, sam, points_per_batch=128, stability_thresh=0.9, stability_offset=1.0, nms_thresh=0.7,
-                 name="sam"):
-        from segment_anything import SamPredictor
-        self.name = name  # what the pseudo-labels' record keeps (PLG_RECORD): the variant and its file
-        self.predictor = SamPredictor(sam)
-        self.points_per_batch = points_per_batch
-        self.stability_thresh = stability_thresh
-        self.stability_offset = stability_offset
-        self.nms_thresh = nms_thresh
-
-    @torch.no_grad()
-    def masks(self, frame: PlgFrame) -> tuple[np.ndarray, np.ndarray]:
-        height, width = frame.image.shape[:2]
-        prompts = sam_prompts(frame.semantic, frame.instance, frame.pixel_rc, width)
-        if len(prompts.points) == 0:
-            return np.zeros((0, height, width), dtype=bool), np.zeros(0, dtype=np.float32)
-        self.predictor.set_image(frame.image)  # the image encoder, once per image
-        device = self.predictor.device
-        packed, ious, boxes = [], [], []
-        for start in range(0, len(prompts.points), self.points_per_batch):
-            index = np.arange(start, min(start + self.points_per_batch, len(prompts.points)))
-            logits, iou_preds, _ = self.predictor.predict_torch(
-                point_coords=torch.as_tensor(prompts.points[index], device=device)[:, None],  # (B, 1, 2)
-                point_labels=torch.ones(len(index), 1, dtype=torch.int, device=device),  # positive
-                mask_input=torch.as_tensor(mask_prompts(prompts, index), device=device),  # (B, 1, 256, 256)
-                multimask_output=True, return_logits=True)  # (B, 3, H, W), (B, 3)
-            masks, iou, box = select_masks(logits.flatten(0, 1), iou_preds.flatten(0, 1),
-                                           self.predictor.model.mask_threshold,
-                                           self.stability_thresh, self.stability_offset)
-            # Bit-packed on the CPU: thousands of full-size masks per image would not fit otherwise.
-            packed.append(np.packbits(masks.cpu().numpy(), axis=-1))
-            ious.append(iou)
-            boxes.append(box)
-        self.predictor.reset_image()
-        iou = torch.cat(ious)
-        keep = nms_masks(torch.cat(boxes), iou, self.nms_thresh)  # (M,) highest predicted IoU first
-        masks = np.unpackbits(np.concatenate(packed)[keep.cpu().numpy()], axis=-1, count=width).view(bool)
-        return masks, iou[keep].float().cpu().numpy()
-
-
 # ------------------------------------------------------------------------------------
 # Stage 2: voting
 # ------------------------------------------------------------------------------------
@@ -2014,72 +1206,8 @@ def pseudo_labels(frame: PlgFrame, source) -> np.ndarray:
     return vote_masks(masks, iou, sparse)
 
 
-def missing_pseudo_labels(root, sequences, derived: Path | None = None, masks: str | None = None) -> int:
-    """Labelled scans without a pseudo-label file (scans without labels get none), after
-    check_pseudo_labels: the files there were made from these labels (and with these masks)."""
-    check_pseudo_labels(root, sequences, derived, masks)
-    return sum(label_path(s).is_file() and not plg_path(s, derived).is_file() for s in list_scans(root, sequences))
-
-
-# The pseudo-labels are a cache of hours of SAM: each sequence's image_2_plg/ records what made it
-# (PLG_RECORD), so that files made from other labels or with other masks are never read as these.
-PLG_RECORD = "made_with.json"
-
-
-def label_files(sequence: Path) -> list[Path]:
-    return sorted(p for p in (sequence / "labels").glob("*.label") if p.stem.isdigit())
-
-
-def file_crc(path: Path) -> int:
-    """CRC-32 of a file's bytes, read in 1 MiB pieces."""
-    import zlib
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def plg_record(sequence: Path, masks: str) -> dict:
-    """What a sequence's pseudo-labels are made from: the masks, and each .label file's size,
-    modification time and CRC-32 (the content, for a dataset copied with new times)."""
-    return {"masks": masks, "labels": {p.stem: [p.stat().st_size, p.stat().st_mtime_ns, file_crc(p)]
-                                       for p in label_files(sequence)}}
-
-
-def check_pseudo_labels(root, sequences, derived: Path | None = None, masks: str | None = None) -> None:
-    """Refuse pseudo-labels made from other labels, or (masks given) with other masks, naming the
-    folder. A label file whose size and time are as recorded is taken as it was; one whose time
-    changed (a copied dataset) is compared by its content."""
-    import json
-    for seq in sequences:
-        sequence = Path(root) / "sequences" / seq
-        folder = plg_path(sequence / "velodyne" / "0.bin", derived).parent
-        if not (folder / PLG_RECORD).is_file():
-            continue  # none made yet (or made before records were kept)
-        try:
-            made = json.loads((folder / PLG_RECORD).read_text())
-            recorded = {name: tuple(v) for name, v in made["labels"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            raise DataError(f"{folder / PLG_RECORD}: unreadable ({type(e).__name__}); delete {folder} to make the "
-                            "pseudo-labels again") from None
-        why = f"masks {made.get('masks')} then, {masks} now" if masks and made.get("masks") != masks else None
-        labels = {p.stem: p for p in label_files(sequence)}
-        if why is None and set(labels) != set(recorded):
-            why = f"{len(recorded)} label files then, {len(labels)} now"
-        for name, path in labels.items() if why is None else ():
-            size, mtime, crc = recorded[name]
-            st = path.stat()
-            if st.st_size != size or (st.st_mtime_ns != mtime and file_crc(path) != crc):
-                why = f"{path.name} changed since"
-                break
-        if why:
-            raise DataError(f"{folder}: pseudo-labels made from other inputs ({why}): they do not belong to this "
-                            f"data; delete {folder} to make them again, or give another --derived-dir")
-
-
 # =====================================================================================
-# 12. PPMSKD: Patch-to-Point Multi-Stage Knowledge Distillation
+# 7. PPMSKD: Patch-to-Point Multi-Stage Knowledge Distillation
 # =====================================================================================
 # At each of the student's four stages, a 3D head classifies the stage's voxel features
 # (trained against majority-vote voxel labels), the teacher's matching 2D head classifies its
@@ -2105,20 +1233,20 @@ def ppmskd_losses(out: StudentOutput, heads: nn.ModuleList, point_logits_2d: lis
                   batch: Batch, weight: torch.Tensor, lambda_xm=0.05) -> dict[str, torch.Tensor]:
     """The 3D and KD terms of PPMSKD by name, per stage s = 2, 4, 8, 16:
     seg3d_scale{s}: (CE_w + Lovasz) of the 3D head on the voxels of the previous scale;
-    xm_scale{s}: (lambda_xm / 4) KL(P_2D || P_3D) over the points at the crop's pixels, averaged
+    kd_scale{s}: (lambda_xm / 4) KL(P_2D || P_3D) over the points at the crop's pixels, averaged
     over all K x 20 elements (F.kl_div's 'mean', as upstream), the 2D side detached.
-    point_logits_2d: the teacher's stage logits at batch.view_points (teacher_losses' second output)."""
+    point_logits_2d: the teacher's stage logits at batch.crop_points (teacher_losses' second output)."""
     terms = {}
     for k, (feats, vox, logits_2d) in enumerate(zip(out.stage_feats, out.stage_voxels, point_logits_2d)):
         scale = 2 ** (k + 1)
         logits_3d = heads[k](feats)  # (V_L, 20)
         target = voxel_labels(batch.labels, vox.inv, len(vox))  # (V_L,)
         terms[f"seg3d_scale{scale}"] = seg_loss(logits_3d, target, weight, lovasz_weight=1.0)
-        seen = logits_3d.index_select(0, vox.inv.index_select(0, batch.view_points))  # (K, 20)
+        seen = logits_3d.index_select(0, vox.inv.index_select(0, batch.crop_points))  # (K, 20)
         # Sum over all K x 20 elements divided by K x 20: upstream's reduction='mean', spelled out
         # (torch warns that 'mean' will change meaning); max(., 1) keeps a view without points at 0.
         kl = F.kl_div(F.log_softmax(seen, 1), F.softmax(logits_2d.detach(), 1), reduction="sum")
-        terms[f"xm_scale{scale}"] = lambda_xm / 4 * kl / max(seen.numel(), 1)
+        terms[f"kd_scale{scale}"] = lambda_xm / 4 * kl / max(seen.numel(), 1)
     return terms
 
 
@@ -2127,77 +1255,29 @@ LAMBDA_XM = 0.05    # train_params.lambda_xm: each stage's KL weighs lambda_xm /
 ORTH_WEIGHT = 0.1   # AdaLoRA's orthogonality regulariser
 
 
-def teacher_point_logits(teacher: Teacher, views: Views) -> list[torch.Tensor]:
+def teacher_point_logits(teacher: Teacher, crops: CameraCrops) -> list[torch.Tensor]:
     """A fixed teacher's stage logits at the points' pixels, 4 x (K, 20), without gradients."""
     with torch.no_grad():
-        stage_logits, _ = teacher.classify(sample_pixels(teacher(views.images), views.pixels))
+        stage_logits, _ = teacher.classify(sample_pixels(teacher(crops.images), crops.pixels))
     return stage_logits
 
 
 def elite_losses(out: StudentOutput, heads: nn.ModuleList, teacher: Teacher, batch: Batch,
                  weight: torch.Tensor, joint=True) -> dict[str, torch.Tensor]:
     """ELiTe's whole training loss, term by name (their sum is the loss):
-        seg3d_main                 CE_w + 0.1 Lovasz of the student's point logits
+        seg3d_main                 CE_w + LAMBDA_LOVASZ (0.1) Lovasz of the student's point logits
         seg2d_scale*, seg2d_fused  the teacher's 2D terms               (joint mode)
-        seg3d_scale*, xm_scale*    PPMSKD's 3D heads and KL(P_2D || P_3D)
+        seg3d_scale*, kd_scale*    PPMSKD's 3D heads and KL(P_2D || P_3D)
         orth                       AdaLoRA's orthogonality term         (joint mode, AdaLoRA)
     joint=True is the paper: the teacher's adapters, patch decoders and 2D heads keep learning
     from their 2D losses. joint=False (frozen): the teacher only hands over detached logits."""
-    terms = {"seg3d_main": seg_loss(out.logits, batch.labels, weight, lovasz_weight=0.1)}
+    terms = {"seg3d_main": seg_loss(out.logits, batch.labels, weight, LAMBDA_LOVASZ)}
     if joint:
-        terms_2d, logits_2d = teacher_losses(teacher, teacher(batch.views.images), batch.views, weight, LAMBDA_SEG2D)
+        terms_2d, logits_2d = teacher_losses(teacher, teacher(batch.crops.images), batch.crops, weight, LAMBDA_SEG2D)
         terms |= terms_2d
     else:
-        logits_2d = teacher_point_logits(teacher, batch.views)
+        logits_2d = teacher_point_logits(teacher, batch.crops)
     terms |= ppmskd_losses(out, heads, logits_2d, batch, weight, LAMBDA_XM)
     if joint and teacher.cfg.peft == "adalora":
         terms["orth"] = orth_regularizer(teacher, ORTH_WEIGHT)
     return terms
-
-
-# =====================================================================================
-# 13. Evaluation: the official SemanticKITTI IoU
-# =====================================================================================
-# One confusion matrix over the whole split. A point whose ground truth is 0 never counts;
-# a labelled point predicted 0 (or left unpredicted) counts as a miss for its class. IoU of
-# each class 1..19 = tp / (tp + fp + fn); mIoU averages all 19, absent classes as 0.
-
-class ConfusionMatrix:
-    rules = "official, 19 classes"
-
-    def __init__(self, num_classes=NUM_CLASSES):
-        self.n = num_classes
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # rows: prediction
-
-    def add(self, pred: torch.Tensor, gt: torch.Tensor):
-        idx = pred.flatten().long().cpu() * self.n + gt.flatten().long().cpu()
-        self.matrix += torch.bincount(idx, minlength=self.n * self.n).view(self.n, self.n)
-
-    def iou(self) -> torch.Tensor:
-        """(19,) IoU of classes 1..19 with the official evaluator's rules."""
-        m = self.matrix.clone().double()
-        m[:, IGNORE] = 0  # ground truth 0 is ignored whatever was predicted
-        tp = m.diagonal()
-        fp = m.sum(1) - tp
-        fn = m.sum(0) - tp
-        return (tp / (tp + fp + fn + 1e-15))[1:]
-
-    def miou(self) -> float:
-        return float(self.iou().mean())
-
-    def present(self) -> torch.Tensor:
-        """(19,) bool: classes with ground-truth points."""
-        return self.matrix.sum(0)[1:] > 0
-
-    def table(self) -> str:
-        iou, present = self.iou(), self.present()
-        lines = [f"{'class':<14} {'IoU':>6}"]
-        for c in range(1, self.n):
-            mark = "" if present[c - 1] else "   (no ground-truth points)"
-            lines.append(f"{CLASS_NAMES[c]:<14} {100 * iou[c - 1]:6.1f}{mark}")
-        lines.append(f"{'mIoU':<14} {100 * self.miou():6.1f}   (official: mean over all 19 classes)")
-        if not bool(present.all()):
-            k = int(present.sum())
-            lines.append(f"{'mIoU present':<14} {100 * float(iou[present].mean()):6.1f}   "
-                         f"(mean over the {k} classes with ground truth)")
-        return "\n".join(lines)

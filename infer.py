@@ -35,8 +35,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import elite
+import kernels
 import nusc
 import runs
+import scandata
+import semantickitti
 import u2mkd
 
 REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata" / "semantickitti"
@@ -56,7 +59,7 @@ def parse_args(argv=None):
                         "scenes, data/synthkitti or data/synthnusc)")
     p.add_argument("--version", default="v1.0-trainval",
                    help="nuscenes: the tables (v1.0-trainval for train and val, v1.0-test, v1.0-mini)")
-    p.add_argument("--split", choices=sorted(elite.SPLITS), default="val",
+    p.add_argument("--split", choices=sorted(semantickitti.SPLITS), default="val",
                    help="which official split of --data to predict")
     p.add_argument("--sequence", type=Path, default=None,
                    help="predict one sequence folder (…/sequences/XX) instead of a split (default: the split)")
@@ -121,7 +124,7 @@ def vote_copies(points: np.ndarray, keep: np.ndarray, votes: int, rng: np.random
     for v in range(votes):
         pts = points[keep].copy()
         if v > 0:
-            pts[:, :3] = elite.augment_xyz(pts[:, :3], rng, flip_scale=False)
+            pts[:, :3] = scandata.augment_xyz(pts[:, :3], rng, flip_scale=False)
         copies.append(pts)
     xyzi = torch.from_numpy(np.concatenate(copies)).to(device)  # (votes * n, 4)
     batch_idx = torch.arange(votes, device=device).repeat_interleave(len(keep))
@@ -139,7 +142,7 @@ def summed_votes(out: torch.Tensor, index: torch.Tensor, num_points: int) -> np.
 def predict_scan(model, points: np.ndarray, votes: int, rng: np.random.Generator, device,
                  path="scan") -> np.ndarray:
     """Training ids (N,) for every raw point; out-of-range or non-finite points get 0."""
-    keep = elite.usable_rows(points, path)
+    keep = scandata.usable_rows(points, path, semantickitti.RANGE_MIN, semantickitti.RANGE_MAX)
     if len(keep) == 0:
         return np.zeros(len(points), dtype=np.int64)
     xyzi, batch_idx, index = vote_copies(points, keep, votes, rng, device)
@@ -151,7 +154,7 @@ def predict_fusion_scan(model, points: np.ndarray, frame: np.ndarray | None, pro
                         votes: int, rng: np.random.Generator, device, path="scan") -> np.ndarray:
     """The fusion student's training ids (N,) for every raw point, with the camera frame or
     without (frame None: every point imputed). Each vote is a copy with its own image row."""
-    keep = elite.usable_rows(points, path)
+    keep = scandata.usable_rows(points, path, semantickitti.RANGE_MIN, semantickitti.RANGE_MAX)
     if len(keep) == 0:
         return np.zeros(len(points), dtype=np.int64)
     n = len(keep)
@@ -168,7 +171,7 @@ def predict_fusion_scan(model, points: np.ndarray, frame: np.ndarray | None, pro
     return summed_votes(model(xyzi, batch_idx, images, image_of_point, uv_t).logits, index, len(points))
 
 
-def view_table(confs: dict[str, elite.ConfusionMatrix], class_names=elite.CLASS_NAMES) -> str:
+def view_table(confs: dict[str, semantickitti.SemanticKittiConfusion], class_names=semantickitti.CLASS_NAMES) -> str:
     """Per-class IoU, one column per confusion matrix (each with its dataset's rules; nan: a
     class with neither points nor predictions, which nuScenes' mIoU leaves out)."""
     names = list(confs)
@@ -188,16 +191,16 @@ def view_table(confs: dict[str, elite.ConfusionMatrix], class_names=elite.CLASS_
 
 def write_label_file(path: Path, train_ids: np.ndarray):
     """Raw ids as uint32, written atomically."""
-    runs.atomic_write(path, lambda f: elite.TRAIN_TO_RAW[train_ids].astype(np.uint32).tofile(f))
+    scandata.atomic_write(path, lambda f: semantickitti.TRAIN_TO_RAW[train_ids].astype(np.uint32).tofile(f))
 
 
 def scans_to_predict(args) -> list[Path]:
     if args.sequence is not None:
         root, sequences = args.sequence.resolve().parent.parent, [args.sequence.resolve().name]
     else:
-        root, sequences = args.data, elite.SPLITS[args.split]
+        root, sequences = args.data, semantickitti.SPLITS[args.split]
         sequences = [s for s in sequences if (root / "sequences" / s).is_dir()]
-    scans = elite.list_scans(root, sequences)
+    scans = semantickitti.list_scans(root, sequences)
     runs.check_scan_files(scans)
     return scans
 
@@ -224,10 +227,10 @@ def which_epoch(ckpt: dict) -> str:
 
 
 def read_train_ids(scan: Path, num_points: int) -> torch.Tensor | None:
-    if not elite.label_path(scan).is_file():
+    if not semantickitti.label_path(scan).is_file():
         return None
-    raw, _ = elite.read_labels(elite.label_path(scan), num_points)
-    return torch.from_numpy(elite.to_train_ids(raw, elite.label_path(scan)))
+    raw, _ = semantickitti.read_labels(semantickitti.label_path(scan), num_points)
+    return torch.from_numpy(semantickitti.to_train_ids(raw, semantickitti.label_path(scan)))
 
 
 def check_outputs(args) -> None:
@@ -254,12 +257,12 @@ def claim_predictions(args, sequences: list[str]) -> None:
         [args.out / "sequences" / s / "predictions" for s in sequences]
     for folder in folders:  # a link there could point at a dataset's labels: never written through
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-            raise elite.DataError(f"{folder}: is a link or not a folder; predictions are written only into plain "
+            raise scandata.DataError(f"{folder}: is a link or not a folder; predictions are written only into plain "
                                   "folders (a link could lead to a dataset's own labels); give another --out")
     found = existing_predictions(args, sequences)
     if found and not args.overwrite:
         files = f"{len(found)} file{'s' * (len(found) != 1)}"
-        raise elite.DataError(f"{args.out}: already holds predictions ({files}, e.g. {found[0]}); give another "
+        raise scandata.DataError(f"{args.out}: already holds predictions ({files}, e.g. {found[0]}); give another "
                               "--out, or --overwrite to replace them")
     for path in found:
         path.unlink()
@@ -272,7 +275,7 @@ def predict(args):
     if kind == runs.FUSION_KIND:
         return predict_fusion(args)
     if args.no_images:
-        raise elite.DataError(f"{args.checkpoint}: --no-images is for a U2MKD fusion student; this checkpoint "
+        raise scandata.DataError(f"{args.checkpoint}: --no-images is for a U2MKD fusion student; this checkpoint "
                               f"holds a '{kind}' model, which never sees images")
     check_outputs(args)
     device = torch.device(args.device)
@@ -281,13 +284,13 @@ def predict(args):
     model.to(device).eval()
     scans = scans_to_predict(args)
     claim_predictions(args, sorted({s.parent.parent.name for s in scans}))
-    print_summary(args, scans, device, f"ELiTe Student, {elite.count_parameters(model):,} parameters, from "
+    print_summary(args, scans, device, f"ELiTe Student, {runs.count_parameters(model):,} parameters, from "
                   f"{args.checkpoint} ({which_epoch(ckpt)})")
     rng = np.random.default_rng(args.seed)
-    conf, scored = elite.ConfusionMatrix(), 0
-    by_view = {"seen": elite.ConfusionMatrix(), "unseen": elite.ConfusionMatrix()}  # when images exist
+    conf, scored = semantickitti.SemanticKittiConfusion(), 0
+    by_view = {"seen": semantickitti.SemanticKittiConfusion(), "unseen": semantickitti.SemanticKittiConfusion()}  # when images exist
     for k, scan in enumerate(tqdm(scans, desc="predict", dynamic_ncols=True)):
-        points = elite.read_scan(scan)
+        points = semantickitti.read_scan(scan)
         pred = torch.from_numpy(predict_scan(model, points, args.votes, rng, device, scan))
         seq = scan.parent.parent.name
         write_label_file(args.out / "sequences" / seq / "predictions" / (scan.stem + ".label"), pred.numpy())
@@ -317,10 +320,10 @@ def predict(args):
 
 def read_camera(scan: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The scan's camera frame (H, W, 3) and projection (3, 4), or (None, None) without both files."""
-    if not (elite.image_path(scan).is_file() and elite.calib_path(scan).is_file()):
+    if not (semantickitti.image_path(scan).is_file() and semantickitti.calib_path(scan).is_file()):
         return None, None
-    calib = elite.sequence_calib(scan.parent.parent)
-    return elite.read_frame(scan, calib), calib["proj"]
+    calib = semantickitti.sequence_calib(scan.parent.parent)
+    return semantickitti.read_frame(scan, calib), calib["proj"]
 
 
 def seen_mask(points: np.ndarray, proj: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -340,18 +343,18 @@ def predict_fusion(args):
     image_hw = tuple(ckpt["image_hw"])
     scans = scans_to_predict(args)
     claim_predictions(args, sorted({s.parent.parent.name for s in scans}))
-    print_summary(args, scans, device, f"U2MKD FusionStudent, {elite.count_parameters(model):,} parameters, from "
+    print_summary(args, scans, device, f"U2MKD FusionStudent, {runs.count_parameters(model):,} parameters, from "
                   f"{args.checkpoint} ({which_epoch(ckpt)}); images resized to "
                   f"{image_hw[0]}x{image_hw[1]}; files written {'without' if args.no_images else 'with'} images")
     rng = np.random.default_rng(args.seed)
-    confs = {f"{mode} {part}": elite.ConfusionMatrix() for mode in ("images", "no images")
+    confs = {f"{mode} {part}": semantickitti.SemanticKittiConfusion() for mode in ("images", "no images")
              for part in ("all", "seen", "unseen")}
     scored = 0
     for k, scan in enumerate(tqdm(scans, desc="predict", dynamic_ncols=True)):
-        points = elite.read_scan(scan)
+        points = semantickitti.read_scan(scan)
         labels = read_train_ids(scan, len(points))
-        calib = elite.sequence_calib(scan.parent.parent)
-        frame, proj = elite.read_frame(scan, calib), calib["proj"]
+        calib = semantickitti.sequence_calib(scan.parent.parent)
+        frame, proj = semantickitti.read_frame(scan, calib), calib["proj"]
         seen = seen_mask(points, proj, *frame.shape[:2]) if labels is not None else None
         modes = {"images": frame, "no images": None}
         if labels is None:  # nothing to score: run the mode whose files are asked for
@@ -406,7 +409,7 @@ def predict_nusc_frame(model, points: np.ndarray, images: np.ndarray | None, sig
     range's edge: voxelised with the others they would change genuine edge voxels' features, and
     no in-range prediction may depend on them (upstream predicts every point, without a range)."""
     pts = nusc_points(points, path)  # (N, 4), inside the range
-    inside = np.isfinite(points[:, :4]).all(1) & elite.in_range(np.nan_to_num(points[:, :3]), nusc.RANGE_MIN,
+    inside = np.isfinite(points[:, :4]).all(1) & scandata.in_range(np.nan_to_num(points[:, :3]), nusc.RANGE_MIN,
                                                                  nusc.RANGE_MAX)
     logits = torch.zeros(len(points), nusc.NUM_CLASSES, device=device)
     for rows in (np.flatnonzero(inside), np.flatnonzero(~inside)):
@@ -458,7 +461,7 @@ def predict_nuscenes(args):
         image_hw = tuple(ckpt["image_hw"])
     else:
         if args.no_images:
-            raise elite.DataError(f"{args.checkpoint}: --no-images is for a U2MKD fusion student; this checkpoint "
+            raise scandata.DataError(f"{args.checkpoint}: --no-images is for a U2MKD fusion student; this checkpoint "
                                   f"holds a '{kind}' model, which never sees images")
         model, ckpt = runs.load_student(args.checkpoint, map_location=device)
         image_hw = None
@@ -474,7 +477,7 @@ def predict_nuscenes(args):
         "device": runs.describe_device(device, args.amp),
         "convolutions": runs.describe_conv(device),
         "data": f"{args.data} ({args.version}), split {args.split}: {len(frames)} keyframes, {args.votes} vote(s)",
-        "model": f"{type(model).__name__}, {elite.count_parameters(model):,} parameters, from {args.checkpoint} "
+        "model": f"{type(model).__name__}, {runs.count_parameters(model):,} parameters, from {args.checkpoint} "
                  f"({which_epoch(ckpt)})" + (f"; images resized to {image_hw[0]}x{image_hw[1]}, all six cameras"
                                              if fusion else ""),
         "outputs": f"{args.out}/lidarseg/{args.split}/<lidar_token>_lidarseg.bin, {args.out}/{args.split}/"
@@ -512,7 +515,7 @@ def predict_nuscenes(args):
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    runs.atomic_write(path, lambda f: f.write(data))
+    scandata.atomic_write(path, lambda f: f.write(data))
 
 
 # ------------------------------------------------------------------------------------
@@ -549,10 +552,10 @@ def frame_scores(pred: np.ndarray, labels: np.ndarray | None) -> str:
     """This frame's accuracy and mIoU over the classes it contains (official rules otherwise)."""
     if labels is None:
         return "no labels"
-    conf = elite.ConfusionMatrix()
+    conf = semantickitti.SemanticKittiConfusion()
     conf.add(torch.from_numpy(pred), torch.from_numpy(labels))
     present = conf.present()
-    labelled = labels != elite.IGNORE
+    labelled = labels != semantickitti.IGNORE
     return (f"mIoU {100 * float(conf.iou()[present].mean()):.1f} over its {int(present.sum())} classes, "
             f"accuracy {100 * float((pred[labelled] == labels[labelled]).mean()):.1f}%")
 
@@ -560,14 +563,14 @@ def frame_scores(pred: np.ndarray, labels: np.ndarray | None) -> str:
 def legend_band(classes, width: int):
     """A light band naming these training ids (0 left out) next to their colour swatches."""
     from PIL import Image, ImageDraw
-    classes = [int(c) for c in classes if c != elite.IGNORE]
+    classes = [int(c) for c in classes if c != semantickitti.IGNORE]
     per_row = max(1, width // 150)
     band = Image.new("RGB", (width, 8 + 18 * -(-len(classes) // per_row)), BACKGROUND)
     draw = ImageDraw.Draw(band)
     for k, c in enumerate(classes):
         x, y = 10 + 150 * (k % per_row), 6 + 18 * (k // per_row)
-        draw.rectangle((x, y, x + 12, y + 12), fill=tuple(int(v) for v in elite.CLASS_COLORS[c]), outline=INK)
-        draw.text((x + 18, y), elite.CLASS_NAMES[c], fill=INK)
+        draw.rectangle((x, y, x + 12, y + 12), fill=tuple(int(v) for v in semantickitti.CLASS_COLORS[c]), outline=INK)
+        draw.text((x + 18, y), semantickitti.CLASS_NAMES[c], fill=INK)
     return np.asarray(band)
 
 
@@ -577,17 +580,17 @@ def frame_picture(points: np.ndarray, pred: np.ndarray, labels: np.ndarray | Non
     from PIL import Image, ImageDraw
     finite = np.isfinite(points).all(1)
     xyz, pred = points[finite, :3], pred[finite]
-    views = [("prediction (top view, x forward up)", top_view(xyz, elite.CLASS_COLORS[pred]))]
+    views = [("prediction (top view, x forward up)", top_view(xyz, semantickitti.CLASS_COLORS[pred]))]
     if labels is not None:
         labels = labels[finite]
         errors = np.where((pred == labels)[:, None], CORRECT, WRONG).astype(np.uint8)
-        errors[labels == elite.IGNORE] = UNLABELLED
+        errors[labels == semantickitti.IGNORE] = UNLABELLED
         views.append(("errors vs ground truth: green right, red wrong, grey unlabelled", top_view(xyz, errors)))
     bottom = np.concatenate([v for _, v in views], 1)
     w = bottom.shape[1]
     rows = [np.full((CAPTION, w, 3), BACKGROUND, np.uint8)]
     if frame is not None:
-        overlay = Image.fromarray(runs.camera_overlay(frame, xyz, elite.CLASS_COLORS[pred], proj))
+        overlay = Image.fromarray(runs.camera_overlay(frame, xyz, semantickitti.CLASS_COLORS[pred], proj))
         rows.append(np.asarray(overlay.resize((w, round(overlay.height * w / overlay.width)))))
     top = sum(len(r) for r in rows)
     rows += [bottom, legend_band(np.unique(pred), w)]
@@ -657,11 +660,11 @@ def benchmark_scan() -> tuple[np.ndarray, np.ndarray, str]:
     """(points (N, 4), training labels (N,), where they come from)."""
     frame = REALDATA / "sequences" / "00" / "velodyne" / "000000.bin"
     if frame.is_file():
-        points, labels = elite.load_scan(frame)
+        points, labels = semantickitti.load_scan(frame)
         return points, labels, f"real SemanticKITTI frame {frame}"
     import synthkitti
     points, raw = synthkitti.make_scan(seed=0, columns=2048)
-    return points, elite.to_train_ids(raw & 0xFFFF), "synthetic scan (../shared/realdata not found)"
+    return points, semantickitti.to_train_ids(raw & 0xFFFF), "synthetic scan (../shared/realdata not found)"
 
 
 def peak_memory_mib(fn, device: torch.device) -> float:
@@ -696,7 +699,7 @@ def student_training_step(model: elite.Student, points: torch.Tensor, batch_idx:
     model.zero_grad(set_to_none=True)
     with runs.autocast(points.device, amp):
         logits = model(points, batch_idx).logits
-    elite.seg_loss(logits, labels, elite.class_weights().to(points.device), lovasz_weight=0.1).backward()
+    elite.seg_loss(logits, labels, elite.class_weights().to(points.device), elite.LAMBDA_LOVASZ).backward()
 
 
 def teacher_training_step(teacher: elite.Teacher, batch: int, amp: bool, device: torch.device,
@@ -708,8 +711,8 @@ def teacher_training_step(teacher: elite.Teacher, batch: int, amp: bool, device:
     g = torch.Generator().manual_seed(0)
     pixels = [torch.stack([torch.randint(0, h, (4000,), generator=g), torch.randint(0, w, (4000,), generator=g)], 1)
               for _ in range(batch)]
-    views = elite.Views(torch.randn(batch, 3, h, w, generator=g), pixels,
-                        torch.randint(1, elite.NUM_CLASSES, (4000 * batch,), generator=g), None).to(device)
+    views = scandata.CameraCrops(torch.randn(batch, 3, h, w, generator=g), pixels,
+                        torch.randint(1, semantickitti.NUM_CLASSES, (4000 * batch,), generator=g), None).to(device)
     with runs.autocast(device, amp):
         terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, weight)
         terms["orth"] = elite.orth_regularizer(teacher, elite.ORTH_WEIGHT)
@@ -765,11 +768,10 @@ def count_ops(fn) -> OpCount:
                 self.ops[name] += 1
             return func(*args, **kwargs)
 
-    kernels = elite.triton_kernels()
-    before = Counter(kernels.LAUNCHES) if kernels else Counter()
+    before = Counter(kernels.LAUNCHES)
     with Count() as mode:
         fn()
-    launched = (Counter(kernels.LAUNCHES) - before) if kernels else Counter()
+    launched = Counter(kernels.LAUNCHES) - before
     return OpCount(dict(mode.ops), dict(launched))
 
 
@@ -778,18 +780,18 @@ def benchmark_paths(device: torch.device, conv: str) -> list[str]:
     plain one elsewhere, or the one --conv names."""
     if conv != "auto":
         return [conv]
-    return ["torch", "triton"] if device.type == "cuda" and elite.triton_kernels() else ["torch"]
+    return ["torch", "triton"] if device.type == "cuda" and kernels.triton is not None else ["torch"]
 
 
 @contextlib.contextmanager
 def conv_path(path: str):
     """Run the convolutions on this path inside the block, as before it after."""
-    before = elite.CONV_PATH
-    elite.set_conv_path(path)
+    before = kernels.CONV_PATH
+    kernels.set_conv_path(path)
     try:
         yield
     finally:
-        elite.set_conv_path(before)
+        kernels.set_conv_path(before)
 
 
 def on_path(path: str, amp: bool, device: torch.device, fn):
@@ -928,7 +930,7 @@ PAPER_EPOCHS = 64  # both stages of ELiTe's paper preset
 
 
 def joint_batch(points: torch.Tensor, labels: torch.Tensor, copies: int, crop: tuple[int, int],
-                device: torch.device) -> elite.Batch:
+                device: torch.device) -> scandata.Batch:
     """Stage 2's input: `copies` turned copies of the scan, each with a random camera crop and
     4,000 of its points at random pixels of it (the points' true projection does not change the cost)."""
     g = torch.Generator().manual_seed(0)
@@ -937,12 +939,12 @@ def joint_batch(points: torch.Tensor, labels: torch.Tensor, copies: int, crop: t
     rows = torch.cat([b * per_scan + torch.randperm(per_scan, generator=g)[:4000] for b in range(copies)])
     pixels = [torch.stack([torch.randint(0, crop[0], (4000,), generator=g), torch.randint(0, crop[1], (4000,), generator=g)],
                           1) for _ in range(copies)]
-    views = elite.Views(torch.randn(copies, 3, *crop, generator=g), pixels, lab[rows], None)
-    return elite.Batch(pts, batch_idx, lab, torch.arange(len(pts)), [per_scan] * copies, [Path("benchmark")] * copies,
+    views = scandata.CameraCrops(torch.randn(copies, 3, *crop, generator=g), pixels, lab[rows], None)
+    return scandata.Batch(pts, batch_idx, lab, torch.arange(len(pts)), [per_scan] * copies, [Path("benchmark")] * copies,
                        views, rows).to(device)
 
 
-def joint_training_step(student: elite.Student, heads: nn.Module, teacher: elite.Teacher, batch: elite.Batch,
+def joint_training_step(student: elite.Student, heads: nn.Module, teacher: elite.Teacher, batch: scandata.Batch,
                         amp: bool, weight: torch.Tensor):
     """One step of ELiTe's stage 2 (the paper's joint mode): the student's loss, the teacher's 2D
     terms, PPMSKD and AdaLoRA's orthogonality term, and backward through both; weight: the
@@ -986,7 +988,7 @@ def benchmark_teacher(points: torch.Tensor, labels: torch.Tensor, device: torch.
 
 def benchmark(args):
     points, labels, source = benchmark_scan()
-    keep = np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3]))
+    keep = np.isfinite(points).all(1) & scandata.in_range(np.nan_to_num(points[:, :3]), semantickitti.RANGE_MIN, semantickitti.RANGE_MAX)
     pts, labels = torch.from_numpy(points[keep]), torch.from_numpy(labels[keep])
     devices = [torch.device(args.device)]  # one device a run: a GPU's figures are not held up by the CPU's
     batch_idx = torch.zeros(len(pts), dtype=torch.long)
@@ -994,7 +996,7 @@ def benchmark(args):
     runs.print_summary("infer.py --benchmark: the student's size, speed and memory", {
         "devices": ", ".join(runs.describe_device(d) for d in devices),
         "convolution paths": ", ".join(benchmark_paths(devices[0], args.conv)),
-        "student": f"Student, {elite.count_parameters(elite.Student()):,} parameters",
+        "student": f"Student, {runs.count_parameters(elite.Student()):,} parameters",
         "input": f"{source}: {len(points):,} points, {len(pts):,} in range",
         "teacher": (f"ELiTe's two stages' steps with SAM {args.teacher_variant} + AdaLoRA"
                     if args.teacher_variant != "none" else "not timed (--teacher-variant none)"),

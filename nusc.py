@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elite import (IGNORE, ConfusionMatrix, DataError, Scan, StudentConfig, augment_xyz, check_point_values,
-                   dropout_points, in_range, usable_rows, whole_records)
+from scandata import (ConfusionMatrix, DataError, Scan, ScanDataset, Stream, augment_xyz, check_point_values,
+                      dropout_points, in_range, read_image, usable_rows, whole_records)
 
 # =====================================================================================
 # 1. The tables
@@ -165,6 +165,7 @@ CLASS_NAMES = ["ignore", "barrier", "bicycle", "bus", "car", "construction_vehic
                "traffic_cone", "trailer", "truck", "driveable_surface", "other_flat", "sidewalk", "terrain",
                "manmade", "vegetation"]
 NUM_CLASSES = 17  # class 0 is ignored in losses and metrics
+IGNORE = 0
 FINE_TO_COARSE = {
     "noise": "ignore", "animal": "ignore",
     "human.pedestrian.adult": "pedestrian", "human.pedestrian.child": "pedestrian",
@@ -335,7 +336,6 @@ def read_labels(path, num_points: int, lut: np.ndarray) -> np.ndarray:
 
 def read_camera_image(camera: Camera) -> np.ndarray:
     """A camera's .jpg -> (H, W, 3) uint8 RGB, checked against the size sample_data records."""
-    from elite import read_image
     if not camera.image.is_file():
         raise DataError(f"{camera.image}: camera image not found ({camera.channel}, sample_data {camera.token})")
     image = read_image(camera.image)
@@ -508,14 +508,8 @@ def check_files(tables: Tables, root, frames: list[Keyframe], sweeps=0, cameras=
 RANGE_MIN, RANGE_MAX, GRID_SHAPE = (-50.0, -50.0, -4.0), (50.0, 50.0, 3.0), (1000, 1000, 70)
 
 
-def student_config(hidden=64) -> StudentConfig:
-    """The voxel student on nuScenes: 17 classes, nuScenes' range and grid."""
-    return StudentConfig(hidden=hidden, num_classes=NUM_CLASSES, range_min=RANGE_MIN, range_max=RANGE_MAX,
-                         grid_shape=GRID_SHAPE)
-
-
-class NuScenesScans(torch.utils.data.Dataset):
-    """The keyframes of a split as elite.Scan (x, y, z, intensity; evaluation classes), so the
+class NuScenesScans(ScanDataset):
+    """The keyframes of a split as scandata.Scan (x, y, z, intensity; evaluation classes), so the
     voxel student, the loaders and the training loop run on them unchanged. `train` turns on
     dropout and augmentation; sweeps=k adds k unlabelled sweeps (label 0) in the keyframe's frame
     (U2MKD's LiDAR teacher), their rows counted on after the keyframe's own."""
@@ -534,13 +528,7 @@ class NuScenesScans(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.frames)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def rng(self, i, stream: int) -> np.random.Generator | None:
-        return np.random.default_rng([self.seed, self.epoch, i, stream]) if self.train else None
-
-    def raw(self, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def as_in_file(self, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Keyframe i as in its file: points (N, 4), labels (N,) and the usable rows (ascending)."""
         frame = self.frames[i]
         points = read_points(frame.points)[:, :4]
@@ -549,8 +537,8 @@ class NuScenesScans(torch.utils.data.Dataset):
 
     def __getitem__(self, i) -> Scan:
         frame = self.frames[i]
-        points, labels, keep = self.raw(i)
-        rng = self.rng(i, 0)
+        points, labels, keep = self.as_in_file(i)
+        rng = self.rng(i, Stream.POINTS)
         if self.train and len(keep):
             keep = keep[dropout_points(len(keep), rng)]
         pts, lab, index = points[keep], labels[keep], keep
@@ -577,8 +565,8 @@ class NuScenesScans(torch.utils.data.Dataset):
 # empty (a class absent from both ground truth and predictions is left out, as nanmean does).
 
 class LidarsegConfusion(ConfusionMatrix):
-    """elite.ConfusionMatrix (rows: prediction, columns: ground truth) with the devkit's rules."""
-    rules = "nuScenes-lidarseg rules"
+    """semantickitti.SemanticKittiConfusion (rows: prediction, columns: ground truth) with the devkit's rules."""
+    scored_by = "nuScenes-lidarseg rules"  # what the epoch line names
 
     def __init__(self, num_classes=NUM_CLASSES):
         super().__init__(num_classes)

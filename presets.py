@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import u2mkd
-from elite import SPLITS
+from semantickitti import SPLITS
 from runs import show
 
 TRAIN = SPLITS["train"]

@@ -19,7 +19,6 @@ import pickle
 import signal
 import stat
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,54 +30,26 @@ import torch
 import torch.nn as nn
 
 import elite
+import kernels
 import nusc
+import scandata
+import semantickitti
+import synthkitti
+import synthnusc
 import u2mkd
-from elite import (CLASS_COLORS, CLASS_NAMES, IGNORE, PEFT_CHOICES, PLG_RECORD, SAM_B_URL, SAM_VARIANTS, SPLITS,
-                   ConfusionMatrix,
-                   DataError, Student, StudentConfig, Teacher, TeacherConfig, TooFewVoxels, check_pseudo_labels,
-                   check_root, collate, config_from, image_path, label_count, label_path, list_scans, load_plg_frame,
-                   plg_path, plg_record, project_points, pseudo_labels,
-                   read_labels, read_pixel_labels, read_scan, scan_size, sequence_calib, sequence_frame, to_train_ids)
+from elite import PEFT_CHOICES, SAM_VARIANTS, Student, StudentConfig, Teacher, TeacherConfig, TooFewVoxels
+from scandata import DataError, atomic_write, collate
+from semantickitti import (CLASS_COLORS, CLASS_NAMES, IGNORE, PLG_RECORD, SPLITS, check_pseudo_labels, check_root,
+                           image_path, label_count, label_path, list_scans, load_plg_frame, plg_path, plg_record,
+                           project_points, read_labels, read_pixel_labels, read_scan, scan_size, sequence_calib,
+                           sequence_frame, to_train_ids)
 
 
 # =====================================================================================
 # 1. Files: atomic writes, checked output folders
 # =====================================================================================
-# Every file a script writes goes through atomic_write: a temporary in the same folder,
+# Every file a script writes goes through scandata.atomic_write: a temporary in the same folder,
 # flushed, then renamed over the target, so a reader sees the old file or the new one.
-
-_UMASK = os.umask(0o022)  # read once, put back at once: written files get 0o666 & ~umask, as open() gives
-os.umask(_UMASK)
-
-
-def atomic_write(path, write) -> None:
-    """Call write(file) on a temporary file in the same folder, then rename it to path:
-    a crash mid-write never leaves a truncated checkpoint or label file, and a write that
-    fails (a full disk, a read-only folder) leaves the previous file as it was."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    except OSError as e:
-        raise DataError(f"{path}: cannot be written ({e.strerror or e}); nothing was written") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; others may need to read them
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        # A failed write: OSError from Python, RuntimeError from torch.save's C++ writer (a full
-        # disk: "[enforce fail at inline_container.cc] ... file write failed").
-        if isinstance(e, (OSError, RuntimeError)):
-            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1][:200]
-            kept = "the previous file is unchanged" if path.exists() else "no partial file was left"
-            raise DataError(f"{path}: could not be written ({why}); nothing was lost: {kept}") from None
-        raise
-
 
 def remove_partial_writes(targets) -> int:
     """Delete the temporaries atomic_write left beside these target files when its process was
@@ -196,7 +167,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: dict, path) -> 
 
 def dataset_of(cfg: StudentConfig) -> str | None:
     """Which dataset a voxel model's config was built for: its classes and voxel grid say it."""
-    grids = {"semantickitti": StudentConfig(), "nuscenes": nusc.student_config()}
+    grids = {"semantickitti": StudentConfig(), "nuscenes": elite.student_config("nuscenes")}
     key = lambda c: (c.num_classes, tuple(c.range_min), tuple(c.range_max), tuple(c.grid_shape))  # noqa: E731
     return next((name for name, ref in grids.items() if key(ref) == key(cfg)), None)
 
@@ -352,6 +323,10 @@ def entry(ckpt: dict, key: str, kind, path):
 CONFIG_LIMITS = {"in_dims": 16, "hidden": 4096, "num_classes": 256, "rank": 1024}
 
 
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def checked_config(cls, values: dict, path):
     """The config dataclass a checkpoint records, each field checked against its default's
     type (and integers against CONFIG_LIMITS) before any model is built from it."""
@@ -379,7 +354,7 @@ def checked_config(cls, values: dict, path):
                                  or values.get("peft", "adalora") not in PEFT_CHOICES):
         raise DataError(f"{path}: its teacher is '{values.get('variant')}' with '{values.get('peft')}' adapters, "
                         f"not one of {sorted(SAM_VARIANTS)} with {list(PEFT_CHOICES)}")
-    return config_from(cls, values)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})  # lists back to tuples
 
 
 def load_teacher_state(state: dict, sam_checkpoint=None, path="teacher state") -> Teacher:
@@ -391,7 +366,11 @@ def load_teacher_state(state: dict, sam_checkpoint=None, path="teacher state") -
     if sam is not None:
         load_sam_checkpoint(teacher.encoder, sam, cfg.variant)
         teacher.sam_checkpoint = str(sam)
-    result = load_state(teacher, state["weights"], path, strict=False)
+    weights = entry(state, "weights", dict, path)
+    # Teachers saved before the patch decoders got their name kept upstream's `output_upscaling`.
+    weights = {k.replace("output_upscaling.", "patch_decoders.", 1) if k.startswith("output_upscaling.") else k: v
+               for k, v in weights.items()}
+    result = load_state(teacher, weights, path, strict=False)
     trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
     missing = [k for k in result.missing_keys if k in trainable or sam is None]
     if missing:
@@ -406,6 +385,8 @@ def load_teacher(path, sam_checkpoint=None, map_location="cpu") -> tuple[Teacher
 
 
 # ---- SAM's official checkpoint files: the teacher's frozen encoder, SAM-PLG's whole SAM ----
+
+SAM_B_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
 
 def read_tensor_file(path: Path, what: str, where="", why="") -> object:
     """An official weights file (SAM's, torchvision's) read with weights_only, so it cannot run
@@ -713,49 +694,19 @@ def close_distributed() -> None:
 # 5. The data of a run: the dataset's root, the loaders
 # =====================================================================================
 
-EMBEDDED_ROOT = Path("data/synthkitti")  # where the trainers write the synthetic scenes without --data
-
-EMBEDDED_COLUMNS = 512  # LiDAR azimuth steps of the embedded scenes (about 30k points a scan)
-
-def dataset_root(data: Path | None, train_sequences: list[str], val_sequences: list[str],
-                 seed: int) -> tuple[Path, list[str], list[str]]:
-    """The trainers' data: --data, or without it the synthetic scenes, written once in the real
-    layout (one process writes them, the others wait) -> (root, the training and validation
-    sequences it has; missing ones are named and skipped)."""
-    root = data
-    if data is None:
-        import synthkitti
-        print(f"No --data given: using synthetic scenes in {EMBEDDED_ROOT} (embedded preset; pass --data for "
-              "SemanticKITTI)")
-        if distributed().main:
-            synthkitti.make_dataset(EMBEDDED_ROOT, columns=EMBEDDED_COLUMNS, seed=seed)
-        barrier()
-        root, train_sequences = EMBEDDED_ROOT, [s for s in train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
-    return root, existing_sequences(root, train_sequences), existing_sequences(root, val_sequences)
-
-
-EMBEDDED_NUSC_ROOT = Path("data/synthnusc")  # the synthetic nuScenes-lidarseg scenes (--dataset nuscenes)
-
-
-def nuscenes_root(data: Path | None, seed: int) -> Path:
-    """--data for --dataset nuscenes, or without it the synthetic nuScenes scenes, written once."""
-    if data is not None:
-        return data
-    import synthnusc
-    print(f"No --data given: using synthetic nuScenes scenes in {EMBEDDED_NUSC_ROOT} (embedded preset; pass --data "
-          "for nuScenes-lidarseg)")
-    if distributed().main:
-        synthnusc.make_dataset(EMBEDDED_NUSC_ROOT, seed=seed, columns=EMBEDDED_COLUMNS)
-    barrier()
-    return EMBEDDED_NUSC_ROOT
-
-
 def training_root(args) -> Path:
-    """The trainers' dataset root for --dataset; on SemanticKITTI, args' sequences become those it has."""
-    if args.dataset == "nuscenes":
-        return nuscenes_root(args.data, args.seed)
-    root, args.train_sequences, args.val_sequences = dataset_root(args.data, args.train_sequences,
-                                                                  args.val_sequences, args.seed)
+    """The trainers' dataset root: --data, or without it the synthetic scenes of --dataset,
+    written once (the main process writes them, the others wait). On SemanticKITTI, args'
+    sequences become those the root has (missing ones are named and skipped)."""
+    root = args.data
+    if root is None:
+        root = (synthnusc if args.dataset == "nuscenes" else synthkitti).embedded_dataset(args.seed, distributed().main)
+        barrier()
+        if args.dataset != "nuscenes":
+            args.train_sequences = [s for s in args.train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
+    if args.dataset != "nuscenes":
+        args.train_sequences = existing_sequences(root, args.train_sequences)
+        args.val_sequences = existing_sequences(root, args.val_sequences)
     return root
 
 
@@ -1018,7 +969,7 @@ def add_data_flags(parser, holds: str) -> None:
                              "official scenes, --version picks the tables)")
     parser.add_argument("--data", type=Path, default=None,
                         help=f"SemanticKITTI root holding sequences/XX/{{{holds}}}, or the nuScenes root; default: "
-                             f"synthetic scenes made once under {EMBEDDED_ROOT} ({EMBEDDED_NUSC_ROOT} for nuscenes)")
+                             f"synthetic scenes made once under {synthkitti.EMBEDDED_ROOT} ({synthnusc.EMBEDDED_ROOT} for nuscenes)")
     parser.add_argument("--version", default="v1.0-trainval",
                         help="nuscenes: the tables, v1.0-trainval (train 700 scenes, val 150) or v1.0-mini")
     parser.add_argument("--train-sequences", nargs="+", default=None,
@@ -1063,7 +1014,7 @@ def add_run_flags(parser) -> None:
 
 def add_conv_flag(parser) -> None:
     """--conv and --deterministic: how the voxel networks run on a GPU."""
-    parser.add_argument("--conv", choices=elite.CONV_PATHS, default=elite.CONV_PATH,
+    parser.add_argument("--conv", choices=kernels.CONV_PATHS, default=kernels.CONV_PATH,
                         help="the sparse convolutions of the voxel networks: triton (kernels.py, Triton kernels on "
                              "CUDA), torch (elite.py's plain-torch definition), or auto: triton on CUDA when triton "
                              "imports, torch otherwise (default: $ELITE_CONV, else auto)")
@@ -1076,9 +1027,9 @@ def add_conv_flag(parser) -> None:
 def apply_conv_flag(parser, args) -> None:
     """Run the convolutions on the path --conv names (refusing one this machine cannot run),
     deterministically when asked."""
-    elite.set_conv_path(args.conv)
+    kernels.set_conv_path(args.conv)
     try:
-        elite.conv_path(torch.device(args.device))
+        kernels.conv_path(torch.device(args.device))
     except RuntimeError as e:
         parser.error(f"--conv {args.conv}: {e}")
     if args.deterministic:
@@ -1088,10 +1039,10 @@ def apply_conv_flag(parser, args) -> None:
 
 def describe_conv(device: torch.device) -> str:
     """The summary's line for the path the student's convolutions take on this device."""
-    path = elite.conv_path(device)
+    path = kernels.conv_path(device)
     what = "Triton kernels (kernels.py)" if path == "triton" else "plain torch (elite.submconv3d)"
     repeatable = ", deterministic algorithms" if torch.are_deterministic_algorithms_enabled() else ""
-    return f"{path}: {what}" + (" (--conv auto)" if elite.CONV_PATH == "auto" else "") + repeatable
+    return f"{path}: {what}" + (" (--conv auto)" if kernels.CONV_PATH == "auto" else "") + repeatable
 
 
 def config_of(args) -> dict:
@@ -1189,9 +1140,9 @@ def describe_validation(args) -> str:
             "count as misses there)")
 
 
-def new_confusion(dataset: str) -> ConfusionMatrix:
+def new_confusion(dataset: str) -> scandata.ConfusionMatrix:
     """The validation metric of a dataset: SemanticKITTI's official rules, or nuScenes-lidarseg's."""
-    return nusc.LidarsegConfusion() if dataset == "nuscenes" else ConfusionMatrix()
+    return nusc.LidarsegConfusion() if dataset == "nuscenes" else semantickitti.SemanticKittiConfusion()
 
 
 def val_name(args) -> str:
@@ -1479,7 +1430,7 @@ def print_epoch(row: dict, means: dict, conf, metric: str) -> None:
     """The two lines an epoch ends with: its mean loss terms, its validation."""
     present = conf.present()
     print(f"epoch {row['epoch']}: mean loss terms (rank 0): " + " ".join(f"{k} {v:.3f}" for k, v in means.items()))
-    print(f"epoch {row['epoch']}: {metric} {row['miou']:.1f} ({conf.rules}) | {row['miou_present']:.1f} over the "
+    print(f"epoch {row['epoch']}: {metric} {row['miou']:.1f} ({conf.scored_by}) | {row['miou_present']:.1f} over the "
           f"{int(present.sum())} classes present | best {row['best_miou']:.1f} | {row['seconds']:.0f} s")
 
 
@@ -1566,12 +1517,12 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, scores, conf: ConfusionMatrix | None = None) -> ConfusionMatrix:
+def evaluate(model: nn.Module, loader, scores, conf: scandata.ConfusionMatrix | None = None) -> scandata.ConfusionMatrix:
     """One confusion matrix over a validation loader (SemanticKITTI's rules unless `conf` brings
     others), the model in eval mode meanwhile; scores(batch) -> (logits (N, C), labels (N,))."""
     from tqdm import tqdm
     model.eval()
-    conf = conf if conf is not None else ConfusionMatrix()
+    conf = conf if conf is not None else semantickitti.SemanticKittiConfusion()
     for batch in tqdm(loader, desc="  validate", leave=False, dynamic_ncols=True, disable=not distributed().main):
         logits, labels = scores(batch)
         conf.add(logits.argmax(1), labels)
@@ -1593,6 +1544,52 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise ValueError(f"shard '{text}': need 0 <= i < n")
     return i, n
+
+
+class SamMaskSource:
+    """SAM-PLG's stage 1 with SAM (elite.py section 6 holds its rules): a frame's prompts through
+    SAM's predictor in batches, the stable masks bit-packed on the host, then box NMS.
+    masks(frame) -> masks (M, H, W) bool, predicted IoU (M,), in descending predicted IoU (the
+    NMS order upstream's voting reads backwards)."""
+
+    def __init__(self, sam, points_per_batch=128, stability_thresh=0.9, stability_offset=1.0, nms_thresh=0.7,
+                 name="sam"):
+        from segment_anything import SamPredictor
+        self.name = name  # what the pseudo-labels' record keeps (PLG_RECORD): the variant and its file
+        self.predictor = SamPredictor(sam)
+        self.points_per_batch = points_per_batch
+        self.stability_thresh = stability_thresh
+        self.stability_offset = stability_offset
+        self.nms_thresh = nms_thresh
+
+    @torch.no_grad()
+    def masks(self, frame: semantickitti.PlgFrame) -> tuple[np.ndarray, np.ndarray]:
+        height, width = frame.image.shape[:2]
+        prompts = elite.sam_prompts(frame.semantic, frame.instance, frame.pixel_rc, width)
+        if len(prompts.points) == 0:
+            return np.zeros((0, height, width), dtype=bool), np.zeros(0, dtype=np.float32)
+        self.predictor.set_image(frame.image)  # the image encoder, once per image
+        device = self.predictor.device
+        packed, ious, boxes = [], [], []
+        for start in range(0, len(prompts.points), self.points_per_batch):
+            index = np.arange(start, min(start + self.points_per_batch, len(prompts.points)))
+            logits, iou_preds, _ = self.predictor.predict_torch(
+                point_coords=torch.as_tensor(prompts.points[index], device=device)[:, None],  # (B, 1, 2)
+                point_labels=torch.ones(len(index), 1, dtype=torch.int, device=device),  # positive
+                mask_input=torch.as_tensor(elite.mask_prompts(prompts, index), device=device),  # (B, 1, 256, 256)
+                multimask_output=True, return_logits=True)  # (B, 3, H, W), (B, 3)
+            masks, iou, box = elite.select_masks(logits.flatten(0, 1), iou_preds.flatten(0, 1),
+                                           self.predictor.model.mask_threshold,
+                                           self.stability_thresh, self.stability_offset)
+            # Bit-packed on the CPU: thousands of full-size masks per image would not fit otherwise.
+            packed.append(np.packbits(masks.cpu().numpy(), axis=-1))
+            ious.append(iou)
+            boxes.append(box)
+        self.predictor.reset_image()
+        iou = torch.cat(ious)
+        keep = elite.nms_masks(torch.cat(boxes), iou, self.nms_thresh)  # (M,) highest predicted IoU first
+        masks = np.unpackbits(np.concatenate(packed)[keep.cpu().numpy()], axis=-1, count=width).view(bool)
+        return masks, iou[keep].float().cpu().numpy()
 
 
 def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True,
@@ -1618,7 +1615,7 @@ def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True,
         if not label_path(scan).is_file():
             counts["unlabelled"] += 1  # test sequences: no labels to spread
             continue
-        pseudo = pseudo_labels(load_plg_frame(scan, sequence_calib(scan.parent.parent)), source)
+        pseudo = elite.pseudo_labels(load_plg_frame(scan, sequence_calib(scan.parent.parent)), source)
         record = out.parent / PLG_RECORD  # with the folder's first file (every shard writes the same)
         if not record.is_file():
             made = json.dumps(plg_record(scan.parent.parent, source.name)).encode()

@@ -689,9 +689,9 @@ def make_scan(seed=0, columns=2048) -> tuple[np.ndarray, np.ndarray]:
 # =====================================================================================
 
 def write_atomic(path: Path, data: bytes):
-    """Bytes to a file through the project's one atomic writer (runs.atomic_write)."""
-    import runs  # here, not at the top: runs brings torch, the scenes themselves need only numpy
-    runs.atomic_write(path, lambda f: f.write(data))
+    """Bytes to a file through the project's one atomic writer (scandata.atomic_write)."""
+    import scandata  # here, not at the top: it brings torch, the scenes themselves need only numpy
+    scandata.atomic_write(path, lambda f: f.write(data))
 
 
 def frame_files(seq_dir: Path, i: int) -> dict[str, Path]:
@@ -773,11 +773,11 @@ class IdealMaskSource:
     per distinct (class, instance) region (each object, each stuff class as a whole, the sky),
     predicted IoU 1. The masks tile the image, so painting order does not matter, and what
     stage 2 gets wrong comes from the point labels and the voting alone."""
-    name = "ideal"  # what the pseudo-labels' record keeps (elite.PLG_RECORD)
+    name = "ideal"  # what the pseudo-labels' record keeps (semantickitti.PLG_RECORD)
 
     def masks(self, frame) -> tuple[np.ndarray, np.ndarray]:
-        """frame: an elite.PlgFrame -> masks (M, H, W) bool, predicted IoU (M,)."""
-        from elite import read_pixel_labels  # here: the scenes themselves need only numpy
+        """frame: an semantickitti.PlgFrame -> masks (M, H, W) bool, predicted IoU (M,)."""
+        from semantickitti import read_pixel_labels  # here: the scenes themselves need only numpy
         height, width = frame.image.shape[:2]
         gt = read_pixel_labels(rendered_labels_path(frame.scan_path), height, width)
         key = (gt[0].astype(np.int64) << 16 | gt[1]).ravel()  # (H*W,) one id per region
@@ -799,6 +799,20 @@ def make_dataset(root, sequences=DEFAULT_SEQUENCES, columns=1024, seed=0, progre
         for seq, n in sequences.items():
             write_sequence(root, seed, seq, n, columns, bar)
     return root
+
+
+EMBEDDED_ROOT = Path("data/synthkitti")  # where the trainers write the scenes when no --data is given
+EMBEDDED_COLUMNS = 512  # LiDAR azimuth steps of the embedded scenes (about 30k points a scan)
+
+
+def embedded_dataset(seed: int, write=True) -> Path:
+    """The scenes the trainers read without --data (the embedded preset), in the real layout
+    under EMBEDDED_ROOT; write=False: another process writes them (runs.training_root waits)."""
+    print(f"No --data given: using synthetic scenes in {EMBEDDED_ROOT} (embedded preset; pass --data for "
+          "SemanticKITTI)")
+    if write:
+        make_dataset(EMBEDDED_ROOT, columns=EMBEDDED_COLUMNS, seed=seed)
+    return EMBEDDED_ROOT
 
 
 MARKER = "synthkitti.json"  # ROOT/synthkitti.json: the seed and columns the files are made with

@@ -348,6 +348,19 @@ def make_dataset(root, scenes=None, seed=0, image_scale=0.25, columns=1024, prog
     return root
 
 
+EMBEDDED_ROOT = Path("data/synthnusc")  # where the trainers write the scenes for --dataset nuscenes without --data
+
+
+def embedded_dataset(seed: int, write=True) -> Path:
+    """The scenes the trainers read for --dataset nuscenes without --data (the embedded preset);
+    write=False: another process writes them (runs.training_root waits)."""
+    print(f"No --data given: using synthetic nuScenes scenes in {EMBEDDED_ROOT} (embedded preset; pass --data "
+          "for nuScenes-lidarseg)")
+    if write:
+        make_dataset(EMBEDDED_ROOT, seed=seed, columns=sk.EMBEDDED_COLUMNS)
+    return EMBEDDED_ROOT
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("data/synthnusc"), help="root folder (default: data/synthnusc)")

@@ -21,9 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import elite
+import kernels
 import runs
+import scandata
+import semantickitti
 import synthkitti
-import u2mkd
 
 HERE = REPO = Path(__file__).resolve().parent
 REAL = HERE.parent / "shared" / "realdata"
@@ -172,12 +174,12 @@ def test_voxelize_keeps_out_of_range_points_and_lexicographic_order():
     vox = elite.voxelize(xyz, b, 4)
     assert (vox.coords[:, 1] < 0).any() and (vox.coords[:, 1] >= 250).any()
     ref, ref_inv = torch.unique(torch.cat([b[:, None], (torch.tensor([250, 250, 15]) * (xyz - torch.tensor(
-        elite.RANGE_MIN)) / torch.tensor([100.0, 100.0, 6.0])).long()], 1), dim=0, return_inverse=True)
+        semantickitti.RANGE_MIN)) / torch.tensor([100.0, 100.0, 6.0])).long()], 1), dim=0, return_inverse=True)
     assert torch.equal(vox.coords, ref) and torch.equal(vox.inv, ref_inv)
 
 
 def test_student_has_official_parameter_count():
-    assert elite.count_parameters(elite.Student()) == 1_933_460
+    assert runs.count_parameters(elite.Student()) == 1_933_460
 
 
 def reference_student_forward(model: elite.Student, points, batch_idx):
@@ -188,7 +190,7 @@ def reference_student_forward(model: elite.Student, points, batch_idx):
         assert torch.equal(coords, vox.coords) and torch.equal(vox.count, torch.bincount(vox.inv))
     xyz, v1 = points[:, :3], voxels[0]
     mean = elite.scatter_mean(xyz, v1.inv, len(v1))[v1.inv]
-    corner = v1.coords[v1.inv, 1:].float() * 0.1 + torch.tensor(elite.RANGE_MIN)
+    corner = v1.coords[v1.inv, 1:].float() * 0.1 + torch.tensor(semantickitti.RANGE_MIN)
     x = elite.scatter_mean(model.input_encoder.mlp(torch.cat([points, xyz - mean, xyz - corner], 1)), v1.inv, len(v1))
     per_point = []
     for block, vl, vs in zip(model.blocks, voxels[:-1], voxels[1:]):
@@ -249,7 +251,7 @@ def test_class_weights_match_official_values():
     expect = {"car": 2.048, "bicycle": 11.410, "motorcyclist": 18.214, "road": 1.255,
               "vegetation": 1.000, "traffic-sign": 7.416, "pole": 4.729, "terrain": 1.543}
     for name, value in expect.items():
-        assert abs(w[elite.CLASS_NAMES.index(name)].item() - value) < 1e-3, name
+        assert abs(w[semantickitti.CLASS_NAMES.index(name)].item() - value) < 1e-3, name
 
 
 def test_lovasz_on_hard_predictions_is_mean_jaccard_loss():
@@ -296,7 +298,7 @@ def evaluator_reference(pred, gt, n=20):
 
 def test_confusion_matrix_follows_official_rules():
     rng = np.random.default_rng(0)
-    conf = elite.ConfusionMatrix()
+    conf = semantickitti.SemanticKittiConfusion()
     preds, gts = [], []
     for _ in range(3):  # accumulated over several scans, not averaged per scan
         gt = rng.integers(0, 12, 1000)
@@ -310,7 +312,7 @@ def test_confusion_matrix_follows_official_rules():
 
 
 def test_confusion_matrix_edge_cases():
-    conf = elite.ConfusionMatrix()
+    conf = semantickitti.SemanticKittiConfusion()
     # GT 0 never counts; a labelled point predicted 0 is a miss for its class.
     conf.add(torch.tensor([5, 0, 1, 1]), torch.tensor([0, 1, 1, 1]))
     iou = conf.iou()
@@ -338,10 +340,10 @@ def write_scan(folder: Path, name="000000", n=100, seed=0, labels=True):
 
 def test_read_scan_and_labels_roundtrip(tmp_path):
     pts = write_scan(tmp_path)
-    assert np.array_equal(elite.read_scan(tmp_path / "velodyne" / "000000.bin"), pts)
-    sem, inst = elite.read_labels(tmp_path / "labels" / "000000.label", 100)
+    assert np.array_equal(semantickitti.read_scan(tmp_path / "velodyne" / "000000.bin"), pts)
+    sem, inst = semantickitti.read_labels(tmp_path / "labels" / "000000.label", 100)
     assert set(np.unique(sem)) <= {0, 10, 40, 48, 70, 252} and (inst == 7).all()
-    ids = elite.to_train_ids(sem)
+    ids = semantickitti.to_train_ids(sem)
     assert set(np.unique(ids[sem == 252])) <= {1}  # moving car -> car
 
 
@@ -350,48 +352,48 @@ def test_bad_files_give_clear_errors(tmp_path):
     scan = tmp_path / "velodyne" / "000000.bin"
     with open(scan, "ab") as f:
         f.write(b"\0" * 5)
-    with pytest.raises(elite.DataError, match=r"000000\.bin.*not a multiple of 16"):
-        elite.read_scan(scan)
-    with pytest.raises(elite.DataError, match=r"000000\.label: 100 labels but its scan has 99"):
-        elite.read_labels(tmp_path / "labels" / "000000.label", 99)
-    with pytest.raises(elite.DataError, match="calib.txt: calibration file not found"):
-        elite.read_calib(tmp_path / "calib.txt")
+    with pytest.raises(scandata.DataError, match=r"000000\.bin.*not a multiple of 16"):
+        semantickitti.read_scan(scan)
+    with pytest.raises(scandata.DataError, match=r"000000\.label: 100 labels but its scan has 99"):
+        semantickitti.read_labels(tmp_path / "labels" / "000000.label", 99)
+    with pytest.raises(scandata.DataError, match="calib.txt: calibration file not found"):
+        semantickitti.read_calib(tmp_path / "calib.txt")
     (tmp_path / "calib.txt").write_text("P0: 1 2 3\nTr: " + " ".join(["0"] * 12) + "\n")
-    with pytest.raises(elite.DataError, match="no 'P2:' line"):
-        elite.read_calib(tmp_path / "calib.txt")
+    with pytest.raises(scandata.DataError, match="no 'P2:' line"):
+        semantickitti.read_calib(tmp_path / "calib.txt")
     (tmp_path / "calib.txt").write_text("P2: 1 2 3\nTr: " + " ".join(["0"] * 12) + "\n")
-    with pytest.raises(elite.DataError, match="'P2' has 3 values"):
-        elite.read_calib(tmp_path / "calib.txt")
-    with pytest.raises(elite.DataError, match="image not found"):
-        elite.read_image(tmp_path / "image_2" / "000000.png")
+    with pytest.raises(scandata.DataError, match="'P2' has 3 values"):
+        semantickitti.read_calib(tmp_path / "calib.txt")
+    with pytest.raises(scandata.DataError, match="image not found"):
+        scandata.read_image(tmp_path / "image_2" / "000000.png")
     from PIL import Image
     Image.fromarray(np.full((4, 6), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")  # a 16-bit PNG
-    with pytest.raises(elite.DataError, match=r"deep\.png: a I;16 image \(16-bit or floating point\)"):
-        elite.read_image(tmp_path / "deep.png")
+    with pytest.raises(scandata.DataError, match=r"deep\.png: a I;16 image \(16-bit or floating point\)"):
+        scandata.read_image(tmp_path / "deep.png")
     (tmp_path / "calib_crlf.txt").write_text("P2:\t1 0 0 0 0 1 0 0 0 0 1 0\r\nTr: 1 0 0 0 0 1 0 0 0 0 1 0\r\n")
-    assert np.array_equal(elite.read_calib(tmp_path / "calib_crlf.txt")["P2"], np.eye(3, 4))  # tabs, CRLF: read
-    with pytest.raises(elite.DataError, match="no 'sequences' folder"):
-        elite.list_scans(tmp_path, ["00"])
+    assert np.array_equal(semantickitti.read_calib(tmp_path / "calib_crlf.txt")["P2"], np.eye(3, 4))  # tabs, CRLF: read
+    with pytest.raises(scandata.DataError, match="no 'sequences' folder"):
+        semantickitti.list_scans(tmp_path, ["00"])
     (tmp_path / "sequences" / "00").mkdir(parents=True)
-    with pytest.raises(elite.DataError, match="no scans"):
-        elite.list_scans(tmp_path, ["00"])
+    with pytest.raises(scandata.DataError, match="no scans"):
+        semantickitti.list_scans(tmp_path, ["00"])
     velodyne = tmp_path / "sequences" / "00" / "velodyne"
     velodyne.mkdir()
     for name in ("000000.bin", "._000000.bin", "000000 copy.bin"):  # a scan, macOS metadata, a file manager's copy
         (velodyne / name).write_bytes(bytes(16))
-    assert [p.name for p in elite.list_scans(tmp_path, ["00"])] == ["000000.bin"]
+    assert [p.name for p in semantickitti.list_scans(tmp_path, ["00"])] == ["000000.bin"]
     image_2 = tmp_path / "sequences" / "00" / "image_2"
     image_2.mkdir()
     (image_2 / "._000000.png").write_bytes(bytes(4096))  # sorts before the frames; not an image
     from PIL import Image
     Image.new("RGB", (40, 30)).save(image_2 / "000000.png")
-    assert elite.sequence_frame(image_2.parent) == (image_2 / "000000.png", 30, 40)
+    assert semantickitti.sequence_frame(image_2.parent) == (image_2 / "000000.png", 30, 40)
     calib = tmp_path / "calib_bom.txt"  # saved by an editor with a byte-order mark; then with a stray Latin-1 byte
     calib.write_bytes(b"\xef\xbb\xbfP2: 1 0 0 0 0 1 0 0 0 0 1 0\nTr: 1 0 0 0 0 1 0 0 0 0 1 0\n")
-    assert np.array_equal(elite.read_calib(calib)["Tr"], np.eye(4))
+    assert np.array_equal(semantickitti.read_calib(calib)["Tr"], np.eye(4))
     calib.write_bytes(b"P2: 1 0 0 0 0 1 0 0 0 0 1 0\nTr: 1 0 0 0 0 1 0 0 0 0 1 \xe9\n")
-    with pytest.raises(elite.DataError, match=r"calib_bom\.txt: line 'Tr' has a non-numeric value"):
-        elite.read_calib(calib)
+    with pytest.raises(scandata.DataError, match=r"calib_bom\.txt: line 'Tr' has a non-numeric value"):
+        semantickitti.read_calib(calib)
 
 
 def test_a_scan_in_another_element_type_is_refused_and_real_scans_pass(tmp_path):
@@ -399,56 +401,56 @@ def test_a_scan_in_another_element_type_is_refused_and_real_scans_pass(tmp_path)
     scan = np.concatenate([rng.uniform(-60, 60, (500, 3)), rng.uniform(0, 1, (500, 1))], 1).astype(np.float32)
     scan[:3] = 0.0  # points at the origin are real (a sensor's no-return), not a wrong element type
     scan.tofile(tmp_path / "ok.bin")
-    assert np.array_equal(elite.read_scan(tmp_path / "ok.bin"), scan)
+    assert np.array_equal(semantickitti.read_scan(tmp_path / "ok.bin"), scan)
     scan.astype(np.float64).tofile(tmp_path / "f64.bin")  # 32 bytes a point: the size fits 2x the points
-    with pytest.raises(elite.DataError, match=r"f64\.bin: \d+% of its points have coordinates beyond 10 km"):
-        elite.read_scan(tmp_path / "f64.bin")
+    with pytest.raises(scandata.DataError, match=r"f64\.bin: \d+% of its points have coordinates beyond 10 km"):
+        semantickitti.read_scan(tmp_path / "f64.bin")
     real = REAL / "semantickitti" / "sequences" / "00" / "velodyne" / "000000.bin"
     if real.is_file():
-        assert len(elite.read_scan(real)) == real.stat().st_size // 16
+        assert len(semantickitti.read_scan(real)) == real.stat().st_size // 16
 
 
 def test_unknown_raw_ids_warn_and_become_unlabelled():
     with pytest.warns(UserWarning, match="not in semantic-kitti.yaml"):
-        ids = elite.to_train_ids(np.array([10, 77, 70000, 40]), "x.label")
+        ids = semantickitti.to_train_ids(np.array([10, 77, 70000, 40]), "x.label")
     assert ids.tolist() == [1, 0, 0, 9]
 
 
 def test_instance_cutmix_adds_instance_points_without_pixels(synth_root):
     kw = dict(train=True, seed=5, camera=True, crop_hw=(64, 128))
-    plain = elite.SemanticKITTI(synth_root, ["00"], **kw)[0]
-    mixed_set = elite.SemanticKITTI(synth_root, ["00"], cutmix=True, **kw)
+    plain = semantickitti.SemanticKITTI(synth_root, ["00"], **kw)[0]
+    mixed_set = semantickitti.SemanticKITTI(synth_root, ["00"], cutmix=True, **kw)
     mixed = mixed_set[0]
     n = len(plain.points)
     # The scan's own points, labels, rows and point-to-pixel pairs are as without CutMix.
     assert np.array_equal(mixed.points[:n], plain.points) and np.array_equal(mixed.labels[:n], plain.labels)
     assert np.array_equal(mixed.index[:n], plain.index)
-    assert torch.equal(mixed.view.pixels, plain.view.pixels) and np.array_equal(mixed.view_points, plain.view_points)
-    assert mixed.view_points.max() < n  # no pasted point has a pixel
+    assert torch.equal(mixed.crop.pixels, plain.crop.pixels) and np.array_equal(mixed.crop_points, plain.crop_points)
+    assert mixed.crop_points.max() < n  # no pasted point has a pixel
     # The pasted points: the other scan's instance points (rows counted on from the scan's), labels kept.
     draws = mixed_set.rng(0, 2)
     j = int(draws.integers(len(mixed_set)))
     while j == 0:
         j = int(draws.integers(len(mixed_set)))  # never the scan itself
     other = mixed_set.scans[j]
-    raw, instance = elite.read_labels(elite.label_path(other))
+    raw, instance = semantickitti.read_labels(semantickitti.label_path(other))
     rows = mixed.index[n:] - plain.num_raw
     assert len(rows) > 50 and (instance[rows] != 0).all()
-    assert np.array_equal(mixed.labels[n:], elite.to_train_ids(raw[rows]))
+    assert np.array_equal(mixed.labels[n:], semantickitti.to_train_ids(raw[rows]))
     assert mixed.num_raw == plain.num_raw + len(raw)
-    assert not np.allclose(mixed.points[n:, :3], elite.read_scan(other)[rows, :3])  # augmented on their own
-    assert np.array_equal(mixed.points[n:, 3], elite.read_scan(other)[rows, 3])  # remission as in the file
-    assert len(elite.SemanticKITTI(synth_root, ["00"], cutmix=True)[0].points) == n  # evaluation: no CutMix
-    sizes = [elite.scan_size(p) for p in mixed_set.scans]  # each scan known by its size
+    assert not np.allclose(mixed.points[n:, :3], semantickitti.read_scan(other)[rows, :3])  # augmented on their own
+    assert np.array_equal(mixed.points[n:, 3], semantickitti.read_scan(other)[rows, 3])  # remission as in the file
+    assert len(semantickitti.SemanticKITTI(synth_root, ["00"], cutmix=True)[0].points) == n  # evaluation: no CutMix
+    sizes = [semantickitti.scan_size(p) for p in mixed_set.scans]  # each scan known by its size
     assert len(set(sizes)) == len(sizes)
     sources = set()
     for epoch in range(12):  # upstream draws again until it picks another scan
         mixed_set.set_epoch(epoch)
         sources.add(mixed_set[0].num_raw - sizes[0])
     assert sizes[0] not in sources and sources <= set(sizes[1:])
-    batch = elite.collate([mixed, plain])  # the second scan's pixels still point at its own points
-    assert torch.equal(batch.points[batch.view_points[len(mixed.view_points):]],
-                       torch.from_numpy(plain.points[plain.view_points]))
+    batch = scandata.collate([mixed, plain])  # the second scan's pixels still point at its own points
+    assert torch.equal(batch.points[batch.crop_points[len(mixed.crop_points):]],
+                       torch.from_numpy(plain.points[plain.crop_points]))
 
 
 def two_dpass_state(seed=0) -> dict:
@@ -502,7 +504,7 @@ def test_no_checkpoint_runs_code_when_loaded(tmp_path):
         lambda: runs.load_imagenet_weights(u2mkd.ImageBranch(), tmp_path / "resnet.pth"),
     ]
     for call in calls:
-        with pytest.raises(elite.DataError, match="cannot read"):
+        with pytest.raises(scandata.DataError, match="cannot read"):
             call()
     # The same files in torch's older, non-zip format, a bare pickle of the hostile object, and an
     # empty file: every loader, the 2DPASS one included, refuses each in one line.
@@ -510,20 +512,20 @@ def test_no_checkpoint_runs_code_when_loaded(tmp_path):
     for name, obj in files.items():
         torch.save(obj, tmp_path / name, _use_new_zipfile_serialization=False)
     for call in calls:
-        with pytest.raises(elite.DataError, match="cannot read"):
+        with pytest.raises(scandata.DataError, match="cannot read"):
             call()
     runs.load_2dpass_student(elite.Student(), tmp_path / "2dpass.ckpt")  # as data: the object is a stand-in
     for content in (pickle.dumps(evil), b""):
         for name in files:
             (tmp_path / name).write_bytes(content)
         for call in calls + [lambda: runs.load_2dpass_student(elite.Student(), tmp_path / "2dpass.ckpt")]:
-            with pytest.raises(elite.DataError, match="cannot read"):
+            with pytest.raises(scandata.DataError, match="cannot read"):
                 call()
     assert not marker.exists()
     for name, obj in files.items():
         torch.save(obj, tmp_path / name)
     # A run folder whose last.pt is hostile: looked at, never executed (a fresh run needs --overwrite).
-    with pytest.raises(elite.DataError, match="already holds a run"):
+    with pytest.raises(scandata.DataError, match="already holds a run"):
         runs.claim_run_folder(tmp_path, runs.STUDENT_KIND, resume=False, overwrite=False)
     # The 2DPASS file is read as data: its hostile object becomes an inert stand-in, the tensors load.
     model = elite.Student()
@@ -552,22 +554,22 @@ def test_a_checkpoint_of_the_right_kind_but_another_layout_is_one_line(tmp_path)
     }
     for name, (state, message) in cases.items():
         torch.save(state, tmp_path / "x.pt")
-        with pytest.raises(elite.DataError, match=message):
+        with pytest.raises(scandata.DataError, match=message):
             runs.load_student(tmp_path / "x.pt")
         if "student_config" in message or "StudentConfig" in message:
             torch.save(state | {"kind": runs.LIDAR_TEACHER_KIND}, tmp_path / "t.pt")
-            with pytest.raises(elite.DataError, match=message):
+            with pytest.raises(scandata.DataError, match=message):
                 runs.load_lidar_teacher(tmp_path / "t.pt")
     teacher = runs.teacher_state(elite.Teacher(elite.TeacherConfig(variant="vit_tiny")))
     for state, message in ((teacher | {"teacher_config": teacher["teacher_config"] | {"variant": "nonexist"}},
                             r"its teacher is 'nonexist' with 'adalora' adapters"),
                            ({"kind": runs.TEACHER_KIND}, r"no 'teacher_config' entry")):
         torch.save(state, tmp_path / "teacher.pt")
-        with pytest.raises(elite.DataError, match=message):
+        with pytest.raises(scandata.DataError, match=message):
             runs.load_teacher(tmp_path / "teacher.pt")
     fusion = runs.fusion_state(u2mkd.FusionStudent(), (94, 310)) | {"image_hw": [0, 310]}
     torch.save(fusion, tmp_path / "f.pt")
-    with pytest.raises(elite.DataError, match=r"its image_hw is \[0, 310\], not an image size"):
+    with pytest.raises(scandata.DataError, match=r"its image_hw is \[0, 310\], not an image size"):
         runs.load_fusion_student(tmp_path / "f.pt")
 
 
@@ -601,7 +603,7 @@ def test_init_3d_maps_every_tensor_of_a_2dpass_checkpoint(tmp_path):
 
     def refused(bad: dict, match: str):
         torch.save({"state_dict": bad}, tmp_path / "bad.ckpt")
-        with pytest.raises(elite.DataError, match=match):
+        with pytest.raises(scandata.DataError, match=match):
             runs.load_2dpass_student(elite.Student(), tmp_path / "bad.ckpt")
 
     refused({k: v for k, v in state.items() if "spv_enc.2.p_enc.layer_out.2.bias" not in k},
@@ -610,7 +612,7 @@ def test_init_3d_maps_every_tensor_of_a_2dpass_checkpoint(tmp_path):
             r"model_3d\.classifier\.2\.weight has shape \(17, 128\), the student's classifier\.2\.weight needs \(20, 128\)")
     refused(state | {"model_3d.spv_enc.4.v_enc.0.layers.0.weight": torch.zeros(1)}, "no place for")
     refused({"model": {}}, r"no 'model_3d\.\*' tensors")
-    with pytest.raises(elite.DataError, match="2DPASS checkpoint not found"):
+    with pytest.raises(scandata.DataError, match="2DPASS checkpoint not found"):
         runs.load_2dpass_student(elite.Student(), tmp_path / "missing.ckpt")
 
 
@@ -639,13 +641,13 @@ def test_dataset_drops_non_finite_points_and_survives_empty_range(tmp_path):
     far = np.full((20, 4), 80.0, dtype=np.float32)  # every point out of range
     far.tofile(seq / "velodyne" / "000001.bin")
     np.zeros(20, dtype=np.uint32).tofile(seq / "labels" / "000001.label")
-    ds = elite.SemanticKITTI(tmp_path, ["00"], train=True)
+    ds = semantickitti.SemanticKITTI(tmp_path, ["00"], train=True)
     with pytest.warns(UserWarning, match="dropped 2 points with NaN or Inf"):
         scan = ds[0]
     assert np.isfinite(scan.points).all() and 3 not in scan.index and 7 not in scan.index
     empty = ds[1]
     assert len(empty.points) == 0 and empty.num_raw == 20
-    batch = elite.collate([scan, empty])
+    batch = scandata.collate([scan, empty])
     model = elite.Student().eval()
     with torch.no_grad():
         assert model(batch.points, batch.batch_idx).logits.shape == (len(scan.points), 20)
@@ -657,12 +659,12 @@ def test_dataset_drops_non_finite_points_and_survives_empty_range(tmp_path):
 def test_augmentation_matches_official_conventions():
     rng = np.random.default_rng(0)
     xyz = np.random.default_rng(1).normal(size=(200, 3)).astype(np.float32) * 10
-    out = elite.augment_xyz(xyz, rng, flip_scale=False)
+    out = scandata.augment_xyz(xyz, rng, flip_scale=False)
     # Rotation about z plus one shared translation: pairwise distances are kept.
     d0 = np.linalg.norm(xyz[1:] - xyz[:-1], axis=1)
     d1 = np.linalg.norm(out[1:] - out[:-1], axis=1)
     np.testing.assert_allclose(d0, d1, rtol=1e-4, atol=1e-4)
-    idx = elite.dropout_points(10_000, np.random.default_rng(2))
+    idx = scandata.dropout_points(10_000, np.random.default_rng(2))
     dropped = idx != np.arange(10_000)
     assert (idx[dropped] == 0).all() and dropped.mean() < 0.2
 
@@ -679,10 +681,10 @@ def test_checkpoint_roundtrip_and_wrong_kind(tmp_path):
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
     runs.atomic_save({"kind": "elite-teacher"}, tmp_path / "t.pt")
-    with pytest.raises(elite.DataError, match="holds a 'elite-teacher' model, expected 'elite-student'"):
+    with pytest.raises(scandata.DataError, match="holds a 'elite-teacher' model, expected 'elite-student'"):
         runs.load_student(tmp_path / "t.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(elite.DataError, match="cannot read checkpoint"):
+    with pytest.raises(scandata.DataError, match="cannot read checkpoint"):
         runs.load_student(tmp_path / "bad.pt")
 
 
@@ -705,28 +707,28 @@ def yaml_map(text: str, section: str) -> dict[int, int]:
 @needs_real
 def test_label_maps_match_official_yaml():
     text = (REAL / "semantic-kitti.yaml").read_text()
-    assert yaml_map(text, "learning_map") == elite.LEARNING_MAP
-    assert yaml_map(text, "learning_map_inv") == elite.LEARNING_MAP_INV
+    assert yaml_map(text, "learning_map") == semantickitti.LEARNING_MAP
+    assert yaml_map(text, "learning_map_inv") == semantickitti.LEARNING_MAP_INV
     names = dict(re.findall(r"^\s+(\d+)\s*:\s*\"([^\"]+)\"", text.split("\ncolor_map:")[0], re.M))
-    assert [names[str(elite.LEARNING_MAP_INV[i])] for i in range(1, 20)] == elite.CLASS_NAMES[1:]
+    assert [names[str(semantickitti.LEARNING_MAP_INV[i])] for i in range(1, 20)] == semantickitti.CLASS_NAMES[1:]
     colours = text.split("\ncolor_map:")[1].split("\ncontent:")[0]
     bgr = {int(k): [int(v) for v in vals.split(",")] for k, vals in re.findall(r"^\s+(\d+)\s*:\s*\[([^\]]+)\]", colours, re.M)}
-    assert [bgr[elite.LEARNING_MAP_INV[i]][::-1] for i in range(20)] == elite.CLASS_COLORS.tolist()
+    assert [bgr[semantickitti.LEARNING_MAP_INV[i]][::-1] for i in range(20)] == semantickitti.CLASS_COLORS.tolist()
 
 
 @needs_real
 def test_real_scans_and_labels_load():
     for k in range(3):
-        pts = elite.read_scan(REAL_SEQ / "velodyne" / f"{k:06d}.bin")
-        sem, inst = elite.read_labels(REAL_SEQ / "labels" / f"{k:06d}.label", len(pts))
+        pts = semantickitti.read_scan(REAL_SEQ / "velodyne" / f"{k:06d}.bin")
+        sem, inst = semantickitti.read_labels(REAL_SEQ / "labels" / f"{k:06d}.label", len(pts))
         assert 124_000 < len(pts) < 125_000 and pts.dtype == np.float32
-        assert set(np.unique(sem)) <= set(elite.LEARNING_MAP) and inst.max() > 0
+        assert set(np.unique(sem)) <= set(semantickitti.LEARNING_MAP) and inst.max() > 0
 
 
 @needs_real
 def test_real_voxels_per_scale():
-    pts = elite.read_scan(REAL_SEQ / "velodyne" / "000000.bin")
-    xyz = torch.from_numpy(pts[elite.in_range(pts[:, :3]), :3])
+    pts = semantickitti.read_scan(REAL_SEQ / "velodyne" / "000000.bin")
+    xyz = torch.from_numpy(pts[scandata.in_range(pts[:, :3], semantickitti.RANGE_MIN, semantickitti.RANGE_MAX), :3])
     b = torch.zeros(len(xyz), dtype=torch.long)
     counts = [len(elite.voxelize(xyz, b, s)) for s in (1, 2, 4, 8, 16)]
     for got, expect in zip(counts, (58_500, 30_200, 13_200, 5_300, 1_900)):
@@ -736,18 +738,18 @@ def test_real_voxels_per_scale():
 
 @needs_real
 def test_real_calibration_projects_15_percent():
-    calib = elite.read_calib(REAL_SEQ / "calib.txt")
+    calib = semantickitti.read_calib(REAL_SEQ / "calib.txt")
     assert np.allclose(calib["P2"][0, 3], 45.38225)
-    pts = elite.read_scan(REAL_SEQ / "velodyne" / "000000.bin")
-    keep, rows_cols = elite.project_points(pts[:, :3], calib["proj"], 376, 1241)
+    pts = semantickitti.read_scan(REAL_SEQ / "velodyne" / "000000.bin")
+    keep, rows_cols = semantickitti.project_points(pts[:, :3], calib["proj"], 376, 1241)
     assert abs(keep.mean() - 0.155) < 0.003 and len(rows_cols) == keep.sum()
     assert (rows_cols[:, 0] < 376).all() and (rows_cols[:, 1] < 1241).all()
 
 
 @needs_real
 def test_real_scan_forward_and_backward():
-    ds = elite.SemanticKITTI(REAL / "semantickitti", ["00"], train=True)
-    batch = elite.collate([ds[0]])
+    ds = semantickitti.SemanticKITTI(REAL / "semantickitti", ["00"], train=True)
+    batch = scandata.collate([ds[0]])
     torch.manual_seed(0)
     model = elite.Student()
     out = model(batch.points, batch.batch_idx)
@@ -766,30 +768,30 @@ def test_real_scan_forward_and_backward():
 
 def test_synthetic_scenes_read_by_the_real_loader(synth_root):
     import synthkitti
-    scans = elite.list_scans(synth_root, ["00", "08"])
+    scans = semantickitti.list_scans(synth_root, ["00", "08"])
     assert len(scans) == 3
     classes = set()
     for scan in scans:
-        points, labels = elite.load_scan(scan)
+        points, labels = semantickitti.load_scan(scan)
         assert len(points) > 5000 and (points[:, 3] >= 0).all() and (points[:, 3] < 1).all()
         classes |= set(np.unique(labels).tolist())
-        image = elite.read_image(scan.parent.parent / "image_2" / f"{scan.stem}.png")
+        image = scandata.read_image(scan.parent.parent / "image_2" / f"{scan.stem}.png")
         assert image.shape == (synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH, 3)
-    assert len(classes - {0}) >= 12, [elite.CLASS_NAMES[c] for c in classes]
+    assert len(classes - {0}) >= 12, [semantickitti.CLASS_NAMES[c] for c in classes]
     real = (REAL_SEQ / "calib.txt") if REAL_SEQ.is_dir() else None
-    calib = elite.read_calib(synth_root / "sequences" / "00" / "calib.txt")
+    calib = semantickitti.read_calib(synth_root / "sequences" / "00" / "calib.txt")
     if real is not None:
-        assert np.allclose(calib["proj"], elite.read_calib(real)["proj"])
+        assert np.allclose(calib["proj"], semantickitti.read_calib(real)["proj"])
 
 
 def test_synthetic_points_and_pixels_agree(synth_root):
     """A LiDAR point projected with the calibration lands on a pixel of its own class."""
     seq = synth_root / "sequences" / "00"
-    calib = elite.read_calib(seq / "calib.txt")
-    points, labels = elite.load_scan(seq / "velodyne" / "000001.bin")
+    calib = semantickitti.read_calib(seq / "calib.txt")
+    points, labels = semantickitti.load_scan(seq / "velodyne" / "000001.bin")
     gt = np.load(seq / "image_2_gt" / "000001.npy")
     assert gt.dtype == np.uint16 and gt.shape[0] == 2
-    keep, rows_cols = elite.project_points(points[:, :3], calib["proj"], gt.shape[1], gt.shape[2])
+    keep, rows_cols = semantickitti.project_points(points[:, :3], calib["proj"], gt.shape[1], gt.shape[2])
     pixel_class = gt[0][rows_cols[:, 0].astype(int), rows_cols[:, 1].astype(int)]
     assert keep.sum() > 1000 and (pixel_class == labels[keep]).mean() > 0.9
 
@@ -806,20 +808,20 @@ def test_synthetic_scenes_are_deterministic():
 # Many processes (torchrun, DDP) and mixed precision
 # ------------------------------------------------------------------------------------
 
-def equal_size_scans(seeds=(0, 1), columns=256) -> list[elite.Scan]:
+def equal_size_scans(seeds=(0, 1), columns=256) -> list[scandata.Scan]:
     """Synthetic scans cut to the same number of in-range points, so that the mean of the
     per-scan mean losses is the mean loss over their union."""
     scans = []
     for seed in seeds:
         points, raw = synthkitti.make_scan(seed=seed, columns=columns)
-        keep = elite.in_range(points[:, :3])
-        scans.append((points[keep], elite.to_train_ids(raw[keep] & 0xFFFF)))
+        keep = scandata.in_range(points[:, :3], semantickitti.RANGE_MIN, semantickitti.RANGE_MAX)
+        scans.append((points[keep], semantickitti.to_train_ids(raw[keep] & 0xFFFF)))
     n = min(len(p) for p, _ in scans)
-    return [elite.Scan(p[:n], lab[:n].astype(np.int64), np.arange(n), n, Path(f"synthetic{i}"))
+    return [scandata.Scan(p[:n], lab[:n].astype(np.int64), np.arange(n), n, Path(f"synthetic{i}"))
             for i, (p, lab) in enumerate(scans)]
 
 
-def one_training_step(scans: list[elite.Scan]) -> dict:
+def one_training_step(scans: list[scandata.Scan]) -> dict:
     """The trainers' step (runs.data_parallel, runs.train_step) on a student, from seed 0.
     BatchNorm runs on its running statistics (eval mode): with batch statistics each process
     would normalise its own batch, not the union (--sync-bn fixes that on GPUs)."""
@@ -831,7 +833,7 @@ def one_training_step(scans: list[elite.Scan]) -> dict:
         return {"ce": F.cross_entropy(model(batch.points, batch.batch_idx).logits, batch.labels)}
 
     objective = runs.data_parallel(runs.Objective([model], loss_terms))
-    _, skipped = runs.train_step(objective, elite.collate(scans), optimizer, amp_device=None)
+    _, skipped = runs.train_step(objective, scandata.collate(scans), optimizer, amp_device=None)
     assert skipped is None
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -930,7 +932,7 @@ def test_bf16_autocast_predicts_like_float32():
     class as float32 on nearly all points: 98.7% here, with random weights whose class
     margins are small. Gradients stay float32."""
     scan = equal_size_scans(seeds=(0,))[0]
-    batch = elite.collate([scan])
+    batch = scandata.collate([scan])
     torch.manual_seed(0)
     model = elite.Student().eval()
     with torch.no_grad():
@@ -998,7 +1000,7 @@ def test_folded_attention_equals_sam_block(window, grid):
     sam_block = randomize_(Block(96, 3, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
                                  window_size=window, input_size=(64, 64)))
     ours = copy.deepcopy(sam_block)
-    ours.attn = elite.FoldedAttention(ours.attn)
+    ours.attn = kernels.FoldedAttention(ours.attn)
     assert ours.state_dict().keys() == sam_block.state_dict().keys()  # SAM's modules, SAM's keys
     x = torch.randn(2, *grid, 96, requires_grad=True)
     ref = sam_block(x)
@@ -1025,7 +1027,7 @@ def random_adapters(depth, parts, out_features, in_features, svd=True, seed=2, r
 def test_folded_attention_with_adapters_equals_sams_attention(input_size, grid):
     from segment_anything.modeling.image_encoder import Attention
     sam = randomize_(Attention(96, 3, qkv_bias=True, use_rel_pos=True, input_size=input_size), seed=1)
-    ours = elite.FoldedAttention(copy.deepcopy(sam))
+    ours = kernels.FoldedAttention(copy.deepcopy(sam))
     adapters = random_adapters(1, 3, 288, 96)  # q, k, v of one block
     g = torch.Generator().manual_seed(3)
     x, upstream = torch.randn(2, *grid, 96, generator=g), torch.randn(2, *grid, 96, generator=g)
@@ -1222,7 +1224,7 @@ def sam_b_file(tmp_path_factory):
     sam_enc = ImageEncoderViT(embed_dim=768, depth=12, num_heads=12, norm_layer=partial(nn.LayerNorm, eps=1e-6),
                               use_rel_pos=True, window_size=14, global_attn_indexes=v.global_attn_indexes)
     state = {"image_encoder." + k: t for k, t in randomize_(sam_enc, seed=1).state_dict().items()}
-    state["mask_decoder.output_upscaling.0.weight"] = torch.randn(256, 64, 2, 2)
+    state["mask_decoder.patch_decoders.0.weight"] = torch.randn(256, 64, 2, 2)
     state["prompt_encoder.point_embeddings.0.weight"] = torch.randn(1, 256)
     path = tmp_path_factory.mktemp("sam") / "sam_vit_b.pth"
     torch.save(state, path)
@@ -1237,13 +1239,13 @@ def vit_b_teacher():
 def test_vit_b_adalora_trainable_parameter_counts(vit_b_teacher):
     count = lambda params: sum(p.numel() for p in params)  # noqa: E731
     adapters = count(p for n, p in vit_b_teacher.named_parameters() if "lora_" in n and p.requires_grad)
-    decoder = count(vit_b_teacher.output_upscaling.parameters())
+    decoder = count(vit_b_teacher.patch_decoders.parameters())
     assert adapters == 1_991_520 and decoder == 2_656_896 and adapters + decoder == 4_648_416
     assert count(p for p in vit_b_teacher.encoder.parameters() if not p.requires_grad) == 88_883_456  # no neck
     heads = count(vit_b_teacher.heads_2d.parameters()) + count(vit_b_teacher.fused_head.parameters())
     assert heads == 4 * (96 * 192 + 192 + 192 * 20 + 20) + (384 * 192 + 192 + 192 * 20 + 20)
     assert count(vit_b_teacher.trainable_parameters()) == adapters + decoder + heads
-    assert vit_b_teacher.output_upscaling[0][0].weight.shape == (768, 192, 2, 2)
+    assert vit_b_teacher.patch_decoders[0][0].weight.shape == (768, 192, 2, 2)
 
 
 def test_sam_checkpoint_loads_every_encoder_weight_bitwise(sam_b_file, vit_b_teacher):
@@ -1258,17 +1260,17 @@ def test_sam_checkpoint_loads_every_encoder_weight_bitwise(sam_b_file, vit_b_tea
 def test_sam_checkpoint_errors(sam_b_file, tmp_path):
     path, _ = sam_b_file
     tiny = tiny_teacher().encoder
-    with pytest.raises(elite.DataError, match=r"looks like SAM vit_b.*teacher is SAM vit_tiny"):
+    with pytest.raises(scandata.DataError, match=r"looks like SAM vit_b.*teacher is SAM vit_tiny"):
         runs.load_sam_checkpoint(tiny, path, "vit_tiny")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(elite.DataError, match="corrupt.pth: cannot read"):
+    with pytest.raises(scandata.DataError, match="corrupt.pth: cannot read"):
         runs.load_sam_checkpoint(tiny, corrupt, "vit_tiny")
     other = tmp_path / "other.pth"
     torch.save({"state_dict": {"mask_decoder.x": torch.zeros(3)}}, other)
-    with pytest.raises(elite.DataError, match="other.pth: no 'image_encoder"):
+    with pytest.raises(scandata.DataError, match="other.pth: no 'image_encoder"):
         runs.load_sam_checkpoint(tiny, other, "vit_tiny")
-    with pytest.raises(elite.DataError, match="not found"):
+    with pytest.raises(scandata.DataError, match="not found"):
         runs.load_sam_checkpoint(tiny, tmp_path / "missing.pth", "vit_tiny")
 
 
@@ -1370,7 +1372,7 @@ def test_training_step_moves_adapters_and_keeps_sam_bit_identical():
             assert not torch.equal(after[key], before[key]), f"{key} did not train"
         else:
             assert torch.equal(after[key], before[key]), f"{key} (frozen) changed"
-    assert any("lora_E" in k for k in trainable) and any("output_upscaling" in k for k in trainable)
+    assert any("lora_E" in k for k in trainable) and any("patch_decoders" in k for k in trainable)
     assert all(p.grad is None for n, p in teacher.named_parameters() if n not in trainable)
 
 
@@ -1393,7 +1395,7 @@ def painted_scene(h=60, w=200, n=300, seed=0):
 
 
 def decode_ids(crop_image: torch.Tensor) -> np.ndarray:
-    rgb = crop_image.permute(1, 2, 0) * torch.tensor(elite.SAM_PIXEL_STD) + torch.tensor(elite.SAM_PIXEL_MEAN)
+    rgb = crop_image.permute(1, 2, 0) * torch.tensor(semantickitti.SAM_PIXEL_STD) + torch.tensor(semantickitti.SAM_PIXEL_MEAN)
     rgb = rgb.round().to(torch.int64).numpy()
     return np.where(rgb[..., 2] == 200, rgb[..., 0] + 256 * rgb[..., 1], 0)  # (ch, cw) point id + 1, or 0
 
@@ -1402,7 +1404,7 @@ def test_points_follow_their_pixels_through_crop_and_flip():
     image, points, pix, dense = painted_scene()
     flips = set()
     for seed in range(8):
-        out = elite.prepare_image(image, points, (32, 96), np.random.default_rng(seed), train=True,
+        out = semantickitti.prepare_image(image, points, (32, 96), np.random.default_rng(seed), train=True,
                                   dense_labels=dense, jitter=0)
         ids = decode_ids(out.image)
         assert out.image.shape == (3, 32, 96) and out.pixels.dtype == torch.int64
@@ -1417,10 +1419,10 @@ def test_points_follow_their_pixels_through_crop_and_flip():
 
 def test_eval_crop_is_centred_and_deterministic():
     image, points, pix, _ = painted_scene()
-    out = elite.prepare_image(image, points, (32, 96), rng=None, train=False)
+    out = semantickitti.prepare_image(image, points, (32, 96), rng=None, train=False)
     left = (200 - 96) // 2
-    expected = (torch.from_numpy(image[28:, left:left + 96]).float() - torch.tensor(elite.SAM_PIXEL_MEAN)) \
-        / torch.tensor(elite.SAM_PIXEL_STD)
+    expected = (torch.from_numpy(image[28:, left:left + 96]).float() - torch.tensor(semantickitti.SAM_PIXEL_MEAN)) \
+        / torch.tensor(semantickitti.SAM_PIXEL_STD)
     torch.testing.assert_close(out.image, expected.permute(2, 0, 1))
     assert (out.pixels.numpy() == pix[out.kept] - [28, left]).all()
     assert out.dense_labels is None
@@ -1429,12 +1431,12 @@ def test_eval_crop_is_centred_and_deterministic():
 def test_colour_jitter_is_seeded_and_changes_colours():
     image = np.random.default_rng(0).integers(0, 256, (40, 100, 3), dtype=np.uint8)
     points = np.zeros((0, 2))
-    a = elite.prepare_image(image, points, (32, 96), np.random.default_rng(3), train=True)
-    b = elite.prepare_image(image, points, (32, 96), np.random.default_rng(3), train=True)
-    c = elite.prepare_image(image, points, (32, 96), np.random.default_rng(3), train=True, jitter=0)
+    a = semantickitti.prepare_image(image, points, (32, 96), np.random.default_rng(3), train=True)
+    b = semantickitti.prepare_image(image, points, (32, 96), np.random.default_rng(3), train=True)
+    c = semantickitti.prepare_image(image, points, (32, 96), np.random.default_rng(3), train=True, jitter=0)
     assert torch.equal(a.image, b.image) and not torch.equal(a.image, c.image)
     with pytest.raises(ValueError, match="smaller than the crop"):
-        elite.prepare_image(image, points, (64, 96), np.random.default_rng(0), train=True)
+        semantickitti.prepare_image(image, points, (64, 96), np.random.default_rng(0), train=True)
 
 
 # ------------------------------------------------------------------------------------
@@ -1604,8 +1606,8 @@ def test_sam_mask_source_plumbing_with_a_random_tiny_sam():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     rc = np.array([(2, 0), (10, 60), (30, 100)])  # even: on the 256 grid of a 512-wide image
-    frame = elite.PlgFrame(image, np.array([9, 1, 13]), np.array([0, 5, 0]), rc, None)
-    source = elite.SamMaskSource(tiny_sam(), points_per_batch=2, stability_thresh=0.0)
+    frame = semantickitti.PlgFrame(image, np.array([9, 1, 13]), np.array([0, 5, 0]), rc, None)
+    source = runs.SamMaskSource(tiny_sam(), points_per_batch=2, stability_thresh=0.0)
     calls = []
     predict = source.predictor.predict_torch
 
@@ -1625,27 +1627,27 @@ def test_sam_mask_source_plumbing_with_a_random_tiny_sam():
     masks, iou = source.masks(frame)
     assert masks.shape == (0, h, w) and iou.shape == (0,)
     # No labelled point in the image: no prompt, no SAM call.
-    empty = elite.PlgFrame(image, np.zeros(0, int), np.zeros(0, int), np.zeros((0, 2), int), None)
+    empty = semantickitti.PlgFrame(image, np.zeros(0, int), np.zeros(0, int), np.zeros((0, 2), int), None)
     calls.clear()
     assert source.masks(empty)[0].shape == (0, h, w) and not calls
 
 
 def test_load_sam_names_the_file_and_the_problem(tmp_path):
-    with pytest.raises(elite.DataError, match="sam_vit_h.pth: SAM checkpoint not found"):
+    with pytest.raises(scandata.DataError, match="sam_vit_h.pth: SAM checkpoint not found"):
         runs.load_sam(tmp_path / "sam_vit_h.pth")
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(elite.DataError, match="corrupt.pth: cannot read SAM checkpoint"):
+    with pytest.raises(scandata.DataError, match="corrupt.pth: cannot read SAM checkpoint"):
         runs.load_sam(bad)
     # A vit_b state (768 wide, 12 blocks) loaded as vit_h: caught before building the model.
     fake = tmp_path / "sam_vit_b.pth"
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 1, 1, 1),
                 "image_encoder.blocks.11.norm1.weight": torch.zeros(1)}, fake)
-    with pytest.raises(elite.DataError, match="sam_vit_b.pth: holds SAM vit_b, not vit_h; pass variant='vit_b'"):
+    with pytest.raises(scandata.DataError, match="sam_vit_b.pth: holds SAM vit_b, not vit_h; pass variant='vit_b'"):
         runs.load_sam(fake, "vit_h")
     other = tmp_path / "student.pt"
     torch.save({"model": torch.zeros(1)}, other)
-    with pytest.raises(elite.DataError, match="student.pt: not a SAM checkpoint"):
+    with pytest.raises(scandata.DataError, match="student.pt: not a SAM checkpoint"):
         runs.load_sam(other)
     with pytest.raises(ValueError, match="unknown SAM variant 'vit_x'"):
         runs.load_sam(fake, "vit_x")
@@ -1731,13 +1733,13 @@ def test_no_masks_gives_the_point_labels():
 
 def test_ideal_masks_densify_the_labels_and_agree_with_the_rendering(synth):
     h, w = synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH
-    calib = elite.read_calib(synth / "sequences/00/calib.txt")
+    calib = semantickitti.read_calib(synth / "sequences/00/calib.txt")
     sparse_px = dense_px = agree = sparse_agree = 0
     chance = []
-    for scan in elite.list_scans(synth, ["00"]):
-        dense = elite.read_pixel_labels(elite.plg_path(scan), h, w)
-        gt = elite.read_pixel_labels(synthkitti.rendered_labels_path(scan), h, w)
-        f = elite.load_plg_frame(scan, calib)
+    for scan in semantickitti.list_scans(synth, ["00"]):
+        dense = semantickitti.read_pixel_labels(semantickitti.plg_path(scan), h, w)
+        gt = semantickitti.read_pixel_labels(synthkitti.rendered_labels_path(scan), h, w)
+        f = semantickitti.load_plg_frame(scan, calib)
         sparse = elite.sparse_label_maps(f.semantic, f.instance, f.pixel_rc, h, w)
         labelled = dense[0] > 0
         point_px = (sparse[0] > 0) & (sparse[0] != N)
@@ -1761,11 +1763,11 @@ def test_ideal_masks_densify_the_labels_and_agree_with_the_rendering(synth):
 def test_generation_resumes_skips_existing_and_leaves_no_temp_files(synth):
     folder = synth / "sequences/00/image_2_plg"
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    assert sorted(before) == ["000000.npy", "000001.npy", elite.PLG_RECORD]  # nothing else: no temp files
-    record = json.loads((folder / elite.PLG_RECORD).read_text())
+    assert sorted(before) == ["000000.npy", "000001.npy", semantickitti.PLG_RECORD]  # nothing else: no temp files
+    record = json.loads((folder / semantickitti.PLG_RECORD).read_text())
     label = synth / "sequences/00/labels/000001.label"
     assert record["masks"] == "ideal" and sorted(record["labels"]) == ["000000", "000001"]
-    assert record["labels"]["000001"] == [label.stat().st_size, label.stat().st_mtime_ns, elite.file_crc(label)]
+    assert record["labels"]["000001"] == [label.stat().st_size, label.stat().st_mtime_ns, semantickitti.file_crc(label)]
     counts = runs.generate_pseudo_labels(synth, ["00"], synthkitti.IdealMaskSource(), progress=False)
     assert counts == {"written": 0, "existing": 2, "unlabelled": 0}
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
@@ -1778,17 +1780,17 @@ def copy_without_outputs(synth, dst):
 
 def test_shards_split_the_scans_and_existing_files_are_trusted(synth, tmp_path):
     root = copy_without_outputs(synth, tmp_path / "d")
-    out = [elite.plg_path(s) for s in elite.list_scans(root, ["00"])]
+    out = [semantickitti.plg_path(s) for s in semantickitti.list_scans(root, ["00"])]
     src = synthkitti.IdealMaskSource()
     assert runs.generate_pseudo_labels(root, ["00"], src, shard=(1, 2), progress=False)["written"] == 1
     assert [p.is_file() for p in out] == [False, True]
-    first_run = elite.plg_path(synth / "sequences/00/velodyne/000001.bin")
+    first_run = semantickitti.plg_path(synth / "sequences/00/velodyne/000001.bin")
     np.testing.assert_array_equal(np.load(out[1]), np.load(first_run))
     # A file already there is skipped whatever it holds; reading it later names the problem.
     out[0].write_bytes(b"garbage")
     assert runs.generate_pseudo_labels(root, ["00"], src, progress=False)["existing"] == 2
-    with pytest.raises(elite.DataError, match="000000.npy: cannot read pixel labels"):
-        elite.read_pixel_labels(out[0], synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH)
+    with pytest.raises(scandata.DataError, match="000000.npy: cannot read pixel labels"):
+        semantickitti.read_pixel_labels(out[0], synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH)
     with pytest.raises(ValueError, match="need 0 <= i < n"):
         runs.generate_pseudo_labels(root, ["00"], src, shard=(2, 2))
     # Labels changed since: the files are not these labels' pseudo-labels. A copy with new times
@@ -1796,48 +1798,48 @@ def test_shards_split_the_scans_and_existing_files_are_trusted(synth, tmp_path):
     label = root / "sequences/00/labels/000001.label"
     data = label.read_bytes()
     label.write_bytes(data)  # a new modification time, the same content
-    assert elite.missing_pseudo_labels(root, ["00"]) == 0
+    assert semantickitti.missing_pseudo_labels(root, ["00"]) == 0
     relabelled = np.frombuffer(data, np.uint32).copy()
     relabelled[:100] = 40  # road, the same size
     label.write_bytes(relabelled.tobytes())
-    with pytest.raises(elite.DataError, match=r"00/image_2_plg: pseudo-labels made from other inputs \(000001\.label "
+    with pytest.raises(scandata.DataError, match=r"00/image_2_plg: pseudo-labels made from other inputs \(000001\.label "
                                               r"changed since\)"):
-        elite.missing_pseudo_labels(root, ["00"])
+        semantickitti.missing_pseudo_labels(root, ["00"])
     label.unlink()
-    with pytest.raises(elite.DataError, match=r"\(2 label files then, 1 now\)"):
-        elite.missing_pseudo_labels(root, ["00"])
+    with pytest.raises(scandata.DataError, match=r"\(2 label files then, 1 now\)"):
+        semantickitti.missing_pseudo_labels(root, ["00"])
 
 
 def test_missing_inputs_are_named(synth, tmp_path):
     root = copy_without_outputs(synth, tmp_path / "d")
     (root / "sequences/00/image_2/000000.png").unlink()
-    with pytest.raises(elite.DataError, match="image_2/000000.png: image not found"):
+    with pytest.raises(scandata.DataError, match="image_2/000000.png: image not found"):
         runs.generate_pseudo_labels(root, ["00"], synthkitti.IdealMaskSource(), progress=False)
     (root / "sequences/00/calib.txt").unlink()
-    with pytest.raises(elite.DataError, match="calib.txt: calibration file not found"):
+    with pytest.raises(scandata.DataError, match="calib.txt: calibration file not found"):
         runs.generate_pseudo_labels(root, ["00"], synthkitti.IdealMaskSource(), progress=False)
     shutil.copy(synth / "sequences/00/calib.txt", root / "sequences/00/calib.txt")
     (root / "sequences/00/image_2_gt/000001.npy").unlink()
     (root / "sequences/00/labels/000000.label").unlink()  # scan 0 now unlabelled: skipped
-    with pytest.raises(elite.DataError, match="image_2_gt/000001.npy: pixel-label file not found"):
+    with pytest.raises(scandata.DataError, match="image_2_gt/000001.npy: pixel-label file not found"):
         runs.generate_pseudo_labels(root, ["00"], synthkitti.IdealMaskSource(), progress=False)
-    assert not elite.plg_path(root / "sequences/00/velodyne/000000.bin").exists()
+    assert not semantickitti.plg_path(root / "sequences/00/velodyne/000000.bin").exists()
 
 
 def test_read_pixel_labels_checks_shape_dtype_and_classes(tmp_path):
     p = tmp_path / "x.npy"
     np.save(p, np.zeros((2, 4, 5), np.uint16))
-    assert elite.read_pixel_labels(p, 4, 5).shape == (2, 4, 5)
-    with pytest.raises(elite.DataError, match=r"x.npy: holds uint16 \(2, 4, 5\), expected uint16 \(2, 4, 6\)"):
-        elite.read_pixel_labels(p, 4, 6)
+    assert semantickitti.read_pixel_labels(p, 4, 5).shape == (2, 4, 5)
+    with pytest.raises(scandata.DataError, match=r"x.npy: holds uint16 \(2, 4, 5\), expected uint16 \(2, 4, 6\)"):
+        semantickitti.read_pixel_labels(p, 4, 6)
     np.save(p, np.zeros((2, 4, 5), np.int32))
-    with pytest.raises(elite.DataError, match="holds int32"):
-        elite.read_pixel_labels(p, 4, 5)
+    with pytest.raises(scandata.DataError, match="holds int32"):
+        semantickitti.read_pixel_labels(p, 4, 5)
     bad = np.zeros((2, 4, 5), np.uint16)
     bad[0, 0, 0] = 20
     np.save(p, bad)
-    with pytest.raises(elite.DataError, match="class id 20"):
-        elite.read_pixel_labels(p, 4, 5)
+    with pytest.raises(scandata.DataError, match="class id 20"):
+        semantickitti.read_pixel_labels(p, 4, 5)
 
 
 def test_parse_shard():
@@ -1855,24 +1857,24 @@ def test_parse_shard():
 def test_camera_views_keep_points_on_their_pixels_through_crop_and_flip(synth_copy):
     # Rendered ground truth stands in for pseudo-labels, so the dense crop must agree with
     # the labels of the points at their (cropped, flipped) pixels.
-    for scan in elite.list_scans(synth_copy, ["00"]):
-        elite.plg_path(scan).parent.mkdir(exist_ok=True)
-        shutil.copy(synthkitti.rendered_labels_path(scan), elite.plg_path(scan))
-    ds = elite.SemanticKITTI(synth_copy, ["00"], train=True, seed=1, camera=True, crop_hw=(160, 512), dense=True)
+    for scan in semantickitti.list_scans(synth_copy, ["00"]):
+        semantickitti.plg_path(scan).parent.mkdir(exist_ok=True)
+        shutil.copy(synthkitti.rendered_labels_path(scan), semantickitti.plg_path(scan))
+    ds = semantickitti.SemanticKITTI(synth_copy, ["00"], train=True, seed=1, camera=True, crop_hw=(160, 512), dense=True)
     agree = total = 0
     for epoch in range(4):
         ds.set_epoch(epoch)
-        batch = elite.collate([ds[i] for i in range(len(ds))])
-        views = batch.views
+        batch = scandata.collate([ds[i] for i in range(len(ds))])
+        views = batch.crops
         # The view's labels are the labels of the batch points behind its pixels.
-        assert torch.equal(views.labels, batch.labels[batch.view_points])
+        assert torch.equal(views.labels, batch.labels[batch.crop_points])
         assert views.images.shape == (len(ds), 3, 160, 512) and views.dense.shape == (len(ds), 160, 512)
         start = 0
         for b, pix in enumerate(views.pixels):
             labels = views.labels[start:start + len(pix)]
             start += len(pix)
             assert pix[:, 0].min() >= 0 and pix[:, 0].max() < 160 and pix[:, 1].max() < 512
-            assert (batch.batch_idx[batch.view_points[start - len(pix):start]] == b).all()  # its own scan
+            assert (batch.batch_idx[batch.crop_points[start - len(pix):start]] == b).all()  # its own scan
             hit = views.dense[b, pix[:, 0], pix[:, 1]] == labels
             agree, total = agree + int(hit.sum()), total + len(pix)
         assert start == len(views.labels)
@@ -1887,14 +1889,14 @@ def test_teacher_losses_weights_and_both_label_modes():
     labels = torch.tensor([1, 9, 0, 13])
     w = elite.class_weights()
     feats = teacher(images)
-    sparse, sparse_points = elite.teacher_losses(teacher, feats, elite.Views(images, pixels, labels, None), w, 1.0)
+    sparse, sparse_points = elite.teacher_losses(teacher, feats, scandata.CameraCrops(images, pixels, labels, None), w, 1.0)
     assert list(sparse) == ["seg2d_scale2", "seg2d_scale4", "seg2d_scale8", "seg2d_scale16", "seg2d_fused"]
     stage, fused = teacher.classify(elite.sample_pixels(feats, pixels))
     for k, name in enumerate(list(sparse)[:4]):
         assert torch.allclose(sparse[name], elite.seg_loss(stage[k], labels, w, 1.0) / 4)  # lambda_seg2d / 4
     assert torch.allclose(sparse["seg2d_fused"], elite.seg_loss(fused, labels, w, 1.0))  # weight 1
     dense_labels = torch.randint(0, 20, (2, 32, 64))
-    views = elite.Views(images, pixels, labels, dense_labels)
+    views = scandata.CameraCrops(images, pixels, labels, dense_labels)
     dense, dense_points = elite.teacher_losses(teacher, feats, views, w, lambda_seg2d=2.0)
     per_pixel = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in elite.upsample_maps(feats, 32, 64)]
     stage, fused = teacher.classify(per_pixel)
@@ -1907,11 +1909,11 @@ def test_teacher_losses_weights_and_both_label_modes():
 def test_teacher_and_student_checkpoints_are_not_interchangeable(tmp_path):
     torch.manual_seed(0)
     runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "student.pt")
-    with pytest.raises(elite.DataError, match="student.pt"):
+    with pytest.raises(scandata.DataError, match="student.pt"):
         runs.load_teacher(tmp_path / "student.pt")
     teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny"))
     runs.atomic_save(runs.teacher_state(teacher), tmp_path / "teacher.pt")
-    with pytest.raises(elite.DataError, match="teacher.pt"):
+    with pytest.raises(scandata.DataError, match="teacher.pt"):
         runs.load_student(tmp_path / "teacher.pt")
 
 
@@ -1945,27 +1947,27 @@ def test_voxel_labels_majority_with_unlabelled_votes_and_ties():
 
 def test_ppmskd_terms_weights_and_the_detached_teacher(synth_copy):
     torch.manual_seed(0)
-    ds = elite.SemanticKITTI(synth_copy, ["00"], train=True, camera=True, crop_hw=(64, 128))
-    batch = elite.collate([ds[0], ds[1]])
-    assert len(batch.view_points) > 20
+    ds = semantickitti.SemanticKITTI(synth_copy, ["00"], train=True, camera=True, crop_hw=(64, 128))
+    batch = scandata.collate([ds[0], ds[1]])
+    assert len(batch.crop_points) > 20
     student, heads = elite.Student(), elite.heads_3d()
     teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(64, 128)))
     w = elite.class_weights()
     out = student(batch.points, batch.batch_idx)
-    terms_2d, logits_2d = elite.teacher_losses(teacher, teacher(batch.views.images), batch.views, w)
+    terms_2d, logits_2d = elite.teacher_losses(teacher, teacher(batch.crops.images), batch.crops, w)
     terms = elite.ppmskd_losses(out, heads, logits_2d, batch, w, lambda_xm=0.05)
-    assert list(terms) == [f"{kind}_scale{s}" for s in (2, 4, 8, 16) for kind in ("seg3d", "xm")]
+    assert list(terms) == [f"{kind}_scale{s}" for s in (2, 4, 8, 16) for kind in ("seg3d", "kd")]
     # Stage 0 by hand: the 3D head on the scale-1 voxels, majority labels, KL on the seen points.
     vox = out.stage_voxels[0]
     logits_3d = heads[0](out.stage_feats[0])
     target = elite.voxel_labels(batch.labels, vox.inv, len(vox))
     assert torch.allclose(terms["seg3d_scale2"], elite.seg_loss(logits_3d, target, w, 1.0))
-    p3d = torch.log_softmax(logits_3d[vox.inv[batch.view_points]], 1)
+    p3d = torch.log_softmax(logits_3d[vox.inv[batch.crop_points]], 1)
     p2d = torch.softmax(logits_2d[0], 1)
     kl = (p2d * (p2d.log() - p3d)).sum() / p2d.numel()  # 'mean' over all K x 20 elements
-    assert torch.allclose(terms["xm_scale2"], 0.05 / 4 * kl, rtol=1e-4)
+    assert torch.allclose(terms["kd_scale2"], 0.05 / 4 * kl, rtol=1e-4)
     # The KD terms train the student and its 3D heads, never the teacher.
-    sum(v for k, v in terms.items() if k.startswith("xm")).backward()
+    sum(v for k, v in terms.items() if k.startswith("kd")).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert heads[0][0].weight.grad.abs().sum() > 0
     assert student.blocks[0].v_enc[0].conv1.weight.grad.abs().sum() > 0
@@ -1974,11 +1976,11 @@ def test_ppmskd_terms_weights_and_the_detached_teacher(synth_copy):
 def ppmskd_batch(root, dense: bool):
     """Two scans of sequence 00 with 64 x 128 crops; the rendered maps stand in for SAM-PLG."""
     if dense:
-        for scan in elite.list_scans(root, ["00"]):
-            elite.plg_path(scan).parent.mkdir(exist_ok=True)
-            shutil.copy(synthkitti.rendered_labels_path(scan), elite.plg_path(scan))
-    ds = elite.SemanticKITTI(root, ["00"], train=True, camera=True, crop_hw=(64, 128), dense=dense)
-    return elite.collate([ds[0], ds[1]])
+        for scan in semantickitti.list_scans(root, ["00"]):
+            semantickitti.plg_path(scan).parent.mkdir(exist_ok=True)
+            shutil.copy(synthkitti.rendered_labels_path(scan), semantickitti.plg_path(scan))
+    ds = semantickitti.SemanticKITTI(root, ["00"], train=True, camera=True, crop_hw=(64, 128), dense=dense)
+    return scandata.collate([ds[0], ds[1]])
 
 
 def test_elite_losses_joint_and_frozen_terms(synth_copy):
@@ -1989,7 +1991,7 @@ def test_elite_losses_joint_and_frozen_terms(synth_copy):
     w = elite.class_weights()
     out = student(batch.points, batch.batch_idx)
     joint = elite.elite_losses(out, heads, teacher, batch, w, joint=True)
-    ppmskd = [f"{kind}_scale{s}" for s in (2, 4, 8, 16) for kind in ("seg3d", "xm")]
+    ppmskd = [f"{kind}_scale{s}" for s in (2, 4, 8, 16) for kind in ("seg3d", "kd")]
     assert list(joint) == ["seg3d_main", "seg2d_scale2", "seg2d_scale4", "seg2d_scale8", "seg2d_scale16",
                            "seg2d_fused", *ppmskd, "orth"]
     assert all(v.dim() == 0 and torch.isfinite(v) for v in joint.values())
@@ -2056,9 +2058,9 @@ def test_skipped_step_leaves_the_model_exactly_as_before(synth_root):
     optimizer = runs.make_optimizer(list(model.parameters()) + list(heads.parameters()))
     objective = runs.Objective([model, heads], lambda b: {"ce": F.cross_entropy(
         model(b.points, b.batch_idx).logits, b.labels, ignore_index=0)})
-    data = elite.SemanticKITTI(synth_root, ["00"], train=True)
-    good = elite.collate([data[0]])
-    bad = elite.collate([data[1]])
+    data = semantickitti.SemanticKITTI(synth_root, ["00"], train=True)
+    good = scandata.collate([data[0]])
+    bad = scandata.collate([data[1]])
     bad.points[:, 3] = 1e30  # one absurd remission value per point: BatchNorm's variance overflows
     for b in (good, bad):  # the second step finds momentum in the optimiser
         state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -2080,7 +2082,7 @@ def test_non_finite_checkpoint_is_never_written(tmp_path):
     before = path.read_bytes()
     bad = runs.student_state(elite.Student())
     bad["model"]["blocks.0.v_enc.0.bn1.running_var"][3] = float("inf")
-    with pytest.raises(elite.DataError, match=r"best\.pt: not written: 1 tensors hold NaN or Inf "
+    with pytest.raises(scandata.DataError, match=r"best\.pt: not written: 1 tensors hold NaN or Inf "
                                               r"\(e\.g\. 'model\.blocks\.0\.v_enc\.0\.bn1\.running_var'\)"):
         runs.atomic_save(bad, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["best.pt"]
@@ -2089,7 +2091,7 @@ def test_non_finite_checkpoint_is_never_written(tmp_path):
 def test_written_files_get_the_mode_a_plain_open_gives(tmp_path):
     with open(tmp_path / "plain", "wb") as f:
         f.write(b"x")
-    runs.atomic_write(tmp_path / "atomic", lambda f: f.write(b"x"))
+    scandata.atomic_write(tmp_path / "atomic", lambda f: f.write(b"x"))
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "atomic") == mode(tmp_path / "plain") != 0o600
 
@@ -2111,8 +2113,8 @@ def test_prediction_picture_is_legible():
     assert drawn.shape[0] > 0.3 * 600 * 600  # points are dots, not single pixels
     (r0, c0), (r1, c1) = drawn.min(0), drawn.max(0)
     assert r1 - r0 > 0.8 * 600 and c1 - c0 > 0.8 * 600  # the scene fills the panel
-    assert np.mean(infer.BACKGROUND) > 200 and np.abs(elite.CLASS_COLORS[11] - infer.BACKGROUND).sum() > 300
-    assert (view == elite.CLASS_COLORS[11]).all(2).sum() > 10000  # sidewalk shows
+    assert np.mean(infer.BACKGROUND) > 200 and np.abs(semantickitti.CLASS_COLORS[11] - infer.BACKGROUND).sum() > 300
+    assert (view == semantickitti.CLASS_COLORS[11]).all(2).sum() > 10000  # sidewalk shows
 
 
 def test_default_outputs_are_ignored_by_git():
@@ -2142,7 +2144,7 @@ def test_op_counter_sees_data_dependent_sizes_and_host_reads():
 
 def test_student_forward_waits_on_the_data_a_fixed_number_of_times(synth_root):
     import infer
-    scan = elite.SemanticKITTI(synth_root, ["08"])[0]
+    scan = semantickitti.SemanticKITTI(synth_root, ["08"])[0]
     points = torch.from_numpy(scan.points)
     model = elite.Student().eval()
     with torch.no_grad(), infer.conv_path("torch"):

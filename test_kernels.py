@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import elite
+import semantickitti
 
 pytest.importorskip("triton", reason="triton is not installed (torch's CUDA build brings it on Linux x86-64)")
 import kernels  # noqa: E402  (after the skip: it imports triton)
@@ -123,7 +124,7 @@ def small_scene(n=300, seed=0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def student_on_both_paths():
-    points, labels = small_scene(), torch.randint(1, elite.NUM_CLASSES, (300,), generator=torch.Generator().manual_seed(1))
+    points, labels = small_scene(), torch.randint(1, semantickitti.NUM_CLASSES, (300,), generator=torch.Generator().manual_seed(1))
     batch_idx = torch.zeros(len(points), dtype=torch.long)
     torch.manual_seed(0)
     model = elite.Student()
@@ -163,30 +164,30 @@ def test_triton_student_forward_dispatches_few_operations(student_on_both_paths)
 def test_triton_path_choice(monkeypatch):
     cpu = torch.device("cpu")
     with infer.conv_path("auto"):
-        assert elite.conv_path(cpu) == "torch"  # auto: Triton on CUDA only
+        assert kernels.conv_path(cpu) == "torch"  # auto: Triton on CUDA only
     with infer.conv_path("torch"):
-        assert elite.conv_path(cpu) == "torch"
+        assert kernels.conv_path(cpu) == "torch"
     with infer.conv_path("triton"):
-        assert elite.conv_path(cpu) == "triton"  # the interpreter runs it here (conftest.py)
+        assert kernels.conv_path(cpu) == "triton"  # the interpreter runs it here (conftest.py)
         monkeypatch.setattr(kernels, "INTERPRET", False)
         with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
-            elite.conv_path(cpu)
+            kernels.conv_path(cpu)
     with pytest.raises(ValueError, match="expected one of auto, torch, triton"):
-        elite.set_conv_path("cuda")
+        kernels.set_conv_path("cuda")
 
 
 def test_triton_first_use_check_falls_back_with_a_warning(monkeypatch):
     cpu = torch.device("cpu")
-    elite.triton_agrees.cache_clear()
-    assert elite.triton_agrees(cpu, torch.float32)  # the kernels agree with the plain form here
+    kernels.triton_agrees.cache_clear()
+    assert kernels.triton_agrees(cpu, torch.float32)  # the kernels agree with the plain form here
 
     def broken(*args):
         raise RuntimeError("PTX compile failed\nmore detail")
     monkeypatch.setattr(kernels.SubMConv3dTriton, "apply", broken)
-    elite.triton_agrees.cache_clear()
+    kernels.triton_agrees.cache_clear()
     with pytest.warns(UserWarning, match=r"does not work on cpu in torch.float32 \(RuntimeError: PTX compile failed\)"):
-        assert not elite.triton_agrees(cpu, torch.float32)
-    elite.triton_agrees.cache_clear()
+        assert not kernels.triton_agrees(cpu, torch.float32)
+    kernels.triton_agrees.cache_clear()
 
 
 def test_triton_products_in_float32_unless_torch_allows_tf32(monkeypatch):
@@ -209,10 +210,10 @@ def test_triton_bf16_under_autocast_is_close_to_float32():
 
 def test_triton_flag_refused_where_it_cannot_run(monkeypatch, capsys):
     monkeypatch.setattr(kernels, "INTERPRET", False)  # as on a machine without the interpreter
-    before = elite.CONV_PATH
+    before = kernels.CONV_PATH
     try:
         with pytest.raises(SystemExit):
             infer.parse_args(["--benchmark", "--conv", "triton", "--device", "cpu"])
     finally:
-        elite.set_conv_path(before)
+        kernels.set_conv_path(before)
     assert "--conv triton: the Triton convolution runs on CUDA tensors; these are on cpu" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import torch
 
 import elite
 import nusc
+import scandata
 import synthnusc
 
 VERSION = synthnusc.VERSION
@@ -48,21 +49,21 @@ def test_class_mapping_follows_category_names_not_numbers(synth_nusc, tmp_path):
         assert shuffled[row["index"]] == lut[index[row["name"]]], row["name"]
     rows[3]["name"] = "vehicle.spaceship"
     (root / VERSION / "category.json").write_text(json.dumps(rows))
-    with pytest.raises(elite.DataError, match="category 'vehicle.spaceship' is not one of the 32"):
+    with pytest.raises(scandata.DataError, match="category 'vehicle.spaceship' is not one of the 32"):
         nusc.fine_to_coarse(tables_of(root))
     del rows[3]["index"]
     rows[3]["name"] = "animal"
     (root / VERSION / "category.json").write_text(json.dumps(rows))
-    with pytest.raises(elite.DataError, match="category 'animal' has no 'index'"):
+    with pytest.raises(scandata.DataError, match="category 'animal' has no 'index'"):
         nusc.fine_to_coarse(tables_of(root))
     rows[3]["index"] = rows[4]["index"]  # two categories on one index: refused, not "the last wins"
     (root / VERSION / "category.json").write_text(json.dumps(rows))
-    with pytest.raises(elite.DataError, match=rf"categories '.*' and '.*' both have index {rows[4]['index']}$") as e:
+    with pytest.raises(scandata.DataError, match=rf"categories '.*' and '.*' both have index {rows[4]['index']}$") as e:
         nusc.fine_to_coarse(tables_of(root))
     assert {"'animal'", f"'{rows[4]['name']}'"} <= set(re.findall(r"'[^']+'", str(e.value)))
     rows[3]["index"] = "7"  # an index given as a string
     (root / VERSION / "category.json").write_text(json.dumps(rows))
-    with pytest.raises(elite.DataError, match=r"category 'animal' has index '7', not an integer"):
+    with pytest.raises(scandata.DataError, match=r"category 'animal' has index '7', not an integer"):
         nusc.fine_to_coarse(tables_of(root))
 
 
@@ -72,7 +73,7 @@ def test_a_label_index_no_category_claims_is_refused(synth_nusc, tmp_path):
     unclaimed = next(i for i in range(256) if i not in {r["index"] for r in tables["category"].values()})
     labels = np.array([lut.argmax(), unclaimed, unclaimed], dtype=np.uint8)
     labels.tofile(tmp_path / "x_lidarseg.bin")
-    with pytest.raises(elite.DataError, match=rf"x_lidarseg\.bin: label index {unclaimed} \(1 such\) is no "
+    with pytest.raises(scandata.DataError, match=rf"x_lidarseg\.bin: label index {unclaimed} \(1 such\) is no "
                                               "category's index in category.json"):
         nusc.read_labels(tmp_path / "x_lidarseg.bin", 3, lut)
 
@@ -86,7 +87,7 @@ def test_official_splits_and_keyframes(synth_nusc):
     assert len(nusc.VAL_SCENES) == 150 and "scene-0003" in nusc.VAL_SCENES and "scene-1073" in nusc.VAL_SCENES
     assert [s["name"] for s in nusc.split_scenes(tables, "train")] == ["scene-0001"]
     assert [s["name"] for s in nusc.split_scenes(tables, "val")] == ["scene-0003"]
-    with pytest.raises(elite.DataError, match="the test scenes are in v1.0-test"):
+    with pytest.raises(scandata.DataError, match="the test scenes are in v1.0-test"):
         nusc.split_scenes(tables, "test")
     mini = nusc.Tables("v1.0-mini", {"scene": {"a": {"name": "scene-0103"}, "b": {"name": "scene-0061"}}})
     assert [s["name"] for s in nusc.split_scenes(mini, "val")] == ["scene-0103"]
@@ -249,7 +250,7 @@ def test_the_test_version_reads_with_lidarseg_absent_or_empty(synth_nusc, tmp_pa
         tables = nusc.read_tables(root, synthnusc.TEST_VERSION)
         frames = nusc.keyframes(tables, root, nusc.split_scenes(tables, "test"), labelled=False)
         assert len(frames) == 2 and all(f.labels is None for f in frames)
-    with pytest.raises(elite.DataError, match=r"v1\.0-test: holds the test scenes only"):
+    with pytest.raises(scandata.DataError, match=r"v1\.0-test: holds the test scenes only"):
         nusc.split_scenes(tables, "val")
 
 
@@ -355,33 +356,33 @@ def test_bad_nuscenes_input_names_the_file(synth_nusc, tmp_path):
     # A label file whose length differs from its scan.
     labels = frame.labels.read_bytes()
     frame.labels.write_bytes(labels[:-3])
-    with pytest.raises(elite.DataError, match=rf"{frame.labels.name}: \d+ labels but its LiDAR file has \d+ points"):
+    with pytest.raises(scandata.DataError, match=rf"{frame.labels.name}: \d+ labels but its LiDAR file has \d+ points"):
         nusc.read_labels(frame.labels, len(nusc.read_points(frame.points)), lut)
     frame.labels.unlink()
-    with pytest.raises(elite.DataError, match="lidarseg label file not found"):
+    with pytest.raises(scandata.DataError, match="lidarseg label file not found"):
         nusc.read_labels(frame.labels, 10, lut)
     # A truncated LiDAR file.
     frame.points.write_bytes(frame.points.read_bytes()[:-6])
-    with pytest.raises(elite.DataError, match=r"\.pcd\.bin: \d+ bytes is not a multiple of 20"):
+    with pytest.raises(scandata.DataError, match=r"\.pcd\.bin: \d+ bytes is not a multiple of 20"):
         nusc.read_points(frame.points)
     # A camera image missing.
     frame.cameras[2].image.unlink()
-    with pytest.raises(elite.DataError, match=r"CAM_FRONT_RIGHT.*\.jpg: camera image not found \(CAM_FRONT_RIGHT"):
+    with pytest.raises(scandata.DataError, match=r"CAM_FRONT_RIGHT.*\.jpg: camera image not found \(CAM_FRONT_RIGHT"):
         nusc.read_camera_image(frame.cameras[2])
     # A sample without its lidarseg row.
     rows = json.loads((root / VERSION / "lidarseg.json").read_text())
     (root / VERSION / "lidarseg.json").write_text(json.dumps([r for r in rows if r["sample_data_token"] !=
                                                               frame.lidar_token]))
-    with pytest.raises(elite.DataError, match=rf"lidarseg\.json: sample {frame.token} .* has no lidarseg file"):
+    with pytest.raises(scandata.DataError, match=rf"lidarseg\.json: sample {frame.token} .* has no lidarseg file"):
         nusc.keyframes(tables_of(root), root, nusc.split_scenes(tables_of(root), "train"))
     # A table missing, or not a table.
     (root / VERSION / "ego_pose.json").write_text("{not json")
-    with pytest.raises(elite.DataError, match=r"ego_pose\.json: not a table of the nuScenes schema"):
+    with pytest.raises(scandata.DataError, match=r"ego_pose\.json: not a table of the nuScenes schema"):
         tables_of(root)
     (root / VERSION / "ego_pose.json").unlink()
-    with pytest.raises(elite.DataError, match=r"ego_pose\.json: table not found"):
+    with pytest.raises(scandata.DataError, match=r"ego_pose\.json: table not found"):
         tables_of(root)
-    with pytest.raises(elite.DataError, match=r"v1\.0-mini: no such folder"):
+    with pytest.raises(scandata.DataError, match=r"v1\.0-mini: no such folder"):
         nusc.read_tables(root, "v1.0-mini")
 
 
@@ -426,7 +427,7 @@ def test_tables_that_do_not_hold_together_are_refused_by_row_and_field(synth_nus
     rows = json.loads((root / VERSION / table).read_text())
     spoil(rows, root / VERSION)
     (root / VERSION / table).write_text(json.dumps(rows))
-    with pytest.raises(elite.DataError, match=message):
+    with pytest.raises(scandata.DataError, match=message):
         nusc.read_tables(root, VERSION)
 
 
@@ -434,7 +435,7 @@ def test_a_table_nested_deeper_than_python_recurses_is_one_line(synth_nusc, tmp_
     root = tmp_path / "nusc"
     shutil.copytree(synth_nusc / VERSION, root / VERSION)
     (root / VERSION / "sample.json").write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(elite.DataError, match=r"sample\.json: not a table of the nuScenes schema \(RecursionError"):
+    with pytest.raises(scandata.DataError, match=r"sample\.json: not a table of the nuScenes schema \(RecursionError"):
         nusc.read_tables(root, VERSION)
 
 
@@ -449,7 +450,7 @@ def test_samples_whose_next_loops_back_are_refused_not_followed_forever(synth_nu
     second["next"] = head["token"]  # back to the scene's first sample
     (root / VERSION / "sample.json").write_text(json.dumps(samples))
     tables = nusc.read_tables(root, VERSION)
-    with pytest.raises(elite.DataError, match=rf"sample\.json: the samples of scene {scenes[0]['name']} loop: 'next' "
+    with pytest.raises(scandata.DataError, match=rf"sample\.json: the samples of scene {scenes[0]['name']} loop: 'next' "
                                               rf"leads back to sample {head['token']}"):
         nusc.keyframes(tables, root, [tables["scene"][scenes[0]["token"]]], labelled=False)
 
@@ -475,7 +476,7 @@ def test_every_file_a_run_reads_is_checked_before_its_first_step(synth_nusc, tmp
     def refused(spoil, restore, build, message):
         saved = spoil()
         try:
-            with pytest.raises(elite.DataError, match=message):
+            with pytest.raises(scandata.DataError, match=message):
                 build()
         finally:
             restore(saved)
@@ -572,10 +573,10 @@ def test_far_points_do_not_change_the_predictions_of_the_points_in_range(synth_n
     far[:, 0] += 70.0  # beyond the 50 m range: pushed onto its edge at inference
     far[:5, 0] = np.nan  # and non-finite ones, which nusc_points puts at 0
     more = np.concatenate([points, far])
-    inside = elite.in_range(points[:, :3], nusc.RANGE_MIN, nusc.RANGE_MAX)
+    inside = scandata.in_range(points[:, :3], nusc.RANGE_MIN, nusc.RANGE_MAX)
     torch.manual_seed(0)
-    student = elite.Student(nusc.student_config()).eval()
-    fusion = u2mkd.FusionStudent(nusc.student_config()).eval()
+    student = elite.Student(elite.student_config("nuscenes")).eval()
+    fusion = u2mkd.FusionStudent(elite.student_config("nuscenes")).eval()
     images = np.stack([u2mkd.prepare_full_image(nusc.read_camera_image(c), (45, 80)) for c in frame.cameras])
     for model, imgs in ((student, None), (fusion, images)):
         runs_ = [infer.predict_nusc_frame(model, p, imgs, nusc.camera_sightings(tables, frame, p[:, :3]), 2,

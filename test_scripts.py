@@ -25,8 +25,9 @@ import pytest
 import torch
 
 import elite
-import nusc
 import runs
+import scandata
+import semantickitti
 import synthkitti
 import u2mkd
 
@@ -63,8 +64,8 @@ def test_train_resume_and_infer_end_to_end(synth_root, tmp_path, capsys):
                 "--split", "val", "--votes", "2", "--out", str(tmp_path / "pred"), "--device", "cpu",
                 "--vis", str(tmp_path / "vis")])
     pred = np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label", dtype=np.uint32)
-    assert len(pred) == len(elite.read_scan(synth_root / "sequences" / "08" / "velodyne" / "000000.bin"))
-    assert set(np.unique(pred).tolist()) <= set(elite.LEARNING_MAP_INV.values())
+    assert len(pred) == len(semantickitti.read_scan(synth_root / "sequences" / "08" / "velodyne" / "000000.bin"))
+    assert set(np.unique(pred).tolist()) <= set(semantickitti.LEARNING_MAP_INV.values())
     message = run_main("infer", ["--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(synth_root),
                                  "--split", "val", "--out", str(tmp_path / "pred"), "--device", "cpu"])
     assert re.search(r"pred: already holds predictions \(1 file, e\.g\. .*000000\.label\)", message), message
@@ -78,8 +79,8 @@ def test_train_resume_and_infer_end_to_end(synth_root, tmp_path, capsys):
     top = infer.CAPTION + camera_rows
     assert picture.shape[:2] > (top + 600, 1199) and picture.shape[1] == 1200
     top_view = picture[top + 20:top + 600, :600].reshape(-1, 3)  # clear of the title
-    predicted = np.unique(elite.to_train_ids(pred))
-    drawn = [c for c in predicted if (top_view == elite.CLASS_COLORS[c]).all(1).sum() > 20]
+    predicted = np.unique(semantickitti.to_train_ids(pred))
+    drawn = [c for c in predicted if (top_view == semantickitti.CLASS_COLORS[c]).all(1).sum() > 20]
     assert drawn == [c for c in predicted if c != 0]  # every predicted class shows, nothing is blank
     errors = picture[top:top + 600, 600:].reshape(-1, 3)
     assert (errors == infer.CORRECT).all(1).sum() + (errors == infer.WRONG).all(1).sum() > 1000
@@ -202,11 +203,11 @@ def test_nuscenes_teacher_fusion_student_baseline_and_submission(synth_nusc, tmp
         sorted(f"{frame.lidar_token}_lidarseg.bin" for frame in val)  # the stale file is gone
     assert json.loads((tmp_path / "pred_fusion" / "val" / "submission.json").read_text())["meta"]["use_camera"] is False
     runs.atomic_save(runs.lidar_teacher_state(u2mkd.lidar_teacher()), tmp_path / "kitti_teacher.pt")
-    with pytest.raises(elite.DataError, match=r"kitti_teacher\.pt: a LiDAR teacher of 20 classes, but --dataset "
+    with pytest.raises(scandata.DataError, match=r"kitti_teacher\.pt: a LiDAR teacher of 20 classes, but --dataset "
                                               r"nuscenes has 17"):
         train_student.main(["--method", "u2mkd", *common, "--teacher", str(tmp_path / "kitti_teacher.pt"),
                             "--out", str(tmp_path / "wrong")])
-    with pytest.raises(elite.DataError, match=r"kitti\.pt: a model for semantickitti \(20 classes and its voxel "
+    with pytest.raises(scandata.DataError, match=r"kitti\.pt: a model for semantickitti \(20 classes and its voxel "
                                               r"grid\), not for nuscenes"):  # a SemanticKITTI student
         runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "kitti.pt")
         infer.predict(infer.parse_args(["--dataset", "nuscenes", "--data", str(synth_nusc), "--checkpoint",
@@ -235,18 +236,18 @@ def check_plg_picture(png: Path, scan: Path) -> None:
     h, w = synthkitti.IMAGE_HEIGHT, synthkitti.IMAGE_WIDTH
     picture = np.asarray(Image.open(png).convert("RGB"))
     assert picture.shape == (2 * h, w, 3)
-    dense = elite.read_pixel_labels(elite.plg_path(scan), h, w)[0]
-    frame = elite.read_image(elite.image_path(scan)).astype(np.float32)
-    blended = (0.45 * frame + 0.55 * elite.CLASS_COLORS[dense]).astype(np.uint8)
+    dense = semantickitti.read_pixel_labels(semantickitti.plg_path(scan), h, w)[0]
+    frame = scandata.read_image(semantickitti.image_path(scan)).astype(np.float32)
+    blended = (0.45 * frame + 0.55 * semantickitti.CLASS_COLORS[dense]).astype(np.uint8)
     lower = picture[h:]
     region = (dense != 0) & (np.arange(h)[:, None] > 20)  # below the title
     region[:, :200] = False  # clear of the legend
     assert (np.abs(lower[region].astype(int) - blended[region]).max(1) <= 1).mean() > 0.99
     upper = picture[:h].reshape(-1, 3)
-    semantic = elite.load_plg_frame(scan, elite.read_calib(elite.calib_path(scan))).semantic
+    semantic = semantickitti.load_plg_frame(scan, semantickitti.read_calib(semantickitti.calib_path(scan))).semantic
     classes, counts = np.unique(semantic[semantic != 0], return_counts=True)
     for c in classes[counts >= 20]:  # each class's points show as dots of its colour
-        assert (upper == elite.CLASS_COLORS[c]).all(1).sum() >= 9, elite.CLASS_NAMES[c]
+        assert (upper == semantickitti.CLASS_COLORS[c]).all(1).sum() >= 9, semantickitti.CLASS_NAMES[c]
 
 
 def test_train_teacher_pseudo_labels_shards_train_and_resume(synth_copy, tmp_path):
@@ -254,12 +255,12 @@ def test_train_teacher_pseudo_labels_shards_train_and_resume(synth_copy, tmp_pat
     run = tmp_path / "run"
     common = ["--data", str(synth_copy), "--preset", "embedded", "--train-sequences", "00", "--val-sequences", "08",
               "--crop", "64", "128", "--batch-size", "2", "--out", str(run), "--device", "cpu"]
-    train_scans = elite.list_scans(synth_copy, ["00"])
+    train_scans = semantickitti.list_scans(synth_copy, ["00"])
     train_teacher.main(common + ["--plg-only", "--shard", "1/2"])
-    assert [elite.plg_path(s).is_file() for s in train_scans] == [False, True]  # shard 1 of 2: the 2nd scan
+    assert [semantickitti.plg_path(s).is_file() for s in train_scans] == [False, True]  # shard 1 of 2: the 2nd scan
     vis = tmp_path / "vis"
     train_teacher.main(common + ["--vis", str(vis)])  # makes the missing pseudo-labels, draws them, trains nothing
-    assert all(elite.plg_path(s).is_file() for s in train_scans) and not run.exists()
+    assert all(semantickitti.plg_path(s).is_file() for s in train_scans) and not run.exists()
     check_plg_picture(vis / "sequences/00/000001.png", train_scans[1])
     assert not list((synth_copy / "sequences" / "00" / "image_2_plg").glob("*.tmp*"))
     train_teacher.main(common + ["--epochs", "1"])
@@ -269,7 +270,7 @@ def test_train_teacher_pseudo_labels_shards_train_and_resume(synth_copy, tmp_pat
     train_teacher.main(common + ["--epochs", "2", "--resume"])
     second = torch.load(run / "last.pt", weights_only=False)
     assert second["epoch"] == 1 and second["step"] == 2
-    key = "output_upscaling.0.0.weight"
+    key = "patch_decoders.0.0.weight"
     assert not torch.equal(first["weights"][key], second["weights"][key])
     teacher, _ = runs.load_teacher(run / "last.pt")
     assert torch.equal(teacher.state_dict()[key], second["weights"][key])
@@ -289,7 +290,7 @@ def test_train_student_with_a_teacher_saves_only_the_student_and_resumes(synth_c
     run = tmp_path / "run"
     common = ["--data", str(synth_copy), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
               "--batch-size", "2", "--teacher", str(tmp_path / "teacher.pt"), "--out", str(run), "--device", "cpu"]
-    with pytest.raises(elite.DataError, match="pseudo-labels"):  # dense labels asked for, none made
+    with pytest.raises(scandata.DataError, match="pseudo-labels"):  # dense labels asked for, none made
         train_student.main(common + ["--epochs", "1", "--labels", "plg"])
     train_student.main(common + ["--epochs", "1"])
     last = torch.load(run / "last.pt", weights_only=False)
@@ -299,9 +300,9 @@ def test_train_student_with_a_teacher_saves_only_the_student_and_resumes(synth_c
     assert "teacher" not in best and "heads_3d" not in best and "optimizer" not in best
     assert sum(v.numel() for v in best["model"].values() if v.is_floating_point()) < 1.95e6  # + BN statistics
     student, _ = runs.load_student(run / "best.pt")
-    assert elite.count_parameters(student) == 1_933_460
+    assert runs.count_parameters(student) == 1_933_460
     # Resume: the teacher's trained tensors come from last.pt, not from teacher.pt.
-    key = "output_upscaling.0.0.weight"
+    key = "patch_decoders.0.0.weight"
     assert not torch.equal(last["teacher"]["weights"][key], state["weights"][key])
     train_student.main(common[:-6] + ["--out", str(run), "--device", "cpu", "--epochs", "2", "--resume"])
     second = torch.load(run / "last.pt", weights_only=False)
@@ -322,7 +323,7 @@ def test_lidar_teacher_then_u2mkd_student_then_infer_with_and_without_images(syn
     assert teacher.cfg.hidden == 128 and ckpt["epoch"] == 0 and "optimizer" not in ckpt
     assert runs.instance_db_path(synth_copy).is_file()
     student = ["--method", "u2mkd", "--image-size", "64", "192", "--out", str(tmp_path / "fs")] + data
-    with pytest.raises(elite.DataError, match="elite-student"):  # not a LiDAR teacher
+    with pytest.raises(scandata.DataError, match="elite-student"):  # not a LiDAR teacher
         runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "s.pt")
         train_student.main(student + ["--teacher", str(tmp_path / "s.pt"), "--epochs", "1"])
     train_student.main(student + ["--teacher", str(tmp_path / "lt" / "best.pt"), "--epochs", "1"])
@@ -337,7 +338,7 @@ def test_lidar_teacher_then_u2mkd_student_then_infer_with_and_without_images(syn
     printed = capsys.readouterr().out
     assert "images all" in printed and "no images unseen" in printed
     pred = np.fromfile(tmp_path / "pred" / "sequences" / "08" / "predictions" / "000000.label", dtype=np.uint32)
-    assert len(pred) == len(elite.read_scan(synth_copy / "sequences" / "08" / "velodyne" / "000000.bin"))
+    assert len(pred) == len(semantickitti.read_scan(synth_copy / "sequences" / "08" / "velodyne" / "000000.bin"))
 
 
 # =====================================================================================
@@ -404,7 +405,7 @@ def test_resuming_mid_epoch_with_another_batch_size_is_refused(synth_root, tmp_p
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     ckpt.update(epoch=-1, batch=1)  # as if killed after the epoch's first batch
     runs.atomic_save(ckpt, tmp_path / "run" / "last.pt")
-    with pytest.raises(elite.DataError, match="same --batch-size"):
+    with pytest.raises(scandata.DataError, match="same --batch-size"):
         train_student.main(args + ["--batch-size", "2", "--resume"])
 
 
@@ -419,13 +420,13 @@ def test_sam_plg_killed_midway_resumes_without_redoing_or_corrupt_files(tmp_path
     (folder / "000007.npy.killed00.tmp").write_bytes(b"half a file")  # as a kill mid-write leaves it
     printed = finish(start_script("train_teacher.py", args, tmp_path / "second.log"), tmp_path / "second.log")
     assert f"{8 - len(done)} written, {len(done)} already there" in printed
-    expected = [f"{i:06d}.npy" for i in range(8)] + [elite.PLG_RECORD]
+    expected = [f"{i:06d}.npy" for i in range(8)] + [semantickitti.PLG_RECORD]
     assert sorted(p.name for p in folder.iterdir()) == expected  # no temporaries
     assert {n: (folder / n).stat().st_mtime_ns for n in done} == done  # the finished ones were not redone
-    calib = elite.read_calib(root / "sequences/00/calib.txt")
-    for scan in elite.list_scans(root, ["00"]):  # every file whole and equal to an uninterrupted run's
-        expected = elite.pseudo_labels(elite.load_plg_frame(scan, calib), synthkitti.IdealMaskSource())
-        np.testing.assert_array_equal(np.load(elite.plg_path(scan)), expected)
+    calib = semantickitti.read_calib(root / "sequences/00/calib.txt")
+    for scan in semantickitti.list_scans(root, ["00"]):  # every file whole and equal to an uninterrupted run's
+        expected = elite.pseudo_labels(semantickitti.load_plg_frame(scan, calib), synthkitti.IdealMaskSource())
+        np.testing.assert_array_equal(np.load(semantickitti.plg_path(scan)), expected)
 
 
 # =====================================================================================
@@ -774,8 +775,8 @@ def test_bad_input(name, script, spoil, message, usable, synth_root, bad_input_f
         assert pred.stat().st_size == scan.stat().st_size // 4
     if usable and script == "infer":
         pred = np.fromfile(tmp_path / "pred" / S08 / "predictions/000000.label", dtype=np.uint32)
-        points = elite.read_scan(tmp_path / "data" / S08 / "velodyne/000000.bin")
-        unusable = ~(np.isfinite(points).all(1) & elite.in_range(np.nan_to_num(points[:, :3])))
+        points = semantickitti.read_scan(tmp_path / "data" / S08 / "velodyne/000000.bin")
+        unusable = ~(np.isfinite(points).all(1) & scandata.in_range(np.nan_to_num(points[:, :3]), semantickitti.RANGE_MIN, semantickitti.RANGE_MAX))
         assert len(pred) == len(points) and (pred[unusable] == 0).all()  # what the model never saw: 'unlabeled'
         assert (pred != 0).any() == (name != "every point out of range")
     if usable and script == "train_student":
@@ -835,7 +836,7 @@ def test_one_run_owns_a_folder_at_a_time(tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(elite.DataError, match=rf"run: another run is using this folder \(pid {holder.pid} on .*\); "
+        with pytest.raises(scandata.DataError, match=rf"run: another run is using this folder \(pid {holder.pid} on .*\); "
                                                   "wait for it to end, or give another --out"):
             runs.claim_run_folder(out, runs.STUDENT_KIND, resume=False, overwrite=False)
     finally:
@@ -872,12 +873,12 @@ def test_nothing_is_written_through_a_link_or_onto_a_folder_named_as_a_run_file(
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.lock").symlink_to(target)
-    with pytest.raises(elite.DataError, match=r"run/run\.lock: cannot be used as this folder's lock"):
+    with pytest.raises(scandata.DataError, match=r"run/run\.lock: cannot be used as this folder's lock"):
         runs.lock_run_folder(run)
     assert target.read_text() == "P2: 1 2 3\n"
     other = tmp_path / "other"
     (other / "metrics.csv").mkdir(parents=True)
-    with pytest.raises(elite.DataError, match=r"other/metrics\.csv: is not a regular file"):
+    with pytest.raises(scandata.DataError, match=r"other/metrics\.csv: is not a regular file"):
         runs.claim_run_folder(other, runs.STUDENT_KIND, resume=False, overwrite=True)
     labels = tmp_path / "labels"
     labels.mkdir()
@@ -904,15 +905,15 @@ def test_metrics_csv_resaved_by_a_spreadsheet_is_read_or_refused_up_front(tmp_pa
     path.write_text("Epoch,mIoU\n1,12.5\n")  # renamed columns: refused by name, before any step
     fake_run(tmp_path / "run", runs.student_state(elite.Student()))
     (tmp_path / "run" / "metrics.csv").write_text(path.read_text())
-    with pytest.raises(elite.DataError, match=r"run/metrics\.csv: not the metrics table a run writes"):
+    with pytest.raises(scandata.DataError, match=r"run/metrics\.csv: not the metrics table a run writes"):
         runs.claim_run_folder(tmp_path / "run", runs.STUDENT_KIND, resume=True, overwrite=False)
-    with pytest.raises(elite.DataError, match=r"metrics\.csv: not the metrics table"):
+    with pytest.raises(scandata.DataError, match=r"metrics\.csv: not the metrics table"):
         runs.log_metrics(path, {"epoch": 2, "miou": 1.0})
     assert path.read_text() == "Epoch,mIoU\n1,12.5\n"  # untouched
 
 
 def test_a_checkpoint_of_the_other_dataset_or_with_nan_weights_is_refused(tmp_path):
-    nusc_student = elite.Student(nusc.student_config())
+    nusc_student = elite.Student(elite.student_config("nuscenes"))
     runs.atomic_save(runs.student_state(nusc_student), tmp_path / "nusc.pt")
     message = run_main("infer", ["--checkpoint", str(tmp_path / "nusc.pt"), "--data", str(tmp_path / "kitti"),
                                  "--out", str(tmp_path / "pred"), "--device", "cpu"])
@@ -1021,13 +1022,13 @@ def test_read_only_dataset_writes_derived_files_elsewhere(synth_root, tmp_path):
         assert "pass --derived-dir DIR" in message
         assert run_main("train_teacher", common + ["--teacher", "lidar", "--out", str(tmp_path / "lidar"),
                                                    "--derived-dir", str(derived)]) == ""
-        train = elite.SemanticKITTI(data, ["00"], train=True, camera=True, crop_hw=(160, 512), dense=True,
+        train = semantickitti.SemanticKITTI(data, ["00"], train=True, camera=True, crop_hw=(160, 512), dense=True,
                                     derived=derived)
-        assert train[0].view.dense_labels is not None  # read from DERIVED
-        assert elite.missing_pseudo_labels(data, ["00"], derived) == 0
+        assert train[0].crop.dense_labels is not None  # read from DERIVED
+        assert semantickitti.missing_pseudo_labels(data, ["00"], derived) == 0
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into the dataset
     assert sorted(p.name for p in (derived / S00 / "image_2_plg").iterdir()) == ["000000.npy", "000001.npy",
-                                                                                  elite.PLG_RECORD]
+                                                                                  semantickitti.PLG_RECORD]
     assert (derived / "u2mkd_instances.npz").is_file() and (tmp_path / "lidar" / "best.pt").is_file()
 
 
@@ -1132,8 +1133,8 @@ def test_benchmark_times_elites_two_stages_and_counts_a_teacher_step(capsys):
     # The stages on a small synthetic scan (the full benchmark runs them on the real frame).
     import infer
     points, raw = synthkitti.make_scan(seed=0, columns=256)
-    labels = torch.from_numpy(elite.to_train_ids(raw & 0xFFFF))
-    keep = torch.from_numpy(elite.in_range(points[:, :3]))
+    labels = torch.from_numpy(semantickitti.to_train_ids(raw & 0xFFFF))
+    keep = torch.from_numpy(scandata.in_range(points[:, :3], semantickitti.RANGE_MIN, semantickitti.RANGE_MAX))
     args = argparse.Namespace(teacher_batch=None, repeats=5, teacher_variant="vit_tiny", amp=False)
     infer.benchmark_teacher(torch.from_numpy(points)[keep], labels[keep], torch.device("cpu"), args)
     printed = capsys.readouterr().out

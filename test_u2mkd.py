@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import elite
 import runs
+import scandata
+import semantickitti
 import u2mkd
 
 
@@ -140,12 +141,12 @@ def test_instance_database_round_trip_and_paste(synth_copy):
     again = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
     assert np.array_equal(again.points, db.points) and np.array_equal(again.classes, db.classes)
     first = db.instance(0)
-    scan = elite.list_scans(synth_copy, ["00"])[0]
-    semantic, instance = elite.read_labels(elite.label_path(scan))
-    points = elite.read_scan(scan)
-    labels = elite.to_train_ids(semantic)
+    scan = semantickitti.list_scans(synth_copy, ["00"])[0]
+    semantic, instance = semantickitti.read_labels(semantickitti.label_path(scan))
+    points = semantickitti.read_scan(scan)
+    labels = semantickitti.to_train_ids(semantic)
     # The first instance really is the points of one (class, instance) of the first scan.
-    match = (labels == db.classes[0]) & elite.in_range(points[:, :3])
+    match = (labels == db.classes[0]) & scandata.in_range(points[:, :3], semantickitti.RANGE_MIN, semantickitti.RANGE_MAX)
     assert any(np.array_equal(points[match & (instance == i)], first) for i in np.unique(instance[match]))
     other = runs.load_instance_db(synth_copy, ["00", "08"], min_points=20, progress=False)  # other key: rebuilt
     assert len(other) >= len(db)
@@ -170,7 +171,7 @@ def test_instance_database_round_trip_and_paste(synth_copy):
 
 def test_lidar_teacher_data_pastes_before_augmentation(synth_copy):
     db = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
-    plain = elite.SemanticKITTI(synth_copy, ["00"], train=False)[0]
+    plain = semantickitti.SemanticKITTI(synth_copy, ["00"], train=False)[0]
     pasted = u2mkd.LidarTeacherData(synth_copy, ["00"], db, seed=0, add_num=3)[0]
     assert len(pasted.points) > len(plain.points) and (pasted.index == -1).sum() == len(pasted.points) - len(plain.points)
     assert np.array_equal(pasted.index[pasted.index >= 0], plain.index)
@@ -186,5 +187,5 @@ def test_imagenet_weights_load_into_the_backbone(tmp_path):
     assert torch.equal(branch.stem[0].weight, ref.conv1.weight)
     assert torch.equal(branch.stages[3][1].bn2.running_var, ref.layer4[1].bn2.running_var)
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
-    with pytest.raises(elite.DataError, match="bad.pth"):
+    with pytest.raises(scandata.DataError, match="bad.pth"):
         runs.load_imagenet_weights(branch, tmp_path / "bad.pth")

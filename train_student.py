@@ -48,6 +48,8 @@ import elite
 import nusc
 import presets
 import runs
+import scandata
+import semantickitti
 import u2mkd
 
 HELP_PRESETS = (("elite", "elite", "semantickitti"), ("u2mkd", "u2mkd", "semantickitti"),
@@ -246,13 +248,13 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     # With a teacher, each training scan also brings its camera crop and the points in it.
     camera = dict(camera=True, crop_hw=teacher.cfg.crop_hw, dense=config["labels"] == "plg",
                   derived=args.derived_dir) if teacher else {}
-    missing = elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir) if camera.get("dense") else 0
+    missing = semantickitti.missing_pseudo_labels(root, args.train_sequences, args.derived_dir) if camera.get("dense") else 0
     if missing:
-        raise elite.DataError(f"{args.derived_dir or root}: {missing} training scans have no SAM-PLG pseudo-labels "
+        raise scandata.DataError(f"{args.derived_dir or root}: {missing} training scans have no SAM-PLG pseudo-labels "
                               "(sequences/XX/image_2_plg/); train_teacher.py makes them, or pass --labels sparse")
-    train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, cutmix=args.cutmix,
+    train_set = semantickitti.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, cutmix=args.cutmix,
                                     **camera)
-    val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
+    val_set = semantickitti.SemanticKITTI(root, args.val_sequences, train=False)
     runs.check_datasets(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
@@ -283,7 +285,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
         batch = batch.to(device)
         out = model(batch.points, batch.batch_idx)
         if teacher is None:
-            return {"seg3d_main": elite.seg_loss(out.logits, batch.labels, weight, lovasz_weight=0.1)}
+            return {"seg3d_main": elite.seg_loss(out.logits, batch.labels, weight, elite.LAMBDA_LOVASZ)}
         return elite.elite_losses(out, heads, teacher, batch, weight, joint=joint)
 
     def scores(batch):  # validation: the in-range points of each scan
@@ -317,7 +319,7 @@ def setup_nusc_baseline(args, root: Path, device, resumed: dict | None) -> Setup
     val_set = nusc.NuScenesScans(root, args.version, "val")
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
-    model = elite.Student(nusc.student_config()).to(device)
+    model = elite.Student(elite.student_config("nuscenes")).to(device)
     optimizer = runs.make_optimizer(model.parameters(), lr=args.lr)
     if resumed is not None:
         runs.load_state(model, resumed["model"], args.out / "last.pt")
@@ -350,7 +352,7 @@ def u2mkd_data(args, root: Path, config: dict, teacher_sweeps: int | None):
                                            camera_drop=config["camera_drop"], teacher_view=with_teacher,
                                            sweeps=teacher_sweeps or 0)
         val_set = u2mkd.NuScenesPairData(root, args.version, "val", image_hw=image_size)
-        return train_set, val_set, nusc.student_config()
+        return train_set, val_set, elite.student_config("nuscenes")
     train_set = u2mkd.PairData(root, args.train_sequences, train=True, seed=args.seed, image_hw=image_size,
                                image_drop=config["image_drop"], teacher_view=with_teacher)
     val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=image_size)
@@ -371,7 +373,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
         teacher_sweeps = teacher_ckpt.get("config", {}).get("sweeps") or 0  # what it was trained on
     train_set, val_set, cfg = u2mkd_data(args, root, config, teacher_sweeps)
     if teacher is not None and teacher.cfg.num_classes != cfg.num_classes:
-        raise elite.DataError(f"{config['teacher']}: a LiDAR teacher of {teacher.cfg.num_classes} classes, but "
+        raise scandata.DataError(f"{config['teacher']}: a LiDAR teacher of {teacher.cfg.num_classes} classes, but "
                               f"--dataset {args.dataset} has {cfg.num_classes}: train the teacher on this dataset")
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, u2mkd.collate_pairs, device.type == "cuda")
@@ -404,7 +406,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
         return best | {"optimizer": optimizer.state_dict(),
                        "kd_adapter": adapter.state_dict() if adapter is not None else None}, best
 
-    describe = (f"LiDAR teacher {config['teacher']} ({elite.count_parameters(teacher):,} parameters, frozen)"
+    describe = (f"LiDAR teacher {config['teacher']} ({runs.count_parameters(teacher):,} parameters, frozen)"
                 if teacher else "none (the fusion student without KD)")
     drop = (f"{config['camera_drop']} of the 6 cameras dropped per training keyframe" if args.dataset == "nuscenes"
             else f"dropped with p {config['image_drop']}")
@@ -438,7 +440,7 @@ def main(argv=None):
         "device": runs.describe_device(device, args.amp),
         "convolutions": runs.describe_conv(device),
         "data": runs.describe_data(root, setup.loader.dataset, setup.val_set, args),
-        "student": f"{type(setup.model).__name__}, {elite.count_parameters(setup.model):,} parameters"
+        "student": f"{type(setup.model).__name__}, {runs.count_parameters(setup.model):,} parameters"
                    + (f", initialised from {args.init_3d} (2DPASS)" if args.init_3d else ""),
         "teacher": setup.describe,
         "preset": presets.describe_preset(args.preset, presets_of(args.method, args.dataset)[args.preset], args),

@@ -51,6 +51,8 @@ import elite
 import nusc
 import presets
 import runs
+import scandata
+import semantickitti
 import synthkitti
 
 
@@ -215,7 +217,7 @@ def finish_sam_args(p, args) -> None:
 # ---- SAM-PLG: the dense labels the teacher learns from ----
 
 def mask_name(args) -> str:
-    """The mask source as the pseudo-labels' record keeps it (elite.PLG_RECORD): ideal, or the SAM
+    """The mask source as the pseudo-labels' record keeps it (semantickitti.PLG_RECORD): ideal, or the SAM
     variant and its file's name."""
     return "ideal" if args.mask_source == "ideal" else f"sam {args.plg_variant} {Path(args.plg_checkpoint).name}"
 
@@ -225,15 +227,15 @@ def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.dev
         source, masks = synthkitti.IdealMaskSource(), "ideal: the synthetic scenes' rendered regions (image_2_gt/)"
     else:
         sam = runs.load_sam(args.plg_checkpoint, args.plg_variant, device=device)
-        source = elite.SamMaskSource(sam, name=mask_name(args))
+        source = runs.SamMaskSource(sam, name=mask_name(args))
         masks = f"SAM {args.plg_variant} ({args.plg_checkpoint})"
-    scans = elite.list_scans(root, sequences)
+    scans = semantickitti.list_scans(root, sequences)
     i, n = args.shard
-    check_writable(elite.plg_path(scans[0], args.derived_dir).parent.parent.parent)
+    check_writable(semantickitti.plg_path(scans[0], args.derived_dir).parent.parent.parent)
     runs.print_summary("train_teacher.py: SAM-PLG pseudo-labels", {
         "device": runs.describe_device(device),
         "data": f"{root}: {len(scans)} scans ({' '.join(sequences)}); this process makes shard {i}/{n}: "
-                f"{len(scans[i::n])} scans, {elite.missing_pseudo_labels(root, sequences, args.derived_dir)} of all "
+                f"{len(scans[i::n])} scans, {semantickitti.missing_pseudo_labels(root, sequences, args.derived_dir)} of all "
                 "still missing",
         "masks": masks,
         "outputs": f"{args.derived_dir or root}/sequences/XX/image_2_plg/NNNNNN.npy (written atomically; existing "
@@ -249,10 +251,10 @@ def draw_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
     """--vis: this process's share of the scans, every k-th, drawn with their pseudo-labels."""
     from tqdm import tqdm
     i, n = args.shard
-    scans = [s for s in elite.list_scans(root, sequences)[i::n][::args.vis_every]
-             if elite.plg_path(s, args.derived_dir).is_file()]
+    scans = [s for s in semantickitti.list_scans(root, sequences)[i::n][::args.vis_every]
+             if semantickitti.plg_path(s, args.derived_dir).is_file()]
     for scan in tqdm(scans, desc="drawing pseudo-labels", disable=not runs.distributed().main, dynamic_ncols=True):
-        picture = runs.plg_picture(scan, elite.sequence_calib(scan.parent.parent), args.derived_dir)
+        picture = runs.plg_picture(scan, semantickitti.sequence_calib(scan.parent.parent), args.derived_dir)
         runs.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
     print(f"Pseudo-labels of {len(scans)} scans drawn to {args.vis}/sequences/XX/NNNNNN.png")
 
@@ -274,7 +276,7 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
 def pseudo_labels_first(args, root: Path, device) -> bool:
     """SAM-PLG's part of a run: the missing pseudo-labels made (all of this shard's with
     --plg-only), or drawn with --vis -> whether the teacher's training follows."""
-    missing = elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir, mask_name(args)) \
+    missing = semantickitti.missing_pseudo_labels(root, args.train_sequences, args.derived_dir, mask_name(args)) \
         if args.labels == "plg" else 0
     if args.plg_only or missing:
         make_pseudo_labels(args, root, args.train_sequences, device)
@@ -284,8 +286,8 @@ def pseudo_labels_first(args, root: Path, device) -> bool:
     if args.plg_only:
         return False
     if args.labels == "plg" and args.shard != (0, 1) and \
-            elite.missing_pseudo_labels(root, args.train_sequences, args.derived_dir):
-        raise elite.DataError(f"{root}: pseudo-labels of other shards are still missing; "
+            semantickitti.missing_pseudo_labels(root, args.train_sequences, args.derived_dir):
+        raise scandata.DataError(f"{root}: pseudo-labels of other shards are still missing; "
                               "run the other shards (or drop --shard) before training")
     return True
 
@@ -297,7 +299,7 @@ def sam_teacher(args, ckpt: dict | None, last_path: Path) -> elite.Teacher:
     if ckpt is None:
         return runs.build_teacher(cfg, args.sam_checkpoint)
     if ckpt["teacher_config"] != asdict(cfg):
-        raise elite.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for {asdict(cfg)}")
+        raise scandata.DataError(f"{last_path}: holds a {ckpt['teacher_config']} teacher, the flags ask for {asdict(cfg)}")
     return runs.load_teacher_state(ckpt, args.sam_checkpoint, last_path)
 
 
@@ -307,9 +309,9 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     if not pseudo_labels_first(args, root, device):
         return None
     # The student's dataset with its camera view on: per scan, the crop and the points in it.
-    train_set = elite.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
+    train_set = semantickitti.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
                                     crop_hw=args.crop, dense=args.labels == "plg", derived=args.derived_dir)
-    val_set = elite.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
+    val_set = semantickitti.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
     runs.check_datasets(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
@@ -327,14 +329,14 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
         run = runs.RunState.resumed(ckpt)
 
     def loss_terms(batch):
-        views = batch.views.to(device)
+        views = batch.crops.to(device)
         terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, weight, elite.LAMBDA_SEG2D)
         if args.peft == "adalora":
             terms["orth"] = elite.orth_regularizer(teacher, elite.ORTH_WEIGHT)
         return terms
 
     def scores(batch):  # validation: the fused head at the projected points of each crop
-        views = batch.views.to(device)
+        views = batch.crops.to(device)
         _, fused = teacher.classify(elite.sample_pixels(teacher(views.images), views.pixels))  # (K, 20)
         return fused, views.labels
 
@@ -353,7 +355,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
         "data": runs.describe_data(root, train_set, val_set, args)
                 + f"; {args.labels} 2D labels, crops {args.crop[0]}x{args.crop[1]}",
         "teacher": f"SAM {args.variant} ({args.sam_checkpoint or 'random weights'}) with {args.peft} r={args.rank}: "
-                   f"{trainable:,} trainable of {elite.count_parameters(teacher):,} parameters",
+                   f"{trainable:,} trainable of {runs.count_parameters(teacher):,} parameters",
         "preset": presets.describe_preset(args.preset, recipes_of(args)[args.preset], args),
         "schedule": runs.describe_schedule(args, len(loader), schedule, "images"),
         "outputs": runs.describe_outputs(args.out, args.save_every),
@@ -382,7 +384,7 @@ def lidar_teacher_data(args, root: Path):
     if args.dataset == "nuscenes":
         train_set = nusc.NuScenesScans(root, args.version, "train", train=True, seed=args.seed, sweeps=args.sweeps)
         val_set = nusc.NuScenesScans(root, args.version, "val", sweeps=args.sweeps)  # as upstream validates
-        return train_set, val_set, nusc.student_config(), (
+        return train_set, val_set, elite.student_config("nuscenes"), (
             f"the keyframe and {args.sweeps} sweeps around it, then flip, rotation, scaling, translation; "
             f"validation also reads the sweeps (their points are label 0: only the keyframe's are scored)")
     db_path = runs.instance_db_path(root, args.derived_dir)
@@ -393,7 +395,7 @@ def lidar_teacher_data(args, root: Path):
     runs.barrier()
     db = runs.load_instance_db(root, args.train_sequences, derived=args.derived_dir) if args.paste > 0 else None
     train_set = u2mkd.LidarTeacherData(root, args.train_sequences, db, seed=args.seed, add_num=args.paste)
-    val_set = elite.SemanticKITTI(root, args.val_sequences, train=False)
+    val_set = semantickitti.SemanticKITTI(root, args.val_sequences, train=False)
     runs.check_datasets(train_set, val_set)
     sees = (f"{args.paste} instances pasted per scan from {db_path} ({len(db)} instances), then flip, rotation, "
             "scaling, translation" if db is not None else "flip, rotation, scaling, translation (no instance paste)")
@@ -435,7 +437,7 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
         "device": runs.describe_device(device, args.amp),
         "convolutions": runs.describe_conv(device),
         "data": runs.describe_data(root, train_set, val_set, args),
-        "teacher": f"the voxel student at width x{args.width}, {elite.count_parameters(model):,} parameters",
+        "teacher": f"the voxel student at width x{args.width}, {runs.count_parameters(model):,} parameters",
         "augmentation": sees,
         "preset": presets.describe_preset(args.preset, recipes_of(args)[args.preset], args),
         "schedule": runs.describe_schedule(args, len(loader), schedule, "scans", scaled),
@@ -466,7 +468,6 @@ def main(argv=None):
     device = runs.init_distributed(args.device, args.sync_bn)
     if args.vis is not None:
         runs.writable_folder(args.vis, "give another --vis")
-    import u2mkd
     kind = runs.TEACHER_KIND if args.teacher == "sam" else runs.LIDAR_TEACHER_KIND
     if args.vis is None and not args.plg_only:  # a training run: OUT is its folder
         runs.claim_run_folder(args.out, kind, args.resume, args.overwrite)

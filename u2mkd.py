@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 import elite
 import nusc
+import scandata
+import semantickitti
 
 # =====================================================================================
 # 1. The camera for fusion
@@ -54,7 +56,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def camera_uv(xyz: np.ndarray, proj: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """xyz (N, 3) raw coordinates -> uv (N, 2) float32 normalised (x along the width, y down),
     and fov (N,) bool: in front of the camera and strictly inside the image. uv is 0 outside."""
-    keep, rows_cols = elite.project_points(xyz, proj, height, width)
+    keep, rows_cols = semantickitti.project_points(xyz, proj, height, width)
     uv = np.zeros((len(xyz), 2), dtype=np.float32)
     uv[keep, 0] = rows_cols[:, 1] / (width - 1) * 2 - 1
     uv[keep, 1] = rows_cols[:, 0] / (height - 1) * 2 - 1
@@ -108,7 +110,7 @@ def cut_instances(points: np.ndarray, labels: np.ndarray, instance: np.ndarray,
                   min_points=MIN_INSTANCE_POINTS) -> list[tuple[int, np.ndarray]]:
     """One scan's things: [(training id, (n, 4) points)] for each (class, instance id != 0)
     with at least min_points points inside the voxel range."""
-    keep = elite.in_range(points[:, :3]) & np.isin(labels, THING_CLASSES) & (instance != 0)
+    keep = scandata.in_range(points[:, :3], semantickitti.RANGE_MIN, semantickitti.RANGE_MAX) & np.isin(labels, THING_CLASSES) & (instance != 0)
     out = []
     pairs, inverse, counts = np.unique(np.stack([labels[keep], instance[keep]], 1), axis=0,
                                        return_inverse=True, return_counts=True)
@@ -122,13 +124,13 @@ def cut_instances(points: np.ndarray, labels: np.ndarray, instance: np.ndarray,
 def build_instance_db(root, sequences, min_points=MIN_INSTANCE_POINTS, progress=True) -> InstanceDB:
     from tqdm import tqdm
     found = []
-    for scan in tqdm(elite.list_scans(root, sequences), desc="instance database", unit="scan",
+    for scan in tqdm(semantickitti.list_scans(root, sequences), desc="instance database", unit="scan",
                      disable=not progress, dynamic_ncols=True):
-        if not elite.label_path(scan).is_file():
+        if not semantickitti.label_path(scan).is_file():
             continue
-        points = elite.read_scan(scan)
-        semantic, instance = elite.read_labels(elite.label_path(scan), len(points))
-        found += cut_instances(points, elite.to_train_ids(semantic, elite.label_path(scan)), instance, min_points)
+        points = semantickitti.read_scan(scan)
+        semantic, instance = semantickitti.read_labels(semantickitti.label_path(scan), len(points))
+        found += cut_instances(points, semantickitti.to_train_ids(semantic, semantickitti.label_path(scan)), instance, min_points)
     sizes = [len(p) for _, p in found]
     return InstanceDB(points=np.concatenate([p for _, p in found]) if found else np.zeros((0, 4), np.float32),
                       offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
@@ -186,45 +188,45 @@ def paste_instances(points: np.ndarray, labels: np.ndarray, db: InstanceDB, rng:
 # 3. Datasets
 # =====================================================================================
 
-class LidarTeacherData(elite.SemanticKITTI):
+class LidarTeacherData(semantickitti.SemanticKITTI):
     """The LiDAR teacher's training scans: instance paste, then flip, rotation, scaling and
-    translation (elite.augment_xyz). Pasted points have index -1 (no row in the file)."""
+    translation (scandata.augment_xyz). Pasted points have index -1 (no row in the file)."""
 
     def __init__(self, root, sequences, db: InstanceDB | None, seed=0, add_num=5):
         super().__init__(root, sequences, train=True, seed=seed)
         self.db, self.add_num = db, add_num
 
-    def __getitem__(self, i) -> elite.Scan:
-        points, labels, keep = self.raw(i)
-        rng = self.rng(i, 0)
+    def __getitem__(self, i) -> scandata.Scan:
+        points, labels, keep = self.as_in_file(i)
+        rng = self.rng(i, scandata.Stream.POINTS)
         pts, lab = points[keep].copy(), labels[keep]
         if self.db is not None and self.add_num > 0:
             pts, lab = paste_instances(pts, lab, self.db, rng, self.add_num)
         index = np.concatenate([keep, np.full(len(pts) - len(keep), -1)])
-        pts[:, :3] = elite.augment_xyz(pts[:, :3], rng)
-        return elite.Scan(pts.astype(np.float32), lab, index, len(points), self.scans[i])
+        pts[:, :3] = scandata.augment_xyz(pts[:, :3], rng)
+        return scandata.Scan(pts.astype(np.float32), lab, index, len(points), self.scans[i])
 
 
 def student_rows(dataset, i: int):
     """A scan's raw points (N, 4), labels (N,), in-range rows, and the rows the student keeps
     (point dropout in training), with the scan's 3D random stream."""
-    points, labels, in_range = dataset.raw(i)
-    rng = dataset.rng(i, 0)
-    keep = in_range[elite.dropout_points(len(in_range), rng)] if dataset.train and len(in_range) else in_range
+    points, labels, in_range = dataset.as_in_file(i)
+    rng = dataset.rng(i, scandata.Stream.POINTS)
+    keep = in_range[scandata.dropout_points(len(in_range), rng)] if dataset.train and len(in_range) else in_range
     return points, labels, in_range, keep, rng
 
 
 @dataclass
 class PairScan:
-    scan: elite.Scan            # the student's view: dropout, pixels found, then its own augmentation
+    scan: scandata.Scan            # the student's view: dropout, pixels found, then its own augmentation
     images: np.ndarray          # (K, 3, H, W) float32: the scan's cameras (K = 0 when none or all dropped)
     uv: np.ndarray              # (n, 2) float32 normalised pixel of each student point
     camera: np.ndarray          # (n,) int64: which of the K images sees the point, -1 if none
-    teacher: elite.Scan | None  # the teacher's view of the same raw scan, independently augmented
+    teacher: scandata.Scan | None  # the teacher's view of the same raw scan, independently augmented
     sightings: nusc.Sightings | None = None  # nuScenes: every image holding each point (L2C); None: `camera`'s
 
 
-class PairData(elite.SemanticKITTI):
+class PairData(semantickitti.SemanticKITTI):
     """Scans for the fusion student. images=False gives every scan without its image (all
     points imputed); image_drop drops a training scan's image with that probability (the
     single-camera analogue of upstream's camera dropout); teacher_view=True adds the teacher's
@@ -241,22 +243,22 @@ class PairData(elite.SemanticKITTI):
         points, labels, in_range, keep, rng = student_rows(self, i)
         pts = points[keep].copy()
         uv, camera, images = no_camera(len(pts), self.image_hw)
-        dropped = self.train and self.rng(i, 1).random() < self.image_drop
+        dropped = self.train and self.rng(i, scandata.Stream.CAMERA).random() < self.image_drop
         if self.images and not dropped:
-            calib = elite.sequence_calib(path.parent.parent)
-            frame = elite.read_frame(path, calib)
+            calib = semantickitti.sequence_calib(path.parent.parent)
+            frame = semantickitti.read_frame(path, calib)
             uv, fov = camera_uv(pts[:, :3], calib["proj"], *frame.shape[:2])  # raw coordinates
             camera = np.where(fov, 0, -1)
             images = prepare_full_image(frame, self.image_hw)[None]
         if self.train:
-            pts[:, :3] = elite.augment_xyz(pts[:, :3], rng)  # after the pixels: they stay valid
+            pts[:, :3] = scandata.augment_xyz(pts[:, :3], rng)  # after the pixels: they stay valid
         teacher = None
         if self.teacher_view:
             t_pts = points[in_range].copy()
             if self.train:
-                t_pts[:, :3] = elite.augment_xyz(t_pts[:, :3], self.rng(i, 2))
-            teacher = elite.Scan(t_pts, labels[in_range], in_range, len(points), path)
-        return PairScan(elite.Scan(pts, labels[keep], keep, len(points), path), images, uv, camera, teacher)
+                t_pts[:, :3] = scandata.augment_xyz(t_pts[:, :3], self.rng(i, scandata.Stream.SECOND))
+            teacher = scandata.Scan(t_pts, labels[in_range], in_range, len(points), path)
+        return PairScan(scandata.Scan(pts, labels[keep], keep, len(points), path), images, uv, camera, teacher)
 
 
 NUSC_IMAGE_HW = (360, 640)  # nuScenes: 0.4 of the 1600 x 900 frame (upstream im_cr 0.4)
@@ -288,7 +290,7 @@ class NuScenesPairData(nusc.NuScenesScans):
         if self.images:
             kept = range(len(frame.cameras))
             if self.train and self.camera_drop:
-                kept = sorted(self.rng(i, 1).choice(len(frame.cameras), len(frame.cameras) - self.camera_drop,
+                kept = sorted(self.rng(i, scandata.Stream.CAMERA).choice(len(frame.cameras), len(frame.cameras) - self.camera_drop,
                                                     replace=False))
             cameras = [frame.cameras[c] for c in kept]
             sightings = nusc.camera_sightings(self.tables, replace(frame, cameras=cameras), pts[:, :3])
@@ -296,7 +298,7 @@ class NuScenesPairData(nusc.NuScenesScans):
             images = np.stack([prepare_full_image(nusc.read_camera_image(c), self.image_hw) for c in cameras]) \
                 if cameras else images
         if self.train:
-            pts[:, :3] = elite.augment_xyz(pts[:, :3], rng)  # after the pixels: they stay valid
+            pts[:, :3] = scandata.augment_xyz(pts[:, :3], rng)  # after the pixels: they stay valid
         teacher = None
         if self.teacher_view:
             t_pts, t_labels, t_index = points[in_range], labels[in_range], in_range
@@ -304,9 +306,9 @@ class NuScenesPairData(nusc.NuScenesScans):
                 t_pts, t_labels, t_index = self.add_sweeps(i, t_pts, t_labels, t_index, len(points))
             t_pts = t_pts.copy()
             if self.train:
-                t_pts[:, :3] = elite.augment_xyz(t_pts[:, :3], self.rng(i, 2))
-            teacher = elite.Scan(t_pts, t_labels, t_index, len(points), frame.points)
-        return PairScan(elite.Scan(pts, labels[keep], keep, len(points), frame.points), images, uv, camera, teacher,
+                t_pts[:, :3] = scandata.augment_xyz(t_pts[:, :3], self.rng(i, scandata.Stream.SECOND))
+            teacher = scandata.Scan(t_pts, t_labels, t_index, len(points), frame.points)
+        return PairScan(scandata.Scan(pts, labels[keep], keep, len(points), frame.points), images, uv, camera, teacher,
                         sightings)
 
 
@@ -331,12 +333,12 @@ class Splat:
 
 @dataclass
 class PairBatch:
-    lidar: elite.Batch                 # the student's points, as any student batch
+    lidar: scandata.Batch                 # the student's points, as any student batch
     images: torch.Tensor | None        # (B', 3, H, W) every camera image of the batch (None: none)
     image_of_point: torch.Tensor       # (N,) int64 row of `images` that sees the point, -1 if none
     uv: torch.Tensor                   # (N, 2) normalised pixel (x, y); meaningful where seen
     splat: Splat                       # every (point, image) sighting, for L2C
-    teacher: elite.Batch | None = None       # the teacher's view
+    teacher: scandata.Batch | None = None       # the teacher's view
     teacher_row: torch.Tensor | None = None  # (N,) row of teacher.points that is the same raw point
 
     @property
@@ -363,7 +365,7 @@ def teacher_rows(student_index: np.ndarray, teacher_index: np.ndarray) -> np.nda
 
 
 def collate_pairs(items: list[PairScan]) -> PairBatch:
-    lidar = elite.collate([it.scan for it in items])
+    lidar = scandata.collate([it.scan for it in items])
     first = np.cumsum([0] + [len(it.images) for it in items[:-1]])  # each scan's first row of `images`
     all_images = np.concatenate([it.images for it in items])  # (B', 3, H, W)
     images = torch.from_numpy(all_images) if len(all_images) else None
@@ -376,7 +378,7 @@ def collate_pairs(items: list[PairScan]) -> PairBatch:
                   torch.from_numpy(np.concatenate([s.uv for s in sights]).astype(np.float32)))
     teacher = teacher_row = None
     if items[0].teacher is not None:
-        teacher = elite.collate([it.teacher for it in items])
+        teacher = scandata.collate([it.teacher for it in items])
         offsets = np.cumsum([0] + [len(it.teacher.points) for it in items[:-1]])
         teacher_row = torch.from_numpy(np.concatenate(
             [teacher_rows(it.scan.index, it.teacher.index) + o for it, o in zip(items, offsets)]))
@@ -400,7 +402,7 @@ class ImageBranch(nn.Module):
 
     channels = (64, 128, 256, 128)  # the image channels each fusion stage sees
 
-    def __init__(self, num_classes=elite.NUM_CLASSES):
+    def __init__(self, num_classes=semantickitti.NUM_CLASSES):
         super().__init__()
         import torchvision
         r = torchvision.models.resnet18(weights=None)
