@@ -132,7 +132,7 @@ def grid_constants(scales: tuple, lo: tuple, hi: tuple, shape: tuple, device: to
 class VoxelSets:
     """The voxels of several scales as one array, scale after scale: keys (V,) sorted, their
     rows coords (V, 4), inv (S, N) each point's voxel within its scale, and per_scale the
-    Voxels of each scale (crops into these)."""
+    Voxels of each scale (views into these)."""
     keys: torch.Tensor
     coords: torch.Tensor
     inv: torch.Tensor

@@ -258,12 +258,12 @@ def claim_predictions(args, sequences: list[str]) -> None:
     for folder in folders:  # a link there could point at a dataset's labels: never written through
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
             raise scandata.DataError(f"{folder}: is a link or not a folder; predictions are written only into plain "
-                                  "folders (a link could lead to a dataset's own labels); give another --out")
+                                     "folders (a link could lead to a dataset's own labels); give another --out")
     found = existing_predictions(args, sequences)
     if found and not args.overwrite:
         files = f"{len(found)} file{'s' * (len(found) != 1)}"
         raise scandata.DataError(f"{args.out}: already holds predictions ({files}, e.g. {found[0]}); give another "
-                              "--out, or --overwrite to replace them")
+                                 "--out, or --overwrite to replace them")
     for path in found:
         path.unlink()
 
@@ -276,7 +276,7 @@ def predict(args):
         return predict_fusion(args)
     if args.no_images:
         raise scandata.DataError(f"{args.checkpoint}: --no-images is for a U2MKD fusion student; this checkpoint "
-                              f"holds a '{kind}' model, which never sees images")
+                                 f"holds a '{kind}' model, which never sees images")
     check_outputs(args)
     device = torch.device(args.device)
     model, ckpt = runs.load_student(args.checkpoint, map_location=device)
@@ -410,7 +410,7 @@ def predict_nusc_frame(model, points: np.ndarray, images: np.ndarray | None, sig
     no in-range prediction may depend on them (upstream predicts every point, without a range)."""
     pts = nusc_points(points, path)  # (N, 4), inside the range
     inside = np.isfinite(points[:, :4]).all(1) & scandata.in_range(np.nan_to_num(points[:, :3]), nusc.RANGE_MIN,
-                                                                 nusc.RANGE_MAX)
+                                                                   nusc.RANGE_MAX)
     logits = torch.zeros(len(points), nusc.NUM_CLASSES, device=device)
     for rows in (np.flatnonzero(inside), np.flatnonzero(~inside)):
         if len(rows):
@@ -462,7 +462,7 @@ def predict_nuscenes(args):
     else:
         if args.no_images:
             raise scandata.DataError(f"{args.checkpoint}: --no-images is for a U2MKD fusion student; this checkpoint "
-                                  f"holds a '{kind}' model, which never sees images")
+                                     f"holds a '{kind}' model, which never sees images")
         model, ckpt = runs.load_student(args.checkpoint, map_location=device)
         image_hw = None
     runs.check_dataset(model.cfg, args.dataset, args.checkpoint)
@@ -711,10 +711,10 @@ def teacher_training_step(teacher: elite.Teacher, batch: int, amp: bool, device:
     g = torch.Generator().manual_seed(0)
     pixels = [torch.stack([torch.randint(0, h, (4000,), generator=g), torch.randint(0, w, (4000,), generator=g)], 1)
               for _ in range(batch)]
-    views = scandata.CameraCrops(torch.randn(batch, 3, h, w, generator=g), pixels,
-                        torch.randint(1, semantickitti.NUM_CLASSES, (4000 * batch,), generator=g), None).to(device)
+    crops = scandata.CameraCrops(torch.randn(batch, 3, h, w, generator=g), pixels,
+                                 torch.randint(1, semantickitti.NUM_CLASSES, (4000 * batch,), generator=g), None).to(device)
     with runs.autocast(device, amp):
-        terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, weight)
+        terms, _ = elite.teacher_losses(teacher, teacher(crops.images), crops, weight)
         terms["orth"] = elite.orth_regularizer(teacher, elite.ORTH_WEIGHT)
     sum(t.float() for t in terms.values()).backward()
     teacher.zero_grad(set_to_none=True)
@@ -939,9 +939,9 @@ def joint_batch(points: torch.Tensor, labels: torch.Tensor, copies: int, crop: t
     rows = torch.cat([b * per_scan + torch.randperm(per_scan, generator=g)[:4000] for b in range(copies)])
     pixels = [torch.stack([torch.randint(0, crop[0], (4000,), generator=g), torch.randint(0, crop[1], (4000,), generator=g)],
                           1) for _ in range(copies)]
-    views = scandata.CameraCrops(torch.randn(copies, 3, *crop, generator=g), pixels, lab[rows], None)
+    crops = scandata.CameraCrops(torch.randn(copies, 3, *crop, generator=g), pixels, lab[rows], None)
     return scandata.Batch(pts, batch_idx, lab, torch.arange(len(pts)), [per_scan] * copies, [Path("benchmark")] * copies,
-                       views, rows).to(device)
+                          crops, rows).to(device)
 
 
 def joint_training_step(student: elite.Student, heads: nn.Module, teacher: elite.Teacher, batch: scandata.Batch,

@@ -1,4 +1,10 @@
-"""GPU kernels: the student's submanifold convolution in Triton, and which form runs.
+"""GPU forms beside the plain ones, read top to bottom:
+
+    1. The student's submanifold convolution in Triton: the kernels, launching them, the
+       convolution with its gradients
+    2. Which form runs: the plain-torch definition (elite.py) or these kernels (--conv)
+    3. SAM's attention with its relative positions folded into q and k, so that torch's fused
+       attention kernels run (elite.build_sam_encoder puts it in every block)
 
 elite.submconv3d is the definition (plain torch: per offset, gather -> matmul -> scatter-add)
 and the CPU path. This module computes the same sum with one Triton program per tile of
@@ -53,7 +59,7 @@ LAUNCHES = Counter()  # kernel name -> launches so far (read by infer.count_ops)
 
 
 # =====================================================================================
-# The kernels
+# 1. The Triton convolution: the kernels
 # =====================================================================================
 
 @jit
@@ -111,7 +117,7 @@ def weight_grad_kernel(x_ptr, g_ptr, nb_ptr, part_ptr, n, nb_stride, C_IN: tl.co
 
 
 # =====================================================================================
-# Launching them
+# 1.1 Launching them
 # =====================================================================================
 
 def launch(kernel, grid, *args, **meta) -> None:
@@ -191,7 +197,7 @@ def weight_grad(x: torch.Tensor, grad_out: torch.Tensor, nb: torch.Tensor, block
 
 
 # =====================================================================================
-# The convolution with its gradients
+# 1.2 The convolution with its gradients
 # =====================================================================================
 
 class SubMConv3dTriton(torch.autograd.Function):
@@ -220,7 +226,7 @@ class SubMConv3dTriton(torch.autograd.Function):
 
 
 # =====================================================================================
-# Which form runs: the plain-torch definition (elite.py) or these kernels
+# 2. Which form runs: the plain-torch definition (elite.py) or these kernels
 # =====================================================================================
 # "auto" takes Triton on CUDA tensors when triton imports, plain torch otherwise. The
 # environment variable ELITE_CONV (auto | torch | triton) sets it for a process; the scripts'
@@ -289,7 +295,7 @@ def triton_agrees(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 # =====================================================================================
-# SAM's attention in the form the fused attention kernels run
+# 3. SAM's attention in the form the fused attention kernels run
 # =====================================================================================
 # elite.build_sam_encoder puts this in place of every block's attention: same modules, same
 # weights, same outputs as segment-anything's Attention (a test compares them), but no mask.

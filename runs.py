@@ -1,13 +1,13 @@
 """The machinery of a run, shared by the three scripts; elite.py and u2mkd.py hold the methods.
 
-    1. Files: atomic writes, checked output folders
+    1. Files: checked output folders, partial writes cleaned (scandata.atomic_write writes them)
     2. Checkpoints: what each model's files hold, and loading them with clear errors
     3. The optimiser recipe: SGD with Nesterov momentum, the learning-rate schedules, clipping
     4. Many processes: torchrun and DistributedDataParallel
     5. The data of a run: the dataset's root, the loaders
     6. The scripts: flags checked when parsed, the start-up summary, one-line errors
     7. The training loop: steps that never poison the model, checkpoints, signals, metrics
-    8. SAM-PLG's files: every scan's pseudo-labels, written once, in shards
+    8. SAM-PLG over every frame: SAM run with elite.py's rules, files written once, in shards
     9. Pictures: classes in the official colours, over the camera frame
 """
 from __future__ import annotations
@@ -216,7 +216,7 @@ def student_keys_from_2dpass(num_blocks=4, blocks_per_scale=2) -> dict[str, str]
                 names |= {f"{ours}{bn}.{t}": f"{theirs}{index}.{t}" for t in BN_TENSORS}
         ours, theirs = f"blocks.{i}.point_enc.", f"spv_enc.{i}.p_enc."
         for ours_seq, theirs_seq, linears, bns in (("layer_in", "layer_in", (0,), ()), ("context", "PPmodel", (0, 3, 6), (2, 5)),
-                                                   ("layer_out", "layer_out", (0, 2), ())):
+                                                    ("layer_out", "layer_out", (0, 2), ())):
             names |= {f"{ours}{ours_seq}.{k}.{t}": f"{theirs}{theirs_seq}.{k}.{t}" for k in linears for t in ("weight", "bias")}
             names |= {f"{ours}{ours_seq}.{k}.{t}": f"{theirs}{theirs_seq}.{k}.{t}" for k in bns for t in BN_TENSORS}
     names |= {f"classifier.{k}.{t}": f"classifier.{k}.{t}" for k in (0, 2) for t in ("weight", "bias")}
@@ -1532,7 +1532,7 @@ def evaluate(model: nn.Module, loader, scores, conf: scandata.ConfusionMatrix | 
 
 
 # =====================================================================================
-# 8. SAM-PLG's files: every scan's pseudo-labels, written once, in shards
+# 8. SAM-PLG over every frame: SAM run with elite.py's rules, files written once, in shards
 # =====================================================================================
 
 def parse_shard(text: str) -> tuple[int, int]:

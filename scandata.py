@@ -1,10 +1,11 @@
 """What both datasets' readers share, read top to bottom: the scan and batch types the models
 read, the checks of a points file, augmentation, one atomic writer, and a confusion matrix.
 
-    1. Files: the error every reader raises, whole records, plausible values, atomic writes
+    1. Files: the error every reader raises, whole records, plausible values, 8-bit camera
+       frames, atomic writes
     2. Range and augmentation: the voxel range, point dropout, rotation, flip, scale, translation
-    3. Scans and batches: one scan's points (and camera crop), a batch of them, the random
-       streams of a sample, 8-bit camera frames
+    3. Scans and batches: the random streams of a sample, one scan's points (and camera crop),
+       a batch of them
     4. Evaluation: one confusion matrix over a split (each dataset's module holds its rules)
 
 semantickitti.py and nusc.py import from here and never from each other; the methods (elite.py,
@@ -53,6 +54,22 @@ def check_point_values(points: np.ndarray, path, layout: str) -> None:
     if share > 0.1:
         raise DataError(f"{path}: {100 * share:.0f}% of its points have coordinates beyond 10 km or below 1e-10 m: "
                         f"not {layout} records (float64? another sensor's layout?)")
+
+
+def read_image(path) -> np.ndarray:
+    """A camera frame (PNG, JPEG) -> (H, W, 3) uint8 RGB."""
+    from PIL import Image  # Pillow comes with torchvision
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("RGB", "RGBA", "L", "LA", "P"):  # 16-bit or float: convert() would clip it to garbage
+                raise DataError(f"{path}: a {im.mode} image (16-bit or floating point); the camera frames are 8-bit "
+                                "RGB, as KITTI's image_2 PNGs and nuScenes' JPEGs")
+            return np.asarray(im.convert("RGB"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from None
 
 
 _UMASK = os.umask(0o022)  # read once, put back at once: written files get 0o666 & ~umask, as open() gives
@@ -144,9 +161,32 @@ def augment_xyz(xyz: np.ndarray, rng: np.random.Generator, flip_scale=True) -> n
 # =====================================================================================
 # 3. Scans and batches
 # =====================================================================================
-# A scan is read, cropped to the voxel range, thinned by dropout (training), projected into
-# the camera with its raw coordinates when the image branch needs it, and only then augmented
-# in 3D: the pixel indices stay valid because projection comes first (official order).
+# A dataset (semantickitti.SemanticKITTI, nusc.NuScenesScans) gives one Scan per sample; collate
+# stacks a list of them into the Batch every model reads, the points of all scans in one array.
+
+class Stream(IntEnum):
+    """A sample's random streams in one epoch. Separate streams keep the 3D points the same
+    whatever else draws numbers (a camera crop, a teacher's view), so switching the camera on
+    or off does not change what the LiDAR branch sees."""
+    POINTS = 0  # point dropout and the 3D augmentation of the scan's own points
+    CAMERA = 1  # the camera side: ELiTe's crop, jitter and flip; U2MKD's image and camera dropout
+    SECOND = 2  # a second set of points: ELiTe's CutMix instances; U2MKD's LiDAR teacher's own view
+
+
+class ScanDataset(torch.utils.data.Dataset):
+    """What both datasets' readers share: `train` (dropout and augmentation on), the seed, and
+    the epoch, which set_epoch() moves on, so augmentation differs per epoch yet is reproducible."""
+    train: bool
+    seed: int
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rng(self, i, stream: Stream) -> np.random.Generator | None:
+        """Sample i's random stream for this epoch (None in evaluation: nothing is random)."""
+        return np.random.default_rng([self.seed, self.epoch, i, int(stream)]) if self.train else None
+
 
 @dataclass
 class ImageCrop:
@@ -222,46 +262,6 @@ def collate(scans: list[Scan]) -> Batch:
         crops=crops,
         crop_points=crop_points,
     )
-
-
-class Stream(IntEnum):
-    """A sample's random streams in one epoch. Separate streams keep the 3D points the same
-    whatever else draws numbers (a camera crop, a teacher's view), so switching the camera on
-    or off does not change what the LiDAR branch sees."""
-    POINTS = 0  # point dropout and the 3D augmentation of the scan's own points
-    CAMERA = 1  # the camera side: ELiTe's crop, jitter and flip; U2MKD's image and camera dropout
-    SECOND = 2  # a second set of points: ELiTe's CutMix instances; U2MKD's LiDAR teacher's own view
-
-
-class ScanDataset(torch.utils.data.Dataset):
-    """What both datasets' readers share: `train` (dropout and augmentation on), the seed, and
-    the epoch, which set_epoch() moves on, so augmentation differs per epoch yet is reproducible."""
-    train: bool
-    seed: int
-    epoch: int = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def rng(self, i, stream: Stream) -> np.random.Generator | None:
-        """Sample i's random stream for this epoch (None in evaluation: nothing is random)."""
-        return np.random.default_rng([self.seed, self.epoch, i, int(stream)]) if self.train else None
-
-
-def read_image(path) -> np.ndarray:
-    """A camera frame (PNG, JPEG) -> (H, W, 3) uint8 RGB."""
-    from PIL import Image  # Pillow comes with torchvision
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: image not found")
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("RGB", "RGBA", "L", "LA", "P"):  # 16-bit or float: convert() would clip it to garbage
-                raise DataError(f"{path}: a {im.mode} image (16-bit or floating point); the camera frames are 8-bit "
-                                "RGB, as KITTI's image_2 PNGs and nuScenes' JPEGs")
-            return np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise DataError(f"{path}: cannot decode image ({e})") from None
 
 
 # =====================================================================================

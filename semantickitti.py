@@ -1,4 +1,4 @@
-"""SemanticKITTI in plain numpy, read top to bottom: the files of the odometry benchmark as the
+"""SemanticKITTI, read top to bottom: the files of the odometry benchmark as the
 voxel student and the SAM teacher read them.
 
     1. Files: scans, labels, calibration, images, splits, the label map
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from scandata import (ConfusionMatrix, DataError, ImageCrop, Scan, ScanDataset, Stream, augment_xyz, check_point_values,
-                   dropout_points, read_image, usable_rows, whole_records)
+                      dropout_points, read_image, usable_rows, whole_records)
 
 # =====================================================================================
 # 1. Files
@@ -299,6 +299,9 @@ def project_points(xyz: np.ndarray, proj: np.ndarray, height: int, width: int):
 # =====================================================================================
 # 3. The voxel range and its 0.1 m grid
 # =====================================================================================
+# The official dataset keeps -50 < x, y < 50 and -4 < z < 2 m (scandata.in_range, strict) and
+# quantises it into 0.1 m cells; elite.StudentConfig takes these as its defaults.
+
 RANGE_MIN = (-50.0, -50.0, -4.0)
 RANGE_MAX = (50.0, 50.0, 2.0)
 GRID_SHAPE = (1000, 1000, 60)  # 0.1 m voxels over the range
@@ -383,6 +386,9 @@ def camera_crop(image: np.ndarray, xyz: np.ndarray, proj: np.ndarray, crop_hw, r
 # =====================================================================================
 # 5. The dataset
 # =====================================================================================
+# A scan is read, cropped to the voxel range, thinned by dropout (training), projected into
+# the camera with its raw coordinates when the teacher needs it, and only then augmented in
+# 3D: the pixel indices stay valid because projection comes first (official order).
 
 def load_scan(path: Path, with_labels=True) -> tuple[np.ndarray, np.ndarray]:
     """Raw points (N, 4) and training labels (N,) of one scan; non-finite points are

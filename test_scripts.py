@@ -1028,7 +1028,7 @@ def test_read_only_dataset_writes_derived_files_elsewhere(synth_root, tmp_path):
         assert semantickitti.missing_pseudo_labels(data, ["00"], derived) == 0
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into the dataset
     assert sorted(p.name for p in (derived / S00 / "image_2_plg").iterdir()) == ["000000.npy", "000001.npy",
-                                                                                  semantickitti.PLG_RECORD]
+                                                                                 semantickitti.PLG_RECORD]
     assert (derived / "u2mkd_instances.npz").is_file() and (tmp_path / "lidar" / "best.pt").is_file()
 
 
@@ -1161,3 +1161,33 @@ def test_readme_is_a_page_a_newcomer_finishes_and_every_link_resolves():
             if anchor:
                 headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.M)
                 assert anchor in {markdown_slug(h) for h in headings}, f"{page.name}: link to {target}: no such heading"
+
+
+# ------------------------------------------------------------------------------------
+# The layout: imports go one way
+# ------------------------------------------------------------------------------------
+
+# Lowest first; a module may import only modules of lower layers (lazy imports count too).
+LAYERS = [
+    ["scandata", "kernels"],                      # what both datasets share; GPU forms
+    ["semantickitti", "nusc"],                    # the datasets' readers, which never import each other
+    ["synthkitti"], ["synthnusc"],                # the synthetic scenes, written in the real layouts
+    ["elite"], ["u2mkd"],                         # the methods (U2MKD reuses ELiTe's student)
+    ["runs"], ["presets"],                        # the machinery of a run, its recipes
+    ["train_teacher", "train_student", "infer"],  # the scripts
+]
+
+
+def test_imports_go_from_the_scripts_through_the_machinery_and_methods_to_the_data():
+    import ast
+    layer = {m: k for k, mods in enumerate(LAYERS) for m in mods}
+    here = Path(__file__).parent
+    modules = {p.stem for p in here.glob("*.py") if not p.stem.startswith("test_") and p.stem != "conftest"}
+    assert modules == set(layer), f"a module the layers do not place: {modules ^ set(layer)}"
+    upward = []
+    for m in modules:
+        for node in ast.walk(ast.parse((here / f"{m}.py").read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            upward += [f"{m} imports {n}" for n in names if n in layer and n != m and layer[n] >= layer[m]]
+    assert not upward, upward

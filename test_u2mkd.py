@@ -16,6 +16,9 @@ import semantickitti
 import u2mkd
 
 
+# ------------------------------------------------------------------------------------
+# 1. The camera for fusion
+# ------------------------------------------------------------------------------------
 def test_camera_uv_is_normalised_from_the_original_size_and_strict():
     proj = np.array([[100.0, 0, 50, 0], [0, 100.0, 20, 0], [0, 0, 1, 0]])  # camera looks along +z here
     xyz = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [-0.5, -0.2, 1.0], [5.0, 0.0, 1.0], [-1.0, 0.0, 1.0]])
@@ -26,6 +29,89 @@ def test_camera_uv_is_normalised_from_the_original_size_and_strict():
     assert np.allclose(uv[0], [0.5, 20 / 39 * 2 - 1]) and (uv[~fov] == 0).all()
 
 
+# ------------------------------------------------------------------------------------
+# 2. The LiDAR teacher's strong augmentation: instance paste
+# ------------------------------------------------------------------------------------
+def test_instance_database_round_trip_and_paste(synth_copy):
+    db = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
+    assert len(db) > 0 and set(db.classes.tolist()) <= set(u2mkd.THING_CLASSES)
+    assert runs.instance_db_path(synth_copy).is_file()
+    again = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
+    assert np.array_equal(again.points, db.points) and np.array_equal(again.classes, db.classes)
+    first = db.instance(0)
+    scan = semantickitti.list_scans(synth_copy, ["00"])[0]
+    semantic, instance = semantickitti.read_labels(semantickitti.label_path(scan))
+    points = semantickitti.read_scan(scan)
+    labels = semantickitti.to_train_ids(semantic)
+    # The first instance really is the points of one (class, instance) of the first scan.
+    match = (labels == db.classes[0]) & scandata.in_range(points[:, :3], semantickitti.RANGE_MIN, semantickitti.RANGE_MAX)
+    assert any(np.array_equal(points[match & (instance == i)], first) for i in np.unique(instance[match]))
+    other = runs.load_instance_db(synth_copy, ["00", "08"], min_points=20, progress=False)  # other key: rebuilt
+    assert len(other) >= len(db)
+    # A cache never outlives what it was cut from: one label file put back with other instance ids,
+    # the same size and an older time (cp -p, rsync -a) -> rebuilt.
+    label = synth_copy / "sequences" / "00" / "labels" / "000000.label"
+    before = label.stat().st_mtime_ns
+    raw = np.fromfile(label, dtype=np.uint32)
+    (raw & 0xFFFF).astype(np.uint32).tofile(label)
+    os.utime(label, ns=(before - 10**9, before - 10**9))
+    assert len(runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)) < len(db)
+    # Every label file edited (every instance id 0) -> rebuilt, empty.
+    for label in (synth_copy / "sequences" / "00" / "labels").glob("*.label"):
+        raw = np.fromfile(label, dtype=np.uint32)
+        (raw & 0xFFFF).astype(np.uint32).tofile(label)
+    assert len(runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)) == 0
+    pts, lab = u2mkd.paste_instances(points, labels, db, np.random.default_rng(0), add_num=3)
+    added = pts[len(points):]
+    assert len(added) > 0 and set(np.unique(lab[len(points):]).tolist()) <= set(u2mkd.THING_CLASSES)
+    assert np.array_equal(pts[:len(points)], points)
+
+
+# ------------------------------------------------------------------------------------
+# 3. Datasets: the teacher's scans, a scan's student and teacher views
+# ------------------------------------------------------------------------------------
+def test_lidar_teacher_data_pastes_before_augmentation(synth_copy):
+    db = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
+    plain = semantickitti.SemanticKITTI(synth_copy, ["00"], train=False)[0]
+    pasted = u2mkd.LidarTeacherData(synth_copy, ["00"], db, seed=0, add_num=3)[0]
+    assert len(pasted.points) > len(plain.points) and (pasted.index == -1).sum() == len(pasted.points) - len(plain.points)
+    assert np.array_equal(pasted.index[pasted.index >= 0], plain.index)
+
+
+def test_teacher_predictions_land_on_the_same_raw_point(synth_root):
+    ds = u2mkd.PairData(synth_root, ["00"], train=True, seed=4, image_hw=(64, 192), teacher_view=True)
+    batch = u2mkd.collate_pairs([ds[0], ds[1]])
+    t, s = batch.teacher, batch.lidar
+    assert torch.equal(t.index[batch.teacher_row], s.index)  # the same raw rows
+    assert torch.equal(t.batch_idx[batch.teacher_row], s.batch_idx)
+    assert torch.equal(t.labels[batch.teacher_row], s.labels)
+    # Independent augmentations: the same raw point sits elsewhere in the two views.
+    assert (t.points[batch.teacher_row, :3] - s.points[:, :3]).norm(dim=1).median() > 0.5
+    # A "teacher" whose prediction encodes the raw row: the student side reads its own rows.
+    fake = F.one_hot(t.index % 20, 20).float() * 10
+    assert torch.equal(fake[batch.teacher_row].argmax(1), s.index % 20)
+
+
+# ------------------------------------------------------------------------------------
+# 4. The image branch
+# ------------------------------------------------------------------------------------
+def test_imagenet_weights_load_into_the_backbone(tmp_path):
+    import torchvision
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "resnet18.pth")
+    branch = u2mkd.ImageBranch()
+    runs.load_imagenet_weights(branch, tmp_path / "resnet18.pth")
+    assert torch.equal(branch.stem[0].weight, ref.conv1.weight)
+    assert torch.equal(branch.stages[3][1].bn2.running_var, ref.layer4[1].bn2.running_var)
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(scandata.DataError, match="bad.pth"):
+        runs.load_imagenet_weights(branch, tmp_path / "bad.pth")
+
+
+# ------------------------------------------------------------------------------------
+# 5. Bidirectional fusion: the splat, imputation
+# ------------------------------------------------------------------------------------
 def test_splat_multiscale_is_a_mean_per_cell_then_upsampled():
     torch.manual_seed(0)
     feats = torch.randn(50, 3)
@@ -43,20 +129,6 @@ def test_splat_multiscale_is_a_mean_per_cell_then_upsampled():
     coarse = u2mkd.splat_multiscale(feats, uv, rows, 2, 4, 8, num_scales=1)
     up = F.interpolate(coarse, size=(8, 16), mode="bilinear", align_corners=True)
     assert torch.allclose(two, (one + up) / 2, atol=1e-6)
-
-
-def test_teacher_predictions_land_on_the_same_raw_point(synth_root):
-    ds = u2mkd.PairData(synth_root, ["00"], train=True, seed=4, image_hw=(64, 192), teacher_view=True)
-    batch = u2mkd.collate_pairs([ds[0], ds[1]])
-    t, s = batch.teacher, batch.lidar
-    assert torch.equal(t.index[batch.teacher_row], s.index)  # the same raw rows
-    assert torch.equal(t.batch_idx[batch.teacher_row], s.batch_idx)
-    assert torch.equal(t.labels[batch.teacher_row], s.labels)
-    # Independent augmentations: the same raw point sits elsewhere in the two views.
-    assert (t.points[batch.teacher_row, :3] - s.points[:, :3]).norm(dim=1).median() > 0.5
-    # A "teacher" whose prediction encodes the raw row: the student side reads its own rows.
-    fake = F.one_hot(t.index % 20, 20).float() * 10
-    assert torch.equal(fake[batch.teacher_row].argmax(1), s.index % 20)
 
 
 def fusion_batch(root, images=True):
@@ -99,6 +171,9 @@ def test_imputation_is_used_exactly_for_the_points_the_camera_does_not_see(synth
     assert out.pixel_logits.shape == (int(fov.sum()), 20) and len(out.imputation) == 4
 
 
+# ------------------------------------------------------------------------------------
+# 6. The fusion student
+# ------------------------------------------------------------------------------------
 def test_fusion_student_forward_and_backward_without_any_image(synth_root):
     torch.manual_seed(0)
     b = fusion_batch(synth_root, images=False)
@@ -114,6 +189,9 @@ def test_fusion_student_forward_and_backward_without_any_image(synth_root):
     assert model.lidar.blocks[0].v_enc[0].conv1.weight.grad.abs().sum() > 0
 
 
+# ------------------------------------------------------------------------------------
+# 7. Uni-to-multi KD and the total loss
+# ------------------------------------------------------------------------------------
 def test_u2mkd_losses_and_no_gradient_reaches_the_teacher(synth_root):
     torch.manual_seed(0)
     b = fusion_batch(synth_root)
@@ -132,60 +210,3 @@ def test_u2mkd_losses_and_no_gradient_reaches_the_teacher(synth_root):
     sum(terms.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert adapter[0].weight.grad.abs().sum() > 0 and model.image.stem[0].weight.grad.abs().sum() > 0
-
-
-def test_instance_database_round_trip_and_paste(synth_copy):
-    db = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
-    assert len(db) > 0 and set(db.classes.tolist()) <= set(u2mkd.THING_CLASSES)
-    assert runs.instance_db_path(synth_copy).is_file()
-    again = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
-    assert np.array_equal(again.points, db.points) and np.array_equal(again.classes, db.classes)
-    first = db.instance(0)
-    scan = semantickitti.list_scans(synth_copy, ["00"])[0]
-    semantic, instance = semantickitti.read_labels(semantickitti.label_path(scan))
-    points = semantickitti.read_scan(scan)
-    labels = semantickitti.to_train_ids(semantic)
-    # The first instance really is the points of one (class, instance) of the first scan.
-    match = (labels == db.classes[0]) & scandata.in_range(points[:, :3], semantickitti.RANGE_MIN, semantickitti.RANGE_MAX)
-    assert any(np.array_equal(points[match & (instance == i)], first) for i in np.unique(instance[match]))
-    other = runs.load_instance_db(synth_copy, ["00", "08"], min_points=20, progress=False)  # other key: rebuilt
-    assert len(other) >= len(db)
-    # A cache never outlives what it was cut from: one label file put back with other instance ids,
-    # the same size and an older time (cp -p, rsync -a) -> rebuilt.
-    label = synth_copy / "sequences" / "00" / "labels" / "000000.label"
-    before = label.stat().st_mtime_ns
-    raw = np.fromfile(label, dtype=np.uint32)
-    (raw & 0xFFFF).astype(np.uint32).tofile(label)
-    os.utime(label, ns=(before - 10**9, before - 10**9))
-    assert len(runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)) < len(db)
-    # Every label file edited (every instance id 0) -> rebuilt, empty.
-    for label in (synth_copy / "sequences" / "00" / "labels").glob("*.label"):
-        raw = np.fromfile(label, dtype=np.uint32)
-        (raw & 0xFFFF).astype(np.uint32).tofile(label)
-    assert len(runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)) == 0
-    pts, lab = u2mkd.paste_instances(points, labels, db, np.random.default_rng(0), add_num=3)
-    added = pts[len(points):]
-    assert len(added) > 0 and set(np.unique(lab[len(points):]).tolist()) <= set(u2mkd.THING_CLASSES)
-    assert np.array_equal(pts[:len(points)], points)
-
-
-def test_lidar_teacher_data_pastes_before_augmentation(synth_copy):
-    db = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
-    plain = semantickitti.SemanticKITTI(synth_copy, ["00"], train=False)[0]
-    pasted = u2mkd.LidarTeacherData(synth_copy, ["00"], db, seed=0, add_num=3)[0]
-    assert len(pasted.points) > len(plain.points) and (pasted.index == -1).sum() == len(pasted.points) - len(plain.points)
-    assert np.array_equal(pasted.index[pasted.index >= 0], plain.index)
-
-
-def test_imagenet_weights_load_into_the_backbone(tmp_path):
-    import torchvision
-    torch.manual_seed(0)
-    ref = torchvision.models.resnet18(weights=None)
-    torch.save(ref.state_dict(), tmp_path / "resnet18.pth")
-    branch = u2mkd.ImageBranch()
-    runs.load_imagenet_weights(branch, tmp_path / "resnet18.pth")
-    assert torch.equal(branch.stem[0].weight, ref.conv1.weight)
-    assert torch.equal(branch.stages[3][1].bn2.running_var, ref.layer4[1].bn2.running_var)
-    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
-    with pytest.raises(scandata.DataError, match="bad.pth"):
-        runs.load_imagenet_weights(branch, tmp_path / "bad.pth")

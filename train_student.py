@@ -251,9 +251,9 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     missing = semantickitti.missing_pseudo_labels(root, args.train_sequences, args.derived_dir) if camera.get("dense") else 0
     if missing:
         raise scandata.DataError(f"{args.derived_dir or root}: {missing} training scans have no SAM-PLG pseudo-labels "
-                              "(sequences/XX/image_2_plg/); train_teacher.py makes them, or pass --labels sparse")
+                                 "(sequences/XX/image_2_plg/); train_teacher.py makes them, or pass --labels sparse")
     train_set = semantickitti.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, cutmix=args.cutmix,
-                                    **camera)
+                                            **camera)
     val_set = semantickitti.SemanticKITTI(root, args.val_sequences, train=False)
     runs.check_datasets(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
@@ -374,7 +374,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
     train_set, val_set, cfg = u2mkd_data(args, root, config, teacher_sweeps)
     if teacher is not None and teacher.cfg.num_classes != cfg.num_classes:
         raise scandata.DataError(f"{config['teacher']}: a LiDAR teacher of {teacher.cfg.num_classes} classes, but "
-                              f"--dataset {args.dataset} has {cfg.num_classes}: train the teacher on this dataset")
+                                 f"--dataset {args.dataset} has {cfg.num_classes}: train the teacher on this dataset")
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, u2mkd.collate_pairs, device.type == "cuda")
     model = u2mkd.FusionStudent(cfg).to(device)
@@ -459,9 +459,9 @@ def main(argv=None):
             runs.atomic_save(best, best_path)
 
     conf = runs.fit(run, setup.loader, setup.optimizer, objective, schedule, setup.validate, save,
-                     setup.after_backward, amp_device=device if args.amp else None,
-                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path,
-                     overwrite=args.overwrite)
+                    setup.after_backward, amp_device=device if args.amp else None,
+                    metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path,
+                    overwrite=args.overwrite)
     runs.close_distributed()
     if conf is None:
         print(f"Nothing to train: {last_path} has trained {run.epoch} epochs, --epochs asks for {args.epochs}")

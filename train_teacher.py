@@ -241,7 +241,7 @@ def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.dev
         "outputs": f"{args.derived_dir or root}/sequences/XX/image_2_plg/NNNNNN.npy (written atomically; existing "
                    "files are kept)"})
     counts = runs.generate_pseudo_labels(root, sequences, source, shard=args.shard,
-                                          progress=runs.distributed().main, derived=args.derived_dir)
+                                         progress=runs.distributed().main, derived=args.derived_dir)
     print(f"SAM-PLG ({args.mask_source} masks, shard {args.shard[0]}/{args.shard[1]}): "
           f"{counts['written']} written, {counts['existing']} already there")
     runs.barrier()  # under torchrun: every process's share is written
@@ -288,7 +288,7 @@ def pseudo_labels_first(args, root: Path, device) -> bool:
     if args.labels == "plg" and args.shard != (0, 1) and \
             semantickitti.missing_pseudo_labels(root, args.train_sequences, args.derived_dir):
         raise scandata.DataError(f"{root}: pseudo-labels of other shards are still missing; "
-                              "run the other shards (or drop --shard) before training")
+                                 "run the other shards (or drop --shard) before training")
     return True
 
 
@@ -310,7 +310,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
         return None
     # The student's dataset with its camera view on: per scan, the crop and the points in it.
     train_set = semantickitti.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
-                                    crop_hw=args.crop, dense=args.labels == "plg", derived=args.derived_dir)
+                                            crop_hw=args.crop, dense=args.labels == "plg", derived=args.derived_dir)
     val_set = semantickitti.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
     runs.check_datasets(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
@@ -329,16 +329,16 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
         run = runs.RunState.resumed(ckpt)
 
     def loss_terms(batch):
-        views = batch.crops.to(device)
-        terms, _ = elite.teacher_losses(teacher, teacher(views.images), views, weight, elite.LAMBDA_SEG2D)
+        crops = batch.crops.to(device)
+        terms, _ = elite.teacher_losses(teacher, teacher(crops.images), crops, weight, elite.LAMBDA_SEG2D)
         if args.peft == "adalora":
             terms["orth"] = elite.orth_regularizer(teacher, elite.ORTH_WEIGHT)
         return terms
 
     def scores(batch):  # validation: the fused head at the projected points of each crop
-        views = batch.crops.to(device)
-        _, fused = teacher.classify(elite.sample_pixels(teacher(views.images), views.pixels))  # (K, 20)
-        return fused, views.labels
+        crops = batch.crops.to(device)
+        _, fused = teacher.classify(elite.sample_pixels(teacher(crops.images), crops.pixels))  # (K, 20)
+        return fused, crops.labels
 
     def save(run, miou, improved):
         state = runs.teacher_state(teacher) | run.record(miou) | {
@@ -363,9 +363,9 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
     objective = runs.data_parallel(runs.Objective([teacher], loss_terms), args.sync_bn)
     conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(teacher, val_loader, scores), save,
-                     allocator.step if allocator is not None else None, amp_device=device if args.amp else None,
-                     metric="val 2D mIoU", metrics_csv=args.out / "metrics.csv", save_every=args.save_every,
-                     last_path=last_path, overwrite=args.overwrite)
+                    allocator.step if allocator is not None else None, amp_device=device if args.amp else None,
+                    metric="val 2D mIoU", metrics_csv=args.out / "metrics.csv", save_every=args.save_every,
+                    last_path=last_path, overwrite=args.overwrite)
     if conf is None:
         print(f"Nothing to train: {last_path} has trained {run.epoch} epochs, --epochs asks for {args.epochs}")
     else:
@@ -447,9 +447,9 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
     torch.manual_seed(args.seed + runs.distributed().rank)  # from here on, each process draws its own numbers
     objective = runs.data_parallel(runs.Objective([model], loss_terms), args.sync_bn)
     conf = runs.fit(run, loader, optimizer, objective, schedule, lambda: runs.evaluate(model, val_loader, scores, runs.new_confusion(args.dataset)), save,
-                     amp_device=device if args.amp else None,
-                     metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path,
-                     overwrite=args.overwrite)
+                    amp_device=device if args.amp else None,
+                    metrics_csv=args.out / "metrics.csv", save_every=args.save_every, last_path=last_path,
+                    overwrite=args.overwrite)
     if conf is None:
         print(f"Nothing to train: {last_path} has trained {run.epoch} epochs, --epochs asks for {args.epochs}")
     else:

@@ -21,8 +21,8 @@ Read top to bottom, as the data flows:
     6. The fusion student
     7. Uni-to-multi KD and the total loss
 
-It reuses elite.py's data, projection, augmentation, voxel student and losses. Facts follow the
-official code (isunLt/U2MKD; it covers nuScenes only: the choices made for SemanticKITTI's single
+It reuses semantickitti.py's and nusc.py's readers, scandata.py's augmentation, and elite.py's
+voxel student and losses. Facts follow the official code (isunLt/U2MKD; it covers nuScenes only: the choices made for SemanticKITTI's single
 camera are listed in docs/u2mkd.md).
 """
 from __future__ import annotations
@@ -291,7 +291,7 @@ class NuScenesPairData(nusc.NuScenesScans):
             kept = range(len(frame.cameras))
             if self.train and self.camera_drop:
                 kept = sorted(self.rng(i, scandata.Stream.CAMERA).choice(len(frame.cameras), len(frame.cameras) - self.camera_drop,
-                                                    replace=False))
+                                                                         replace=False))
             cameras = [frame.cameras[c] for c in kept]
             sightings = nusc.camera_sightings(self.tables, replace(frame, cameras=cameras), pts[:, :3])
             camera, uv = nusc.last_sighting(sightings, len(pts))
