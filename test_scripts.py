@@ -94,7 +94,7 @@ def test_each_elite_preset_runs_teacher_then_student(preset, synth_copy, tmp_pat
     a CPU cannot afford are overridden (the ViT, the crop, the batch, the epochs, the workers)."""
     import train_student
     import train_teacher
-    from test_elite import two_dpass_state
+    from test_runs import two_dpass_state
     small = ["--data", str(synth_copy), "--preset", preset, "--epochs", "1", "--batch-size", "2", "--workers", "0",
              "--val-batch-size", "1", "--device", "cpu"]
     train_teacher.main(small + ["--variant", "vit_tiny", "--crop", "64", "128", "--mask-source", "ideal",
