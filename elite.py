@@ -176,7 +176,8 @@ def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int, lo=RANGE_MI
 # when i is j's at -o), so the plain form reads the 13 offsets after the centre and mirrors.
 
 XY_OFFSETS = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
-OFFSETS = [(dx, dy, dz) for dx, dy in XY_OFFSETS for dz in (-1, 0, 1)]  # k = 9(dx+1) + 3(dy+1) + dz+1: weight.view(27, ...)[k]; -o is 26 - k
+# k = 9(dx+1) + 3(dy+1) + dz+1: weight.view(27, ...)[k] multiplies offset k; -o is 26 - k.
+OFFSETS = [(dx, dy, dz) for dx, dy in XY_OFFSETS for dz in (-1, 0, 1)]
 
 
 def neighbour_table(keys: torch.Tensor) -> torch.Tensor:
@@ -334,12 +335,14 @@ class StudentConfig:
     grid_shape: tuple[int, int, int] = GRID_SHAPE
 
 
-def student_config(dataset="semantickitti", hidden=64) -> StudentConfig:
+def student_config(dataset: str, hidden=64) -> StudentConfig:
     """The student on a dataset: SemanticKITTI's 20 classes, range and grid (the defaults), or
     nuScenes' 17 classes and its range (z up to 3 m: 70 cells of the 0.1 m grid)."""
     if dataset == "nuscenes":
         return StudentConfig(hidden=hidden, num_classes=nusc.NUM_CLASSES, range_min=nusc.RANGE_MIN,
                              range_max=nusc.RANGE_MAX, grid_shape=nusc.GRID_SHAPE)
+    if dataset != "semantickitti":
+        raise ValueError(f"dataset {dataset!r}: expected semantickitti or nuscenes")
     return StudentConfig(hidden=hidden)
 
 
@@ -1244,7 +1247,7 @@ def ppmskd_losses(out: StudentOutput, heads: nn.ModuleList, point_logits_2d: lis
         terms[f"seg3d_scale{scale}"] = seg_loss(logits_3d, target, weight, lovasz_weight=1.0)
         seen = logits_3d.index_select(0, vox.inv.index_select(0, batch.crop_points))  # (K, 20)
         # Sum over all K x 20 elements divided by K x 20: upstream's reduction='mean', spelled out
-        # (torch warns that 'mean' will change meaning); max(., 1) keeps a view without points at 0.
+        # (torch warns that 'mean' will change meaning); max(., 1) keeps a crop without points at 0.
         kl = F.kl_div(F.log_softmax(seen, 1), F.softmax(logits_2d.detach(), 1), reduction="sum")
         terms[f"kd_scale{scale}"] = lambda_xm / 4 * kl / max(seen.numel(), 1)
     return terms

@@ -40,6 +40,8 @@ import nusc
 import runs
 import scandata
 import semantickitti
+import synthkitti
+import synthnusc
 import u2mkd
 
 REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata" / "semantickitti"
@@ -56,7 +58,7 @@ def parse_args(argv=None):
                         "written in the official submission format")
     p.add_argument("--data", type=Path, default=None,
                    help="SemanticKITTI root holding sequences/, or the nuScenes root (default: the embedded synthetic "
-                        "scenes, data/synthkitti or data/synthnusc)")
+                        f"scenes, {synthkitti.EMBEDDED_ROOT} or {synthnusc.EMBEDDED_ROOT})")
     p.add_argument("--version", default="v1.0-trainval",
                    help="nuscenes: the tables (v1.0-trainval for train and val, v1.0-test, v1.0-mini)")
     p.add_argument("--split", choices=sorted(semantickitti.SPLITS), default="val",
@@ -107,7 +109,7 @@ def parse_args(argv=None):
         p.error("--benchmark times the student on one scan and writes no predictions: drop --vis / --no-images")
     if args.dataset == "nuscenes" and (args.vis is not None or args.sequence is not None):
         p.error("--dataset nuscenes: --vis and --sequence are for SemanticKITTI")
-    args.data = args.data or Path("data/synthnusc" if args.dataset == "nuscenes" else "data/synthkitti")
+    args.data = args.data or (synthnusc if args.dataset == "nuscenes" else synthkitti).EMBEDDED_ROOT
     return args
 
 
@@ -171,7 +173,7 @@ def predict_fusion_scan(model, points: np.ndarray, frame: np.ndarray | None, pro
     return summed_votes(model(xyzi, batch_idx, images, image_of_point, uv_t).logits, index, len(points))
 
 
-def view_table(confs: dict[str, semantickitti.SemanticKittiConfusion], class_names=semantickitti.CLASS_NAMES) -> str:
+def view_table(confs: dict[str, scandata.ConfusionMatrix], class_names=semantickitti.CLASS_NAMES) -> str:
     """Per-class IoU, one column per confusion matrix (each with its dataset's rules; nan: a
     class with neither points nor predictions, which nuScenes' mIoU leaves out)."""
     names = list(confs)
@@ -201,7 +203,7 @@ def scans_to_predict(args) -> list[Path]:
         root, sequences = args.data, semantickitti.SPLITS[args.split]
         sequences = [s for s in sequences if (root / "sequences" / s).is_dir()]
     scans = semantickitti.list_scans(root, sequences)
-    runs.check_scan_files(scans)
+    semantickitti.check_scan_files(scans)
     return scans
 
 
@@ -288,7 +290,7 @@ def predict(args):
                   f"{args.checkpoint} ({which_epoch(ckpt)})")
     rng = np.random.default_rng(args.seed)
     conf, scored = semantickitti.SemanticKittiConfusion(), 0
-    by_view = {"seen": semantickitti.SemanticKittiConfusion(), "unseen": semantickitti.SemanticKittiConfusion()}  # when images exist
+    by_view = {part: semantickitti.SemanticKittiConfusion() for part in ("seen", "unseen")}  # when images exist
     for k, scan in enumerate(tqdm(scans, desc="predict", dynamic_ncols=True)):
         points = semantickitti.read_scan(scan)
         pred = torch.from_numpy(predict_scan(model, points, args.votes, rng, device, scan))
@@ -662,7 +664,6 @@ def benchmark_scan() -> tuple[np.ndarray, np.ndarray, str]:
     if frame.is_file():
         points, labels = semantickitti.load_scan(frame)
         return points, labels, f"real SemanticKITTI frame {frame}"
-    import synthkitti
     points, raw = synthkitti.make_scan(seed=0, columns=2048)
     return points, semantickitti.to_train_ids(raw & 0xFFFF), "synthetic scan (../shared/realdata not found)"
 
@@ -988,7 +989,8 @@ def benchmark_teacher(points: torch.Tensor, labels: torch.Tensor, device: torch.
 
 def benchmark(args):
     points, labels, source = benchmark_scan()
-    keep = np.isfinite(points).all(1) & scandata.in_range(np.nan_to_num(points[:, :3]), semantickitti.RANGE_MIN, semantickitti.RANGE_MAX)
+    inside = scandata.in_range(np.nan_to_num(points[:, :3]), semantickitti.RANGE_MIN, semantickitti.RANGE_MAX)
+    keep = np.isfinite(points).all(1) & inside
     pts, labels = torch.from_numpy(points[keep]), torch.from_numpy(labels[keep])
     devices = [torch.device(args.device)]  # one device a run: a GPU's figures are not held up by the CPU's
     batch_idx = torch.zeros(len(pts), dtype=torch.long)

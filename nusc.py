@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from scandata import (ConfusionMatrix, DataError, Scan, ScanDataset, Stream, augment_xyz, check_point_values,
-                      dropout_points, in_range, read_image, usable_rows, whole_records)
+                      dropout_points, in_range, read_image, spread, usable_rows, whole_records)
 
 # =====================================================================================
 # 1. The tables
@@ -495,8 +495,8 @@ def check_files(tables: Tables, root, frames: list[Keyframe], sweeps=0, cameras=
         for camera in frame.cameras if cameras else ():
             if not camera.image.is_file():
                 raise DataError(f"{camera.image}: camera image not found ({camera.channel} of sample {frame.token})")
-    for k in range(min(samples, len(frames))):  # a few read whole: a split written in another element type
-        read_points(frames[round(k * (len(frames) - 1) / max(min(samples, len(frames)) - 1, 1))].points)
+    for k in spread(len(frames), samples):  # a few read whole: a split written in another element type
+        read_points(frames[k].points)
 
 
 # =====================================================================================
@@ -515,7 +515,7 @@ class NuScenesScans(ScanDataset):
     (U2MKD's LiDAR teacher), their rows counted on after the keyframe's own."""
 
     def __init__(self, root, version: str, split: str, train=False, seed=0, sweeps=0, labelled=True, cameras=False):
-        self.root, self.train, self.seed, self.sweeps, self.epoch = Path(root), train, seed, sweeps, 0
+        self.root, self.train, self.seed, self.sweeps = Path(root), train, seed, sweeps
         self.tables = read_tables(root, version)
         self.lut = fine_to_coarse(self.tables)
         self.frames = keyframes(self.tables, root, split_scenes(self.tables, split), labelled)
@@ -565,7 +565,7 @@ class NuScenesScans(ScanDataset):
 # empty (a class absent from both ground truth and predictions is left out, as nanmean does).
 
 class LidarsegConfusion(ConfusionMatrix):
-    """semantickitti.SemanticKittiConfusion (rows: prediction, columns: ground truth) with the devkit's rules."""
+    """scandata.ConfusionMatrix (rows: prediction, columns: ground truth) with the devkit's rules."""
     scored_by = "nuScenes-lidarseg rules"  # what the epoch line names
 
     def __init__(self, num_classes=NUM_CLASSES):

@@ -39,14 +39,13 @@ import synthnusc
 import u2mkd
 from elite import PEFT_CHOICES, SAM_VARIANTS, Student, StudentConfig, Teacher, TeacherConfig, TooFewVoxels
 from scandata import DataError, atomic_write, collate
-from semantickitti import (CLASS_COLORS, CLASS_NAMES, IGNORE, PLG_RECORD, SPLITS, check_pseudo_labels, check_root,
-                           image_path, label_count, label_path, list_scans, load_plg_frame, plg_path, plg_record,
-                           project_points, read_labels, read_pixel_labels, read_scan, scan_size, sequence_calib,
-                           sequence_frame, to_train_ids)
+from semantickitti import (CLASS_COLORS, CLASS_NAMES, IGNORE, PLG_RECORD, SPLITS, check_pseudo_labels, label_path,
+                           list_scans, load_plg_frame, plg_path, plg_record, project_points, read_pixel_labels,
+                           sequence_calib)
 
 
 # =====================================================================================
-# 1. Files: atomic writes, checked output folders
+# 1. Files: checked output folders, partial writes cleaned
 # =====================================================================================
 # Every file a script writes goes through scandata.atomic_write: a temporary in the same folder,
 # flushed, then renamed over the target, so a reader sees the old file or the new one.
@@ -167,7 +166,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: dict, path) -> 
 
 def dataset_of(cfg: StudentConfig) -> str | None:
     """Which dataset a voxel model's config was built for: its classes and voxel grid say it."""
-    grids = {"semantickitti": StudentConfig(), "nuscenes": elite.student_config("nuscenes")}
+    grids = {dataset: elite.student_config(dataset) for dataset in ("semantickitti", "nuscenes")}
     key = lambda c: (c.num_classes, tuple(c.range_min), tuple(c.range_max), tuple(c.grid_shape))  # noqa: E731
     return next((name for name, ref in grids.items() if key(ref) == key(cfg)), None)
 
@@ -216,7 +215,7 @@ def student_keys_from_2dpass(num_blocks=4, blocks_per_scale=2) -> dict[str, str]
                 names |= {f"{ours}{bn}.{t}": f"{theirs}{index}.{t}" for t in BN_TENSORS}
         ours, theirs = f"blocks.{i}.point_enc.", f"spv_enc.{i}.p_enc."
         for ours_seq, theirs_seq, linears, bns in (("layer_in", "layer_in", (0,), ()), ("context", "PPmodel", (0, 3, 6), (2, 5)),
-                                                    ("layer_out", "layer_out", (0, 2), ())):
+                                                   ("layer_out", "layer_out", (0, 2), ())):
             names |= {f"{ours}{ours_seq}.{k}.{t}": f"{theirs}{theirs_seq}.{k}.{t}" for k in linears for t in ("weight", "bias")}
             names |= {f"{ours}{ours_seq}.{k}.{t}": f"{theirs}{theirs_seq}.{k}.{t}" for k in bns for t in BN_TENSORS}
     names |= {f"classifier.{k}.{t}": f"classifier.{k}.{t}" for k in (0, 2) for t in ("weight", "bias")}
@@ -387,6 +386,7 @@ def load_teacher(path, sam_checkpoint=None, map_location="cpu") -> tuple[Teacher
 # ---- SAM's official checkpoint files: the teacher's frozen encoder, SAM-PLG's whole SAM ----
 
 SAM_B_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
+
 
 def read_tensor_file(path: Path, what: str, where="", why="") -> object:
     """An official weights file (SAM's, torchvision's) read with weights_only, so it cannot run
@@ -705,79 +705,9 @@ def training_root(args) -> Path:
         if args.dataset != "nuscenes":
             args.train_sequences = [s for s in args.train_sequences if s in synthkitti.DEFAULT_SEQUENCES]
     if args.dataset != "nuscenes":
-        args.train_sequences = existing_sequences(root, args.train_sequences)
-        args.val_sequences = existing_sequences(root, args.val_sequences)
+        args.train_sequences = semantickitti.existing_sequences(root, args.train_sequences)
+        args.val_sequences = semantickitti.existing_sequences(root, args.val_sequences)
     return root
-
-
-def existing_sequences(root, sequences: list[str]) -> list[str]:
-    """The sequences that have a velodyne folder under ROOT/sequences; the others are named and skipped."""
-    check_root(root)
-    found = [s for s in sequences if (Path(root) / "sequences" / s / "velodyne").is_dir()]
-    missing = sorted(set(sequences) - set(found))
-    if missing:
-        print(f"note: sequences {missing} not found under {root}/sequences; skipped")
-    return found
-
-
-def check_scan_files(scans: list[Path]) -> None:
-    """Every scan's .bin and, where it has one, its .label are whole, checked from their sizes
-    before a long run starts rather than when a bad file's turn comes."""
-    for scan in scans:
-        n = scan_size(scan)
-        if label_path(scan).is_file() and label_count(label_path(scan)) != n:
-            read_scan(scan)  # a scan of float64 values has twice the points: say that, if it is the cause
-            label_count(label_path(scan), n)
-
-
-def check_camera_files(dataset) -> None:
-    """Every scan's image and calibration are there, and the crop fits in each sequence's
-    frames (read from the first image's header): found now, not when the scan's turn comes."""
-    for scan in dataset.scans:
-        sequence_calib(scan.parent.parent)
-        if not image_path(scan).is_file():
-            raise DataError(f"{image_path(scan)}: image not found (the camera view needs image_2/ of every scan)")
-    ch, cw = dataset.crop_hw
-    for sequence in sorted({scan.parent.parent for scan in dataset.scans}):
-        first, h, w = sequence_frame(sequence)
-        if ch > h or cw > w:
-            raise DataError(f"{first}: a {w}x{h} frame is smaller than the {ch}x{cw} crop (--crop H W)")
-
-
-def check_datasets(train_set, val_set, samples=16) -> None:
-    """Before training, the up-front checks of a SemanticKITTI run. Every scan's files are whole
-    and, when the run reads the camera, there. The splits can teach and be scored: training
-    labels that are all 0 (unlabeled, checked on up to `samples` scans spread over the split)
-    teach nothing; validation scans without labels cannot be scored; a sequence in both splits
-    scores scans the model trained on. The sampled scans are read whole (read_scan's value checks)."""
-    for dataset in (train_set, val_set):
-        check_scan_files(dataset.scans)
-        if dataset.camera:
-            check_camera_files(dataset)
-    both = sorted({s.parent.parent.name for s in train_set.scans} & {s.parent.parent.name for s in val_set.scans})
-    if both:
-        warnings.warn(f"sequences {both} are both training and validation sequences: validation then "
-                      "scores scans the model trained on")
-    if not any(val_set.has_labels):
-        raise DataError(f"{label_path(val_set.scans[0]).parent}: none of the {len(val_set)} validation scans has a "
-                        ".label file, so validation cannot score them; give --val-sequences that have labels")
-    unlabelled = val_set.has_labels.count(False)
-    if unlabelled:
-        warnings.warn(f"{label_path(val_set.scans[val_set.has_labels.index(False)])}: {unlabelled} of the "
-                      f"{len(val_set)} validation scans have no .label file and are not scored")
-    m = min(samples, len(train_set))
-    picks = sorted({round(k * (len(train_set) - 1) / max(m - 1, 1)) for k in range(m)})
-    for scan in [train_set.scans[i] for i in picks] + val_set.scans[:1]:
-        read_scan(scan)  # a split written in another element type (check_point_values), said now
-    checked = [label_path(train_set.scans[i]) for i in picks]
-    if all(not to_train_ids(read_labels(path)[0], path).any() for path in checked):
-        raise DataError(f"{checked[0].parent}: every point of the {len(checked)} training .label files checked "
-                        f"({checked[0].name} ... {checked[-1].name}) is unlabeled (training id 0): there is nothing "
-                        "to learn from")
-    if getattr(train_set, "cutmix", False) and all(not read_labels(path)[1].any() for path in checked):
-        raise DataError(f"{checked[0].parent}: --cutmix pastes the points of other scans' instances, but no point of "
-                        f"the {len(checked)} training .label files checked carries an instance id (their upper 16 "
-                        "bits are 0): there is nothing to paste; run without --cutmix (--no-cutmix)")
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -969,7 +899,8 @@ def add_data_flags(parser, holds: str) -> None:
                              "official scenes, --version picks the tables)")
     parser.add_argument("--data", type=Path, default=None,
                         help=f"SemanticKITTI root holding sequences/XX/{{{holds}}}, or the nuScenes root; default: "
-                             f"synthetic scenes made once under {synthkitti.EMBEDDED_ROOT} ({synthnusc.EMBEDDED_ROOT} for nuscenes)")
+                             f"synthetic scenes made once under {synthkitti.EMBEDDED_ROOT} ({synthnusc.EMBEDDED_ROOT} "
+                             "for nuscenes)")
     parser.add_argument("--version", default="v1.0-trainval",
                         help="nuscenes: the tables, v1.0-trainval (train 700 scenes, val 150) or v1.0-mini")
     parser.add_argument("--train-sequences", nargs="+", default=None,
@@ -1579,8 +1510,8 @@ class SamMaskSource:
                 mask_input=torch.as_tensor(elite.mask_prompts(prompts, index), device=device),  # (B, 1, 256, 256)
                 multimask_output=True, return_logits=True)  # (B, 3, H, W), (B, 3)
             masks, iou, box = elite.select_masks(logits.flatten(0, 1), iou_preds.flatten(0, 1),
-                                           self.predictor.model.mask_threshold,
-                                           self.stability_thresh, self.stability_offset)
+                                                 self.predictor.model.mask_threshold,
+                                                 self.stability_thresh, self.stability_offset)
             # Bit-packed on the CPU: thousands of full-size masks per image would not fit otherwise.
             packed.append(np.packbits(masks.cpu().numpy(), axis=-1))
             ious.append(iou)

@@ -72,6 +72,13 @@ def read_image(path) -> np.ndarray:
         raise DataError(f"{path}: cannot decode image ({e})") from None
 
 
+def spread(n: int, samples: int) -> list[int]:
+    """Indices of up to `samples` items spread evenly over n, first and last included: the few
+    files an up-front check reads whole (a split written in another element type shows in any)."""
+    m = min(samples, n)
+    return sorted({round(k * (n - 1) / max(m - 1, 1)) for k in range(m)})
+
+
 _UMASK = os.umask(0o022)  # read once, put back at once: written files get 0o666 & ~umask, as open() gives
 os.umask(_UMASK)
 
@@ -107,7 +114,7 @@ def atomic_write(path, write) -> None:
 
 
 # =====================================================================================
-# 2. Range and augmentation (applied after projection, so pixel indices stay valid)
+# 2. Range and augmentation (augmentation comes after projection, so pixel indices stay valid)
 # =====================================================================================
 
 def in_range(xyz: np.ndarray, lo: tuple, hi: tuple) -> np.ndarray:
@@ -175,9 +182,13 @@ class Stream(IntEnum):
 
 class ScanDataset(torch.utils.data.Dataset):
     """What both datasets' readers share: `train` (dropout and augmentation on), the seed, and
-    the epoch, which set_epoch() moves on, so augmentation differs per epoch yet is reproducible."""
+    the epoch, which set_epoch() moves on, so augmentation differs per epoch yet is reproducible.
+    A reader also has `scans` (the file of each sample), `has_labels` (whether it has labels) and
+    as_in_file(i) -> points (N, 4), labels (N,), the usable rows: sample i as in its file."""
     train: bool
     seed: int
+    scans: list[Path]
+    has_labels: list[bool]
     epoch: int = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -199,12 +210,13 @@ class ImageCrop:
 
 @dataclass
 class Scan:
-    """One scan, cropped to the voxel range. n = points kept, num_raw = points in the file.
-    With instance CutMix the pasted points follow the scan's own: their rows count on from
-    num_raw (upstream's ref_index + origin_len) and num_raw includes their file's points."""
-    points: np.ndarray      # (n, 4) float32: x, y, z (augmented in training), remission
-    labels: np.ndarray      # (n,) int64 training ids (zeros when the scan has no labels)
-    index: np.ndarray       # (n,) int64 row of each point in the raw .bin
+    """One scan, cropped to the voxel range: n points kept of the num_raw its file holds. Points
+    added from other files follow the scan's own, their rows counted on past num_raw: SemanticKITTI's
+    CutMix instances (num_raw then includes their file's points: upstream's ref_index + origin_len),
+    nuScenes' sweeps (num_raw stays the keyframe's). U2MKD's pasted instances have row -1."""
+    points: np.ndarray      # (n, 4) float32: x, y, z (augmented in training), remission or intensity
+    labels: np.ndarray      # (n,) int64 the dataset's class ids (zeros when the scan has no labels)
+    index: np.ndarray       # (n,) int64 row of each point in its file
     num_raw: int
     path: Path
     crop: ImageCrop | None = None          # the camera crop, when the dataset has camera=True
@@ -271,7 +283,9 @@ def collate(scans: list[Scan]) -> Batch:
 # official SemanticKITTI evaluator, nusc.LidarsegConfusion the nuScenes devkit.
 
 class ConfusionMatrix:
-    """Counts of (prediction, ground truth) over every point of a split: rows are predictions."""
+    """Counts of (prediction, ground truth) over every point of a split: rows are predictions. A
+    dataset's subclass scores it: iou(), miou(), table(), and `scored_by`, the rules' name."""
+    scored_by: str
 
     def __init__(self, num_classes: int):
         self.n = num_classes

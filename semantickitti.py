@@ -5,9 +5,10 @@ voxel student and the SAM teacher read them.
     2. Geometry: LiDAR points onto the camera image
     3. The voxel range and its 0.1 m grid
     4. The camera crop: the bottom of the frame, colour jitter, flip (what the image teacher reads)
-    5. The dataset: scans (and their camera crops, and instance CutMix) as scandata.Scan
-    6. SAM-PLG's files: where the pseudo-labels lie and what they were made from
-    7. Evaluation: the official SemanticKITTI evaluator's IoU
+    5. The dataset: scans (and their camera crops, and instance CutMix) as scandata.Scan; the
+       files a run reads, checked before its first step
+    6. SAM-PLG's files: where the pseudo-labels lie and what made them
+    7. Evaluation: the official SemanticKITTI IoU
 
 The types both datasets share (Scan, Batch, augmentation) are in scandata.py; nuScenes is in
 nusc.py. Facts follow the official semantic-kitti.yaml, the semantic-kitti-api evaluator and
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from scandata import (ConfusionMatrix, DataError, ImageCrop, Scan, ScanDataset, Stream, augment_xyz, check_point_values,
-                      dropout_points, read_image, usable_rows, whole_records)
+                      dropout_points, read_image, spread, usable_rows, whole_records)
 
 # =====================================================================================
 # 1. Files
@@ -342,7 +343,7 @@ def normalize_image(image: np.ndarray) -> torch.Tensor:
 def prepare_image(image: np.ndarray, pixel_rc: np.ndarray, crop_hw=CROP_HW,
                   rng: np.random.Generator | None = None, train=False,
                   dense_labels: np.ndarray | None = None, jitter=0.4) -> ImageCrop:
-    """The teacher's view of one frame (official steps 7-11, in their order).
+    """The teacher's crop of one frame (official steps 7-11, in their order).
 
     image (H, W, 3) uint8 RGB; pixel_rc (K, 2) float (row, col) of the projected points.
     Training: a random window of columns at the bottom, colour jitter, a flip with p = 0.5.
@@ -410,8 +411,8 @@ class SemanticKITTI(ScanDataset):
 
     def __init__(self, root, sequences, train=False, seed=0, camera=False, crop_hw=CROP_HW, dense=False,
                  derived: Path | None = None, cutmix=False):
-        self.scans = list_scans(root, sequences)  # their files are checked up front by runs.check_datasets
-        self.train, self.seed, self.epoch = train, seed, 0
+        self.scans = list_scans(root, sequences)  # their files are checked up front by check_datasets
+        self.train, self.seed = train, seed
         self.has_labels = [label_path(p).is_file() for p in self.scans]
         unlabelled = [s for s, has in zip(self.scans, self.has_labels) if not has]
         if train and unlabelled:
@@ -469,6 +470,77 @@ class SemanticKITTI(ScanDataset):
                     np.concatenate([scan.labels, to_train_ids(raw[rows], label_path(path))]),
                     np.concatenate([scan.index, scan.num_raw + rows]), scan.num_raw + len(points), scan.path,
                     scan.crop, scan.crop_points)
+
+
+# ---- 5.1 The files a run reads, checked before its first step, not when a bad file's turn comes ----
+
+def existing_sequences(root, sequences: list[str]) -> list[str]:
+    """The sequences that have a velodyne folder under ROOT/sequences; the others are named and skipped."""
+    check_root(root)
+    found = [s for s in sequences if (Path(root) / "sequences" / s / "velodyne").is_dir()]
+    missing = sorted(set(sequences) - set(found))
+    if missing:
+        print(f"note: sequences {missing} not found under {root}/sequences; skipped")
+    return found
+
+
+def check_scan_files(scans: list[Path]) -> None:
+    """Every scan's .bin and, where it has one, its .label are whole, checked from their sizes
+    before a long run starts rather than when a bad file's turn comes."""
+    for scan in scans:
+        n = scan_size(scan)
+        if label_path(scan).is_file() and label_count(label_path(scan)) != n:
+            read_scan(scan)  # a scan of float64 values has twice the points: say that, if it is the cause
+            label_count(label_path(scan), n)
+
+
+def check_camera_files(dataset) -> None:
+    """Every scan's image and calibration are there, and the crop fits in each sequence's
+    frames (read from the first image's header): found now, not when the scan's turn comes."""
+    for scan in dataset.scans:
+        sequence_calib(scan.parent.parent)
+        if not image_path(scan).is_file():
+            raise DataError(f"{image_path(scan)}: image not found (the camera crop needs image_2/ of every scan)")
+    ch, cw = dataset.crop_hw
+    for sequence in sorted({scan.parent.parent for scan in dataset.scans}):
+        first, h, w = sequence_frame(sequence)
+        if ch > h or cw > w:
+            raise DataError(f"{first}: a {w}x{h} frame is smaller than the {ch}x{cw} crop (--crop H W)")
+
+
+def check_datasets(train_set, val_set, samples=16) -> None:
+    """Before training, the up-front checks of a run. Every scan's files are whole
+    and, when the run reads the camera, there. The splits can teach and be scored: training
+    labels that are all 0 (unlabeled, checked on up to `samples` scans spread over the split)
+    teach nothing; validation scans without labels cannot be scored; a sequence in both splits
+    scores scans the model trained on. The sampled scans are read whole (read_scan's value checks)."""
+    for dataset in (train_set, val_set):
+        check_scan_files(dataset.scans)
+        if dataset.camera:
+            check_camera_files(dataset)
+    both = sorted({s.parent.parent.name for s in train_set.scans} & {s.parent.parent.name for s in val_set.scans})
+    if both:
+        warnings.warn(f"sequences {both} are both training and validation sequences: validation then "
+                      "scores scans the model trained on")
+    if not any(val_set.has_labels):
+        raise DataError(f"{label_path(val_set.scans[0]).parent}: none of the {len(val_set)} validation scans has a "
+                        ".label file, so validation cannot score them; give --val-sequences that have labels")
+    unlabelled = val_set.has_labels.count(False)
+    if unlabelled:
+        warnings.warn(f"{label_path(val_set.scans[val_set.has_labels.index(False)])}: {unlabelled} of the "
+                      f"{len(val_set)} validation scans have no .label file and are not scored")
+    picks = spread(len(train_set), samples)
+    for scan in [train_set.scans[i] for i in picks] + val_set.scans[:1]:
+        read_scan(scan)  # a split written in another element type (check_point_values), said now
+    checked = [label_path(train_set.scans[i]) for i in picks]
+    if all(not to_train_ids(read_labels(path)[0], path).any() for path in checked):
+        raise DataError(f"{checked[0].parent}: every point of the {len(checked)} training .label files checked "
+                        f"({checked[0].name} ... {checked[-1].name}) is unlabeled (training id 0): there is nothing "
+                        "to learn from")
+    if getattr(train_set, "cutmix", False) and all(not read_labels(path)[1].any() for path in checked):
+        raise DataError(f"{checked[0].parent}: --cutmix pastes the points of other scans' instances, but no point of "
+                        f"the {len(checked)} training .label files checked carries an instance id (their upper 16 "
+                        "bits are 0): there is nothing to paste; run without --cutmix (--no-cutmix)")
 
 
 # =====================================================================================

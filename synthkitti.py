@@ -776,7 +776,7 @@ class IdealMaskSource:
     name = "ideal"  # what the pseudo-labels' record keeps (semantickitti.PLG_RECORD)
 
     def masks(self, frame) -> tuple[np.ndarray, np.ndarray]:
-        """frame: an semantickitti.PlgFrame -> masks (M, H, W) bool, predicted IoU (M,)."""
+        """frame: a semantickitti.PlgFrame -> masks (M, H, W) bool, predicted IoU (M,)."""
         from semantickitti import read_pixel_labels  # here: the scenes themselves need only numpy
         height, width = frame.image.shape[:2]
         gt = read_pixel_labels(rendered_labels_path(frame.scan_path), height, width)

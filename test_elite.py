@@ -410,7 +410,7 @@ def test_seg_loss_ignores_unlabelled_points_and_handles_none():
 
 
 # ------------------------------------------------------------------------------------
-# 5. The image teacher: the encoder against segment-anything's own modules
+# 5.1 The image teacher's adapters (PEFT) against the plain low-rank layer
 # ------------------------------------------------------------------------------------
 
 def tiny_teacher(peft="adalora", seed=0) -> "elite.Teacher":
@@ -427,40 +427,6 @@ def randomize_(module: nn.Module, seed=0):
     return module
 
 
-def test_variants_are_sam_model_registry_settings(monkeypatch):
-    import importlib
-    build_sam = importlib.import_module("segment_anything.build_sam")  # not the function of that name
-    seen = {}
-    monkeypatch.setattr(build_sam, "_build_sam", lambda **kw: kw)  # record, do not build
-    for name in ("vit_b", "vit_l", "vit_h"):
-        kw = build_sam.sam_model_registry[name]()
-        v = elite.SAM_VARIANTS[name]
-        seen[name] = (kw["encoder_embed_dim"], kw["encoder_depth"], kw["encoder_num_heads"],
-                      tuple(kw["encoder_global_attn_indexes"]))
-        assert seen[name] == (v.embed_dim, v.depth, v.num_heads, v.global_attn_indexes)
-    tiny = elite.SAM_VARIANTS["vit_tiny"]
-    assert tiny.embed_dim % 8 == 0 and tiny.embed_dim % tiny.num_heads == 0 and len(tiny.global_attn_indexes) == 4
-
-
-# A global block (rel-pos tables resized from 127 rows) and a windowed one (grid padded to 28 x 42).
-@pytest.mark.parametrize("window, grid", [(0, (5, 20)), (14, (20, 30))])
-def test_folded_attention_equals_sam_block(window, grid):
-    from segment_anything.modeling.image_encoder import Block
-    torch.manual_seed(0)
-    sam_block = randomize_(Block(96, 3, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-                                 window_size=window, input_size=(64, 64)))
-    ours = copy.deepcopy(sam_block)
-    ours.attn = kernels.FoldedAttention(ours.attn)
-    assert ours.state_dict().keys() == sam_block.state_dict().keys()  # SAM's modules, SAM's keys
-    x = torch.randn(2, *grid, 96, requires_grad=True)
-    ref = sam_block(x)
-    (gref,) = torch.autograd.grad(ref.square().sum(), x)
-    out = ours(x)
-    (gout,) = torch.autograd.grad(out.square().sum(), x)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gout, gref, rtol=1e-4, atol=1e-4)
-
-
 def random_adapters(depth, parts, out_features, in_features, svd=True, seed=2, r=12, alpha=1.0):
     """Adapters with every factor random (E non-zero, one rank pruned): they change the outputs."""
     a = elite.Adapters(depth, parts, out_features, in_features, r, alpha, svd)
@@ -470,77 +436,6 @@ def random_adapters(depth, parts, out_features, in_features, svd=True, seed=2, r
             a.lora_E[..., 3, :] = 0
     return a
 
-
-# SAM's own Attention, its rel-pos bias added to the logits as a mask, against ours with the bias
-# folded into q and k; q, k, v carry AdaLoRA adapters, and both run with the adapted qkv weight.
-@pytest.mark.parametrize("input_size, grid", [((64, 64), (5, 20)), ((14, 14), (14, 14))])  # global, window
-def test_folded_attention_with_adapters_equals_sams_attention(input_size, grid):
-    from segment_anything.modeling.image_encoder import Attention
-    sam = randomize_(Attention(96, 3, qkv_bias=True, use_rel_pos=True, input_size=input_size), seed=1)
-    ours = kernels.FoldedAttention(copy.deepcopy(sam))
-    adapters = random_adapters(1, 3, 288, 96)  # q, k, v of one block
-    g = torch.Generator().manual_seed(3)
-    x, upstream = torch.randn(2, *grid, 96, generator=g), torch.randn(2, *grid, 96, generator=g)
-    results = []
-    for attention in (ours, sam):
-        out = torch.func.functional_call(attention, {"qkv.weight": sam.qkv.weight + adapters.delta_weights()[0]}, (x,))
-        (out * upstream).sum().backward()
-        results.append([out.detach()] + [p.grad.clone() for p in adapters.parameters()])
-        adapters.zero_grad()
-    for got, want in zip(*results):
-        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
-
-
-def test_crop_tokens_equal_sams_padded_and_cut_tokens():
-    teacher = tiny_teacher()
-    enc = randomize_(teacher.encoder)
-    img = torch.randn(1, 3, 50, 70)  # not whole patches: ceil -> 4 x 5 tokens
-    sam_input = F.pad(img, (0, 1024 - 70, 0, 1024 - 50))  # SAM pads to 1024 x 1024
-    with torch.no_grad():
-        full = enc.patch_embed(sam_input) + enc.pos_embed  # (1, 64, 64, C)
-        captured = []
-        hook = enc.blocks[0].register_forward_pre_hook(lambda m, a: captured.append(a[0]))
-        teacher.encode(img)
-        hook.remove()
-    assert captured[0].shape == (1, 4, 5, 96)
-    torch.testing.assert_close(captured[0], full[:, :4, :5], rtol=1e-5, atol=1e-5)
-
-
-def test_forward_gives_four_maps_that_upsample_to_crop_resolution():
-    teacher = tiny_teacher()
-    feats = teacher(torch.randn(2, 3, 64, 256))  # 4 x 16 tokens: two 14x14 windows per row band
-    assert [f.shape for f in feats] == [(2, 12, 16, 64)] * 4  # a quarter of the crop
-    assert [f.shape for f in elite.upsample_maps(feats, 64, 256)] == [(2, 12, 64, 256)] * 4
-    feats = teacher(torch.randn(1, 3, 50, 70))  # 4 x 5 tokens: padded to 64 x 80 pixels
-    assert [f.shape for f in elite.upsample_maps(feats, 50, 70)] == [(1, 12, 50, 70)] * 4
-    assert not torch.allclose(feats[0], feats[3])  # four depths, four different maps
-
-
-def test_sample_pixels_equals_upsampling_then_reading_the_pixels():
-    g = torch.Generator().manual_seed(0)
-    maps = [torch.randn(2, 5, 7, 9, generator=g, requires_grad=True) for _ in range(4)]
-    idx = [torch.tensor([[0, 0], [27, 35], [13, 18], [1, 34], [26, 2]]), torch.tensor([[1, 2], [14, 15]])]  # edges too
-    upstream = torch.randn(7, 5, generator=g)
-    results = []
-    for read in (lambda: elite.sample_pixels(maps, idx),  # at the pixels only
-                 lambda: [torch.cat([u[b, :, p[:, 0], p[:, 1]].T for b, p in enumerate(idx)])  # upstream's way
-                          for u in elite.upsample_maps(maps, 28, 36)]):
-        out = read()
-        sum((o * upstream).sum() for o in out).backward()
-        results.append((out, [m.grad.clone() for m in maps]))
-        for m in maps:
-            m.grad = None
-    (points, point_grads), (full, full_grads) = results
-    assert [o.shape for o in points] == [(7, 5)] * 4
-    for ours, reference in zip(points + point_grads, full + full_grads):
-        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
-    stage, fused = tiny_teacher().classify([torch.randn(4, 12) for _ in range(4)])
-    assert [s.shape for s in stage] == [(4, 20)] * 4 and fused.shape == (4, 20)
-
-
-# ------------------------------------------------------------------------------------
-# 5.1 Adapters (PEFT) against the plain layer
-# ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("svd, r, alpha", [(False, 4, 2.0), (True, 12, 1.0)])  # LoRA, AdaLoRA
 def test_adapter_update_formula_and_its_gradients(svd, r, alpha):
@@ -661,8 +556,123 @@ def test_adapters_on_all_six_layers_and_only_they_train(peft):
 
 
 # ------------------------------------------------------------------------------------
-# 5.2 ViT-B: parameter counts and an official-format SAM checkpoint
+# 5.2 AdaLoRA's rank budget
 # ------------------------------------------------------------------------------------
+
+def test_rank_budget_schedule_paper_run(vit_b_teacher):
+    alloc = elite.RankAllocator(vit_b_teacher, total_steps=306_112)
+    assert (alloc.init_warmup, alloc.final_warmup, alloc.mask_interval) == (51_018, 153_056, 1_020)
+    assert (alloc.total_rank, alloc.target_total) == (864, 576)
+    assert alloc.budget(0) == (864, False) and alloc.budget(51_018) == (864, False)
+    assert alloc.budget(102_037) == (612, False)  # half way through the decay: 576 + 288 / 8
+    assert alloc.budget(102_000) == (int(576 + 288 * (1 - 50_982 / 102_038) ** 3), True)  # 100 x 1,020
+    assert alloc.budget(153_056) == (576, False)
+    assert alloc.budget(153_057) == (576, True) and alloc.budget(306_111) == (576, True)
+
+
+def backward_once(teacher, seed=0):
+    torch.manual_seed(seed)
+    feats = teacher(torch.randn(2, 3, 32, 64))
+    idx = [torch.stack([torch.randint(0, 32, (20,)), torch.randint(0, 64, (20,))], 1) for _ in range(2)]
+    stage, fused = teacher.classify(elite.sample_pixels(feats, idx))
+    labels = torch.randint(1, 20, (40,))
+    loss = sum(F.cross_entropy(s, labels) for s in stage) + F.cross_entropy(fused, labels)
+    loss = loss + elite.orth_regularizer(teacher)
+    loss.backward()
+    return loss
+
+
+def test_rank_allocator_masks_the_least_important_ranks():
+    teacher = tiny_teacher()
+    with torch.no_grad():
+        for a in teacher.adapters.values():
+            a.lora_E.normal_()  # as after warm-up: all ranks in use
+    backward_once(teacher)
+    alloc = elite.RankAllocator(teacher, total_steps=3000)  # warm-up 500, decay until 1500, mask every 10
+    assert (alloc.total_rank, alloc.target_total) == (576, 384)  # 48 adapters
+    # The importance formula, by hand, after one update from zero, adapter by adapter.
+    score = []
+    for a in alloc.kinds.values():
+        for i in range(a.lora_A.shape[0]):
+            for part in range(a.lora_A.shape[1]):
+                s = {p: (getattr(a, p)[i, part] * getattr(a, p).grad[i, part]).abs() for p in ("lora_A", "lora_E", "lora_B")}
+                s = {p: (0.15 * v) * (0.15 * (v - 0.15 * v).abs()) for p, v in s.items()}
+                score.append(s["lora_E"].view(-1) + s["lora_A"].mean(1) + s["lora_B"].mean(0))  # (r,)
+    budget = alloc.step(1000)
+    assert budget == 384 + 192 // 8
+    zeroed = torch.cat([(a.lora_E.flatten() == 0) for a in alloc.kinds.values()])
+    assert int(zeroed.sum()) == 576 - budget
+    lowest = torch.cat(score).argsort()[:576 - budget]
+    assert zeroed[lowest].all()
+    # Final phase: scores frozen, masked to the target every step.
+    ipt_before = {k: v.clone() for k, v in alloc.ipt.items()}
+    assert alloc.step(1501) == 384
+    assert all(torch.equal(alloc.ipt[k], v) for k, v in ipt_before.items())
+    assert int(torch.cat([a.lora_E.flatten() == 0 for a in alloc.kinds.values()]).sum()) == 576 - 384
+
+
+def test_rank_allocator_needs_adalora():
+    with pytest.raises(ValueError, match="adalora"):
+        elite.RankAllocator(tiny_teacher(peft="lora"), total_steps=100)
+
+
+# ------------------------------------------------------------------------------------
+# 5.3 SAM's encoder against segment-anything's own modules, and an official-format checkpoint
+# ------------------------------------------------------------------------------------
+
+def test_variants_are_sam_model_registry_settings(monkeypatch):
+    import importlib
+    build_sam = importlib.import_module("segment_anything.build_sam")  # not the function of that name
+    seen = {}
+    monkeypatch.setattr(build_sam, "_build_sam", lambda **kw: kw)  # record, do not build
+    for name in ("vit_b", "vit_l", "vit_h"):
+        kw = build_sam.sam_model_registry[name]()
+        v = elite.SAM_VARIANTS[name]
+        seen[name] = (kw["encoder_embed_dim"], kw["encoder_depth"], kw["encoder_num_heads"],
+                      tuple(kw["encoder_global_attn_indexes"]))
+        assert seen[name] == (v.embed_dim, v.depth, v.num_heads, v.global_attn_indexes)
+    tiny = elite.SAM_VARIANTS["vit_tiny"]
+    assert tiny.embed_dim % 8 == 0 and tiny.embed_dim % tiny.num_heads == 0 and len(tiny.global_attn_indexes) == 4
+
+
+# A global block (rel-pos tables resized from 127 rows) and a windowed one (grid padded to 28 x 42).
+@pytest.mark.parametrize("window, grid", [(0, (5, 20)), (14, (20, 30))])
+def test_folded_attention_equals_sam_block(window, grid):
+    from segment_anything.modeling.image_encoder import Block
+    torch.manual_seed(0)
+    sam_block = randomize_(Block(96, 3, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+                                 window_size=window, input_size=(64, 64)))
+    ours = copy.deepcopy(sam_block)
+    ours.attn = kernels.FoldedAttention(ours.attn)
+    assert ours.state_dict().keys() == sam_block.state_dict().keys()  # SAM's modules, SAM's keys
+    x = torch.randn(2, *grid, 96, requires_grad=True)
+    ref = sam_block(x)
+    (gref,) = torch.autograd.grad(ref.square().sum(), x)
+    out = ours(x)
+    (gout,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gout, gref, rtol=1e-4, atol=1e-4)
+
+
+# SAM's own Attention, its rel-pos bias added to the logits as a mask, against ours with the bias
+# folded into q and k; q, k, v carry AdaLoRA adapters, and both run with the adapted qkv weight.
+@pytest.mark.parametrize("input_size, grid", [((64, 64), (5, 20)), ((14, 14), (14, 14))])  # global, window
+def test_folded_attention_with_adapters_equals_sams_attention(input_size, grid):
+    from segment_anything.modeling.image_encoder import Attention
+    sam = randomize_(Attention(96, 3, qkv_bias=True, use_rel_pos=True, input_size=input_size), seed=1)
+    ours = kernels.FoldedAttention(copy.deepcopy(sam))
+    adapters = random_adapters(1, 3, 288, 96)  # q, k, v of one block
+    g = torch.Generator().manual_seed(3)
+    x, upstream = torch.randn(2, *grid, 96, generator=g), torch.randn(2, *grid, 96, generator=g)
+    results = []
+    for attention in (ours, sam):
+        out = torch.func.functional_call(attention, {"qkv.weight": sam.qkv.weight + adapters.delta_weights()[0]}, (x,))
+        (out * upstream).sum().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in adapters.parameters()])
+        adapters.zero_grad()
+    for got, want in zip(*results):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
 
 @pytest.fixture(scope="module")
 def sam_b_file(tmp_path_factory):
@@ -730,8 +740,80 @@ def test_build_teacher_without_checkpoint_warns():
 
 
 # ------------------------------------------------------------------------------------
-# 5.3 AdaLoRA's rank allocator and the teacher's step
+# 5.4 The teacher: crop tokens, four maps, its 2D losses, its step
 # ------------------------------------------------------------------------------------
+
+def test_crop_tokens_equal_sams_padded_and_cut_tokens():
+    teacher = tiny_teacher()
+    enc = randomize_(teacher.encoder)
+    img = torch.randn(1, 3, 50, 70)  # not whole patches: ceil -> 4 x 5 tokens
+    sam_input = F.pad(img, (0, 1024 - 70, 0, 1024 - 50))  # SAM pads to 1024 x 1024
+    with torch.no_grad():
+        full = enc.patch_embed(sam_input) + enc.pos_embed  # (1, 64, 64, C)
+        captured = []
+        hook = enc.blocks[0].register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        teacher.encode(img)
+        hook.remove()
+    assert captured[0].shape == (1, 4, 5, 96)
+    torch.testing.assert_close(captured[0], full[:, :4, :5], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_gives_four_maps_that_upsample_to_crop_resolution():
+    teacher = tiny_teacher()
+    feats = teacher(torch.randn(2, 3, 64, 256))  # 4 x 16 tokens: two 14x14 windows per row band
+    assert [f.shape for f in feats] == [(2, 12, 16, 64)] * 4  # a quarter of the crop
+    assert [f.shape for f in elite.upsample_maps(feats, 64, 256)] == [(2, 12, 64, 256)] * 4
+    feats = teacher(torch.randn(1, 3, 50, 70))  # 4 x 5 tokens: padded to 64 x 80 pixels
+    assert [f.shape for f in elite.upsample_maps(feats, 50, 70)] == [(1, 12, 50, 70)] * 4
+    assert not torch.allclose(feats[0], feats[3])  # four depths, four different maps
+
+
+def test_sample_pixels_equals_upsampling_then_reading_the_pixels():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 5, 7, 9, generator=g, requires_grad=True) for _ in range(4)]
+    idx = [torch.tensor([[0, 0], [27, 35], [13, 18], [1, 34], [26, 2]]), torch.tensor([[1, 2], [14, 15]])]  # edges too
+    upstream = torch.randn(7, 5, generator=g)
+    results = []
+    for read in (lambda: elite.sample_pixels(maps, idx),  # at the pixels only
+                 lambda: [torch.cat([u[b, :, p[:, 0], p[:, 1]].T for b, p in enumerate(idx)])  # upstream's way
+                          for u in elite.upsample_maps(maps, 28, 36)]):
+        out = read()
+        sum((o * upstream).sum() for o in out).backward()
+        results.append((out, [m.grad.clone() for m in maps]))
+        for m in maps:
+            m.grad = None
+    (points, point_grads), (full, full_grads) = results
+    assert [o.shape for o in points] == [(7, 5)] * 4
+    for ours, reference in zip(points + point_grads, full + full_grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    stage, fused = tiny_teacher().classify([torch.randn(4, 12) for _ in range(4)])
+    assert [s.shape for s in stage] == [(4, 20)] * 4 and fused.shape == (4, 20)
+
+
+def test_teacher_losses_weights_and_both_label_modes():
+    torch.manual_seed(0)
+    teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(32, 64)))
+    images = torch.randn(2, 3, 32, 64)
+    pixels = [torch.tensor([[0, 0], [5, 7], [31, 63]]), torch.tensor([[1, 2]])]
+    labels = torch.tensor([1, 9, 0, 13])
+    w = elite.class_weights()
+    feats = teacher(images)
+    sparse, sparse_points = elite.teacher_losses(teacher, feats, scandata.CameraCrops(images, pixels, labels, None), w, 1.0)
+    assert list(sparse) == ["seg2d_scale2", "seg2d_scale4", "seg2d_scale8", "seg2d_scale16", "seg2d_fused"]
+    stage, fused = teacher.classify(elite.sample_pixels(feats, pixels))
+    for k, name in enumerate(list(sparse)[:4]):
+        assert torch.allclose(sparse[name], elite.seg_loss(stage[k], labels, w, 1.0) / 4)  # lambda_seg2d / 4
+    assert torch.allclose(sparse["seg2d_fused"], elite.seg_loss(fused, labels, w, 1.0))  # weight 1
+    dense_labels = torch.randint(0, 20, (2, 32, 64))
+    crops = scandata.CameraCrops(images, pixels, labels, dense_labels)
+    dense, dense_points = elite.teacher_losses(teacher, feats, crops, w, lambda_seg2d=2.0)
+    per_pixel = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in elite.upsample_maps(feats, 32, 64)]
+    stage, fused = teacher.classify(per_pixel)
+    assert torch.allclose(dense["seg2d_scale2"], 2.0 / 4 * elite.seg_loss(stage[0], dense_labels.reshape(-1), w, 1.0))
+    assert torch.allclose(dense["seg2d_fused"], elite.seg_loss(fused, dense_labels.reshape(-1), w, 1.0))
+    for k in range(4):  # both modes hand PPMSKD the stage logits at the points' pixels
+        assert dense_points[k].shape == (4, 20) and torch.allclose(dense_points[k], sparse_points[k], atol=1e-6)
+
 
 def test_teacher_step_dispatches_a_quarter_of_the_operations_it_did():
     # infer.count_ops over one teacher training step (ViT-B, one crop, float32, CPU): 4,740 aten
@@ -751,63 +833,6 @@ def test_teacher_step_dispatches_a_quarter_of_the_operations_it_did():
     assert set(ops.data_dependent) <= {"_local_scalar_dense", "index*", "_unique2"}
 
 
-def test_rank_budget_schedule_paper_run(vit_b_teacher):
-    alloc = elite.RankAllocator(vit_b_teacher, total_steps=306_112)
-    assert (alloc.init_warmup, alloc.final_warmup, alloc.mask_interval) == (51_018, 153_056, 1_020)
-    assert (alloc.total_rank, alloc.target_total) == (864, 576)
-    assert alloc.budget(0) == (864, False) and alloc.budget(51_018) == (864, False)
-    assert alloc.budget(102_037) == (612, False)  # half way through the decay: 576 + 288 / 8
-    assert alloc.budget(102_000) == (int(576 + 288 * (1 - 50_982 / 102_038) ** 3), True)  # 100 x 1,020
-    assert alloc.budget(153_056) == (576, False)
-    assert alloc.budget(153_057) == (576, True) and alloc.budget(306_111) == (576, True)
-
-
-def backward_once(teacher, seed=0):
-    torch.manual_seed(seed)
-    feats = teacher(torch.randn(2, 3, 32, 64))
-    idx = [torch.stack([torch.randint(0, 32, (20,)), torch.randint(0, 64, (20,))], 1) for _ in range(2)]
-    stage, fused = teacher.classify(elite.sample_pixels(feats, idx))
-    labels = torch.randint(1, 20, (40,))
-    loss = sum(F.cross_entropy(s, labels) for s in stage) + F.cross_entropy(fused, labels)
-    loss = loss + elite.orth_regularizer(teacher)
-    loss.backward()
-    return loss
-
-
-def test_rank_allocator_masks_the_least_important_ranks():
-    teacher = tiny_teacher()
-    with torch.no_grad():
-        for a in teacher.adapters.values():
-            a.lora_E.normal_()  # as after warm-up: all ranks in use
-    backward_once(teacher)
-    alloc = elite.RankAllocator(teacher, total_steps=3000)  # warm-up 500, decay until 1500, mask every 10
-    assert (alloc.total_rank, alloc.target_total) == (576, 384)  # 48 adapters
-    # The importance formula, by hand, after one update from zero, adapter by adapter.
-    score = []
-    for a in alloc.kinds.values():
-        for i in range(a.lora_A.shape[0]):
-            for part in range(a.lora_A.shape[1]):
-                s = {p: (getattr(a, p)[i, part] * getattr(a, p).grad[i, part]).abs() for p in ("lora_A", "lora_E", "lora_B")}
-                s = {p: (0.15 * v) * (0.15 * (v - 0.15 * v).abs()) for p, v in s.items()}
-                score.append(s["lora_E"].view(-1) + s["lora_A"].mean(1) + s["lora_B"].mean(0))  # (r,)
-    budget = alloc.step(1000)
-    assert budget == 384 + 192 // 8
-    zeroed = torch.cat([(a.lora_E.flatten() == 0) for a in alloc.kinds.values()])
-    assert int(zeroed.sum()) == 576 - budget
-    lowest = torch.cat(score).argsort()[:576 - budget]
-    assert zeroed[lowest].all()
-    # Final phase: scores frozen, masked to the target every step.
-    ipt_before = {k: v.clone() for k, v in alloc.ipt.items()}
-    assert alloc.step(1501) == 384
-    assert all(torch.equal(alloc.ipt[k], v) for k, v in ipt_before.items())
-    assert int(torch.cat([a.lora_E.flatten() == 0 for a in alloc.kinds.values()]).sum()) == 576 - 384
-
-
-def test_rank_allocator_needs_adalora():
-    with pytest.raises(ValueError, match="adalora"):
-        elite.RankAllocator(tiny_teacher(peft="lora"), total_steps=100)
-
-
 def test_training_step_moves_adapters_and_keeps_sam_bit_identical():
     teacher = tiny_teacher()
     trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
@@ -825,31 +850,6 @@ def test_training_step_moves_adapters_and_keeps_sam_bit_identical():
             assert torch.equal(after[key], before[key]), f"{key} (frozen) changed"
     assert any("lora_E" in k for k in trainable) and any("patch_decoders" in k for k in trainable)
     assert all(p.grad is None for n, p in teacher.named_parameters() if n not in trainable)
-
-
-def test_teacher_losses_weights_and_both_label_modes():
-    torch.manual_seed(0)
-    teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(32, 64)))
-    images = torch.randn(2, 3, 32, 64)
-    pixels = [torch.tensor([[0, 0], [5, 7], [31, 63]]), torch.tensor([[1, 2]])]
-    labels = torch.tensor([1, 9, 0, 13])
-    w = elite.class_weights()
-    feats = teacher(images)
-    sparse, sparse_points = elite.teacher_losses(teacher, feats, scandata.CameraCrops(images, pixels, labels, None), w, 1.0)
-    assert list(sparse) == ["seg2d_scale2", "seg2d_scale4", "seg2d_scale8", "seg2d_scale16", "seg2d_fused"]
-    stage, fused = teacher.classify(elite.sample_pixels(feats, pixels))
-    for k, name in enumerate(list(sparse)[:4]):
-        assert torch.allclose(sparse[name], elite.seg_loss(stage[k], labels, w, 1.0) / 4)  # lambda_seg2d / 4
-    assert torch.allclose(sparse["seg2d_fused"], elite.seg_loss(fused, labels, w, 1.0))  # weight 1
-    dense_labels = torch.randint(0, 20, (2, 32, 64))
-    views = scandata.CameraCrops(images, pixels, labels, dense_labels)
-    dense, dense_points = elite.teacher_losses(teacher, feats, views, w, lambda_seg2d=2.0)
-    per_pixel = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in elite.upsample_maps(feats, 32, 64)]
-    stage, fused = teacher.classify(per_pixel)
-    assert torch.allclose(dense["seg2d_scale2"], 2.0 / 4 * elite.seg_loss(stage[0], dense_labels.reshape(-1), w, 1.0))
-    assert torch.allclose(dense["seg2d_fused"], elite.seg_loss(fused, dense_labels.reshape(-1), w, 1.0))
-    for k in range(4):  # both modes hand PPMSKD the stage logits at the points' pixels
-        assert dense_points[k].shape == (4, 20) and torch.allclose(dense_points[k], sparse_points[k], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def test_samples_whose_next_loops_back_are_refused_not_followed_forever(synth_nu
     (root / VERSION / "sample.json").write_text(json.dumps(samples))
     tables = nusc.read_tables(root, VERSION)
     with pytest.raises(scandata.DataError, match=rf"sample\.json: the samples of scene {scenes[0]['name']} loop: 'next' "
-                                              rf"leads back to sample {head['token']}"):
+                                                 rf"leads back to sample {head['token']}"):
         nusc.keyframes(tables, root, [tables["scene"][scenes[0]["token"]]], labelled=False)
 
 
@@ -188,6 +188,7 @@ def test_synthetic_scenes_of_an_older_format_are_written_again_and_real_tables_a
 # ------------------------------------------------------------------------------------
 # 2. Classes
 # ------------------------------------------------------------------------------------
+
 def test_class_mapping_follows_category_names_not_numbers(synth_nusc, tmp_path):
     tables = tables_of(synth_nusc)
     lut = nusc.fine_to_coarse(tables)
@@ -235,13 +236,14 @@ def test_a_label_index_no_category_claims_is_refused(synth_nusc, tmp_path):
     labels = np.array([lut.argmax(), unclaimed, unclaimed], dtype=np.uint8)
     labels.tofile(tmp_path / "x_lidarseg.bin")
     with pytest.raises(scandata.DataError, match=rf"x_lidarseg\.bin: label index {unclaimed} \(1 such\) is no "
-                                              "category's index in category.json"):
+                                                 "category's index in category.json"):
         nusc.read_labels(tmp_path / "x_lidarseg.bin", 3, lut)
 
 
 # ------------------------------------------------------------------------------------
 # 3-4. Splits and keyframes
 # ------------------------------------------------------------------------------------
+
 def test_official_splits_and_keyframes(synth_nusc):
     tables = tables_of(synth_nusc)
     assert len(nusc.VAL_SCENES) == 150 and "scene-0003" in nusc.VAL_SCENES and "scene-1073" in nusc.VAL_SCENES
@@ -266,6 +268,7 @@ def test_official_splits_and_keyframes(synth_nusc):
 # ------------------------------------------------------------------------------------
 # 5. Files: bad input named by file, checked before the first step
 # ------------------------------------------------------------------------------------
+
 def test_bad_nuscenes_input_names_the_file(synth_nusc, tmp_path):
     root = tmp_path / "nusc"
     shutil.copytree(synth_nusc, root)
@@ -372,6 +375,7 @@ def test_every_file_a_run_reads_is_checked_before_its_first_step(synth_nusc, tmp
 # ------------------------------------------------------------------------------------
 # 6. Projection into the cameras
 # ------------------------------------------------------------------------------------
+
 def rotate(q, v):
     """v (N, 3) rotated by the unit quaternion q = (w, x, y, z), as q v q*: the devkit's other route."""
     w, r = q[0], np.asarray(q[1:])
@@ -469,6 +473,7 @@ def test_a_point_two_cameras_see_is_splatted_into_both_and_takes_the_last_camera
 # ------------------------------------------------------------------------------------
 # 7. Sweeps
 # ------------------------------------------------------------------------------------
+
 def test_sweeps_around_a_keyframe(synth_nusc):
     tables = tables_of(synth_nusc)
     frames = nusc.keyframes(tables, synth_nusc, nusc.split_scenes(tables, "train"))
@@ -530,6 +535,7 @@ def test_a_sweep_is_moved_into_the_keyframes_lidar_frame(tmp_path):
 # ------------------------------------------------------------------------------------
 # 8. The dataset and prediction: points beyond the range
 # ------------------------------------------------------------------------------------
+
 def test_far_points_do_not_change_the_predictions_of_the_points_in_range(synth_nusc):
     import infer
     import u2mkd
@@ -555,6 +561,7 @@ def test_far_points_do_not_change_the_predictions_of_the_points_in_range(synth_n
 # ------------------------------------------------------------------------------------
 # 9-10. Evaluation and submission
 # ------------------------------------------------------------------------------------
+
 def test_confusion_follows_the_devkit_rules():
     conf = nusc.LidarsegConfusion()
     gt = torch.tensor([4, 4, 4, 0, 0, 11, 11, 7])

@@ -262,7 +262,7 @@ def test_non_finite_checkpoint_is_never_written(tmp_path):
     bad = runs.student_state(elite.Student())
     bad["model"]["blocks.0.v_enc.0.bn1.running_var"][3] = float("inf")
     with pytest.raises(scandata.DataError, match=r"best\.pt: not written: 1 tensors hold NaN or Inf "
-                                              r"\(e\.g\. 'model\.blocks\.0\.v_enc\.0\.bn1\.running_var'\)"):
+                                                 r"\(e\.g\. 'model\.blocks\.0\.v_enc\.0\.bn1\.running_var'\)"):
         runs.atomic_save(bad, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["best.pt"]
 
@@ -551,7 +551,7 @@ def test_shards_split_the_scans_and_existing_files_are_trusted(synth, tmp_path):
     relabelled[:100] = 40  # road, the same size
     label.write_bytes(relabelled.tobytes())
     with pytest.raises(scandata.DataError, match=r"00/image_2_plg: pseudo-labels made from other inputs \(000001\.label "
-                                              r"changed since\)"):
+                                                 r"changed since\)"):
         semantickitti.missing_pseudo_labels(root, ["00"])
     label.unlink()
     with pytest.raises(scandata.DataError, match=r"\(2 label files then, 1 now\)"):

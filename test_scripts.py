@@ -204,11 +204,11 @@ def test_nuscenes_teacher_fusion_student_baseline_and_submission(synth_nusc, tmp
     assert json.loads((tmp_path / "pred_fusion" / "val" / "submission.json").read_text())["meta"]["use_camera"] is False
     runs.atomic_save(runs.lidar_teacher_state(u2mkd.lidar_teacher()), tmp_path / "kitti_teacher.pt")
     with pytest.raises(scandata.DataError, match=r"kitti_teacher\.pt: a LiDAR teacher of 20 classes, but --dataset "
-                                              r"nuscenes has 17"):
+                                                 r"nuscenes has 17"):
         train_student.main(["--method", "u2mkd", *common, "--teacher", str(tmp_path / "kitti_teacher.pt"),
                             "--out", str(tmp_path / "wrong")])
     with pytest.raises(scandata.DataError, match=r"kitti\.pt: a model for semantickitti \(20 classes and its voxel "
-                                              r"grid\), not for nuscenes"):  # a SemanticKITTI student
+                                                 r"grid\), not for nuscenes"):  # a SemanticKITTI student
         runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "kitti.pt")
         infer.predict(infer.parse_args(["--dataset", "nuscenes", "--data", str(synth_nusc), "--checkpoint",
                                         str(tmp_path / "kitti.pt"), "--out", str(tmp_path / "p"), "--device", "cpu"]))
@@ -837,7 +837,7 @@ def test_one_run_owns_a_folder_at_a_time(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(scandata.DataError, match=rf"run: another run is using this folder \(pid {holder.pid} on .*\); "
-                                                  "wait for it to end, or give another --out"):
+                                                     "wait for it to end, or give another --out"):
             runs.claim_run_folder(out, runs.STUDENT_KIND, resume=False, overwrite=False)
     finally:
         holder.kill()
@@ -1023,7 +1023,7 @@ def test_read_only_dataset_writes_derived_files_elsewhere(synth_root, tmp_path):
         assert run_main("train_teacher", common + ["--teacher", "lidar", "--out", str(tmp_path / "lidar"),
                                                    "--derived-dir", str(derived)]) == ""
         train = semantickitti.SemanticKITTI(data, ["00"], train=True, camera=True, crop_hw=(160, 512), dense=True,
-                                    derived=derived)
+                                            derived=derived)
         assert train[0].crop.dense_labels is not None  # read from DERIVED
         assert semantickitti.missing_pseudo_labels(data, ["00"], derived) == 0
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into the dataset

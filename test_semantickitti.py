@@ -297,7 +297,7 @@ def test_dataset_drops_non_finite_points_and_survives_empty_range(tmp_path):
     assert pred.shape == (20,) and (pred == 0).all()
 
 
-def test_camera_views_keep_points_on_their_pixels_through_crop_and_flip(synth_copy):
+def test_camera_crops_keep_points_on_their_pixels_through_crop_and_flip(synth_copy):
     # Rendered ground truth stands in for pseudo-labels, so the dense crop must agree with
     # the labels of the points at their (cropped, flipped) pixels.
     for scan in semantickitti.list_scans(synth_copy, ["00"]):
@@ -308,19 +308,19 @@ def test_camera_views_keep_points_on_their_pixels_through_crop_and_flip(synth_co
     for epoch in range(4):
         ds.set_epoch(epoch)
         batch = scandata.collate([ds[i] for i in range(len(ds))])
-        views = batch.crops
-        # The view's labels are the labels of the batch points behind its pixels.
-        assert torch.equal(views.labels, batch.labels[batch.crop_points])
-        assert views.images.shape == (len(ds), 3, 160, 512) and views.dense.shape == (len(ds), 160, 512)
+        crops = batch.crops
+        # The crops' labels are the labels of the batch points behind its pixels.
+        assert torch.equal(crops.labels, batch.labels[batch.crop_points])
+        assert crops.images.shape == (len(ds), 3, 160, 512) and crops.dense.shape == (len(ds), 160, 512)
         start = 0
-        for b, pix in enumerate(views.pixels):
-            labels = views.labels[start:start + len(pix)]
+        for b, pix in enumerate(crops.pixels):
+            labels = crops.labels[start:start + len(pix)]
             start += len(pix)
             assert pix[:, 0].min() >= 0 and pix[:, 0].max() < 160 and pix[:, 1].max() < 512
             assert (batch.batch_idx[batch.crop_points[start - len(pix):start]] == b).all()  # its own scan
-            hit = views.dense[b, pix[:, 0], pix[:, 1]] == labels
+            hit = crops.dense[b, pix[:, 0], pix[:, 1]] == labels
             agree, total = agree + int(hit.sum()), total + len(pix)
-        assert start == len(views.labels)
+        assert start == len(crops.labels)
     assert total > 1000 and agree / total > 0.95, (agree, total)
 
 

@@ -19,6 +19,7 @@ import u2mkd
 # ------------------------------------------------------------------------------------
 # 1. The camera for fusion
 # ------------------------------------------------------------------------------------
+
 def test_camera_uv_is_normalised_from_the_original_size_and_strict():
     proj = np.array([[100.0, 0, 50, 0], [0, 100.0, 20, 0], [0, 0, 1, 0]])  # camera looks along +z here
     xyz = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [-0.5, -0.2, 1.0], [5.0, 0.0, 1.0], [-1.0, 0.0, 1.0]])
@@ -32,6 +33,7 @@ def test_camera_uv_is_normalised_from_the_original_size_and_strict():
 # ------------------------------------------------------------------------------------
 # 2. The LiDAR teacher's strong augmentation: instance paste
 # ------------------------------------------------------------------------------------
+
 def test_instance_database_round_trip_and_paste(synth_copy):
     db = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
     assert len(db) > 0 and set(db.classes.tolist()) <= set(u2mkd.THING_CLASSES)
@@ -70,6 +72,7 @@ def test_instance_database_round_trip_and_paste(synth_copy):
 # ------------------------------------------------------------------------------------
 # 3. Datasets: the teacher's scans, a scan's student and teacher views
 # ------------------------------------------------------------------------------------
+
 def test_lidar_teacher_data_pastes_before_augmentation(synth_copy):
     db = runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
     plain = semantickitti.SemanticKITTI(synth_copy, ["00"], train=False)[0]
@@ -95,6 +98,7 @@ def test_teacher_predictions_land_on_the_same_raw_point(synth_root):
 # ------------------------------------------------------------------------------------
 # 4. The image branch
 # ------------------------------------------------------------------------------------
+
 def test_imagenet_weights_load_into_the_backbone(tmp_path):
     import torchvision
     torch.manual_seed(0)
@@ -112,6 +116,7 @@ def test_imagenet_weights_load_into_the_backbone(tmp_path):
 # ------------------------------------------------------------------------------------
 # 5. Bidirectional fusion: the splat, imputation
 # ------------------------------------------------------------------------------------
+
 def test_splat_multiscale_is_a_mean_per_cell_then_upsampled():
     torch.manual_seed(0)
     feats = torch.randn(50, 3)
@@ -174,6 +179,7 @@ def test_imputation_is_used_exactly_for_the_points_the_camera_does_not_see(synth
 # ------------------------------------------------------------------------------------
 # 6. The fusion student
 # ------------------------------------------------------------------------------------
+
 def test_fusion_student_forward_and_backward_without_any_image(synth_root):
     torch.manual_seed(0)
     b = fusion_batch(synth_root, images=False)
@@ -192,6 +198,7 @@ def test_fusion_student_forward_and_backward_without_any_image(synth_root):
 # ------------------------------------------------------------------------------------
 # 7. Uni-to-multi KD and the total loss
 # ------------------------------------------------------------------------------------
+
 def test_u2mkd_losses_and_no_gradient_reaches_the_teacher(synth_root):
     torch.manual_seed(0)
     b = fusion_batch(synth_root)

@@ -255,7 +255,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     train_set = semantickitti.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, cutmix=args.cutmix,
                                             **camera)
     val_set = semantickitti.SemanticKITTI(root, args.val_sequences, train=False)
-    runs.check_datasets(train_set, val_set)
+    semantickitti.check_datasets(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
 
@@ -356,8 +356,8 @@ def u2mkd_data(args, root: Path, config: dict, teacher_sweeps: int | None):
     train_set = u2mkd.PairData(root, args.train_sequences, train=True, seed=args.seed, image_hw=image_size,
                                image_drop=config["image_drop"], teacher_view=with_teacher)
     val_set = u2mkd.PairData(root, args.val_sequences, train=False, image_hw=image_size)
-    runs.check_datasets(train_set, val_set)
-    return train_set, val_set, elite.StudentConfig()
+    semantickitti.check_datasets(train_set, val_set)
+    return train_set, val_set, elite.student_config("semantickitti")
 
 
 def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:

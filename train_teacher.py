@@ -308,11 +308,11 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
     resumed run's last.pt, changes: what the resume changes (runs.resume_settings)."""
     if not pseudo_labels_first(args, root, device):
         return None
-    # The student's dataset with its camera view on: per scan, the crop and the points in it.
+    # The student's dataset with its camera crops on: per scan, the crop and the points in it.
     train_set = semantickitti.SemanticKITTI(root, args.train_sequences, train=True, seed=args.seed, camera=True,
                                             crop_hw=args.crop, dense=args.labels == "plg", derived=args.derived_dir)
     val_set = semantickitti.SemanticKITTI(root, args.val_sequences, train=False, camera=True, crop_hw=args.crop)
-    runs.check_datasets(train_set, val_set)
+    semantickitti.check_datasets(train_set, val_set)
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
     teacher = sam_teacher(args, ckpt, last_path).to(device)
@@ -396,10 +396,10 @@ def lidar_teacher_data(args, root: Path):
     db = runs.load_instance_db(root, args.train_sequences, derived=args.derived_dir) if args.paste > 0 else None
     train_set = u2mkd.LidarTeacherData(root, args.train_sequences, db, seed=args.seed, add_num=args.paste)
     val_set = semantickitti.SemanticKITTI(root, args.val_sequences, train=False)
-    runs.check_datasets(train_set, val_set)
+    semantickitti.check_datasets(train_set, val_set)
     sees = (f"{args.paste} instances pasted per scan from {db_path} ({len(db)} instances), then flip, rotation, "
             "scaling, translation" if db is not None else "flip, rotation, scaling, translation (no instance paste)")
-    return train_set, val_set, elite.StudentConfig(), sees
+    return train_set, val_set, elite.student_config("semantickitti"), sees
 
 
 def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Path, ckpt: dict | None, changes: str):

@@ -22,8 +22,8 @@ Read top to bottom, as the data flows:
     7. Uni-to-multi KD and the total loss
 
 It reuses semantickitti.py's and nusc.py's readers, scandata.py's augmentation, and elite.py's
-voxel student and losses. Facts follow the official code (isunLt/U2MKD; it covers nuScenes only: the choices made for SemanticKITTI's single
-camera are listed in docs/u2mkd.md).
+voxel student and losses. Facts follow the official code (isunLt/U2MKD; it covers nuScenes only:
+the choices made for SemanticKITTI's single camera are listed in docs/u2mkd.md).
 """
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def cut_instances(points: np.ndarray, labels: np.ndarray, instance: np.ndarray,
                   min_points=MIN_INSTANCE_POINTS) -> list[tuple[int, np.ndarray]]:
     """One scan's things: [(training id, (n, 4) points)] for each (class, instance id != 0)
     with at least min_points points inside the voxel range."""
-    keep = scandata.in_range(points[:, :3], semantickitti.RANGE_MIN, semantickitti.RANGE_MAX) & np.isin(labels, THING_CLASSES) & (instance != 0)
+    inside = scandata.in_range(points[:, :3], semantickitti.RANGE_MIN, semantickitti.RANGE_MAX)
+    keep = inside & np.isin(labels, THING_CLASSES) & (instance != 0)
     out = []
     pairs, inverse, counts = np.unique(np.stack([labels[keep], instance[keep]], 1), axis=0,
                                        return_inverse=True, return_counts=True)
@@ -126,11 +127,12 @@ def build_instance_db(root, sequences, min_points=MIN_INSTANCE_POINTS, progress=
     found = []
     for scan in tqdm(semantickitti.list_scans(root, sequences), desc="instance database", unit="scan",
                      disable=not progress, dynamic_ncols=True):
-        if not semantickitti.label_path(scan).is_file():
+        label_file = semantickitti.label_path(scan)
+        if not label_file.is_file():
             continue
         points = semantickitti.read_scan(scan)
-        semantic, instance = semantickitti.read_labels(semantickitti.label_path(scan), len(points))
-        found += cut_instances(points, semantickitti.to_train_ids(semantic, semantickitti.label_path(scan)), instance, min_points)
+        semantic, instance = semantickitti.read_labels(label_file, len(points))
+        found += cut_instances(points, semantickitti.to_train_ids(semantic, label_file), instance, min_points)
     sizes = [len(p) for _, p in found]
     return InstanceDB(points=np.concatenate([p for _, p in found]) if found else np.zeros((0, 4), np.float32),
                       offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
@@ -218,11 +220,11 @@ def student_rows(dataset, i: int):
 
 @dataclass
 class PairScan:
-    scan: scandata.Scan            # the student's view: dropout, pixels found, then its own augmentation
-    images: np.ndarray          # (K, 3, H, W) float32: the scan's cameras (K = 0 when none or all dropped)
-    uv: np.ndarray              # (n, 2) float32 normalised pixel of each student point
-    camera: np.ndarray          # (n,) int64: which of the K images sees the point, -1 if none
-    teacher: scandata.Scan | None  # the teacher's view of the same raw scan, independently augmented
+    scan: scandata.Scan              # the student's view: dropout, pixels found, then its own augmentation
+    images: np.ndarray               # (K, 3, H, W) float32: the scan's cameras (K = 0 when none or all dropped)
+    uv: np.ndarray                   # (n, 2) float32 normalised pixel of each student point
+    camera: np.ndarray               # (n,) int64: which of the K images sees the point, -1 if none
+    teacher: scandata.Scan | None    # the teacher's view of the same raw scan, independently augmented
     sightings: nusc.Sightings | None = None  # nuScenes: every image holding each point (L2C); None: `camera`'s
 
 
@@ -236,7 +238,7 @@ class PairData(semantickitti.SemanticKITTI):
                  teacher_view=False):
         super().__init__(root, sequences, train=train, seed=seed)
         self.image_hw, self.images, self.image_drop, self.teacher_view = tuple(image_hw), images, image_drop, teacher_view
-        self.camera = images  # runs.check_datasets checks every scan's image and calibration up front
+        self.camera = images  # semantickitti.check_datasets checks every scan's image and calibration up front
 
     def __getitem__(self, i) -> PairScan:
         path = self.scans[i]
@@ -290,8 +292,8 @@ class NuScenesPairData(nusc.NuScenesScans):
         if self.images:
             kept = range(len(frame.cameras))
             if self.train and self.camera_drop:
-                kept = sorted(self.rng(i, scandata.Stream.CAMERA).choice(len(frame.cameras), len(frame.cameras) - self.camera_drop,
-                                                                         replace=False))
+                n = len(frame.cameras)
+                kept = sorted(self.rng(i, scandata.Stream.CAMERA).choice(n, n - self.camera_drop, replace=False))
             cameras = [frame.cameras[c] for c in kept]
             sightings = nusc.camera_sightings(self.tables, replace(frame, cameras=cameras), pts[:, :3])
             camera, uv = nusc.last_sighting(sightings, len(pts))
@@ -333,7 +335,7 @@ class Splat:
 
 @dataclass
 class PairBatch:
-    lidar: scandata.Batch                 # the student's points, as any student batch
+    lidar: scandata.Batch              # the student's points, as any student batch
     images: torch.Tensor | None        # (B', 3, H, W) every camera image of the batch (None: none)
     image_of_point: torch.Tensor       # (N,) int64 row of `images` that sees the point, -1 if none
     uv: torch.Tensor                   # (N, 2) normalised pixel (x, y); meaningful where seen
