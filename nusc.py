@@ -566,16 +566,19 @@ class NuScenesScans(ScanDataset):
 
 class LidarsegConfusion(ConfusionMatrix):
     """scandata.ConfusionMatrix (rows: prediction, columns: ground truth) with the devkit's rules."""
+    num_classes = NUM_CLASSES
     scored_by = "nuScenes-lidarseg rules"  # what the epoch line names
 
-    def __init__(self, num_classes=NUM_CLASSES):
-        super().__init__(num_classes)
-
-    def iou(self) -> torch.Tensor:
-        """(16,) IoU of classes 1..16, NaN where a class has no union."""
+    def counted(self) -> torch.Tensor:
+        """The matrix with row and column 0 (ignore) zeroed, in float64: what every score reads."""
         m = self.matrix.clone().double()
         m[IGNORE, :] = 0
         m[:, IGNORE] = 0
+        return m
+
+    def iou(self) -> torch.Tensor:
+        """(16,) IoU of classes 1..16, NaN where a class has no union."""
+        m = self.counted()
         tp = m.diagonal()
         return (tp / (m.sum(0) + m.sum(1) - tp))[1:]  # 0 / 0 = NaN for a class with no union
 
@@ -586,16 +589,13 @@ class LidarsegConfusion(ConfusionMatrix):
     def fw_iou(self) -> float:
         """The devkit's frequency-weighted IoU: each class's IoU weighted by its share of the
         labelled points (sum_c points_c IoU_c / points)."""
-        m = self.matrix.clone().double()
-        m[IGNORE, :] = 0
-        m[:, IGNORE] = 0
-        points = m.sum(0)[1:]  # (16,) ground-truth points per class
+        points = self.counted().sum(0)[1:]  # (16,) ground-truth points per class
         return float((points * self.iou().nan_to_num()).sum() / points.sum()) if points.sum() else 0.0
 
     def table(self) -> str:
         iou, present = self.iou(), self.present()
         lines = [f"{'class':<20} {'IoU':>6}"]
-        for c in range(1, self.n):
+        for c in range(1, self.num_classes):
             value = "   n/a   (no point, not predicted)" if iou[c - 1].isnan() else f"{100 * iou[c - 1]:6.1f}"
             lines.append(f"{CLASS_NAMES[c]:<20} {value}" + ("" if present[c - 1] else "   (no ground-truth points)"))
         lines.append(f"{'mIoU':<20} {100 * self.miou():6.1f}   (nuScenes-lidarseg rules: over the classes with points)")

@@ -57,25 +57,22 @@ ELITE_CONFIGS = {
 # on small crops of the synthetic scenes, trained with AdamW because SGD at lr 0.24 moves a random
 # encoder's heads too slowly for a few-minute run: it shows the pipeline runs and learns, and is
 # NOT comparable with published numbers.
+SAM_TEACHER_PAPER = {  # what both official configs set for the image teacher
+    "variant": ("vit_b", "backbone_2d: vit_b"),
+    "crop": ((320, 1024), "bottom_crop: [1024, 320]"),
+    "val_batch_size": (4, "4 crops of ViT-B at a time"),
+    "optimizer": ("sgd", "SGD, Nesterov, momentum 0.9, weight decay 1e-4")}
 SAM_TEACHER = {
     "paper": Preset(
         "ELiTe-semantickitti.yaml, the official default config (the paper's validation results): sparse point "
-        "labels, no SAM-PLG", ELITE_CONFIGS["paper"] | {
+        "labels, no SAM-PLG", ELITE_CONFIGS["paper"] | SAM_TEACHER_PAPER | {
             "labels": ("sparse", "pseudo_label: False"),
-            "variant": ("vit_b", "backbone_2d: vit_b"),
-            "crop": ((320, 1024), "bottom_crop: [1024, 320]"),
-            "mask_source": ("sam", "SAM-PLG with SAM ViT-H, used only with --labels plg"),
-            "val_batch_size": (4, "4 crops of ViT-B at a time"),
-            "optimizer": ("sgd", "SGD, Nesterov, momentum 0.9, weight decay 1e-4")}),
+            "mask_source": ("sam", "SAM-PLG with SAM ViT-H, used only with --labels plg")}),
     "paper-test": Preset(
         "ELiTe-test-semantickitti.yaml, the benchmark-submission config (the paper's test-server results): "
-        "SAM-PLG pseudo-labels, train + val", ELITE_CONFIGS["paper-test"] | {
+        "SAM-PLG pseudo-labels, train + val", ELITE_CONFIGS["paper-test"] | SAM_TEACHER_PAPER | {
             "labels": ("plg", "pseudo_label: True"),
-            "variant": ("vit_b", "backbone_2d: vit_b"),
-            "crop": ((320, 1024), "bottom_crop: [1024, 320]"),
-            "mask_source": ("sam", "SAM-PLG with SAM ViT-H (SAMPLG-semantickitti.yaml)"),
-            "val_batch_size": (4, "4 crops of ViT-B at a time"),
-            "optimizer": ("sgd", "SGD, Nesterov, momentum 0.9, weight decay 1e-4")}),
+            "mask_source": ("sam", "SAM-PLG with SAM ViT-H (SAMPLG-semantickitti.yaml)")}),
     "embedded": Preset(
         "a small random ViT on the synthetic scenes, NOT comparable with published numbers", {
             "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
@@ -165,18 +162,19 @@ STUDENT = {  # ELiTe's student
             "lr_schedule": ("step", "the paper's per-iteration cosine"),
             "cutmix": (False, "as the paper preset")}),
 }
+U2MKD_STUDENT_PAPER = {  # spformer_tsd_full_ours_star.yaml, U2MKD's student config (nuScenes)
+    "epochs": (50, "num_epochs: 50"),
+    "batch_size": (4, "batch_size: 4 per GPU"),
+    "global_batch": (16, "4 per GPU x 4 GPUs (README: torchpack dist-run -np 4)"),
+    "val_batch_size": (8, "the ELiTe value"),
+    "workers": (8, "the ELiTe value"),
+    "lr": (0.24, "lr: 0.24 for the global batch of 16"),
+    "lr_schedule": ("step", "cosine_warmup, per iteration")}
 FUSION_STUDENT = {  # U2MKD's fusion student (its SemanticKITTI recipe is not released: the nuScenes one)
     "paper": Preset(
         "U2MKD's student config (spformer_tsd_full_ours_star.yaml: 50 epochs, batch 4 per GPU on 4 GPUs); with "
         "another global batch the lr scales with it (linear scaling rule)", {
-            "train_sequences": (TRAIN, "the train split"),
-            "epochs": (50, "num_epochs: 50"),
-            "batch_size": (4, "batch_size: 4 per GPU"),
-            "global_batch": (16, "4 per GPU x 4 GPUs (README: torchpack dist-run -np 4)"),
-            "val_batch_size": (8, "the ELiTe value"),
-            "workers": (8, "the ELiTe value"),
-            "lr": (0.24, "lr: 0.24 for the global batch of 16"),
-            "lr_schedule": ("step", "cosine_warmup, per iteration"),
+            "train_sequences": (TRAIN, "the train split")} | U2MKD_STUDENT_PAPER | {
             "image_size": ((376, 1241), "KITTI's full frame (nuScenes: 0.4 x 1600 x 900)")}),
     "embedded": Preset(
         "a small CPU setting on the synthetic scenes, NOT comparable with published numbers", {
@@ -213,14 +211,8 @@ NUSC_BASELINE = {  # nuScenes-lidarseg: the LiDAR-only baseline (--method elite 
 NUSC_FUSION_STUDENT = {  # nuScenes-lidarseg: U2MKD's fusion student
     "paper": Preset(
         "U2MKD's student config (spformer_tsd_full_ours_star.yaml): 50 epochs, batch 4 per GPU on 4 GPUs, lr 0.24 "
-        "for that global batch of 16 (scaled to the global batch run), images at 0.4, 3 of 6 cameras dropped", {
-            "epochs": (50, "num_epochs: 50"),
-            "batch_size": (4, "batch_size: 4 per GPU"),
-            "global_batch": (16, "4 per GPU x 4 GPUs (README: torchpack dist-run -np 4)"),
-            "val_batch_size": (8, "the ELiTe value"),
-            "workers": (8, "the ELiTe value"),
-            "lr": (0.24, "lr: 0.24 for the global batch of 16"),
-            "lr_schedule": ("step", "cosine_warmup, per iteration"),
+        "for that global batch of 16 (scaled to the global batch run), images at 0.4, 3 of 6 cameras dropped",
+        U2MKD_STUDENT_PAPER | {
             "image_size": (u2mkd.NUSC_IMAGE_HW, "im_cr: 0.4 of 1600 x 900"),
             "camera_drop": (u2mkd.CAMERA_DROP, "im_drop: 3")}),
     "embedded": Preset(NUSC_EMBEDDED_ABOUT, NUSC_EMBEDDED | {

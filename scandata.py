@@ -284,16 +284,19 @@ def collate(scans: list[Scan]) -> Batch:
 
 class ConfusionMatrix:
     """Counts of (prediction, ground truth) over every point of a split: rows are predictions. A
-    dataset's subclass scores it: iou(), miou(), table(), and `scored_by`, the rules' name."""
+    dataset's subclass sets its `num_classes` (0 = ignore included) and scores it: iou(), miou(),
+    table(), and `scored_by`, the rules' name."""
+    num_classes: int
     scored_by: str
 
-    def __init__(self, num_classes: int):
-        self.n = num_classes
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # rows: prediction
+    def __init__(self):
+        n = self.num_classes
+        self.matrix = torch.zeros(n, n, dtype=torch.int64)  # rows: prediction
 
     def add(self, pred: torch.Tensor, gt: torch.Tensor):
-        idx = pred.flatten().long().cpu() * self.n + gt.flatten().long().cpu()
-        self.matrix += torch.bincount(idx, minlength=self.n * self.n).view(self.n, self.n)
+        n = self.num_classes
+        idx = pred.flatten().long().cpu() * n + gt.flatten().long().cpu()
+        self.matrix += torch.bincount(idx, minlength=n * n).view(n, n)
 
     def present(self) -> torch.Tensor:
         """(n - 1,) bool: classes 1.. with ground-truth points."""

@@ -638,10 +638,8 @@ def check_pseudo_labels(root, sequences, derived: Path | None = None, masks: str
 
 class SemanticKittiConfusion(ConfusionMatrix):
     """scandata.ConfusionMatrix (rows: prediction, columns: ground truth) with the official rules."""
+    num_classes = NUM_CLASSES
     scored_by = "official, 19 classes"  # what the epoch line names
-
-    def __init__(self, num_classes=NUM_CLASSES):
-        super().__init__(num_classes)
 
     def iou(self) -> torch.Tensor:
         """(19,) IoU of classes 1..19 with the official evaluator's rules."""
@@ -658,7 +656,7 @@ class SemanticKittiConfusion(ConfusionMatrix):
     def table(self) -> str:
         iou, present = self.iou(), self.present()
         lines = [f"{'class':<14} {'IoU':>6}"]
-        for c in range(1, self.n):
+        for c in range(1, self.num_classes):
             mark = "" if present[c - 1] else "   (no ground-truth points)"
             lines.append(f"{CLASS_NAMES[c]:<14} {100 * iou[c - 1]:6.1f}{mark}")
         lines.append(f"{'mIoU':<14} {100 * self.miou():6.1f}   (official: mean over all 19 classes)")

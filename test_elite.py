@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 import warnings
 from functools import partial
@@ -192,6 +193,24 @@ def test_submconv3d_cpu_gpu_parity():
     cpu = elite.submconv3d(feats, elite.neighbours_of(coords), weight)  # the plain path
     gpu = elite.submconv3d(feats.cuda(), elite.neighbours_of(coords.cuda()), weight.cuda()).cpu()  # auto: Triton
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_the_student_runs_where_triton_is_missing():
+    """kernels.py imports without triton (torch's CPU build): the plain form runs, and asking
+    for the Triton one is refused in one line."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = sys.modules['triton.language'] = None\n"
+            "import elite, kernels, torch\n"
+            "assert kernels.triton is None and kernels.conv_path(torch.device('cpu')) == 'torch'\n"
+            "pts = torch.randn(500, 4) * 10; pts[:, 2] = pts[:, 2].clamp(-3, 1)\n"
+            "assert elite.Student().eval()(pts, torch.zeros(500, dtype=torch.long)).logits.shape == (500, 20)\n"
+            "kernels.set_conv_path('triton')\n"
+            "try:\n    kernels.conv_path(torch.device('cpu'))\nexcept RuntimeError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert run.returncode == 0, run.stderr
+    assert "triton does not import" in run.stdout
 
 
 def test_spconv_weight_layout_is_a_dense_conv_over_zyx_indices():
