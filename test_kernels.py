@@ -190,10 +190,16 @@ def test_triton_first_use_check_falls_back_with_a_warning(monkeypatch):
     kernels.triton_agrees.cache_clear()
 
 
-def test_triton_products_in_float32_unless_torch_allows_tf32(monkeypatch):
+def test_triton_products_in_float32_unless_torch_allows_tf32():
     assert kernels.precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert kernels.precision(torch.float32) == "tf32"
+    # Set and put back by hand: the flag is a dynamic attribute, which pytest >= 9.2's monkeypatch
+    # takes for absent and then fails to delete.
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert kernels.precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter has no bf16)")
