@@ -1232,25 +1232,40 @@ def heads_3d(c=64, num_classes=NUM_CLASSES, stages=4) -> nn.ModuleList:
                           for _ in range(stages)])
 
 
-def ppmskd_losses(out: StudentOutput, heads: nn.ModuleList, point_logits_2d: list[torch.Tensor],
-                  batch: Batch, weight: torch.Tensor, lambda_xm=0.05) -> dict[str, torch.Tensor]:
-    """The 3D and KD terms of PPMSKD by name, per stage s = 2, 4, 8, 16:
-    seg3d_scale{s}: (CE_w + Lovasz) of the 3D head on the voxels of the previous scale;
-    kd_scale{s}: (lambda_xm / 4) KL(P_2D || P_3D) over the points at the crop's pixels, averaged
-    over all K x 20 elements (F.kl_div's 'mean', as upstream), the 2D side detached.
-    point_logits_2d: the teacher's stage logits at batch.crop_points (teacher_losses' second output)."""
+def deep_supervision_losses(out: StudentOutput, logits_3d: list[torch.Tensor], batch: Batch,
+                            weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """seg3d_scale{s}: (CE_w + Lovasz) of the 3D head of stage s = 2, 4, 8, 16 on the voxels of the
+    previous scale. PPMSKD's 3D heads bring these terms with or without a teacher (a student with
+    the heads and no KD is the ablation's second row)."""
     terms = {}
-    for k, (feats, vox, logits_2d) in enumerate(zip(out.stage_feats, out.stage_voxels, point_logits_2d)):
-        scale = 2 ** (k + 1)
-        logits_3d = heads[k](feats)  # (V_L, 20)
+    for k, (logits, vox) in enumerate(zip(logits_3d, out.stage_voxels)):
         target = voxel_labels(batch.labels, vox.inv, len(vox))  # (V_L,)
-        terms[f"seg3d_scale{scale}"] = seg_loss(logits_3d, target, weight, lovasz_weight=1.0)
-        seen = logits_3d.index_select(0, vox.inv.index_select(0, batch.crop_points))  # (K, 20)
+        terms[f"seg3d_scale{2 ** (k + 1)}"] = seg_loss(logits, target, weight, lovasz_weight=1.0)
+    return terms
+
+
+def kd_losses(out: StudentOutput, logits_3d: list[torch.Tensor], point_logits_2d: list[torch.Tensor],
+              batch: Batch, lambda_xm=0.05) -> dict[str, torch.Tensor]:
+    """kd_scale{s}: (lambda_xm / 4) KL(P_2D || P_3D) over the points at the crop's pixels, averaged
+    over all K x 20 elements (F.kl_div's 'mean', as upstream), the 2D side detached."""
+    terms = {}
+    for k, (logits, vox, logits_2d) in enumerate(zip(logits_3d, out.stage_voxels, point_logits_2d)):
+        seen = logits.index_select(0, vox.inv.index_select(0, batch.crop_points))  # (K, 20)
         # Sum over all K x 20 elements divided by K x 20: upstream's reduction='mean', spelled out
         # (torch warns that 'mean' will change meaning); max(., 1) keeps a crop without points at 0.
         kl = F.kl_div(F.log_softmax(seen, 1), F.softmax(logits_2d.detach(), 1), reduction="sum")
-        terms[f"kd_scale{scale}"] = lambda_xm / 4 * kl / max(seen.numel(), 1)
+        terms[f"kd_scale{2 ** (k + 1)}"] = lambda_xm / 4 * kl / max(seen.numel(), 1)
     return terms
+
+
+def ppmskd_losses(out: StudentOutput, heads: nn.ModuleList, point_logits_2d: list[torch.Tensor],
+                  batch: Batch, weight: torch.Tensor, lambda_xm=0.05) -> dict[str, torch.Tensor]:
+    """The 3D and KD terms of PPMSKD by name, per stage s = 2, 4, 8, 16: the 3D heads' seg3d_scale{s}
+    (deep_supervision_losses) and kd_scale{s} (kd_losses). point_logits_2d: the teacher's stage
+    logits at batch.crop_points (teacher_losses' second output)."""
+    logits_3d = [head(feats) for head, feats in zip(heads, out.stage_feats)]  # 4 x (V_L, 20)
+    return deep_supervision_losses(out, logits_3d, batch, weight) | kd_losses(out, logits_3d, point_logits_2d,
+                                                                              batch, lambda_xm)
 
 
 LAMBDA_SEG2D = 1.0  # train_params.lambda_seg2d: each stage's 2D loss weighs lambda_seg2d / 4

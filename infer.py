@@ -316,8 +316,9 @@ def predict(args):
         if by_view is not None:
             print(f"\nThe same on the points the camera sees and on the others:\n"
                   f"{view_table({'all': conf} | by_view)}")
-    else:
-        print("No labels found: predictions written, nothing scored.")
+        return {"all": conf} | (by_view or {})
+    print("No labels found: predictions written, nothing scored.")
+    return {}
 
 
 def read_camera(scan: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -377,8 +378,9 @@ def predict_fusion(args):
     if scored:
         print(f"\nScores over {scored} labelled scans (official evaluator rules, every point of each .bin; "
               f"'seen': the points the camera sees, 'no images': every image feature imputed):\n{view_table(confs)}")
-    else:
-        print("No labels found: predictions written, nothing scored.")
+        return confs
+    print("No labels found: predictions written, nothing scored.")
+    return {}
 
 
 # ------------------------------------------------------------------------------------

@@ -16,12 +16,14 @@ wins over its preset's value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import u2mkd
 from semantickitti import SPLITS
 from runs import show
 
 TRAIN = SPLITS["train"]
+STANDIN = Path("weights/sam_vit_tiny_synth.pth")  # the pretrained stand-in for SAM that pretrain_sam.py writes
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,13 @@ SAM_TEACHER = {
             "labels": ("plg", "pseudo_label: True"),
             "mask_source": ("sam", "SAM-PLG with SAM ViT-H (SAMPLG-semantickitti.yaml)")}),
     "embedded": Preset(
-        "a small random ViT on the synthetic scenes, NOT comparable with published numbers", {
+        "a small SAM-style ViT pretrained here on other synthetic streets, on the synthetic scenes, NOT comparable "
+        "with published numbers", {
             "train_sequences": (TRAIN, "the train split; the synthetic scenes hold 00-03 of it"),
             "labels": ("plg", "shows SAM-PLG at work"),
-            "variant": ("vit_tiny", "a small random ViT for CPU runs"),
+            "variant": ("vit_tiny", "a small SAM-style ViT for CPU runs"),
+            "sam_checkpoint": (STANDIN, "the pretrained stand-in for SAM (pretrain_sam.py; --sam-checkpoint none: "
+                                        "random weights)"),
             "crop": ((160, 512), "half the paper's crop"),
             "mask_source": ("ideal", "the synthetic scenes' rendered regions stand in for SAM"),
             "epochs": (16, "a few CPU minutes"),

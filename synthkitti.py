@@ -2,7 +2,7 @@
 
 Real SemanticKITTI needs the KITTI odometry download (tens of GB, behind a
 registration form); this file makes a small stand-in that trains on a laptop. It draws a street (road with lane markings, parking strips,
-raised sidewalks, grass, buildings, fences, trees, poles, signs, parked and moving
+a raised verge of sidewalk and grass, buildings, fences, trees, poles, signs, parked and moving
 cars, trucks, people, bicycles), drives a car along it, and at every stop:
 
     1. casts the 64 beams of a Velodyne HDL-64-like LiDAR into the world,
@@ -18,7 +18,13 @@ cars, trucks, people, bicycles), drives a car along it, and at every stop:
 Both sensors share one ray caster, so a LiDAR point projected with P2 @ Tr lands on
 the pixel that shows the same surface. The world is built from three primitives
 (yawed box, vertical cylinder, ellipsoid) plus an analytic ground (plane z = 0 and two
-raised sidewalk slabs). Rays are culled per 8x8 tile of rays against each primitive's
+raised verges, kerb to building line).
+
+The premise: the camera sees what the LiDAR cannot. As in real scans, a point's remission is
+drawn from a wide distribution per surface, and the ground classes overlap in it; road and
+parking lie at one height, sidewalk and grass at another, and which is where changes every
+12 m of street (a lawn before the sidewalk or not, a parking strip or a loading lane). Paint,
+paving and colour tell them apart. `python synthkitti.py --premise` measures it (docs/method.md). Rays are culled per 8x8 tile of rays against each primitive's
 bounding sphere, then intersected exactly. Everything is numpy and deterministic:
 the same (seed, sequence, frame) gives byte-identical files.
 
@@ -73,12 +79,12 @@ Tr: 4.276802385584e-04 -9.999672484946e-01 -8.084491683471e-03 -1.198459927713e-
 RAW_TO_TRAIN = {10: 1, 11: 2, 18: 4, 30: 6, 40: 9, 60: 9, 44: 10, 48: 11, 50: 13, 51: 14,
                 52: 0, 70: 15, 71: 16, 72: 17, 80: 18, 81: 19}
 
-MATERIALS = [  # name, raw SemanticKITTI id, base RGB colour, LiDAR remission
-    ("road",       40, (0.30, 0.30, 0.32), 0.18),
-    ("lane",       60, (0.88, 0.88, 0.84), 0.70),
-    ("parking",    44, (0.40, 0.39, 0.38), 0.22),
-    ("sidewalk",   48, (0.62, 0.60, 0.57), 0.30),
-    ("terrain",    72, (0.36, 0.50, 0.20), 0.40),
+MATERIALS = [  # name, raw SemanticKITTI id, base RGB colour, mean LiDAR remission
+    ("road",       40, (0.30, 0.30, 0.32), 0.24),
+    ("lane",       60, (0.88, 0.88, 0.84), 0.55),
+    ("parking",    44, (0.52, 0.40, 0.33), 0.25),  # red-brown paving stones: the camera's cue, not the LiDAR's
+    ("sidewalk",   48, (0.62, 0.60, 0.57), 0.27),
+    ("terrain",    72, (0.36, 0.50, 0.20), 0.28),
     ("building",   50, (0.72, 0.66, 0.55), 0.25),
     ("fence",      51, (0.52, 0.42, 0.32), 0.30),
     ("vegetation", 70, (0.18, 0.40, 0.14), 0.45),
@@ -93,11 +99,18 @@ MATERIALS = [  # name, raw SemanticKITTI id, base RGB colour, LiDAR remission
     ("bicycle",    11, (0.15, 0.15, 0.15), 0.25),
     ("structure",  52, (0.50, 0.52, 0.48), 0.30),  # other-structure: utility cabinets
 ]
+# The premise of the world (docs/method.md, "What the camera adds"): as in real scans, remission is
+# drawn per point from wide, overlapping distributions, and the four ground classes lie at two
+# heights only (road and parking at 0, sidewalk and terrain on the raised verge), with layouts that
+# change along the street; what tells each pair apart is paint, paving and colour, seen by the camera.
+REMISSION_SPREAD = 0.08  # sigma of a point's remission around its surface's mean
+CAMERA_CLASSES = ("road", "parking", "sidewalk", "terrain")  # classes whose difference is colour and paint
 MAT = {name: i for i, (name, *_) in enumerate(MATERIALS)}
 MAT_RAW = np.array([m[1] for m in MATERIALS], dtype=np.uint32)
 MAT_TRAIN = np.array([RAW_TO_TRAIN[m[1]] for m in MATERIALS], dtype=np.uint16)
 MAT_RGB = np.array([m[2] for m in MATERIALS])
 MAT_REMISSION = np.array([m[3] for m in MATERIALS])
+CAMERA_TRAIN_IDS = tuple(int(MAT_TRAIN[MAT[name]]) for name in CAMERA_CLASSES)  # their training ids
 
 CAR_COLORS = [(0.90, 0.90, 0.90), (0.68, 0.69, 0.71), (0.08, 0.08, 0.10), (0.60, 0.07, 0.07),
               (0.10, 0.20, 0.50), (0.30, 0.32, 0.35), (0.15, 0.33, 0.20), (0.80, 0.70, 0.35)]
@@ -133,7 +146,8 @@ class Street:
     road_half: float     # road spans |y| < road_half (two lanes)
     curb: np.ndarray     # (2,) |y| where road or parking ends and the sidewalk starts
     walk_out: np.ndarray  # (2,) |y| of the sidewalk's outer edge
-    lot: np.ndarray      # (2,) |y| of the grass strip's outer edge (building line)
+    lot: np.ndarray      # (2,) |y| of the raised verge's outer edge (building line)
+    layout: int          # seed of the per-segment layouts (verge_layout, strip_is_parking)
 
     @property
     def ego_y(self) -> float:
@@ -179,7 +193,36 @@ def street_profile(rng) -> Street:
     curb = road_half + np.where(parking, rng.uniform(2.3, 2.7, 2), 0.0)
     walk_out = curb + rng.uniform(2.0, 3.5, 2)
     lot = walk_out + rng.uniform(2.5, 6.0, 2)
-    return Street(road_half, curb, walk_out, lot)
+    return Street(road_half, curb, walk_out, lot, int(rng.integers(2**31)))
+
+
+# ---- Layouts that change along the street, so that geometry alone does not tell the class ----
+SEGMENT = 12.0  # m of street over which one side keeps one layout
+
+
+def segment_uniform(st: Street, x, side, salt: int) -> np.ndarray:
+    """A uniform number in [0, 1) per (street, side, segment of x, salt): the same for every
+    point of a segment, whatever frame or sensor asks.  (R,)"""
+    k = np.floor(np.asarray(x, dtype=np.float64) / SEGMENT).astype(np.int64)
+    h = (k * 73856093) ^ (np.asarray(side, dtype=np.int64) * 19349663) ^ (st.layout + salt * 83492791)
+    h = (h ^ (h >> 13)) * 1274126177
+    return ((h ^ (h >> 16)) & 0xFFFF) / 65536.0
+
+
+def verge_layout(st: Street, x, side) -> tuple[np.ndarray, np.ndarray]:
+    """Where the sidewalk lies on the raised verge (kerb to building line), as distances from
+    the kerb (start, end): in 40 % of segments a lawn of 1-2.5 m comes first (a tree lawn), else
+    the sidewalk starts at the kerb; the rest of the verge is grass.  (R,), (R,)"""
+    width = st.walk_out[side] - st.curb[side]
+    lawn = np.where(segment_uniform(st, x, side, 1) < 0.4, 1.0 + 1.5 * segment_uniform(st, x, side, 2), 0.0)
+    return lawn, lawn + width
+
+
+def strip_is_parking(st: Street, x, side) -> np.ndarray:
+    """Whether the strip between the road and the kerb is parking here (65 % of segments) or a
+    lane of road (loading lanes, bus stops): the same asphalt height, other paving.  (R,) bool"""
+    has_strip = st.curb[side] > st.road_half
+    return has_strip & (segment_uniform(st, x, side, 3) < 0.65)
 
 
 def add_car(parts, x, y, yaw, inst, rng):
@@ -265,7 +308,7 @@ def add_vegetation(parts, st, side, x0, x1, rng):
     s, grass = (1, -1)[side], (st.walk_out[side], st.lot[side])
     x = x0 + rng.uniform(0, 5)
     while x < x1:
-        add_tree(parts, x, s * rng.uniform(grass[0] + 0.8, grass[1] - 0.8), 0.0, rng)
+        add_tree(parts, x, s * rng.uniform(grass[0] + 0.8, grass[1] - 0.8), SIDEWALK_TOP, rng)
         x += rng.uniform(5, 10)
     if rng.random() < 0.5:
         for x in np.arange(x0 + rng.uniform(2, 6), x1, rng.uniform(8, 12)):
@@ -273,7 +316,7 @@ def add_vegetation(parts, st, side, x0, x1, rng):
     for _ in range(rng.poisson(4)):
         radii = (rng.uniform(0.5, 1.2), rng.uniform(0.5, 1.2), rng.uniform(0.4, 0.9))
         y = s * rng.uniform(grass[0] + 0.5, grass[1] - 0.5)
-        add(parts, ELLIPSOID, (rng.uniform(x0, x1), y, 0.5 * radii[2]), radii, "vegetation")
+        add(parts, ELLIPSOID, (rng.uniform(x0, x1), y, SIDEWALK_TOP + 0.5 * radii[2]), radii, "vegetation")
 
 
 def add_street_furniture(parts, st, side, x0, x1, rng):
@@ -290,7 +333,8 @@ def add_street_furniture(parts, st, side, x0, x1, rng):
             color=SIGN_COLORS[rng.integers(len(SIGN_COLORS))])
     if rng.random() < 0.5:  # a utility cabinet on the grass next to the sidewalk
         half = (rng.uniform(0.3, 0.6), rng.uniform(0.25, 0.4), rng.uniform(0.5, 0.7))
-        add(parts, BOX, (rng.uniform(x0, x1), s * (st.walk_out[side] + 0.6), half[2]), half, "structure")
+        add(parts, BOX, (rng.uniform(x0, x1), s * (st.walk_out[side] + 0.6), SIDEWALK_TOP + half[2]), half,
+            "structure")
 
 
 def add_people_and_vehicles(parts, st, side, x0, x1, rng, ids):
@@ -305,11 +349,11 @@ def add_people_and_vehicles(parts, st, side, x0, x1, rng, ids):
         y, x = s * (st.road_half + st.curb[side]) / 2, x0
         while x + 5.5 <= x1:
             u = rng.random()
-            if u < 0.04 and x + 11 <= x1:
+            if u < 0.04 and x + 11 <= x1 and strip_is_parking(st, x + 5.5, side):
                 add_truck(parts, x + 5.5, y, rng.choice([0.0, math.pi]), next(ids), rng)
                 x += 11
                 continue
-            if u < 0.45:
+            if u < 0.45 and strip_is_parking(st, x + 2.75, side):  # cars park where the strip is parking
                 add_car(parts, x + 2.75 + rng.normal(0, 0.2), y + rng.normal(0, 0.1),
                         rng.choice([0.0, math.pi]) + rng.normal(0, 0.03), next(ids), rng)
             x += 5.5
@@ -408,13 +452,14 @@ def camera_rig() -> tuple[RayGrid, np.ndarray]:
 
 
 def cast_street(st: Street, origin, dirs, max_t):
-    """Nearest hit on the ground plane z = 0 or the two raised sidewalk slabs.  (R,), (R,)"""
+    """Nearest hit on the ground plane z = 0 or the two raised verges (sidewalk and grass,
+    kerb to building line).  (R,), (R,)"""
     o, d = origin, dirs
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(d[:, 2] < 0, -o[2] / d[:, 2], np.inf)  # ground plane
         what = np.where(t < max_t, GROUND, MISS)
         tz = np.stack([(-1.0 - o[2]) / d[:, 2], (SIDEWALK_TOP - o[2]) / d[:, 2]])  # (2, R)
-        for s, lo, hi in ((1, st.curb[0], st.walk_out[0]), (-1, st.curb[1], st.walk_out[1])):
+        for s, lo, hi in ((1, st.curb[0], st.lot[0]), (-1, st.curb[1], st.lot[1])):  # the raised verges
             ty = np.stack([(s * lo - o[1]) / d[:, 1], (s * hi - o[1]) / d[:, 1]])  # (2, R)
             near = np.maximum(ty.min(0), tz.min(0))  # slab test, unbounded along x
             far = np.minimum(ty.max(0), tz.max(0))
@@ -501,7 +546,7 @@ HIT_UNIT = {BOX: hit_unit_box, CYLINDER: hit_unit_cylinder, ELLIPSOID: hit_unit_
 def cast(scene: Scene, st: Street, origin, grid: RayGrid, max_t):
     """Distance and what was hit for every ray of the grid.  (R,) float32, (R,) int
 
-    what is a primitive index, GROUND, SLAB (sidewalk) or MISS (t = inf)."""
+    what is a primitive index, GROUND, SLAB (the raised verge) or MISS (t = inf)."""
     t, what = cast_street(st, origin, grid.dirs, max_t)
     t = t.astype(np.float32)
     rays, near, counts = candidate_pairs(scene, origin, grid, min(max_t, OBJECT_RANGE))
@@ -554,11 +599,16 @@ def surface_normals(scene: Scene, origin, dirs, t, what):
 # =====================================================================================
 
 def ground_material(st: Street, x, y):
-    """Material of the ground at (x, y): road, lane marking, parking, sidewalk or grass."""
+    """Material of the ground at (x, y): road, lane marking, parking, or on the verge (kerb to
+    building line) sidewalk or grass by the segment's layout; terrain beyond."""
     a, side = np.abs(y), (y < 0).astype(np.int64)
     mat = np.full(x.shape, MAT["terrain"])
-    mat[a < st.walk_out[side]] = MAT["sidewalk"]
-    mat[a < st.curb[side]] = MAT["parking"]
+    from_kerb = a - st.curb[side]
+    walk_lo, walk_hi = verge_layout(st, x, side)
+    on_verge = (from_kerb >= 0) & (a < st.lot[side])
+    mat[on_verge & (from_kerb >= walk_lo) & (from_kerb < walk_hi)] = MAT["sidewalk"]
+    strip = a < st.curb[side]
+    mat[strip] = np.where(strip_is_parking(st, x[strip], side[strip]), MAT["parking"], MAT["road"])
     mat[a < st.road_half] = MAT["road"]
     dashes = (a < 0.08) & (np.mod(x, 9.0) < 3.0)  # 3 m dashes, 6 m gaps on the centre line
     edge = np.abs(a - (st.road_half - 0.25)) < 0.06  # solid edge lines
@@ -567,11 +617,12 @@ def ground_material(st: Street, x, y):
 
 
 def hit_properties(scene: Scene, st: Street, p, what):
-    """Material, colour, remission and instance of every hit.  (R,), (R, 3), (R,), (R,)"""
+    """Material, colour, mean remission and instance of every hit.  (R,), (R, 3), (R,), (R,)"""
     prim = np.maximum(what, 0)
     is_prim = what >= 0
     mat = np.where(is_prim, scene.material[prim], ground_material(st, p[:, 0], p[:, 1]))
-    mat[what == SLAB] = MAT["sidewalk"]
+    kerb = (what == SLAB) & (p[:, 2] < SIDEWALK_TOP - 1e-3)  # the verge's side face: the kerb stone
+    mat[kerb] = MAT["sidewalk"]
     color = np.where(is_prim[:, None], scene.color[prim], MAT_RGB[mat])
     remission = np.where(is_prim, scene.remission[prim], MAT_REMISSION[mat])
     instance = np.where(is_prim, scene.instance[prim], 0)
@@ -594,8 +645,11 @@ def texture(mat, p, n):
     is_ = lambda *names: np.isin(mat, [MAT[k] for k in names])
     asphalt = is_("road", "lane", "parking")
     f[asphalt] *= (0.85 + 0.2 * grain[asphalt] + 0.1 * patches[asphalt])[:, None]
+    pavers = is_("parking")  # small paving stones with dark joints
+    stone_joint = (np.mod(p[:, 0], 0.3) < 0.025) | (np.mod(p[:, 1], 0.2) < 0.025)
+    f[pavers] = np.where(stone_joint[pavers], 0.65, 0.9 + 0.15 * hash_noise(p, 0.2)[pavers])[:, None]
     bay_line = is_("parking") & (np.mod(p[:, 0], 5.5) < 0.12)  # white lines between bays
-    f[bay_line] = 2.0
+    f[bay_line] = 1.7
     tiles = is_("sidewalk")
     joint = (np.mod(p[:, 0], 0.8) < 0.03) | (np.mod(p[:, 1], 0.8) < 0.03)
     f[tiles] *= np.where(joint[tiles], 0.7, 0.92 + 0.12 * grain[tiles])[:, None]
@@ -633,7 +687,7 @@ def lidar_scan(scene: Scene, st: Street, sensor, grid: RayGrid, rng, with_rays=F
     p_lost[mat == MAT["glass"]] = 0.5  # windows often return nothing
     keep = rng.random(len(t)) >= p_lost
     xyz = d * (t + rng.normal(0, RANGE_NOISE, len(t)))[:, None]  # sensor at the origin
-    remission = np.clip(remission + rng.normal(0, 0.04, len(t)), 0.0, 0.99)
+    remission = np.clip(remission + rng.normal(0, REMISSION_SPREAD, len(t)), 0.0, 0.99)  # overlapping per material
     points = np.concatenate([xyz, remission[:, None]], 1).astype(np.float32)[keep]
     labels = ((instance.astype(np.uint32) << 16) | MAT_RAW[mat])[keep]
     return (points, labels, hit[keep]) if with_rays else (points, labels)
@@ -815,7 +869,8 @@ def embedded_dataset(seed: int, write=True) -> Path:
     return EMBEDDED_ROOT
 
 
-MARKER = "synthkitti.json"  # ROOT/synthkitti.json: the seed and columns the files are made with
+MARKER = "synthkitti.json"  # ROOT/synthkitti.json: the world, seed and columns the files are made with
+WORLD = 2  # the world's version: 2 raised the grass to the verge, varied layouts, per-point remission (1: before)
 
 
 def world_of(root: Path, seed: int, columns: int) -> tuple[int, int]:
@@ -826,14 +881,79 @@ def world_of(root: Path, seed: int, columns: int) -> tuple[int, int]:
     marker = root / MARKER
     if marker.is_file():
         made = json.loads(marker.read_text())
+        if made.get("world", 1) != WORLD:
+            from scandata import DataError  # here: the scenes themselves need only numpy
+            raise DataError(f"{root}: holds synthetic scenes of an older world (version {made.get('world', 1)}; this "
+                            f"code draws version {WORLD}); delete the folder to remake them, or give another one")
         if (made["seed"], made["columns"]) != (seed, columns):
             print(f"note: {root} holds synthetic scenes made with seed {made['seed']} and {made['columns']} "
                   f"columns; kept as they are (give another folder for seed {seed}, {columns} columns)")
         return made["seed"], made["columns"]
     if any((root / "sequences").glob("*/velodyne/*.bin")):
-        return seed, columns  # scenes of before the marker: their seed is not known
-    write_atomic(marker, json.dumps({"seed": seed, "columns": columns}).encode())
+        from scandata import DataError
+        raise DataError(f"{root}: holds synthetic scenes without {MARKER} (an older world); delete the folder to "
+                        "remake them, or give another one")
+    write_atomic(marker, json.dumps({"world": WORLD, "seed": seed, "columns": columns}).encode())
     return seed, columns
+
+
+# ---- The premise, measured: what height and remission tell of the ground classes, against colour ----
+
+def ground_points(root: Path, sequences) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The camera-visible points of the CAMERA_CLASSES in these sequences: LiDAR features
+    (height, remission) (N, 2), the colour of the pixel each projects onto (N, 3), class (N,) in
+    0..3."""
+    import semantickitti as kitti  # here: the scenes themselves need only numpy
+    lidar, colour, classes = [], [], []
+    for scan in kitti.list_scans(root, sequences):
+        calib = kitti.sequence_calib(scan.parent.parent)
+        points = kitti.read_scan(scan)
+        semantic, _ = kitti.read_labels(kitti.label_path(scan), len(points))
+        train_id = kitti.to_train_ids(semantic)
+        image = kitti.read_frame(scan, calib)
+        keep, rc = kitti.project_points(points[:, :3], calib["P2"] @ calib["Tr"], *image.shape[:2])
+        lookup = np.full(256, -1)
+        lookup[list(CAMERA_TRAIN_IDS)] = np.arange(len(CAMERA_TRAIN_IDS))
+        cls = lookup[train_id[keep]]  # (K,) 0..3, -1 for the other classes
+        ground = cls >= 0
+        rows, cols = rc[ground].astype(np.int64).T
+        lidar.append(points[keep][ground][:, 2:4])
+        colour.append(image[rows, cols] / 255.0)
+        classes.append(cls[ground])
+    return np.concatenate(lidar), np.concatenate(colour), np.concatenate(classes)
+
+
+def gaussian_classifier(features: np.ndarray, classes: np.ndarray, k: int):
+    """A Gaussian per class (mean, full covariance, prior) fitted to the features -> a function
+    that gives the most likely class of each row: the Bayes rule for Gaussian classes."""
+    fits = []
+    for c in range(k):
+        x = features[classes == c]
+        cov = np.cov(x.T) + 1e-6 * np.eye(x.shape[1])
+        fits.append((x.mean(0), np.linalg.inv(cov), np.linalg.slogdet(cov)[1], np.log(len(x) / len(features))))
+
+    def predict(f: np.ndarray) -> np.ndarray:
+        scores = [prior - 0.5 * logdet - 0.5 * np.einsum("ni,ij,nj->n", f - mu, inv, f - mu)
+                  for mu, inv, logdet, prior in fits]
+        return np.argmax(scores, 0)
+    return predict
+
+
+def premise(root, train_sequences, val_sequences) -> dict[str, np.ndarray]:
+    """IoU (%) of each CAMERA_CLASS on the validation scans' camera-visible ground points, for a
+    Gaussian classifier fitted on the training scans to: LiDAR height and remission; the pixel's
+    colour; both. What a point alone says, before any context a network may add."""
+    train = ground_points(Path(root), train_sequences)
+    val = ground_points(Path(root), val_sequences)
+    k = len(CAMERA_CLASSES)
+    table = {}
+    for name, pick in (("height + remission", lambda d: d[0]), ("colour", lambda d: d[1]),
+                       ("both", lambda d: np.concatenate([d[0], d[1]], 1))):
+        predicted = gaussian_classifier(pick(train), train[2], k)(pick(val))
+        truth = val[2]
+        table[name] = np.array([100 * ((predicted == c) & (truth == c)).sum() / max(((predicted == c) | (truth == c)).sum(), 1)
+                                for c in range(k)])
+    return table
 
 
 def main(argv=None):
@@ -850,10 +970,23 @@ def main(argv=None):
     ap.add_argument("--scans-per-sequence", type=int, default=4, metavar="N",
                     help="scans per sequence: car positions 3-5 m apart along the street")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--premise", action="store_true",
+                    help="after writing, measure the world's premise: how well a point's height and remission, "
+                         "against its pixel's colour, tell the ground classes apart (training sequences: all but "
+                         "08; validation: 08)")
     args = ap.parse_args(argv)
     seqs = {f"{int(s):02d}": args.scans_per_sequence for s in args.sequences}
     root = make_dataset(args.out, seqs, columns=args.columns, seed=args.seed, progress=not args.quiet)
     print(f"{sum(seqs.values())} scans in {len(seqs)} sequences under {root}")
+    if args.premise:
+        train, val = [s for s in seqs if s != "08"], [s for s in seqs if s == "08"]
+        if not train or not val:
+            ap.error("--premise needs sequence 08 (validation) and at least one other")
+        table = premise(root, train, val)
+        print(f"IoU of the ground classes on 08's camera-visible points, a Gaussian classifier fitted on "
+              f"{' '.join(train)}:\n{'features':<20}" + "".join(f"{c:>10}" for c in CAMERA_CLASSES) + f"{'mean':>10}")
+        for name, iou in table.items():
+            print(f"{name:<20}" + "".join(f"{v:10.1f}" for v in iou) + f"{iou.mean():10.1f}")
 
 
 if __name__ == "__main__":

@@ -302,7 +302,7 @@ def map_mask() -> bytes:
     return buf.getvalue()
 
 
-FORMAT = 2  # of the files written here: 2 turned the car and took the devkit's layout (1: before)
+FORMAT = 3  # of the files written here: 3 synthkitti's world 2 (raised verge, per-point remission); 2 turned the car and took the devkit's layout (1: before)
 MARKER = "synthnusc.json"  # ROOT/synthnusc.json: {"format": FORMAT}, written last
 
 

@@ -399,6 +399,48 @@ def test_synthetic_scenes_are_deterministic():
     assert np.array_equal(a, b) and np.array_equal(la, lb) and not np.array_equal(a[:100], c[:100])
 
 
+def test_synthetic_ground_classes_differ_in_colour_not_in_height_or_remission():
+    """The world's premise: road and parking share a height, so do sidewalk and grass, and the
+    four overlap in remission (their means closer than a point's spread); their colours differ."""
+    import synthkitti as sk
+    points, raw = sk.make_scan(seed=2, columns=512)
+    stats = {}
+    for name in sk.CAMERA_CLASSES:
+        on = (raw & 0xFFFF) == sk.MAT_RAW[sk.MAT[name]]
+        assert on.sum() > 100, name
+        stats[name] = (np.median(points[on, 2]), points[on, 3].mean(), points[on, 3].std())
+    assert abs(stats["road"][0] - stats["parking"][0]) < 0.03
+    assert abs(stats["sidewalk"][0] - stats["terrain"][0]) < 0.03
+    means = [m for _, m, _ in stats.values()]
+    assert max(means) - min(means) < min(sd for _, _, sd in stats.values())
+    rgb = {name: sk.MAT_RGB[sk.MAT[name]] for name in sk.CAMERA_CLASSES}
+    assert min(np.abs(rgb[a] - rgb[b]).sum() for a in rgb for b in rgb if a < b) > 0.15
+
+
+def test_synthetic_layouts_change_along_the_street():
+    """Where sidewalk, grass, parking and road lie changes from segment to segment, so the
+    distance from the kerb alone does not give the class."""
+    import synthkitti as sk
+    st = sk.street_profile(sk.rng_for(0, 1, 0))
+    side = int(st.curb[1] > st.road_half)  # a side with a parking strip
+    x = np.arange(0, 600, sk.SEGMENT) + 1.0
+    s = (1, -1)[side]
+    beside_kerb = sk.ground_material(st, x, np.full_like(x, s * (st.curb[side] + 0.3)))
+    beside_road = sk.ground_material(st, x, np.full_like(x, s * (st.curb[side] - 0.3)))
+    assert {sk.MAT["sidewalk"], sk.MAT["terrain"]} <= set(beside_kerb.tolist())
+    if st.curb[side] > st.road_half:
+        assert {sk.MAT["parking"], sk.MAT["road"]} <= set(beside_road.tolist())
+
+
+def test_synthetic_scenes_of_an_older_world_are_refused(tmp_path):
+    import json
+    import synthkitti as sk
+    sk.make_dataset(tmp_path, {"01": 1}, columns=64, progress=False)
+    (tmp_path / sk.MARKER).write_text(json.dumps({"seed": 0, "columns": 64}))  # world 1 wrote no version
+    with pytest.raises(scandata.DataError, match="older world"):
+        sk.make_dataset(tmp_path, {"01": 1}, columns=64, progress=False)
+
+
 def test_synthetic_scenes_resumed_with_another_seed_keep_the_recorded_one(tmp_path, capsys):
     """An interrupted first run (seed 1), finished by a run with --seed 0: one street, seed 1's."""
     synthkitti.make_dataset(tmp_path / "a", {"01": 1}, columns=64, seed=1, progress=False)

@@ -104,6 +104,9 @@ def add_elite_flags(p) -> None:
     p.add_argument("--cutmix", action=argparse.BooleanOptionalAction, default=None,
                    help="elite: instance CutMix: the instance points of another training scan, augmented on their "
                         "own, stacked after each training scan's, without pixels (preset)")
+    p.add_argument("--heads-3d", action="store_true", default=None,
+                   help="elite, --teacher none: train the student with PPMSKD's four 3D heads and their losses but "
+                        "no teacher (deep supervision without KD: the ablation's control for what KD itself adds)")
     p.add_argument("--derived-dir", type=Path, default=None,
                    help="elite: where the SAM-PLG pseudo-labels were written, if not inside --data (default: "
                         "inside --data; train_teacher.py --derived-dir for a read-only dataset)")
@@ -154,10 +157,11 @@ def parse_args(argv=None):
 def refuse_flags_that_do_not_apply(p, args) -> None:
     """A flag of the other method or dataset is refused, never silently ignored."""
     other_method = {"elite": ("image_size", "image_weights", "global_batch", "camera_drop", "image_drop"),
-                    "u2mkd": ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix")}[args.method]
+                    "u2mkd": ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix", "heads_3d")}[args.method]
     # Camera dropout has two forms: of nuScenes' six cameras, or of SemanticKITTI's one image.
     other_method += ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix", "image_drop") \
         if args.dataset == "nuscenes" else ("camera_drop",)
+    other_method += ("heads_3d",) if args.dataset == "nuscenes" else ()
     other_method = tuple(dict.fromkeys(other_method))
     given = [f"--{k.replace('_', '-')}" for k in other_method if getattr(args, k) is not None]
     if given:
@@ -165,6 +169,8 @@ def refuse_flags_that_do_not_apply(p, args) -> None:
                 f" on --dataset {args.dataset}")
     if args.teacher == "none" and args.labels is not None:
         p.error("--labels: the 2D labels of the teacher's losses; --teacher none trains without a teacher")
+    if args.heads_3d and args.teacher != "none":
+        p.error("--heads-3d: the 3D heads without a teacher; with one, PPMSKD trains them anyway: add --teacher none")
     if args.dataset == "nuscenes":
         if args.method == "elite" and args.teacher not in (None, "none"):
             p.error("--dataset nuscenes --method elite trains the LiDAR-only baseline (--teacher none); ELiTe's SAM "
@@ -173,7 +179,7 @@ def refuse_flags_that_do_not_apply(p, args) -> None:
 
 # What a resumed run keeps as it started: a flag that would change one of these is refused.
 RESUME_KEEPS = ("method", "dataset", "version", "preset", "teacher", "teacher_mode", "labels", "image_size",
-                "image_drop", "camera_drop", "cutmix", "init_3d", "image_weights", "global_batch", "seed")
+                "image_drop", "camera_drop", "cutmix", "init_3d", "image_weights", "global_batch", "seed", "heads_3d")
 
 
 def presets_of(method: str, dataset: str) -> dict[str, presets.Preset]:
@@ -263,10 +269,10 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     if args.init_3d is not None and resumed is None:
         runs.load_2dpass_student(model, args.init_3d)
     model.to(device)
-    heads = elite.heads_3d().to(device) if teacher else None  # PPMSKD's 3D heads, training only
-    parts = [model]
+    # PPMSKD's 3D heads, training only; without a teacher with --heads-3d (deep supervision, no KD)
+    heads = elite.heads_3d().to(device) if teacher or config.get("heads_3d") else None
+    parts = [model] + ([heads] if heads is not None else [])
     if teacher is not None:
-        parts.append(heads)
         if joint:
             parts.append(teacher)  # one optimiser for both, as upstream: its adapters, decoders and heads
         else:
@@ -284,9 +290,12 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     def loss_terms(batch):
         batch = batch.to(device)
         out = model(batch.points, batch.batch_idx)
-        if teacher is None:
-            return {"seg3d_main": elite.seg_loss(out.logits, batch.labels, weight, elite.LAMBDA_LOVASZ)}
-        return elite.elite_losses(out, heads, teacher, batch, weight, joint=joint)
+        if teacher is not None:
+            return elite.elite_losses(out, heads, teacher, batch, weight, joint=joint)
+        terms = {"seg3d_main": elite.seg_loss(out.logits, batch.labels, weight, elite.LAMBDA_LOVASZ)}
+        if heads is not None:  # --heads-3d: PPMSKD's 3D heads and their losses, no KD
+            terms |= elite.deep_supervision_losses(out, [h(f) for h, f in zip(heads, out.stage_feats)], batch, weight)
+        return terms
 
     def scores(batch):  # validation: the in-range points of each scan
         batch = batch.to(device)
@@ -301,7 +310,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
                        "rank_allocator": allocator.state_dict() if allocator is not None else allocator_state}, best
 
     if teacher is None:
-        describe = "none (the baseline: the student alone)"
+        describe = "none (the baseline: the student alone" + (", with PPMSKD's 3D heads, no KD)" if heads else ")")
     else:
         describe = (f"{config['teacher']} (SAM {teacher.cfg.variant}, {config['teacher_mode']}, {config['labels']} 2D "
                     f"labels, crop {teacher.cfg.crop_hw[0]}x{teacher.cfg.crop_hw[1]})")

@@ -115,8 +115,9 @@ def add_sam_flags(p) -> None:
                    help="sam: SAM encoder (preset; vit_tiny is a small random ViT for CPU runs and tests, there "
                         "are no weights for it)")
     p.add_argument("--sam-checkpoint", type=Path, default=None,
-                   help="sam: official SAM file for --variant, e.g. sam_vit_b_01ec64.pth (default: none, the "
-                        "encoder is random: fine for the pipeline, useless for results)")
+                   help="sam: official SAM file for --variant, e.g. sam_vit_b_01ec64.pth; 'none': a random encoder "
+                        "(fine for the pipeline, useless for results); preset (embedded: the pretrained stand-in "
+                        f"{presets.STANDIN}, paper: none)")
     p.add_argument("--peft", choices=elite.PEFT_CHOICES, default="adalora",
                    help="sam: adapters on every linear layer of every block: adalora (the paper), lora, or none")
     p.add_argument("--rank", type=runs.positive_int, default=12, help="sam: adapter rank (AdaLoRA starts at 12)")
@@ -165,6 +166,8 @@ def parse_args(argv=None):
     if (args.plg_only or args.vis is not None) and args.labels is None:
         args.labels = "plg"  # they make pseudo-labels whatever the preset trains with
     presets.apply_preset(args, recipes[args.preset])
+    if args.sam_checkpoint == Path("none"):
+        args.sam_checkpoint = None  # a random encoder, asked for by name
     if args.plg_only and args.labels == "sparse":
         p.error("--plg-only makes pseudo-labels, --labels sparse trains without them: pick one")
     if args.vis is not None and args.labels == "sparse":
