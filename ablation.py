@@ -45,7 +45,7 @@ CAMERA_COLUMNS = [synthkitti.CAMERA_TRAIN_IDS[k] - 1 for k in range(len(synthkit
 
 # row -> (what it is, the teacher it distils or None, train_student.py's own flags)
 ELITE_TEACHERS = {  # teacher folder -> train_teacher.py's flags
-    "teacher_random": [],
+    "teacher_random": ["--sam-checkpoint", "none"],
     "teacher_standin_sparse": ["--sam-checkpoint", str(STANDIN), "--labels", "sparse"],
     "teacher_standin_plg": ["--sam-checkpoint", str(STANDIN)],
 }
@@ -92,19 +92,23 @@ def mean_std(values: list[float]) -> str:
     return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}"
 
 
-def elite_table(results: dict, seeds: list[int]) -> str:
+def elite_table(results: dict, seeds: list[int], rows: list[str]) -> str:
     names = synthkitti.CAMERA_CLASSES
     lines = ["| student | mIoU | " + " | ".join(names) + " | camera classes |",
              "| --- " * (3 + len(names)) + "|"]
-    for row, (about, _, _) in ELITE_ROWS.items():
+    for row in rows:
+        about = ELITE_ROWS[row][0]
         ious = [np.array(results[f"seed{s}/{row}"]["all"]) for s in seeds]
         cells = [mean_std([iou.mean() for iou in ious])]
         cells += [mean_std([iou[c] for iou in ious]) for c in CAMERA_COLUMNS]
         cells += [mean_std([iou[CAMERA_COLUMNS].mean() for iou in ious])]
         lines.append(f"| {about} | " + " | ".join(cells) + " |")
+    distilled = [row for row in ("random_vit", "standin_sparse", "standin_plg") if row in rows]
+    if "heads_no_kd" not in rows or not distilled:
+        return "\n".join(lines)
     lines.append("\nWhat KD itself adds, per seed (minus '3D heads, no KD'), mIoU / the camera classes' mean IoU:")
     control = [np.array(results[f"seed{s}/heads_no_kd"]["all"]) for s in seeds]
-    for row in ("random_vit", "standin_sparse", "standin_plg"):
+    for row in distilled:
         ious = [np.array(results[f"seed{s}/{row}"]["all"]) for s in seeds]
         gains = [(a.mean() - b.mean(), a[CAMERA_COLUMNS].mean() - b[CAMERA_COLUMNS].mean())
                  for a, b in zip(ious, control)]
@@ -113,10 +117,11 @@ def elite_table(results: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def u2mkd_table(results: dict, seeds: list[int]) -> str:
+def u2mkd_table(results: dict, seeds: list[int], rows: list[str]) -> str:
     parts = [f"{mode} {view}" for mode in ("images", "no images") for view in ("all", "seen", "unseen")]
     lines = ["| student | " + " | ".join(parts) + " |", "| --- " * (1 + len(parts)) + "|"]
-    for row, (about, _, _) in U2MKD_ROWS.items():
+    for row in rows:
+        about = U2MKD_ROWS[row][0]
         cells = []
         for part in parts:
             got = [results[f"seed{s}/{row}"] for s in seeds]
@@ -127,24 +132,28 @@ def u2mkd_table(results: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def run_seed(seed: int, parts: list[str], data: Path, out: Path, results: dict) -> None:
-    """Every teacher and student of one seed, then their scores."""
+def run_seed(seed: int, rows: list[str], data: Path, out: Path, results: dict) -> None:
+    """The teachers and students of these rows for one seed, then their scores."""
     folder = out / f"seed{seed}"
-    if "elite" in parts:
-        for name, flags in ELITE_TEACHERS.items():
+    elite_rows = [r for r in rows if r in ELITE_ROWS]
+    for name, flags in ELITE_TEACHERS.items():
+        if any(ELITE_ROWS[r][1] == name for r in elite_rows):
             train("train_teacher.py", folder / name, flags, data, seed)
-        for row, (_, teacher, flags) in ELITE_ROWS.items():
-            teacher_flags = ["--teacher", str(folder / teacher / "last.pt")] if teacher else []
-            train("train_student.py", folder / row, flags + teacher_flags, data, seed)
-            results[f"seed{seed}/{row}"] = scores(folder / row / "last.pt", data, folder / f"{row}_predictions")
-    if "u2mkd" in parts:
+    for row in elite_rows:
+        _, teacher, flags = ELITE_ROWS[row]
+        teacher_flags = ["--teacher", str(folder / teacher / "last.pt")] if teacher else []
+        train("train_student.py", folder / row, flags + teacher_flags, data, seed)
+        results[f"seed{seed}/{row}"] = scores(folder / row / "last.pt", data, folder / f"{row}_predictions")
+    u2mkd_rows = [r for r in rows if r in U2MKD_ROWS]
+    if "u2mkd" in u2mkd_rows:
         train("train_teacher.py", folder / "lidar_teacher", ["--teacher", "lidar"], data, seed)
-        fusion_epochs = ["--epochs", str(runs_epochs("u2mkd"))]
-        for row, (_, teacher, flags) in U2MKD_ROWS.items():
-            teacher_flags = ["--teacher", str(folder / teacher / "last.pt")] if teacher else []
-            same_steps = fusion_epochs if row == "lidar_only" else []
-            train("train_student.py", folder / row, flags + teacher_flags + same_steps, data, seed)
-            results[f"seed{seed}/{row}"] = scores(folder / row / "last.pt", data, folder / f"{row}_predictions")
+    fusion_epochs = ["--epochs", str(runs_epochs("u2mkd"))]
+    for row in u2mkd_rows:
+        _, teacher, flags = U2MKD_ROWS[row]
+        teacher_flags = ["--teacher", str(folder / teacher / "last.pt")] if teacher else []
+        same_steps = fusion_epochs if row == "lidar_only" else []
+        train("train_student.py", folder / row, flags + teacher_flags + same_steps, data, seed)
+        results[f"seed{seed}/{row}"] = scores(folder / row / "last.pt", data, folder / f"{row}_predictions")
 
 
 def runs_epochs(method: str) -> int:
@@ -159,25 +168,28 @@ def main(argv=None):
                    help="training seeds, one run of every row each (the embedded preset was tuned on seed 0 only, "
                         "which is why the default leaves it out)")
     p.add_argument("--part", choices=("elite", "u2mkd", "all"), default="all", help="which method's rows to run")
+    p.add_argument("--rows", nargs="+", choices=list(ELITE_ROWS) + list(U2MKD_ROWS), default=None,
+                   help="only these rows (default: every row of --part)")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="where the runs and the tables go")
     args = p.parse_args(argv)
     if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
         p.error("--seeds: at least two different seeds (a mean ± std needs them)")
     parts = ["elite", "u2mkd"] if args.part == "all" else [args.part]
-    if "elite" in parts and not STANDIN.is_file():
+    rows = args.rows or [r for part in parts for r in (ELITE_ROWS if part == "elite" else U2MKD_ROWS)]
+    if any(r.startswith("standin") for r in rows) and not STANDIN.is_file():
         p.error(f"{STANDIN}: the pretrained stand-in for SAM is missing; python pretrain_sam.py makes it")
     data = synthkitti.embedded_dataset(seed=0)  # the scenes every row reads, made once
     results = {}
     for seed in args.seeds:
-        run_seed(seed, parts, data, args.out, results)
+        run_seed(seed, rows, data, args.out, results)
     seeds = ", ".join(map(str, args.seeds))
     report = f"Ablation on the synthetic scenes, seeds {seeds}; validation 08, last epoch, mean ± std over seeds\n"
-    if "elite" in parts:
+    if any(r in ELITE_ROWS for r in rows):
         report += f"\nELiTe (mIoU over 19 classes; IoU of the classes only the camera tells apart):\n\n" \
-                  f"{elite_table(results, args.seeds)}\n"
-    if "u2mkd" in parts:
+                  f"{elite_table(results, args.seeds, [r for r in rows if r in ELITE_ROWS])}\n"
+    if any(r in U2MKD_ROWS for r in rows):
         report += f"\nU2MKD (mIoU on all points, the points the camera sees and the others):\n\n" \
-                  f"{u2mkd_table(results, args.seeds)}\n"
+                  f"{u2mkd_table(results, args.seeds, [r for r in rows if r in U2MKD_ROWS])}\n"
     print("\n" + report)
     scandata.atomic_write(args.out / "results.md", lambda f: f.write(report.encode()))
     scandata.atomic_write(args.out / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))

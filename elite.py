@@ -1264,8 +1264,9 @@ def ppmskd_losses(out: StudentOutput, heads: nn.ModuleList, point_logits_2d: lis
     (deep_supervision_losses) and kd_scale{s} (kd_losses). point_logits_2d: the teacher's stage
     logits at batch.crop_points (teacher_losses' second output)."""
     logits_3d = [head(feats) for head, feats in zip(heads, out.stage_feats)]  # 4 x (V_L, 20)
-    return deep_supervision_losses(out, logits_3d, batch, weight) | kd_losses(out, logits_3d, point_logits_2d,
-                                                                              batch, lambda_xm)
+    seg3d = deep_supervision_losses(out, logits_3d, batch, weight)
+    kd = kd_losses(out, logits_3d, point_logits_2d, batch, lambda_xm)
+    return dict(term for stage in zip(seg3d.items(), kd.items()) for term in stage)  # stage by stage, as upstream logs
 
 
 LAMBDA_SEG2D = 1.0  # train_params.lambda_seg2d: each stage's 2D loss weighs lambda_seg2d / 4

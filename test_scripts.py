@@ -1177,7 +1177,8 @@ LAYERS = [
     ["synthkitti"], ["synthnusc"],                # the synthetic scenes, written in the real layouts
     ["elite"], ["u2mkd"],                         # the methods (U2MKD reuses ELiTe's student)
     ["runs"], ["presets"],                        # the machinery of a run, its recipes
-    ["train_teacher", "train_student", "infer"],  # the scripts
+    ["train_teacher", "train_student", "infer", "pretrain_sam"],  # the scripts
+    ["ablation"],                                 # runs the scripts over seeds, scores with infer
 ]
 
 
