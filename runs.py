@@ -958,6 +958,8 @@ def add_conv_flag(parser) -> None:
 def apply_conv_flag(parser, args) -> None:
     """Run the convolutions on the path --conv names (refusing one this machine cannot run),
     deterministically when asked."""
+    if args.conv not in kernels.CONV_PATHS:  # only a bad $ELITE_CONV gets here: the flag's choices are checked
+        parser.error(f"$ELITE_CONV={args.conv!r}: expected one of {', '.join(kernels.CONV_PATHS)} (or unset it)")
     kernels.set_conv_path(args.conv)
     try:
         kernels.conv_path(torch.device(args.device))
@@ -981,9 +983,16 @@ def config_of(args) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "given"}
 
 
-def given_flags(parser, args) -> None:
-    """args.given: the flags this command line set (before presets fill the rest)."""
-    args.given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+def given_flags(parser, args, argv=None) -> None:
+    """args.given: the flags this command line set (before presets fill the rest), as typed: a flag
+    given with its default value counts (--resume --seed 0 on a seed-3 run is a change, not a no-op).
+    The command line is parsed again with every default suppressed, so only typed flags remain."""
+    import copy
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    typed, _ = quiet.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args.given = set(vars(typed))
 
 
 # Flags that only say how this process runs, not what the run is: a resume may change them freely,

@@ -611,6 +611,8 @@ def check_pseudo_labels(root, sequences, derived: Path | None = None, masks: str
         try:
             made = json.loads((folder / PLG_RECORD).read_text())
             recorded = {name: tuple(v) for name, v in made["labels"].items()}
+            if not all(len(v) == 3 and all(type(x) is int for x in v) for v in recorded.values()):
+                raise ValueError("an entry is not [size, time, crc]")
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise DataError(f"{folder / PLG_RECORD}: unreadable ({type(e).__name__}); delete {folder} to make the "
                             "pseudo-labels again") from None

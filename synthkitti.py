@@ -880,9 +880,17 @@ def world_of(root: Path, seed: int, columns: int) -> tuple[int, int]:
     import json
     marker = root / MARKER
     if marker.is_file():
-        made = json.loads(marker.read_text())
+        from scandata import DataError  # here: the scenes themselves need only numpy
+        try:
+            made = json.loads(marker.read_text(encoding="utf-8-sig"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{marker}: not the JSON this script writes ({e}); delete the folder to remake the scenes") \
+                from None
+        if not (isinstance(made, dict) and all(type(made.get(k, 1)) is int for k in ("world", "seed", "columns"))
+                and "seed" in made and "columns" in made):
+            raise DataError(f"{marker}: expected {{\"world\": int, \"seed\": int, \"columns\": int}}, got {made!r:.80}; "
+                            "delete the folder to remake the scenes")
         if made.get("world", 1) != WORLD:
-            from scandata import DataError  # here: the scenes themselves need only numpy
             raise DataError(f"{root}: holds synthetic scenes of an older world (version {made.get('world', 1)}; this "
                             f"code draws version {WORLD}); delete the folder to remake them, or give another one")
         if (made["seed"], made["columns"]) != (seed, columns):
@@ -956,18 +964,32 @@ def premise(root, train_sequences, val_sequences) -> dict[str, np.ndarray]:
     return table
 
 
+def bounded(convert, lo, hi):
+    """An argparse type: a number (int or float) in [lo, hi], else a usage error naming the range."""
+    def check(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if convert is int else ' number'}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is outside {lo}..{hi}")
+        return value
+    return check
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description="Write SynthKITTI, a procedural street dataset in the SemanticKITTI layout "
                     "(LiDAR scans, point labels, camera-2 images, per-pixel labels, calibration, poses).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default="data/synthkitti", help="dataset root; files go to OUT/sequences/XX/...")
-    ap.add_argument("--columns", type=int, default=1024,
+    ap.add_argument("--columns", type=bounded(int, 64, 16384), default=1024,
                     help="LiDAR azimuth steps per turn (1024: ~62k points per scan, 2048: ~120k like KITTI)")
-    ap.add_argument("--seed", type=int, default=0, help="world seed; same seed, byte-identical files")
-    ap.add_argument("--sequences", nargs="+", default=list(DEFAULT_SEQUENCES), metavar="XX",
+    ap.add_argument("--seed", type=bounded(int, 0, 2**31 - 1), default=0, help="world seed; same seed, byte-identical files")
+    ap.add_argument("--sequences", nargs="+", type=bounded(int, 0, 99), default=[int(s) for s in DEFAULT_SEQUENCES],
+                    metavar="XX",
                     help="sequence ids to write, each its own street (the official split validates on 08)")
-    ap.add_argument("--scans-per-sequence", type=int, default=4, metavar="N",
+    ap.add_argument("--scans-per-sequence", type=bounded(int, 1, 100_000), default=4, metavar="N",
                     help="scans per sequence: car positions 3-5 m apart along the street")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--premise", action="store_true",
@@ -975,7 +997,7 @@ def main(argv=None):
                          "against its pixel's colour, tell the ground classes apart (training sequences: all but "
                          "08; validation: 08)")
     args = ap.parse_args(argv)
-    seqs = {f"{int(s):02d}": args.scans_per_sequence for s in args.sequences}
+    seqs = {f"{s:02d}": args.scans_per_sequence for s in args.sequences}
     root = make_dataset(args.out, seqs, columns=args.columns, seed=args.seed, progress=not args.quiet)
     print(f"{sum(seqs.values())} scans in {len(seqs)} sequences under {root}")
     if args.premise:

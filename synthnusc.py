@@ -364,10 +364,10 @@ def embedded_dataset(seed: int, write=True) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("data/synthnusc"), help="root folder (default: data/synthnusc)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the streets (default: 0)")
-    p.add_argument("--columns", type=int, default=1024,
+    p.add_argument("--seed", type=sk.bounded(int, 0, 2**31 - 1), default=0, help="seed of the streets (default: 0)")
+    p.add_argument("--columns", type=sk.bounded(int, 64, 16384), default=1024,
                    help="LiDAR azimuth steps per turn (1024: about 31k points a keyframe, as nuScenes' ~34k)")
-    p.add_argument("--image-scale", type=float, default=0.25,
+    p.add_argument("--image-scale", type=sk.bounded(float, 0.05, 2.0), default=0.25,
                    help="camera images at this fraction of 1600 x 900 (default: 0.25, 400 x 225)")
     args = p.parse_args(argv)
     make_dataset(args.out, seed=args.seed, image_scale=args.image_scale, columns=args.columns)

@@ -521,6 +521,19 @@ def test_generation_resumes_skips_existing_and_leaves_no_temp_files(synth):
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
+@pytest.mark.parametrize("entry", [[1, 2], [1, 2, 3, 4], ["1", 2, 3], 7])
+def test_a_hand_edited_pseudo_label_record_is_one_line(synth, tmp_path, entry):
+    """made_with.json with an entry that is not [size, time, crc]: refused naming the file (issue 34)."""
+    root = tmp_path / "d"
+    shutil.copytree(synth, root)
+    record = root / "sequences/00/image_2_plg" / semantickitti.PLG_RECORD
+    made = json.loads(record.read_text())
+    made["labels"]["000001"] = entry
+    record.write_text(json.dumps(made))
+    with pytest.raises(scandata.DataError, match=r"made_with\.json: unreadable"):
+        semantickitti.check_pseudo_labels(root, ["00"])
+
+
 def copy_without_outputs(synth, dst):
     shutil.copytree(synth, dst, ignore=shutil.ignore_patterns("image_2_plg"))
     return dst

@@ -1195,3 +1195,42 @@ def test_imports_go_from_the_scripts_through_the_machinery_and_methods_to_the_da
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             upward += [f"{m} imports {n}" for n in names if n in layer and n != m and layer[n] >= layer[m]]
     assert not upward, upward
+
+
+def test_ablation_tables_give_mean_and_std_over_seeds_and_kd_gain_per_seed():
+    """ablation.py's tables from per-run IoUs: mean ± sample std over seeds, the camera classes'
+    columns, and what KD adds per seed (a row minus '3D heads, no KD')."""
+    import ablation
+    iou = lambda v, camera: [camera if c in ablation.CAMERA_COLUMNS else v for c in range(19)]  # (19,) IoU %
+    results = {"seed1/heads_no_kd": {"all": iou(10.0, 40.0)}, "seed2/heads_no_kd": {"all": iou(12.0, 44.0)},
+               "seed1/standin_plg": {"all": iou(11.0, 50.0)}, "seed2/standin_plg": {"all": iou(15.0, 46.0)}}
+    table = ablation.elite_table(results, [1, 2], ["heads_no_kd", "standin_plg"])
+    mean_1 = (15 * 10.0 + 4 * 40.0) / 19
+    mean_2 = (15 * 12.0 + 4 * 44.0) / 19
+    expected = f"{np.mean([mean_1, mean_2]):.1f} ± {np.std([mean_1, mean_2], ddof=1):.1f}"
+    assert f"| + PPMSKD's 3D heads, no KD | {expected} | 42.0 ± 2.8 |" in table  # road: 40 and 44
+    kd_1 = (15 * 11.0 + 4 * 50.0) / 19 - mean_1
+    assert f"seed 1: {kd_1:+.1f} / +10.0" in table and "seed 2: " in table and "/ +2.0" in table
+    with pytest.raises(SystemExit):
+        ablation.main(["--seeds", "1"])  # a mean ± std needs two seeds at least
+
+
+@pytest.mark.parametrize("value", ["", "TORCH", "cuda"])
+def test_a_bad_elite_conv_variable_is_one_line_not_a_traceback(value, monkeypatch, capsys):
+    """$ELITE_CONV sets --conv's default; a value it cannot take is named on one line (issue 34)."""
+    import kernels
+    import train_student
+    monkeypatch.setattr(kernels, "CONV_PATH", value)  # what kernels.py read from the environment
+    with pytest.raises(SystemExit):
+        train_student.parse_args(["--teacher", "none"])
+    assert f"$ELITE_CONV={value!r}: expected one of auto, torch, triton" in capsys.readouterr().err
+
+
+def test_a_flag_typed_with_its_default_value_counts_as_given():
+    """--seed 0 is a flag the user typed even though 0 is the default: a --resume of a seed-3 run
+    must see it (issue 34), not take it for 'not given'."""
+    import train_student
+    typed = train_student.parse_args(["--teacher", "none", "--seed", "0", "--resume"])
+    assert "seed" in typed.given and "teacher" in typed.given and "resume" in typed.given
+    assert "lr" not in typed.given and "epochs" not in typed.given  # filled by the preset, not typed
+    assert "seed" not in train_student.parse_args(["--teacher", "none"]).given

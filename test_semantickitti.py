@@ -439,6 +439,11 @@ def test_synthetic_scenes_of_an_older_world_are_refused(tmp_path):
     (tmp_path / sk.MARKER).write_text(json.dumps({"seed": 0, "columns": 64}))  # world 1 wrote no version
     with pytest.raises(scandata.DataError, match="older world"):
         sk.make_dataset(tmp_path, {"01": 1}, columns=64, progress=False)
+    for bad in ('{"world": 2, "seed": "0", "columns": 64}', '[2, 0, 64]', '{"world": 2, "seed": 0.5, "columns": 64}',
+                '{"world": 2'):
+        (tmp_path / sk.MARKER).write_text(bad)  # edited by hand: one line naming the file, no traceback
+        with pytest.raises(scandata.DataError, match="synthkitti.json: "):
+            sk.make_dataset(tmp_path, {"01": 1}, columns=64, progress=False)
 
 
 def test_synthetic_scenes_resumed_with_another_seed_keep_the_recorded_one(tmp_path, capsys):
@@ -491,3 +496,23 @@ def test_confusion_matrix_edge_cases():
     assert iou[4].item() == 0  # class 5 absent: IoU 0, and it counts in the 19-class mean
     assert abs(conf.miou() - (2 / 3) / 19) < 1e-12
     assert "mIoU present" in conf.table()
+
+
+@pytest.mark.parametrize("argv", [["--columns", "0"], ["--sequences", "../../x"], ["--scans-per-sequence", "0"],
+                                  ["--seed", "-1"], ["--columns", "1e9"]])
+def test_synthetic_writer_flags_are_checked_when_parsed(argv, tmp_path, capsys):
+    """Impossible sizes are a usage error naming the flag, before any file is written (issue 34)."""
+    import synthkitti as sk
+    with pytest.raises(SystemExit) as e:
+        sk.main(["--out", str(tmp_path / "x"), "--quiet", *argv])
+    assert e.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_synthetic_nuscenes_writer_flags_are_checked_when_parsed(tmp_path, capsys):
+    import synthnusc
+    for argv in (["--columns", "0"], ["--image-scale", "0"]):
+        with pytest.raises(SystemExit):
+            synthnusc.main(["--out", str(tmp_path / "x"), *argv])
+        assert f"argument {argv[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -134,7 +134,7 @@ def add_u2mkd_flags(p) -> None:
 def parse_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
-    runs.given_flags(p, args)
+    runs.given_flags(p, args, argv)
     runs.apply_conv_flag(p, args)
     refuse_flags_that_do_not_apply(p, args)
     if args.method == "u2mkd" and args.dataset == "semantickitti" and args.image_drop is None:

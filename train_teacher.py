@@ -153,7 +153,7 @@ def add_sam_flags(p) -> None:
 def parse_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
-    runs.given_flags(p, args)
+    runs.given_flags(p, args, argv)
     runs.apply_conv_flag(p, args)
     refuse_flags_that_do_not_apply(p, args)
     runs.check_data_flags(p, args)
