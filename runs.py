@@ -1191,10 +1191,15 @@ def claim_run_folder(out: Path, kind: str, resume: bool, overwrite: bool) -> Non
             try:
                 found = torch.load(out / name, map_location="cpu", weights_only=True, mmap=True).get("kind")  # lazily
             except Exception:
-                found = None  # unreadable: --resume names it; a fresh run needs --overwrite below
+                found = None  # unreadable: --resume names it; --overwrite never deletes it (below)
             if found is not None and found != kind:
                 raise DataError(f"{out / name}: holds a '{found}' model and this run trains '{kind}': a run "
                                 "never writes over another kind's checkpoint; choose another --out")
+            if found is None and overwrite:  # a file is this project's only when it proves it
+                raise DataError(f"{out / name}: not a checkpoint this project wrote (unreadable, or without its "
+                                "'kind'), so --overwrite will not delete it; move it away or choose another --out")
+    if overwrite and (out / "metrics.csv").is_file():
+        read_metrics(out / "metrics.csv")  # another program's table is refused by name, never deleted
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if resume and (out / "metrics.csv").is_file():
         read_metrics(out / "metrics.csv")  # unreadable: said now, not after the first epoch's checkpoint

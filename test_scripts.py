@@ -830,6 +830,26 @@ def test_fresh_run_in_a_run_folder_is_refused_and_overwrite_starts_over(synth_ro
     assert "--resume continues" in run_main("train_student", args + ["--overwrite", "--resume"])
 
 
+@pytest.mark.parametrize("name,content", [
+    ("last.pt", b"PK\x03\x04 a Lightning checkpoint weights_only cannot read"),
+    ("best.pt", None),  # a readable dict of tensors without this project's 'kind'
+    ("metrics.csv", b"step,loss\n1,0.5\n")])
+def test_overwrite_never_deletes_a_file_this_project_did_not_write(tmp_path, name, content):
+    """--overwrite deletes only run files that prove they are this project's (issue 34): another
+    program's checkpoint or table in --out is refused by name and left as it was."""
+    out = tmp_path / "run"
+    out.mkdir()
+    if content is None:
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, out / name)
+    else:
+        (out / name).write_bytes(content)
+    before = (out / name).read_bytes()
+    with pytest.raises(scandata.DataError, match=rf"{name}: not (a checkpoint this project wrote|the metrics table)"):
+        runs.claim_run_folder(out, runs.STUDENT_KIND, resume=False, overwrite=True)
+    assert (out / name).read_bytes() == before
+    runs.release_run_folders()
+
+
 def test_one_run_owns_a_folder_at_a_time(tmp_path):
     import subprocess
     out = tmp_path / "run"
