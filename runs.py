@@ -277,6 +277,8 @@ def load_2dpass_student(model: Student, path) -> None:
     except Exception as e:
         raise DataError(f"{path}: cannot read the 2DPASS checkpoint ({type(e).__name__}: {e})") from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: its 'state_dict' is a {type(state).__name__}, not a mapping of tensors")
     prefix = "model_3d."
     src = {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
     if not src:
@@ -287,6 +289,9 @@ def load_2dpass_student(model: Student, path) -> None:
         if theirs not in src:
             raise DataError(f"{path}: {prefix}{theirs} is missing; not a 2DPASS 4scale-64dimension checkpoint")
         tensor = src.pop(theirs)
+        if not isinstance(tensor, torch.Tensor):  # e.g. the inert stand-in the restricted unpickler makes
+            raise DataError(f"{path}: {prefix}{theirs} is a {type(tensor).__name__}, not a tensor; not a 2DPASS "
+                            "checkpoint this loader can read")
         tensor = spconv_to_ours(tensor) if tensor.dim() == 5 else tensor  # the SubMConv3d weights
         if tensor.shape != ours[key].shape:
             raise DataError(f"{path}: {prefix}{theirs} has shape {tuple(tensor.shape)}, the student's {key} needs "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 from functools import partial
@@ -250,6 +251,11 @@ def test_init_3d_maps_every_tensor_of_a_2dpass_checkpoint(tmp_path):
             r"model_3d\.classifier\.2\.weight has shape \(17, 128\), the student's classifier\.2\.weight needs \(20, 128\)")
     refused(state | {"model_3d.spv_enc.4.v_enc.0.layers.0.weight": torch.zeros(1)}, "no place for")
     refused({"model": {}}, r"no 'model_3d\.\*' tensors")
+    first = "model_3d." + next(iter(runs.student_keys_from_2dpass().values()))
+    refused(state | {first: [1.0, 2.0]}, rf"{re.escape(first)} is a list, not a tensor")  # issue 34
+    torch.save({"state_dict": [1, 2]}, tmp_path / "bad.ckpt")
+    with pytest.raises(scandata.DataError, match=r"its 'state_dict' is a list, not a mapping"):
+        runs.load_2dpass_student(elite.Student(), tmp_path / "bad.ckpt")
     with pytest.raises(scandata.DataError, match="2DPASS checkpoint not found"):
         runs.load_2dpass_student(elite.Student(), tmp_path / "missing.ckpt")
 
