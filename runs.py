@@ -153,14 +153,38 @@ def load_last(path, kind: str, map_location="cpu") -> dict:
     if ckpt.get("optimizer") is None or "config" not in ckpt or "step" not in ckpt:
         raise DataError(f"{path}: holds the model only (a best.pt?), not the optimiser and run state --resume "
                         "needs; resume from the last.pt its run wrote")
+    check_run_state(ckpt, path)
     return ckpt
+
+
+def check_run_state(ckpt: dict, path) -> None:
+    """The run state of a last.pt, entry by entry (a hand-edited file is one line, not a traceback
+    later): the config a mapping, the counters non-negative integers, the optimiser state torch's layout."""
+    entry(ckpt, "config", dict, path)
+    for key, least in (("epoch", -1), ("step", 0)):  # epoch: the last finished one, -1 within the first
+        if type(entry(ckpt, key, int, path)) is not int or ckpt[key] < least:
+            raise DataError(f"{path}: '{key}' is {ckpt[key]!r}, not a count; not a last.pt this project wrote")
+    for key in ("batch", "skipped", "batch_size"):
+        if key in ckpt and (type(ckpt[key]) is not int or ckpt[key] < 0):
+            raise DataError(f"{path}: '{key}' is {ckpt[key]!r}, not a count; not a last.pt this project wrote")
+    if not isinstance(ckpt.get("best_miou"), (int, float)) or isinstance(ckpt["best_miou"], bool):
+        raise DataError(f"{path}: 'best_miou' is {ckpt.get('best_miou')!r}, not a number; not a last.pt this project "
+                        "wrote")
+    if not isinstance(ckpt.get("epoch_sums", {}), dict):
+        raise DataError(f"{path}: 'epoch_sums' is not a mapping; not a last.pt this project wrote")
+    optimizer = entry(ckpt, "optimizer", dict, path)
+    groups = optimizer.get("param_groups")
+    if not (isinstance(optimizer.get("state"), dict) and isinstance(groups, list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise DataError(f"{path}: its optimiser state is not torch's layout (state, param_groups with params); "
+                        "not a last.pt this project wrote")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: dict, path) -> None:
     """--resume: the optimiser state of a last.pt (load_last), checked against this run's parameters."""
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path}: its optimiser state does not fit this run's parameters ({e})") from None
 
 

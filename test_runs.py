@@ -260,6 +260,28 @@ def test_init_3d_maps_every_tensor_of_a_2dpass_checkpoint(tmp_path):
         runs.load_2dpass_student(elite.Student(), tmp_path / "missing.ckpt")
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(config=["lr", 0.1]), r"no 'config' entry of the expected type"),
+    (lambda c: c.pop("epoch"), r"no 'epoch' entry of the expected type"),
+    (lambda c: c.update(step="12"), r"no 'step' entry of the expected type"),
+    (lambda c: c.update(step=-1), r"'step' is -1, not a count"),
+    (lambda c: c.update(best_miou="high"), r"'best_miou' is 'high', not a number"),
+    (lambda c: c["optimizer"].update(param_groups="all"), r"optimiser state is not torch's layout"),
+    (lambda c: c["optimizer"].update(param_groups=[{"lr": 0.1}]), r"optimiser state is not torch's layout")])
+def test_a_hand_edited_last_pt_is_one_line_on_resume(tmp_path, edit, match):
+    """Each entry --resume reads is checked before it is used (issue 34): a traceback never."""
+    model = elite.Student()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = runs.student_state(model) | runs.RunState().record(0.1) | {"optimizer": optimizer.state_dict(),
+                                                                         "config": {"lr": 0.1}}
+    runs.atomic_save(state, tmp_path / "last.pt")
+    runs.load_last(tmp_path / "last.pt", runs.STUDENT_KIND)  # the file as written resumes
+    edit(state)
+    runs.atomic_save(state, tmp_path / "last.pt")
+    with pytest.raises(scandata.DataError, match=match):
+        runs.load_last(tmp_path / "last.pt", runs.STUDENT_KIND)
+
+
 def test_non_finite_checkpoint_is_never_written(tmp_path):
     path = tmp_path / "best.pt"
     good = runs.student_state(elite.Student())
