@@ -173,8 +173,8 @@ def check_run_state(ckpt: dict, path) -> None:
     if not isinstance(ckpt.get("epoch_sums", {}), dict):
         raise DataError(f"{path}: 'epoch_sums' is not a mapping; not a last.pt this project wrote")
     optimizer = entry(ckpt, "optimizer", dict, path)
-    groups = optimizer.get("param_groups")
-    if not (isinstance(optimizer.get("state"), dict) and isinstance(groups, list)
+    groups = optimizer.get("param_groups", [])  # torch says what a missing one means when it is loaded
+    if not (isinstance(optimizer.get("state", {}), dict) and isinstance(groups, list)
             and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
         raise DataError(f"{path}: its optimiser state is not torch's layout (state, param_groups with params); "
                         "not a last.pt this project wrote")
