@@ -876,6 +876,12 @@ positive_float = _flag_type(float, lambda v: math.isfinite(v) and v > 0, "a posi
 
 probability = _flag_type(float, lambda v: 0 <= v <= 1, "a probability between 0 and 1")
 
+width_multiplier = _flag_type(int, lambda v: 1 <= v <= 16, "an integer width multiplier from 1 to 16")
+
+image_side = _flag_type(int, lambda v: 32 <= v <= 4096, "an image side from 32 to 4096 pixels")
+
+crop_side = _flag_type(int, lambda v: 16 <= v <= 1024, "a crop side from 16 to 1024 pixels (SAM's input is 1024)")
+
 def device_flag(text: str) -> str:
     """--device: a torch device this machine has."""
     try:

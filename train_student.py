@@ -114,7 +114,7 @@ def add_elite_flags(p) -> None:
 
 def add_u2mkd_flags(p) -> None:
     """U2MKD's: the camera images, their dropout, the ImageNet start, the global batch of the lr."""
-    p.add_argument("--image-size", type=runs.positive_int, nargs=2, metavar=("H", "W"),
+    p.add_argument("--image-size", type=runs.image_side, nargs=2, metavar=("H", "W"),
                    help="u2mkd: the camera image is resized to H x W (preset: 376 1241 paper, 188 620 embedded)")
     p.add_argument("--camera-drop", type=runs.count_int, default=None,
                    help="u2mkd, nuscenes: cameras of the six dropped at random per training keyframe (preset: 3, "

@@ -102,7 +102,7 @@ def add_lidar_flags(p) -> None:
     p.add_argument("--sweeps", type=runs.count_int, default=None,
                    help="lidar, nuscenes: unlabelled LiDAR sweeps added around each training keyframe, half before "
                         "and half after (preset: 4, upstream's 2 past + 2 future)")
-    p.add_argument("--width", type=runs.positive_int, default=2,
+    p.add_argument("--width", type=runs.width_multiplier, default=2,
                    help="lidar: width multiplier of the voxel student (U2MKD: 2)")
     p.add_argument("--global-batch", type=runs.positive_int,
                    help="lidar: the global batch the preset's lr is meant for; with another batch x processes the "
@@ -143,7 +143,7 @@ def add_sam_flags(p) -> None:
     p.add_argument("--shard", default=None,
                    help="sam: i/n: this process makes pseudo-labels for scans i, i+n, ... (default 0/1; under "
                         "torchrun each process takes its rank's share by itself)")
-    p.add_argument("--crop", type=runs.positive_int, nargs=2, metavar=("H", "W"),
+    p.add_argument("--crop", type=runs.crop_side, nargs=2, metavar=("H", "W"),
                    help="sam: bottom crop of the camera frame (preset)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"),
                    help="sam: sgd, the student's recipe (Nesterov, momentum 0.9, weight decay 1e-4); adamw, weight "
