@@ -683,8 +683,8 @@ BAD_INPUTS = [
     ("flags: --crop 0 512", "train_teacher", lambda d: train_args(d, "--crop", "0", "512"),
      r"argument --crop: expected a crop side from 16 to 1024 pixels \(SAM's input is 1024\), got '0'", False),
     ("crop larger than the image", "train_teacher",
-     lambda d: train_args(d, "--labels", "sparse", "--crop", "400", "2000"),
-     r"00/image_2/000000\.png: a 1241x376 frame is smaller than the 400x2000 crop", False),
+     lambda d: train_args(d, "--labels", "sparse", "--crop", "400", "1000"),
+     r"00/image_2/000000\.png: a 1241x376 frame is smaller than the 400x1000 crop", False),
     # Issue 18: the presets' files and flags
     ("--init-3d a file that is no 2DPASS checkpoint", "train_student",
      lambda d: train_args(d, "--teacher", "none", "--init-3d", str(d / "student.pt")),
