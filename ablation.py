@@ -175,7 +175,8 @@ def main(argv=None):
     if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
         p.error("--seeds: at least two different seeds (a mean ± std needs them)")
     parts = ["elite", "u2mkd"] if args.part == "all" else [args.part]
-    rows = args.rows or [r for part in parts for r in (ELITE_ROWS if part == "elite" else U2MKD_ROWS)]
+    every = [r for part in parts for r in (ELITE_ROWS if part == "elite" else U2MKD_ROWS)]
+    rows = [r for r in list(ELITE_ROWS) + list(U2MKD_ROWS) if r in args.rows] if args.rows else every  # table order
     if any(r.startswith("standin") for r in rows) and not STANDIN.is_file():
         p.error(f"{STANDIN}: the pretrained stand-in for SAM is missing; python pretrain_sam.py makes it")
     data = synthkitti.embedded_dataset(seed=0)  # the scenes every row reads, made once
