@@ -5,7 +5,7 @@ voxel LiDAR student (the 2DPASS "4scale-64dimension" network). This file holds t
 method, in the order the data flows once a scan is read:
 
     1. Voxelisation and scatter reductions
-    2. Submanifold sparse convolution (pure torch, with its neighbour table; kernels.py: Triton)
+    2. Submanifold sparse convolution (pure torch, with its neighbour table; elite_kernels.py: Triton)
     3. The student: SparseBasicBlock, point encoder, SPVBlock, classifier
     4. Losses: class-weighted cross-entropy and Lovasz-softmax
     5. The image teacher: SAM's ViT, LoRA/AdaLoRA (PEFT), patch decoder, 2D heads
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import elite_kernels
 import nusc
 from scandata import Batch, CameraCrops
 from semantickitti import CLASS_COUNTS, CROP_HW, GRID_SHAPE, IGNORE, NUM_CLASSES, RANGE_MAX, RANGE_MIN, PlgFrame
@@ -168,7 +168,7 @@ def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int, lo=RANGE_MI
 # the same scan. Output voxels are the input voxels. The work is a neighbour table (which
 # voxel sits at each offset of each voxel) and the products. This plain-torch form is the
 # definition and the CPU path: per offset, gather -> matmul -> scatter-add. On a GPU,
-# kernels.py computes the same sum in Triton, one program per tile of output rows.
+# elite_kernels.py computes the same sum in Triton, one program per tile of output rows.
 #
 # The table is found from sorted keys: in key order the z-neighbours of a voxel are adjacent,
 # so one binary search per (dx, dy) column finds all three dz in {-1, 0, 1} at once. Nothing
@@ -302,8 +302,8 @@ def submconv3d(feats: torch.Tensor, neighbours: Neighbours, weight: torch.Tensor
     if torch.is_autocast_enabled(feats.device.type):  # --amp: a matrix product, so in bf16 like nn.Linear's
         low = torch.get_autocast_dtype(feats.device.type)
         feats, weight = feats.to(low), weight.to(low)
-    if kernels.conv_path(feats.device, feats.dtype) == "triton":  # kernels.py: the same sum in Triton
-        return kernels.SubMConv3dTriton.apply(feats, weight, neighbours.rows)
+    if elite_kernels.conv_path(feats.device, feats.dtype) == "triton":  # elite_kernels.py: the same sum in Triton
+        return elite_kernels.SubMConv3dTriton.apply(feats, weight, neighbours.rows)
     return _SubMConv3dFunction.apply(feats, weight, neighbours)
 
 
@@ -864,7 +864,7 @@ def build_sam_encoder(variant="vit_b") -> nn.Module:
         use_rel_pos=True, window_size=SAM_WINDOW, global_attn_indexes=v.global_attn_indexes)
     del encoder.neck  # ELiTe reads the blocks themselves; SAM's 256-channel neck is never used
     for block in encoder.blocks:
-        block.attn = kernels.FoldedAttention(block.attn)  # SAM's maths, in the form torch's fused attention runs
+        block.attn = elite_kernels.FoldedAttention(block.attn)  # SAM's maths, in the form torch's fused attention runs
     return encoder
 
 

@@ -35,7 +35,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import elite
-import kernels
+import elite_kernels
 import nusc
 import runs
 import scandata
@@ -748,7 +748,7 @@ class OpCount:
 def count_ops(fn) -> OpCount:
     """Run fn() and count what it dispatches. Boolean-mask indexing, repeat_interleave without
     output_size and copies to the host are counted under their names with a '*' suffix:
-    data-dependent too. Triton launches are counted by kernels.launch (the interpreter's own
+    data-dependent too. Triton launches are counted by elite_kernels.launch (the interpreter's own
     copies to and from numpy are hidden from this count: a GPU makes none)."""
     from collections import Counter
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -771,10 +771,10 @@ def count_ops(fn) -> OpCount:
                 self.ops[name] += 1
             return func(*args, **kwargs)
 
-    before = Counter(kernels.LAUNCHES)
+    before = Counter(elite_kernels.LAUNCHES)
     with Count() as mode:
         fn()
-    launched = Counter(kernels.LAUNCHES) - before
+    launched = Counter(elite_kernels.LAUNCHES) - before
     return OpCount(dict(mode.ops), dict(launched))
 
 
@@ -783,18 +783,18 @@ def benchmark_paths(device: torch.device, conv: str) -> list[str]:
     plain one elsewhere, or the one --conv names."""
     if conv != "auto":
         return [conv]
-    return ["torch", "triton"] if device.type == "cuda" and kernels.triton is not None else ["torch"]
+    return ["torch", "triton"] if device.type == "cuda" and elite_kernels.triton is not None else ["torch"]
 
 
 @contextlib.contextmanager
 def conv_path(path: str):
     """Run the convolutions on this path inside the block, as before it after."""
-    before = kernels.CONV_PATH
-    kernels.set_conv_path(path)
+    before = elite_kernels.CONV_PATH
+    elite_kernels.set_conv_path(path)
     try:
         yield
     finally:
-        kernels.set_conv_path(before)
+        elite_kernels.set_conv_path(before)
 
 
 def on_path(path: str, amp: bool, device: torch.device, fn):
@@ -828,7 +828,7 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
     columns = [(path, amp) for amp in precisions for path in paths]  # timed side by side
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\n[{device}{threads}] convolution paths: " + ", ".join(
-        {"torch": "torch (plain torch, elite.py)", "triton": "triton (Triton kernels, kernels.py)"}[p] for p in paths)
+        {"torch": "torch (plain torch, elite.py)", "triton": "triton (Triton kernels, elite_kernels.py)"}[p] for p in paths)
         + (", deterministic algorithms" if torch.are_deterministic_algorithms_enabled() else ""))
     torch.manual_seed(0)
     model = elite.Student().to(device).eval()

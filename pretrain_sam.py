@@ -179,7 +179,7 @@ def step_batch(frames: SyntheticFrames, n_frames: int, step: int, seed: int, sam
 
 def build_encoder(variant: str) -> nn.Module:
     """The teacher's encoder, elite.build_sam_encoder(variant): segment-anything's ImageEncoderViT
-    without the neck, its attention folded (kernels.FoldedAttention, SAM's maths), all of it
+    without the neck, its attention folded (elite_kernels.FoldedAttention, SAM's maths), all of it
     trained except the relative-position tables, which the folded attention reads as constants:
     they stay at SAM's zero init (positions come from pos_embed). SAM's unfolded attention would
     train them, but the backward of its table resize (F.interpolate) is not bitwise repeatable

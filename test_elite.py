@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import elite
-import kernels
+import elite_kernels
 import runs
 import scandata
 import semantickitti
@@ -196,17 +196,17 @@ def test_submconv3d_cpu_gpu_parity():
 
 
 def test_the_student_runs_where_triton_is_missing():
-    """kernels.py imports without triton (torch's CPU build): the plain form runs, and asking
+    """elite_kernels.py imports without triton (torch's CPU build): the plain form runs, and asking
     for the Triton one is refused in one line."""
     import subprocess
     import sys
     code = ("import sys; sys.modules['triton'] = sys.modules['triton.language'] = None\n"
-            "import elite, kernels, torch\n"
-            "assert kernels.triton is None and kernels.conv_path(torch.device('cpu')) == 'torch'\n"
+            "import elite, elite_kernels, torch\n"
+            "assert elite_kernels.triton is None and elite_kernels.conv_path(torch.device('cpu')) == 'torch'\n"
             "pts = torch.randn(500, 4) * 10; pts[:, 2] = pts[:, 2].clamp(-3, 1)\n"
             "assert elite.Student().eval()(pts, torch.zeros(500, dtype=torch.long)).logits.shape == (500, 20)\n"
-            "kernels.set_conv_path('triton')\n"
-            "try:\n    kernels.conv_path(torch.device('cpu'))\nexcept RuntimeError as e:\n    print(e)\n")
+            "elite_kernels.set_conv_path('triton')\n"
+            "try:\n    elite_kernels.conv_path(torch.device('cpu'))\nexcept RuntimeError as e:\n    print(e)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert run.returncode == 0, run.stderr
@@ -662,7 +662,7 @@ def test_folded_attention_equals_sam_block(window, grid):
     sam_block = randomize_(Block(96, 3, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
                                  window_size=window, input_size=(64, 64)))
     ours = copy.deepcopy(sam_block)
-    ours.attn = kernels.FoldedAttention(ours.attn)
+    ours.attn = elite_kernels.FoldedAttention(ours.attn)
     assert ours.state_dict().keys() == sam_block.state_dict().keys()  # SAM's modules, SAM's keys
     x = torch.randn(2, *grid, 96, requires_grad=True)
     ref = sam_block(x)
@@ -679,7 +679,7 @@ def test_folded_attention_equals_sam_block(window, grid):
 def test_folded_attention_with_adapters_equals_sams_attention(input_size, grid):
     from segment_anything.modeling.image_encoder import Attention
     sam = randomize_(Attention(96, 3, qkv_bias=True, use_rel_pos=True, input_size=input_size), seed=1)
-    ours = kernels.FoldedAttention(copy.deepcopy(sam))
+    ours = elite_kernels.FoldedAttention(copy.deepcopy(sam))
     adapters = random_adapters(1, 3, 288, 96)  # q, k, v of one block
     g = torch.Generator().manual_seed(3)
     x, upstream = torch.randn(2, *grid, 96, generator=g), torch.randn(2, *grid, 96, generator=g)

@@ -1,7 +1,7 @@
-"""Tests: the Triton convolution (kernels.py) against the plain-torch definition (elite.py).
+"""Tests: the Triton convolution (elite_kernels.py) against the plain-torch definition (elite.py).
 
 Without a GPU they run in Triton's interpreter on CPU tensors (conftest.py sets
-TRITON_INTERPRET=1 before kernels.py is imported): float32 only, and slow, so the voxel sets are
+TRITON_INTERPRET=1 before elite_kernels.py is imported): float32 only, and slow, so the voxel sets are
 a few hundred voxels. With a GPU the same tests run the compiled kernels."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 
 import elite
 import infer
-import kernels
+import elite_kernels
 import semantickitti
 
-# kernels.py imports without triton (the plain form then runs everywhere); these tests run its kernels.
+# elite_kernels.py imports without triton (the plain form then runs everywhere); these tests run its kernels.
 pytest.importorskip("triton", reason="triton is not installed (torch's CUDA build brings it on Linux x86-64)")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,9 +71,9 @@ def test_triton_forward_and_gradients_equal_the_plain_convolution(case):
     w27 = weight.view(27, cin, cout).to(DEVICE)
     feats, upstream = feats.to(DEVICE), upstream.to(DEVICE)
     # The three kernels directly, with small tiles and several row chunks for the weight gradient.
-    got = kernels.gather_conv(feats, w27, nb, block_n=block_n)
-    got_feats = kernels.gather_conv(upstream, w27, nb, mirror=True, block_n=block_n)
-    got_weight = kernels.weight_grad(feats, upstream, nb, block_n=block_n, rows_per_program=2 * block_n)
+    got = elite_kernels.gather_conv(feats, w27, nb, block_n=block_n)
+    got_feats = elite_kernels.gather_conv(upstream, w27, nb, mirror=True, block_n=block_n)
+    got_weight = elite_kernels.weight_grad(feats, upstream, nb, block_n=block_n, rows_per_program=2 * block_n)
     assert relative_error(got.cpu(), out) < TOLERANCE
     assert relative_error(got_feats.cpu(), grad_feats) < TOLERANCE
     assert relative_error(got_weight.view_as(weight).cpu(), grad_weight) < TOLERANCE
@@ -164,40 +164,40 @@ def test_triton_student_forward_dispatches_few_operations(student_on_both_paths)
 def test_triton_path_choice(monkeypatch):
     cpu = torch.device("cpu")
     with infer.conv_path("auto"):
-        assert kernels.conv_path(cpu) == "torch"  # auto: Triton on CUDA only
+        assert elite_kernels.conv_path(cpu) == "torch"  # auto: Triton on CUDA only
     with infer.conv_path("torch"):
-        assert kernels.conv_path(cpu) == "torch"
+        assert elite_kernels.conv_path(cpu) == "torch"
     with infer.conv_path("triton"):
-        assert kernels.conv_path(cpu) == "triton"  # the interpreter runs it here (conftest.py)
-        monkeypatch.setattr(kernels, "INTERPRET", False)
+        assert elite_kernels.conv_path(cpu) == "triton"  # the interpreter runs it here (conftest.py)
+        monkeypatch.setattr(elite_kernels, "INTERPRET", False)
         with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
-            kernels.conv_path(cpu)
+            elite_kernels.conv_path(cpu)
     with pytest.raises(ValueError, match="expected one of auto, torch, triton"):
-        kernels.set_conv_path("cuda")
+        elite_kernels.set_conv_path("cuda")
 
 
 def test_triton_first_use_check_falls_back_with_a_warning(monkeypatch):
     cpu = torch.device("cpu")
-    kernels.triton_agrees.cache_clear()
-    assert kernels.triton_agrees(cpu, torch.float32)  # the kernels agree with the plain form here
+    elite_kernels.triton_agrees.cache_clear()
+    assert elite_kernels.triton_agrees(cpu, torch.float32)  # the kernels agree with the plain form here
 
     def broken(*args):
         raise RuntimeError("PTX compile failed\nmore detail")
-    monkeypatch.setattr(kernels.SubMConv3dTriton, "apply", broken)
-    kernels.triton_agrees.cache_clear()
+    monkeypatch.setattr(elite_kernels.SubMConv3dTriton, "apply", broken)
+    elite_kernels.triton_agrees.cache_clear()
     with pytest.warns(UserWarning, match=r"does not work on cpu in torch.float32 \(RuntimeError: PTX compile failed\)"):
-        assert not kernels.triton_agrees(cpu, torch.float32)
-    kernels.triton_agrees.cache_clear()
+        assert not elite_kernels.triton_agrees(cpu, torch.float32)
+    elite_kernels.triton_agrees.cache_clear()
 
 
 def test_triton_products_in_float32_unless_torch_allows_tf32():
-    assert kernels.precision(torch.float32) == "ieee"
+    assert elite_kernels.precision(torch.float32) == "ieee"
     # Set and put back by hand: the flag is a dynamic attribute, which pytest >= 9.2's monkeypatch
     # takes for absent and then fails to delete.
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        assert kernels.precision(torch.float32) == "tf32"
+        assert elite_kernels.precision(torch.float32) == "tf32"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
 
@@ -215,11 +215,11 @@ def test_triton_bf16_under_autocast_is_close_to_float32():
 
 
 def test_triton_flag_refused_where_it_cannot_run(monkeypatch, capsys):
-    monkeypatch.setattr(kernels, "INTERPRET", False)  # as on a machine without the interpreter
-    before = kernels.CONV_PATH
+    monkeypatch.setattr(elite_kernels, "INTERPRET", False)  # as on a machine without the interpreter
+    before = elite_kernels.CONV_PATH
     try:
         with pytest.raises(SystemExit):
             infer.parse_args(["--benchmark", "--conv", "triton", "--device", "cpu"])
     finally:
-        kernels.set_conv_path(before)
+        elite_kernels.set_conv_path(before)
     assert "--conv triton: the Triton convolution runs on CUDA tensors; these are on cpu" in capsys.readouterr().err
