@@ -20,6 +20,7 @@ import signal
 import stat
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -154,6 +155,7 @@ def load_last(path, kind: str, map_location="cpu") -> dict:
         raise DataError(f"{path}: holds the model only (a best.pt?), not the optimiser and run state --resume "
                         "needs; resume from the last.pt its run wrote")
     check_run_state(ckpt, path)
+    check_folder_history(Path(path), ckpt)
     return ckpt
 
 
@@ -170,6 +172,8 @@ def check_run_state(ckpt: dict, path) -> None:
     if not isinstance(ckpt.get("best_miou"), (int, float)) or isinstance(ckpt["best_miou"], bool):
         raise DataError(f"{path}: 'best_miou' is {ckpt.get('best_miou')!r}, not a number; not a last.pt this project "
                         "wrote")
+    if not isinstance(ckpt.get("run_id", ""), str):
+        raise DataError(f"{path}: 'run_id' is {ckpt['run_id']!r}, not a run's name; not a last.pt this project wrote")
     if not isinstance(ckpt.get("epoch_sums", {}), dict):
         raise DataError(f"{path}: 'epoch_sums' is not a mapping; not a last.pt this project wrote")
     optimizer = entry(ckpt, "optimizer", dict, path)
@@ -178,6 +182,56 @@ def check_run_state(ckpt: dict, path) -> None:
             and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
         raise DataError(f"{path}: its optimiser state is not torch's layout (state, param_groups with params); "
                         "not a last.pt this project wrote")
+
+
+def check_folder_history(last_path: Path, ckpt: dict) -> None:
+    """--resume continues the run its folder holds, or refuses (issue 34). A last.pt copied in from
+    another run is refused by name: its run id differs from best.pt's, or its best mIoU from
+    metrics.csv's row for its epoch. An older last.pt of the same run says which rows of metrics.csv
+    it will train again and keeps the table as it was. best.pt is only replaced by a better model:
+    the run's best figure starts at best.pt's (ckpt['best_miou'] is raised to it)."""
+    out = last_path.parent
+    best_path, metrics = out / "best.pt", out / "metrics.csv"
+    done = ckpt["epoch"] + 1  # the checkpoint's last finished epoch, counted from 1 as metrics.csv does
+    if metrics.is_file():
+        rows = read_metrics(metrics)
+        row = next((r for r in rows if r["epoch"] == done), None)
+        try:
+            logged = float(row["best_miou"]) if row is not None else None
+        except (KeyError, TypeError, ValueError):
+            logged = None  # a table without the column says nothing about the checkpoint
+        if logged is not None and abs(logged - 100 * ckpt["best_miou"]) > 1e-6:
+            raise DataError(f"{last_path}: its best mIoU after epoch {done} is {100 * ckpt['best_miou']:.2f}, "
+                            f"{metrics}'s row for that epoch says {logged:.2f}: this last.pt is not the run that "
+                            "wrote this folder (copied from another run?); put the folder's own last.pt back, or "
+                            "give another --out")
+        later = sorted(r["epoch"] for r in rows if r["epoch"] > done + 1)  # done + 1: a row logged just before a kill
+        if later and distributed().main:
+            keep = out / f"metrics.before-resume-epoch{done}.csv"
+            for n in range(2, 1000):
+                if not keep.exists():
+                    break
+                keep = out / f"metrics.before-resume-epoch{done}.{n}.csv"
+            data = metrics.read_bytes()
+            atomic_write(keep, lambda f: f.write(data))
+            print(f"{metrics}: rows for epochs {later[0]}-{later[-1]} come after {last_path}'s epoch {done}; the "
+                  f"resumed run trains those epochs again and rewrites them; the table as it was is kept in {keep}")
+    if best_path.is_file():
+        try:
+            best = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)  # lazily
+        except Exception:
+            best = None
+        if not isinstance(best, dict) or "kind" not in best:
+            raise DataError(f"{best_path}: not a checkpoint this project wrote (unreadable, or without its 'kind'), "
+                            "and the resumed run would replace it with its best model; move it away first")
+        own, theirs = ckpt.get("run_id"), best.get("run_id")
+        if own and theirs and own != theirs:
+            raise DataError(f"{last_path}: belongs to run {own}, and {best_path.name} beside it to run {theirs}: this "
+                            "last.pt was not written in this folder (copied from another run?); put the folder's own "
+                            "last.pt back, or give another --out")
+        figure = best.get("miou")
+        if isinstance(figure, (int, float)) and not isinstance(figure, bool) and figure > ckpt["best_miou"]:
+            ckpt["best_miou"] = float(figure)  # an older last.pt: its later, better best.pt stays until beaten
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: dict, path) -> None:
@@ -1182,17 +1236,20 @@ class RunState:
     skipped: int = 0        # steps skipped for non-finite gradients
     batch_size: int = 0     # scans per step over all processes (a mid-epoch resume must keep it)
     skipped_in_row: int = 0  # skipped steps since the last step taken (not stored)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # ties a folder's files to one run
 
     def record(self, miou: float | None) -> dict:
         """What a checkpoint stores of the run ('epoch' is the last finished one; miou None mid-epoch)."""
         return {"epoch": self.epoch - 1, "batch": self.batch, "step": self.step, "best_miou": self.best_miou,
                 "miou": miou, "epoch_sums": dict(self.sums), "skipped": self.skipped,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "run_id": self.run_id}
 
     @classmethod
     def resumed(cls, ckpt: dict) -> "RunState":
-        return cls(ckpt["epoch"] + 1, ckpt.get("batch", 0), ckpt["step"], ckpt["best_miou"],
-                   dict(ckpt.get("epoch_sums", {})), ckpt.get("skipped", 0), ckpt.get("batch_size", 0))
+        run = cls(ckpt["epoch"] + 1, ckpt.get("batch", 0), ckpt["step"], ckpt["best_miou"],
+                  dict(ckpt.get("epoch_sums", {})), ckpt.get("skipped", 0), ckpt.get("batch_size", 0))
+        run.run_id = ckpt.get("run_id") or run.run_id  # a checkpoint from before run ids keeps its new one
+        return run
 
     def where(self) -> str:
         return f"epoch {self.epoch + 1}" + (f", batch {self.batch}" if self.batch else "") + f", step {self.step}"

@@ -282,6 +282,58 @@ def test_a_hand_edited_last_pt_is_one_line_on_resume(tmp_path, edit, match):
         runs.load_last(tmp_path / "last.pt", runs.STUDENT_KIND)
 
 
+def run_folder(out: Path, run: runs.RunState, epochs: int, best_epoch: int, best: float) -> dict:
+    """A run folder as a run leaves it after `epochs` epochs: last.pt, best.pt (from best_epoch)
+    and metrics.csv. Returns the last.pt state."""
+    model = elite.Student()
+    state = runs.student_state(model) | {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
+                                         "config": {"lr": 0.1}}
+    for epoch in range(1, epochs + 1):
+        run.epoch, run.step = epoch, 10 * epoch
+        miou = best if epoch == best_epoch else best / 10
+        run.best_miou = max(run.best_miou, miou)
+        runs.log_metrics(out / "metrics.csv", {"epoch": epoch, "miou": 100 * miou, "best_miou": 100 * run.best_miou})
+        if epoch == best_epoch:
+            runs.atomic_save(runs.student_state(model) | run.record(miou), out / "best.pt")
+    return state | run.record(best / 10)
+
+
+def test_resume_refuses_a_last_pt_from_another_run(tmp_path):
+    """issue 34: another run's last.pt copied into a folder is refused by name, by its run id or by
+    its figures against metrics.csv; the folder's files stay as they were."""
+    out = tmp_path / "out"
+    run_folder(out, runs.RunState(), epochs=6, best_epoch=4, best=0.0243)
+    foreign = run_folder(tmp_path / "other", runs.RunState(), epochs=2, best_epoch=1, best=0.0029)
+    runs.atomic_save(foreign, out / "last.pt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(scandata.DataError, match=r"last\.pt: its best mIoU after epoch 2 is 0\.29, .*metrics\.csv's "
+                                                 r"row for that epoch says 0\.24: this last\.pt is not the run"):
+        runs.load_last(out / "last.pt", runs.STUDENT_KIND)
+    (out / "metrics.csv").unlink()  # without the table, the run ids tell
+    with pytest.raises(scandata.DataError, match=r"last\.pt: belongs to run \w+, and best\.pt beside it to run \w+"):
+        runs.load_last(out / "last.pt", runs.STUDENT_KIND)
+    assert all((out / name).read_bytes() == data for name, data in before.items() if name != "metrics.csv")
+    (out / "best.pt").write_bytes(b"another program's file")
+    with pytest.raises(scandata.DataError, match=r"best\.pt: not a checkpoint this project wrote .* move it away"):
+        runs.load_last(out / "last.pt", runs.STUDENT_KIND)
+
+
+def test_resume_from_an_older_last_pt_keeps_the_table_and_the_better_best_pt(tmp_path, capsys):
+    """issue 34: an older last.pt of the folder's own run says which epochs it trains again, keeps
+    metrics.csv as it was, and starts from best.pt's figure, so a worse model never replaces it."""
+    out, run = tmp_path / "out", runs.RunState()
+    older = run_folder(out, run, epochs=1, best_epoch=1, best=0.0243)
+    older["best_miou"] = run.best_miou
+    run_folder(out, run, epochs=6, best_epoch=4, best=0.0300)  # the same run went on to epoch 6
+    table = (out / "metrics.csv").read_bytes()
+    runs.atomic_save(older, out / "last.pt")  # then its epoch-1 backup was put back
+    ckpt = runs.load_last(out / "last.pt", runs.STUDENT_KIND)
+    assert "rows for epochs 3-6 come after" in capsys.readouterr().out
+    assert (out / "metrics.before-resume-epoch1.csv").read_bytes() == table
+    assert ckpt["best_miou"] == pytest.approx(0.0300)  # best.pt's: only a better epoch replaces it
+    assert runs.RunState.resumed(ckpt).run_id == run.run_id
+
+
 def test_non_finite_checkpoint_is_never_written(tmp_path):
     path = tmp_path / "best.pt"
     good = runs.student_state(elite.Student())
