@@ -1260,3 +1260,13 @@ def test_a_flag_typed_with_its_default_value_counts_as_given():
     assert "seed" in typed.given and "teacher" in typed.given and "resume" in typed.given
     assert "lr" not in typed.given and "epochs" not in typed.given  # filled by the preset, not typed
     assert "seed" not in train_student.parse_args(["--teacher", "none"]).given
+
+
+def test_adalora_target_rank_above_the_rank_is_refused(capsys):
+    """AdaLoRA prunes from --rank down to --target-rank; a target above the rank means nothing and
+    is refused when parsed (issue 34), a target at or below it is taken."""
+    import train_teacher
+    with pytest.raises(SystemExit):
+        train_teacher.parse_args(["--peft", "adalora", "--rank", "4", "--target-rank", "10"])
+    assert "--target-rank 10 is above --rank 4" in capsys.readouterr().err
+    assert train_teacher.parse_args(["--peft", "adalora", "--rank", "4", "--target-rank", "4"]).target_rank == 4

@@ -215,6 +215,9 @@ def finish_sam_args(p, args) -> None:
                 "on synthetic scenes --mask-source ideal needs none")
     if args.peft != "adalora" and args.target_rank != 8:
         p.error("--target-rank applies to --peft adalora only")
+    if args.peft == "adalora" and args.target_rank > args.rank:
+        p.error(f"--target-rank {args.target_rank} is above --rank {args.rank}: AdaLoRA prunes each adapter from "
+                "its starting rank down to the target budget, never up; give a target at most the rank")
 
 
 # ---- SAM-PLG: the dense labels the teacher learns from ----
