@@ -316,6 +316,11 @@ def read_points(path) -> np.ndarray:
     whole_records(path, 20, "LiDAR file", "5 float32 per point")
     points = np.fromfile(path, dtype=np.float32).reshape(-1, 5)
     check_point_values(points, path, "float32 (x, y, z, intensity, ring)")
+    odd = (points[:, 3] < 0) | (points[:, 4] != np.round(points[:, 4])) | (points[:, 4] < 0)  # shifted columns
+    if odd.mean() > 0.01:
+        raise DataError(f"{path}: {100 * odd.mean():.0f}% of its points have a negative intensity or a ring index that "
+                        "is not a whole number: not nuScenes' rows of 5 float32 (x, y, z, intensity, ring); a "
+                        "SemanticKITTI .bin (4 float32 per point) read as a nuScenes scan?")
     return points
 
 

@@ -97,6 +97,11 @@ def read_scan(path) -> np.ndarray:
     scan_size(path)
     points = np.fromfile(path, dtype=np.float32).reshape(-1, 4)
     check_point_values(points, path, "float32 (x, y, z, remission)")
+    negative = np.count_nonzero(points[:, 3] < 0)  # a remission is never below 0; shifted columns put x, y, z there
+    if negative > 0.01 * len(points):
+        raise DataError(f"{path}: {100 * negative / len(points):.0f}% of its points have a negative remission (the "
+                        "4th value): not SemanticKITTI's rows of 4 float32 (x, y, z, remission); a nuScenes .pcd.bin "
+                        "(5 float32 per point) read as a KITTI scan?")
     highest = np.max(points[:, 3], initial=0.0, where=np.isfinite(points[:, 3]))  # one pass, no copy
     if highest > REMISSION_MAX:
         warnings.warn(f"{path}: remission up to {highest:g}, beyond SemanticKITTI's 0..1 (a 0..255 scale?): "
@@ -111,13 +116,41 @@ def read_labels(path, num_points: int | None = None) -> tuple[np.ndarray, np.nda
     """A .label file: uint32 per point -> (semantic raw id, instance id), both (N,)."""
     label_count(path, num_points)
     raw = np.fromfile(path, dtype=np.uint32)
+    check_label_layout(raw, path)
     return (raw & 0xFFFF).astype(np.int64), (raw >> 16).astype(np.int64)
+
+
+def known_ids(semantic: np.ndarray) -> np.ndarray:
+    """(N,) bool: which raw semantic ids semantic-kitti.yaml's learning map has."""
+    known = semantic < len(_RAW_TO_TRAIN)
+    known[known] = np.isin(semantic[known], list(LEARNING_MAP))
+    return known
+
+
+def check_label_layout(raw: np.ndarray, path) -> None:
+    """A .label file's values say whether it is SemanticKITTI's layout (little-endian uint32, the
+    semantic id in the lower 16 bits). Most points of a real file carry a known id; byte-swapped
+    (big-endian) files put the instance's bytes there, mostly 0, and are refused by name, as is a
+    file whose ids are mostly unknown (another layout)."""
+    semantic = raw & 0xFFFF
+    known = known_ids(semantic)
+    if known.mean() < 0.5:
+        raise DataError(f"{path}: {100 * (1 - known.mean()):.0f}% of its labels carry raw ids that semantic-kitti.yaml "
+                        "does not have: not SemanticKITTI's .label layout (uint32, semantic id in the lower 16 bits)"
+                        + (", or byte-swapped (big-endian)" if known_ids(raw.byteswap() & 0xFFFF).mean() > 0.9 else ""))
+    labelled = float((_RAW_TO_TRAIN[np.where(known, semantic, 0)] > 0).mean())
+    if labelled < 0.5:  # swapped files read as mostly 0: swapped back, a real file is mostly labelled
+        swapped = raw.byteswap() & 0xFFFF
+        back = known_ids(swapped)
+        if float((_RAW_TO_TRAIN[np.where(back, swapped, 0)] > 0).mean()) > 0.9:
+            raise DataError(f"{path}: byte-swapped (big-endian): read as SemanticKITTI's little-endian uint32, "
+                            f"{100 * labelled:.0f}% of its points are labelled; swapped back, over 90% are; convert "
+                            "it (numpy's .byteswap()) before use")
 
 
 def to_train_ids(raw_semantic: np.ndarray, path="labels") -> np.ndarray:
     """Raw SemanticKITTI ids -> training ids 0..19; unknown ids become 0 with a warning."""
-    known = raw_semantic < len(_RAW_TO_TRAIN)
-    known[known] = np.isin(raw_semantic[known], list(LEARNING_MAP))
+    known = known_ids(raw_semantic)
     if not known.all():
         bad = np.unique(raw_semantic[~known])[:10].tolist()
         warnings.warn(f"{path}: {int((~known).sum())} points carry raw label ids not in "

@@ -516,3 +516,50 @@ def test_synthetic_nuscenes_writer_flags_are_checked_when_parsed(tmp_path, capsy
             synthnusc.main(["--out", str(tmp_path / "x"), *argv])
         assert f"argument {argv[0]}" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def street_points(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 5) float32 points as a nuScenes .pcd.bin holds them: x, y, z, intensity 0..255, ring."""
+    return np.stack([rng.uniform(-40, 40, n), rng.uniform(-40, 40, n), rng.uniform(-2, 3, n),
+                     rng.uniform(0, 255, n), rng.integers(0, 32, n)], 1).astype(np.float32)
+
+
+def test_a_scan_in_another_layout_is_refused_by_its_values(tmp_path):
+    """issue 34: a nuScenes .pcd.bin cut to a multiple of 80 bytes passes the size check of a
+    KITTI scan; its shifted columns put x, y, z in remission, which is never negative."""
+    rng = np.random.default_rng(0)
+    nuscenes = tmp_path / "000000.bin"
+    nuscenes.write_bytes(street_points(1000, rng).tobytes())  # 20,000 bytes: 1,250 rows of 16
+    with pytest.raises(scandata.DataError, match=r"000000\.bin: \d+% of its points have a negative remission .*a "
+                                                 r"nuScenes \.pcd\.bin \(5 float32 per point\) read as a KITTI scan\?"):
+        semantickitti.read_scan(nuscenes)
+    kitti = tmp_path / "kitti.bin"
+    kitti.write_bytes(np.concatenate([street_points(1000, rng)[:, :3], rng.uniform(0, 1, (1000, 1))], 1)
+                      .astype(np.float32).tobytes())
+    assert len(semantickitti.read_scan(kitti)) == 1000  # the same points in KITTI's layout are read
+    import nusc
+    with pytest.raises(scandata.DataError, match=r"kitti\.bin: \d+% of its points have a negative intensity or a "
+                                                 r"ring index that is not a whole number"):
+        nusc.read_points(kitti)  # 16,000 bytes: 800 rows of 20
+    nuscenes.rename(tmp_path / "n.pcd.bin")
+    assert len(nusc.read_points(tmp_path / "n.pcd.bin")) == 1000
+
+
+def test_byte_swapped_or_foreign_label_files_are_refused_by_their_values(tmp_path):
+    """issue 34: big-endian .label files read mostly as 0 (unlabelled) and used to score a handful
+    of points; their values give them away, as do ids semantic-kitti.yaml does not have."""
+    rng = np.random.default_rng(0)
+    semantic = rng.choice([10, 40, 44, 48, 50, 70, 72, 80], 5000).astype(np.uint32)  # car, road, ... pole
+    raw = semantic | (rng.integers(0, 3, 5000).astype(np.uint32) << 16)  # a few instance ids
+    path = tmp_path / "000000.label"
+    path.write_bytes(raw.tobytes())
+    assert (semantickitti.read_labels(path)[0] == semantic).all()
+    path.write_bytes(raw.byteswap().tobytes())
+    with pytest.raises(scandata.DataError, match=r"000000\.label: byte-swapped \(big-endian\)"):
+        semantickitti.read_labels(path)
+    path.write_bytes(rng.integers(0, 2**32, 5000, dtype=np.uint32).tobytes())
+    with pytest.raises(scandata.DataError, match=r"000000\.label: \d+% of its labels carry raw ids that "
+                                                 r"semantic-kitti\.yaml does not have"):
+        semantickitti.read_labels(path)
+    path.write_bytes(np.zeros(5000, np.uint32).tobytes())  # all unlabelled is a layout, not an error here
+    assert not semantickitti.read_labels(path)[0].any()
