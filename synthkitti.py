@@ -1012,4 +1012,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import runs  # one-line errors, as every script's (runs imports this module, hence here)
+    runs.run_script(main)

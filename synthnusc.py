@@ -302,8 +302,8 @@ def map_mask() -> bytes:
     return buf.getvalue()
 
 
-FORMAT = 3  # of the files written here: 3 synthkitti's world 2 (raised verge, per-point remission); 2 turned the car and took the devkit's layout (1: before)
-MARKER = "synthnusc.json"  # ROOT/synthnusc.json: {"format": FORMAT}, written last
+FORMAT = 4  # of the files written here: 4 records the seed, columns and image scale; 3 synthkitti's world 2 (raised verge, per-point remission); 2 turned the car and took the devkit's layout (1: before)
+MARKER = "synthnusc.json"  # ROOT/synthnusc.json: {"format": FORMAT, "seed", "columns", "image_scale"}
 
 
 def complete(root: Path, version: str, scenes: dict) -> bool:
@@ -316,13 +316,50 @@ def written_here(root: Path) -> int | None:
     """The format of the synthetic scenes in root: MARKER's, 1 for scenes of before the marker
     (their log says synthnusc), None for an empty root; other tables (a real nuScenes) are refused."""
     if (root / MARKER).is_file():
-        return json.loads((root / MARKER).read_text()).get("format")
+        return read_marker(root).get("format")
     log = root / VERSION / "log.json"
     if not log.is_file():
         return None
     if all(row.get("logfile") == "synthnusc" for row in json.loads(log.read_text())):
         return 1
-    raise ValueError(f"{root}: holds nuScenes tables that synthnusc.py did not write; give another folder")
+    raise refused(f"{root}: holds nuScenes tables that synthnusc.py did not write; give another folder")
+
+
+def refused(message: str) -> Exception:
+    from scandata import DataError  # here: the scenes themselves need only numpy
+    return DataError(message)
+
+
+def read_marker(root: Path) -> dict:
+    try:
+        made = json.loads((root / MARKER).read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as e:
+        raise refused(f"{root / MARKER}: not the JSON this script writes ({e}); delete the folder to remake the "
+                         "scenes") from None
+    if not isinstance(made, dict):
+        raise refused(f"{root / MARKER}: expected a JSON object, got {made!r:.80}; delete the folder to remake the "
+                         "scenes")
+    return made
+
+
+def recorded_world(root: Path, seed: int, image_scale: float, columns: int) -> tuple[int, float, int]:
+    """The seed, image scale and columns the scenes in root were made with: a run extended or
+    started again with others never mixes two worlds in one folder (a note says so)."""
+    made = read_marker(root)
+    if not (type(made.get("seed")) is int and type(made.get("columns")) is int
+            and isinstance(made.get("image_scale"), (int, float)) and not isinstance(made.get("image_scale"), bool)):
+        raise refused(f"{root / MARKER}: expected {{\"format\": int, \"seed\": int, \"columns\": int, "
+                         f"\"image_scale\": number}}, got {made!r:.80}; delete the folder to remake the scenes")
+    if (made["seed"], made["image_scale"], made["columns"]) != (seed, image_scale, columns):
+        print(f"note: {root} holds synthetic nuScenes scenes made with seed {made['seed']}, {made['columns']} columns "
+              f"and image scale {made['image_scale']}; kept as they are (give another folder for seed {seed}, "
+              f"{columns} columns, image scale {image_scale})")
+    return made["seed"], float(made["image_scale"]), made["columns"]
+
+
+def write_marker(root: Path, seed: int, image_scale: float, columns: int) -> None:
+    sk.write_atomic(root / MARKER, json.dumps({"format": FORMAT, "seed": seed, "columns": columns,
+                                               "image_scale": image_scale}).encode())
 
 
 def make_dataset(root, scenes=None, seed=0, image_scale=0.25, columns=1024, progress=True,
@@ -334,7 +371,12 @@ def make_dataset(root, scenes=None, seed=0, image_scale=0.25, columns=1024, prog
     root = Path(root)
     versions = {VERSION: DEFAULT_SCENES if scenes is None else scenes,
                 TEST_VERSION: DEFAULT_TEST_SCENES if test_scenes is None else test_scenes}
-    stale = written_here(root) not in (None, FORMAT)  # an older format: every file is written again
+    found = written_here(root)
+    stale = found not in (None, FORMAT)  # an older format: every file is written again, the marker last
+    if found == FORMAT:
+        seed, image_scale, columns = recorded_world(root, seed, image_scale, columns)
+    elif found is None:  # first: a run broken off and started again with other flags keeps these
+        write_marker(root, seed, image_scale, columns)
     for version, names in versions.items():
         if not names or (complete(root, version, names) and not stale):
             continue
@@ -343,8 +385,8 @@ def make_dataset(root, scenes=None, seed=0, image_scale=0.25, columns=1024, prog
                                     disable=not progress):
             writer.scene(seed, int(name.split("-")[1]), name, keyframes)
         writer.finish()
-    if written_here(root) != FORMAT:
-        sk.write_atomic(root / MARKER, json.dumps({"format": FORMAT}).encode())
+    if stale:
+        write_marker(root, seed, image_scale, columns)
     return root
 
 
@@ -375,4 +417,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import runs  # one-line errors, as every script's (runs imports this module, hence here)
+    runs.run_script(main)

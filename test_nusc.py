@@ -166,9 +166,27 @@ def test_samples_whose_next_loops_back_are_refused_not_followed_forever(synth_nu
         nusc.keyframes(tables, root, [tables["scene"][scenes[0]["token"]]], labelled=False)
 
 
+def test_synthetic_scenes_keep_the_world_they_were_made_with(tmp_path, capsys):
+    """issue 34: the scenes' record holds every input that makes them (seed, columns, image scale);
+    a run extended or started again with others keeps the recorded world, with a note, instead of
+    mixing two worlds in one folder."""
+    root = tmp_path / "s"
+    synthnusc.write_marker(root, 3, 0.25, 64)  # as a first run leaves it, broken off before its first file
+    synthnusc.make_dataset(root, {"scene-0001": 1}, seed=0, columns=64, progress=False, test_scenes={})
+    assert "holds synthetic nuScenes scenes made with seed 3, 64 columns" in capsys.readouterr().out
+    first = sorted((root / "samples" / "LIDAR_TOP").iterdir())[0].read_bytes()
+    other = synthnusc.make_dataset(tmp_path / "o", {"scene-0001": 1}, seed=3, columns=64, progress=False,
+                                   test_scenes={})
+    assert sorted((other / "samples" / "LIDAR_TOP").iterdir())[0].read_bytes() == first  # seed 3's streets
+    (root / synthnusc.MARKER).write_text(json.dumps({"format": synthnusc.FORMAT, "seed": "3"}))
+    with pytest.raises(ValueError, match=r"synthnusc\.json: expected \{\"format\": int, \"seed\": int"):
+        synthnusc.make_dataset(root, {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
+
+
 def test_synthetic_scenes_of_an_older_format_are_written_again_and_real_tables_are_refused(tmp_path):
     root = synthnusc.make_dataset(tmp_path / "s", {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
-    assert json.loads((root / synthnusc.MARKER).read_text()) == {"format": synthnusc.FORMAT}
+    assert json.loads((root / synthnusc.MARKER).read_text()) == {"format": synthnusc.FORMAT, "seed": 0, "columns": 64,
+                                                               "image_scale": 0.25}
     points = next((root / "samples" / "LIDAR_TOP").iterdir())
     fresh = points.read_bytes()
     points.write_bytes(fresh[:-20])  # as an older format's file would differ
@@ -177,6 +195,9 @@ def test_synthetic_scenes_of_an_older_format_are_written_again_and_real_tables_a
     (root / synthnusc.MARKER).unlink()  # scenes written before the marker: format 1
     synthnusc.make_dataset(root, {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
     assert points.read_bytes() == fresh and (root / synthnusc.MARKER).is_file()
+    (root / synthnusc.MARKER).write_text(json.dumps({"format": 3}))  # the format before the record
+    synthnusc.make_dataset(root, {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
+    assert json.loads((root / synthnusc.MARKER).read_text())["seed"] == 0
     (root / synthnusc.MARKER).unlink()
     log = root / synthnusc.VERSION / "log.json"
     log.write_text(json.dumps([{"token": "t", "logfile": "n015-2018-07-24-11-22-45+0800", "vehicle": "n015",

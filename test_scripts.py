@@ -1270,3 +1270,15 @@ def test_adalora_target_rank_above_the_rank_is_refused(capsys):
         train_teacher.parse_args(["--peft", "adalora", "--rank", "4", "--target-rank", "10"])
     assert "--target-rank 10 is above --rank 4" in capsys.readouterr().err
     assert train_teacher.parse_args(["--peft", "adalora", "--rank", "4", "--target-rank", "4"]).target_rank == 4
+
+
+@pytest.mark.parametrize("script,marker,text", [
+    ("synthkitti.py", "synthkitti.json", "[1, 2]"), ("synthnusc.py", "synthnusc.json", '{"format": 4, "seed": "x"}')])
+def test_the_scene_writers_end_bad_records_with_one_line(tmp_path, script, marker, text):
+    """The synthetic writers' errors are one line, as every script's (issue 34), not a traceback."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / marker).write_text(text)
+    done = subprocess.run([sys.executable, script, "--out", str(tmp_path / "out"), "--columns", "64"],
+                          capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: {tmp_path / 'out' / marker}: ") and done.stderr.count("\n") == 1
