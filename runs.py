@@ -1590,14 +1590,21 @@ class SamMaskSource:
     NMS order upstream's voting reads backwards)."""
 
     def __init__(self, sam, points_per_batch=128, stability_thresh=0.9, stability_offset=1.0, nms_thresh=0.7,
-                 name="sam"):
+                 name="sam", weights: Path | None = None):
         from segment_anything import SamPredictor
-        self.name = name  # what the pseudo-labels' record keeps (PLG_RECORD): the variant and its file
+        self.name = self.record_name(name, stability_thresh, stability_offset, nms_thresh)
+        self.weights = weights  # the record keeps the file's fingerprint (PLG_RECORD)
         self.predictor = SamPredictor(sam)
         self.points_per_batch = points_per_batch
         self.stability_thresh = stability_thresh
         self.stability_offset = stability_offset
         self.nms_thresh = nms_thresh
+
+    @staticmethod
+    def record_name(name: str, stability_thresh=0.9, stability_offset=1.0, nms_thresh=0.7) -> str:
+        """What the pseudo-labels' record keeps (PLG_RECORD): the variant and its file, with the
+        options that shape the masks."""
+        return f"{name}, stability {stability_thresh} (offset {stability_offset}), box NMS {nms_thresh}"
 
     @torch.no_grad()
     def masks(self, frame: semantickitti.PlgFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -1640,7 +1647,7 @@ def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True,
     i, n = shard
     if not 0 <= i < n:
         raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
-    check_pseudo_labels(root, sequences, derived, source.name)
+    check_pseudo_labels(root, sequences, derived, source.name, getattr(source, "weights", None))
     scans = list_scans(root, sequences)[i::n]
     remove_partial_writes(plg_path(s, derived) for s in scans)  # left by a run killed mid-write
     counts = {"written": 0, "existing": 0, "unlabelled": 0}
@@ -1655,7 +1662,7 @@ def generate_pseudo_labels(root, sequences, source, shard=(0, 1), progress=True,
         pseudo = elite.pseudo_labels(load_plg_frame(scan, sequence_calib(scan.parent.parent)), source)
         record = out.parent / PLG_RECORD  # with the folder's first file (every shard writes the same)
         if not record.is_file():
-            made = json.dumps(plg_record(scan.parent.parent, source.name)).encode()
+            made = json.dumps(plg_record(scan.parent.parent, source, getattr(source, "weights", None))).encode()
             atomic_write(record, lambda f: f.write(made))
         atomic_write(out, lambda f: np.save(f, pseudo))  # a file object: np.save adds no suffix
         counts["written"] += 1

@@ -600,10 +600,11 @@ def load_plg_frame(scan_path: Path, calib: dict[str, np.ndarray]) -> PlgFrame:
     return PlgFrame(image, semantic[keep], instance[keep], rows_cols.astype(np.int64), scan_path)
 
 
-def missing_pseudo_labels(root, sequences, derived: Path | None = None, masks: str | None = None) -> int:
+def missing_pseudo_labels(root, sequences, derived: Path | None = None, masks: str | None = None,
+                          weights: Path | None = None) -> int:
     """Labelled scans without a pseudo-label file (scans without labels get none), after
-    check_pseudo_labels: the files there were made from these labels (and with these masks)."""
-    check_pseudo_labels(root, sequences, derived, masks)
+    check_pseudo_labels: the files there were made from these inputs (and with these masks)."""
+    check_pseudo_labels(root, sequences, derived, masks, weights)
     return sum(label_path(s).is_file() and not plg_path(s, derived).is_file() for s in list_scans(root, sequences))
 
 
@@ -625,39 +626,85 @@ def file_crc(path: Path) -> int:
     return crc
 
 
-def plg_record(sequence: Path, masks: str) -> dict:
-    """What a sequence's pseudo-labels are made from: the masks, and each .label file's size,
-    modification time and CRC-32 (the content, for a dataset copied with new times)."""
-    return {"masks": masks, "labels": {p.stem: [p.stat().st_size, p.stat().st_mtime_ns, file_crc(p)]
-                                       for p in label_files(sequence)}}
+def fingerprint(path: Path) -> list[int]:
+    """[size, modification time, CRC-32]: the time says at a glance that a file is as it was,
+    the content says so after a copy gave it a new time."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, file_crc(path)]
 
 
-def check_pseudo_labels(root, sequences, derived: Path | None = None, masks: str | None = None) -> None:
-    """Refuse pseudo-labels made from other labels, or (masks given) with other masks, naming the
-    folder. A label file whose size and time are as recorded is taken as it was; one whose time
-    changed (a copied dataset) is compared by its content."""
+def same_file(path: Path, recorded: list[int]) -> bool:
+    """The file is as the fingerprint recorded it (its content is read only when its time changed)."""
+    if not path.is_file():
+        return False
+    st = path.stat()
+    return st.st_size == recorded[0] and (st.st_mtime_ns == recorded[1] or file_crc(path) == recorded[2])
+
+
+def plg_inputs(scan: Path, source=None) -> list[Path]:
+    """The files a scan's pseudo-labels are made from: its labels, points and image, and the
+    mask source's own per-scan files (source.inputs: the synthetic scenes' rendered regions)."""
+    extra = source.inputs(scan) if source is not None and hasattr(source, "inputs") else []
+    return [label_path(scan), scan, image_path(scan)] + list(extra)
+
+
+def plg_record(sequence: Path, source, weights: Path | None = None) -> dict:
+    """Every input a sequence's pseudo-labels are made from (issue 34): the mask source with its
+    options (source.name), SAM's weights file, the calibration, and each labelled scan's files
+    (plg_inputs), each as its fingerprint, keyed by its path in the sequence's folder."""
+    scans = [p for p in sorted((sequence / "velodyne").glob("*.bin")) if p.stem.isdigit() and label_path(p).is_file()]
+    files = [sequence / "calib.txt"] + [f for scan in scans for f in plg_inputs(scan, source)]
+    return {"masks": source.name, "weights": fingerprint(weights) if weights is not None else None,
+            "files": {f.relative_to(sequence).as_posix(): fingerprint(f) for f in files}}
+
+
+def read_plg_record(path: Path) -> dict:
+    """A made_with.json, entry by entry: a hand-edited or older record is one line naming it."""
+    folder = path.parent
+    try:
+        made = json.loads(path.read_text())
+        if "files" not in made and "labels" in made:
+            raise DataError(f"{folder}: pseudo-labels whose record ({PLG_RECORD}) keeps only their labels, not the masks, "
+                            f"images, scans and calibration they were made from; delete {folder} to make them again")
+        files = made["files"]
+        weights = made.get("weights")
+        for entry in list(files.values()) + ([weights] if weights is not None else []):
+            if not (isinstance(entry, list) and len(entry) == 3 and all(type(x) is int for x in entry)):
+                raise ValueError("an entry is not [size, time, crc]")
+        if not isinstance(made.get("masks"), str):
+            raise ValueError("'masks' is not a name")
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise DataError(f"{path}: unreadable ({type(e).__name__}); delete {folder} to make the pseudo-labels "
+                        "again") from None
+    return made
+
+
+def check_pseudo_labels(root, sequences, derived: Path | None = None, masks: str | None = None,
+                        weights: Path | None = None) -> None:
+    """Refuse pseudo-labels made from other inputs, naming the folder and the input: any file
+    they were made from that changed or went (labels, scans, images, calibration, rendered
+    regions), a label file added since, and (masks given) another mask source or (weights given)
+    another SAM weights file. A file whose size and time are as recorded is taken as it was;
+    one whose time changed (a copied dataset) is compared by its content."""
     for seq in sequences:
         sequence = Path(root) / "sequences" / seq
         folder = plg_path(sequence / "velodyne" / "0.bin", derived).parent
         if not (folder / PLG_RECORD).is_file():
-            continue  # none made yet (or made before records were kept)
-        try:
-            made = json.loads((folder / PLG_RECORD).read_text())
-            recorded = {name: tuple(v) for name, v in made["labels"].items()}
-            if not all(len(v) == 3 and all(type(x) is int for x in v) for v in recorded.values()):
-                raise ValueError("an entry is not [size, time, crc]")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            raise DataError(f"{folder / PLG_RECORD}: unreadable ({type(e).__name__}); delete {folder} to make the "
-                            "pseudo-labels again") from None
-        why = f"masks {made.get('masks')} then, {masks} now" if masks and made.get("masks") != masks else None
-        labels = {p.stem: p for p in label_files(sequence)}
-        if why is None and set(labels) != set(recorded):
+            continue  # none made yet
+        made = read_plg_record(folder / PLG_RECORD)
+        why = f"masks {made['masks']} then, {masks} now" if masks and made["masks"] != masks else None
+        if why is None and weights is not None and made["weights"] is not None and not same_file(Path(weights),
+                                                                                                  made["weights"]):
+            why = f"SAM's weights {weights} changed since"
+        recorded = {name.split("/")[1] for name in made["files"] if name.startswith("labels/")}
+        labels = {p.name for p in label_files(sequence)}
+        if why is None and labels != recorded:
             why = f"{len(recorded)} label files then, {len(labels)} now"
-        for name, path in labels.items() if why is None else ():
-            size, mtime, crc = recorded[name]
-            st = path.stat()
-            if st.st_size != size or (st.st_mtime_ns != mtime and file_crc(path) != crc):
-                why = f"{path.name} changed since"
+        for name, entry in made["files"].items() if why is None else ():
+            if not same_file(sequence / name, entry):
+                why = f"{name} {'changed' if (sequence / name).is_file() else 'went'} since"
                 break
         if why:
             raise DataError(f"{folder}: pseudo-labels made from other inputs ({why}): they do not belong to this "

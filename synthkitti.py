@@ -829,6 +829,10 @@ class IdealMaskSource:
     stage 2 gets wrong comes from the point labels and the voting alone."""
     name = "ideal"  # what the pseudo-labels' record keeps (semantickitti.PLG_RECORD)
 
+    def inputs(self, scan_path: Path) -> list[Path]:
+        """The files a scan's masks are made from, which the pseudo-labels' record fingerprints."""
+        return [rendered_labels_path(scan_path)]
+
     def masks(self, frame) -> tuple[np.ndarray, np.ndarray]:
         """frame: a semantickitti.PlgFrame -> masks (M, H, W) bool, predicted IoU (M,)."""
         from semantickitti import read_pixel_labels  # here: the scenes themselves need only numpy

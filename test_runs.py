@@ -594,8 +594,11 @@ def test_generation_resumes_skips_existing_and_leaves_no_temp_files(synth):
     assert sorted(before) == ["000000.npy", "000001.npy", semantickitti.PLG_RECORD]  # nothing else: no temp files
     record = json.loads((folder / semantickitti.PLG_RECORD).read_text())
     label = synth / "sequences/00/labels/000001.label"
-    assert record["masks"] == "ideal" and sorted(record["labels"]) == ["000000", "000001"]
-    assert record["labels"]["000001"] == [label.stat().st_size, label.stat().st_mtime_ns, semantickitti.file_crc(label)]
+    assert record["masks"] == "ideal" and record["weights"] is None
+    assert sorted(record["files"]) == ["calib.txt"] + [f"{folder}/00000{i}.{ext}" for folder, ext in (
+        ("image_2", "png"), ("image_2_gt", "npy"), ("labels", "label"), ("velodyne", "bin")) for i in (0, 1)]
+    assert record["files"]["labels/000001.label"] == [label.stat().st_size, label.stat().st_mtime_ns,
+                                                      semantickitti.file_crc(label)]
     counts = runs.generate_pseudo_labels(synth, ["00"], synthkitti.IdealMaskSource(), progress=False)
     assert counts == {"written": 0, "existing": 2, "unlabelled": 0}
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
@@ -608,7 +611,7 @@ def test_a_hand_edited_pseudo_label_record_is_one_line(synth, tmp_path, entry):
     shutil.copytree(synth, root)
     record = root / "sequences/00/image_2_plg" / semantickitti.PLG_RECORD
     made = json.loads(record.read_text())
-    made["labels"]["000001"] = entry
+    made["files"]["labels/000001.label"] = entry
     record.write_text(json.dumps(made))
     with pytest.raises(scandata.DataError, match=r"made_with\.json: unreadable"):
         semantickitti.check_pseudo_labels(root, ["00"])
@@ -643,8 +646,8 @@ def test_shards_split_the_scans_and_existing_files_are_trusted(synth, tmp_path):
     relabelled = np.frombuffer(data, np.uint32).copy()
     relabelled[:100] = 40  # road, the same size
     label.write_bytes(relabelled.tobytes())
-    with pytest.raises(scandata.DataError, match=r"00/image_2_plg: pseudo-labels made from other inputs \(000001\.label "
-                                                 r"changed since\)"):
+    with pytest.raises(scandata.DataError, match=r"00/image_2_plg: pseudo-labels made from other inputs "
+                                                 r"\(labels/000001\.label changed since\)"):
         semantickitti.missing_pseudo_labels(root, ["00"])
     label.unlink()
     with pytest.raises(scandata.DataError, match=r"\(2 label files then, 1 now\)"):
@@ -722,3 +725,40 @@ def test_benchmark_peak_memory_sees_a_large_allocation():
     import infer
     mib = infer.peak_memory_mib(lambda: torch.ones(2 ** 26).sum(), torch.device("cpu"))  # 256 MiB
     assert 200 < mib < 1000
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda seq: (seq / "image_2_gt/000001.npy").write_bytes(b"\0" * (seq / "image_2_gt/000001.npy").stat().st_size),
+     "image_2_gt/000001.npy changed since"),  # the masks the labels were made from, zeroed
+    (lambda seq: (seq / "image_2/000000.png").unlink(), "image_2/000000.png went since"),
+    (lambda seq: (seq / "calib.txt").write_text((seq / "calib.txt").read_text().replace("7", "8")),
+     "calib.txt changed since"),
+    (lambda seq: (seq / "velodyne/000001.bin").write_bytes((seq / "velodyne/000001.bin").read_bytes()[::-1]),
+     "velodyne/000001.bin changed since")])
+def test_pseudo_labels_are_refused_when_any_input_changed(synth, tmp_path, change, named):
+    """issue 34: the pseudo-labels' record holds every input they were made from: the masks (the
+    rendered regions here), images, scans, labels and calibration; a change to any is named."""
+    root = tmp_path / "d"
+    shutil.copytree(synth, root)
+    change(root / "sequences/00")
+    with pytest.raises(scandata.DataError, match=rf"image_2_plg: pseudo-labels made from other inputs \({re.escape(named)}\)"):
+        runs.generate_pseudo_labels(root, ["00"], synthkitti.IdealMaskSource(), progress=False)
+
+
+def test_pseudo_labels_record_sams_weights_and_refuse_an_older_record(synth, tmp_path):
+    """SAM's weights file is an input too, by its fingerprint; a record of before every input was
+    kept is refused by name (it cannot say what the masks were made from)."""
+    root = tmp_path / "d"
+    shutil.copytree(synth, root)
+    weights = tmp_path / "sam.pth"
+    weights.write_bytes(b"weights")
+    record = root / "sequences/00/image_2_plg" / semantickitti.PLG_RECORD
+    made = json.loads(record.read_text())
+    record.write_text(json.dumps(made | {"weights": semantickitti.fingerprint(weights)}))
+    assert semantickitti.missing_pseudo_labels(root, ["00"], masks="ideal", weights=weights) == 0
+    weights.write_bytes(b"other weights")
+    with pytest.raises(scandata.DataError, match=r"\(SAM's weights .*sam\.pth changed since\)"):
+        semantickitti.missing_pseudo_labels(root, ["00"], masks="ideal", weights=weights)
+    record.write_text(json.dumps({"masks": "ideal", "labels": {"000000": [1, 2, 3]}}))
+    with pytest.raises(scandata.DataError, match=r"whose record \(made_with\.json\) keeps only their labels"):
+        semantickitti.missing_pseudo_labels(root, ["00"])

@@ -224,8 +224,15 @@ def finish_sam_args(p, args) -> None:
 
 def mask_name(args) -> str:
     """The mask source as the pseudo-labels' record keeps it (semantickitti.PLG_RECORD): ideal, or the SAM
-    variant and its file's name."""
-    return "ideal" if args.mask_source == "ideal" else f"sam {args.plg_variant} {Path(args.plg_checkpoint).name}"
+    variant, its file's name and the mask options."""
+    if args.mask_source == "ideal":
+        return "ideal"
+    return runs.SamMaskSource.record_name(f"sam {args.plg_variant} {Path(args.plg_checkpoint).name}")
+
+
+def mask_weights(args) -> Path | None:
+    """SAM's weights file the pseudo-labels are made with (its fingerprint is recorded), if any."""
+    return Path(args.plg_checkpoint) if args.mask_source == "sam" else None
 
 
 def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.device) -> None:
@@ -233,7 +240,8 @@ def make_pseudo_labels(args, root: Path, sequences: list[str], device: torch.dev
         source, masks = synthkitti.IdealMaskSource(), "ideal: the synthetic scenes' rendered regions (image_2_gt/)"
     else:
         sam = runs.load_sam(args.plg_checkpoint, args.plg_variant, device=device)
-        source = runs.SamMaskSource(sam, name=mask_name(args))
+        source = runs.SamMaskSource(sam, name=f"sam {args.plg_variant} {Path(args.plg_checkpoint).name}",
+                                    weights=mask_weights(args))
         masks = f"SAM {args.plg_variant} ({args.plg_checkpoint})"
     scans = semantickitti.list_scans(root, sequences)
     i, n = args.shard
@@ -282,8 +290,8 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
 def pseudo_labels_first(args, root: Path, device) -> bool:
     """SAM-PLG's part of a run: the missing pseudo-labels made (all of this shard's with
     --plg-only), or drawn with --vis -> whether the teacher's training follows."""
-    missing = semantickitti.missing_pseudo_labels(root, args.train_sequences, args.derived_dir, mask_name(args)) \
-        if args.labels == "plg" else 0
+    missing = semantickitti.missing_pseudo_labels(root, args.train_sequences, args.derived_dir, mask_name(args),
+                                                  mask_weights(args)) if args.labels == "plg" else 0
     if args.plg_only or missing:
         make_pseudo_labels(args, root, args.train_sequences, device)
     if args.vis is not None:  # pictures only: no training
