@@ -105,6 +105,28 @@ def atomic_save(obj, path):
 # 2. Checkpoints: what each model's files hold, and loading them with clear errors
 # =====================================================================================
 
+EXPANSION_RATIO = 20         # torch.save stores its entries; fp16 weights deflate by ~1.1x (pretrain_sam.py)
+EXPANSION_FLOOR = 256 << 20  # bytes a small file may always expand to
+
+
+def check_expansion(path) -> None:
+    """A zip (torch.save's format, an .npz) whose entries would expand far beyond the file is
+    refused before anything is unpacked: a small file never fills the memory. Its declared sizes
+    are what torch and numpy allocate, and they never read past them."""
+    import zipfile
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # a legacy pickle holds its data as it is
+        with zipfile.ZipFile(path) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return  # torch.load names what is wrong with the file
+    size = Path(path).stat().st_size
+    if total > max(EXPANSION_RATIO * size, EXPANSION_FLOOR):
+        raise DataError(f"{path}: a {size / 2**20:.1f} MB archive that would expand to {total / 2**30:.1f} GB: not a "
+                        "checkpoint (torch.save stores its tensors uncompressed); not loaded")
+
+
 def load_checkpoint(path, kind: str | None, map_location="cpu") -> dict:
     """Load a checkpoint written by our trainers and check that it holds `kind` (any kind: None)."""
     path = Path(path)
@@ -113,7 +135,10 @@ def load_checkpoint(path, kind: str | None, map_location="cpu") -> dict:
     try:
         # weights_only: tensors and plain containers are built, no other class is ever imported or
         # called, so a hostile file cannot run code here (our checkpoints hold nothing else).
+        check_expansion(path)
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first_line(e)}); "
                         "the file is truncated, not a torch checkpoint, or holds objects other than "
@@ -172,8 +197,9 @@ def check_run_state(ckpt: dict, path) -> None:
     if not isinstance(ckpt.get("best_miou"), (int, float)) or isinstance(ckpt["best_miou"], bool):
         raise DataError(f"{path}: 'best_miou' is {ckpt.get('best_miou')!r}, not a number; not a last.pt this project "
                         "wrote")
-    if not isinstance(ckpt.get("run_id", ""), str):
-        raise DataError(f"{path}: 'run_id' is {ckpt['run_id']!r}, not a run's name; not a last.pt this project wrote")
+    for key in ("run_id", "train_scans"):
+        if not isinstance(ckpt.get(key, ""), str):
+            raise DataError(f"{path}: '{key}' is {ckpt[key]!r}, not a name; not a last.pt this project wrote")
     if not isinstance(ckpt.get("epoch_sums", {}), dict):
         raise DataError(f"{path}: 'epoch_sums' is not a mapping; not a last.pt this project wrote")
     optimizer = entry(ckpt, "optimizer", dict, path)
@@ -218,7 +244,10 @@ def check_folder_history(last_path: Path, ckpt: dict) -> None:
                   f"resumed run trains those epochs again and rewrites them; the table as it was is kept in {keep}")
     if best_path.is_file():
         try:
+            check_expansion(best_path)
             best = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)  # lazily
+        except DataError:
+            raise
         except Exception:
             best = None
         if not isinstance(best, dict) or "kind" not in best:
@@ -351,7 +380,10 @@ def load_2dpass_student(model: Student, path) -> None:
     if not path.is_file():
         raise DataError(f"{path}: 2DPASS checkpoint not found")
     try:
+        check_expansion(path)
         ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnly)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: cannot read the 2DPASS checkpoint ({type(e).__name__}: {e})") from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
@@ -477,7 +509,10 @@ def read_tensor_file(path: Path, what: str, where="", why="") -> object:
     if not path.is_file():
         raise DataError(f"{path}: {what} not found{where}")
     try:
+        check_expansion(path)
         return torch.load(path, map_location="cpu", weights_only=True)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: cannot read {what} ({type(e).__name__}: {first_line(e)}){why}") from None
 
@@ -845,6 +880,7 @@ def load_instance_db(root, sequences, min_points=u2mkd.MIN_INSTANCE_POINTS, prog
     path = instance_db_path(root, derived)
     source = files_fingerprint(root, sequences)
     if path.is_file():
+        check_expansion(path)
         try:
             with np.load(path) as f:
                 db = u2mkd.InstanceDB(f["points"], f["offsets"], f["classes"], f["sequences"].tolist(), int(f["min_points"]))
@@ -1237,18 +1273,20 @@ class RunState:
     batch_size: int = 0     # scans per step over all processes (a mid-epoch resume must keep it)
     skipped_in_row: int = 0  # skipped steps since the last step taken (not stored)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # ties a folder's files to one run
+    train_scans: str = ""   # the training scans' identity (scans_identity): a mid-epoch resume must keep them
 
     def record(self, miou: float | None) -> dict:
         """What a checkpoint stores of the run ('epoch' is the last finished one; miou None mid-epoch)."""
         return {"epoch": self.epoch - 1, "batch": self.batch, "step": self.step, "best_miou": self.best_miou,
                 "miou": miou, "epoch_sums": dict(self.sums), "skipped": self.skipped,
-                "batch_size": self.batch_size, "run_id": self.run_id}
+                "batch_size": self.batch_size, "run_id": self.run_id, "train_scans": self.train_scans}
 
     @classmethod
     def resumed(cls, ckpt: dict) -> "RunState":
         run = cls(ckpt["epoch"] + 1, ckpt.get("batch", 0), ckpt["step"], ckpt["best_miou"],
                   dict(ckpt.get("epoch_sums", {})), ckpt.get("skipped", 0), ckpt.get("batch_size", 0))
         run.run_id = ckpt.get("run_id") or run.run_id  # a checkpoint from before run ids keeps its new one
+        run.train_scans = ckpt.get("train_scans", "")
         return run
 
     def where(self) -> str:
@@ -1280,6 +1318,7 @@ def claim_run_folder(out: Path, kind: str, resume: bool, overwrite: bool) -> Non
                             "move it away or give another --out")
     for name in ("last.pt", "best.pt"):
         if (out / name).is_file():
+            check_expansion(out / name)
             try:
                 found = torch.load(out / name, map_location="cpu", weights_only=True, mmap=True).get("kind")  # lazily
             except Exception:
@@ -1425,14 +1464,29 @@ class StopRequest:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def check_mid_epoch_resume(run: RunState, batch_size: int, processes: int) -> None:
+def scans_identity(scans) -> str:
+    """The training scans by name (the last three parts of each path: a moved dataset is the same
+    one): their count and a digest of their names in order."""
+    import hashlib
+    names = "\n".join("/".join(Path(p).parts[-3:]) for p in scans)
+    return f"{len(scans)} scans, sha256 {hashlib.sha256(names.encode()).hexdigest()[:16]}"
+
+
+def check_mid_epoch_resume(run: RunState, batch_size: int, processes: int, scans=None) -> None:
     """A run resumed in the middle of an epoch skips the batches it did: only with the same
-    batches, so the same --batch-size and number of processes."""
+    batches, so the same --batch-size, number of processes and training scans (issue 34)."""
     if run.batch and run.batch_size != batch_size * processes:
         raise DataError(f"the run stopped in the middle of epoch {run.epoch + 1} with {run.batch_size} scans per step; "
                         f"resume it with the same --batch-size and number of processes "
                         f"(now {batch_size} x {processes})")
+    identity = scans_identity(scans) if scans is not None else ""
+    if run.batch and run.train_scans and identity and run.train_scans != identity:
+        raise DataError(f"the run stopped in the middle of epoch {run.epoch + 1} over other training scans "
+                        f"({run.train_scans}; now {identity}): the batches it skips would not be the ones it "
+                        "trained on; resume it with the same --data and --train-sequences, or from a checkpoint "
+                        "at an epoch's end")
     run.batch_size = batch_size * processes
+    run.train_scans = identity or run.train_scans
 
 
 def count_step(run: RunState, terms: dict, skipped: str | None, paths, last_checkpoint: str | None) -> None:
@@ -1487,7 +1541,7 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
     board = tensorboard_writer(metrics_csv.parent / "tensorboard") if metrics_csv and world.main else None
     epochs = schedule.epochs
     conf, start = None, time.time()
-    check_mid_epoch_resume(run, loader.batch_size, world.size)
+    check_mid_epoch_resume(run, loader.batch_size, world.size, getattr(loader.dataset, "scans", None))
     if overwrite and world.main and last_path is not None:
         start_over(last_path.parent)  # only now: the run's inputs all passed their checks
     saved = [run.where() if run.step else None]  # where the last checkpoint on disk stands

@@ -762,3 +762,23 @@ def test_pseudo_labels_record_sams_weights_and_refuse_an_older_record(synth, tmp
     record.write_text(json.dumps({"masks": "ideal", "labels": {"000000": [1, 2, 3]}}))
     with pytest.raises(scandata.DataError, match=r"whose record \(made_with\.json\) keeps only their labels"):
         semantickitti.missing_pseudo_labels(root, ["00"])
+
+
+def test_a_compressed_checkpoint_that_would_expand_to_gigabytes_is_not_loaded(tmp_path, monkeypatch):
+    """issue 34: a small zip whose entries expand far beyond it (a 'zip bomb') is refused by name
+    before torch or numpy unpacks it, wherever a file handed over is read; a real checkpoint loads."""
+    import zipfile
+    monkeypatch.setattr(runs, "EXPANSION_FLOOR", 1 << 20)  # the test's bomb: 8 MiB of zeros, not gigabytes
+    bomb = tmp_path / "last.pt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\0" * (8 << 20))
+    assert bomb.stat().st_size < 100_000
+    refused = r"last\.pt: a 0\.0 MB archive that would expand to 0\.0 GB: not a checkpoint"
+    for load in (lambda: runs.load_checkpoint(bomb, None), lambda: runs.read_tensor_file(bomb, "SAM checkpoint"),
+                 lambda: runs.load_2dpass_student(elite.Student(), bomb),
+                 lambda: runs.claim_run_folder(tmp_path, runs.STUDENT_KIND, resume=True, overwrite=False)):
+        with pytest.raises(scandata.DataError, match=refused):
+            load()
+    good = tmp_path / "good.pt"
+    runs.atomic_save(runs.student_state(elite.Student()), good)  # 1.9M parameters: over the test's floor
+    assert runs.load_checkpoint(good, runs.STUDENT_KIND)["kind"] == runs.STUDENT_KIND

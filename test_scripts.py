@@ -86,6 +86,29 @@ def test_train_resume_and_infer_end_to_end(synth_root, tmp_path, capsys):
     assert (errors == infer.CORRECT).all(1).sum() + (errors == infer.WRONG).all(1).sum() > 1000
     camera = picture[infer.CAPTION:top].reshape(-1, 3)
     assert len(np.unique(camera, axis=0)) > 100  # the camera image is there
+    # Ctrl-C while infer.py writes its second file (issue 34): one line, exit 130, the first file
+    # whole, no partial second file and no temporary left.
+    written = []
+
+    def half_then_ctrl_c(f):
+        f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    def interrupted_write(path, train_ids):
+        if written:
+            scandata.atomic_write(path, half_then_ctrl_c)
+        scandata.atomic_write(path, lambda f: semantickitti.TRAIN_TO_RAW[train_ids].astype(np.uint32).tofile(f))
+        written.append(path)
+
+    out = tmp_path / "pred_ctrl_c"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(infer, "write_label_file", interrupted_write)
+        message = run_main("infer", ["--checkpoint", str(tmp_path / "run" / "best.pt"), "--sequence",
+                                     str(synth_root / "sequences" / "00"), "--out", str(out), "--device", "cpu"])
+    assert message == "130" and "interrupted (Ctrl-C); every file written so far is whole" in capsys.readouterr().err
+    files = sorted(p.name for p in (out / "sequences" / "00" / "predictions").iterdir())
+    assert files == [written[0].name] and len(np.fromfile(written[0], np.uint32)) == len(
+        semantickitti.read_scan(synth_root / "sequences" / "00" / "velodyne" / written[0].name.replace("label", "bin")))
 
 
 @pytest.mark.parametrize("preset", ["paper", "paper-test"])
@@ -407,6 +430,12 @@ def test_resuming_mid_epoch_with_another_batch_size_is_refused(synth_root, tmp_p
     runs.atomic_save(ckpt, tmp_path / "run" / "last.pt")
     with pytest.raises(scandata.DataError, match="same --batch-size"):
         train_student.main(args + ["--batch-size", "2", "--resume"])
+    # issue 34: other training scans would make the skipped batches other scans than those it trained on
+    with pytest.raises(scandata.DataError, match=r"in the middle of epoch 1 over other training scans \(2 scans, "
+                                                 r"sha256 \w+; now 3 scans, .*same --data and --train-sequences"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 08 is a validation sequence too: said in a warning
+        train_student.main(args + ["--batch-size", "1", "--train-sequences", "00", "08", "--resume"])
 
 
 def test_sam_plg_killed_midway_resumes_without_redoing_or_corrupt_files(tmp_path):
