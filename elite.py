@@ -648,7 +648,8 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | 
 # =====================================================================================
 # The teacher is SAM's image encoder, frozen, without its neck. Every linear layer of every
 # block carries a low-rank adapter, and after each global-attention block a small transposed-
-# conv "patch decoder" turns the 1/16 token grid into a full-resolution feature map. Only the
+# conv "patch decoder" turns the 1/16 token grid into a 1/4-resolution feature map (bilinearly
+# upsampled to the crop's pixels where a loss or a point reads it). Only the
 # adapters, the patch decoders and the 2D heads train. The image is the bottom 320 x 1024
 # crop of the camera frame; its 20 x 64 token grid is the top-left of SAM's 64 x 64 grid.
 
@@ -924,8 +925,9 @@ class Teacher(nn.Module):
         """images (B, 3, H, W) normalised -> tokens (B, h, w, C) after each global block,
         with h, w = ceil(H/16), ceil(W/16).
 
-        SAM pads the crop to 1024 x 1024 and ELiTe then keeps the top-left h x w tokens;
-        embedding only the crop and adding the top-left of pos_embed gives the same tokens."""
+        Upstream pads the crop to SAM's 1024 x 1024 and keeps the top-left h x w tokens right after
+        the patch embedding (cut=True), before any block; embedding only the crop and adding the
+        top-left of pos_embed gives those same tokens, and every block then runs on them alone."""
         height, width = images.shape[-2:]
         h, w = math.ceil(height / SAM_PATCH), math.ceil(width / SAM_PATCH)
         grid = SAM_IMG_SIZE // SAM_PATCH
