@@ -7,7 +7,8 @@
 
 The teacher is SAM's ViT image encoder, frozen, with AdaLoRA adapters on every linear layer
 and four patch decoders that turn the token grid after each global-attention block into a
-full-resolution feature map; per-stage 2D heads and a fused head classify pixels. Only the
+feature map at a quarter of the crop's resolution (upsampled bilinearly to the pixels a loss
+reads); per-stage 2D heads and a fused head classify pixels. Only the
 adapters, the patch decoders and the heads train.
 
 Labels (--labels):
