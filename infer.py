@@ -613,7 +613,8 @@ def draw_scan(args, scan: Path, points: np.ndarray, pred: np.ndarray, labels: to
     labels = None if labels is None else labels.numpy()
     caption = f"{scan}: {len(points):,} points; {frame_scores(pred, labels)}"
     picture = frame_picture(points, pred, labels, frame, proj, caption)
-    runs.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
+    runs.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture,
+                       args.vis)
 
 
 # ------------------------------------------------------------------------------------

@@ -747,15 +747,42 @@ def distributed() -> World:
     return World()
 
 
+def launch_env() -> tuple[int, int, int]:
+    """(WORLD_SIZE, RANK, LOCAL_RANK) as torchrun sets them, checked: whole numbers, the rank
+    within the world, and for several processes the rendezvous address (a bad value is one line,
+    not a traceback or a process waiting for peers that cannot come)."""
+    values = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        text = os.environ.get(name, default).strip()
+        if not text.isdigit():
+            raise DataError(f"${name}={os.environ.get(name)!r}: expected a whole number >= 0 (torchrun sets it; unset it "
+                            "for one process)")
+        values[name] = int(text)
+    world, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+    if world > 1:
+        if "RANK" not in os.environ or rank >= world:
+            raise DataError(f"$WORLD_SIZE={world} with $RANK={os.environ.get('RANK')}: a process's rank must be one of "
+                            f"0..{world - 1}; start the processes with torchrun, which sets both")
+        missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
+        if missing:
+            raise DataError(f"$WORLD_SIZE={world} without ${' and $'.join(missing)}: the processes cannot find each other; "
+                            "start them with torchrun, which sets these")
+    return max(world, 1), rank, local
+
+
 def init_distributed(device: str, sync_bn=False) -> torch.device:
     """Every trainer's start: join torchrun's process group when started by torchrun (NCCL for
     GPUs, gloo on CPUs) and silence the other ranks' prints. Returns this process's device
     (its own GPU: cuda:LOCAL_RANK)."""
     device = torch.device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed().size > 1:
+    world, rank, local = launch_env()
+    if world > 1 and not distributed().size > 1:
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            device = torch.device("cuda", local)
             torch.cuda.set_device(device)
+        if rank == 0:  # said before torch waits: a peer that never starts is otherwise silence
+            print(f"waiting for the other {world - 1} process(es) at {os.environ['MASTER_ADDR']}:"
+                  f"{os.environ['MASTER_PORT']} ($WORLD_SIZE={world}; torchrun starts them all)", flush=True)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if sync_bn and (device.type != "cuda" or distributed().size == 1):
         raise DataError("--sync-bn needs torchrun on GPUs (SyncBatchNorm has no CPU implementation)")
@@ -1785,9 +1812,17 @@ def plg_picture(scan_path: Path, calib: dict[str, np.ndarray], derived: Path | N
     return np.asarray(picture)
 
 
-def write_png(path, picture: np.ndarray) -> None:
-    """An (H, W, 3) uint8 picture as a PNG, written atomically."""
+def write_png(path, picture: np.ndarray, root: Path) -> None:
+    """An (H, W, 3) uint8 picture as a PNG under root (--vis), written atomically and never
+    through a link: a linked folder or file there could lead into a dataset, whose camera frame
+    the picture would replace."""
     from PIL import Image
+    path, where = Path(path), Path(root)
+    for part in path.relative_to(root).parts:
+        where = where / part
+        if where.is_symlink():
+            raise DataError(f"{where}: is a link; pictures are written only into plain folders (a link could lead to "
+                            "a dataset's own files); remove the link or give another --vis")
     atomic_write(path, lambda f: Image.fromarray(picture).save(f, format="PNG"))
 
 

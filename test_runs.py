@@ -782,3 +782,37 @@ def test_a_compressed_checkpoint_that_would_expand_to_gigabytes_is_not_loaded(tm
     good = tmp_path / "good.pt"
     runs.atomic_save(runs.student_state(elite.Student()), good)  # 1.9M parameters: over the test's floor
     assert runs.load_checkpoint(good, runs.STUDENT_KIND)["kind"] == runs.STUDENT_KIND
+
+
+def test_pictures_are_never_written_through_a_link(tmp_path):
+    """Fault-hunting round (issue 34): VIS/sequences/08 linked to a dataset's image_2 once let a
+    picture replace a camera frame; a link anywhere below --vis is now refused by name."""
+    frames = tmp_path / "data" / "image_2"
+    frames.mkdir(parents=True)
+    (frames / "000000.png").write_bytes(b"the camera frame")
+    vis = tmp_path / "vis"
+    (vis / "sequences").mkdir(parents=True)
+    (vis / "sequences" / "08").symlink_to(frames)
+    picture = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(scandata.DataError, match=r"vis/sequences/08: is a link; pictures are written only into plain"):
+        runs.write_png(vis / "sequences" / "08" / "000000.png", picture, vis)
+    assert (frames / "000000.png").read_bytes() == b"the camera frame"
+    runs.write_png(vis / "sequences" / "00" / "000000.png", picture, vis)  # a plain folder: written
+    assert (vis / "sequences" / "00" / "000000.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"WORLD_SIZE": "abc"}, r"\$WORLD_SIZE='abc': expected a whole number"),
+    ({"WORLD_SIZE": "2"}, r"\$WORLD_SIZE=2 with \$RANK=None: a process's rank must be one of 0\.\.1"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, r"\$RANK=5: a process's rank"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, r"\$WORLD_SIZE=2 without \$MASTER_ADDR and \$MASTER_PORT")])
+def test_a_bad_launch_environment_is_one_line_not_a_wait(env, match, monkeypatch):
+    """Fault-hunting round (issue 34): torchrun's variables set by hand used to give a traceback, or
+    a process waiting forever for a rank that cannot exist; each is now refused before torch waits."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(scandata.DataError, match=match):
+        runs.init_distributed("cpu")
+    assert not torch.distributed.is_initialized()

@@ -204,11 +204,14 @@ def refuse_flags_that_do_not_apply(p, args) -> None:
 def finish_sam_args(p, args) -> None:
     """The SAM teacher's crop, its process's SAM-PLG shard and the flags that go together."""
     args.crop = tuple(args.crop)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world, rank, _ = runs.launch_env()
+    except scandata.DataError as e:
+        p.error(str(e))
     if args.shard is not None and world > 1:
         p.error("--shard and torchrun both split SAM-PLG: under torchrun each process takes its rank's share")
     try:
-        args.shard = runs.parse_shard(args.shard or f"{os.environ.get('RANK', '0')}/{world}")
+        args.shard = runs.parse_shard(args.shard or f"{rank}/{world}")
     except ValueError as e:
         p.error(str(e))
     if args.mask_source == "sam" and args.labels == "plg" and args.plg_checkpoint is None:
@@ -270,7 +273,8 @@ def draw_pseudo_labels(args, root: Path, sequences: list[str]) -> None:
              if semantickitti.plg_path(s, args.derived_dir).is_file()]
     for scan in tqdm(scans, desc="drawing pseudo-labels", disable=not runs.distributed().main, dynamic_ncols=True):
         picture = runs.plg_picture(scan, semantickitti.sequence_calib(scan.parent.parent), args.derived_dir)
-        runs.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture)
+        runs.write_png(args.vis / "sequences" / scan.parent.parent.name / (scan.stem + ".png"), picture,
+                       args.vis)
     print(f"Pseudo-labels of {len(scans)} scans drawn to {args.vis}/sequences/XX/NNNNNN.png")
 
 
