@@ -28,6 +28,15 @@ the per-run figures to OUT/results.json.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds, for torch): one line, no traceback
+    import os
+    import signal
+
+    def stop_while_starting(*_):  # at once: an exception could be swallowed by an import's own handler
+        os.write(2, b"interrupted (Ctrl-C) while starting; nothing was written\n")
+        os._exit(130)
+    signal.signal(signal.SIGINT, stop_while_starting)
+
 import argparse
 import json
 import subprocess
@@ -164,7 +173,7 @@ def runs_epochs(method: str) -> int:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+    p.add_argument("--seeds", type=runs.seed_int, nargs="+", default=[1, 2, 3],
                    help="training seeds, one run of every row each (the embedded preset was tuned on seed 0 only, "
                         "which is why the default leaves it out)")
     p.add_argument("--part", choices=("elite", "u2mkd", "all"), default="all", help="which method's rows to run")
@@ -174,6 +183,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
         p.error("--seeds: at least two different seeds (a mean ± std needs them)")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out}: an existing file, not a folder")
     parts = ["elite", "u2mkd"] if args.part == "all" else [args.part]
     every = [r for part in parts for r in (ELITE_ROWS if part == "elite" else U2MKD_ROWS)]
     rows = [r for r in list(ELITE_ROWS) + list(U2MKD_ROWS) if r in args.rows] if args.rows else every  # table order

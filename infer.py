@@ -19,6 +19,15 @@ run without images.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds, for torch): one line, no traceback
+    import os
+    import signal
+
+    def stop_while_starting(*_):  # at once: an exception could be swallowed by an import's own handler
+        os.write(2, b"interrupted (Ctrl-C) while starting; nothing was written\n")
+        os._exit(130)
+    signal.signal(signal.SIGINT, stop_while_starting)
+
 import argparse
 import contextlib
 import json
@@ -77,7 +86,7 @@ def parse_args(argv=None):
                         "the others rotated and translated at random; official test uses 12)")
     p.add_argument("--device", type=runs.device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when present, else cpu)")
-    p.add_argument("--seed", type=runs.count_int, default=0, help="seed of the test-time augmentation")
+    p.add_argument("--seed", type=runs.seed_int, default=0, help="seed of the test-time augmentation")
     p.add_argument("--no-images", action="store_true",
                    help="u2mkd fusion student: write the predictions made without images (default: with images)")
     p.add_argument("--vis", type=Path, default=None,
@@ -89,7 +98,7 @@ def parse_args(argv=None):
                    help="print parameter count, voxels per scale, the sparse convolution per scale, the student's "
                         "forward and training step (ms, peak memory, bitwise repeatability), on --device alone; "
                         "with --conv auto on CUDA both convolution paths side by side")
-    p.add_argument("--threads", type=runs.positive_int, default=None,
+    p.add_argument("--threads", type=runs.thread_count, default=None,
                    help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--repeats", type=runs.positive_int, default=10, help="--benchmark: timed repetitions per figure")
     p.add_argument("--amp", action="store_true",

@@ -69,10 +69,20 @@ prints the encoder's digest, which is how a test checks the shipped file's recor
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds, for torch): one line, no traceback
+    import os
+    import signal
+
+    def stop_while_starting(*_):  # at once: an exception could be swallowed by an import's own handler
+        os.write(2, b"interrupted (Ctrl-C) while starting; nothing was written\n")
+        os._exit(130)
+    signal.signal(signal.SIGINT, stop_while_starting)
+
 import argparse
 import hashlib
 import io
 import math
+import signal
 import sys
 import time
 import zipfile
@@ -334,6 +344,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("steps", "frames", "threads"):
         if getattr(args, flag) < 1:
             raise Usage(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 <= args.seed < 2**31:
+        raise Usage(f"--seed must be from 0 to 2147483647, got {args.seed}")
+    if args.threads > 256:
+        raise Usage(f"--threads must be at most 256, got {args.threads}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise Usage(f"--lr must be a positive number, got {args.lr}")
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
@@ -342,6 +356,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise Usage(f"--stop-after must be between 1 and --steps ({args.steps}), got {args.stop_after}")
     if args.stop_after is None and args.steps < CHECK_STEP:
         raise Usage(f"--steps must be at least {CHECK_STEP} (the file records the digest after step {CHECK_STEP})")
+    if args.out.is_dir():  # said now, not after minutes of training
+        raise Usage(f"--out {args.out}: a folder; give the path of the weights file to write")
     if args.stop_after is None and args.out.exists() and not args.overwrite:
         raise Usage(f"{args.out} exists; pass --overwrite to replace it, or --out elsewhere")
     return args
@@ -428,4 +444,5 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the start-up guard hands Ctrl-C back
     sys.exit(cli())

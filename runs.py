@@ -219,8 +219,17 @@ def check_folder_history(last_path: Path, ckpt: dict) -> None:
     out = last_path.parent
     best_path, metrics = out / "best.pt", out / "metrics.csv"
     done = ckpt["epoch"] + 1  # the checkpoint's last finished epoch, counted from 1 as metrics.csv does
-    if metrics.is_file():
-        rows = read_metrics(metrics)
+    rows = read_metrics(metrics) if metrics.is_file() else []
+    lost = [e for e in range(1, done + 1) if e not in {r["epoch"] for r in rows}]
+    if lost and distributed().main:  # cut or deleted by hand: said, as the table will not have them
+        print(f"{metrics}: no rows for epochs {lost[0]}-{lost[-1]} (the table was cut or deleted); they are not made "
+              f"again: the resumed run adds its rows from epoch {done + 1} on")
+    writers = sorted({r["run_id"] for r in rows if r.get("run_id")} - {ckpt.get("run_id")})
+    if ckpt.get("run_id") and writers:
+        raise DataError(f"{last_path}: belongs to run {ckpt['run_id']}, and {metrics.name} beside it was written by run "
+                        f"{writers[0]}: this last.pt was not written in this folder (copied from another run?); put the "
+                        "folder's own last.pt back, or give another --out")
+    if rows:
         row = next((r for r in rows if r["epoch"] == done), None)
         try:
             logged = float(row["best_miou"]) if row is not None else None
@@ -955,6 +964,7 @@ def run_script(main, argv=None) -> None:
     worker, which torch re-raises wrapped in the worker's traceback) ends the script with
     'error: FILE: what is wrong' and exit status 1, not a traceback; Ctrl-C and SIGTERM end
     it with one line that says where the last checkpoint is (exit status 130 / 143)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts' start-up guard hands Ctrl-C back
     try:
         main(argv)
     except DataError as e:
@@ -999,6 +1009,14 @@ image_side = _flag_type(int, lambda v: 32 <= v <= 4096, "an image side from 32 t
 
 crop_side = _flag_type(int, lambda v: 16 <= v <= 1024, "a crop side from 16 to 1024 pixels (SAM's input is 1024)")
 
+seed_int = _flag_type(int, lambda v: 0 <= v < 2**31, "a seed from 0 to 2147483647")
+
+learning_rate = _flag_type(float, lambda v: math.isfinite(v) and 0 < v <= 10, "a learning rate above 0, at most 10")
+
+adapter_rank = _flag_type(int, lambda v: 1 <= v <= 256, "an adapter rank from 1 to 256")
+
+thread_count = _flag_type(int, lambda v: 1 <= v <= 256, "a thread count from 1 to 256")
+
 def device_flag(text: str) -> str:
     """--device: a torch device this machine has."""
     try:
@@ -1037,7 +1055,7 @@ def add_recipe_flags(parser, batch_of: str) -> None:
                                                                  "(preset)")
     parser.add_argument("--val-batch-size", type=positive_int, help="validation batch size (preset)")
     parser.add_argument("--workers", type=count_int, help="data-loading processes (preset)")
-    parser.add_argument("--lr", type=positive_float, help="peak learning rate (preset: 0.24 in the paper presets, "
+    parser.add_argument("--lr", type=learning_rate, help="peak learning rate (preset: 0.24 in the paper presets, "
                                                           "as upstream)")
     parser.add_argument("--lr-schedule", choices=("step", "epoch"), default=None,
                         help="step: cosine per iteration (with a linear warm-up over 1000 // processes steps under "
@@ -1082,7 +1100,7 @@ def add_run_flags(parser) -> None:
                              "it, such an OUT is refused); never replaces another kind of model")
     parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when present, else cpu)")
-    parser.add_argument("--seed", type=count_int, default=0, help="seed for weights, shuffling and augmentation")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed for weights, shuffling and augmentation")
     parser.add_argument("--save-every", type=count_int, default=500,
                         help="also write last.pt every this many steps inside an epoch, so that a killed run "
                              "resumes (--resume) from the next batch, not the epoch's start (0: epoch ends only)")
@@ -1541,7 +1559,7 @@ def epoch_row(run: RunState, conf, means: dict, lr: float, seconds: float) -> di
     present = conf.present()
     return {"epoch": run.epoch, "step": run.step, "lr": lr} | means | {
         "miou": 100 * conf.miou(), "miou_present": 100 * float(conf.iou()[present].mean()),
-        "best_miou": 100 * run.best_miou, "seconds": round(seconds, 1)}
+        "best_miou": 100 * run.best_miou, "seconds": round(seconds, 1), "run_id": run.run_id}
 
 
 def print_epoch(row: dict, means: dict, conf, metric: str) -> None:
@@ -1621,7 +1639,8 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                     checkpoint(miou, improved)
                     if board is not None:
                         for key, value in row.items():
-                            board.add_scalar(key, value, epoch + 1)
+                            if not isinstance(value, str):  # the run's id is not a curve
+                                board.add_scalar(key, value, epoch + 1)
                     print_epoch(row, means, conf, metric)
                 if stop.signal is not None:  # arrived during validation: last.pt was just written
                     raise sigterm_stop()

@@ -173,6 +173,8 @@ def read_calib(path) -> dict[str, np.ndarray]:
         if not line.strip():
             break  # the official reader stops at the first blank line
         key, _, values = line.partition(":")
+        if key.strip() in mats:  # two P2 lines: which one the camera is cannot be told
+            raise DataError(f"{path}: '{key.strip()}' is given twice; keep one line per matrix")
         try:
             mats[key.strip()] = np.array([float(v) for v in values.split()], dtype=np.float64)
         except ValueError as e:
@@ -692,6 +694,10 @@ def check_pseudo_labels(root, sequences, derived: Path | None = None, masks: str
         sequence = Path(root) / "sequences" / seq
         folder = plg_path(sequence / "velodyne" / "0.bin", derived).parent
         if not (folder / PLG_RECORD).is_file():
+            if any(folder.glob("*.npy")):  # the record is written before the first file: these are not ours
+                raise DataError(f"{folder}: pseudo-labels without their record ({PLG_RECORD}), so nothing says what "
+                                f"they were made from (copied from another sequence?); delete {folder} to make them "
+                                "again, or give another --derived-dir")
             continue  # none made yet
         made = read_plg_record(folder / PLG_RECORD)
         why = f"masks {made['masks']} then, {masks} now" if masks and made["masks"] != masks else None

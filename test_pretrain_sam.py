@@ -85,7 +85,9 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     existing.write_bytes(b"x")
     for argv, expect in ((["--out", str(existing)], "exists; pass --overwrite"),
                          (["--steps", "0"], "--steps must be at least 1"),
-                         (["--stop-after", "9", "--steps", "5"], "--stop-after must be between 1")):
+                         (["--stop-after", "9", "--steps", "5"], "--stop-after must be between 1"),
+                         (["--out", str(tmp_path)], "a folder; give the path of the weights file"),  # issue 34
+                         (["--seed", "99999999999999999999"], "--seed must be from 0 to 2147483647")):
         out = subprocess.run([sys.executable, "pretrain_sam.py", *argv], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 2 and expect in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

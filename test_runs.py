@@ -282,7 +282,7 @@ def test_a_hand_edited_last_pt_is_one_line_on_resume(tmp_path, edit, match):
         runs.load_last(tmp_path / "last.pt", runs.STUDENT_KIND)
 
 
-def run_folder(out: Path, run: runs.RunState, epochs: int, best_epoch: int, best: float) -> dict:
+def run_folder(out: Path, run: runs.RunState, epochs: int, best_epoch: int, best: float, ids=False) -> dict:
     """A run folder as a run leaves it after `epochs` epochs: last.pt, best.pt (from best_epoch)
     and metrics.csv. Returns the last.pt state."""
     model = elite.Student()
@@ -292,7 +292,8 @@ def run_folder(out: Path, run: runs.RunState, epochs: int, best_epoch: int, best
         run.epoch, run.step = epoch, 10 * epoch
         miou = best if epoch == best_epoch else best / 10
         run.best_miou = max(run.best_miou, miou)
-        runs.log_metrics(out / "metrics.csv", {"epoch": epoch, "miou": 100 * miou, "best_miou": 100 * run.best_miou})
+        runs.log_metrics(out / "metrics.csv", {"epoch": epoch, "miou": 100 * miou, "best_miou": 100 * run.best_miou}
+                         | ({"run_id": run.run_id} if ids else {}))
         if epoch == best_epoch:
             runs.atomic_save(runs.student_state(model) | run.record(miou), out / "best.pt")
     return state | run.record(best / 10)
@@ -316,6 +317,24 @@ def test_resume_refuses_a_last_pt_from_another_run(tmp_path):
     (out / "best.pt").write_bytes(b"another program's file")
     with pytest.raises(scandata.DataError, match=r"best\.pt: not a checkpoint this project wrote .* move it away"):
         runs.load_last(out / "last.pt", runs.STUDENT_KIND)
+
+
+def test_resume_refuses_another_runs_last_and_best_pt_copied_in_together(tmp_path, capsys):
+    """Fault-hunting round (issue 34): another run's last.pt and best.pt copied in together agree
+    with each other and may agree in their figures; metrics.csv's rows name the run that wrote
+    them. A table cut or deleted by hand is said, not passed over."""
+    out = tmp_path / "out"
+    run_folder(out, runs.RunState(), epochs=2, best_epoch=1, best=0.02, ids=True)
+    other = tmp_path / "other"
+    foreign = run_folder(other, runs.RunState(), epochs=2, best_epoch=1, best=0.02, ids=True)
+    runs.atomic_save(foreign, out / "last.pt")
+    shutil.copy(other / "best.pt", out / "best.pt")
+    with pytest.raises(scandata.DataError, match=r"last\.pt: belongs to run \w+, and metrics\.csv beside it was "
+                                                 r"written by run \w+"):
+        runs.load_last(out / "last.pt", runs.STUDENT_KIND)
+    (out / "metrics.csv").write_text("epoch,miou\n")  # the folder's table cut to its header
+    runs.load_last(out / "last.pt", runs.STUDENT_KIND)
+    assert "metrics.csv: no rows for epochs 1-2 (the table was cut or deleted)" in capsys.readouterr().out
 
 
 def test_resume_from_an_older_last_pt_keeps_the_table_and_the_better_best_pt(tmp_path, capsys):
@@ -761,6 +780,9 @@ def test_pseudo_labels_record_sams_weights_and_refuse_an_older_record(synth, tmp
         semantickitti.missing_pseudo_labels(root, ["00"], masks="ideal", weights=weights)
     record.write_text(json.dumps({"masks": "ideal", "labels": {"000000": [1, 2, 3]}}))
     with pytest.raises(scandata.DataError, match=r"whose record \(made_with\.json\) keeps only their labels"):
+        semantickitti.missing_pseudo_labels(root, ["00"])
+    record.unlink()  # the fault-hunting round: files without a record were used unchecked
+    with pytest.raises(scandata.DataError, match=r"image_2_plg: pseudo-labels without their record \(made_with\.json\)"):
         semantickitti.missing_pseudo_labels(root, ["00"])
 
 

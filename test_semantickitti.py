@@ -91,12 +91,19 @@ def test_bad_files_give_clear_errors(tmp_path):
     (tmp_path / "calib.txt").write_text("P2: 1 2 3\nTr: " + " ".join(["0"] * 12) + "\n")
     with pytest.raises(scandata.DataError, match="'P2' has 3 values"):
         semantickitti.read_calib(tmp_path / "calib.txt")
+    twelve = " ".join(["1"] * 12)
+    (tmp_path / "calib.txt").write_text(f"P2: {twelve}\nTr: {twelve}\nP2: {twelve}\n")  # a second camera matrix
+    with pytest.raises(scandata.DataError, match="'P2' is given twice"):
+        semantickitti.read_calib(tmp_path / "calib.txt")
     with pytest.raises(scandata.DataError, match="image not found"):
         scandata.read_image(tmp_path / "image_2" / "000000.png")
     from PIL import Image
     Image.fromarray(np.full((4, 6), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")  # a 16-bit PNG
     with pytest.raises(scandata.DataError, match=r"deep\.png: a I;16 image \(16-bit or floating point\)"):
         scandata.read_image(tmp_path / "deep.png")
+    Image.fromarray(np.full((4, 6), 40, dtype=np.uint8)).save(tmp_path / "gray.png")  # image_0's kind
+    with pytest.raises(scandata.DataError, match=r"gray\.png: a grayscale image; the camera frames are colour"):
+        scandata.read_image(tmp_path / "gray.png")
     (tmp_path / "calib_crlf.txt").write_text("P2:\t1 0 0 0 0 1 0 0 0 0 1 0\r\nTr: 1 0 0 0 0 1 0 0 0 0 1 0\r\n")
     assert np.array_equal(semantickitti.read_calib(tmp_path / "calib_crlf.txt")["P2"], np.eye(3, 4))  # tabs, CRLF: read
     with pytest.raises(scandata.DataError, match="no 'sequences' folder"):

@@ -37,6 +37,15 @@ the end of --help.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds, for torch): one line, no traceback
+    import os
+    import signal
+
+    def stop_while_starting(*_):  # at once: an exception could be swallowed by an import's own handler
+        os.write(2, b"interrupted (Ctrl-C) while starting; nothing was written\n")
+        os._exit(130)
+    signal.signal(signal.SIGINT, stop_while_starting)
+
 import argparse
 from dataclasses import dataclass
 from pathlib import Path

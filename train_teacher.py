@@ -41,6 +41,15 @@ Pseudo-labels only, as separate jobs without torchrun:
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds, for torch): one line, no traceback
+    import os
+    import signal
+
+    def stop_while_starting(*_):  # at once: an exception could be swallowed by an import's own handler
+        os.write(2, b"interrupted (Ctrl-C) while starting; nothing was written\n")
+        os._exit(130)
+    signal.signal(signal.SIGINT, stop_while_starting)
+
 import argparse
 import os
 from dataclasses import asdict
@@ -121,8 +130,8 @@ def add_sam_flags(p) -> None:
                         f"{presets.STANDIN}, paper: none)")
     p.add_argument("--peft", choices=elite.PEFT_CHOICES, default="adalora",
                    help="sam: adapters on every linear layer of every block: adalora (the paper), lora, or none")
-    p.add_argument("--rank", type=runs.positive_int, default=12, help="sam: adapter rank (AdaLoRA starts at 12)")
-    p.add_argument("--target-rank", type=runs.positive_int, default=8,
+    p.add_argument("--rank", type=runs.adapter_rank, default=12, help="sam: adapter rank (AdaLoRA starts at 12)")
+    p.add_argument("--target-rank", type=runs.adapter_rank, default=8,
                    help="sam: AdaLoRA's final average rank per layer")
     p.add_argument("--labels", choices=("plg", "sparse"), default=None,
                    help="sam: 2D labels. plg: dense SAM-PLG pseudo-labels (paper-test, embedded); sparse: projected "
