@@ -207,7 +207,11 @@ def write_label_file(path: Path, train_ids: np.ndarray):
 
 def scans_to_predict(args) -> list[Path]:
     if args.sequence is not None:
-        root, sequences = args.sequence.resolve().parent.parent, [args.sequence.resolve().name]
+        folder = args.sequence.resolve()
+        if folder.parent.name != "sequences" or not (folder / "velodyne").is_dir():
+            raise scandata.DataError(f"--sequence {args.sequence}: expected a sequence folder ROOT/sequences/XX with "
+                                     "velodyne/ in it (a dataset's root goes to --data)")
+        root, sequences = folder.parent.parent, [folder.name]
     else:
         root, sequences = args.data, semantickitti.SPLITS[args.split]
         sequences = [s for s in sequences if (root / "sequences" / s).is_dir()]
@@ -256,8 +260,10 @@ def existing_predictions(args, sequences: list[str]) -> list[Path]:
     files, or the nuScenes split's _lidarseg.bin files and submission.json."""
     if args.dataset == "nuscenes":
         meta = args.out / args.split / "submission.json"
-        return sorted((args.out / "lidarseg" / args.split).glob("*_lidarseg.bin")) + ([meta] if meta.exists() else [])
-    return [p for s in sequences for p in sorted((args.out / "sequences" / s / "predictions").glob("*.label"))]
+        return sorted(p for p in (args.out / "lidarseg" / args.split).glob("*_lidarseg.bin") if p.is_file()) + \
+            ([meta] if meta.is_file() else [])
+    return [p for s in sequences for p in sorted((args.out / "sequences" / s / "predictions").glob("*.label"))
+            if p.is_file()]  # a folder named *.label is no prediction: never touched
 
 
 def claim_predictions(args, sequences: list[str]) -> None:

@@ -79,6 +79,11 @@ def read_tables(root, version: str) -> Tables:
             rows[table] = {r["token"]: r for r in records}
         except (ValueError, TypeError, KeyError, RecursionError) as e:  # nesting deeper than Python recurses too
             raise DataError(f"{path}: not a table of the nuScenes schema ({type(e).__name__}: {e})") from None
+        if len(rows[table]) < len(records):  # a repeated token: the same row twice is harmless, two rows are not
+            for r in records:
+                if r != rows[table][r["token"]]:
+                    raise DataError(f"{path}: token {r['token']} names two different rows; which one holds cannot be "
+                                    "told (tables of two releases merged?)")
     tables = Tables(version, rows)
     check_tables(tables, folder)
     return tables
@@ -139,10 +144,16 @@ def check_tables(tables: Tables, folder: Path) -> None:
             if translation is None:
                 fail(table, token, "translation", f"is {row.get('translation')!r}, not 3 finite numbers")
     for token, row in tables["calibrated_sensor"].items():
-        if tables["sensor"][row["sensor_token"]].get("modality") == "camera" and \
-                numbers(row.get("camera_intrinsic"), 9) is None:
+        if tables["sensor"][row["sensor_token"]].get("modality") != "camera":
+            continue
+        k = numbers(row.get("camera_intrinsic"), 9)
+        if k is None:
             fail("calibrated_sensor", token, "camera_intrinsic",
                  f"is {row.get('camera_intrinsic')!r}, not a camera's 3 x 3 matrix of finite numbers")
+        if not (k[0] > 0 and k[4] > 0 and k[8] > 0):  # a sign flipped mirrors the camera
+            fail("calibrated_sensor", token, "camera_intrinsic",
+                 f"has focal lengths ({k[0]:g}, {k[4]:g}) and scale {k[8]:g}; they must be positive (a negative one "
+                 "mirrors the image)")
 
 
 def numbers(value, count: int) -> np.ndarray | None:

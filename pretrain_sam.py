@@ -320,8 +320,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
                     help="the weights file to write (SAM's format: image_encoder.* tensors, float16, DEFLATE zip)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else: refuse)")
-    ap.add_argument("--variant", default="vit_tiny", choices=sorted(elite.SAM_VARIANTS),
-                    help="SAM encoder variant (elite.SAM_VARIANTS); only vit_tiny fits the size limit")
+    ap.add_argument("--variant", default="vit_tiny", choices=("vit_tiny",),
+                    help="SAM encoder variant: vit_tiny, the embedded teacher's; the larger ones are SAM's own "
+                         "weights' job (vit_h pretraining here takes some 20 GB and minutes a step on a CPU)")
     ap.add_argument("--decoder", choices=("each", "concat"), default="concat",
                     help="each: a pixel decoder (and the loss) on each global block's tokens, as the teacher reads "
                          "them; concat: one decoder on the global blocks' tokens concatenated")

@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import pickle
+import re
 import signal
 import stat
 import sys
@@ -51,6 +52,9 @@ from semantickitti import (CLASS_COLORS, CLASS_NAMES, IGNORE, PLG_RECORD, SPLITS
 # Every file a script writes goes through scandata.atomic_write: a temporary in the same folder,
 # flushed, then renamed over the target, so a reader sees the old file or the new one.
 
+TEMPORARY = re.compile(r"[a-z0-9_]{8}")  # tempfile.mkstemp's random part: a user's NAME.mine.tmp is not ours
+
+
 def remove_partial_writes(targets) -> int:
     """Delete the temporaries atomic_write left beside these target files when its process was
     killed mid-write (PATH.<random>.tmp) -> how many. Only the targets' own: another process
@@ -61,7 +65,8 @@ def remove_partial_writes(targets) -> int:
     removed = 0
     for folder, names in by_folder.items():
         for tmp in folder.glob("*.tmp") if folder.is_dir() else ():
-            if tmp.name.rsplit(".", 2)[0] in names:
+            stem, _, random = tmp.name[:-len(".tmp")].rpartition(".")
+            if stem in names and TEMPORARY.fullmatch(random) and tmp.is_file():  # mkstemp's 8 characters only
                 tmp.unlink(missing_ok=True)
                 removed += 1
     return removed
@@ -180,6 +185,9 @@ def load_last(path, kind: str, map_location="cpu") -> dict:
         raise DataError(f"{path}: holds the model only (a best.pt?), not the optimiser and run state --resume "
                         "needs; resume from the last.pt its run wrote")
     check_run_state(ckpt, path)
+    for key, cls in (("student_config", StudentConfig), ("teacher_config", TeacherConfig)):
+        if key in ckpt:  # the model's own config: checked as infer.py checks it
+            checked_config(cls, entry(ckpt, key, dict, path), path)
     check_folder_history(Path(path), ckpt)
     return ckpt
 
@@ -1150,7 +1158,8 @@ def describe_conv(device: torch.device) -> str:
 
 def config_of(args) -> dict:
     """A script's flags as a checkpoint stores them."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "given"}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+            if k != "given" and not k.startswith("_")}
 
 
 def given_flags(parser, args, argv=None) -> None:
@@ -1163,6 +1172,33 @@ def given_flags(parser, args, argv=None) -> None:
         action.default = argparse.SUPPRESS
     typed, _ = quiet.parse_known_args(sys.argv[1:] if argv is None else argv)
     args.given = set(vars(typed))
+    args._parser = parser  # a resume checks the values it takes from a last.pt against the flags' own types
+
+
+def recorded_value_error(parser, key: str, value) -> str | None:
+    """Why a value a last.pt recorded for --key is not one the flag takes from a command line
+    (its type, range, choices, one value or a list), or None. The recorded values skipped the
+    parser's checks; a hand-edited one is named, never used."""
+    action = next((a for a in parser._actions if a.dest == key), None)
+    if action is None or value is None:
+        return None
+    if action.nargs == 0:  # --flag / --no-flag
+        return None if isinstance(value, bool) else f"{value!r} is not true or false"
+    many = action.nargs not in (None, "?")
+    if many != isinstance(value, (list, tuple)):
+        return f"{value!r} is {'not ' * many}a list"
+    for item in value if many else [value]:
+        if key in PATH_FLAGS and not isinstance(item, str):
+            return f"{item!r} is not a path"
+        try:
+            converted = action.type(str(item)) if action.type is not None else str(item)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            return str(e)
+        if not isinstance(item, (str, Path)) and type(converted) is not type(item):
+            return f"{item!r} is a {type(item).__name__}, not what --{key.replace('_', '-')} takes"
+        if action.choices is not None and converted not in action.choices:
+            return f"{item!r} is not one of {', '.join(map(str, action.choices))}"
+    return None
 
 
 # Flags that only say how this process runs, not what the run is: a resume may change them freely,
@@ -1182,9 +1218,17 @@ def resume_settings(args, recorded: dict, keeps: tuple[str, ...], path) -> str:
         if key in args.given and key in recorded and now.get(key) != recorded[key]:
             raise DataError(f"{path}: --{key.replace('_', '-')} {now[key]}: the run being resumed keeps "
                             f"{recorded.get(key)!r}, as it started; give a new --out to change it")
+    parser = getattr(args, "_parser", None)
+    filled = set(getattr(args, "from_preset", []))  # by the preset this command line chose
     for key, value in recorded.items():
-        if key in args.given or key in HOW_IT_RUNS or key == "from_preset" or not hasattr(args, key):
+        if key in args.given or key == "from_preset" or not hasattr(args, key):
             continue
+        if key in HOW_IT_RUNS and key not in filled:
+            continue  # how this process runs: its own default, unless a preset filled it (the run's preset fills it)
+        why = recorded_value_error(parser, key, value) if parser is not None else None
+        if why:
+            raise DataError(f"{path}: its recorded --{key.replace('_', '-')}: {why}; not a last.pt this project wrote "
+                            f"(give --{key.replace('_', '-')} to set it, or resume from the run's own last.pt)")
         setattr(args, key, Path(value) if key in PATH_FLAGS and value is not None else value)
     args.from_preset = [k for k in recorded.get("from_preset", args.from_preset) if k not in args.given]
     changed = [f"--{k.replace('_', '-')} {show(now[k])} (was {show(recorded[k])})" for k in sorted(args.given)

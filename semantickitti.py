@@ -187,6 +187,9 @@ def read_calib(path) -> dict[str, np.ndarray]:
         if not np.isfinite(mats[key]).all():
             raise DataError(f"{path}: '{key}' holds non-finite values (NaN or Inf): no point could be projected")
     p2 = mats["P2"].reshape(3, 4)
+    if not (p2[0, 0] > 0 and p2[1, 1] > 0 and p2[2, 2] > 0):  # a camera's focal lengths: a sign flipped mirrors it
+        raise DataError(f"{path}: P2's focal lengths ({p2[0, 0]:g}, {p2[1, 1]:g}) and scale {p2[2, 2]:g} must be "
+                        "positive; a negative one mirrors the image, so every point would land on a wrong pixel")
     tr = np.eye(4)
     tr[:3] = mats["Tr"].reshape(3, 4)
     return {"P2": p2, "Tr": tr, "proj": p2 @ tr}
@@ -572,6 +575,12 @@ def check_datasets(train_set, val_set, samples=16) -> None:
         raise DataError(f"{checked[0].parent}: every point of the {len(checked)} training .label files checked "
                         f"({checked[0].name} ... {checked[-1].name}) is unlabeled (training id 0): there is nothing "
                         "to learn from")
+    scored = [label_path(s) for s, labelled in zip(val_set.scans, val_set.has_labels) if labelled]
+    scored = [scored[i] for i in spread(len(scored), samples)]
+    if all(not to_train_ids(read_labels(path)[0], path).any() for path in scored):
+        raise DataError(f"{scored[0].parent}: every point of the {len(scored)} validation .label files checked "
+                        f"({scored[0].name} ... {scored[-1].name}) is unlabeled (training id 0): validation would score "
+                        "nothing and report 0 mIoU every epoch; give --val-sequences with labels")
     if getattr(train_set, "cutmix", False) and all(not read_labels(path)[1].any() for path in checked):
         raise DataError(f"{checked[0].parent}: --cutmix pastes the points of other scans' instances, but no point of "
                         f"the {len(checked)} training .label files checked carries an instance id (their upper 16 "

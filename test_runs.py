@@ -838,3 +838,14 @@ def test_a_bad_launch_environment_is_one_line_not_a_wait(env, match, monkeypatch
     with pytest.raises(scandata.DataError, match=match):
         runs.init_distributed("cpu")
     assert not torch.distributed.is_initialized()
+
+
+def test_only_the_projects_own_temporaries_are_removed(tmp_path):
+    """Fault-hunting round 2 (issue 34): a user's last.pt.mine.tmp or metrics.csv.2024.tmp beside a
+    run was deleted as a temporary; only atomic_write's own (NAME.<8 random characters>.tmp) go."""
+    ours = tmp_path / "last.pt.k3j_9a0z.tmp"
+    theirs = [tmp_path / "last.pt.mine.tmp", tmp_path / "metrics.csv.2024.tmp", tmp_path / "best.pt.notes.tmp"]
+    for path in [ours] + theirs:
+        path.write_bytes(b"x")
+    assert runs.remove_partial_writes(tmp_path / name for name in runs.RUN_FILES) == 1
+    assert not ours.exists() and all(path.read_bytes() == b"x" for path in theirs)

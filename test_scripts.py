@@ -485,6 +485,12 @@ def shorten_p2(path: Path) -> None:
                             for l in path.read_text().splitlines(True)))
 
 
+def mirror_p2(path: Path) -> None:
+    """calib.txt with P2's horizontal focal length negated: a mirrored camera."""
+    path.write_text("".join("P2: " + " ".join([str(-float(l.split()[1]))] + l.split()[2:]) + "\n"
+                            if l.startswith("P2:") else l for l in path.read_text().splitlines(True)))
+
+
 def set_unknown_ids(path: Path) -> None:
     raw = np.fromfile(path, dtype=np.uint32)
     raw[:10] = (raw[:10] & 0xFFFF0000) | 7  # raw id 7 is not in semantic-kitti.yaml
@@ -581,6 +587,9 @@ BAD_INPUTS = [
     ("P2 with 11 values", "infer",
      lambda d: (shorten_p2(d / "data" / S08 / "calib.txt"), infer_args(d, "--vis", str(d / "vis")))[1],
      r"08/calib\.txt: 'P2' has 11 values, expected 12", False),
+    ("P2 mirrored (a negative focal length)", "infer",
+     lambda d: (mirror_p2(d / "data" / S08 / "calib.txt"), infer_args(d, "--vis", str(d / "vis")))[1],
+     r"08/calib\.txt: P2's focal lengths \(-\d[\d.e+]*, [\d.e+]+\) and scale 1 must be positive", False),
     ("missing image", "train_teacher",
      lambda d: ((d / "data" / S00 / "image_2/000001.png").unlink(), train_args(d, "--labels", "sparse"))[1],
      r"00/image_2/000001\.png: image not found", False),
@@ -612,6 +621,9 @@ BAD_INPUTS = [
     ("folder without sequences/", "infer",
      lambda d: ((d / "empty").mkdir(), infer_args(d)[:2] + ["--data", str(d / "empty"), "--out", str(d / "pred")])[1],
      r"empty: no 'sequences' folder", False),
+    ("infer --sequence given the dataset's root", "infer",
+     lambda d: infer_args(d)[:2] + ["--sequence", str(d / "data"), "--out", str(d / "pred")],
+     r"--sequence .*data: expected a sequence folder ROOT/sequences/XX with velodyne/ in it", False),
     ("student checkpoint passed as the teacher", "train_student",
      lambda d: train_args(d, "--teacher", str(d / "student.pt")),
      r"student\.pt: holds a 'elite-student' model, expected 'elite-teacher'", False),
@@ -678,6 +690,10 @@ BAD_INPUTS = [
     ("one image of a sequence resized to 80%", "train_teacher",
      lambda d: (resize_image(d / "data" / S00 / "image_2/000001.png", 0.8), train_args(d, "--plg-only"))[1],
      r"00/image_2/000001\.png: a 993x301 image, but the frames of this sequence are 1241x376", False),
+    ("every validation label 0 (unlabeled)", "train_student",
+     lambda d: (zero_labels(d / "data" / S08 / "labels"), train_args(d, "--teacher", "none"))[1],
+     r"08/labels: every point of the 1 validation \.label files checked .* is unlabeled .*validation would score "
+     r"nothing", False),
     ("every training label 0 (unlabeled)", "train_student",
      lambda d: (zero_labels(d / "data" / S00 / "labels"), train_args(d, "--teacher", "none"))[1],
      r"00/labels: every point of the 2 training \.label files checked .* is unlabeled", False),
@@ -1334,3 +1350,28 @@ def test_ctrl_c_while_the_imports_load_is_one_line(tmp_path):
     assert process.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] in ("interrupted (Ctrl-C) while starting; nothing was written",
                                             "interrupted (Ctrl-C); every file written so far is whole")
+
+
+def test_hand_edited_run_settings_in_last_pt_are_named_on_resume(synth_root, tmp_path):
+    """Fault-hunting round 2 (issue 34): the settings a resume takes from last.pt skipped the
+    flags' checks (a list as --lr, 0 as --batch-size, 12 as --data: tracebacks; 5 as --teacher:
+    silently 'none'); each is now checked against its flag and named. A preset's worker count
+    is the run's, also when --data on the resume line would choose another preset."""
+    import train_student
+    run = tmp_path / "run"
+    args = ["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08", "--preset", "embedded",
+            "--epochs", "1", "--batch-size", "1", "--teacher", "none", "--device", "cpu", "--out", str(run)]
+    train_student.main(args)
+    good = torch.load(run / "last.pt", weights_only=True)
+    for key, value, why in (("lr", [0.1], r"\[0\.1\] is a list"), ("batch_size", 0, r"expected a positive integer"),
+                            ("data", 12, r"12 is not a path"), ("teacher", 5, r"5 is a int, not what --teacher takes"),
+                            ("train_sequences", "00", r"'00' is not a list"), ("cutmix", "yes", r"'yes' is not true or false")):
+        runs.atomic_save(good | {"config": good["config"] | {key: value}}, run / "last.pt")
+        message = run_main("train_student", ["--out", str(run), "--epochs", "2", "--resume"])
+        assert re.search(rf"last\.pt: its recorded --{key.replace('_', '-')}: {why}", message), (key, message)
+    runs.atomic_save(good | {"student_config": good["student_config"] | {"num_classes": "x"}}, run / "last.pt")
+    assert "num_classes is 'x'" in run_main("train_student", ["--out", str(run), "--epochs", "2", "--resume"])
+    runs.atomic_save(good, run / "last.pt")
+    resumed = train_student.parse_args(["--out", str(run), "--resume", "--data", str(synth_root)])  # preset paper now
+    runs.resume_settings(resumed, good["config"], train_student.RESUME_KEEPS, run / "last.pt")
+    assert resumed.preset == "embedded" and resumed.workers == good["config"]["workers"] == 0
