@@ -1284,7 +1284,7 @@ def teacher_point_logits(teacher: Teacher, crops: CameraCrops) -> list[torch.Ten
 
 
 def elite_losses(out: StudentOutput, heads: nn.ModuleList, teacher: Teacher, batch: Batch,
-                 weight: torch.Tensor, joint=True) -> dict[str, torch.Tensor]:
+                 weight: torch.Tensor, joint=True, lambda_xm=LAMBDA_XM) -> dict[str, torch.Tensor]:
     """ELiTe's whole training loss, term by name (their sum is the loss):
         seg3d_main                 CE_w + LAMBDA_LOVASZ (0.1) Lovasz of the student's point logits
         seg2d_scale*, seg2d_fused  the teacher's 2D terms               (joint mode)
@@ -1298,7 +1298,7 @@ def elite_losses(out: StudentOutput, heads: nn.ModuleList, teacher: Teacher, bat
         terms |= terms_2d
     else:
         logits_2d = teacher_point_logits(teacher, batch.crops)
-    terms |= ppmskd_losses(out, heads, logits_2d, batch, weight, LAMBDA_XM)
+    terms |= ppmskd_losses(out, heads, logits_2d, batch, weight, lambda_xm)
     if joint and teacher.cfg.peft == "adalora":
         terms["orth"] = orth_regularizer(teacher, ORTH_WEIGHT)
     return terms

@@ -1025,6 +1025,8 @@ adapter_rank = _flag_type(int, lambda v: 1 <= v <= 256, "an adapter rank from 1 
 
 thread_count = _flag_type(int, lambda v: 1 <= v <= 256, "a thread count from 1 to 256")
 
+loss_weight = _flag_type(float, lambda v: math.isfinite(v) and 0 < v <= 1000, "a loss weight above 0, at most 1000")
+
 def device_flag(text: str) -> str:
     """--device: a torch device this machine has."""
     try:

@@ -1375,3 +1375,17 @@ def test_hand_edited_run_settings_in_last_pt_are_named_on_resume(synth_root, tmp
     resumed = train_student.parse_args(["--out", str(run), "--resume", "--data", str(synth_root)])  # preset paper now
     runs.resume_settings(resumed, good["config"], train_student.RESUME_KEEPS, run / "last.pt")
     assert resumed.preset == "embedded" and resumed.workers == good["config"]["workers"] == 0
+
+
+def test_kd_weight_is_elites_lambda_xm_and_applies_only_with_a_teacher(capsys):
+    """--kd-weight sets PPMSKD's lambda_xm (the paper's 0.05 by default); without a teacher, or for
+    U2MKD, it is refused when parsed."""
+    import train_student
+    assert train_student.parse_args(["--kd-weight", "2"]).kd_weight == 2.0
+    for argv in (["--teacher", "none", "--kd-weight", "2"], ["--method", "u2mkd", "--kd-weight", "2"],
+                 ["--kd-weight", "0"]):
+        with pytest.raises(SystemExit):
+            train_student.parse_args(argv)
+    err = capsys.readouterr().err
+    assert "--kd-weight: the weight of the KD from a teacher" in err and "not apply to --method u2mkd" in err
+    assert "expected a loss weight above 0" in err

@@ -116,6 +116,9 @@ def add_elite_flags(p) -> None:
     p.add_argument("--heads-3d", action="store_true", default=None,
                    help="elite, --teacher none: train the student with PPMSKD's four 3D heads and their losses but "
                         "no teacher (deep supervision without KD: the ablation's control for what KD itself adds)")
+    p.add_argument("--kd-weight", type=runs.loss_weight, default=None,
+                   help=f"elite: lambda_xm, the weight of PPMSKD's KL terms (each stage's KL weighs lambda_xm / 4; "
+                        f"default: the paper's {elite.LAMBDA_XM})")
     p.add_argument("--derived-dir", type=Path, default=None,
                    help="elite: where the SAM-PLG pseudo-labels were written, if not inside --data (default: "
                         "inside --data; train_teacher.py --derived-dir for a read-only dataset)")
@@ -166,7 +169,8 @@ def parse_args(argv=None):
 def refuse_flags_that_do_not_apply(p, args) -> None:
     """A flag of the other method or dataset is refused, never silently ignored."""
     other_method = {"elite": ("image_size", "image_weights", "global_batch", "camera_drop", "image_drop"),
-                    "u2mkd": ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix", "heads_3d")}[args.method]
+                    "u2mkd": ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix", "heads_3d",
+                              "kd_weight")}[args.method]
     # Camera dropout has two forms: of nuScenes' six cameras, or of SemanticKITTI's one image.
     other_method += ("labels", "sam_checkpoint", "derived_dir", "init_3d", "cutmix", "image_drop") \
         if args.dataset == "nuscenes" else ("camera_drop",)
@@ -180,6 +184,8 @@ def refuse_flags_that_do_not_apply(p, args) -> None:
         p.error("--labels: the 2D labels of the teacher's losses; --teacher none trains without a teacher")
     if args.heads_3d and args.teacher != "none":
         p.error("--heads-3d: the 3D heads without a teacher; with one, PPMSKD trains them anyway: add --teacher none")
+    if args.kd_weight is not None and args.teacher == "none":
+        p.error("--kd-weight: the weight of the KD from a teacher; --teacher none has none")
     if args.dataset == "nuscenes":
         if args.method == "elite" and args.teacher not in (None, "none"):
             p.error("--dataset nuscenes --method elite trains the LiDAR-only baseline (--teacher none); ELiTe's SAM "
@@ -295,12 +301,13 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
             runs.load_state(heads, resumed["heads_3d"], args.out / "last.pt")
         runs.load_optimizer_state(optimizer, resumed, args.out / "last.pt")
     weight = elite.class_weights().to(device)
+    kd_weight = config.get("kd_weight") or elite.LAMBDA_XM  # a run from before the flag: the paper's
 
     def loss_terms(batch):
         batch = batch.to(device)
         out = model(batch.points, batch.batch_idx)
         if teacher is not None:
-            return elite.elite_losses(out, heads, teacher, batch, weight, joint=joint)
+            return elite.elite_losses(out, heads, teacher, batch, weight, joint=joint, lambda_xm=kd_weight)
         terms = {"seg3d_main": elite.seg_loss(out.logits, batch.labels, weight, elite.LAMBDA_LOVASZ)}
         if heads is not None:  # --heads-3d: PPMSKD's 3D heads and their losses, no KD
             terms |= elite.deep_supervision_losses(out, [h(f) for h, f in zip(heads, out.stage_feats)], batch, weight)
@@ -322,7 +329,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
         describe = "none (the baseline: the student alone" + (", with PPMSKD's 3D heads, no KD)" if heads else ")")
     else:
         describe = (f"{config['teacher']} (SAM {teacher.cfg.variant}, {config['teacher_mode']}, {config['labels']} 2D "
-                    f"labels, crop {teacher.cfg.crop_hw[0]}x{teacher.cfg.crop_hw[1]})")
+                    f"labels, crop {teacher.cfg.crop_hw[0]}x{teacher.cfg.crop_hw[1]}; KD weight lambda_xm {kd_weight})")
     return Setup(model, loader, optimizer, parts, loss_terms, lambda: runs.evaluate(model, val_loader, scores),
                  checkpoints, allocator.step if allocator is not None else None, describe, val_set)
 
