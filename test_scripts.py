@@ -1389,3 +1389,30 @@ def test_kd_weight_is_elites_lambda_xm_and_applies_only_with_a_teacher(capsys):
     err = capsys.readouterr().err
     assert "--kd-weight: the weight of the KD from a teacher" in err and "not apply to --method u2mkd" in err
     assert "expected a loss weight above 0" in err
+
+
+def test_the_students_initial_weights_do_not_depend_on_its_teacher(synth_root, tmp_path, monkeypatch):
+    """A fair ablation: the student alone, with the 3D heads, and distilling a teacher start from
+    the same weights at the same seed. Loading a teacher draws random numbers (its random init,
+    overwritten by the file); before the fix the ELiTe rows' students all started elsewhere."""
+    import train_student
+    teacher = elite.Teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(64, 128)))
+    runs.atomic_save(runs.teacher_state(teacher) | {"config": {"labels": "sparse", "target_rank": 8},
+                                                    "rank_allocator": None}, tmp_path / "teacher.pt")
+    started = {}
+
+    class Started(Exception):
+        pass
+
+    def first_weights(run, loader, optimizer, objective, *args, **kwargs):
+        started[len(started)] = {k: v.clone() for k, v in objective.parts[0].state_dict().items()}
+        raise Started
+
+    monkeypatch.setattr(runs, "fit", first_weights)
+    for i, teacher_flags in enumerate((["--teacher", "none"], ["--teacher", "none", "--heads-3d"],
+                                       ["--teacher", str(tmp_path / "teacher.pt")])):
+        with pytest.raises(Started):
+            train_student.main(["--data", str(synth_root), "--train-sequences", "00", "--val-sequences", "08",
+                                "--preset", "embedded", "--epochs", "1", "--device", "cpu", "--seed", "3",
+                                "--out", str(tmp_path / f"run{i}"), *teacher_flags])
+    assert all(torch.equal(started[0][k], started[i][k]) for i in (1, 2) for k in started[0])

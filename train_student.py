@@ -280,6 +280,7 @@ def setup_elite(args, root: Path, device, resumed: dict | None) -> Setup:
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, pin_memory=device.type == "cuda")
 
+    torch.manual_seed(args.seed)  # the student's initial weights never depend on what was built before it (a teacher)
     model = elite.Student()
     if args.init_3d is not None and resumed is None:
         runs.load_2dpass_student(model, args.init_3d)
@@ -402,6 +403,7 @@ def setup_u2mkd(args, root: Path, device, resumed: dict | None) -> Setup:
                                  f"--dataset {args.dataset} has {cfg.num_classes}: train the teacher on this dataset")
     loader, val_loader = runs.make_loaders(train_set, val_set, args.batch_size, args.val_batch_size, args.workers,
                                             args.seed, u2mkd.collate_pairs, device.type == "cuda")
+    torch.manual_seed(args.seed)  # the student's initial weights never depend on what was built before it (a teacher)
     model = u2mkd.FusionStudent(cfg).to(device)
     if args.image_weights is not None and resumed is None:
         runs.load_imagenet_weights(model.image, args.image_weights)
