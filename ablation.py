@@ -15,7 +15,7 @@ ELiTe: what the gain splits into
     stand-in, sparse   ELiTe distilling the pretrained stand-in for SAM, sparse point labels
     stand-in, SAM-PLG  ELiTe distilling the pretrained stand-in for SAM, SAM-PLG labels (the quick start)
     ..., KD weight 2   the same with --kd-weight 2 (lambda_xm 40x the paper's 0.05): the paper's KL has a
-                       gradient ~1/400 of the other terms' here, this one comes near them
+                       gradient ~1/400 of the other terms' here, this one about a tenth
 "3D heads, no KD" minus "alone" is deep supervision; the stand-in rows minus "3D heads, no KD" is
 what the teacher's knowledge adds; "random ViT" against the stand-in is what pretraining adds.
 
@@ -67,7 +67,8 @@ ELITE_ROWS = {
     "standin_sparse": ("ELiTe, pretrained stand-in, sparse labels", "teacher_standin_sparse", []),
     "standin_plg": ("ELiTe, pretrained stand-in, SAM-PLG labels", "teacher_standin_plg", []),
     # The paper's KD weight gives the KL a gradient ~1/400 of the other terms' on this preset
-    # (docs/method.md); 40x (lambda_xm 2) brings it near theirs. Set from that measurement, not tuned.
+    # (docs/method.md); 40x (lambda_xm 2) brings it to about a tenth of theirs. Set from that measurement,
+    # not tuned.
     "standin_plg_kd2": ("ELiTe, pretrained stand-in, SAM-PLG labels, KD weight 2 (40x)", "teacher_standin_plg",
                         ["--kd-weight", "2"]),
 }
