@@ -259,6 +259,11 @@ def check_folder_history(last_path: Path, ckpt: dict) -> None:
             atomic_write(keep, lambda f: f.write(data))
             print(f"{metrics}: rows for epochs {later[0]}-{later[-1]} come after {last_path}'s epoch {done}; the "
                   f"resumed run trains those epochs again and rewrites them; the table as it was is kept in {keep}")
+    if not best_path.is_file() and ckpt["best_miou"] >= 0:
+        if distributed().main:
+            print(f"{best_path}: missing (its write failed, or it was moved away); the resumed run writes a new one "
+                  "after its next epoch")
+        ckpt["best_miou"] = -1.0  # so that the next epoch's model is saved as best.pt
     if best_path.is_file():
         try:
             check_expansion(best_path)
@@ -1257,9 +1262,10 @@ def describe_device(device: torch.device, amp: bool | None = None) -> str:
 def which_checkpoint(last_path: Path, best_path: Path, last_miou: float, best_miou: float, metric="val mIoU") -> str:
     """The end-of-run line: the last epoch is the model to score and to distil from, as upstream
     scores last.ckpt; best.pt was chosen on the validation split, so its figure there overstates."""
+    best = (f"{best_path}: the epoch selected on the validation split ({metric} {100 * best_miou:.1f}, an "
+            f"optimistic figure for that split)") if best_path.is_file() else f"{best_path}: not written"
     return (f"\nThe model of this run: {last_path} (the last epoch, as upstream scores it; {metric} "
-            f"{100 * last_miou:.1f}). {best_path}: the epoch selected on the validation split ({metric} "
-            f"{100 * best_miou:.1f}, an optimistic figure for that split)")
+            f"{100 * last_miou:.1f}). {best}")
 
 
 def describe_outputs(out: Path, save_every: int) -> str:

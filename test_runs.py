@@ -849,3 +849,14 @@ def test_only_the_projects_own_temporaries_are_removed(tmp_path):
         path.write_bytes(b"x")
     assert runs.remove_partial_writes(tmp_path / name for name in runs.RUN_FILES) == 1
     assert not ours.exists() and all(path.read_bytes() == b"x" for path in theirs)
+
+
+def test_a_missing_best_pt_is_written_again_after_the_next_epoch(tmp_path, capsys):
+    """Fault-hunting round 3 (issue 34): a best.pt whose write failed (a full disk) was never
+    written again, since last.pt carried the best figure; the resume says so and starts over."""
+    out, run = tmp_path / "out", runs.RunState()
+    runs.atomic_save(run_folder(out, run, epochs=2, best_epoch=1, best=0.02), out / "last.pt")
+    (out / "best.pt").unlink()
+    ckpt = runs.load_last(out / "last.pt", runs.STUDENT_KIND)
+    assert "best.pt: missing (its write failed" in capsys.readouterr().out and ckpt["best_miou"] == -1.0
+    assert runs.which_checkpoint(out / "last.pt", out / "best.pt", 0.1, 0.2).endswith("best.pt: not written")

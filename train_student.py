@@ -481,9 +481,9 @@ def main(argv=None):
 
     def save(run, miou, improved):
         last, best = setup.checkpoints(run, miou)
-        runs.atomic_save(last, last_path)
-        if improved:
+        if improved:  # best.pt first: a failed write leaves last.pt at the epoch before, which a resume redoes
             runs.atomic_save(best, best_path)
+        runs.atomic_save(last, last_path)
 
     conf = runs.fit(run, setup.loader, setup.optimizer, objective, schedule, setup.validate, save,
                     setup.after_backward, amp_device=device if args.amp else None,

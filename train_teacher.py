@@ -372,9 +372,9 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
         state = runs.teacher_state(teacher) | run.record(miou) | {
             "optimizer": optimizer.state_dict(), "config": runs.config_of(args),
             "rank_allocator": allocator.state_dict() if allocator is not None else None}
-        runs.atomic_save(state, last_path)
-        if improved:
+        if improved:  # best.pt first: a failed write leaves last.pt at the epoch before, which a resume redoes
             runs.atomic_save(state, best_path)
+        runs.atomic_save(state, last_path)
 
     trainable = sum(p.numel() for p in params)
     schedule = runs.lr_schedule(args.lr_schedule, args.lr, args.epochs, len(loader), runs.distributed().size)
@@ -455,9 +455,9 @@ def train_lidar_teacher(args, root: Path, device, last_path: Path, best_path: Pa
 
     def save(run, miou, improved):
         best = runs.lidar_teacher_state(model) | run.record(miou) | {"config": runs.config_of(args)}
-        runs.atomic_save(best | {"optimizer": optimizer.state_dict()}, last_path)
-        if improved:
+        if improved:  # best.pt first: a failed write leaves last.pt at the epoch before, which a resume redoes
             runs.atomic_save(best, best_path)
+        runs.atomic_save(best | {"optimizer": optimizer.state_dict()}, last_path)
 
     lr, scaled = runs.scaled_lr(args)  # as the fusion student's: upstream's lr is for 4 GPUs x 3
     schedule = runs.lr_schedule(args.lr_schedule, lr, args.epochs, len(loader), runs.distributed().size)
