@@ -41,6 +41,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds, for 
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,9 +90,20 @@ def train(script: str, out: Path, flags: list[str], data: Path, seed: int) -> No
     log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise scandata.DataError(f"{log}: the run failed (exit {done.returncode}); its last lines say why")
+        child = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            code = child.wait()
+        except BaseException:  # Ctrl-C or SIGTERM here: the run stops with its checkpoint, never left orphaned
+            child.send_signal(signal.SIGTERM)
+            child.wait()
+            raise
+    if code != 0:
+        raise scandata.DataError(f"{log}: the run failed (exit {code}); its last lines say why")
+
+
+def stop_on_sigterm(*_):
+    raise runs.Stopped("ablation.py stopped by SIGTERM; its runs keep their last checkpoints, and the same command "
+                       "continues them", 143)
 
 
 def scores(checkpoint: Path, data: Path, out: Path) -> dict[str, list[float]]:
@@ -194,9 +206,13 @@ def main(argv=None):
         p.error(f"--out {args.out}: an existing file, not a folder")
     parts = ["elite", "u2mkd"] if args.part == "all" else [args.part]
     every = [r for part in parts for r in (ELITE_ROWS if part == "elite" else U2MKD_ROWS)]
-    rows = [r for r in list(ELITE_ROWS) + list(U2MKD_ROWS) if r in args.rows] if args.rows else every  # table order
+    others = [r for r in args.rows or [] if r not in every]
+    if others:
+        p.error(f"--rows {' '.join(others)}: not a row of --part {args.part}")
+    rows = [r for r in every if r in args.rows] if args.rows else every  # table order
     if any(r.startswith("standin") for r in rows) and not STANDIN.is_file():
         p.error(f"{STANDIN}: the pretrained stand-in for SAM is missing; python pretrain_sam.py makes it")
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # stops the run in progress too (train())
     data = synthkitti.embedded_dataset(seed=0)  # the scenes every row reads, made once
     results = {}
     for seed in args.seeds:

@@ -919,6 +919,7 @@ class Teacher(nn.Module):
         self.heads_2d = nn.ModuleList([head_2d(c // 8, c // 4, cfg.num_classes) for _ in self.stage_blocks])
         self.fused_head = head_2d(len(self.stage_blocks) * c // 8, c // 4, cfg.num_classes)
         self.sam_checkpoint: str | None = None  # the SAM file the frozen encoder was loaded from, if any
+        self.sam_fingerprint: list | None = None  # that file's [size, time, CRC-32], which a checkpoint records
         self._low_precision: tuple = (None, [])  # frozen_weights' bf16 copy under autocast, and its key
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:

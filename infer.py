@@ -113,9 +113,14 @@ def parse_args(argv=None):
                         "90 degrees; the paper's batch is 4)")
     runs.add_conv_flag(p)
     args = p.parse_args(argv)
+    runs.given_flags(p, args, argv)
     runs.apply_conv_flag(p, args)
-    if args.benchmark and (args.vis is not None or args.no_images):
-        p.error("--benchmark times the student on one scan and writes no predictions: drop --vis / --no-images")
+    ignored = [f"--{k.replace('_', '-')}" for k in ("checkpoint", "dataset", "data", "version", "split", "sequence",
+                                                    "out", "overwrite", "votes", "seed", "vis", "vis_every",
+                                                    "no_images") if k in args.given]
+    if args.benchmark and ignored:
+        p.error(f"--benchmark times a student of random weights on one scan (the real frame when ../shared/realdata "
+                f"holds it) and writes nothing: {', '.join(ignored)} would be ignored; drop them")
     if args.dataset == "nuscenes" and (args.vis is not None or args.sequence is not None):
         p.error("--dataset nuscenes: --vis and --sequence are for SemanticKITTI")
     args.data = args.data or (synthnusc if args.dataset == "nuscenes" else synthkitti).EMBEDDED_ROOT

@@ -443,7 +443,7 @@ def teacher_state(teacher: Teacher) -> dict:
     keep_all = teacher.sam_checkpoint is None
     weights = {k: v for k, v in teacher.state_dict().items() if keep_all or k in trainable}
     return {"kind": TEACHER_KIND, "teacher_config": asdict(teacher.cfg),
-            "sam_checkpoint": teacher.sam_checkpoint, "weights": weights}
+            "sam_checkpoint": teacher.sam_checkpoint, "sam_fingerprint": teacher.sam_fingerprint, "weights": weights}
 
 
 def entry(ckpt: dict, key: str, kind, path):
@@ -499,9 +499,19 @@ def load_teacher_state(state: dict, sam_checkpoint=None, path="teacher state") -
     cfg = checked_config(TeacherConfig, entry(state, "teacher_config", dict, path), path)
     sam = sam_checkpoint or entry(state, "sam_checkpoint", (str, type(None)), path)
     teacher = Teacher(cfg)
+    recorded = state.get("sam_fingerprint")  # [size, time, CRC-32] of the SAM file it was trained on
+    if recorded is not None and not (isinstance(recorded, list) and len(recorded) == 3
+                                     and all(type(x) is int for x in recorded)):
+        raise DataError(f"{path}: 'sam_fingerprint' is {recorded!r}, not [size, time, crc]; not a checkpoint this "
+                        "project wrote")
     if sam is not None:
+        if recorded is not None and Path(sam).is_file() and not semantickitti.same_file(Path(sam), recorded):
+            raise DataError(f"{path}: its teacher was trained on another SAM file than {sam} ({recorded[0]:,} bytes "
+                            f"then, {Path(sam).stat().st_size:,} now, or other content); its adapters fit that "
+                            "encoder only: give that file with --sam-checkpoint")
         load_sam_checkpoint(teacher.encoder, sam, cfg.variant)
         teacher.sam_checkpoint = str(sam)
+        teacher.sam_fingerprint = recorded or semantickitti.fingerprint(Path(sam))
     weights = entry(state, "weights", dict, path)
     # Teachers saved before the patch decoders got their name kept upstream's `output_upscaling`.
     weights = {k.replace("output_upscaling.", "patch_decoders.", 1) if k.startswith("output_upscaling.") else k: v
@@ -601,6 +611,7 @@ def build_teacher(cfg: TeacherConfig | None = None, sam_checkpoint=None) -> Teac
     else:
         load_sam_checkpoint(teacher.encoder, sam_checkpoint, cfg.variant)
         teacher.sam_checkpoint = str(sam_checkpoint)
+        teacher.sam_fingerprint = semantickitti.fingerprint(Path(sam_checkpoint))  # the file's identity, kept
     return teacher
 
 
@@ -988,6 +999,9 @@ def run_script(main, argv=None) -> None:
     except Stopped as e:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(e.code)
+    except OSError as e:  # the file system said no where no check expected it (a name too long, ...)
+        where = f"{e.filename}: " if e.filename else ""
+        sys.exit(f"error: {where}{e.strerror or e}")
     except KeyboardInterrupt:  # outside training: every file is whole (atomic writes)
         print("interrupted (Ctrl-C); every file written so far is whole", file=sys.stderr, flush=True)
         sys.exit(130)

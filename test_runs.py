@@ -860,3 +860,23 @@ def test_a_missing_best_pt_is_written_again_after_the_next_epoch(tmp_path, capsy
     ckpt = runs.load_last(out / "last.pt", runs.STUDENT_KIND)
     assert "best.pt: missing (its write failed" in capsys.readouterr().out and ckpt["best_miou"] == -1.0
     assert runs.which_checkpoint(out / "last.pt", out / "best.pt", 0.1, 0.2).endswith("best.pt: not written")
+
+
+def test_a_teacher_refuses_a_sam_file_other_than_the_one_it_was_trained_on(tmp_path):
+    """Fault-hunting round 3 (issue 34): a teacher checkpoint named its SAM file by path only, so
+    another file of the same variant at that path ran silently under adapters trained for the first.
+    The file's fingerprint is recorded; a moved copy (new time, same bytes) is still accepted."""
+    sam = tmp_path / "sam.pth"
+    shutil.copy("weights/sam_vit_tiny_synth.pth", sam)
+    teacher = runs.build_teacher(elite.TeacherConfig(variant="vit_tiny", crop_hw=(64, 128)), sam)
+    runs.atomic_save(runs.teacher_state(teacher) | {"config": {}}, tmp_path / "teacher.pt")
+    moved = tmp_path / "moved.pth"
+    moved.write_bytes(sam.read_bytes())  # another time, the same bytes
+    assert runs.load_teacher(tmp_path / "teacher.pt", moved)[0].sam_fingerprint == teacher.sam_fingerprint
+    state = torch.load(sam, weights_only=True)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first] + 1  # another encoder of the same variant
+    torch.save(state, sam)
+    with pytest.raises(scandata.DataError, match=r"teacher\.pt: its teacher was trained on another SAM file than "
+                                                 r".*sam\.pth"):
+        runs.load_teacher(tmp_path / "teacher.pt")

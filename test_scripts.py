@@ -1416,3 +1416,51 @@ def test_the_students_initial_weights_do_not_depend_on_its_teacher(synth_root, t
                                 "--preset", "embedded", "--epochs", "1", "--device", "cpu", "--seed", "3",
                                 "--out", str(tmp_path / f"run{i}"), *teacher_flags])
     assert all(torch.equal(started[0][k], started[i][k]) for i in (1, 2) for k in started[0])
+
+
+def test_a_path_the_file_system_refuses_is_one_line(tmp_path):
+    """Fault-hunting round 3 (issue 34): a folder name over 255 characters gave an OSError
+    traceback in five places; whatever the file system refuses ends in one line."""
+    message = run_main("train_student", ["--teacher", "none", "--out", str(tmp_path / ("z" * 256))])
+    assert message.startswith("error: ") and "File name too long" in message and "\n" not in message
+
+
+def test_ablation_stops_its_run_when_stopped_and_keeps_rows_within_part(tmp_path, monkeypatch, capsys):
+    """Fault-hunting round 3 (issue 34): SIGTERM to ablation.py left its training run going,
+    orphaned and holding its folder; --rows could pick a row of the other --part."""
+    import signal
+    import ablation
+    sent = []
+
+    class Child:
+        waits = 0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait(self):
+            Child.waits += 1
+            if Child.waits == 1:
+                raise KeyboardInterrupt  # as SIGTERM's handler raises while ablation waits for the run
+            return -signal.SIGTERM
+
+        def send_signal(self, sig):
+            sent.append(sig)
+
+    monkeypatch.setattr(ablation.subprocess, "Popen", Child)
+    with pytest.raises(KeyboardInterrupt):
+        ablation.train("train_student.py", tmp_path / "run", ["--teacher", "none"], tmp_path, 1)
+    assert sent == [signal.SIGTERM] and Child.waits == 2  # the run was told to stop, and waited for
+    with pytest.raises(SystemExit):
+        ablation.main(["--part", "elite", "--rows", "lidar_only", "--seeds", "1", "2"])
+    assert "--rows lidar_only: not a row of --part elite" in capsys.readouterr().err
+
+
+def test_benchmark_refuses_the_flags_it_would_ignore(capsys):
+    """Fault-hunting round 3 (issue 34): --benchmark with --checkpoint or --data ran a random
+    student on its own scan and said nothing of the flags it ignored."""
+    import infer
+    with pytest.raises(SystemExit):
+        infer.parse_args(["--benchmark", "--checkpoint", "nonexist.pt", "--votes", "12"])
+    assert "--checkpoint, --votes would be ignored; drop them" in capsys.readouterr().err
+    assert infer.parse_args(["--benchmark", "--repeats", "1"]).benchmark
