@@ -79,8 +79,8 @@ def parse_args(argv=None):
                         "<lidar_token>_lidarseg.bin and SPLIT/submission.json)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the predictions --out already holds for what this run predicts (the sequences, or "
-                        "the nuScenes split's submission), once every input is checked; without it such a --out "
-                        "is refused")
+                        "the nuScenes split's submission), once every input is checked, and redraw the pictures "
+                        "--vis holds; without it such a --out or --vis is refused")
     p.add_argument("--votes", type=runs.positive_int, default=1,
                    help="test-time augmentation: logits summed over this many copies (copy 0 as is, "
                         "the others rotated and translated at random; official test uses 12)")
@@ -286,6 +286,11 @@ def claim_predictions(args, sequences: list[str]) -> None:
         files = f"{len(found)} file{'s' * (len(found) != 1)}"
         raise scandata.DataError(f"{args.out}: already holds predictions ({files}, e.g. {found[0]}); give another "
                                  "--out, or --overwrite to replace them")
+    pictures = [p for s in sequences for p in sorted((args.vis / "sequences" / s).glob("*.png"))
+                if p.is_file()] if args.vis is not None else []
+    if pictures and not args.overwrite:  # another run's pictures are not redrawn without being asked
+        raise scandata.DataError(f"{args.vis}: already holds pictures ({len(pictures)}, e.g. {pictures[0]}); give "
+                                 "another --vis, or --overwrite to redraw them")
     for path in found:
         path.unlink()
 

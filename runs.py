@@ -428,6 +428,11 @@ def load_2dpass_student(model: Student, path) -> None:
         if tensor.shape != ours[key].shape:
             raise DataError(f"{path}: {prefix}{theirs} has shape {tuple(tensor.shape)}, the student's {key} needs "
                             f"{tuple(ours[key].shape)}; not a 2DPASS 4scale-64dimension checkpoint")
+        if tensor.is_floating_point() != ours[key].is_floating_point():  # integer weights load as zeros or garbage
+            raise DataError(f"{path}: {prefix}{theirs} holds {tensor.dtype} values, the student's {key} is "
+                            f"{ours[key].dtype}; not a 2DPASS checkpoint of trained weights")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DataError(f"{path}: {prefix}{theirs} holds NaN or Inf: the 2DPASS run it comes from diverged")
         new[key] = tensor
     left = sorted(k for k in src if not k.startswith("criterion."))
     if left:
@@ -948,6 +953,13 @@ def load_instance_db(root, sequences, min_points=u2mkd.MIN_INSTANCE_POINTS, prog
         except Exception as e:
             raise DataError(f"{path}: cannot read the instance database ({type(e).__name__}: {e}); "
                                   "delete it to rebuild") from None
+        o, points, classes = db.offsets, db.points, db.classes
+        whole = (points.ndim == 2 and points.shape[1:] == (4,) and o.ndim == 1 and len(o) == len(classes) + 1
+                 and len(o) > 0 and o[0] == 0 and o[-1] == len(points) and bool((np.diff(o) > 0).all())
+                 and bool(np.isin(classes, np.arange(1, 20)).all()))
+        if not whole:  # its own record may have been kept by a hand edit: the arrays are checked too
+            raise DataError(f"{path}: the instance database's arrays do not fit together (offsets, points, classes); "
+                            "delete it to rebuild")
         if db.sequences == sorted(sequences) and db.min_points == min_points and built_from == source:
             return db
     db = u2mkd.build_instance_db(root, sequences, min_points, progress)
@@ -1117,6 +1129,11 @@ def check_data_flags(parser, args) -> None:
         parser.error(f"{' and '.join(given)}: SemanticKITTI's sequences; nuScenes' splits are the official scenes "
                      "(--version picks the tables)")
     args.val_sequences = args.val_sequences or list(SPLITS["val"])
+    for flag in ("train_sequences", "val_sequences"):
+        given = getattr(args, flag) or []
+        twice = sorted({s for s in given if given.count(s) > 1})
+        if twice:  # each scan would count twice, in training or in the scores
+            parser.error(f"--{flag.replace('_', '-')}: {' '.join(twice)} given twice")
 
 
 def add_run_flags(parser) -> None:

@@ -65,8 +65,8 @@ def read_image(path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("RGB", "RGBA", "L", "LA", "P"):  # 16-bit or float: convert() would clip it to garbage
-                raise DataError(f"{path}: a {im.mode} image (16-bit or floating point); the camera frames are 8-bit "
-                                "RGB, as KITTI's image_2 PNGs and nuScenes' JPEGs")
+                raise DataError(f"{path}: a {im.mode} image; the camera frames are 8-bit RGB, as KITTI's image_2 PNGs "
+                                "and nuScenes' JPEGs (16-bit, floating-point and CMYK images are not converted)")
             if im.mode in ("L", "LA"):  # the colour the teacher learns from is not there
                 raise DataError(f"{path}: a grayscale image; the camera frames are colour (KITTI's image_2, nuScenes' "
                                 "CAM_*); KITTI's image_0 and image_1 hold its grayscale cameras")

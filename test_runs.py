@@ -253,6 +253,9 @@ def test_init_3d_maps_every_tensor_of_a_2dpass_checkpoint(tmp_path):
     refused({"model": {}}, r"no 'model_3d\.\*' tensors")
     first = "model_3d." + next(iter(runs.student_keys_from_2dpass().values()))
     refused(state | {first: [1.0, 2.0]}, rf"{re.escape(first)} is a list, not a tensor")  # issue 34
+    weight = "model_3d.classifier.2.weight"  # fault-hunting round 3: integer weights, and NaN, refused when loaded
+    refused(state | {weight: torch.zeros(20, 128, dtype=torch.long)}, rf"{re.escape(weight)} holds torch\.int64 values")
+    refused(state | {weight: torch.full((20, 128), float("nan"))}, rf"{re.escape(weight)} holds NaN or Inf")
     torch.save({"state_dict": [1, 2]}, tmp_path / "bad.ckpt")
     with pytest.raises(scandata.DataError, match=r"its 'state_dict' is a list, not a mapping"):
         runs.load_2dpass_student(elite.Student(), tmp_path / "bad.ckpt")

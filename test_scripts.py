@@ -106,6 +106,11 @@ def test_train_resume_and_infer_end_to_end(synth_root, tmp_path, capsys):
         message = run_main("infer", ["--checkpoint", str(tmp_path / "run" / "best.pt"), "--sequence",
                                      str(synth_root / "sequences" / "00"), "--out", str(out), "--device", "cpu"])
     assert message == "130" and "interrupted (Ctrl-C); every file written so far is whole" in capsys.readouterr().err
+    # Fault-hunting round 3: another run's pictures in --vis are not redrawn without --overwrite.
+    again = run_main("infer", ["--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(synth_root), "--split",
+                               "val", "--out", str(tmp_path / "pred_2"), "--device", "cpu", "--vis", str(tmp_path / "vis")])
+    assert re.search(r"vis: already holds pictures \(1, e\.g\. .*000000\.png\); give another --vis, or --overwrite",
+                     again), again
     files = sorted(p.name for p in (out / "sequences" / "00" / "predictions").iterdir())
     assert files == [written[0].name] and len(np.fromfile(written[0], np.uint32)) == len(
         semantickitti.read_scan(synth_root / "sequences" / "00" / "velodyne" / written[0].name.replace("label", "bin")))
@@ -1464,3 +1469,11 @@ def test_benchmark_refuses_the_flags_it_would_ignore(capsys):
         infer.parse_args(["--benchmark", "--checkpoint", "nonexist.pt", "--votes", "12"])
     assert "--checkpoint, --votes would be ignored; drop them" in capsys.readouterr().err
     assert infer.parse_args(["--benchmark", "--repeats", "1"]).benchmark
+
+
+def test_a_sequence_given_twice_is_refused(capsys):
+    """Fault-hunting round 3 (issue 34): --train-sequences 00 00 trained on each scan twice."""
+    import train_student
+    with pytest.raises(SystemExit):
+        train_student.parse_args(["--teacher", "none", "--train-sequences", "00", "00"])
+    assert "--train-sequences: 00 given twice" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def test_bad_files_give_clear_errors(tmp_path):
         scandata.read_image(tmp_path / "image_2" / "000000.png")
     from PIL import Image
     Image.fromarray(np.full((4, 6), 40000, dtype=np.uint16)).save(tmp_path / "deep.png")  # a 16-bit PNG
-    with pytest.raises(scandata.DataError, match=r"deep\.png: a I;16 image \(16-bit or floating point\)"):
+    with pytest.raises(scandata.DataError, match=r"deep\.png: a I;16 image; the camera frames are 8-bit RGB"):
         scandata.read_image(tmp_path / "deep.png")
     Image.fromarray(np.full((4, 6), 40, dtype=np.uint8)).save(tmp_path / "gray.png")  # image_0's kind
     with pytest.raises(scandata.DataError, match=r"gray\.png: a grayscale image; the camera frames are colour"):

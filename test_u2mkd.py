@@ -217,3 +217,15 @@ def test_u2mkd_losses_and_no_gradient_reaches_the_teacher(synth_root):
     sum(terms.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert adapter[0].weight.grad.abs().sum() > 0 and model.image.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_an_instance_database_whose_arrays_do_not_fit_is_refused(synth_copy):
+    """Fault-hunting round 3 (issue 34): a database hand-edited with its record kept (offsets
+    x1000) was trusted and pasted nothing; its arrays are checked against each other."""
+    runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
+    path = runs.instance_db_path(synth_copy)
+    with np.load(path) as f:
+        arrays = dict(f)
+    np.savez(path, **(arrays | {"offsets": arrays["offsets"] * 1000}))
+    with pytest.raises(scandata.DataError, match=r"u2mkd_instances\.npz: the instance database's arrays do not fit"):
+        runs.load_instance_db(synth_copy, ["00"], min_points=20, progress=False)
