@@ -198,7 +198,7 @@ def main(argv=None):
     p.add_argument("--part", choices=("elite", "u2mkd", "all"), default="all", help="which method's rows to run")
     p.add_argument("--rows", nargs="+", choices=list(ELITE_ROWS) + list(U2MKD_ROWS), default=None,
                    help="only these rows (default: every row of --part)")
-    p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="where the runs and the tables go")
+    p.add_argument("--out", type=runs.path_flag, default=Path("runs/ablation"), help="where the runs and the tables go")
     args = p.parse_args(argv)
     if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
         p.error("--seeds: at least two different seeds (a mean ± std needs them)")

@@ -58,23 +58,23 @@ REALDATA = Path(__file__).resolve().parent.parent / "shared" / "realdata" / "sem
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=Path("runs/student/last.pt"),
+    p.add_argument("--checkpoint", type=runs.path_flag, default=Path("runs/student/last.pt"),
                    help="student checkpoint written by train_student.py: last.pt, the last epoch, as upstream "
                         "scores last.ckpt; best.pt is the epoch selected on the validation split, so its score on "
                         "that split is optimistic")
     p.add_argument("--dataset", choices=("semantickitti", "nuscenes"), default="semantickitti",
                    help="semantickitti, or nuscenes: nuScenes-lidarseg keyframes, scored with the devkit's rules and "
                         "written in the official submission format")
-    p.add_argument("--data", type=Path, default=None,
+    p.add_argument("--data", type=runs.path_flag, default=None,
                    help="SemanticKITTI root holding sequences/, or the nuScenes root (default: the embedded synthetic "
                         f"scenes, {synthkitti.EMBEDDED_ROOT} or {synthnusc.EMBEDDED_ROOT})")
     p.add_argument("--version", default="v1.0-trainval",
                    help="nuscenes: the tables (v1.0-trainval for train and val, v1.0-test, v1.0-mini)")
     p.add_argument("--split", choices=sorted(semantickitti.SPLITS), default="val",
                    help="which official split of --data to predict")
-    p.add_argument("--sequence", type=Path, default=None,
+    p.add_argument("--sequence", type=runs.path_flag, default=None,
                    help="predict one sequence folder (…/sequences/XX) instead of a split (default: the split)")
-    p.add_argument("--out", type=Path, default=Path("predictions"),
+    p.add_argument("--out", type=runs.path_flag, default=Path("predictions"),
                    help="where sequences/XX/predictions/*.label are written (nuscenes: lidarseg/SPLIT/"
                         "<lidar_token>_lidarseg.bin and SPLIT/submission.json)")
     p.add_argument("--overwrite", action="store_true",
@@ -89,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=runs.seed_int, default=0, help="seed of the test-time augmentation")
     p.add_argument("--no-images", action="store_true",
                    help="u2mkd fusion student: write the predictions made without images (default: with images)")
-    p.add_argument("--vis", type=Path, default=None,
+    p.add_argument("--vis", type=runs.path_flag, default=None,
                    help="also draw each frame to VIS/sequences/XX/NNNNNN.png: the camera image with the points in "
                         "their predicted colours, a top view of the prediction and one of its errors (default: "
                         "no pictures)")

@@ -136,7 +136,7 @@ def load_checkpoint(path, kind: str | None, map_location="cpu") -> dict:
     """Load a checkpoint written by our trainers and check that it holds `kind` (any kind: None)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
+        raise DataError(f"{path}: {'a folder, not a checkpoint file' if path.is_dir() else 'checkpoint not found'}")
     try:
         # weights_only: tensors and plain containers are built, no other class is ever imported or
         # called, so a hostile file cannot run code here (our checkpoints hold nothing else).
@@ -352,8 +352,10 @@ def student_keys_from_2dpass(num_blocks=4, blocks_per_scale=2) -> dict[str, str]
 
 
 def first_line(error: Exception) -> str:
-    """An exception's message, first line only ('' for an empty one, as EOFError on a 0-byte file)."""
-    return (str(error).splitlines() or [""])[0]
+    """An exception's message, first line only ('' for an empty one, as EOFError on a 0-byte file),
+    without torch's advice to load the file with weights_only=False: that would let it run code."""
+    line = (str(error).splitlines() or [""])[0]
+    return line.split(" This file can still be loaded")[0].split(" Re-running `torch.load`")[0]
 
 
 class _TensorsOnly:
@@ -971,16 +973,16 @@ def load_instance_db(root, sequences, min_points=u2mkd.MIN_INSTANCE_POINTS, prog
 
 def files_fingerprint(root, sequences) -> str:
     """What a cache built from these sequences' scans and labels depends on: each file's name,
-    size and modification time, digested. A changed, added, removed or replaced file (also one
-    put back with an older time) changes it."""
+    size and status-change time (ctime, which any write moves and touch -r cannot set back),
+    digested. A changed, added, removed or replaced file changes it."""
     import hashlib
     files = sorted(f for s in sequences for folder in ("velodyne", "labels")
                    for f in (Path(root) / "sequences" / s / folder).glob("*") if f.is_file() and f.stem.isdigit())
     digest = hashlib.sha256()
     for f in files:
         st = f.stat()
-        digest.update(f"{f.parent.parent.name}/{f.parent.name}/{f.name} {st.st_size} {st.st_mtime_ns}\n".encode())
-    return f"{len(files)} files, sha256 of their names, sizes and times {digest.hexdigest()[:16]}"
+        digest.update(f"{f.parent.parent.name}/{f.parent.name}/{f.name} {st.st_size} {st.st_ctime_ns}\n".encode())
+    return f"{len(files)} files, sha256 of their names, sizes and change times {digest.hexdigest()[:16]}"
 
 
 # =====================================================================================
@@ -1048,6 +1050,9 @@ image_side = _flag_type(int, lambda v: 32 <= v <= 4096, "an image side from 32 t
 
 crop_side = _flag_type(int, lambda v: 16 <= v <= 1024, "a crop side from 16 to 1024 pixels (SAM's input is 1024)")
 
+path_flag = _flag_type(lambda text: Path(text) if text.strip() else None, lambda v: v is not None,
+                       "a path (an empty one would mean the current folder; give . for that)")
+
 seed_int = _flag_type(int, lambda v: 0 <= v < 2**31, "a seed from 0 to 2147483647")
 
 learning_rate = _flag_type(float, lambda v: math.isfinite(v) and 0 < v <= 10, "a learning rate above 0, at most 10")
@@ -1108,7 +1113,7 @@ def add_data_flags(parser, holds: str) -> None:
     parser.add_argument("--dataset", choices=("semantickitti", "nuscenes"), default="semantickitti",
                         help="semantickitti, or nuscenes (nuScenes-lidarseg: U2MKD's dataset; its splits are the "
                              "official scenes, --version picks the tables)")
-    parser.add_argument("--data", type=Path, default=None,
+    parser.add_argument("--data", type=path_flag, default=None,
                         help=f"SemanticKITTI root holding sequences/XX/{{{holds}}}, or the nuScenes root; default: "
                              f"synthetic scenes made once under {synthkitti.EMBEDDED_ROOT} ({synthnusc.EMBEDDED_ROOT} "
                              "for nuscenes)")

@@ -232,7 +232,7 @@ def list_scans(root, sequences) -> list[Path]:
 def check_root(root) -> None:
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: dataset folder not found")
+        raise DataError(f"{root}: {'a file, not a dataset folder' if root.exists() else 'dataset folder not found'}")
     if not (root / "sequences").is_dir():
         raise DataError(f"{root}: no 'sequences' folder (expected ROOT/sequences/XX/velodyne/*.bin)")
 
@@ -638,10 +638,11 @@ def file_crc(path: Path) -> int:
 
 
 def fingerprint(path: Path) -> list[int]:
-    """[size, modification time, CRC-32]: the time says at a glance that a file is as it was,
-    the content says so after a copy gave it a new time."""
+    """[size, status-change time, CRC-32]: the time says at a glance that a file is as it was,
+    the content says so after a copy gave it a new time. The status-change time (ctime), unlike
+    the modification time, cannot be set back (touch -r, cp -p): any write moves it."""
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns, file_crc(path)]
+    return [st.st_size, st.st_ctime_ns, file_crc(path)]
 
 
 def same_file(path: Path, recorded: list[int]) -> bool:
@@ -649,7 +650,7 @@ def same_file(path: Path, recorded: list[int]) -> bool:
     if not path.is_file():
         return False
     st = path.stat()
-    return st.st_size == recorded[0] and (st.st_mtime_ns == recorded[1] or file_crc(path) == recorded[2])
+    return st.st_size == recorded[0] and (st.st_ctime_ns == recorded[1] or file_crc(path) == recorded[2])
 
 
 def plg_inputs(scan: Path, source=None) -> list[Path]:

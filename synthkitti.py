@@ -903,8 +903,9 @@ def world_of(root: Path, seed: int, columns: int) -> tuple[int, int]:
         return made["seed"], made["columns"]
     if any((root / "sequences").glob("*/velodyne/*.bin")):
         from scandata import DataError
-        raise DataError(f"{root}: holds synthetic scenes without {MARKER} (an older world); delete the folder to "
-                        "remake them, or give another one")
+        raise DataError(f"{root}: holds scans but no {MARKER}: a real dataset, or synthetic scenes of an older "
+                        "world; nothing is written there: give another --out (only if it holds old synthetic scenes, "
+                        "delete it to remake them)")
     write_atomic(marker, json.dumps({"world": WORLD, "seed": seed, "columns": columns}).encode())
     return seed, columns
 

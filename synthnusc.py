@@ -317,12 +317,19 @@ def written_here(root: Path) -> int | None:
     (their log says synthnusc), None for an empty root; other tables (a real nuScenes) are refused."""
     if (root / MARKER).is_file():
         return read_marker(root).get("format")
-    log = root / VERSION / "log.json"
-    if not log.is_file():
+    tables = [t for version in (VERSION, TEST_VERSION) for t in sorted((root / version).glob("*.json"))]
+    if not tables:
         return None
-    if all(row.get("logfile") == "synthnusc" for row in json.loads(log.read_text())):
+    logs = [root / version / "log.json" for version in (VERSION, TEST_VERSION) if (root / version).is_dir()]
+    try:  # scenes of before the marker: every version's log says synthnusc
+        ours = all(log.is_file() and all(row.get("logfile") == "synthnusc" for row in json.loads(log.read_text()))
+                   for log in logs)
+    except (ValueError, TypeError, AttributeError):
+        ours = False
+    if ours:
         return 1
-    raise refused(f"{root}: holds nuScenes tables that synthnusc.py did not write; give another folder")
+    raise refused(f"{root}: holds nuScenes tables that synthnusc.py did not write ({tables[0]}, ...): they are never "
+                  "written over; give another folder")
 
 
 def refused(message: str) -> Exception:

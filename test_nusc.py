@@ -213,6 +213,15 @@ def test_synthetic_scenes_of_an_older_format_are_written_again_and_real_tables_a
                                 "date_captured": "2018-07-24", "location": "singapore-onenorth"}]))
     with pytest.raises(ValueError, match=r"s: holds nuScenes tables that synthnusc\.py did not write"):
         synthnusc.make_dataset(root, {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
+    # Fault-hunting round 4 (issue 34): a real release's v1.0-test, or trainval tables without a
+    # log.json, were written over; any table synthnusc.py did not write is now refused, and kept.
+    for version, table in ((synthnusc.TEST_VERSION, "log.json"), (synthnusc.VERSION, "sample.json")):
+        other = tmp_path / f"real_{version}"
+        (other / version).mkdir(parents=True)
+        (other / version / table).write_text('[{"token": "mine", "logfile": "n015-2018-07-18"}]')
+        with pytest.raises(ValueError, match=rf"real_{version}: holds nuScenes tables that synthnusc\.py did not write"):
+            synthnusc.make_dataset(other, {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
+        assert "mine" in (other / version / table).read_text()
 
 
 # ------------------------------------------------------------------------------------

@@ -619,7 +619,7 @@ def test_generation_resumes_skips_existing_and_leaves_no_temp_files(synth):
     assert record["masks"] == "ideal" and record["weights"] is None
     assert sorted(record["files"]) == ["calib.txt"] + [f"{folder}/00000{i}.{ext}" for folder, ext in (
         ("image_2", "png"), ("image_2_gt", "npy"), ("labels", "label"), ("velodyne", "bin")) for i in (0, 1)]
-    assert record["files"]["labels/000001.label"] == [label.stat().st_size, label.stat().st_mtime_ns,
+    assert record["files"]["labels/000001.label"] == [label.stat().st_size, label.stat().st_ctime_ns,
                                                       semantickitti.file_crc(label)]
     counts = runs.generate_pseudo_labels(synth, ["00"], synthkitti.IdealMaskSource(), progress=False)
     assert counts == {"written": 0, "existing": 2, "unlabelled": 0}
@@ -883,3 +883,20 @@ def test_a_teacher_refuses_a_sam_file_other_than_the_one_it_was_trained_on(tmp_p
     with pytest.raises(scandata.DataError, match=r"teacher\.pt: its teacher was trained on another SAM file than "
                                                  r".*sam\.pth"):
         runs.load_teacher(tmp_path / "teacher.pt")
+
+
+def test_a_label_edited_and_its_time_put_back_is_still_seen(synth, tmp_path):
+    """Fault-hunting round 4 (issue 34): a .label rewritten with the same size and its
+    modification time put back (touch -r, cp -p) passed as unchanged; the record's time is the
+    status-change time, which no tool sets back, so the content is compared."""
+    import os
+    root = tmp_path / "d"
+    shutil.copytree(synth, root, copy_function=shutil.copy2)
+    assert semantickitti.missing_pseudo_labels(root, ["00"]) == 0  # a copy: new change times, the same bytes
+    label = root / "sequences/00/labels/000000.label"
+    st = label.stat()
+    raw = np.fromfile(label, dtype=np.uint32)
+    raw[::-1].copy().tofile(label)
+    os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns))  # its modification time put back
+    with pytest.raises(scandata.DataError, match=r"\(labels/000000\.label changed since\)"):
+        semantickitti.missing_pseudo_labels(root, ["00"])

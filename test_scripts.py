@@ -1477,3 +1477,15 @@ def test_a_sequence_given_twice_is_refused(capsys):
     with pytest.raises(SystemExit):
         train_student.parse_args(["--teacher", "none", "--train-sequences", "00", "00"])
     assert "--train-sequences: 00 given twice" in capsys.readouterr().err
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(capsys):
+    """Fault-hunting round 4 (issue 34): --out "" (an unset shell variable) wrote a run into the
+    current folder without a word."""
+    import infer
+    import train_student
+    for parse, argv in ((train_student.parse_args, ["--teacher", "none", "--out", ""]), (infer.parse_args, ["--out", ""])):
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert "argument --out: expected a path (an empty one would mean the current folder" in capsys.readouterr().err
+    assert train_student.parse_args(["--teacher", "none", "--out", "."]).out == Path(".")

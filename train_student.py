@@ -84,7 +84,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_elite_flags(p)
     add_u2mkd_flags(p)
     runs.add_recipe_flags(p, "scans")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=runs.path_flag, default=None,
                    help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/student, "
                         "runs/fusion_student for u2mkd; with _nusc on nuscenes); one run per folder")
     runs.add_run_flags(p)
@@ -104,10 +104,10 @@ def add_elite_flags(p) -> None:
     p.add_argument("--labels", choices=("plg", "sparse"), default=None,
                    help="elite: 2D labels of the teacher's losses: plg (dense SAM-PLG pseudo-labels) or sparse "
                         "(projected point labels); default: those the teacher was trained with")
-    p.add_argument("--sam-checkpoint", type=Path, default=None,
+    p.add_argument("--sam-checkpoint", type=runs.path_flag, default=None,
                    help="elite: SAM file for the teacher's frozen encoder, if it moved since train_teacher.py "
                         "(default: the path the teacher checkpoint records)")
-    p.add_argument("--init-3d", type=Path, default=None,
+    p.add_argument("--init-3d", type=runs.path_flag, default=None,
                    help="elite: start the student from an official 2DPASS SemanticKITTI checkpoint (.ckpt; its "
                         "model_3d tensors), as paper-test does upstream (pretrained3d: True); default: none, random weights")
     p.add_argument("--cutmix", action=argparse.BooleanOptionalAction, default=None,
@@ -119,7 +119,7 @@ def add_elite_flags(p) -> None:
     p.add_argument("--kd-weight", type=runs.loss_weight, default=None,
                    help=f"elite: lambda_xm, the weight of PPMSKD's KL terms (each stage's KL weighs lambda_xm / 4; "
                         f"default: the paper's {elite.LAMBDA_XM})")
-    p.add_argument("--derived-dir", type=Path, default=None,
+    p.add_argument("--derived-dir", type=runs.path_flag, default=None,
                    help="elite: where the SAM-PLG pseudo-labels were written, if not inside --data (default: "
                         "inside --data; train_teacher.py --derived-dir for a read-only dataset)")
 
@@ -135,7 +135,7 @@ def add_u2mkd_flags(p) -> None:
                    help="u2mkd, semantickitti: probability that a training scan comes without its image, so that "
                         "every point is imputed (the single-camera stand-in for upstream's camera dropout; default: "
                         "0.25)")
-    p.add_argument("--image-weights", type=Path, default=None,
+    p.add_argument("--image-weights", type=runs.path_flag, default=None,
                    help="u2mkd: torchvision's ImageNet ResNet-18 file (resnet18-f37072fd.pth) for the image "
                         "branch (default: none, the branch starts random)")
     p.add_argument("--global-batch", type=runs.positive_int,

@@ -91,12 +91,12 @@ def make_parser() -> argparse.ArgumentParser:
     add_lidar_flags(p)
     add_sam_flags(p)
     runs.add_recipe_flags(p, "images or scans")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=runs.path_flag, default=None,
                    help="the run's folder: last.pt, best.pt, metrics.csv (default: runs/teacher, or runs/lidar_teacher "
                         "with --teacher lidar, runs/lidar_teacher_nusc on nuscenes); one run per folder; the SAM "
                         "teacher's hold only "
                         "the trained tensors + the SAM variant and path")
-    p.add_argument("--derived-dir", type=Path, default=None,
+    p.add_argument("--derived-dir", type=runs.path_flag, default=None,
                    help="where files made from the dataset are written and read: SAM-PLG pseudo-labels "
                         "(DIR/sequences/XX/image_2_plg/) and the lidar teacher's instance database "
                         "(DIR/u2mkd_instances.npz); for a read-only dataset (default: inside --data)")
@@ -124,7 +124,7 @@ def add_sam_flags(p) -> None:
     p.add_argument("--variant", choices=sorted(elite.SAM_VARIANTS),
                    help="sam: SAM encoder (preset; vit_tiny is a small random ViT for CPU runs and tests, there "
                         "are no weights for it)")
-    p.add_argument("--sam-checkpoint", type=Path, default=None,
+    p.add_argument("--sam-checkpoint", type=runs.path_flag, default=None,
                    help="sam: official SAM file for --variant, e.g. sam_vit_b_01ec64.pth; 'none': a random encoder "
                         "(fine for the pipeline, useless for results); preset (embedded: the pretrained stand-in "
                         f"{presets.STANDIN}, paper: none)")
@@ -141,11 +141,11 @@ def add_sam_flags(p) -> None:
                         "rendered regions, image_2_gt/); preset")
     p.add_argument("--plg-variant", choices=("vit_b", "vit_l", "vit_h"), default="vit_h",
                    help="sam: SAM used for pseudo-labels (official: vit_h)")
-    p.add_argument("--plg-checkpoint", type=Path, default=None,
+    p.add_argument("--plg-checkpoint", type=runs.path_flag, default=None,
                    help="sam: official SAM file for --plg-variant, e.g. sam_vit_h_4b8939.pth (default: none; "
                         "needed with --mask-source sam)")
     p.add_argument("--plg-only", action="store_true", help="sam: generate the pseudo-labels and stop")
-    p.add_argument("--vis", type=Path, default=None,
+    p.add_argument("--vis", type=runs.path_flag, default=None,
                    help="sam: draw the pseudo-labels (making missing ones first) to VIS/sequences/XX/NNNNNN.png and "
                         "stop, without training: the camera frame with the labelled points, and with the dense "
                         "pseudo-labels blended in (official colours); default: no pictures")
