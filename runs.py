@@ -1683,7 +1683,8 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
         try:
             write()
         except DataError as e:
-            raise DataError(f"{e} (at {run.where()})") from None
+            at = f"after epoch {run.epoch}, step {run.step}" if run.epoch and not run.batch else f"at {run.where()}"
+            raise DataError(f"{e} ({at})") from None
 
     def checkpoint(miou, improved):
         at_where(lambda: save(run, miou, improved))

@@ -1054,7 +1054,7 @@ def test_full_disk_names_the_file_and_loses_nothing(synth_root, tmp_path, monkey
     message = run_main("train_student", args + ["--epochs", "2", "--resume"])
     # The epoch's metrics row is written first (then its checkpoint): that is the write that fails.
     assert re.search(r"^error: \S+out/metrics\.csv: could not be written \(No space left on device\); nothing was "
-                     r"lost: the previous file is unchanged \(at epoch 3, step 4\)", message), message
+                     r"lost: the previous file is unchanged \(after epoch 2, step 4\)", message), message
     assert run_files() == before  # no temporary left, every file as it was
 
 
