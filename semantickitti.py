@@ -74,6 +74,7 @@ CLASS_COUNTS = [
 _RAW_TO_TRAIN = np.zeros(max(LEARNING_MAP) + 1, dtype=np.int64)
 for _raw, _train in LEARNING_MAP.items():
     _RAW_TO_TRAIN[_raw] = _train
+_KNOWN_RAW = np.isin(np.arange(len(_RAW_TO_TRAIN)), list(LEARNING_MAP))  # (max id + 1,) bool
 TRAIN_TO_RAW = np.array([LEARNING_MAP_INV[i] for i in range(NUM_CLASSES)], dtype=np.uint32)
 
 
@@ -121,10 +122,10 @@ def read_labels(path, num_points: int | None = None) -> tuple[np.ndarray, np.nda
 
 
 def known_ids(semantic: np.ndarray) -> np.ndarray:
-    """(N,) bool: which raw semantic ids semantic-kitti.yaml's learning map has."""
-    known = semantic < len(_RAW_TO_TRAIN)
-    known[known] = np.isin(semantic[known], list(LEARNING_MAP))
-    return known
+    """(N,) bool: which raw semantic ids semantic-kitti.yaml's learning map has. A table lookup,
+    not np.isin: every scan read in training passes here (read_labels, then to_train_ids)."""
+    inside = semantic < len(_KNOWN_RAW)
+    return inside & _KNOWN_RAW[np.where(inside, semantic, 0)]
 
 
 def check_label_layout(raw: np.ndarray, path) -> None:

@@ -1016,11 +1016,17 @@ def main(argv=None):
             print(f"{name:<20}" + "".join(f"{v:10.1f}" for v in iou) + f"{iou.mean():10.1f}")
 
 
-if __name__ == "__main__":
+def run_script(main) -> None:
+    """A scene writer's entry point (synthnusc's too): bad input and Ctrl-C end it with one line,
+    as every script's (runs.run_script, which imports this module, so it cannot be called here)."""
     from scandata import DataError  # here: the scenes themselves need only numpy
     try:
         main()
-    except DataError as e:  # one line, as every script's
+    except DataError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit("interrupted (Ctrl-C); every file written so far is whole") from None
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -424,10 +424,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from scandata import DataError  # here: the scenes themselves need only numpy
-    try:
-        main()
-    except DataError as e:  # one line, as every script's
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted (Ctrl-C); every file written so far is whole") from None
+    sk.run_script(main)
