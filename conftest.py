@@ -10,7 +10,7 @@ import pytest
 import torch
 
 # Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors (test_kernels.py).
-# Triton reads the variable when a kernel is defined: it is set before elite_kernels.py is imported.
+# Triton reads the variable when a kernel is defined: it is set before elite_fast.py is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

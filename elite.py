@@ -5,7 +5,7 @@ voxel LiDAR student (the 2DPASS "4scale-64dimension" network). This file holds t
 method, in the order the data flows once a scan is read:
 
     1. Voxelisation and scatter reductions
-    2. Submanifold sparse convolution (pure torch, with its neighbour table; elite_kernels.py: Triton)
+    2. Submanifold sparse convolution (pure torch, with its neighbour table; elite_fast.py: Triton)
     3. The student: SparseBasicBlock, point encoder, SPVBlock, classifier
     4. Losses: class-weighted cross-entropy and Lovasz-softmax
     5. The image teacher: SAM's ViT, LoRA/AdaLoRA (PEFT), patch decoder, 2D heads
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import elite_kernels
+import elite_fast
 import nusc
 from scandata import Batch, CameraCrops
 from semantickitti import CLASS_COUNTS, CROP_HW, GRID_SHAPE, IGNORE, NUM_CLASSES, RANGE_MAX, RANGE_MIN, PlgFrame
@@ -40,72 +40,9 @@ from semantickitti import CLASS_COUNTS, CROP_HW, GRID_SHAPE, IGNORE, NUM_CLASSES
 # =====================================================================================
 # Every scale s re-quantises the raw points into ceil(shape / s) cells per axis, so the
 # scale-8 z axis has 8 cells (0.75 m) and the scale-16 x/y axes have 63 cells (1.587 m).
-#
-# A voxel is one int64 key, [set | batch | x | y | z] in bit fields, which sorts as its row
-# [batch, x, y, z] sorts (lexicographically) within a set. The five scales are five sets of
-# one key array, so one torch.unique voxelises them all: on a GPU the host waits for the data
-# once, not once per scale. The same keys find every voxel's neighbours (section 2).
+# A voxel is a distinct row [batch, x, y, z]; voxels are numbered in the rows' sorted order.
 
 SCALES = (2, 4, 8, 16)
-COORD_BITS = 15  # a coordinate field: +-16k cells around 0 (a grid is 1,000 cells across)
-BATCH_BITS = 12  # up to 4,096 scans in a batch
-VALUE_BITS = BATCH_BITS + 3 * COORD_BITS  # 57: a key below its set tag (4 bits: up to 16 sets)
-
-
-@functools.lru_cache(maxsize=None)
-def constant(values: tuple, device: torch.device, dtype=torch.long) -> torch.Tensor:
-    """A small constant tensor, copied to its device once per process, not once per forward."""
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-def read_to_host(t: torch.Tensor) -> list:
-    """The forward reads values of its data only through here: one copy to the host, which on
-    a GPU waits for the device (infer.count_ops counts it)."""
-    return t.to("cpu", copy=True).tolist()
-
-
-def set_bases(sets: int, device) -> torch.Tensor:
-    """(sets,) the smallest key of each set 0 .. sets - 1."""
-    return constant(tuple(k << VALUE_BITS for k in range(sets)), device)
-
-
-def pack_keys(batch: torch.Tensor, cells: torch.Tensor, sets: torch.Tensor | int = 0) -> torch.Tensor:
-    """batch (...), cells (..., 3) int64 -> keys (...) int64 ordered as the rows [batch, x, y, z].
-    Coordinates are shifted by half a field, so that negative ones (augmentation moves points
-    off the grid, as upstream) and their -1 neighbours stay inside their own field."""
-    batch, cells = batch.long(), cells.long()  # the fields need 64 bits
-    c = cells + (1 << COORD_BITS - 1)
-    if c.numel():
-        torch._assert_async((c.min() >= 1) & (c.max() <= (1 << COORD_BITS) - 2) & (batch.min() >= 0)
-                            & (batch.max() < 1 << BATCH_BITS),
-                            "voxel coordinates beyond +-16k cells, or a batch of 4,096 scans or more")
-    fields = constant((1 << 2 * COORD_BITS, 1 << COORD_BITS, 1), cells.device)
-    return (sets << VALUE_BITS) + (batch << 3 * COORD_BITS) + (c * fields).sum(-1)
-
-
-def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
-    """keys (V,) -> rows (V, 4) [batch, x, y, z]."""
-    device, mask = keys.device, (1 << COORD_BITS) - 1
-    shifts = constant((3 * COORD_BITS, 2 * COORD_BITS, COORD_BITS, 0), device)
-    masks = constant(((1 << BATCH_BITS) - 1, mask, mask, mask), device)
-    return ((keys[:, None] >> shifts) & masks) - constant((0,) + (1 << COORD_BITS - 1,) * 3, device)
-
-
-def scatter_mean(src: torch.Tensor, index: torch.Tensor, size: int, count: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of the rows of src (N, C) that share an index -> (size, C), summed in float32
-    at least (bf16 sums of many rows would lose digits under --amp). count (size,): the rows
-    per index when known already."""
-    src = src.to(torch.promote_types(src.dtype, torch.float32))
-    out = torch.zeros(size, src.shape[1], dtype=src.dtype, device=src.device)
-    out.index_add_(0, index, src)
-    count = rows_per_index(index, size) if count is None else count
-    return out / count.clamp_min(1).to(src.dtype)[:, None]
-
-
-def rows_per_index(index: torch.Tensor, size: int) -> torch.Tensor:
-    """torch.bincount(index, minlength=size) when every index < size, but with an output size
-    known in advance: a GPU need not wait for the data to learn it. (size,) int64."""
-    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
 @dataclass
@@ -120,191 +57,64 @@ class Voxels:
         return len(self.coords)
 
 
-@functools.lru_cache(maxsize=None)
-def grid_constants(scales: tuple, lo: tuple, hi: tuple, shape: tuple, device: torch.device):
-    """(cells (S, 1, 3) per scale, lo (3,), hi - lo (3,)) on the device, made once."""
-    cells = torch.tensor([[[math.ceil(n / s) for n in shape]] for s in scales], device=device)
-    lo_t, hi_t = torch.tensor(lo, device=device), torch.tensor(hi, device=device)
-    return cells, lo_t, hi_t - lo_t
-
-
-@dataclass
-class VoxelSets:
-    """The voxels of several scales as one array, scale after scale: keys (V,) sorted, their
-    rows coords (V, 4), inv (S, N) each point's voxel within its scale, and per_scale the
-    Voxels of each scale (views into these)."""
-    keys: torch.Tensor
-    coords: torch.Tensor
-    inv: torch.Tensor
-    per_scale: list[Voxels]
-
-
-def voxelize_scales(xyz: torch.Tensor, batch_idx: torch.Tensor, scales: tuple, lo=RANGE_MIN, hi=RANGE_MAX,
-                    shape=GRID_SHAPE) -> VoxelSets:
-    """Quantise points (N, 3) at several scales of the grid `shape` over [lo, hi] at once.
-    Indices are not clipped: augmented points may leave the range and get negative or
-    too-large indices, as in the official code."""
-    cells, lo_t, span = grid_constants(tuple(scales), tuple(lo), tuple(hi), tuple(shape), xyz.device)
-    idx = (cells * (xyz - lo_t) / span).long()  # (S, N, 3); .long() truncates toward zero, as upstream
-    sets = torch.arange(len(scales), device=xyz.device)[:, None]  # (S, 1)
-    keys, inv, count = torch.unique(pack_keys(batch_idx, idx, sets), return_inverse=True, return_counts=True)
-    first = torch.searchsorted(keys, set_bases(len(scales) + 1, xyz.device))  # (S + 1,) where each scale starts
-    inv = inv - first[:-1, None]  # (S, N) each point's voxel within its scale
-    coords, starts = unpack_keys(keys), read_to_host(first)  # the one wait: how many voxels each scale has
-    per_scale = [Voxels(coords[a:b], inv[k], count[a:b]) for k, (a, b) in enumerate(zip(starts, starts[1:]))]
-    return VoxelSets(keys, coords, inv, per_scale)
-
-
 def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int, lo=RANGE_MIN, hi=RANGE_MAX,
              shape=GRID_SHAPE) -> Voxels:
-    """The voxels of one scale."""
-    return voxelize_scales(xyz, batch_idx, (scale,), lo, hi, shape).per_scale[0]
+    """Quantise points (N, 3) into the cells of the grid `shape` / scale over [lo, hi]. Indices
+    are not clipped: augmented points may leave the range and get negative or too-large
+    indices, as in the official code. (elite_fast.voxelize_scales: all scales in one pass.)"""
+    cells = torch.tensor([math.ceil(n / scale) for n in shape], device=xyz.device)  # (3,)
+    lo_t, hi_t = xyz.new_tensor(lo), xyz.new_tensor(hi)
+    cell_of_point = (cells * (xyz - lo_t) / (hi_t - lo_t)).long()  # (N, 3); .long() truncates toward zero, as upstream
+    rows = torch.cat([batch_idx[:, None].long(), cell_of_point], 1)  # (N, 4)
+    coords, inv, count = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
+    return Voxels(coords, inv, count)
+
+
+def scatter_mean(src: torch.Tensor, index: torch.Tensor, size: int, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the rows of src (N, C) that share an index -> (size, C), summed in float32
+    at least (bf16 sums of many rows would lose digits under --amp). count (size,): the rows
+    per index when known already."""
+    src = src.to(torch.promote_types(src.dtype, torch.float32))
+    out = torch.zeros(size, src.shape[1], dtype=src.dtype, device=src.device).index_add_(0, index, src)
+    count = torch.bincount(index, minlength=size) if count is None else count
+    return out / count.clamp_min(1).to(src.dtype)[:, None]
 
 
 # =====================================================================================
 # 2. Submanifold sparse convolution
 # =====================================================================================
 # out_i = sum over the 27 offsets o of W[o]^T x_j, where voxel j = voxel i + o is active in
-# the same scan. Output voxels are the input voxels. The work is a neighbour table (which
-# voxel sits at each offset of each voxel) and the products. This plain-torch form is the
-# definition and the CPU path: per offset, gather -> matmul -> scatter-add. On a GPU,
-# elite_kernels.py computes the same sum in Triton, one program per tile of output rows.
-#
-# The table is found from sorted keys: in key order the z-neighbours of a voxel are adjacent,
-# so one binary search per (dx, dy) column finds all three dz in {-1, 0, 1} at once. Nothing
-# in it waits on the data. Pairs come in mirrored couples (j is i's neighbour at +o exactly
-# when i is j's at -o), so the plain form reads the 13 offsets after the centre and mirrors.
+# the same scan. Output voxels are the input voxels: the active set never grows (Graham et
+# al. 2018). The reference form below finds the neighbours at each offset by a search in
+# the sorted voxel numbers, then gathers, multiplies and scatters; autograd gives the backward.
+# elite_fast.py builds the neighbours once per scale for every convolution on it (spconv's
+# indice_key), with a hand-written backward, and runs the same sum in Triton on a GPU.
 
-XY_OFFSETS = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
-# k = 9(dx+1) + 3(dy+1) + dz+1: weight.view(27, ...)[k] multiplies offset k; -o is 26 - k.
-OFFSETS = [(dx, dy, dz) for dx, dy in XY_OFFSETS for dz in (-1, 0, 1)]
+OFFSETS = [(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)]  # weight[1+dx, 1+dy, 1+dz]
 
 
-def neighbour_table(keys: torch.Tensor) -> torch.Tensor:
-    """keys (N,) unique, sorted ascending -> (27, N) int32: [k, i] = the position of voxel
-    i's neighbour at OFFSETS[k], or -1. Keys of other sets are never neighbours."""
-    n, device = len(keys), keys.device
-    flat = torch.full((27 * n + 1,), -1, dtype=torch.int32, device=device)  # + 1: where absent mirrors go
-    table = flat[:-1].view(27, n)
-    if n == 0:  # a batch with no point in range
-        return table
-    index = torch.arange(n, dtype=torch.int32, device=device)
-    table[13] = index  # the centre: every voxel is its own neighbour
-    # The 13 offsets after the centre in key order: (0, 0, +1) is the next key; the rest lie in
-    # the 4 (dx, dy) columns ahead, searched once each for z - 1 (then z and z + 1 follow it).
-    none = constant(-1, device, torch.int32)
-    torch.where(keys[1:] == keys[:-1] + 1, index[1:], none, out=table[14, :-1])
-    steps = constant(tuple((dx << 2 * COORD_BITS) + (dy << COORD_BITS) - 1 for dx, dy in XY_OFFSETS[5:]), device)
-    lowest = keys + steps[:, None]  # (4, N) the key of (x + dx, y + dy, z - 1)
-    pos = torch.searchsorted(keys, lowest, out_int32=True)  # (4, N) the first key >= it
-    for dz in range(3):  # z - 1, z, z + 1: each found one moves the next candidate one place on
-        found = keys.index_select(0, pos.view(-1).clamp_max(n - 1)).view(4, n) == lowest + dz
-        torch.where(found, pos, none, out=table[15 + dz::3])  # rows 15 + 3 * column + dz
-        pos += found
-    # The 13 offsets before the centre are their mirrors: j at +o from i means i at -o (row 26 - k) from j.
-    ahead = table[14:]  # (13, N)
-    mirror_rows = constant(tuple((12 - m) * n for m in range(13)), device)[:, None]  # row 26 - k, flattened
-    target = torch.where(ahead >= 0, mirror_rows + ahead, 27 * n)  # (13, N) where i goes; absent: the spare slot
-    flat.index_put_((target,), index.expand(13, n))
-    return table
+def submconv3d(feats: torch.Tensor, coords: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Submanifold 3x3x3 convolution, the reference form. feats (N, Cin), one row per voxel of
+    coords (N, 4) [batch, x, y, z]; weight (3, 3, 3, Cin, Cout), weight[i, j, k] multiplies the
+    neighbour at offset (i-1, j-1, k-1). Returns (N, Cout)."""
+    out = feats.new_zeros(len(feats), weight.shape[-1])
+    if len(coords) == 0:
+        return out
+    lo = coords.min(0).values - 1  # (4,) a border of one cell, where the offsets of edge voxels land
+    size = coords.max(0).values + 2 - lo
 
+    def number(c):  # a voxel's row -> one int64 that sorts as the rows do
+        c = c - lo
+        return ((c[:, 0] * size[1] + c[:, 1]) * size[2] + c[:, 2]) * size[3] + c[:, 3]
 
-@dataclass
-class Neighbours:
-    """rows (27, N) int32: rows[k, i] = the voxel at OFFSETS[k] from voxel i, or -1. Built
-    once per voxel set and shared by every convolution on it (spconv's indice_key)."""
-    rows: torch.Tensor
-    _pairs: list | None = field(default=None, repr=False)
-
-    def __len__(self):
-        return self.rows.shape[1]
-
-    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(i, j) int64 for each of the 13 offsets after the centre, OFFSETS[14:]: voxel j is
-        voxel i's neighbour at +o (so i is j's at -o). What the plain-torch form reads; made
-        on first use (one wait, for the 13 pair counts) and kept."""
-        if self._pairs is None:
-            ahead = self.rows[14:].reshape(-1)  # (13 * N,)
-            flat = torch.nonzero(ahead >= 0).squeeze(1)  # every pair, grouped by offset
-            k = flat // len(self)
-            counts = read_to_host(rows_per_index(k, 13))
-            i, j = flat - k * len(self), ahead.index_select(0, flat).long()
-            self._pairs = list(zip(i.split(counts), j.split(counts)))
-        return self._pairs
-
-    @property
-    def num_pairs(self) -> int:  # including the 27th offset, the voxel itself
-        return int((self.rows >= 0).sum())
-
-
-def neighbours_of(coords: torch.Tensor) -> Neighbours:
-    """The table of one voxel set given as unique rows (N, 4) [batch, x, y, z] in any order."""
-    keys, order = torch.sort(pack_keys(coords[:, 0], coords[:, 1:]))
-    table = neighbour_table(keys)  # positions in key order
-    found = order.int().index_select(0, table.view(-1).clamp_min(0)).view_as(table)  # the caller's numbers
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-    return Neighbours(torch.where(table >= 0, found, -1).index_select(1, rank))  # columns in the caller's order
-
-
-def _gather_mm_scatter(feats: torch.Tensor, weight: torch.Tensor, neighbours: Neighbours) -> torch.Tensor:
-    """The convolution itself: feats (N, Cin), weight (3, 3, 3, Cin, Cout) -> (N, Cout)."""
-    out = feats @ weight[1, 1, 1]  # the centre offset pairs every voxel with itself
-    pairs = neighbours.pairs()
-    most = max([len(i) for i, _ in pairs], default=0)
-    gathered = feats.new_empty(most, feats.shape[1])  # reused buffers: no allocation per offset
-    product = feats.new_empty(most, weight.shape[-1])
-    for (i, j), (dx, dy, dz) in zip(pairs, OFFSETS[14:]):
-        n = len(i)
-        for dst, src, w in ((i, j, weight[1 + dx, 1 + dy, 1 + dz]), (j, i, weight[1 - dx, 1 - dy, 1 - dz])):
-            torch.index_select(feats, 0, src, out=gathered[:n])
-            torch.mm(gathered[:n], w, out=product[:n])
-            out.index_add_(0, dst, product[:n])
+    numbers, order = torch.sort(number(coords))
+    for dx, dy, dz in OFFSETS:
+        wanted = number(coords + coords.new_tensor([0, dx, dy, dz]))  # (N,) the voxel at +o of each voxel
+        pos = torch.searchsorted(numbers, wanted).clamp_max(len(numbers) - 1)
+        found = numbers[pos] == wanted
+        i, j = found.nonzero()[:, 0], order[pos[found]]  # voxel j sits at +o from voxel i
+        out = out.index_add(0, i, (feats[j] @ weight[1 + dx, 1 + dy, 1 + dz]).to(out.dtype))
     return out
-
-
-class _SubMConv3dFunction(torch.autograd.Function):
-    """Saves only the inputs: gathered rows are recomputed in backward, not stored."""
-
-    @staticmethod
-    def forward(ctx, feats, weight, neighbours):
-        ctx.save_for_backward(feats, weight)
-        ctx.neighbours = neighbours
-        return _gather_mm_scatter(feats, weight, neighbours)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        # Forward did out[i] += f[j] W[+o] and out[j] += f[i] W[-o] for each pair (i, j), so
-        # grad_f[j] += g[i] W[+o]^T, grad_f[i] += g[j] W[-o]^T, grad_W[+o] = f[j]^T g[i], grad_W[-o] = f[i]^T g[j].
-        feats, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_feats = grad_out @ weight[1, 1, 1].T
-        grad_weight = torch.empty_like(weight)
-        grad_weight[1, 1, 1] = feats.T @ grad_out
-        for (i, j), (dx, dy, dz) in zip(ctx.neighbours.pairs(), OFFSETS[14:]):
-            plus, minus = (1 + dx, 1 + dy, 1 + dz), (1 - dx, 1 - dy, 1 - dz)
-            g_i, g_j = grad_out.index_select(0, i), grad_out.index_select(0, j)
-            grad_feats.index_add_(0, j, g_i @ weight[plus].T)
-            grad_feats.index_add_(0, i, g_j @ weight[minus].T)
-            if ctx.needs_input_grad[1]:
-                grad_weight[plus] = feats.index_select(0, j).T @ g_i
-                grad_weight[minus] = feats.index_select(0, i).T @ g_j
-        return grad_feats, grad_weight if ctx.needs_input_grad[1] else None, None
-
-
-def submconv3d(feats: torch.Tensor, neighbours: Neighbours, weight: torch.Tensor) -> torch.Tensor:
-    """Submanifold 3x3x3 convolution.
-
-    feats (N, Cin) float, one row per voxel of the set `neighbours` describes;
-    weight (3, 3, 3, Cin, Cout), weight[i, j, k] multiplies the neighbour at offset
-    (i-1, j-1, k-1). Returns (N, Cout)."""
-    if len(neighbours) != len(feats):
-        raise ValueError(f"the neighbour table has {len(neighbours)} voxels but feats has {len(feats)} rows")
-    if torch.is_autocast_enabled(feats.device.type):  # --amp: a matrix product, so in bf16 like nn.Linear's
-        low = torch.get_autocast_dtype(feats.device.type)
-        feats, weight = feats.to(low), weight.to(low)
-    if elite_kernels.conv_path(feats.device, feats.dtype) == "triton":  # elite_kernels.py: the same sum in Triton
-        return elite_kernels.SubMConv3dTriton.apply(feats, weight, neighbours.rows)
-    return _SubMConv3dFunction.apply(feats, weight, neighbours)
 
 
 class SubMConv3d(nn.Module):
@@ -316,8 +126,10 @@ class SubMConv3d(nn.Module):
         bound = 1 / math.sqrt(27 * cin)  # nn.Conv3d's default init
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, feats, neighbours: Neighbours):
-        return submconv3d(feats, neighbours, self.weight)
+    def forward(self, feats: torch.Tensor, voxels: Voxels, neighbours=None) -> torch.Tensor:
+        if neighbours is not None:  # elite_fast.py: the neighbour table built once per scale
+            return elite_fast.submconv3d(feats, neighbours, self.weight)
+        return submconv3d(feats, voxels.coords, self.weight)
 
 
 # =====================================================================================
@@ -346,102 +158,73 @@ def student_config(dataset: str, hidden=64) -> StudentConfig:
     return StudentConfig(hidden=hidden)
 
 
-# ---- 3.1 Where the features go: every index the four blocks read, found before any feature ----
-
-@dataclass
-class ScaleLink:
-    """How the points tie scale-L voxels to scale-s voxels: the distinct (src, dst) pairs
-    and weight = (points in both) / (points in dst). Scales are quantised independently,
-    so one L voxel can feed several s voxels."""
-    src: torch.Tensor
-    dst: torch.Tensor
-    weight: torch.Tensor
-    size: int
-
+# ---- 3.1 The voxels of every scale, and what each block reads of them ----
 
 @dataclass
 class Stage:
-    """What SPVBlock k reads: its scale L and the next scale s = 2L, the neighbour table of
-    the L voxels (shared by the block's four convolutions), the context pool of each L voxel
-    (the L coords // 2) and the link from L to s."""
-    vox_l: Voxels
-    vox_s: Voxels
-    neighbours: Neighbours
-    group: torch.Tensor  # (V_L,) the context pool of each L voxel
-    group_count: torch.Tensor  # (G,) the L voxels in each pool
-    link: ScaleLink
+    """What SPVBlock k reads: the voxels of its scale L, those of the next scale s = 2L, and the
+    context pool of each L voxel (the pools are the L voxels' coords // 2). `fast`: what
+    elite_fast.py's forms read besides (the neighbour table, the scale link), or None."""
+    voxels: Voxels            # scale L
+    next_voxels: Voxels       # scale s = 2L
+    pool_of: torch.Tensor     # (V_L,) the context pool of each L voxel
+    pool_count: torch.Tensor  # (G,) the L voxels in each pool
+    fast: elite_fast.FastStage | None = None
 
 
 @dataclass
-class Pyramid:
+class VoxelScales:
     voxels: list[Voxels]  # scales 1, 2, 4, 8, 16
-    stages: list[Stage]  # one per SPVBlock
+    stages: list[Stage]   # one per SPVBlock: scales 1 -> 2, 2 -> 4, 4 -> 8, 8 -> 16
 
 
-def build_pyramid(xyz: torch.Tensor, batch_idx: torch.Tensor, cfg: StudentConfig) -> Pyramid:
-    """The voxels of every scale and each block's Stage, batched across the scales: one
-    unique for the voxels, one neighbour search for the four convolved scales, one unique for
-    the four context poolings and the four scale links. Per block the work would be the same;
-    batched, a GPU's host waits for the data twice, not 13 times."""
-    sets = voxelize_scales(xyz, batch_idx, (1,) + tuple(cfg.scales), cfg.range_min, cfg.range_max, cfg.grid_shape)
-    voxels = sets.per_scale
-    conv, sizes = voxels[:-1], [len(v) for v in voxels]
-    n_conv = sum(sizes[:-1])
-    conv_keys, conv_coords = sets.keys[:n_conv], sets.coords[:n_conv]  # the convolved scales, one after another
-    scale_of = conv_keys >> VALUE_BITS  # (V,) 0..3
-    starts = torch.tensor([sum(sizes[:k]) for k in range(len(conv))], device=xyz.device)  # (4,)
-    # Neighbours never cross scales (sets), so one search serves all four; positions made per scale.
-    table = neighbour_table(conv_keys)  # (27, V)
-    table = torch.where(table >= 0, table - starts.index_select(0, scale_of).int(), -1)
-    # Context pools (sets 0..3: the L coords // 2) and scale links (sets 4..7: the distinct
-    # (L voxel, s voxel) pairs of the points) in one unique.
-    pool_keys = pack_keys(conv_coords[:, 0], torch.div(conv_coords[:, 1:], 2, rounding_mode="floor"), scale_of)
-    next_size = torch.tensor(sizes[1:], device=xyz.device)[:, None]  # (4, 1)
-    if max(a * b for a, b in zip(sizes, sizes[1:])) >= 1 << VALUE_BITS:
-        raise ValueError(f"voxels per scale {sizes}: too many to pair the scales in one int64 key")
-    link_keys = set_bases(8, xyz.device)[4:, None] + sets.inv[:-1] * next_size + sets.inv[1:]  # (4, N)
-    ukeys, which, count = torch.unique(torch.cat([pool_keys, link_keys.view(-1)]), return_inverse=True,
-                                       return_counts=True)
-    bounds = read_to_host(torch.searchsorted(ukeys, set_bases(9, xyz.device)))  # the second wait
-    stages = []
-    for k, (vox_l, vox_s) in enumerate(zip(conv, voxels[1:])):
-        a, b = sum(sizes[:k]), sum(sizes[:k + 1])
-        pair = ukeys[bounds[4 + k]:bounds[5 + k]] - (4 + k << VALUE_BITS)  # (P,) L voxel * n_s + s voxel
-        src, dst = pair // len(vox_s), pair % len(vox_s)
-        link = ScaleLink(src, dst, count[bounds[4 + k]:bounds[5 + k]] / vox_s.count.index_select(0, dst), len(vox_s))
-        stages.append(Stage(vox_l, vox_s, Neighbours(table[:, a:b]), which[a:b] - bounds[k],
-                            count[bounds[k]:bounds[k + 1]], link))
-    return Pyramid(voxels, stages)
+def context_pools(vox: Voxels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voxels grouped by coords // 2: (V,) the pool of each voxel, (G,) the voxels in each pool."""
+    halved = torch.cat([vox.coords[:, :1], torch.div(vox.coords[:, 1:], 2, rounding_mode="floor")], 1)
+    _, pool_of, pool_count = torch.unique(halved, dim=0, return_inverse=True, return_counts=True)
+    return pool_of, pool_count
 
 
-def move_to_scale(feats: torch.Tensor, link: ScaleLink) -> torch.Tensor:
-    """scatter_mean(feats[inv_L], inv_s) computed over voxel pairs instead of points:
-    (V_L, C) -> (V_s, C)."""
-    dtype = torch.promote_types(feats.dtype, torch.float32)  # summed in float32 at least, as scatter_mean
-    out = torch.zeros(link.size, feats.shape[1], dtype=dtype, device=feats.device)
-    return out.index_add_(0, link.dst, feats.index_select(0, link.src) * link.weight[:, None].to(dtype))
+def voxelize_scales(xyz: torch.Tensor, batch_idx: torch.Tensor, cfg: StudentConfig) -> VoxelScales:
+    """The voxels of scales 1, 2, 4, 8, 16 and each block's Stage (elite_fast.voxel_scales:
+    the same, batched over the scales, with the neighbour tables)."""
+    if elite_fast.enabled():
+        return elite_fast.voxel_scales(xyz, batch_idx, cfg)
+    voxels = [voxelize(xyz, batch_idx, s, cfg.range_min, cfg.range_max, cfg.grid_shape) for s in (1,) + cfg.scales]
+    return VoxelScales(voxels, [Stage(fine, coarse, *context_pools(fine)) for fine, coarse in zip(voxels, voxels[1:])])
+
+
+def move_to_scale(feats: torch.Tensor, stage: Stage) -> torch.Tensor:
+    """(V_L, C) -> (V_s, C): every point carries its L voxel's feature into its s voxel, where
+    they are averaged (scales are quantised independently: one L voxel can feed several s voxels)."""
+    if stage.fast is not None:  # elite_fast.py: the same mean over distinct voxel pairs instead of points
+        return elite_fast.move_to_scale(feats, stage.fast.link)
+    return scatter_mean(feats.index_select(0, stage.voxels.inv), stage.next_voxels.inv, len(stage.next_voxels))
 
 
 # ---- 3.2 The network ----
 
 class VoxelInputEncoder(nn.Module):
-    """Per-point 10-d input -> mean per 0.1 m voxel (V1, 64)."""
+    """Per-point 10-d input -> an MLP per point -> mean per 0.1 m voxel (V1, 64)."""
 
     def __init__(self, hidden=64, lo=RANGE_MIN, cell=0.1):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(10, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
         self.lo, self.cell = lo, cell
 
-    def forward(self, points, vox: Voxels):
+    def point_inputs(self, points: torch.Tensor, vox: Voxels) -> torch.Tensor:
+        """points (N, 4) -> (N, 10): [x, y, z, remission, offset from the voxel's mean, offset from its corner]."""
         xyz = points[:, :3]  # (N, 3)
         voxel_mean = scatter_mean(xyz, vox.inv, len(vox), vox.count).index_select(0, vox.inv)  # (N, 3)
         # Upstream calls this the voxel centre; it is the voxel's lower corner.
-        lo = constant(tuple(self.lo), xyz.device, xyz.dtype)
-        corner = vox.coords[:, 1:].to(xyz.dtype).index_select(0, vox.inv) * self.cell + lo  # (N, 3)
-        x = torch.cat([points, xyz - voxel_mean, xyz - corner], 1)  # (N, 10)
-        # mean(Linear(h)) == Linear(mean(h)): the second layer runs per voxel, not per point.
-        h = scatter_mean(self.mlp[1](self.mlp[0](x)), vox.inv, len(vox), vox.count)  # (V1, 64)
-        return self.mlp[2](h)  # (V1, 64)
+        corner = vox.coords[:, 1:].to(xyz.dtype).index_select(0, vox.inv) * self.cell + xyz.new_tensor(self.lo)
+        return torch.cat([points, xyz - voxel_mean, xyz - corner], 1)
+
+    def forward(self, points: torch.Tensor, vox: Voxels) -> torch.Tensor:
+        x = self.point_inputs(points, vox)  # (N, 10)
+        if elite_fast.enabled():  # the same mean, with the MLP's last layer run per voxel
+            return elite_fast.encode_voxels(self.mlp, x, vox)
+        return scatter_mean(self.mlp(x), vox.inv, len(vox), vox.count)  # (V1, 64)
 
 
 class SparseBasicBlock(nn.Module):
@@ -456,15 +239,16 @@ class SparseBasicBlock(nn.Module):
         self.conv2 = SubMConv3d(cout, cout)
         self.bn2 = nn.BatchNorm1d(cout)
 
-    def forward(self, x, neighbours: Neighbours):
-        h = F.leaky_relu(self.bn1(self.conv1(x, neighbours)), 0.1)
-        h = self.bn2(self.conv2(h, neighbours))
+    def forward(self, x, stage: Stage):
+        neighbours = stage.fast.neighbours if stage.fast is not None else None
+        h = F.leaky_relu(self.bn1(self.conv1(x, stage.voxels, neighbours)), 0.1)
+        h = self.bn2(self.conv2(h, stage.voxels, neighbours))
         return F.leaky_relu(h + self.bn_shortcut(self.shortcut(x)), 0.1)
 
 
 class PointEncoder(nn.Module):
     """The point branch: voxel features of scale L plus context pooled over
-    (L-voxel coords // 2), run through an MLP per point."""
+    (L-voxel coords // 2), concatenated and run through an MLP."""
 
     def __init__(self, c=64):
         super().__init__()
@@ -477,18 +261,14 @@ class PointEncoder(nn.Module):
         self.layer_out = nn.Sequential(nn.Linear(2 * c, c), nn.LeakyReLU(0.1), nn.Linear(c, c))
 
     def forward(self, feats, stage: Stage):
-        """feats (V_L, 64) -> (V_L, 64): the point features, one row per L voxel.
-
-        Upstream runs layer_out on every point; all points of a voxel carry the same row,
-        so running it once per voxel gives the same values for a fraction of the work."""
+        """feats (V_L, 64) -> (V_L, 64): the point features, one row per L voxel. Upstream runs
+        layer_out on every point; the points of a voxel carry the same row, so once per voxel
+        gives the same values."""
         # Context is always pooled by factor 2 of the L voxels, not by the next scale.
-        ctx = self.context(scatter_mean(feats, stage.group, len(stage.group_count), stage.group_count))  # (G, 64)
-        # layer_out[0] on cat([layer_in(feats), ctx[group]]) (V_L, 128), split in its two halves:
-        # the context half runs once per group and the concatenation is never built.
-        first, c = self.layer_out[0], feats.shape[1]
-        h = torch.addmm(first.bias, ctx, first.weight[:, c:].T).index_select(0, stage.group)  # (V_L, 64)
-        h = torch.addmm(h, self.layer_in(feats), first.weight[:, :c].T)  # (V_L, 64)
-        return self.layer_out[2](self.layer_out[1](h))  # (V_L, 64)
+        ctx = self.context(scatter_mean(feats, stage.pool_of, len(stage.pool_count), stage.pool_count))  # (G, 64)
+        if stage.fast is not None:  # the same MLP on the concatenation, never built (split weights)
+            return elite_fast.point_encoder_out(self, feats, ctx, stage)
+        return self.layer_out(torch.cat([self.layer_in(feats), ctx.index_select(0, stage.pool_of)], 1))  # (V_L, 64)
 
 
 class SPVBlock(nn.Module):
@@ -504,9 +284,9 @@ class SPVBlock(nn.Module):
         p + v_down feeds the next block; v is what PPMSKD's 3D heads read."""
         v = x
         for block in self.v_enc:
-            v = block(v, stage.neighbours)  # (V_L, 64)
+            v = block(v, stage)  # (V_L, 64)
         c = v.shape[1]
-        p, v_down = move_to_scale(torch.cat([self.point_enc(x + v, stage), v], 1), stage.link).split(c, 1)
+        p, v_down = move_to_scale(torch.cat([self.point_enc(x + v, stage), v], 1), stage).split(c, 1)
         return p, v_down, v
 
 
@@ -541,53 +321,32 @@ class Student(nn.Module):
         per point, and what PPMSKD reads of each stage (its voxel features and voxels, its point
         branch). Voxelising and classifying are methods of their own, and the blocks a list, so
         that U2MKD's fusion student (u2mkd.py) runs the same stages with its camera fusion between them."""
-        pyramid = self.voxelize(points, batch_idx)
-        x = self.input_encoder(points, pyramid.voxels[0])  # (V1, 64)
+        scales = self.voxelize(points, batch_idx)
+        x = self.input_encoder(points, scales.voxels[0])  # (V1, 64)
         point_feats, stage_feats = [], []
-        for block, stage in zip(self.blocks, pyramid.stages):
+        for block, stage in zip(self.blocks, scales.stages):
             p, v_down, v = block(x, stage)
             x = p + v_down  # (V_s, 64), the next block's input
             point_feats.append(p)
             stage_feats.append(v)
-        voxels = pyramid.voxels
+        voxels = scales.voxels
         return StudentOutput(self.classify(point_feats, voxels), stage_feats, voxels[:-1], point_feats, voxels[1:])
 
-    def voxelize(self, points: torch.Tensor, batch_idx: torch.Tensor) -> Pyramid:
+    def voxelize(self, points: torch.Tensor, batch_idx: torch.Tensor) -> VoxelScales:
         """The voxels of scales 1, 2, 4, 8, 16 and what each block reads of them."""
         with torch.no_grad():
-            pyramid = build_pyramid(points[:, :3], batch_idx, self.cfg)
-        if self.training and len(pyramid.voxels[-1]) < 2:
-            raise TooFewVoxels(f"the batch's {len(points)} points fill {len(pyramid.voxels[-1])} voxel(s) at scale "
+            scales = voxelize_scales(points[:, :3], batch_idx, self.cfg)
+        if self.training and len(scales.voxels[-1]) < 2:
+            raise TooFewVoxels(f"the batch's {len(points)} points fill {len(scales.voxels[-1])} voxel(s) at scale "
                                f"{self.cfg.scales[-1]}: BatchNorm needs two")
-        return pyramid
+        return scales
 
     def classify(self, point_feats: list[torch.Tensor], voxels: list[Voxels]) -> torch.Tensor:
-        """The four stages' point branches (V_s, 64) -> logits (N, 20) per point.
-
-        A point's feature is cat(p_2[its scale-2 voxel], ..., p_16[its scale-16 voxel]).
-        Points that share all four voxels share it, so each combination is classified once."""
-        combos, combo_of_point = unique_columns([v.inv for v in voxels[1:]], [len(v) for v in voxels[1:]])  # (U, 4), (N,)
-        feats = torch.cat([p.index_select(0, combos[:, k]) for k, p in enumerate(point_feats)], 1)  # (U, 256)
-        return self.classifier(feats).index_select(0, combo_of_point)  # (N, 20)
-
-
-def unique_columns(columns: list[torch.Tensor], sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.unique(torch.stack(columns, 1), dim=0, return_inverse=True) for columns of indices
-    (N,) each in [0, sizes[k]): the rows numbered by one int64 that sorts as they do. When the
-    numbers would not fit in an int64 (large batches), each half of the columns is numbered
-    first. -> (U, K) the distinct rows in lexicographic order, (N,) the row of each."""
-    if math.prod(sizes) < 1 << 63:
-        key = columns[0]
-        for column, size in zip(columns[1:], sizes[1:]):
-            key = key * size + column
-        ukey, inverse = torch.unique(key, return_inverse=True)
-        below = [math.prod(sizes[k + 1:]) for k in range(len(sizes))]
-        return torch.stack([ukey // b % s for b, s in zip(below, sizes)], 1), inverse
-    half = len(columns) // 2
-    left, left_of = unique_columns(columns[:half], sizes[:half])
-    right, right_of = unique_columns(columns[half:], sizes[half:])
-    pairs, inverse = unique_columns([left_of, right_of], [len(left), len(right)])
-    return torch.cat([left.index_select(0, pairs[:, 0]), right.index_select(0, pairs[:, 1])], 1), inverse
+        """The four stages' point branches (V_s, 64) -> logits (N, 20) per point: a point's
+        feature is cat(p_2[its scale-2 voxel], ..., p_16[its scale-16 voxel]) (N, 256)."""
+        if elite_fast.enabled():  # the same, each distinct combination of the four voxels classified once
+            return elite_fast.classify(self.classifier, point_feats, voxels)
+        return self.classifier(torch.cat([p.index_select(0, v.inv) for p, v in zip(point_feats, voxels[1:])], 1))
 
 
 # =====================================================================================
@@ -653,14 +412,14 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | 
 # adapters, the patch decoders and the 2D heads train. The image is the bottom 320 x 1024
 # crop of the camera frame; its 20 x 64 token grid is the top-left of SAM's 64 x 64 grid.
 
-# ---- 5.1 Adapters: LoRA and AdaLoRA's SVD form, every layer's update at once ----
+# ---- 5.1 PEFT: LoRA and AdaLoRA's SVD form on SAM's own linear layers ----
 # Every linear layer of every block gets a low-rank update: q, k and v (each its own adapter,
 # as upstream, which splits SAM's fused qkv into three projections), proj, lin1 and lin2; 72 in
-# ViT-B. The factors of one kind of layer are stacked over the blocks, so one batched product
-# forms the updates of all its layers, and each step runs SAM's own blocks with the weights
-# W + delta W (torch.func.functional_call). SAM's encoder stays SAM's: frozen, fused qkv, its
-# checkpoint keys. Every adapter tensor's name contains "lora_", which is how freezing, the
-# optimiser and AdaLoRA find them.
+# ViT-B. SAM's encoder stays SAM's: frozen, fused qkv, its checkpoint keys. Each adapted layer
+# computes W x + b + s B (E * A) x: SAM's own nn.Linear, and the update added by a forward hook.
+# The factors of one kind of layer are stored stacked over the blocks (elite_fast.py forms all
+# their updates at once and merges them into the weights). Every adapter tensor's name
+# contains "lora_", which is how freezing, the optimiser and AdaLoRA find them.
 
 ADAPTED_LAYERS = {"qkv": ("attn.qkv", 3), "proj": ("attn.proj", 1), "lin1": ("mlp.lin1", 1), "lin2": ("mlp.lin2", 1)}
 PEFT_CHOICES = ("adalora", "lora", "none")
@@ -693,10 +452,25 @@ class Adapters(nn.Module):
             nn.init.uniform_(self.lora_A, -bound, bound)
             self.scaling = alpha / r
 
-    def delta_weights(self) -> torch.Tensor:
-        """(depth, out, in): every block's update, the parts' rows stacked in order."""
-        a = self.lora_A * self.lora_E if self.svd else self.lora_A  # diag(E) A
-        return (self.lora_B @ a * self.scaling).flatten(1, 2)  # (depth, parts, out/parts, in) -> (depth, out, in)
+    def low_rank_update(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        """s B diag(E) A x for every part of block `block`'s layer: x (..., in) -> (..., out)."""
+        a, b = self.lora_A[block], self.lora_B[block]  # (parts, r, in), (parts, out/parts, r)
+        if self.svd:
+            a = a * self.lora_E[block]  # diag(E) A: a pruned rank has E = 0
+        return self.scaling * torch.cat([x @ a[p].T @ b[p].T for p in range(len(a))], -1)
+
+
+class LowRankUpdate:
+    """The adapter of block `block`'s layer as a forward hook on SAM's own nn.Linear:
+    y = W x + b  ->  y + s B (E * A) x."""
+
+    def __init__(self, adapters: Adapters, block: int):
+        self.adapters, self.block = adapters, block
+
+    def __call__(self, layer: nn.Linear, inputs: tuple, y: torch.Tensor) -> torch.Tensor | None:
+        if elite_fast.enabled():  # elite_fast.encode_blocks runs the layer with W + delta W merged instead
+            return None
+        return y + self.adapters.low_rank_update(self.block, inputs[0])
 
 
 def make_adapters(encoder: nn.Module, peft="adalora", r=12, alpha=1.0) -> nn.ModuleDict:
@@ -832,7 +606,7 @@ class RankAllocator:
         self.ipt, self.unc = dict(state["ipt"]), dict(state["unc"])
 
 
-# ---- 5.3 SAM's encoder with its attention's relative positions folded into q and k ----
+# ---- 5.3 SAM's image encoder ----
 
 @dataclass
 class SamVariant:
@@ -853,8 +627,8 @@ SAM_IMG_SIZE, SAM_PATCH, SAM_WINDOW = 1024, 16, 14
 
 def build_sam_encoder(variant="vit_b") -> nn.Module:
     """segment-anything's ImageEncoderViT with sam_model_registry's settings, randomly
-    initialised, without the neck, its attention folded (same weights, same keys).
-    segment-anything is imported here, where the teacher is built: the student needs none of it."""
+    initialised, without the neck. segment-anything is imported here, where the teacher is
+    built: the student needs none of it."""
     from segment_anything.modeling.image_encoder import ImageEncoderViT
     if variant not in SAM_VARIANTS:
         raise ValueError(f"unknown SAM variant {variant!r}; choose from {sorted(SAM_VARIANTS)}")
@@ -864,8 +638,8 @@ def build_sam_encoder(variant="vit_b") -> nn.Module:
         num_heads=v.num_heads, mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
         use_rel_pos=True, window_size=SAM_WINDOW, global_attn_indexes=v.global_attn_indexes)
     del encoder.neck  # ELiTe reads the blocks themselves; SAM's 256-channel neck is never used
-    for block in encoder.blocks:
-        block.attn = elite_kernels.FoldedAttention(block.attn)  # SAM's maths, in the form torch's fused attention runs
+    if elite_fast.enabled():  # SAM's attention in the form torch's fused attention runs: same maths, same keys
+        elite_fast.fold_attention(encoder)
     return encoder
 
 
@@ -920,7 +694,10 @@ class Teacher(nn.Module):
         self.fused_head = head_2d(len(self.stage_blocks) * c // 8, c // 4, cfg.num_classes)
         self.sam_checkpoint: str | None = None  # the SAM file the frozen encoder was loaded from, if any
         self.sam_fingerprint: list | None = None  # that file's [size, time, CRC-32], which a checkpoint records
-        self._low_precision: tuple = (None, [])  # frozen_weights' bf16 copy under autocast, and its key
+        self._low_precision: tuple = (None, [])  # elite_fast.frozen_weights' bf16 copy under autocast, and its key
+        for kind, adapters in self.adapters.items():  # PEFT: each adapted layer adds its low-rank update
+            for i, block in enumerate(self.encoder.blocks):
+                block.get_submodule(ADAPTED_LAYERS[kind][0]).register_forward_hook(LowRankUpdate(adapters, i))
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, 3, H, W) normalised -> tokens (B, h, w, C) after each global block,
@@ -937,46 +714,19 @@ class Teacher(nn.Module):
         # Zero padding to whole patches: 0 is the mean colour after normalisation, as SAM pads.
         x = F.pad(images, (0, w * SAM_PATCH - width, 0, h * SAM_PATCH - height))
         x = self.encoder.patch_embed(x) + self.encoder.pos_embed[:, :h, :w]  # (B, h, w, C)
+        if elite_fast.enabled():  # the same blocks, each adapted layer one product with W + delta W
+            return elite_fast.encode_blocks(self, x)
         tokens = []
-        weights = self.adapted_weights()  # this step's W + delta W, all layers at once
         for i, block in enumerate(self.encoder.blocks):
-            # SAM's block, run with the adapted weights in place of its frozen ones. Windowed
-            # blocks pad to multiples of 14 and unpad themselves.
-            x = torch.func.functional_call(block, weights[i], (x,))
+            x = block(x)  # SAM's block; windowed blocks pad to multiples of 14 and unpad themselves
             if i in self.stage_blocks:
                 tokens.append(x)
         return tokens
 
-    def adapted_weights(self) -> list[dict[str, torch.Tensor]]:
-        """Per block, {'attn.qkv.weight': W + delta W, ...}: the weights its adapted layers run with.
-        Each is one matrix, so a layer costs one product a step, not three (W x + B (A x))."""
-        layers = [(i, ADAPTED_LAYERS[kind][0]) for kind in self.adapters for i in range(len(self.encoder.blocks))]
-        updates = [u for a in self.adapters.values() for u in a.delta_weights().unbind(0)]  # (out, in) each
-        # Every sum W + delta W in one operation (the plain form: one add per layer, 48 in ViT-B).
-        summed = torch._foreach_add(self.frozen_weights(layers), updates) if layers else []  # peft none: no layers
-        weights = [{} for _ in self.encoder.blocks]
-        for (i, path), w in zip(layers, summed):
-            weights[i][f"{path}.weight"] = w
-        return weights
-
-    def frozen_weights(self, layers: list[tuple[int, str]]) -> list[torch.Tensor]:
-        """The frozen weights of these (block, layer) in the precision the blocks compute in: under
-        autocast (--amp) a bf16 copy made once, as SAM's weights never train, instead of a cast of
-        every weight at every step."""
-        weights = [self.encoder.blocks[i].get_submodule(path).weight for i, path in layers]
-        device = weights[0].device.type
-        if not torch.is_autocast_enabled(device):
-            return weights
-        dtype = torch.get_autocast_dtype(device)
-        key = (dtype,) + tuple((w.data_ptr(), w._version) for w in weights)  # new weights (a load, .to()): a new copy
-        if self._low_precision[0] != key:
-            self._low_precision = (key, [w.detach().to(dtype) for w in weights])
-        return self._low_precision[1]
-
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, 3, H, W) normalised -> 4 patch-decoder maps (B, C/8, 4h, 4w), a quarter of
         the padded crop's resolution. A pixel's feature is the map upsampled 4x bilinearly
-        (upsample_maps); sample_pixels computes it at the pixels that are read, and only there."""
+        (upsample_maps, pixel_features)."""
         return [decoder(x.permute(0, 3, 1, 2)) for x, decoder in zip(self.encode(images), self.patch_decoders)]
 
     def classify(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -997,26 +747,14 @@ def upsample_maps(maps: list[torch.Tensor], height: int, width: int) -> list[tor
             [:, :, :height, :width] for m in maps]
 
 
-def sample_pixels(maps: list[torch.Tensor], pixel_indices: list[torch.Tensor]) -> list[torch.Tensor]:
+def pixel_features(maps: list[torch.Tensor], pixel_indices: list[torch.Tensor]) -> list[torch.Tensor]:
     """The teacher's maps (B, C, 4h, 4w) at each sample's (Ki, 2) (row, col) crop pixels ->
-    (sum Ki, C) per map, samples concatenated in batch order: what upsample_maps holds at those
-    pixels (bilinear, align_corners=False), computed from the four map cells around each."""
-    if not pixel_indices or sum(len(p) for p in pixel_indices) == 0:
-        return [m.new_zeros(0, m.shape[1]) for m in maps]
-    device = maps[0].device
-    sample = torch.cat([torch.full((len(p),), b, device=device) for b, p in enumerate(pixel_indices)])  # (K,)
-    pixel = torch.cat(pixel_indices).to(device)  # (K, 2)
-    # F.interpolate's source coordinate of an output pixel: (p + 0.5) / 4 - 0.5, clamped at 0.
-    src = ((pixel.to(maps[0].dtype) + 0.5) / 4 - 0.5).clamp_min(0)  # (K, 2)
-    low = src.floor().long()
-    frac = src - low  # (K, 2) the weight of the cell after
-    last = torch.tensor(maps[0].shape[2:], device=device) - 1
-    high = torch.minimum(low + 1, last)
-    (r0, c0), (r1, c1), fr, fc = low.unbind(1), high.unbind(1), frac[:, :1], frac[:, 1:]  # fr, fc (K, 1)
-    m = torch.cat(maps, 1)  # (B, 4C, 4h, 4w): the four maps read at once
-    top = m[sample, :, r0, c0] * (1 - fc) + m[sample, :, r0, c1] * fc  # (K, 4C)
-    bottom = m[sample, :, r1, c0] * (1 - fc) + m[sample, :, r1, c1] * fc
-    return list((top * (1 - fr) + bottom * fr).split([x.shape[1] for x in maps], 1))
+    (sum Ki, C) per map, samples concatenated in batch order: the maps upsampled 4x, then read."""
+    if elite_fast.enabled():  # the same bilinear values, computed at the read pixels only
+        return elite_fast.sample_pixels(maps, pixel_indices)
+    full = upsample_maps(maps, 4 * maps[0].shape[2], 4 * maps[0].shape[3])  # (B, C, 16h, 16w) each
+    return [torch.cat([f[b, :, p[:, 0], p[:, 1]].T for b, p in enumerate(pixel_indices)] + [f.new_zeros(0, f.shape[1])])
+            for f in full]
 
 
 def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], crops: CameraCrops, weight: torch.Tensor,
@@ -1030,7 +768,7 @@ def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], crops: CameraCro
         inputs = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in upsample_maps(feats, height, width)]  # 4 x (B*H*W, C/8)
         labels = crops.dense.reshape(-1)
     else:
-        inputs = sample_pixels(feats, crops.pixels)  # 4 x (K, C/8)
+        inputs = pixel_features(feats, crops.pixels)  # 4 x (K, C/8)
         labels = crops.labels
     stage_logits, fused = teacher.classify(inputs)
     losses = seg_loss(torch.stack(stage_logits + [fused]), labels, weight, lovasz_weight=1.0)  # (5,) all heads at once
@@ -1280,7 +1018,7 @@ ORTH_WEIGHT = 0.1   # AdaLoRA's orthogonality regulariser
 def teacher_point_logits(teacher: Teacher, crops: CameraCrops) -> list[torch.Tensor]:
     """A fixed teacher's stage logits at the points' pixels, 4 x (K, 20), without gradients."""
     with torch.no_grad():
-        stage_logits, _ = teacher.classify(sample_pixels(teacher(crops.images), crops.pixels))
+        stage_logits, _ = teacher.classify(pixel_features(teacher(crops.images), crops.pixels))
     return stage_logits
 
 

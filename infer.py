@@ -44,7 +44,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import elite
-import elite_kernels
+import elite_fast
 import nusc
 import runs
 import scandata
@@ -675,7 +675,7 @@ def alternating_median_ms(fns: list, rounds: int, sync=lambda: None) -> list[flo
     return [1000 * statistics.median(t) for t in times]
 
 
-def products_only(feats: torch.Tensor, weight: torch.Tensor, neighbours: elite.Neighbours) -> torch.Tensor:
+def products_only(feats: torch.Tensor, weight: torch.Tensor, neighbours: elite_fast.Neighbours) -> torch.Tensor:
     """The plain convolution's matrix products on rows already in place, without the gathers and
     scatter-adds around them: the floor of its cost at this matmul speed."""
     out = feats @ weight[1, 1, 1]
@@ -766,7 +766,7 @@ class OpCount:
     @property
     def data_dependent(self) -> dict[str, int]:
         """The operations after which a GPU's host waits for the device: a data-dependent output
-        size, an item(), a copy to the host (elite.read_to_host), marked '*' where the name alone
+        size, an item(), a copy to the host (elite_fast.read_to_host), marked '*' where the name alone
         does not tell."""
         return {k: v for k, v in self.aten.items() if k in DATA_DEPENDENT or k.endswith("*")}
 
@@ -774,7 +774,7 @@ class OpCount:
 def count_ops(fn) -> OpCount:
     """Run fn() and count what it dispatches. Boolean-mask indexing, repeat_interleave without
     output_size and copies to the host are counted under their names with a '*' suffix:
-    data-dependent too. Triton launches are counted by elite_kernels.launch (the interpreter's own
+    data-dependent too. Triton launches are counted by elite_fast.launch (the interpreter's own
     copies to and from numpy are hidden from this count: a GPU makes none)."""
     from collections import Counter
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -792,15 +792,15 @@ def count_ops(fn) -> OpCount:
             if name == "repeat_interleave" and kwargs.get("output_size") is None and len(args) == 1:
                 name = "repeat_interleave*"
             if name == "_to_copy" and kwargs.get("device") == torch.device("cpu"):
-                name = "to_host*"  # elite.read_to_host: on a GPU, a wait for the device
+                name = "to_host*"  # elite_fast.read_to_host: on a GPU, a wait for the device
             if not func.is_view:
                 self.ops[name] += 1
             return func(*args, **kwargs)
 
-    before = Counter(elite_kernels.LAUNCHES)
+    before = Counter(elite_fast.LAUNCHES)
     with Count() as mode:
         fn()
-    launched = Counter(elite_kernels.LAUNCHES) - before
+    launched = Counter(elite_fast.LAUNCHES) - before
     return OpCount(dict(mode.ops), dict(launched))
 
 
@@ -809,18 +809,18 @@ def benchmark_paths(device: torch.device, conv: str) -> list[str]:
     plain one elsewhere, or the one --conv names."""
     if conv != "auto":
         return [conv]
-    return ["torch", "triton"] if device.type == "cuda" and elite_kernels.triton is not None else ["torch"]
+    return ["torch", "triton"] if device.type == "cuda" and elite_fast.triton is not None else ["torch"]
 
 
 @contextlib.contextmanager
 def conv_path(path: str):
     """Run the convolutions on this path inside the block, as before it after."""
-    before = elite_kernels.CONV_PATH
-    elite_kernels.set_conv_path(path)
+    before = elite_fast.CONV_PATH
+    elite_fast.set_conv_path(path)
     try:
         yield
     finally:
-        elite_kernels.set_conv_path(before)
+        elite_fast.set_conv_path(before)
 
 
 def on_path(path: str, amp: bool, device: torch.device, fn):
@@ -854,7 +854,7 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
     columns = [(path, amp) for amp in precisions for path in paths]  # timed side by side
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\n[{device}{threads}] convolution paths: " + ", ".join(
-        {"torch": "torch (plain torch, elite.py)", "triton": "triton (Triton kernels, elite_kernels.py)"}[p] for p in paths)
+        {"torch": "torch (plain torch, elite.py)", "triton": "triton (Triton kernels, elite_fast.py)"}[p] for p in paths)
         + (", deterministic algorithms" if torch.are_deterministic_algorithms_enabled() else ""))
     torch.manual_seed(0)
     model = elite.Student().to(device).eval()
@@ -878,20 +878,20 @@ def benchmark_convolutions(model: elite.Student, points: torch.Tensor, columns, 
     precision; its neighbour table built already, as in a forward."""
     device, sync = points.device, device_sync(points.device)
     batch_idx = torch.zeros(len(points), dtype=torch.long, device=device)
-    pyramid = elite.build_pyramid(points[:, :3], batch_idx, model.cfg)
+    scales = elite_fast.voxel_scales(points[:, :3], batch_idx, model.cfg)
     weight = torch.randn(3, 3, 3, 64, 64, device=device) * 0.05
     print("  one 3x3x3 SubM convolution 64->64, ms (median; the paths timed in turn, round after round)")
     print_row("scale: voxels, neighbour pairs", ["table", "+ pairs"] + column_names(columns))
     scale_one = None
-    for scale, stage in zip((1, 2, 4, 8), pyramid.stages):
-        coords = stage.vox_l.coords
-        keys = elite.pack_keys(coords[:, 0], coords[:, 1:])  # sorted, as the voxels are
-        t_table = median_ms(lambda: elite.neighbour_table(keys), repeats, sync)  # noqa: B023
-        neighbours = elite.Neighbours(elite.neighbour_table(keys))
-        t_pairs = median_ms(lambda: elite.Neighbours(neighbours.rows).pairs(), repeats, sync)  # noqa: B023
+    for scale, stage in zip((1, 2, 4, 8), scales.stages):
+        coords = stage.voxels.coords
+        keys = elite_fast.pack_keys(coords[:, 0], coords[:, 1:])  # sorted, as the voxels are
+        t_table = median_ms(lambda: elite_fast.neighbour_table(keys), repeats, sync)  # noqa: B023
+        neighbours = elite_fast.Neighbours(elite_fast.neighbour_table(keys))
+        t_pairs = median_ms(lambda: elite_fast.Neighbours(neighbours.rows).pairs(), repeats, sync)  # noqa: B023
         neighbours.pairs()  # the plain path reads them; made once per voxel set, as in a forward
         feats = torch.randn(len(coords), 64, device=device)
-        times = alternating_median_ms([on_path(p, amp, device, partial(elite.submconv3d, feats, neighbours, weight))
+        times = alternating_median_ms([on_path(p, amp, device, partial(elite_fast.submconv3d, feats, neighbours, weight))
                                        for p, amp in columns], max(1, repeats // 2), sync)
         print_row(f"{scale}: {len(coords):,}, {neighbours.num_pairs:,}", [f"{t_table:.2f}", f"{t_pairs:.2f}"] +
                   [f"{t:.3f}" for t in times])
@@ -904,8 +904,8 @@ def benchmark_convolutions(model: elite.Student, points: torch.Tensor, columns, 
     print("  scale 1: " + ", ".join(f"{n} {flops / t / 1e6:.1f} GFLOP/s" for n, t in zip(column_names(columns), times))
           + f"; the plain convolution's products alone {t_products:.2f} ms ({flops / t_products / 1e6:.1f} GFLOP/s); "
           f"a dense 4096x4096 float32 matmul {2 * 4096 ** 3 / t_dense / 1e6:.1f} GFLOP/s")
-    t_pyramid = median_ms(lambda: elite.build_pyramid(points[:, :3], batch_idx, model.cfg), repeats, sync)
-    print(f"  the voxels of all five scales and every block's indices (elite.build_pyramid): {t_pyramid:.1f} ms")
+    t_scales = median_ms(lambda: elite_fast.voxel_scales(points[:, :3], batch_idx, model.cfg), repeats, sync)
+    print(f"  the voxels of all five scales and every block's indices (elite_fast.voxel_scales): {t_scales:.1f} ms")
 
 
 def benchmark_forward(model: elite.Student, points: torch.Tensor, columns, repeats: int):
@@ -1022,7 +1022,7 @@ def benchmark(args):
     pts, labels = torch.from_numpy(points[keep]), torch.from_numpy(labels[keep])
     devices = [torch.device(args.device)]  # one device a run: a GPU's figures are not held up by the CPU's
     batch_idx = torch.zeros(len(pts), dtype=torch.long)
-    voxels = elite.voxelize_scales(pts[:, :3], batch_idx, (1, 2, 4, 8, 16)).per_scale
+    voxels = [elite.voxelize(pts[:, :3], batch_idx, s) for s in (1, 2, 4, 8, 16)]
     runs.print_summary("infer.py --benchmark: the student's size, speed and memory", {
         "devices": ", ".join(runs.describe_device(d) for d in devices),
         "convolution paths": ", ".join(benchmark_paths(devices[0], args.conv)),
@@ -1032,7 +1032,7 @@ def benchmark(args):
                     if args.teacher_variant != "none" else "not timed (--teacher-variant none)"),
         "outputs": "this printout (no files)"})
     print("Voxels per scale: " + " / ".join(f"{len(v):,} (scale {s})" for v, s in zip(voxels, (1, 2, 4, 8, 16))))
-    pairs = sum(elite.neighbours_of(v.coords).num_pairs for v in voxels[:4])
+    pairs = sum(elite_fast.neighbours_of(v.coords).num_pairs for v in voxels[:4])
     print(f"Sparse-conv work of one forward: 4 convolutions 64->64 at each of scales 1/2/4/8, whose neighbour "
           f"pairs add up to {pairs:,}: {4 * pairs * 64 * 64 * 2 / 1e9:.1f} GFLOP")
     for device in devices:

@@ -25,7 +25,7 @@ never a target, only "same region or not". The tokens after the encoder's four g
 blocks (the four token sets the teacher's four patch decoders read) are concatenated, and a small
 decoder shaped like elite.patch_decoder (two 2x transposed convolutions) turns that 1/16 grid
 into EMBED_DIM-dimensional pixel embeddings at 1/4 resolution, read at pixels with
-elite.sample_pixels (the teacher's own bilinear read); --decoder each puts one decoder and
+elite.pixel_features (the teacher's own bilinear read); --decoder each puts one decoder and
 loss on each global block instead, which did worse (Measured, below). Per crop SAMPLES pixels
 are drawn, each region with weight proportional to the square root of its area (so poles,
 people and signs are drawn as well as the road), and every pair of them is scored:
@@ -189,7 +189,7 @@ def step_batch(frames: SyntheticFrames, n_frames: int, step: int, seed: int, sam
 
 def build_encoder(variant: str) -> nn.Module:
     """The teacher's encoder, elite.build_sam_encoder(variant): segment-anything's ImageEncoderViT
-    without the neck, its attention folded (elite_kernels.FoldedAttention, SAM's maths), all of it
+    without the neck, its attention folded (elite_fast.FoldedAttention, SAM's maths), all of it
     trained except the relative-position tables, which the folded attention reads as constants:
     they stay at SAM's zero init (positions come from pos_embed). SAM's unfolded attention would
     train them, but the backward of its table resize (F.interpolate) is not bitwise repeatable
@@ -380,7 +380,7 @@ def pretrain(args: argparse.Namespace) -> tuple[nn.Module, dict]:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr)
         maps = model(images)
-        emb = torch.stack(elite.sample_pixels(maps, pixels)).view(len(maps) * len(pixels), SAMPLES, -1)
+        emb = torch.stack(elite.pixel_features(maps, pixels)).view(len(maps) * len(pixels), SAMPLES, -1)
         loss = affinity_loss(emb, regions.repeat(len(maps), 1))  # the mean over the decoders' maps
         if not torch.isfinite(loss):
             raise RuntimeError(f"step {step}: the loss is {loss.item()}; try a lower --lr")

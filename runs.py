@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 import elite
-import elite_kernels
+import elite_fast
 import nusc
 import scandata
 import semantickitti
@@ -1166,8 +1166,8 @@ def add_run_flags(parser) -> None:
 
 def add_conv_flag(parser) -> None:
     """--conv and --deterministic: how the voxel networks run on a GPU."""
-    parser.add_argument("--conv", choices=elite_kernels.CONV_PATHS, default=elite_kernels.CONV_PATH,
-                        help="the sparse convolutions of the voxel networks: triton (elite_kernels.py, Triton kernels on "
+    parser.add_argument("--conv", choices=elite_fast.CONV_PATHS, default=elite_fast.CONV_PATH,
+                        help="the sparse convolutions of the voxel networks: triton (elite_fast.py, Triton kernels on "
                              "CUDA), torch (elite.py's plain-torch definition), or auto: triton on CUDA when triton "
                              "imports, torch otherwise (default: $ELITE_CONV, else auto)")
     parser.add_argument("--deterministic", action="store_true",
@@ -1179,11 +1179,11 @@ def add_conv_flag(parser) -> None:
 def apply_conv_flag(parser, args) -> None:
     """Run the convolutions on the path --conv names (refusing one this machine cannot run),
     deterministically when asked."""
-    if args.conv not in elite_kernels.CONV_PATHS:  # only a bad $ELITE_CONV gets here: the flag's choices are checked
-        parser.error(f"$ELITE_CONV={args.conv!r}: expected one of {', '.join(elite_kernels.CONV_PATHS)} (or unset it)")
-    elite_kernels.set_conv_path(args.conv)
+    if args.conv not in elite_fast.CONV_PATHS:  # only a bad $ELITE_CONV gets here: the flag's choices are checked
+        parser.error(f"$ELITE_CONV={args.conv!r}: expected one of {', '.join(elite_fast.CONV_PATHS)} (or unset it)")
+    elite_fast.set_conv_path(args.conv)
     try:
-        elite_kernels.conv_path(torch.device(args.device))
+        elite_fast.conv_path(torch.device(args.device))
     except RuntimeError as e:
         parser.error(f"--conv {args.conv}: {e}")
     if args.deterministic:
@@ -1193,10 +1193,10 @@ def apply_conv_flag(parser, args) -> None:
 
 def describe_conv(device: torch.device) -> str:
     """The summary's line for the path the student's convolutions take on this device."""
-    path = elite_kernels.conv_path(device)
-    what = "Triton kernels (elite_kernels.py)" if path == "triton" else "plain torch (elite.submconv3d)"
+    path = elite_fast.conv_path(device)
+    what = "Triton kernels (elite_fast.py)" if path == "triton" else "plain torch (elite.submconv3d)"
     repeatable = ", deterministic algorithms" if torch.are_deterministic_algorithms_enabled() else ""
-    return f"{path}: {what}" + (" (--conv auto)" if elite_kernels.CONV_PATH == "auto" else "") + repeatable
+    return f"{path}: {what}" + (" (--conv auto)" if elite_fast.CONV_PATH == "auto" else "") + repeatable
 
 
 def config_of(args) -> dict:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import elite
-import elite_kernels
+import elite_fast
 import runs
 import scandata
 import semantickitti
@@ -41,14 +41,14 @@ def test_keys_sort_as_rows_and_unpack_to_them():
     g = torch.Generator().manual_seed(0)
     rows = torch.cat([torch.randint(0, 3, (500, 1), generator=g), torch.randint(-9000, 9000, (500, 3), generator=g)], 1)
     ref, ref_inv = torch.unique(rows, dim=0, return_inverse=True)
-    keys, inv = torch.unique(elite.pack_keys(rows[:, 0], rows[:, 1:]), return_inverse=True)
-    assert torch.equal(elite.unpack_keys(keys), ref) and torch.equal(inv, ref_inv)
+    keys, inv = torch.unique(elite_fast.pack_keys(rows[:, 0], rows[:, 1:]), return_inverse=True)
+    assert torch.equal(elite_fast.unpack_keys(keys), ref) and torch.equal(inv, ref_inv)
 
 
 def test_keys_refuse_coordinates_they_cannot_pack():
     coords = torch.tensor([[0, 0, 0, 0], [0, 20_000, 0, 0]])
     with pytest.raises(RuntimeError, match="beyond"):
-        elite.neighbours_of(coords)
+        elite_fast.neighbours_of(coords)
 
 
 def test_voxel_grids_per_scale():
@@ -80,7 +80,7 @@ def test_real_voxels_per_scale():
     counts = [len(elite.voxelize(xyz, b, s)) for s in (1, 2, 4, 8, 16)]
     for got, expect in zip(counts, (58_500, 30_200, 13_200, 5_300, 1_900)):
         assert abs(got - expect) < 0.01 * expect, counts
-    assert abs(elite.neighbours_of(elite.voxelize(xyz, b, 1).coords).num_pairs - 362_000) < 1_000
+    assert abs(elite_fast.neighbours_of(elite.voxelize(xyz, b, 1).coords).num_pairs - 362_000) < 1_000
 
 
 # ------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_submconv3d_equals_dense_conv3d(seed):
     ref = dense_submconv(coords, feats, weight, 8)
     perm = torch.randperm(len(coords), generator=torch.Generator().manual_seed(seed))
     shifted = coords[perm] + torch.tensor([0, -4, 3, -9])  # any integers, negative too, any order
-    out = elite.submconv3d(feats[perm], elite.neighbours_of(shifted), weight)
+    out = elite_fast.submconv3d(feats[perm], elite_fast.neighbours_of(shifted), weight)
     torch.testing.assert_close(out, ref[perm], rtol=1e-4, atol=1e-4)
 
 
@@ -121,8 +121,8 @@ def test_submconv3d_backward_equals_dense_conv3d():
     weight = torch.randn(3, 3, 3, 5, 7, generator=torch.Generator().manual_seed(14))
     upstream = torch.randn(len(coords), 7, generator=torch.Generator().manual_seed(24))
     grads = []
-    neighbours = elite.neighbours_of(coords)
-    for conv in (lambda f, w: elite.submconv3d(f, neighbours, w), lambda f, w: dense_submconv(coords, f, w, 8)):
+    neighbours = elite_fast.neighbours_of(coords)
+    for conv in (lambda f, w: elite_fast.submconv3d(f, neighbours, w), lambda f, w: dense_submconv(coords, f, w, 8)):
         f, w = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         (conv(f, w) * upstream).sum().backward()
         grads.append((f.grad, w.grad))
@@ -141,7 +141,7 @@ def test_neighbour_table_and_pairs_match_brute_force():
     coords, _ = random_sparse(batch=2, size=6, density=0.4, seed=5)
     perm = torch.randperm(len(coords), generator=torch.Generator().manual_seed(0))
     coords = coords[perm] - torch.tensor([0, 3, 0, 7])  # any order, negative coordinates too
-    neighbours = elite.neighbours_of(coords)
+    neighbours = elite_fast.neighbours_of(coords)
     expect = brute_force_table(coords)
     assert torch.equal(neighbours.rows, expect)
     assert elite.OFFSETS[13] == (0, 0, 0) and all(elite.OFFSETS[26 - k] == tuple(-d for d in o)
@@ -154,8 +154,8 @@ def test_neighbour_table_and_pairs_match_brute_force():
 def test_one_neighbour_search_serves_several_voxel_sets():
     # The student's four scales are four sets of one sorted key array: neighbours never cross sets.
     coords, _ = random_sparse(batch=2, size=6, density=0.4, seed=6)
-    keys = torch.cat([elite.pack_keys(coords[:, 0], coords[:, 1:], s) for s in (0, 1, 2)])
-    table = elite.neighbour_table(keys)  # the keys of each set sorted, sets in order: sorted
+    keys = torch.cat([elite_fast.pack_keys(coords[:, 0], coords[:, 1:], s) for s in (0, 1, 2)])
+    table = elite_fast.neighbour_table(keys)  # the keys of each set sorted, sets in order: sorted
     n, expect = len(coords), brute_force_table(coords)
     for s in range(3):
         rows = table[:, s * n:(s + 1) * n]
@@ -166,20 +166,20 @@ def test_submconv3d_gradcheck():
     coords, feats = random_sparse(batch=2, size=4, density=0.5, cin=2, seed=3, dtype=torch.float64)
     feats.requires_grad_(True)
     weight = torch.randn(3, 3, 3, 2, 3, dtype=torch.float64, requires_grad=True)
-    neighbours = elite.neighbours_of(coords)
-    assert torch.autograd.gradcheck(lambda f, w: elite.submconv3d(f, neighbours, w), (feats, weight))
+    neighbours = elite_fast.neighbours_of(coords)
+    assert torch.autograd.gradcheck(lambda f, w: elite_fast.submconv3d(f, neighbours, w), (feats, weight))
 
 
 def test_submconv3d_identical_across_calls_and_threads():
     coords, feats = random_sparse(batch=2, size=24, density=0.2, cin=64, seed=7)
     weight = torch.randn(3, 3, 3, 64, 64)
-    neighbours = elite.neighbours_of(coords)
+    neighbours = elite_fast.neighbours_of(coords)
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 4):
             torch.set_num_threads(n)
-            results += [elite.submconv3d(feats, neighbours, weight) for _ in range(3)]
+            results += [elite_fast.submconv3d(feats, neighbours, weight) for _ in range(3)]
     finally:
         torch.set_num_threads(threads)
     for r in results[1:]:
@@ -190,23 +190,23 @@ def test_submconv3d_identical_across_calls_and_threads():
 def test_submconv3d_cpu_gpu_parity():
     coords, feats = random_sparse(batch=2, size=24, density=0.2, cin=64, seed=7)
     weight = torch.randn(3, 3, 3, 64, 64) * 0.05
-    cpu = elite.submconv3d(feats, elite.neighbours_of(coords), weight)  # the plain path
-    gpu = elite.submconv3d(feats.cuda(), elite.neighbours_of(coords.cuda()), weight.cuda()).cpu()  # auto: Triton
+    cpu = elite_fast.submconv3d(feats, elite_fast.neighbours_of(coords), weight)  # the plain path
+    gpu = elite_fast.submconv3d(feats.cuda(), elite_fast.neighbours_of(coords.cuda()), weight.cuda()).cpu()  # auto: Triton
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
 
 
 def test_the_student_runs_where_triton_is_missing():
-    """elite_kernels.py imports without triton (torch's CPU build): the plain form runs, and asking
+    """elite_fast.py imports without triton (torch's CPU build): the plain form runs, and asking
     for the Triton one is refused in one line."""
     import subprocess
     import sys
     code = ("import sys; sys.modules['triton'] = sys.modules['triton.language'] = None\n"
-            "import elite, elite_kernels, torch\n"
-            "assert elite_kernels.triton is None and elite_kernels.conv_path(torch.device('cpu')) == 'torch'\n"
+            "import elite, elite_fast, torch\n"
+            "assert elite_fast.triton is None and elite_fast.conv_path(torch.device('cpu')) == 'torch'\n"
             "pts = torch.randn(500, 4) * 10; pts[:, 2] = pts[:, 2].clamp(-3, 1)\n"
             "assert elite.Student().eval()(pts, torch.zeros(500, dtype=torch.long)).logits.shape == (500, 20)\n"
-            "elite_kernels.set_conv_path('triton')\n"
-            "try:\n    elite_kernels.conv_path(torch.device('cpu'))\nexcept RuntimeError as e:\n    print(e)\n")
+            "elite_fast.set_conv_path('triton')\n"
+            "try:\n    elite_fast.conv_path(torch.device('cpu'))\nexcept RuntimeError as e:\n    print(e)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert run.returncode == 0, run.stderr
@@ -226,7 +226,7 @@ def test_spconv_weight_layout_is_a_dense_conv_over_zyx_indices():
     dense = torch.zeros(1, 4, size[2], size[1], size[0], dtype=torch.float64)  # (1, C, Z, Y, X)
     dense[0, :, z, y, x] = feats.T
     expected = F.conv3d(dense, w.permute(0, 4, 1, 2, 3), padding=1)[0, :, z, y, x].T  # (120, 5)
-    torch.testing.assert_close(elite.submconv3d(feats, elite.neighbours_of(coords), runs.spconv_to_ours(w)), expected)
+    torch.testing.assert_close(elite_fast.submconv3d(feats, elite_fast.neighbours_of(coords), runs.spconv_to_ours(w)), expected)
 
 
 # ------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_unique_columns_match_torch_unique(size):
     g = torch.Generator().manual_seed(size % 7)
     rows = torch.randint(0, 4, (500, 4), generator=g) * (size // 4)
     ref, ref_inv = torch.unique(rows, dim=0, return_inverse=True)
-    got, inv = elite.unique_columns(list(rows.T), [size] * 4)
+    got, inv = elite_fast.unique_columns(list(rows.T), [size] * 4)
     assert torch.equal(got, ref) and torch.equal(inv, ref_inv)
 
 
@@ -258,10 +258,10 @@ def reference_student_forward(model: elite.Student, points, batch_idx):
     x = elite.scatter_mean(model.input_encoder.mlp(torch.cat([points, xyz - mean, xyz - corner], 1)), v1.inv, len(v1))
     per_point = []
     for block, vl, vs in zip(model.blocks, voxels[:-1], voxels[1:]):
-        neighbours = elite.neighbours_of(vl.coords)
+        stage = elite.Stage(vl, vs, *elite.context_pools(vl))  # the reference forms' stage
         v = x
         for b in block.v_enc:
-            v = b(v, neighbours)
+            v = b(v, stage)
         v_down = elite.scatter_mean(v[vl.inv], vs.inv, len(vs))
         pe = block.point_enc
         feats = x + v
@@ -275,12 +275,13 @@ def reference_student_forward(model: elite.Student, points, batch_idx):
     return model.classifier(torch.cat(per_point, 1))
 
 
-def test_student_equals_per_point_reference():
+@pytest.mark.parametrize("form", elite_fast.FORMS)
+def test_student_equals_per_point_reference(form):
     torch.manual_seed(0)
     model = elite.Student().eval()
     points = torch.rand(3000, 4) * torch.tensor([40.0, 40.0, 5.0, 1.0]) - torch.tensor([20.0, 20.0, 3.5, 0.0])
     batch_idx = (torch.arange(3000) >= 1700).long()
-    with torch.no_grad():
+    with torch.no_grad(), elite_fast.forms(form):
         got = model(points, batch_idx).logits
         ref = reference_student_forward(model, points, batch_idx)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -462,7 +463,7 @@ def test_adapter_update_formula_and_its_gradients(svd, r, alpha):
     a = elite.Adapters(2, 3, 21, 10, r, alpha, svd)  # 2 blocks, 3 parts of 7 rows each
     assert a.lora_A.shape == (2, 3, r, 10) and a.lora_B.shape == (2, 3, 7, r)
     assert (a.lora_E if svd else a.lora_B).abs().sum() == 0  # each starts as the frozen layer
-    assert (a.delta_weights() == 0).all() and a.delta_weights().shape == (2, 21, 10)
+    assert (elite_fast.delta_weights(a) == 0).all() and elite_fast.delta_weights(a).shape == (2, 21, 10)
     if svd:
         assert a.lora_E.shape == (2, 3, r, 1) and 0.01 < a.lora_A.std() < 0.03 and 0.01 < a.lora_B.std() < 0.03
         assert not any("ranknum" in k for k in a.state_dict())  # a constant r, not a parameter or buffer
@@ -477,7 +478,7 @@ def test_adapter_update_formula_and_its_gradients(svd, r, alpha):
                                     for p in range(3)], 1) * (alpha / (r + 1e-5) if svd else alpha / r)
 
     results = []
-    for form in (lambda i: F.linear(x, base.weight + a.delta_weights()[i], base.bias), low_rank):
+    for form in (lambda i: F.linear(x, base.weight + elite_fast.delta_weights(a)[i], base.bias), low_rank):
         out = torch.stack([form(i) for i in range(2)])  # (2, 5, 21)
         (out * torch.arange(21.0)).sum().backward()
         results.append([out.detach()] + [p.grad.clone() for p in a.parameters()])
@@ -593,7 +594,7 @@ def backward_once(teacher, seed=0):
     torch.manual_seed(seed)
     feats = teacher(torch.randn(2, 3, 32, 64))
     idx = [torch.stack([torch.randint(0, 32, (20,)), torch.randint(0, 64, (20,))], 1) for _ in range(2)]
-    stage, fused = teacher.classify(elite.sample_pixels(feats, idx))
+    stage, fused = teacher.classify(elite_fast.sample_pixels(feats, idx))
     labels = torch.randint(1, 20, (40,))
     loss = sum(F.cross_entropy(s, labels) for s in stage) + F.cross_entropy(fused, labels)
     loss = loss + elite.orth_regularizer(teacher)
@@ -662,7 +663,7 @@ def test_folded_attention_equals_sam_block(window, grid):
     sam_block = randomize_(Block(96, 3, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
                                  window_size=window, input_size=(64, 64)))
     ours = copy.deepcopy(sam_block)
-    ours.attn = elite_kernels.FoldedAttention(ours.attn)
+    ours.attn = elite_fast.FoldedAttention(ours.attn)
     assert ours.state_dict().keys() == sam_block.state_dict().keys()  # SAM's modules, SAM's keys
     x = torch.randn(2, *grid, 96, requires_grad=True)
     ref = sam_block(x)
@@ -679,13 +680,13 @@ def test_folded_attention_equals_sam_block(window, grid):
 def test_folded_attention_with_adapters_equals_sams_attention(input_size, grid):
     from segment_anything.modeling.image_encoder import Attention
     sam = randomize_(Attention(96, 3, qkv_bias=True, use_rel_pos=True, input_size=input_size), seed=1)
-    ours = elite_kernels.FoldedAttention(copy.deepcopy(sam))
+    ours = elite_fast.FoldedAttention(copy.deepcopy(sam))
     adapters = random_adapters(1, 3, 288, 96)  # q, k, v of one block
     g = torch.Generator().manual_seed(3)
     x, upstream = torch.randn(2, *grid, 96, generator=g), torch.randn(2, *grid, 96, generator=g)
     results = []
     for attention in (ours, sam):
-        out = torch.func.functional_call(attention, {"qkv.weight": sam.qkv.weight + adapters.delta_weights()[0]}, (x,))
+        out = torch.func.functional_call(attention, {"qkv.weight": sam.qkv.weight + elite_fast.delta_weights(adapters)[0]}, (x,))
         (out * upstream).sum().backward()
         results.append([out.detach()] + [p.grad.clone() for p in adapters.parameters()])
         adapters.zero_grad()
@@ -793,7 +794,7 @@ def test_sample_pixels_equals_upsampling_then_reading_the_pixels():
     idx = [torch.tensor([[0, 0], [27, 35], [13, 18], [1, 34], [26, 2]]), torch.tensor([[1, 2], [14, 15]])]  # edges too
     upstream = torch.randn(7, 5, generator=g)
     results = []
-    for read in (lambda: elite.sample_pixels(maps, idx),  # at the pixels only
+    for read in (lambda: elite_fast.sample_pixels(maps, idx),  # at the pixels only
                  lambda: [torch.cat([u[b, :, p[:, 0], p[:, 1]].T for b, p in enumerate(idx)])  # upstream's way
                           for u in elite.upsample_maps(maps, 28, 36)]):
         out = read()
@@ -819,7 +820,7 @@ def test_teacher_losses_weights_and_both_label_modes():
     feats = teacher(images)
     sparse, sparse_points = elite.teacher_losses(teacher, feats, scandata.CameraCrops(images, pixels, labels, None), w, 1.0)
     assert list(sparse) == ["seg2d_scale2", "seg2d_scale4", "seg2d_scale8", "seg2d_scale16", "seg2d_fused"]
-    stage, fused = teacher.classify(elite.sample_pixels(feats, pixels))
+    stage, fused = teacher.classify(elite_fast.sample_pixels(feats, pixels))
     for k, name in enumerate(list(sparse)[:4]):
         assert torch.allclose(sparse[name], elite.seg_loss(stage[k], labels, w, 1.0) / 4)  # lambda_seg2d / 4
     assert torch.allclose(sparse["seg2d_fused"], elite.seg_loss(fused, labels, w, 1.0))  # weight 1

@@ -1,7 +1,7 @@
-"""Tests: the Triton convolution (elite_kernels.py) against the plain-torch definition (elite.py).
+"""Tests: the Triton convolution (elite_fast.py) against the plain-torch definition (elite.py).
 
 Without a GPU they run in Triton's interpreter on CPU tensors (conftest.py sets
-TRITON_INTERPRET=1 before elite_kernels.py is imported): float32 only, and slow, so the voxel sets are
+TRITON_INTERPRET=1 before elite_fast.py is imported): float32 only, and slow, so the voxel sets are
 a few hundred voxels. With a GPU the same tests run the compiled kernels."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 
 import elite
 import infer
-import elite_kernels
+import elite_fast
 import semantickitti
 
-# elite_kernels.py imports without triton (the plain form then runs everywhere); these tests run its kernels.
+# elite_fast.py imports without triton (the plain form then runs everywhere); these tests run its kernels.
 pytest.importorskip("triton", reason="triton is not installed (torch's CUDA build brings it on Linux x86-64)")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -39,7 +39,7 @@ def plain_conv_and_grads(coords, feats, weight, upstream):
     """The definition: elite's plain-torch convolution, its output and both gradients."""
     f, w = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     with infer.conv_path("torch"):
-        out = elite.submconv3d(f, elite.neighbours_of(coords), w)
+        out = elite_fast.submconv3d(f, elite_fast.neighbours_of(coords), w)
     (out * upstream).sum().backward()
     return out.detach(), f.grad, w.grad
 
@@ -67,13 +67,13 @@ def test_triton_forward_and_gradients_equal_the_plain_convolution(case):
     weight = torch.randn(3, 3, 3, cin, cout, generator=g) * 0.1
     upstream = torch.randn(len(coords), cout, generator=g)
     out, grad_feats, grad_weight = plain_conv_and_grads(coords, feats, weight, upstream)
-    nb = elite.neighbours_of(coords).rows.to(DEVICE)
+    nb = elite_fast.neighbours_of(coords).rows.to(DEVICE)
     w27 = weight.view(27, cin, cout).to(DEVICE)
     feats, upstream = feats.to(DEVICE), upstream.to(DEVICE)
     # The three kernels directly, with small tiles and several row chunks for the weight gradient.
-    got = elite_kernels.gather_conv(feats, w27, nb, block_n=block_n)
-    got_feats = elite_kernels.gather_conv(upstream, w27, nb, mirror=True, block_n=block_n)
-    got_weight = elite_kernels.weight_grad(feats, upstream, nb, block_n=block_n, rows_per_program=2 * block_n)
+    got = elite_fast.gather_conv(feats, w27, nb, block_n=block_n)
+    got_feats = elite_fast.gather_conv(upstream, w27, nb, mirror=True, block_n=block_n)
+    got_weight = elite_fast.weight_grad(feats, upstream, nb, block_n=block_n, rows_per_program=2 * block_n)
     assert relative_error(got.cpu(), out) < TOLERANCE
     assert relative_error(got_feats.cpu(), grad_feats) < TOLERANCE
     assert relative_error(got_weight.view_as(weight).cpu(), grad_weight) < TOLERANCE
@@ -89,7 +89,7 @@ def test_triton_path_through_autograd_equals_the_plain_path():
     out, grad_feats, grad_weight = plain_conv_and_grads(coords, feats, weight, upstream)
     f, w = feats.to(DEVICE).requires_grad_(True), weight.to(DEVICE).requires_grad_(True)
     with infer.conv_path("triton"):
-        got = elite.submconv3d(f, elite.neighbours_of(coords.to(DEVICE)), w)
+        got = elite_fast.submconv3d(f, elite_fast.neighbours_of(coords.to(DEVICE)), w)
     (got * upstream.to(DEVICE)).sum().backward()
     for ours, plain in ((got.detach(), out), (f.grad, grad_feats), (w.grad, grad_weight)):
         assert relative_error(ours.cpu(), plain) < TOLERANCE
@@ -101,12 +101,12 @@ def test_triton_runs_are_bitwise_equal():
     feats = torch.randn(len(coords), 64, generator=g).to(DEVICE)
     weight = (torch.randn(3, 3, 3, 64, 64, generator=g) * 0.05).to(DEVICE)
     upstream = torch.randn(len(coords), 64, generator=g).to(DEVICE)
-    neighbours = elite.neighbours_of(coords.to(DEVICE))
+    neighbours = elite_fast.neighbours_of(coords.to(DEVICE))
     runs = []
     for _ in range(2):
         f, w = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         with infer.conv_path("triton"):
-            out = elite.submconv3d(f, neighbours, w)
+            out = elite_fast.submconv3d(f, neighbours, w)
         (out * upstream).sum().backward()
         runs.append((out.detach(), f.grad, w.grad))
     for first, second in zip(*runs):
@@ -164,40 +164,40 @@ def test_triton_student_forward_dispatches_few_operations(student_on_both_paths)
 def test_triton_path_choice(monkeypatch):
     cpu = torch.device("cpu")
     with infer.conv_path("auto"):
-        assert elite_kernels.conv_path(cpu) == "torch"  # auto: Triton on CUDA only
+        assert elite_fast.conv_path(cpu) == "torch"  # auto: Triton on CUDA only
     with infer.conv_path("torch"):
-        assert elite_kernels.conv_path(cpu) == "torch"
+        assert elite_fast.conv_path(cpu) == "torch"
     with infer.conv_path("triton"):
-        assert elite_kernels.conv_path(cpu) == "triton"  # the interpreter runs it here (conftest.py)
-        monkeypatch.setattr(elite_kernels, "INTERPRET", False)
+        assert elite_fast.conv_path(cpu) == "triton"  # the interpreter runs it here (conftest.py)
+        monkeypatch.setattr(elite_fast, "INTERPRET", False)
         with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
-            elite_kernels.conv_path(cpu)
+            elite_fast.conv_path(cpu)
     with pytest.raises(ValueError, match="expected one of auto, torch, triton"):
-        elite_kernels.set_conv_path("cuda")
+        elite_fast.set_conv_path("cuda")
 
 
 def test_triton_first_use_check_falls_back_with_a_warning(monkeypatch):
     cpu = torch.device("cpu")
-    elite_kernels.triton_agrees.cache_clear()
-    assert elite_kernels.triton_agrees(cpu, torch.float32)  # the kernels agree with the plain form here
+    elite_fast.triton_agrees.cache_clear()
+    assert elite_fast.triton_agrees(cpu, torch.float32)  # the kernels agree with the plain form here
 
     def broken(*args):
         raise RuntimeError("PTX compile failed\nmore detail")
-    monkeypatch.setattr(elite_kernels.SubMConv3dTriton, "apply", broken)
-    elite_kernels.triton_agrees.cache_clear()
+    monkeypatch.setattr(elite_fast.SubMConv3dTriton, "apply", broken)
+    elite_fast.triton_agrees.cache_clear()
     with pytest.warns(UserWarning, match=r"does not work on cpu in torch.float32 \(RuntimeError: PTX compile failed\)"):
-        assert not elite_kernels.triton_agrees(cpu, torch.float32)
-    elite_kernels.triton_agrees.cache_clear()
+        assert not elite_fast.triton_agrees(cpu, torch.float32)
+    elite_fast.triton_agrees.cache_clear()
 
 
 def test_triton_products_in_float32_unless_torch_allows_tf32():
-    assert elite_kernels.precision(torch.float32) == "ieee"
+    assert elite_fast.precision(torch.float32) == "ieee"
     # Set and put back by hand: the flag is a dynamic attribute, which pytest >= 9.2's monkeypatch
     # takes for absent and then fails to delete.
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        assert elite_kernels.precision(torch.float32) == "tf32"
+        assert elite_fast.precision(torch.float32) == "tf32"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
 
@@ -206,20 +206,20 @@ def test_triton_products_in_float32_unless_torch_allows_tf32():
 def test_triton_bf16_under_autocast_is_close_to_float32():
     coords = clustered_voxels(seed=10).cuda()
     feats, weight = torch.randn(len(coords), 64, device="cuda"), torch.randn(3, 3, 3, 64, 64, device="cuda") * 0.05
-    neighbours = elite.neighbours_of(coords)
+    neighbours = elite_fast.neighbours_of(coords)
     with infer.conv_path("triton"):
-        full = elite.submconv3d(feats, neighbours, weight)
+        full = elite_fast.submconv3d(feats, neighbours, weight)
         with torch.autocast("cuda", torch.bfloat16):
-            low = elite.submconv3d(feats, neighbours, weight)
+            low = elite_fast.submconv3d(feats, neighbours, weight)
     assert low.dtype == torch.bfloat16 and relative_error(low.float(), full) < 2e-2
 
 
 def test_triton_flag_refused_where_it_cannot_run(monkeypatch, capsys):
-    monkeypatch.setattr(elite_kernels, "INTERPRET", False)  # as on a machine without the interpreter
-    before = elite_kernels.CONV_PATH
+    monkeypatch.setattr(elite_fast, "INTERPRET", False)  # as on a machine without the interpreter
+    before = elite_fast.CONV_PATH
     try:
         with pytest.raises(SystemExit):
             infer.parse_args(["--benchmark", "--conv", "triton", "--device", "cpu"])
     finally:
-        elite_kernels.set_conv_path(before)
+        elite_fast.set_conv_path(before)
     assert "--conv triton: the Triton convolution runs on CUDA tensors; these are on cpu" in capsys.readouterr().err

@@ -733,7 +733,7 @@ def test_op_counter_sees_data_dependent_sizes_and_host_reads():
         x[x > 3]
         torch.unique(x)
         x.sum().item()
-        elite.read_to_host(x)
+        elite_fast.read_to_host(x)
         x[2:5].t()  # views: not counted
         torch.searchsorted(x, x)  # a fixed size
         x.float()  # a cast, not a read

@@ -1256,7 +1256,7 @@ def test_readme_is_a_page_a_newcomer_finishes_and_every_link_resolves():
 
 # Lowest first; a module may import only modules of lower layers (lazy imports count too).
 LAYERS = [
-    ["scandata", "elite_kernels"],                      # what both datasets share; GPU forms
+    ["scandata", "elite_fast"],                      # what both datasets share; GPU forms
     ["semantickitti", "nusc"],                    # the datasets' readers, which never import each other
     ["synthkitti"], ["synthnusc"],                # the synthetic scenes, written in the real layouts
     ["elite"], ["u2mkd"],                         # the methods (U2MKD reuses ELiTe's student)
@@ -1302,9 +1302,9 @@ def test_ablation_tables_give_mean_and_std_over_seeds_and_kd_gain_per_seed():
 @pytest.mark.parametrize("value", ["", "TORCH", "cuda"])
 def test_a_bad_elite_conv_variable_is_one_line_not_a_traceback(value, monkeypatch, capsys):
     """$ELITE_CONV sets --conv's default; a value it cannot take is named on one line (issue 34)."""
-    import elite_kernels
+    import elite_fast
     import train_student
-    monkeypatch.setattr(elite_kernels, "CONV_PATH", value)  # what elite_kernels.py read from the environment
+    monkeypatch.setattr(elite_fast, "CONV_PATH", value)  # what elite_fast.py read from the environment
     with pytest.raises(SystemExit):
         train_student.parse_args(["--teacher", "none"])
     assert f"$ELITE_CONV={value!r}: expected one of auto, torch, triton" in capsys.readouterr().err

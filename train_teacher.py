@@ -365,7 +365,7 @@ def train_sam_teacher(args, root: Path, device, last_path: Path, best_path: Path
 
     def scores(batch):  # validation: the fused head at the projected points of each crop
         crops = batch.crops.to(device)
-        _, fused = teacher.classify(elite.sample_pixels(teacher(crops.images), crops.pixels))  # (K, 20)
+        _, fused = teacher.classify(elite.pixel_features(teacher(crops.images), crops.pixels))  # (K, 20)
         return fused, crops.labels
 
     def save(run, miou, improved):

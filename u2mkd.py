@@ -543,13 +543,13 @@ class FusionStudent(nn.Module):
         seen = (image_of_point >= 0).nonzero()[:, 0] if images is not None else image_of_point.new_zeros(0)
         seen_uv, seen_row = uv.index_select(0, seen), image_of_point.index_select(0, seen)  # (K, 2), (K,)
         splat = splat or Splat.of_seen(image_of_point, uv)
-        pyramid = lidar.voxelize(points, batch_idx)  # scales 1, 2, 4, 8, 16 and each block's indices
-        x = lidar.input_encoder(points, pyramid.voxels[0])  # (V1, 64)
+        scales = lidar.voxelize(points, batch_idx)  # the voxels of scales 1, 2, 4, 8, 16 and each block's indices
+        x = lidar.input_encoder(points, scales.voxels[0])  # (V1, 64)
         x_im = self.image.stem(images) if images is not None else None
         point_feats, skips, imputation = [], [], []
-        for k, (block, stage) in enumerate(zip(lidar.blocks, pyramid.stages)):
+        for k, (block, stage) in enumerate(zip(lidar.blocks, scales.stages)):
             p, v_down, _ = block(x, stage)  # the LiDAR block: point branch (V_s, 64) at scale s
-            vox = stage.vox_s
+            vox = stage.next_voxels
             p_pts = p.index_select(0, vox.inv)  # (N, 64) each point's stage-k point feature
             if k == 3:
                 bottleneck = p_pts  # the feature U2MKD's feature KD reads
@@ -566,10 +566,10 @@ class FusionStudent(nn.Module):
                 if len(seen):
                     imputation.append(F.mse_loss(imputed.index_select(0, seen), sampled.detach()))
             fused = self.c2l[k](p_pts, img_feat)  # C2L: (N, 64)
-            p = elite.scatter_mean(fused, vox.inv, len(vox))  # back into the stage's voxels
+            p = elite.scatter_mean(fused, vox.inv, len(vox), vox.count)  # back into the stage's voxels
             x = p + v_down  # the next block's input
             point_feats.append(p)
-        logits = lidar.classify(point_feats, pyramid.voxels)
+        logits = lidar.classify(point_feats, scales.voxels)
         pixel_logits = sample_image(self.image.decode(skips), seen_uv, seen_row) if skips else None
         return FusionOutput(logits, pixel_logits, imputation, bottleneck)
 
