@@ -1003,6 +1003,8 @@ def run_script(main, argv=None) -> None:
     'error: FILE: what is wrong' and exit status 1, not a traceback; Ctrl-C and SIGTERM end
     it with one line that says where the last checkpoint is (exit status 130 / 143)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts' start-up guard hands Ctrl-C back
+    if elite_fast.FORM not in elite_fast.FORMS:  # every script builds a network somewhere: say it before any work
+        sys.exit(f"error: $ELITE_FORMS={elite_fast.FORM!r}: expected one of {', '.join(elite_fast.FORMS)} (or unset it)")
     try:
         main(argv)
     except DataError as e:
@@ -1165,7 +1167,12 @@ def add_run_flags(parser) -> None:
 
 
 def add_conv_flag(parser) -> None:
-    """--conv and --deterministic: how the voxel networks run on a GPU."""
+    """--forms, --conv and --deterministic: which forms of the networks run, and how on a GPU."""
+    parser.add_argument("--forms", choices=elite_fast.FORMS, default=elite_fast.FORM,
+                        help="fast: the forms of elite_fast.py (packed keys, neighbour tables, merged adapters, "
+                             "Triton); reference: elite.py's plain forms, the maths as the papers state it (slower, "
+                             "the same results within float rounding; tests prove them equal). For the whole run "
+                             "(default: $ELITE_FORMS, else fast)")
     parser.add_argument("--conv", choices=elite_fast.CONV_PATHS, default=elite_fast.CONV_PATH,
                         help="the sparse convolutions of the voxel networks: triton (elite_fast.py, Triton kernels on "
                              "CUDA), torch (elite.py's plain-torch definition), or auto: triton on CUDA when triton "
@@ -1181,6 +1188,9 @@ def apply_conv_flag(parser, args) -> None:
     deterministically when asked."""
     if args.conv not in elite_fast.CONV_PATHS:  # only a bad $ELITE_CONV gets here: the flag's choices are checked
         parser.error(f"$ELITE_CONV={args.conv!r}: expected one of {', '.join(elite_fast.CONV_PATHS)} (or unset it)")
+    if args.forms not in elite_fast.FORMS:  # only a bad $ELITE_FORMS gets here
+        parser.error(f"$ELITE_FORMS={args.forms!r}: expected one of {', '.join(elite_fast.FORMS)} (or unset it)")
+    elite_fast.set_forms(args.forms)
     elite_fast.set_conv_path(args.conv)
     try:
         elite_fast.conv_path(torch.device(args.device))
@@ -1193,8 +1203,10 @@ def apply_conv_flag(parser, args) -> None:
 
 def describe_conv(device: torch.device) -> str:
     """The summary's line for the path the student's convolutions take on this device."""
+    if not elite_fast.enabled():
+        return "reference: elite.submconv3d, a search per offset (--forms reference)"
     path = elite_fast.conv_path(device)
-    what = "Triton kernels (elite_fast.py)" if path == "triton" else "plain torch (elite.submconv3d)"
+    what = "Triton kernels (elite_fast.py)" if path == "triton" else "plain torch (elite_fast.submconv3d)"
     repeatable = ", deterministic algorithms" if torch.are_deterministic_algorithms_enabled() else ""
     return f"{path}: {what}" + (" (--conv auto)" if elite_fast.CONV_PATH == "auto" else "") + repeatable
 
@@ -1246,7 +1258,7 @@ def recorded_value_error(parser, key: str, value) -> str | None:
 
 # Flags that only say how this process runs, not what the run is: a resume may change them freely,
 # and one not given takes its default, not the recorded value.
-HOW_IT_RUNS = ("resume", "overwrite", "out", "device", "workers", "val_batch_size", "save_every", "conv",
+HOW_IT_RUNS = ("resume", "overwrite", "out", "device", "workers", "val_batch_size", "save_every", "forms", "conv",
                "deterministic", "amp", "sync_bn", "threads", "plg_only", "vis", "vis_every", "shard")
 PATH_FLAGS = ("data", "derived_dir", "sam_checkpoint", "plg_checkpoint", "init_3d", "image_weights")
 
