@@ -24,6 +24,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -1041,3 +1042,75 @@ def elite_losses(out: StudentOutput, heads: nn.ModuleList, teacher: Teacher, bat
     if joint and teacher.cfg.peft == "adalora":
         terms["orth"] = orth_regularizer(teacher, ORTH_WEIGHT)
     return terms
+
+
+# =====================================================================================
+# 8. One ELiTe training step on one page: python elite.py
+# =====================================================================================
+# batch -> student -> teacher -> PPMSKD's losses -> backward -> AdaLoRA's budget -> the optimiser
+# step, on one synthetic scan, in the reference forms above, without the run machinery of
+# runs.py (train_student.py runs the same loss, elite_losses, over epochs and checkpoints).
+
+def one_step_demo(seed=0) -> dict[str, float]:
+    import scandata
+    import semantickitti
+    import synthkitti
+    elite_fast.set_forms("reference")  # the forms this file defines, nothing from elite_fast.py
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    # The batch: one LiDAR scan with labels, and the camera crop the teacher reads.
+    points, raw, image, proj = synthkitti.make_frame(seed, columns=512)  # (N, 4), (N,), (376, 1241, 3), (3, 4)
+    keep = np.flatnonzero(scandata.in_range(points[:, :3], RANGE_MIN, RANGE_MAX))
+    points, labels = points[keep], semantickitti.to_train_ids(raw[keep] & 0xFFFF)
+    crop, crop_points = semantickitti.camera_crop(image, points[:, :3], proj, (160, 512), rng, True, None)
+    batch = scandata.collate([scandata.Scan(points, labels, keep, len(raw), Path("synthetic"), crop, crop_points)])
+    show("points (x, y, z, remission)", batch.points)
+    show("labels (training ids 0..19)", batch.labels)
+    show("camera crop (SAM-normalised)", batch.crops.images)
+    show("points seen in the crop, their pixels", batch.crops.pixels[0])
+
+    # The networks: the 1.9M student, PPMSKD's 3D heads, and SAM's ViT (tiny, random) with AdaLoRA.
+    student, heads = Student(), heads_3d()
+    teacher = Teacher(TeacherConfig(variant="vit_tiny", peft="adalora", crop_hw=(160, 512)))
+    params = list(student.parameters()) + list(heads.parameters()) + teacher.trainable_parameters()
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    allocator = RankAllocator(teacher, total_steps=12)
+    print(f"student {sum(p.numel() for p in student.parameters()):,} parameters; teacher trains "
+          f"{sum(p.numel() for p in teacher.trainable_parameters()):,} of {sum(p.numel() for p in teacher.parameters()):,}")
+
+    # The student: voxels at five scales, four SPV blocks, a logit per point.
+    out = student(batch.points, batch.batch_idx)
+    for k, (v, p) in enumerate(zip(out.stage_feats, out.point_feats)):
+        show(f"stage {k + 1}: voxel features (scale {2 ** k}), point branch (scale {2 ** (k + 1)})", v, p)
+    show("student logits per point", out.logits)
+
+    # The teacher: SAM's blocks with the adapters' low-rank updates, a patch decoder per stage.
+    maps = teacher(batch.crops.images)
+    show("teacher maps, one per global-attention block (1/4 resolution)", *maps)
+    weight = class_weights()
+    terms = {"seg3d_main": seg_loss(out.logits, batch.labels, weight, LAMBDA_LOVASZ)}
+    terms_2d, logits_2d = teacher_losses(teacher, maps, batch.crops, weight, LAMBDA_SEG2D)
+    show("teacher stage logits at the seen points", *logits_2d)
+
+    # PPMSKD: a 3D head per stage, its deep supervision and the KL toward the 2D head.
+    terms |= terms_2d | ppmskd_losses(out, heads, logits_2d, batch, weight, LAMBDA_XM)
+    terms["orth"] = orth_regularizer(teacher, ORTH_WEIGHT)
+    loss = sum(terms.values())
+    for name, value in terms.items():
+        print(f"  {name:<14} {value.item():.4g}")
+    print(f"  {'loss':<14} {loss.item():.4g}")
+
+    loss.backward()
+    budget = allocator.step(global_step=1)  # AdaLoRA: sensitivities, then the rank budget
+    optimizer.step()
+    print(f"AdaLoRA's rank budget after step 1: {budget} of {allocator.total_rank}; one optimiser step taken")
+    return {name: value.item() for name, value in terms.items()}
+
+
+def show(what: str, *tensors: torch.Tensor) -> None:
+    print(f"{what}: " + ", ".join(str(tuple(t.shape)) for t in tensors))
+
+
+if __name__ == "__main__":
+    one_step_demo()

@@ -738,6 +738,18 @@ def make_scan(seed=0, columns=2048) -> tuple[np.ndarray, np.ndarray]:
     return lidar_scan(world, st, sensor, lidar_grid(columns), rng_for(seed, 0, 4, 0))
 
 
+def make_frame(seed=0, columns=2048) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """make_scan's scan with its camera: points (N, 4), raw labels (N,), the camera-2 image
+    (H, W, 3) uint8 and proj (3, 4) = P2 @ Tr, which takes a point to its pixel (what
+    elite.py's and u2mkd.py's one-step demos read)."""
+    st, scene = build_street(seed, 0, -MARGIN, MARGIN)
+    world, sensor = frame_world(seed, 0, st, scene, 0, 0.0)
+    points, raw = lidar_scan(world, st, sensor, lidar_grid(columns), rng_for(seed, 0, 4, 0))
+    image, _ = render_camera(world, st, sensor)
+    p2, tr = calibration()
+    return points, raw, image, p2 @ tr
+
+
 # =====================================================================================
 # 6. Files: atomic writes in the SemanticKITTI layout
 # =====================================================================================

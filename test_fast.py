@@ -3,6 +3,7 @@ gradients, then a whole student step and a whole ELiTe step (student, teacher, P
 budget, the optimiser) in both forms from the same weights."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -285,3 +286,19 @@ def test_a_model_built_in_one_form_loads_in_the_other():
     assert other.load_state_dict(student.state_dict(), strict=True)  # the same names and shapes
     fast, reference = teacher_in("fast", None), teacher_in("reference", None)
     assert list(fast.state_dict()) == list(reference.state_dict())  # folding SAM's attention keeps its keys
+
+
+# ---- the one-page steps ----
+
+def test_python_elite_py_and_u2mkd_py_each_run_one_training_step_in_the_reference_forms():
+    import u2mkd
+    with elite_fast.forms("fast"):  # the demos switch to the reference forms; this puts the default back
+        elite_terms = elite.one_step_demo()
+        assert not elite_fast.enabled()
+    assert set(elite_terms) == {"seg3d_main", "seg2d_fused", "orth", *(f"{kind}_scale{s}" for s in (2, 4, 8, 16)
+                                                                        for kind in ("seg2d", "seg3d", "kd"))}
+    with elite_fast.forms("fast"):
+        u2mkd_terms = u2mkd.one_step_demo()
+    assert set(u2mkd_terms) == {"seg3d", "seg2d", "kd_logits", "kd_feature", *(f"impute_stage{k}" for k in range(1, 5))}
+    assert all(np.isfinite(v) and v >= 0 for v in [*elite_terms.values(), *u2mkd_terms.values()])
+    assert elite_terms["kd_scale2"] > 0 and u2mkd_terms["kd_logits"] > 0  # the distillation terms are live

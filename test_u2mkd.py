@@ -146,10 +146,11 @@ def test_imputation_target_stays_detached(synth_root):
     model = u2mkd.FusionStudent()
     b = fusion_batch(synth_root)
     out = model(b.lidar.points, b.lidar.batch_idx, b.images, b.image_of_point, b.uv)
-    assert len(out.imputation) == 4
+    assert len(out.imputed_seen) == len(out.image_seen) == 4
+    assert not any(t.requires_grad for t in out.image_seen)
     # Stage 1's learner reads LiDAR features alone (later stages read features the image fused
     # into), so any gradient of its MSE in the image branch would have come through the target.
-    out.imputation[0].backward()
+    u2mkd.u2mkd_losses(out, b)["impute_stage1"].backward()
     image_side = [p for name, p in model.named_parameters() if name.startswith(("image.", "l2c.", "c2l."))]
     assert image_side and all(p.grad is None or not p.grad.any() for p in image_side)
     assert all(p.grad is not None and p.grad.any() for p in model.learners[0].parameters())  # the learner learns
@@ -173,7 +174,7 @@ def test_imputation_is_used_exactly_for_the_points_the_camera_does_not_see(synth
         assert torch.equal(img[~fov], imputed[k][~fov])  # unseen: the learner's imputation
         sampled = u2mkd.sample_image(skips[k], b.uv[fov], b.image_of_point[fov])
         assert torch.allclose(img[fov], sampled) and not torch.allclose(img[fov], imputed[k][fov])
-    assert out.pixel_logits.shape == (int(fov.sum()), 20) and len(out.imputation) == 4
+    assert out.pixel_logits.shape == (int(fov.sum()), 20) and len(out.imputed_seen) == 4
 
 
 # ------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def test_fusion_student_forward_and_backward_without_any_image(synth_root):
     assert b.images is None and not b.fov.any()
     model = u2mkd.FusionStudent()
     out = model(b.lidar.points, b.lidar.batch_idx, None, b.image_of_point, b.uv)
-    assert out.pixel_logits is None and out.imputation == [] and out.logits.shape == (len(b.lidar.points), 20)
+    assert out.pixel_logits is None and out.imputed_seen == [] and out.logits.shape == (len(b.lidar.points), 20)
     terms = u2mkd.u2mkd_losses(out, b)
     assert list(terms) == ["seg3d"]
     terms["seg3d"].backward()

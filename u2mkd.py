@@ -440,13 +440,19 @@ def splat_multiscale(feats: torch.Tensor, uv: torch.Tensor, image_row: torch.Ten
     a sparse LiDAR leaves in a fine one."""
     out = feats.new_zeros(num_images, feats.shape[1], height, width)
     for s in range(num_scales):
-        h, w = round(height / 2 ** s + 0.01), round(width / 2 ** s + 0.01)
+        h, w = coarser(height, s), coarser(width, s)
         col = ((uv[:, 0] + 1) / 2 * (w - 1)).floor().long()
         row = ((uv[:, 1] + 1) / 2 * (h - 1)).floor().long()
         grid = elite.scatter_mean(feats, (image_row * h + row) * w + col, num_images * h * w)  # (B'*h*w, C)
         grid = grid.view(num_images, h, w, -1).permute(0, 3, 1, 2)
         out = out + F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=True)
     return out / num_scales
+
+
+def coarser(n: int, s: int) -> int:
+    """A side of n cells on the 2^s times coarser grid, as upstream: round(n / 2^s + 0.01), the
+    0.01 rounding halves up (Python's round alone would round 2.5 to 2)."""
+    return round(n / 2 ** s + 0.01)
 
 
 def sample_image(feats: torch.Tensor, uv: torch.Tensor, image_row: torch.Tensor) -> torch.Tensor:
@@ -506,12 +512,16 @@ def learner(pc: int, ic: int) -> nn.Sequential:
 # 6. The fusion student
 # =====================================================================================
 
+SPLAT_SCALES = (4, 3, 2, 1)  # L2C splats stage k's points onto this many grids, fine to coarse (upstream: 4 - k)
+
+
 @dataclass
 class FusionOutput:
     logits: torch.Tensor               # (N, 20) the 3D prediction of every point
     pixel_logits: torch.Tensor | None  # (K, 20) the 2D head at the seen points; None without images
-    imputation: list[torch.Tensor]     # per stage: MSE(learner, detached image feature) on seen points
-    bottleneck: torch.Tensor           # (N, 64) stage-4 point features before fusion (feature KD)
+    imputed_seen: list[torch.Tensor]   # per stage (K, ic): the learner's imputation at the seen points
+    image_seen: list[torch.Tensor]     # per stage (K, ic): the real image feature there, detached (its target)
+    stage4_feats: torch.Tensor         # (N, 64) stage-4 point features before fusion: what the feature KD reads
 
 
 class FusionStudent(nn.Module):
@@ -546,32 +556,33 @@ class FusionStudent(nn.Module):
         scales = lidar.voxelize(points, batch_idx)  # the voxels of scales 1, 2, 4, 8, 16 and each block's indices
         x = lidar.input_encoder(points, scales.voxels[0])  # (V1, 64)
         x_im = self.image.stem(images) if images is not None else None
-        point_feats, skips, imputation = [], [], []
+        point_feats, skips, imputed_seen, image_seen = [], [], [], []
         for k, (block, stage) in enumerate(zip(lidar.blocks, scales.stages)):
             p, v_down, _ = block(x, stage)  # the LiDAR block: point branch (V_s, 64) at scale s
             vox = stage.next_voxels
             p_pts = p.index_select(0, vox.inv)  # (N, 64) each point's stage-k point feature
             if k == 3:
-                bottleneck = p_pts  # the feature U2MKD's feature KD reads
+                stage4_feats = p_pts
             imputed = self.learners[k](p_pts)  # (N, ic) every point's image feature, imputed
             img_feat = imputed
             if x_im is not None:
                 y = self.image.stage(k, x_im)  # the image stage (B', ic, h, w)
                 splatted = splat_multiscale(p_pts.index_select(0, splat.point), splat.uv, splat.row, len(y),
-                                            *y.shape[-2:], 4 - k)  # (B', 64, h, w)
+                                            *y.shape[-2:], SPLAT_SCALES[k])  # (B', 64, h, w)
                 x_im, skip = self.l2c[k](y, splatted)  # L2C: LiDAR features splatted into the images
                 skips.append(skip)
                 sampled = sample_image(skip, seen_uv, seen_row)  # (K, ic)
                 img_feat = imputed.index_put((seen,), sampled)  # seen points: the real image feature
                 if len(seen):
-                    imputation.append(F.mse_loss(imputed.index_select(0, seen), sampled.detach()))
+                    imputed_seen.append(imputed.index_select(0, seen))
+                    image_seen.append(sampled.detach())  # the target: imputation must not move the image side
             fused = self.c2l[k](p_pts, img_feat)  # C2L: (N, 64)
             p = elite.scatter_mean(fused, vox.inv, len(vox), vox.count)  # back into the stage's voxels
             x = p + v_down  # the next block's input
             point_feats.append(p)
         logits = lidar.classify(point_feats, scales.voxels)
         pixel_logits = sample_image(self.image.decode(skips), seen_uv, seen_row) if skips else None
-        return FusionOutput(logits, pixel_logits, imputation, bottleneck)
+        return FusionOutput(logits, pixel_logits, imputed_seen, image_seen, stage4_feats)
 
 
 # =====================================================================================
@@ -613,18 +624,75 @@ def u2mkd_losses(out: FusionOutput, batch: PairBatch, targets=None, adapter: nn.
     """The fusion student's loss by name (their sum is the loss; upstream weights):
         seg3d            CE + Lovasz of the 3D logits (unweighted CE, as upstream)
         seg2d            CE + Lovasz of the 2D head at the seen points
-        impute_stage{k}  MSE(learner, detached image feature) on the seen points, k = 1..4
+        impute_stage{k}  MSE(learner's imputation, detached image feature) at the seen points, k = 1..4
         kd_logits        W_KL * KL(teacher || student), all points       (with a teacher)
-        kd_feature       W_FEAT * MSE(adapter(student bottleneck), teacher's)"""
+        kd_feature       W_FEAT * MSE(adapter(the student's stage-4 point features), the teacher's)"""
     labels = batch.lidar.labels
     terms = {"seg3d": elite.seg_loss(out.logits, labels, None, lovasz_weight=1.0)}
     if out.pixel_logits is not None and len(out.pixel_logits):
         terms["seg2d"] = elite.seg_loss(out.pixel_logits, labels[batch.fov], None, lovasz_weight=1.0)
-    for k, mse in enumerate(out.imputation):
-        terms[f"impute_stage{k + 1}"] = mse
+    for k, (imputed, target) in enumerate(zip(out.imputed_seen, out.image_seen)):
+        terms[f"impute_stage{k + 1}"] = F.mse_loss(imputed, target)
     if targets is not None:
         t_logits, t_feats = targets
         terms["kd_logits"] = W_KL * F.kl_div(F.log_softmax(out.logits, 1), F.softmax(t_logits, 1),
                                              reduction="batchmean")
-        terms["kd_feature"] = W_FEAT * F.mse_loss(adapter(out.bottleneck), t_feats)
+        terms["kd_feature"] = W_FEAT * F.mse_loss(adapter(out.stage4_feats), t_feats)
     return terms
+
+
+# =====================================================================================
+# 8. One U2MKD training step on one page: python u2mkd.py
+# =====================================================================================
+# batch (the student's view with its camera, the teacher's own view) -> the LiDAR teacher's
+# targets -> the fusion student (L2C, imputation, C2L per stage) -> the losses -> backward ->
+# the optimiser step, on one synthetic scan, in elite.py's reference forms, without runs.py.
+
+def one_step_demo(seed=0) -> dict[str, float]:
+    import elite_fast
+    import synthkitti
+    from pathlib import Path
+    elite_fast.set_forms("reference")  # elite.py's forms: nothing from elite_fast.py
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    # The batch: the student's points with each one's pixel, the whole frame, the teacher's view.
+    points, raw, image, proj = synthkitti.make_frame(seed, columns=512)  # (N, 4), (N,), (376, 1241, 3), (3, 4)
+    keep = np.flatnonzero(scandata.in_range(points[:, :3], semantickitti.RANGE_MIN, semantickitti.RANGE_MAX))
+    labels = semantickitti.to_train_ids(raw & 0xFFFF)
+    uv, fov = camera_uv(points[keep, :3].astype(np.float64), proj, *image.shape[:2])  # before augmentation
+    student_pts, teacher_pts = points[keep].copy(), points[keep].copy()
+    student_pts[:, :3] = scandata.augment_xyz(student_pts[:, :3], rng)  # each view its own augmentation
+    teacher_pts[:, :3] = scandata.augment_xyz(teacher_pts[:, :3], rng)
+    scan = lambda pts: scandata.Scan(pts, labels[keep], keep, len(points), Path("synthetic"))  # noqa: E731
+    batch = collate_pairs([PairScan(scan(student_pts), prepare_full_image(image, (188, 620))[None], uv,
+                                    np.where(fov, 0, -1), scan(teacher_pts))])
+    print(f"points {tuple(batch.lidar.points.shape)}, of which the camera sees {int(batch.fov.sum())}; "
+          f"image {tuple(batch.images.shape)}; the teacher's view {tuple(batch.teacher.points.shape)}")
+
+    # The networks: the LiDAR teacher (the voxel student at twice the width; trained, in a real
+    # run, with instance paste), the fusion student and the adapter of the feature KD.
+    teacher, student, adapter = lidar_teacher().eval(), FusionStudent(), kd_adapter()
+    optimizer = torch.optim.SGD(list(student.parameters()) + list(adapter.parameters()), lr=0.01, momentum=0.9)
+    targets = teacher_targets(teacher, batch)  # its logits and stage-4 features at the student's points
+    print(f"teacher targets: logits {tuple(targets[0].shape)}, stage-4 features {tuple(targets[1].shape)}")
+
+    out = student(batch.lidar.points, batch.lidar.batch_idx, batch.images, batch.image_of_point, batch.uv)
+    print(f"fusion student: logits {tuple(out.logits.shape)}, 2D head at the seen points "
+          f"{tuple(out.pixel_logits.shape)}, stage-4 features {tuple(out.stage4_feats.shape)}")
+    for k, (imputed, real) in enumerate(zip(out.imputed_seen, out.image_seen)):
+        print(f"  stage {k + 1}: imputed and real image features at the seen points {tuple(imputed.shape)}")
+
+    terms = u2mkd_losses(out, batch, targets, adapter)
+    loss = sum(terms.values())
+    for name, value in terms.items():
+        print(f"  {name:<14} {value.item():.4g}")
+    print(f"  {'loss':<14} {loss.item():.4g}")
+    loss.backward()
+    optimizer.step()
+    print("one optimiser step taken; the teacher stays frozen:", all(p.grad is None for p in teacher.parameters()))
+    return {name: value.item() for name, value in terms.items()}
+
+
+if __name__ == "__main__":
+    one_step_demo()
