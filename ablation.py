@@ -40,6 +40,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds, for 
     signal.signal(signal.SIGINT, stop_while_starting)
 
 import argparse
+import importlib
 import json
 import signal
 import subprocess
@@ -83,9 +84,11 @@ U2MKD_ROWS = {
 def train(script: str, out: Path, flags: list[str], data: Path, seed: int) -> None:
     """One training run as a user would start it; a folder that holds a run resumes it (a finished
     one trains nothing more)."""
+    argv = ["--data", str(data), "--preset", "embedded", "--seed", str(seed), "--out", str(out), *flags]
     resume = ["--resume"] if (out / "last.pt").is_file() else []
-    command = [sys.executable, script, "--data", str(data), "--preset", "embedded", "--seed", str(seed),
-               "--out", str(out), *resume, *flags]
+    if resume:
+        check_row_recipe(script, out / "last.pt", argv)
+    command = [sys.executable, script, *argv, *resume]
     print(f"\n$ {' '.join(command)}", flush=True)
     log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,27 @@ def train(script: str, out: Path, flags: list[str], data: Path, seed: int) -> No
             raise
     if code != 0:
         raise scandata.DataError(f"{log}: the run failed (exit {code}); its last lines say why")
+
+
+def check_row_recipe(script: str, last: Path, argv: list[str]) -> None:
+    """A run kept from before is this row's only when it was started with this row's recipe (the
+    same data, preset, seed, flags and everything the preset fills in); a resume would otherwise
+    go on with the recorded settings and the table would report another experiment."""
+    trainer = importlib.import_module(Path(script).stem)
+    args = trainer.parse_args(argv)
+    for key in ("train_sequences", "val_sequences"):  # the trainer keeps those the data holds, as it starts
+        setattr(args, key, [s for s in getattr(args, key) if (Path(args.data) / "sequences" / s / "velodyne").is_dir()])
+    expected = runs.config_of(args)
+    recorded = runs.load_checkpoint(last, None).get("config")
+    if not isinstance(recorded, dict):
+        raise scandata.DataError(f"{last}: records no settings ('config'): not a run this project wrote; remove its "
+                                 "folder, or give another --out")
+    differ = [k for k, v in expected.items() if k not in runs.HOW_IT_RUNS and recorded.get(k, v) != v]
+    if differ:
+        k = differ[0]
+        raise scandata.DataError(f"{last}: a run started with other settings than this row's (--{k.replace('_', '-')} "
+                                 f"{recorded[k]}, the row's is {expected[k]}; {len(differ)} setting(s) differ): it is "
+                                 "not this row's run; remove its folder, or give another --out")
 
 
 def stop_on_sigterm(*_):

@@ -210,6 +210,9 @@ def check_run_state(ckpt: dict, path) -> None:
             raise DataError(f"{path}: '{key}' is {ckpt[key]!r}, not a name; not a last.pt this project wrote")
     if not isinstance(ckpt.get("epoch_sums", {}), dict):
         raise DataError(f"{path}: 'epoch_sums' is not a mapping; not a last.pt this project wrote")
+    seconds = ckpt.get("seconds", 0.0)
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < float("inf"):
+        raise DataError(f"{path}: 'seconds' is {seconds!r}, not a time; not a last.pt this project wrote")
     optimizer = entry(ckpt, "optimizer", dict, path)
     groups = optimizer.get("param_groups", [])  # torch says what a missing one means when it is loaded
     if not (isinstance(optimizer.get("state", {}), dict) and isinstance(groups, list)
@@ -228,6 +231,11 @@ def check_folder_history(last_path: Path, ckpt: dict) -> None:
     best_path, metrics = out / "best.pt", out / "metrics.csv"
     done = ckpt["epoch"] + 1  # the checkpoint's last finished epoch, counted from 1 as metrics.csv does
     rows = read_metrics(metrics) if metrics.is_file() else []
+    epochs = [r["epoch"] for r in rows]
+    twice = sorted({e for e in epochs if epochs.count(e) > 1})
+    if twice:
+        raise DataError(f"{metrics}: {len(twice)} epoch(s) have two rows (epoch {twice[0]} first; edited by hand?): "
+                        "remove the extra rows, then resume")
     lost = [e for e in range(1, done + 1) if e not in {r["epoch"] for r in rows}]
     if lost and distributed().main:  # cut or deleted by hand: said, as the table will not have them
         print(f"{metrics}: no rows for epochs {lost[0]}-{lost[-1]} (the table was cut or deleted); they are not made "
@@ -243,7 +251,9 @@ def check_folder_history(last_path: Path, ckpt: dict) -> None:
             logged = float(row["best_miou"]) if row is not None else None
         except (KeyError, TypeError, ValueError):
             logged = None  # a table without the column says nothing about the checkpoint
-        if logged is not None and abs(logged - 100 * ckpt["best_miou"]) > 1e-6:
+        same_run = row is not None and ckpt.get("run_id") and row.get("run_id") == ckpt["run_id"]
+        # Its own run's row needs no figure to prove it; else the figure, to the 2 decimals a table may keep.
+        if logged is not None and not same_run and abs(logged - 100 * ckpt["best_miou"]) > 0.006:
             raise DataError(f"{last_path}: its best mIoU after epoch {done} is {100 * ckpt['best_miou']:.2f}, "
                             f"{metrics}'s row for that epoch says {logged:.2f}: this last.pt is not the run that "
                             "wrote this folder (copied from another run?); put the folder's own last.pt back, or "
@@ -1419,12 +1429,14 @@ class RunState:
     skipped_in_row: int = 0  # skipped steps since the last step taken (not stored)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # ties a folder's files to one run
     train_scans: str = ""   # the training scans' identity (scans_identity): a mid-epoch resume must keep them
+    seconds: float = 0.0    # training time so far (metrics.csv's 'seconds'), carried across resumes
 
     def record(self, miou: float | None) -> dict:
         """What a checkpoint stores of the run ('epoch' is the last finished one; miou None mid-epoch)."""
         return {"epoch": self.epoch - 1, "batch": self.batch, "step": self.step, "best_miou": self.best_miou,
                 "miou": miou, "epoch_sums": dict(self.sums), "skipped": self.skipped,
-                "batch_size": self.batch_size, "run_id": self.run_id, "train_scans": self.train_scans}
+                "batch_size": self.batch_size, "run_id": self.run_id, "train_scans": self.train_scans,
+                "seconds": self.seconds}
 
     @classmethod
     def resumed(cls, ckpt: dict) -> "RunState":
@@ -1432,6 +1444,7 @@ class RunState:
                   dict(ckpt.get("epoch_sums", {})), ckpt.get("skipped", 0), ckpt.get("batch_size", 0))
         run.run_id = ckpt.get("run_id") or run.run_id  # a checkpoint from before run ids keeps its new one
         run.train_scans = ckpt.get("train_scans", "")
+        run.seconds = float(ckpt.get("seconds", 0.0))
         return run
 
     def where(self) -> str:
@@ -1685,7 +1698,12 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
     world = distributed()
     board = tensorboard_writer(metrics_csv.parent / "tensorboard") if metrics_csv and world.main else None
     epochs = schedule.epochs
-    conf, start = None, time.time()
+    conf, start, before = None, time.time(), run.seconds  # a resumed run's clock goes on from its checkpoint's
+
+    def clock() -> float:
+        run.seconds = before + time.time() - start
+        return run.seconds
+
     check_mid_epoch_resume(run, loader.batch_size, world.size, getattr(loader.dataset, "scans", None))
     if overwrite and world.main and last_path is not None:
         start_over(last_path.parent)  # only now: the run's inputs all passed their checks
@@ -1699,6 +1717,7 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
             raise DataError(f"{e} ({at})") from None
 
     def checkpoint(miou, improved):
+        clock()
         at_where(lambda: save(run, miou, improved))
         saved[0] = run.where()
 
@@ -1734,7 +1753,7 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                 means = {k: v / len(loader) for k, v in run.sums.items()}
                 run.epoch, run.batch, run.sums, run.best_miou = epoch + 1, 0, {}, max(run.best_miou, miou)
                 if world.main:
-                    row = epoch_row(run, conf, means, schedule.at(run.step - 1), time.time() - start)
+                    row = epoch_row(run, conf, means, schedule.at(run.step - 1), clock())
                     if metrics_csv is not None:  # before the checkpoint: a failed row leaves the epoch to redo, not lost
                         at_where(lambda: log_metrics(metrics_csv, row))
                     checkpoint(miou, improved)

@@ -913,11 +913,13 @@ def world_of(root: Path, seed: int, columns: int) -> tuple[int, int]:
             print(f"note: {root} holds synthetic scenes made with seed {made['seed']} and {made['columns']} "
                   f"columns; kept as they are (give another folder for seed {seed}, {columns} columns)")
         return made["seed"], made["columns"]
-    if any((root / "sequences").glob("*/velodyne/*.bin")):
+    held = next((p for p in (root / "sequences").rglob("*") if p.is_file()), None)  # stops at the first file
+    if held is not None:
         from scandata import DataError
-        raise DataError(f"{root}: holds scans but no {MARKER}: a real dataset, or synthetic scenes of an older "
-                        "world; nothing is written there: give another --out (only if it holds old synthetic scenes, "
-                        "delete it to remake them)")
+        raise DataError(f"{root}: holds files in sequences/ ({held.relative_to(root)}, ...) but no {MARKER}: a real "
+                        "dataset (also one whose scans are still downloading), or synthetic scenes of an older world; "
+                        "nothing is written there: give another --out (only if it holds old synthetic scenes, delete "
+                        "it to remake them)")
     write_atomic(marker, json.dumps({"world": WORLD, "seed": seed, "columns": columns}).encode())
     return seed, columns
 

@@ -317,13 +317,20 @@ def written_here(root: Path) -> int | None:
     (their log says synthnusc), None for an empty root; other tables (a real nuScenes) are refused."""
     if (root / MARKER).is_file():
         return read_marker(root).get("format")
-    tables = [t for version in (VERSION, TEST_VERSION) for t in sorted((root / version).glob("*.json"))]
+    versions = sorted(p for p in root.glob("v1.0-*") if p.is_dir())  # v1.0-mini too: never this script's
+    tables = [t for version in versions for t in sorted(version.glob("*.json"))]
     if not tables:
+        held = next((p for folder in ("samples", "sweeps", "lidarseg") for p in (root / folder).rglob("*")
+                     if p.is_file()), None)
+        if held is not None:
+            raise refused(f"{root}: holds nuScenes files that synthnusc.py did not write ({held.relative_to(root)}, "
+                          "...) and no synthnusc.json: they are never written beside; give another folder")
         return None
-    logs = [root / version / "log.json" for version in (VERSION, TEST_VERSION) if (root / version).is_dir()]
-    try:  # scenes of before the marker: every version's log says synthnusc
-        ours = all(log.is_file() and all(row.get("logfile") == "synthnusc" for row in json.loads(log.read_text()))
-                   for log in logs)
+    logs = [version / "log.json" for version in versions]
+    try:  # scenes of before the marker: only this script's versions, every one's log saying synthnusc
+        ours = all(version.name in (VERSION, TEST_VERSION) for version in versions) and all(
+            log.is_file() and all(row.get("logfile") == "synthnusc" for row in json.loads(log.read_text()))
+            for log in logs)
     except (ValueError, TypeError, AttributeError):
         ours = False
     if ours:

@@ -222,6 +222,19 @@ def test_synthetic_scenes_of_an_older_format_are_written_again_and_real_tables_a
         with pytest.raises(ValueError, match=rf"real_{version}: holds nuScenes tables that synthnusc\.py did not write"):
             synthnusc.make_dataset(other, {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
         assert "mine" in (other / version / table).read_text()
+    # Fault-hunting round 5: a root with the mini release, or with sample files and no tables yet.
+    mini = tmp_path / "mini"
+    (mini / "v1.0-mini").mkdir(parents=True)
+    (mini / "v1.0-mini" / "log.json").write_text('[{"token": "x", "logfile": "n015-2018-07-24"}]')
+    with pytest.raises(ValueError, match=r"mini: holds nuScenes tables that synthnusc\.py did not write"):
+        synthnusc.make_dataset(mini, {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
+    samples = tmp_path / "downloading" / "samples" / "LIDAR_TOP"
+    samples.mkdir(parents=True)
+    (samples / "real.pcd.bin").write_bytes(b"\0" * 80)
+    with pytest.raises(ValueError, match=r"downloading: holds nuScenes files that synthnusc\.py did not write "
+                                         r"\(samples/LIDAR_TOP/real\.pcd\.bin"):
+        synthnusc.make_dataset(tmp_path / "downloading", {"scene-0001": 1}, columns=64, progress=False, test_scenes={})
+    assert sorted(p.name for p in (tmp_path / "downloading").rglob("*")) == ["LIDAR_TOP", "real.pcd.bin", "samples"]
 
 
 # ------------------------------------------------------------------------------------

@@ -356,6 +356,30 @@ def test_resume_from_an_older_last_pt_keeps_the_table_and_the_better_best_pt(tmp
     assert runs.RunState.resumed(ckpt).run_id == run.run_id
 
 
+def test_resume_refuses_a_table_with_an_epoch_twice_and_accepts_one_a_spreadsheet_rounded(tmp_path):
+    """Fault-hunting round 5 (issue 34): a duplicated row survived a resume; a table re-saved with its
+    figures rounded to 2 decimals was taken for another run's, with a message that contradicted itself."""
+    out, run = tmp_path / "out", runs.RunState()
+    last = run_folder(out, run, epochs=2, best_epoch=2, best=0.024317, ids=True)
+    runs.atomic_save(last | {"best_miou": run.best_miou}, out / "last.pt")
+    rows = (out / "metrics.csv").read_text().splitlines()
+    rounded = [rows[0]] + [",".join(f"{float(v):.2f}" if k in ("miou", "best_miou") else v
+                                    for k, v in zip(rows[0].split(","), row.split(","))) for row in rows[1:]]
+    (out / "metrics.csv").write_text("\n".join(r.replace(",", ";") for r in rounded) + "\n")
+    runs.load_last(out / "last.pt", runs.STUDENT_KIND)  # its own run's rows: the run id proves it
+    (out / "metrics.csv").write_text("\n".join(rows + rows[-1:]) + "\n")
+    with pytest.raises(scandata.DataError, match=r"metrics\.csv: 1 epoch\(s\) have two rows \(epoch 2 first"):
+        runs.load_last(out / "last.pt", runs.STUDENT_KIND)
+
+
+def test_a_resumed_runs_clock_goes_on_from_its_checkpoint():
+    """Fault-hunting round 5 (issue 34): metrics.csv's seconds restarted at 0 after a mid-epoch resume."""
+    run = runs.RunState(epoch=1, batch=3, step=7, seconds=12.5)
+    assert runs.RunState.resumed(run.record(None)).seconds == 12.5
+    with pytest.raises(scandata.DataError, match=r"'seconds' is -1\.0, not a time"):
+        runs.check_run_state(run.record(None) | {"seconds": -1.0, "optimizer": {}, "config": {}}, Path("last.pt"))
+
+
 def test_non_finite_checkpoint_is_never_written(tmp_path):
     path = tmp_path / "best.pt"
     good = runs.student_state(elite.Student())

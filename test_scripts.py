@@ -1461,6 +1461,26 @@ def test_ablation_stops_its_run_when_stopped_and_keeps_rows_within_part(tmp_path
     assert "--rows lidar_only: not a row of --part elite" in capsys.readouterr().err
 
 
+def test_ablation_refuses_a_kept_run_started_with_another_recipe(tmp_path):
+    """Fault-hunting round 5 (issue 34): a run in OUT/seedS/row trained on other data, for other
+    epochs, was resumed ('nothing to train') and reported as the row."""
+    import ablation
+    import train_student
+    data = tmp_path / "data"
+    (data / "sequences" / "00" / "velodyne").mkdir(parents=True)
+    out = tmp_path / "ablation" / "seed1" / "alone"
+    out.mkdir(parents=True)
+    argv = ["--data", str(data), "--preset", "embedded", "--seed", "1", "--out", str(out), "--teacher", "none"]
+    args = train_student.parse_args(argv)
+    args.train_sequences, args.val_sequences = ["00"], []  # as the trainer records them: the sequences the data has
+    runs.atomic_save({"kind": runs.STUDENT_KIND, "config": runs.config_of(args)}, out / "last.pt")
+    ablation.check_row_recipe("train_student.py", out / "last.pt", argv)  # the row's own run: kept
+    runs.atomic_save({"kind": runs.STUDENT_KIND, "config": runs.config_of(args) | {"epochs": 1}}, out / "last.pt")
+    with pytest.raises(scandata.DataError, match=r"alone/last\.pt: a run started with other settings than this "
+                                                 r"row's \(--epochs 1, the row's is 12; 1 setting\(s\) differ\)"):
+        ablation.check_row_recipe("train_student.py", out / "last.pt", argv)
+
+
 def test_benchmark_refuses_the_flags_it_would_ignore(capsys):
     """Fault-hunting round 3 (issue 34): --benchmark with --checkpoint or --data ran a random
     student on its own scan and said nothing of the flags it ignored."""

@@ -453,6 +453,20 @@ def test_synthetic_scenes_of_an_older_world_are_refused(tmp_path):
             sk.make_dataset(tmp_path, {"01": 1}, columns=64, progress=False)
 
 
+def test_the_scene_writer_never_writes_into_a_dataset_whose_scans_are_still_coming(tmp_path):
+    """Fault-hunting round 5 (issue 34): labels, images and calibration without velodyne/ yet (a
+    download in progress) were written over; any file under sequences/ without the record is refused."""
+    import synthkitti as sk
+    seq = tmp_path / "sequences" / "00"
+    (seq / "labels").mkdir(parents=True)
+    (seq / "labels" / "000000.label").write_bytes(b"mine")
+    (seq / "calib.txt").write_text("P2: my calibration\n")
+    with pytest.raises(scandata.DataError, match=r"holds files in sequences/ \(sequences/00/.*\) but no synthkitti\.json"):
+        sk.make_dataset(tmp_path, {"00": 1}, columns=64, progress=False)
+    assert (seq / "calib.txt").read_text() == "P2: my calibration\n" and not (tmp_path / sk.MARKER).exists()
+    assert sorted(p.name for p in seq.rglob("*")) == ["000000.label", "calib.txt", "labels"]
+
+
 def test_synthetic_scenes_resumed_with_another_seed_keep_the_recorded_one(tmp_path, capsys):
     """An interrupted first run (seed 1), finished by a run with --seed 0: one street, seed 1's."""
     synthkitti.make_dataset(tmp_path / "a", {"01": 1}, columns=64, seed=1, progress=False)
