@@ -277,10 +277,13 @@ def claim_predictions(args, sequences: list[str]) -> None:
     submission holds exactly the new files."""
     folders = [args.out / "lidarseg" / args.split, args.out / args.split] if args.dataset == "nuscenes" else \
         [args.out / "sequences" / s / "predictions" for s in sequences]
+    if args.vis is not None and args.dataset != "nuscenes":
+        folders += [args.vis / "sequences" / s for s in sequences]
     for folder in folders:  # a link there could point at a dataset's labels: never written through
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-            raise scandata.DataError(f"{folder}: is a link or not a folder; predictions are written only into plain "
-                                     "folders (a link could lead to a dataset's own labels); give another --out")
+            raise scandata.DataError(f"{folder}: is a link or not a folder; predictions and pictures are written only "
+                                     "into plain folders (a link could lead to a dataset's own files); give another "
+                                     f"{'--vis' if args.vis is not None and args.vis in folder.parents else '--out'}")
     found = existing_predictions(args, sequences)
     if found and not args.overwrite:
         files = f"{len(found)} file{'s' * (len(found) != 1)}"

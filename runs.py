@@ -20,6 +20,7 @@ import re
 import signal
 import stat
 import sys
+import tempfile
 import time
 import uuid
 import warnings
@@ -84,6 +85,12 @@ def writable_folder(folder: Path, hint: str) -> None:
         raise DataError(f"{folder}: cannot be made, {existing} is a file; {hint}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DataError(f"{folder}: cannot write there ({existing} is read-only); {hint}")
+    try:  # os.access says yes for root in /proc and /sys; a file made and removed at once says it for sure
+        fd, probe = tempfile.mkstemp(prefix=".elite-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise DataError(f"{folder}: cannot write there ({existing}: {e.strerror or e}); {hint}") from None
 
 
 def non_finite_tensors(obj, prefix="") -> list[str]:

@@ -545,6 +545,8 @@ def check_camera_files(dataset) -> None:
         first, h, w = sequence_frame(sequence)
         if ch > h or cw > w:
             raise DataError(f"{first}: a {w}x{h} frame is smaller than the {ch}x{cw} crop (--crop H W)")
+    for scan in [dataset.scans[i] for i in spread(len(dataset.scans), 8)]:  # decoded: a grayscale split, said now
+        read_image(image_path(scan))
 
 
 def check_datasets(train_set, val_set, samples=16) -> None:

@@ -975,9 +975,21 @@ def test_nothing_is_written_through_a_link_or_onto_a_folder_named_as_a_run_file(
     runs.atomic_save(runs.student_state(elite.Student()), tmp_path / "student.pt")
     message = run_main("infer", ["--checkpoint", str(tmp_path / "student.pt"), "--data", str(synth_root),
                                  "--split", "val", "--out", str(tmp_path / "pred"), "--device", "cpu", "--overwrite"])
-    assert re.search(r"08/predictions: is a link or not a folder; predictions are written only into plain folders",
-                     message), message
+    assert re.search(r"08/predictions: is a link or not a folder; predictions and pictures are written only into "
+                     r"plain folders", message), message
     assert (labels / "000000.label").read_bytes() == b"1234"
+    # Fault-hunting round 5: a --vis whose sequence folder is a link, or a --vis under /proc, were found
+    # only after the first prediction was written; now before any scan is read.
+    (tmp_path / "pred" / "sequences" / "08" / "predictions").unlink()
+    (tmp_path / "vis" / "sequences").mkdir(parents=True)
+    (tmp_path / "vis" / "sequences" / "08").symlink_to(labels)
+    for vis, said in ((tmp_path / "vis", r"vis/sequences/08: is a link or not a folder; .* give another --vis"),
+                      (Path("/proc/elite-vis"), r"/proc/elite-vis: cannot write there")):
+        message = run_main("infer", ["--checkpoint", str(tmp_path / "student.pt"), "--data", str(synth_root),
+                                     "--split", "val", "--out", str(tmp_path / "pred"), "--device", "cpu",
+                                     "--vis", str(vis)])
+        assert re.search(said, message), message
+        assert not any((tmp_path / "pred").rglob("*.label"))
 
 
 def test_metrics_csv_resaved_by_a_spreadsheet_is_read_or_refused_up_front(tmp_path):

@@ -584,3 +584,14 @@ def test_byte_swapped_or_foreign_label_files_are_refused_by_their_values(tmp_pat
         semantickitti.read_labels(path)
     path.write_bytes(np.zeros(5000, np.uint32).tobytes())  # all unlabelled is a layout, not an error here
     assert not semantickitti.read_labels(path)[0].any()
+
+
+def test_a_grayscale_split_is_found_before_training(synth_copy):
+    """Fault-hunting round 5 (issue 34): a U2MKD run met grayscale validation images only at its
+    first validation, an epoch later; the up-front checks decode a spread of each split's images."""
+    from PIL import Image
+    ds = semantickitti.SemanticKITTI(synth_copy, ["08"], camera=True, crop_hw=(64, 128))
+    path = semantickitti.image_path(ds.scans[0])
+    Image.open(path).convert("L").save(path)
+    with pytest.raises(scandata.DataError, match=r"000000\.png: a grayscale image"):
+        semantickitti.check_camera_files(ds)
