@@ -78,6 +78,8 @@ def writable_folder(folder: Path, hint: str) -> None:
     files into `folder` (or create it): a read-only place fails now with `hint`, not hours
     later. os.access also sees a read-only file system, for root too."""
     folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise DataError(f"{folder}: a link to {os.readlink(folder)}, which does not exist; {hint}")
     if folder.exists() and not folder.is_dir():
         raise DataError(f"{folder}: is an existing file, not a folder; {hint}")
     existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
@@ -143,7 +145,7 @@ def load_checkpoint(path, kind: str | None, map_location="cpu") -> dict:
     """Load a checkpoint written by our trainers and check that it holds `kind` (any kind: None)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: {'a folder, not a checkpoint file' if path.is_dir() else 'checkpoint not found'}")
+        raise DataError(f"{path}: {missing_file(path, 'checkpoint')}")
     try:
         # weights_only: tensors and plain containers are built, no other class is ever imported or
         # called, so a hostile file cannot run code here (our checkpoints hold nothing else).
@@ -559,11 +561,20 @@ def load_teacher(path, sam_checkpoint=None, map_location="cpu") -> tuple[Teacher
 SAM_B_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
 
 
+def missing_file(path: Path, what: str) -> str:
+    """Why `path` is not a file to read: a folder, a device or pipe (/dev/zero), or nothing there."""
+    if path.is_dir():
+        return f"a folder, not a {what} file"
+    if path.exists():
+        return f"not a regular file (a device, pipe or socket), not a {what} file"
+    return f"{what} not found"
+
+
 def read_tensor_file(path: Path, what: str, where="", why="") -> object:
     """An official weights file (SAM's, torchvision's) read with weights_only, so it cannot run
     code; a missing or unreadable one is a DataError naming it (`where`, `why`: hints)."""
     if not path.is_file():
-        raise DataError(f"{path}: {what} not found{where}")
+        raise DataError(f"{path}: {missing_file(path, what)}{where if not path.exists() else ''}")
     try:
         check_expansion(path)
         return torch.load(path, map_location="cpu", weights_only=True)

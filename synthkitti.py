@@ -864,6 +864,9 @@ def make_dataset(root, sequences=DEFAULT_SEQUENCES, columns=1024, seed=0, progre
     call is instant and an interrupted one resumes, with the seed and columns root records."""
     from tqdm import tqdm
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        from scandata import DataError
+        raise DataError(f"{root}: an existing file, not a folder; give --out a folder (it is made if missing)")
     seed, columns = world_of(root, seed, columns)
     with tqdm(total=sum(sequences.values()), desc="synthkitti", unit="scan", disable=not progress) as bar:
         for seq, n in sequences.items():

@@ -383,6 +383,8 @@ def make_dataset(root, scenes=None, seed=0, image_scale=0.25, columns=1024, prog
     rewritten; returns root."""
     from tqdm import tqdm
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise refused(f"{root}: an existing file, not a folder; give --out a folder (it is made if missing)")
     versions = {VERSION: DEFAULT_SCENES if scenes is None else scenes,
                 TEST_VERSION: DEFAULT_TEST_SCENES if test_scenes is None else test_scenes}
     found = written_here(root)

@@ -1521,3 +1521,22 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(capsys):
             parse(argv)
         assert "argument --out: expected a path (an empty one would mean the current folder" in capsys.readouterr().err
     assert train_student.parse_args(["--teacher", "none", "--out", "."]).out == Path(".")
+
+
+def test_paths_that_are_not_what_they_seem_are_named_for_what_they_are(tmp_path):
+    """Fault-hunting round 5 (issue 34): a folder or /dev/zero as a checkpoint said 'not found', a
+    dangling --out link 'File exists', a file as the scene writers' --out a failed marker write."""
+    import synthkitti
+    import synthnusc
+    with pytest.raises(scandata.DataError, match=r": a folder, not a SAM checkpoint file"):
+        runs.read_sam_state(tmp_path)
+    with pytest.raises(scandata.DataError, match=r"/dev/zero: not a regular file \(a device, pipe or socket\)"):
+        runs.load_checkpoint("/dev/zero", None)
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(scandata.DataError, match=r"gone: a link to .*nowhere, which does not exist; give another"):
+        runs.writable_folder(tmp_path / "gone", "give another --out")
+    (tmp_path / "file").write_text("mine")
+    for writer in (synthkitti, synthnusc):
+        with pytest.raises(scandata.DataError, match=r"file: an existing file, not a folder"):
+            writer.make_dataset(tmp_path / "file", progress=False)
+    assert (tmp_path / "file").read_text() == "mine"
