@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import elite
+import elite_fast
 import runs
 import scandata
 import semantickitti
