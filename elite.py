@@ -5,18 +5,25 @@ voxel LiDAR student (the 2DPASS "4scale-64dimension" network). This file holds t
 method, in the order the data flows once a scan is read:
 
     1. Voxelisation and scatter reductions
-    2. Submanifold sparse convolution (pure torch, with its neighbour table; elite_fast.py: Triton)
+    2. Submanifold sparse convolution
     3. The student: SparseBasicBlock, point encoder, SPVBlock, classifier
     4. Losses: class-weighted cross-entropy and Lovasz-softmax
-    5. The image teacher: SAM's ViT, LoRA/AdaLoRA (PEFT), patch decoder, 2D heads
+    5. The image teacher: SAM's ViT, PEFT (LoRA/AdaLoRA), patch decoder, 2D heads
     6. SAM-PLG: dense pseudo-labels from sparse LiDAR labels
     7. PPMSKD: patch-to-point multi-stage distillation from the teacher into the student
+    8. One training step on one page: `python elite.py`
+
+Every part is written in its plain reference form: the maths as the papers state it. Beside
+this file, elite_fast.py holds a fast form of each part (packed voxel keys, neighbour tables,
+merged adapters, Triton kernels), which runs by default and is proven equal to its reference
+by test_fast.py; `--forms reference` or ELITE_FORMS=reference runs this file's forms instead.
+Where a part has a fast form, one line says so and hands over.
 
 Reading the data comes before: semantickitti.py (files, projection, the camera crop, the
 dataset, the official evaluator), nusc.py (nuScenes), scandata.py (the Scan and Batch types both
 share, augmentation). The machinery of a run (the training loop, checkpoints, torchrun) is in
 runs.py; U2MKD is in u2mkd.py. Facts follow the official ELiTe/2DPASS code; deliberate
-differences are listed in docs/differences.md.
+differences are listed in docs/differences.md, and docs/paper-map.md maps the papers' parts here.
 """
 from __future__ import annotations
 
@@ -529,8 +536,8 @@ class RankAllocator:
         self.beta1, self.beta2 = beta1, beta2
         self.total_rank = sum(m.lora_E.numel() for m in self.kinds.values())  # 12 x 72 = 864 for ViT-B
         self.target_total = target_rank * sum(m.lora_E[..., 0, 0].numel() for m in self.kinds.values())  # 8 x 72
-        self.ipt: dict[str, torch.Tensor] = {}  # "kind.lora_X" -> I_bar, the kind's stacked shape
-        self.unc: dict[str, torch.Tensor] = {}  # "kind.lora_X" -> U_bar
+        self.importance: dict[str, torch.Tensor] = {}  # "kind.lora_X" -> I_bar, the kind's stacked shape
+        self.uncertainty: dict[str, torch.Tensor] = {}  # "kind.lora_X" -> U_bar, its smoothed deviation
 
     def budget(self, step: int) -> tuple[int, bool]:
         """(total rank allowed at this step, whether to mask at this step)."""
@@ -557,18 +564,18 @@ class RankAllocator:
         if not params:
             return
         sens = torch._foreach_abs(torch._foreach_mul(params, [p.grad for p in params]))  # first-order loss change
-        ipt = torch._foreach_add(torch._foreach_mul([self.ipt.get(k, torch.zeros_like(p)) for k, p in zip(keys, params)],
-                                                    self.beta1), torch._foreach_mul(sens, 1 - self.beta1))
-        deviation = torch._foreach_abs(torch._foreach_sub(sens, ipt))
-        unc = torch._foreach_add(torch._foreach_mul([self.unc.get(k, torch.zeros_like(p)) for k, p in zip(keys, params)],
-                                                    self.beta2), torch._foreach_mul(deviation, 1 - self.beta2))
-        self.ipt.update(zip(keys, ipt))
-        self.unc.update(zip(keys, unc))
+        old_i = [self.importance.get(k, torch.zeros_like(p)) for k, p in zip(keys, params)]
+        old_u = [self.uncertainty.get(k, torch.zeros_like(p)) for k, p in zip(keys, params)]
+        i_bar = torch._foreach_add(torch._foreach_mul(old_i, self.beta1), torch._foreach_mul(sens, 1 - self.beta1))
+        deviation = torch._foreach_abs(torch._foreach_sub(sens, i_bar))
+        u_bar = torch._foreach_add(torch._foreach_mul(old_u, self.beta2), torch._foreach_mul(deviation, 1 - self.beta2))
+        self.importance.update(zip(keys, i_bar))
+        self.uncertainty.update(zip(keys, u_bar))
 
     def _score(self, m: Adapters, key: str, pname: str) -> torch.Tensor:
-        if key not in self.ipt:
+        if key not in self.importance:
             return torch.zeros_like(getattr(m, pname))
-        return self.ipt[key] * self.unc[key]
+        return self.importance[key] * self.uncertainty[key]
 
     @torch.no_grad()
     def rank_importance(self) -> dict[str, torch.Tensor]:
@@ -600,11 +607,11 @@ class RankAllocator:
             self.mask_to_budget(budget)
         return budget
 
-    def state_dict(self) -> dict:
-        return {"ipt": dict(self.ipt), "unc": dict(self.unc)}
+    def state_dict(self) -> dict:  # upstream's names, as checkpoints store them
+        return {"ipt": dict(self.importance), "unc": dict(self.uncertainty)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ipt, self.unc = dict(state["ipt"]), dict(state["unc"])
+        self.importance, self.uncertainty = dict(state["ipt"]), dict(state["unc"])
 
 
 # ---- 5.3 SAM's image encoder ----
@@ -774,7 +781,7 @@ def teacher_losses(teacher: Teacher, feats: list[torch.Tensor], crops: CameraCro
     stage_logits, fused = teacher.classify(inputs)
     losses = seg_loss(torch.stack(stage_logits + [fused]), labels, weight, lovasz_weight=1.0)  # (5,) all heads at once
     *stage_losses, fused_loss = losses.unbind()
-    terms = {f"seg2d_scale{2 ** (k + 1)}": lambda_seg2d / 4 * loss for k, loss in enumerate(stage_losses)}
+    terms = {f"seg2d_stage{k + 1}": lambda_seg2d / 4 * loss for k, loss in enumerate(stage_losses)}
     terms["seg2d_fused"] = fused_loss
     if crops.dense is not None:  # the pixel rows of the points, in the flattened (B, H, W) order
         rows = torch.cat([b * height * width + p[:, 0] * width + p[:, 1] for b, p in enumerate(crops.pixels)])
@@ -976,19 +983,19 @@ def heads_3d(c=64, num_classes=NUM_CLASSES, stages=4) -> nn.ModuleList:
 
 def deep_supervision_losses(out: StudentOutput, logits_3d: list[torch.Tensor], batch: Batch,
                             weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """seg3d_scale{s}: (CE_w + Lovasz) of the 3D head of stage s = 2, 4, 8, 16 on the voxels of the
-    previous scale. PPMSKD's 3D heads bring these terms with or without a teacher (a student with
+    """seg3d_stage{k}: (CE_w + Lovasz) of the 3D head of stage k = 1..4 on the voxels of that
+    stage's scale (1, 2, 4, 8; upstream logs it as scale 2^k). PPMSKD's 3D heads bring these terms with or without a teacher (a student with
     the heads and no KD is the ablation's second row)."""
     terms = {}
     for k, (logits, vox) in enumerate(zip(logits_3d, out.stage_voxels)):
         target = voxel_labels(batch.labels, vox.inv, len(vox))  # (V_L,)
-        terms[f"seg3d_scale{2 ** (k + 1)}"] = seg_loss(logits, target, weight, lovasz_weight=1.0)
+        terms[f"seg3d_stage{k + 1}"] = seg_loss(logits, target, weight, lovasz_weight=1.0)
     return terms
 
 
 def kd_losses(out: StudentOutput, logits_3d: list[torch.Tensor], point_logits_2d: list[torch.Tensor],
               batch: Batch, lambda_xm=0.05) -> dict[str, torch.Tensor]:
-    """kd_scale{s}: (lambda_xm / 4) KL(P_2D || P_3D) over the points at the crop's pixels, averaged
+    """kd_stage{k}: (lambda_xm / 4) KL(P_2D || P_3D) over the points at the crop's pixels, averaged
     over all K x 20 elements (F.kl_div's 'mean', as upstream), the 2D side detached."""
     terms = {}
     for k, (logits, vox, logits_2d) in enumerate(zip(logits_3d, out.stage_voxels, point_logits_2d)):
@@ -996,14 +1003,14 @@ def kd_losses(out: StudentOutput, logits_3d: list[torch.Tensor], point_logits_2d
         # Sum over all K x 20 elements divided by K x 20: upstream's reduction='mean', spelled out
         # (torch warns that 'mean' will change meaning); max(., 1) keeps a crop without points at 0.
         kl = F.kl_div(F.log_softmax(seen, 1), F.softmax(logits_2d.detach(), 1), reduction="sum")
-        terms[f"kd_scale{2 ** (k + 1)}"] = lambda_xm / 4 * kl / max(seen.numel(), 1)
+        terms[f"kd_stage{k + 1}"] = lambda_xm / 4 * kl / max(seen.numel(), 1)
     return terms
 
 
 def ppmskd_losses(out: StudentOutput, heads: nn.ModuleList, point_logits_2d: list[torch.Tensor],
                   batch: Batch, weight: torch.Tensor, lambda_xm=0.05) -> dict[str, torch.Tensor]:
-    """The 3D and KD terms of PPMSKD by name, per stage s = 2, 4, 8, 16: the 3D heads' seg3d_scale{s}
-    (deep_supervision_losses) and kd_scale{s} (kd_losses). point_logits_2d: the teacher's stage
+    """The 3D and KD terms of PPMSKD by name, per stage k = 1..4: the 3D heads' seg3d_stage{k}
+    (deep_supervision_losses) and kd_stage{k} (kd_losses). point_logits_2d: the teacher's stage
     logits at batch.crop_points (teacher_losses' second output)."""
     logits_3d = [head(feats) for head, feats in zip(heads, out.stage_feats)]  # 4 x (V_L, 20)
     seg3d = deep_supervision_losses(out, logits_3d, batch, weight)
@@ -1027,8 +1034,8 @@ def elite_losses(out: StudentOutput, heads: nn.ModuleList, teacher: Teacher, bat
                  weight: torch.Tensor, joint=True, lambda_xm=LAMBDA_XM) -> dict[str, torch.Tensor]:
     """ELiTe's whole training loss, term by name (their sum is the loss):
         seg3d_main                 CE_w + LAMBDA_LOVASZ (0.1) Lovasz of the student's point logits
-        seg2d_scale*, seg2d_fused  the teacher's 2D terms               (joint mode)
-        seg3d_scale*, kd_scale*    PPMSKD's 3D heads and KL(P_2D || P_3D)
+        seg2d_stage*, seg2d_fused  the teacher's 2D terms               (joint mode)
+        seg3d_stage*, kd_stage*    PPMSKD's 3D heads and KL(P_2D || P_3D)
         orth                       AdaLoRA's orthogonality term         (joint mode, AdaLoRA)
     joint=True is the paper: the teacher's adapters, patch decoders and 2D heads keep learning
     from their 2D losses. joint=False (frozen): the teacher only hands over detached logits."""

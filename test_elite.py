@@ -625,9 +625,9 @@ def test_rank_allocator_masks_the_least_important_ranks():
     lowest = torch.cat(score).argsort()[:576 - budget]
     assert zeroed[lowest].all()
     # Final phase: scores frozen, masked to the target every step.
-    ipt_before = {k: v.clone() for k, v in alloc.ipt.items()}
+    ipt_before = {k: v.clone() for k, v in alloc.importance.items()}
     assert alloc.step(1501) == 384
-    assert all(torch.equal(alloc.ipt[k], v) for k, v in ipt_before.items())
+    assert all(torch.equal(alloc.importance[k], v) for k, v in ipt_before.items())
     assert int(torch.cat([a.lora_E.flatten() == 0 for a in alloc.kinds.values()]).sum()) == 576 - 384
 
 
@@ -819,7 +819,7 @@ def test_teacher_losses_weights_and_both_label_modes():
     w = elite.class_weights()
     feats = teacher(images)
     sparse, sparse_points = elite.teacher_losses(teacher, feats, scandata.CameraCrops(images, pixels, labels, None), w, 1.0)
-    assert list(sparse) == ["seg2d_scale2", "seg2d_scale4", "seg2d_scale8", "seg2d_scale16", "seg2d_fused"]
+    assert list(sparse) == ["seg2d_stage1", "seg2d_stage2", "seg2d_stage3", "seg2d_stage4", "seg2d_fused"]
     stage, fused = teacher.classify(elite_fast.sample_pixels(feats, pixels))
     for k, name in enumerate(list(sparse)[:4]):
         assert torch.allclose(sparse[name], elite.seg_loss(stage[k], labels, w, 1.0) / 4)  # lambda_seg2d / 4
@@ -829,7 +829,7 @@ def test_teacher_losses_weights_and_both_label_modes():
     dense, dense_points = elite.teacher_losses(teacher, feats, crops, w, lambda_seg2d=2.0)
     per_pixel = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in elite.upsample_maps(feats, 32, 64)]
     stage, fused = teacher.classify(per_pixel)
-    assert torch.allclose(dense["seg2d_scale2"], 2.0 / 4 * elite.seg_loss(stage[0], dense_labels.reshape(-1), w, 1.0))
+    assert torch.allclose(dense["seg2d_stage1"], 2.0 / 4 * elite.seg_loss(stage[0], dense_labels.reshape(-1), w, 1.0))
     assert torch.allclose(dense["seg2d_fused"], elite.seg_loss(fused, dense_labels.reshape(-1), w, 1.0))
     for k in range(4):  # both modes hand PPMSKD the stage logits at the points' pixels
         assert dense_points[k].shape == (4, 20) and torch.allclose(dense_points[k], sparse_points[k], atol=1e-6)
@@ -1063,16 +1063,16 @@ def test_ppmskd_terms_weights_and_the_detached_teacher(synth_copy):
     out = student(batch.points, batch.batch_idx)
     terms_2d, logits_2d = elite.teacher_losses(teacher, teacher(batch.crops.images), batch.crops, w)
     terms = elite.ppmskd_losses(out, heads, logits_2d, batch, w, lambda_xm=0.05)
-    assert list(terms) == [f"{kind}_scale{s}" for s in (2, 4, 8, 16) for kind in ("seg3d", "kd")]
+    assert list(terms) == [f"{kind}_stage{k}" for k in (1, 2, 3, 4) for kind in ("seg3d", "kd")]
     # Stage 0 by hand: the 3D head on the scale-1 voxels, majority labels, KL on the seen points.
     vox = out.stage_voxels[0]
     logits_3d = heads[0](out.stage_feats[0])
     target = elite.voxel_labels(batch.labels, vox.inv, len(vox))
-    assert torch.allclose(terms["seg3d_scale2"], elite.seg_loss(logits_3d, target, w, 1.0))
+    assert torch.allclose(terms["seg3d_stage1"], elite.seg_loss(logits_3d, target, w, 1.0))
     p3d = torch.log_softmax(logits_3d[vox.inv[batch.crop_points]], 1)
     p2d = torch.softmax(logits_2d[0], 1)
     kl = (p2d * (p2d.log() - p3d)).sum() / p2d.numel()  # 'mean' over all K x 20 elements
-    assert torch.allclose(terms["kd_scale2"], 0.05 / 4 * kl, rtol=1e-4)
+    assert torch.allclose(terms["kd_stage1"], 0.05 / 4 * kl, rtol=1e-4)
     # The KD terms train the student and its 3D heads, never the teacher.
     sum(v for k, v in terms.items() if k.startswith("kd")).backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -1098,8 +1098,8 @@ def test_elite_losses_joint_and_frozen_terms(synth_copy):
     w = elite.class_weights()
     out = student(batch.points, batch.batch_idx)
     joint = elite.elite_losses(out, heads, teacher, batch, w, joint=True)
-    ppmskd = [f"{kind}_scale{s}" for s in (2, 4, 8, 16) for kind in ("seg3d", "kd")]
-    assert list(joint) == ["seg3d_main", "seg2d_scale2", "seg2d_scale4", "seg2d_scale8", "seg2d_scale16",
+    ppmskd = [f"{kind}_stage{k}" for k in (1, 2, 3, 4) for kind in ("seg3d", "kd")]
+    assert list(joint) == ["seg3d_main", "seg2d_stage1", "seg2d_stage2", "seg2d_stage3", "seg2d_stage4",
                            "seg2d_fused", *ppmskd, "orth"]
     assert all(v.dim() == 0 and torch.isfinite(v) for v in joint.values())
     assert torch.allclose(joint["seg3d_main"], elite.seg_loss(out.logits, batch.labels, w, 0.1))  # Lovasz 0.1
@@ -1155,4 +1155,4 @@ def test_rank_allocator_continuation_masks_with_the_teachers_scores():
     assert all(cont.budget(s) == (cont.target_total, True) for s in range(1, 6))
     cont.step(1)
     assert sum(int((a.lora_E != 0).sum()) for a in cont.kinds.values()) == cont.target_total
-    assert all(torch.equal(cont.ipt[k], v) for k, v in learnt.ipt.items())  # scores stay frozen
+    assert all(torch.equal(cont.importance[k], v) for k, v in learnt.importance.items())  # scores stay frozen

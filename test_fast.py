@@ -295,10 +295,10 @@ def test_python_elite_py_and_u2mkd_py_each_run_one_training_step_in_the_referenc
     with elite_fast.forms("fast"):  # the demos switch to the reference forms; this puts the default back
         elite_terms = elite.one_step_demo()
         assert not elite_fast.enabled()
-    assert set(elite_terms) == {"seg3d_main", "seg2d_fused", "orth", *(f"{kind}_scale{s}" for s in (2, 4, 8, 16)
+    assert set(elite_terms) == {"seg3d_main", "seg2d_fused", "orth", *(f"{kind}_stage{k}" for k in (1, 2, 3, 4)
                                                                         for kind in ("seg2d", "seg3d", "kd"))}
     with elite_fast.forms("fast"):
         u2mkd_terms = u2mkd.one_step_demo()
     assert set(u2mkd_terms) == {"seg3d", "seg2d", "kd_logits", "kd_feature", *(f"impute_stage{k}" for k in range(1, 5))}
     assert all(np.isfinite(v) and v >= 0 for v in [*elite_terms.values(), *u2mkd_terms.values()])
-    assert elite_terms["kd_scale2"] > 0 and u2mkd_terms["kd_logits"] > 0  # the distillation terms are live
+    assert elite_terms["kd_stage1"] > 0 and u2mkd_terms["kd_logits"] > 0  # the distillation terms are live

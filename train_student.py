@@ -249,8 +249,9 @@ def elite_teacher(args, config: dict, device, resumed: dict | None) -> tuple:
 
 
 def continued_rank_allocator(teacher, scores: dict | None, total_steps: int, target_rank: int):
-    """The teacher's rank budget was spent in train_teacher.py: its pruned ranks stay pruned
-    (AdaLoRA's final phase: masked to the target rank each step with the scores it learnt)."""
+    """The teacher's rank budget was spent in train_teacher.py; here every step is in AdaLoRA's
+    final phase (final_warmup = total_steps): the scores learnt there stay frozen, and each step
+    masks E to the target rank with them, so its pruned ranks stay pruned."""
     if scores is None:
         print("note: the teacher checkpoint has no AdaLoRA rank scores; its ranks are not pruned further")
         return None

@@ -429,7 +429,7 @@ class ImageBranch(nn.Module):
 
 
 # =====================================================================================
-# 5. Bidirectional fusion
+# 5. Bidirectional fusion: L2C, C2L and the learner's imputation
 # =====================================================================================
 
 def splat_multiscale(feats: torch.Tensor, uv: torch.Tensor, image_row: torch.Tensor, num_images: int,
