@@ -241,9 +241,18 @@ def print_summary(args, scans: list[Path], device: torch.device, model: str) -> 
 
 
 def which_epoch(ckpt: dict) -> str:
-    """last.pt (it holds the optimiser) is the run's last epoch; best.pt was selected on the validation split."""
-    epoch = f"epoch {ckpt.get('epoch', -1) + 1}"
-    return f"{epoch}, the last" if "optimizer" in ckpt else f"{epoch}, selected on the validation split (best.pt)"
+    """Where the weights come from: best.pt was selected on the validation split; last.pt (it holds the
+    optimiser) is where its run stopped: after its last epoch, or inside an epoch, of all it asked for or not."""
+    done = ckpt.get("epoch", -1) + 1  # epochs finished
+    if "optimizer" not in ckpt:
+        return f"epoch {done}, selected on the validation split (best.pt)"
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    asked = config.get("epochs")
+    of = f" of the {asked} its run asked for: the run has not finished" \
+        if type(asked) is int and (asked > done or ckpt.get("batch")) else ""
+    if ckpt.get("batch"):
+        return f"after epoch {done} and {ckpt['batch']} batches of epoch {done + 1}, written mid-epoch{of}"
+    return f"epoch {done}, the last{of}"
 
 
 def read_train_ids(scan: Path, num_points: int) -> torch.Tensor | None:
@@ -571,10 +580,14 @@ def top_view(xyz: np.ndarray, colours: np.ndarray, size=600) -> np.ndarray:
     image = np.full((size, size, 3), BACKGROUND, np.uint8)
     if len(xyz) == 0:
         return image
-    extent = max(5.0, 1.05 * float(np.percentile(np.abs(xyz[:, :2]).max(1), 99)))  # metres, centre to edge
+    xyz = xyz.astype(np.float64)  # metres: float32 overflows on far-off points' arithmetic
+    near = np.isfinite(xyz).all(1) & (np.abs(xyz[:, :2]) < 1000).all(1)  # the zoom ignores points a km away or more
+    if not near.any():
+        return image
+    extent = max(5.0, 1.05 * float(np.percentile(np.abs(xyz[near, :2]).max(1), 99)))  # metres, centre to edge
     row = (extent - xyz[:, 0]) / (2 * extent) * size
     col = (extent - xyz[:, 1]) / (2 * extent) * size
-    inside = (row >= 0) & (row < size) & (col >= 0) & (col < size)
+    inside = near & (row >= 0) & (row < size) & (col >= 0) & (col < size)
     order = np.argsort(xyz[inside, 2], kind="stable")  # low first, so higher points paint over
     runs.paint_dots(image, np.stack([row, col], 1)[inside][order], colours[inside][order])
     return image

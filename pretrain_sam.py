@@ -94,6 +94,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import elite
+import elite_fast
 import scandata
 import semantickitti
 import synthkitti
@@ -368,6 +369,10 @@ def pretrain(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     """Train; the encoder, what the file records (made_with) and how long it took."""
     from tqdm import tqdm
     torch.set_num_threads(args.threads)
+    if elite_fast.FORM != "fast":  # the folded attention computes in another order: the digest is the fast form's
+        print(f"note: $ELITE_FORMS={elite_fast.FORM!r} ignored: pretrain_sam.py runs the fast forms, whose digest its "
+              "file records", file=sys.stderr)
+        elite_fast.set_forms("fast")
     torch.manual_seed(args.seed)
     model = PixelEmbedder(args.variant, args.decoder)
     opt = make_optimizer(model, args.lr, args.weight_decay)
@@ -441,9 +446,21 @@ def cli(argv=None) -> int:
     except KeyboardInterrupt:
         print("pretrain_sam.py: interrupted; nothing written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("pretrain_sam.py: stopped by SIGTERM; nothing written", file=sys.stderr)
+        return 143
     return 0
+
+
+class Terminated(Exception):
+    """SIGTERM, raised where the script stands: the file is written atomically, so nothing half-made remains."""
+
+
+def raise_terminated(*_):
+    raise Terminated
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the start-up guard hands Ctrl-C back
+    signal.signal(signal.SIGTERM, raise_terminated)
     sys.exit(cli())

@@ -587,8 +587,11 @@ def read_tensor_file(path: Path, what: str, where="", why="") -> object:
 def read_sam_state(path) -> dict:
     """An official SAM checkpoint file -> its state dict, or a DataError naming the file."""
     path = Path(path)
-    ckpt = read_tensor_file(path, "SAM checkpoint", f" (the official files, e.g. {SAM_B_URL})",
-                            "; the file is truncated or not a torch checkpoint of tensors")
+    where = f" (the official files, e.g. {SAM_B_URL})"
+    if path.name == "sam_vit_tiny_synth.pth":  # presets.STANDIN: shipped, found from the repository's root
+        where = (f" in {Path.cwd()}: the pretrained stand-in ships in the repository's weights/ folder; run the "
+                 "scripts from the repository's root, or remake it with python pretrain_sam.py")
+    ckpt = read_tensor_file(path, "SAM checkpoint", where, "; the file is truncated or not a torch checkpoint of tensors")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise DataError(f"{path}: not a state dict (got {type(ckpt).__name__})")
@@ -1025,12 +1028,18 @@ class Stopped(Exception):
         self.code = code
 
 
+def stopped_by_sigterm(*_):
+    raise Stopped("stopped by SIGTERM; every file written so far is whole (atomic writes); the same command "
+                  "continues (a trainer with --resume once it has written last.pt)", 143)
+
+
 def run_script(main, argv=None) -> None:
     """Every script's entry point: bad input (a DataError, also one raised in a DataLoader
     worker, which torch re-raises wrapped in the worker's traceback) ends the script with
     'error: FILE: what is wrong' and exit status 1, not a traceback; Ctrl-C and SIGTERM end
     it with one line that says where the last checkpoint is (exit status 130 / 143)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts' start-up guard hands Ctrl-C back
+    signal.signal(signal.SIGTERM, stopped_by_sigterm)  # outside training's loop (which stops at a step's end)
     if elite_fast.FORM not in elite_fast.FORMS:  # every script builds a network somewhere: say it before any work
         sys.exit(f"error: $ELITE_FORMS={elite_fast.FORM!r}: expected one of {', '.join(elite_fast.FORMS)} (or unset it)")
     try:
@@ -1473,7 +1482,8 @@ class RunState:
         changes, resume_settings)."""
         if not resumed:
             return "from scratch"
-        return f"resumed from {checkpoint}: {self.where()}, best {metric} {100 * self.best_miou:.1f}{changes}"
+        best = f"best {metric} {100 * self.best_miou:.1f}" if self.best_miou >= 0 else "no epoch validated yet"
+        return f"resumed from {checkpoint}: {self.where()}, {best}{changes}"
 
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv")

@@ -1541,3 +1541,26 @@ def test_paths_that_are_not_what_they_seem_are_named_for_what_they_are(tmp_path)
         with pytest.raises(scandata.DataError, match=r"file: an existing file, not a folder"):
             writer.make_dataset(tmp_path / "file", progress=False)
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_round_six_stops_and_labels_say_what_happened(tmp_path, capsys, monkeypatch):
+    """Fault-hunting round 6 (issue 34): a mid-epoch last.pt was labelled 'epoch 0, the last'; a far-off
+    point blanked --vis's top views; SIGTERM outside training's loop killed without a line; the
+    stand-in's hint sent a user in another folder to download SAM."""
+    import infer
+    mid = {"optimizer": {}, "epoch": -1, "batch": 7, "config": {"epochs": 12}}
+    assert infer.which_epoch(mid) == ("after epoch 0 and 7 batches of epoch 1, written mid-epoch of the 12 its run "
+                                      "asked for: the run has not finished")
+    assert infer.which_epoch({"optimizer": {}, "epoch": 11, "config": {"epochs": 12}}) == "epoch 12, the last"
+    assert infer.which_epoch({"epoch": 3}) == "epoch 4, selected on the validation split (best.pt)"
+    g = np.random.default_rng(0)
+    xyz = np.concatenate([g.uniform(-30, 30, (500, 3)), [[3e38, 0, 0], [0, -3e38, 0], [np.nan, 1, 1]]]).astype(np.float32)
+    view = infer.top_view(xyz, np.zeros((len(xyz), 3), np.uint8))
+    assert (view != np.array(infer.BACKGROUND, np.uint8)).any(2).sum() > 500  # the near points are drawn
+    with pytest.raises(SystemExit) as stop:
+        runs.run_script(lambda argv: os.kill(os.getpid(), signal.SIGTERM))
+    assert stop.value.code == 143 and "stopped by SIGTERM; every file written so far is whole" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(scandata.DataError, match=r"SAM checkpoint not found in .*: the pretrained stand-in ships in the "
+                                                 r"repository's weights/ folder; run the scripts from the repository's root"):
+        runs.read_sam_state(Path("weights/sam_vit_tiny_synth.pth"))
