@@ -943,6 +943,21 @@ def benchmark_forward(model: elite.Student, points: torch.Tensor, columns, repea
               f"{sum(waits.values())} of them waits on the data (" +
               ", ".join(f"{k} {v}" for k, v in sorted(waits.items(), key=lambda kv: -kv[1])) + "), "
               f"{sum(ops.triton.values())} Triton launches")
+    fast, reference = forms_forwards(model, points, batch_idx)
+    t_fast, t_reference = alternating_median_ms([fast, reference], max(1, repeats // 2), device_sync(device))
+    agree = float((fast() - reference()).abs().max())
+    print(f"    elite.py's reference forms (--forms reference): {t_reference:.1f} ms, {t_reference / t_fast:.2f}x the "
+          f"fast forms' {t_fast:.1f} ms timed in turn (plain-torch convolution); logits within {agree:.1e} of them")
+
+
+def forms_forwards(model: elite.Student, points: torch.Tensor, batch_idx: torch.Tensor):
+    """The student's forward in the fast forms (plain-torch convolution) and in the reference forms."""
+    def run(form):
+        def forward():
+            with torch.no_grad(), conv_path("torch"), elite_fast.forms(form):
+                return model(points, batch_idx).logits
+        return forward
+    return run("fast"), run("reference")
 
 
 def benchmark_training_step(model: elite.Student, points: torch.Tensor, labels: torch.Tensor, columns, args):

@@ -1225,6 +1225,9 @@ def test_benchmark_runs_on_the_device_asked_for_and_counts_operations(capsys):
     counted = re.search(r"torch path, float32: ([\d,]+) aten operations dispatched, (\d+) of them waits on the data "
                         r"\(to_host\* 6, nonzero 4, _unique2 3\), 0 Triton launches", printed)
     assert counted and int(counted.group(2)) == 13, printed
+    forms = re.search(r"reference forms \(--forms reference\): [\d.]+ ms, ([\d.]+)x the fast forms' [\d.]+ ms timed "
+                      r"in turn \(plain-torch convolution\); logits within ([\d.e+-]+) of them", printed)
+    assert forms and float(forms.group(1)) > 0 and float(forms.group(2)) < 1e-3, printed
     assert re.search(r"two forwards bitwise equal +True", printed) and re.search(r"gradients bitwise equal +True", printed)
 
 
