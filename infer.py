@@ -870,7 +870,7 @@ def benchmark_device(points: torch.Tensor, labels: torch.Tensor, device: torch.d
     columns = [(path, amp) for amp in precisions for path in paths]  # timed side by side
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\n[{device}{threads}] convolution paths: " + ", ".join(
-        {"torch": "torch (plain torch, elite.py)", "triton": "triton (Triton kernels, elite_fast.py)"}[p] for p in paths)
+        {"torch": "torch (plain torch, elite_fast.py)", "triton": "triton (Triton kernels, elite_fast.py)"}[p] for p in paths)
         + (", deterministic algorithms" if torch.are_deterministic_algorithms_enabled() else ""))
     torch.manual_seed(0)
     model = elite.Student().to(device).eval()
