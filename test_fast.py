@@ -215,6 +215,24 @@ def test_merged_adapters_and_folded_attention_equal_lora_hooks_on_sams_own_atten
         close(a, b, rel=1e-4)
 
 
+def test_the_fused_layer_norm_of_the_patch_decoder_equals_sams_layernorm2d():
+    from segment_anything.modeling.common import LayerNorm2d as SamLayerNorm2d
+    g = torch.Generator().manual_seed(8)
+    ours, sams = elite.LayerNorm2d(24, eps=1e-6), SamLayerNorm2d(24, eps=1e-6)
+    with torch.no_grad():
+        for p in (ours.weight, ours.bias):
+            p.copy_(torch.randn(p.shape, generator=g))
+    sams.load_state_dict(ours.state_dict())  # the same keys
+    x = torch.randn(2, 24, 5, 7, generator=g, requires_grad=True)
+    weight = torch.rand(x.shape, generator=g)
+    got = []
+    for norm in (ours, sams):
+        y = norm(x)
+        got.append([y, *torch.autograd.grad((y * weight).sum(), [x, norm.weight])])
+    for a, b in zip(*got):
+        close(a, b, rel=1e-5)
+
+
 def test_the_bf16_weight_cache_computes_what_autocast_computes():
     state = randomize_(teacher_in("reference", None), seed=4).state_dict()
     images = torch.randn(1, 3, 64, 128, generator=torch.Generator().manual_seed(6))
