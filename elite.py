@@ -69,7 +69,7 @@ def voxelize(xyz: torch.Tensor, batch_idx: torch.Tensor, scale: int, lo=RANGE_MI
              shape=GRID_SHAPE) -> Voxels:
     """Quantise points (N, 3) into the cells of the grid `shape` / scale over [lo, hi]. Indices
     are not clipped: augmented points may leave the range and get negative or too-large
-    indices, as in the official code. (elite_fast.voxelize_scales: all scales in one pass.)"""
+    indices, as in the official code. (elite_fast.voxel_sets: all scales in one pass.)"""
     cells = torch.tensor([math.ceil(n / scale) for n in shape], device=xyz.device)  # (3,)
     lo_t, hi_t = xyz.new_tensor(lo), xyz.new_tensor(hi)
     cell_of_point = (cells * (xyz - lo_t) / (hi_t - lo_t)).long()  # (N, 3); .long() truncates toward zero, as upstream
@@ -135,7 +135,7 @@ class SubMConv3d(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, feats: torch.Tensor, voxels: Voxels, neighbours=None) -> torch.Tensor:
-        if neighbours is not None:  # elite_fast.py: the neighbour table built once per scale
+        if neighbours is not None and elite_fast.enabled():  # elite_fast.py: the neighbour table built once per scale
             return elite_fast.submconv3d(feats, neighbours, self.weight)
         return submconv3d(feats, voxels.coords, self.weight)
 
@@ -172,7 +172,8 @@ def student_config(dataset: str, hidden=64) -> StudentConfig:
 class Stage:
     """What SPVBlock k reads: the voxels of its scale L, those of the next scale s = 2L, and the
     context pool of each L voxel (the pools are the L voxels' coords // 2). `fast`: what
-    elite_fast.py's forms read besides (the neighbour table, the scale link), or None."""
+    elite_fast.py's forms read besides (the neighbour table, the scale link); None when the
+    stage was built in the reference forms, which then run whatever the switch says."""
     voxels: Voxels            # scale L
     next_voxels: Voxels       # scale s = 2L
     pool_of: torch.Tensor     # (V_L,) the context pool of each L voxel
@@ -194,10 +195,10 @@ def context_pools(vox: Voxels) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def voxelize_scales(xyz: torch.Tensor, batch_idx: torch.Tensor, cfg: StudentConfig) -> VoxelScales:
-    """The voxels of scales 1, 2, 4, 8, 16 and each block's Stage (elite_fast.voxel_scales:
+    """The voxels of scales 1, 2, 4, 8, 16 and each block's Stage (elite_fast.voxelize_scales:
     the same, batched over the scales, with the neighbour tables)."""
     if elite_fast.enabled():
-        return elite_fast.voxel_scales(xyz, batch_idx, cfg)
+        return elite_fast.voxelize_scales(xyz, batch_idx, cfg)
     voxels = [voxelize(xyz, batch_idx, s, cfg.range_min, cfg.range_max, cfg.grid_shape) for s in (1,) + cfg.scales]
     return VoxelScales(voxels, [Stage(fine, coarse, *context_pools(fine)) for fine, coarse in zip(voxels, voxels[1:])])
 
@@ -205,7 +206,7 @@ def voxelize_scales(xyz: torch.Tensor, batch_idx: torch.Tensor, cfg: StudentConf
 def move_to_scale(feats: torch.Tensor, stage: Stage) -> torch.Tensor:
     """(V_L, C) -> (V_s, C): every point carries its L voxel's feature into its s voxel, where
     they are averaged (scales are quantised independently: one L voxel can feed several s voxels)."""
-    if stage.fast is not None:  # elite_fast.py: the same mean over distinct voxel pairs instead of points
+    if stage.fast is not None and elite_fast.enabled():  # elite_fast.py: the same mean over distinct voxel pairs
         return elite_fast.move_to_scale(feats, stage.fast.link)
     return scatter_mean(feats.index_select(0, stage.voxels.inv), stage.next_voxels.inv, len(stage.next_voxels))
 
@@ -274,7 +275,7 @@ class PointEncoder(nn.Module):
         gives the same values."""
         # Context is always pooled by factor 2 of the L voxels, not by the next scale.
         ctx = self.context(scatter_mean(feats, stage.pool_of, len(stage.pool_count), stage.pool_count))  # (G, 64)
-        if stage.fast is not None:  # the same MLP on the concatenation, never built (split weights)
+        if stage.fast is not None and elite_fast.enabled():  # the same MLP on the concatenation, never built
             return elite_fast.point_encoder_out(self, feats, ctx, stage)
         return self.layer_out(torch.cat([self.layer_in(feats), ctx.index_select(0, stage.pool_of)], 1))  # (V_L, 64)
 
@@ -551,26 +552,17 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_importance(self) -> None:
-        """For every adapter entry: I_bar <- b1 I_bar + (1 - b1) |p * dL/dp|, U_bar <- b2 U_bar +
-        (1 - b2) |sens - I_bar|. All stacked tensors at once with torch's _foreach operations (as
-        torch.optim does): a few launches a step."""
-        keys, params = [], []
+        """For every adapter entry: the sensitivity s = |p * dL/dp| (the first-order loss change if p
+        were zeroed), I_bar <- b1 I_bar + (1 - b1) s, U_bar <- b2 U_bar + (1 - b2) |s - I_bar|."""
         for name, m in self.kinds.items():
             for pname in ("lora_A", "lora_E", "lora_B"):
-                p = getattr(m, pname)
-                if p.grad is not None:  # a kind the loss did not reach this step keeps its scores
-                    keys.append(f"{name}.{pname}")
-                    params.append(p)
-        if not params:
-            return
-        sens = torch._foreach_abs(torch._foreach_mul(params, [p.grad for p in params]))  # first-order loss change
-        old_i = [self.importance.get(k, torch.zeros_like(p)) for k, p in zip(keys, params)]
-        old_u = [self.uncertainty.get(k, torch.zeros_like(p)) for k, p in zip(keys, params)]
-        i_bar = torch._foreach_add(torch._foreach_mul(old_i, self.beta1), torch._foreach_mul(sens, 1 - self.beta1))
-        deviation = torch._foreach_abs(torch._foreach_sub(sens, i_bar))
-        u_bar = torch._foreach_add(torch._foreach_mul(old_u, self.beta2), torch._foreach_mul(deviation, 1 - self.beta2))
-        self.importance.update(zip(keys, i_bar))
-        self.uncertainty.update(zip(keys, u_bar))
+                p, key = getattr(m, pname), f"{name}.{pname}"
+                if p.grad is None:  # a kind the loss did not reach this step keeps its scores
+                    continue
+                sens = (p * p.grad).abs()
+                i_bar = self.importance.get(key, torch.zeros_like(p)) * self.beta1 + sens * (1 - self.beta1)
+                u_bar = self.uncertainty.get(key, torch.zeros_like(p)) * self.beta2 + (sens - i_bar).abs() * (1 - self.beta2)
+                self.importance[key], self.uncertainty[key] = i_bar, u_bar
 
     def _score(self, m: Adapters, key: str, pname: str) -> torch.Tensor:
         if key not in self.importance:
@@ -646,20 +638,23 @@ def build_sam_encoder(variant="vit_b") -> nn.Module:
         num_heads=v.num_heads, mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
         use_rel_pos=True, window_size=SAM_WINDOW, global_attn_indexes=v.global_attn_indexes)
     del encoder.neck  # ELiTe reads the blocks themselves; SAM's 256-channel neck is never used
-    if elite_fast.enabled():  # SAM's attention in the form torch's fused attention runs: same maths, same keys
-        elite_fast.fold_attention(encoder)
+    elite_fast.fold_attention(encoder)  # its modules, keys and maths; in the reference forms it runs SAM's own forward
     return encoder
 
 
 # ---- 5.4 The teacher: encoder, patch decoders, 2D heads ----
 
 class LayerNorm2d(nn.LayerNorm):
-    """segment-anything's LayerNorm2d (normalise each pixel over the channels of (B, C, H, W)),
-    same weight and bias, through torch's fused layer norm: two operations instead of seven."""
+    """segment-anything's LayerNorm2d: each pixel of (B, C, H, W) normalised over its C channels,
+    then scaled and shifted per channel (its weight and bias, its keys)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Back to (B, C, H, W) memory: the transposed convolution after it is slower on the permuted view.
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+        if elite_fast.enabled():  # the same through torch's fused layer norm: two operations instead of seven
+            return elite_fast.layer_norm_2d(self, x)
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
 def patch_decoder(c: int) -> nn.Sequential:
@@ -684,7 +679,7 @@ class TeacherConfig:
 
 
 class Teacher(nn.Module):
-    """SAM ViT + adapters -> four (B, C/8, H, W) feature maps, one per global-attention block
+    """SAM ViT + adapters -> four (B, C/8, 4h, 4w) feature maps, one per global-attention block
     (blocks 2, 5, 8, 11 of ViT-B). The four "scales" are four depths of one 1/16 token grid;
     the shallowest pairs with the student's finest scale. Built frozen: only adapters, patch
     decoders and heads have requires_grad."""
@@ -702,7 +697,6 @@ class Teacher(nn.Module):
         self.fused_head = head_2d(len(self.stage_blocks) * c // 8, c // 4, cfg.num_classes)
         self.sam_checkpoint: str | None = None  # the SAM file the frozen encoder was loaded from, if any
         self.sam_fingerprint: list | None = None  # that file's [size, time, CRC-32], which a checkpoint records
-        self._low_precision: tuple = (None, [])  # elite_fast.frozen_weights' bf16 copy under autocast, and its key
         for kind, adapters in self.adapters.items():  # PEFT: each adapted layer adds its low-rank update
             for i, block in enumerate(self.encoder.blocks):
                 block.get_submodule(ADAPTED_LAYERS[kind][0]).register_forward_hook(LowRankUpdate(adapters, i))
@@ -1062,7 +1056,6 @@ def one_step_demo(seed=0) -> dict[str, float]:
     import scandata
     import semantickitti
     import synthkitti
-    elite_fast.set_forms("reference")  # the forms this file defines, nothing from elite_fast.py
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
 
@@ -1100,7 +1093,8 @@ def one_step_demo(seed=0) -> dict[str, float]:
     terms_2d, logits_2d = teacher_losses(teacher, maps, batch.crops, weight, LAMBDA_SEG2D)
     show("teacher stage logits at the seen points", *logits_2d)
 
-    # PPMSKD: a 3D head per stage, its deep supervision and the KL toward the 2D head.
+    # PPMSKD: a 3D head per stage, its deep supervision and the KL toward the 2D head. (elite_losses
+    # computes these same terms; they are spelled out here to show each.)
     terms |= terms_2d | ppmskd_losses(out, heads, logits_2d, batch, weight, LAMBDA_XM)
     terms["orth"] = orth_regularizer(teacher, ORTH_WEIGHT)
     loss = sum(terms.values())
@@ -1111,7 +1105,8 @@ def one_step_demo(seed=0) -> dict[str, float]:
     loss.backward()
     budget = allocator.step(global_step=1)  # AdaLoRA: sensitivities, then the rank budget
     optimizer.step()
-    print(f"AdaLoRA's rank budget after step 1: {budget} of {allocator.total_rank}; one optimiser step taken")
+    print(f"AdaLoRA's rank budget after step 1: {budget} of {allocator.total_rank} (full for the first T/6 = "
+          f"{allocator.init_warmup} steps, then cut as a cubic); one optimiser step taken")
     return {name: value.item() for name, value in terms.items()}
 
 
@@ -1120,4 +1115,5 @@ def show(what: str, *tensors: torch.Tensor) -> None:
 
 
 if __name__ == "__main__":
-    one_step_demo()
+    with elite_fast.forms("reference"):  # the forms elite.py defines, nothing from elite_fast.py
+        one_step_demo()

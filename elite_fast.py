@@ -7,7 +7,7 @@ equals; test_fast.py proves every one equal to it, outputs and gradients, and a 
 step and a whole teacher step agree between the two. Read top to bottom:
 
     0. Which forms run: ELITE_FORMS=fast|reference, or a script's --forms
-    1. Voxels as packed int64 keys, every scale in one torch.unique       (= elite.voxelize)
+    1. Voxels as packed int64 keys, every scale in one torch.unique       (= elite.voxelize, each scale)
     2. The neighbour table and the convolution over it, its backward by hand (= elite.submconv3d)
     3. The student's stages batched: scale links over voxel pairs, split-weight point
        encoder, classifier per distinct voxel combination      (= elite.voxelize_scales, ...)
@@ -44,6 +44,7 @@ import functools
 import math
 import os
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -182,8 +183,8 @@ class VoxelSets:
     per_scale: list
 
 
-def voxelize_scales(xyz: torch.Tensor, batch_idx: torch.Tensor, scales: tuple, lo, hi, shape) -> VoxelSets:
-    """elite.voxelize at every scale of `scales`, in one torch.unique."""
+def voxel_sets(xyz: torch.Tensor, batch_idx: torch.Tensor, scales: tuple, lo, hi, shape) -> VoxelSets:
+    """elite.voxelize at every scale of `scales`, in one torch.unique: VoxelSets."""
     cells, lo_t, span = grid_constants(tuple(scales), tuple(lo), tuple(hi), tuple(shape), xyz.device)
     idx = (cells * (xyz - lo_t) / span).long()  # (S, N, 3); .long() truncates toward zero, as upstream
     sets = torch.arange(len(scales), device=xyz.device)[:, None]  # (S, 1)
@@ -205,7 +206,8 @@ def voxelize_scales(xyz: torch.Tensor, batch_idx: torch.Tensor, scales: tuple, l
 # convolution reads the 13 offsets after the centre and mirrors; section 4 runs it in Triton.
 
 XY_OFFSETS = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
-# k = 9(dx+1) + 3(dy+1) + dz+1: weight.view(27, ...)[k] multiplies offset k (elite.OFFSETS[k]); -o is 26 - k.
+# k = 9(dx+1) + 3(dy+1) + dz+1: weight.view(27, ...)[k] multiplies offset k; -o is 26 - k. The same list as
+# elite.OFFSETS (a test holds them equal), written again: this module may load before elite's names exist.
 OFFSETS = [(dx, dy, dz) for dx, dy in XY_OFFSETS for dz in (-1, 0, 1)]
 
 
@@ -276,7 +278,7 @@ def neighbours_of(coords: torch.Tensor) -> Neighbours:
 
 
 def _gather_mm_scatter(feats: torch.Tensor, weight: torch.Tensor, neighbours: Neighbours) -> torch.Tensor:
-    """The convolution itself: feats (N, Cin), weight (3, 3, 3, Cin, Cout) -> (N, Cout)."""
+    """elite.submconv3d's sum over the table's pairs: feats (N, Cin), weight (3, 3, 3, Cin, Cout) -> (N, Cout)."""
     out = feats @ weight[1, 1, 1]  # the centre offset pairs every voxel with itself
     pairs = neighbours.pairs()
     most = max([len(i) for i, _ in pairs], default=0)
@@ -292,7 +294,8 @@ def _gather_mm_scatter(feats: torch.Tensor, weight: torch.Tensor, neighbours: Ne
 
 
 class _SubMConv3dFunction(torch.autograd.Function):
-    """Saves only the inputs: gathered rows are recomputed in backward, not stored."""
+    """elite.submconv3d with its backward written out (what autograd derives for the reference):
+    saves only the inputs, and gathered rows are recomputed in backward, not stored."""
 
     @staticmethod
     def forward(ctx, feats, weight, neighbours):
@@ -334,7 +337,8 @@ def submconv3d(feats: torch.Tensor, neighbours: Neighbours, weight: torch.Tensor
 
 
 # =====================================================================================
-# 3. The student's stages batched  (= elite.voxelize_scales, move_to_scale, PointEncoder, classify)
+# 3. The student's stages batched  (= elite.voxelize_scales, move_to_scale, VoxelInputEncoder, PointEncoder,
+#    Student.classify)
 # =====================================================================================
 
 @dataclass
@@ -356,11 +360,11 @@ class FastStage:
     link: ScaleLink
 
 
-def voxel_scales(xyz: torch.Tensor, batch_idx: torch.Tensor, cfg) -> elite.VoxelScales:
-    """elite.voxelize_scales batched across the scales: one unique for the voxels, one
+def voxelize_scales(xyz: torch.Tensor, batch_idx: torch.Tensor, cfg) -> elite.VoxelScales:
+    """elite.voxelize_scales, batched across the scales: one unique for the voxels, one
     neighbour search for the four convolved scales, one unique for the four context poolings
     and the four scale links. A GPU's host waits for the data twice, not 13 times."""
-    sets = voxelize_scales(xyz, batch_idx, (1,) + tuple(cfg.scales), cfg.range_min, cfg.range_max, cfg.grid_shape)
+    sets = voxel_sets(xyz, batch_idx, (1,) + tuple(cfg.scales), cfg.range_min, cfg.range_max, cfg.grid_shape)
     voxels = sets.per_scale
     conv, sizes = voxels[:-1], [len(v) for v in voxels]
     n_conv = sum(sizes[:-1])
@@ -592,7 +596,7 @@ class SubMConv3dTriton(torch.autograd.Function):
     def forward(ctx, feats, weight, nb):
         if feats.dtype != weight.dtype:
             raise TypeError(f"features in {feats.dtype} but weights in {weight.dtype}: the Triton convolution "
-                            "multiplies one type (under autocast, elite.submconv3d casts both)")
+                            "multiplies one type (under autocast, elite_fast.submconv3d casts both)")
         feats = feats.contiguous()
         ctx.save_for_backward(feats, weight, nb)
         return gather_conv(feats, weight.reshape(27, *weight.shape[3:]), nb)
@@ -725,13 +729,24 @@ def frozen_weights(teacher, layers: list[tuple[int, str]]) -> list[torch.Tensor]
         return weights
     dtype = torch.get_autocast_dtype(device)
     key = (dtype,) + tuple((w.data_ptr(), w._version) for w in weights)  # new weights (a load, .to()): a new copy
-    if teacher._low_precision[0] != key:
-        teacher._low_precision = (key, [w.detach().to(dtype) for w in weights])
-    return teacher._low_precision[1]
+    if BF16_COPIES.get(teacher, (None,))[0] != key:
+        BF16_COPIES[teacher] = (key, [w.detach().to(dtype) for w in weights])
+    return BF16_COPIES[teacher][1]
+
+
+BF16_COPIES = weakref.WeakKeyDictionary()  # teacher -> (key, its frozen weights in bf16): made once, gone with it
+
+
+def layer_norm_2d(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """elite.LayerNorm2d through torch's fused layer norm on the channels-last view: (B, C, H, W)."""
+    # Back to (B, C, H, W) memory: the transposed convolution after it is slower on the permuted view.
+    return F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias,
+                        norm.eps).permute(0, 3, 1, 2).contiguous()
 
 
 def fold_attention(encoder: nn.Module) -> None:
-    """Every block's SAM Attention -> FoldedAttention: the same modules and keys, the same maths."""
+    """Every block's SAM Attention -> FoldedAttention: the same modules and keys, the same maths; in
+    the reference forms it runs SAM's own Attention.forward on them."""
     for block in encoder.blocks:
         block.attn = FoldedAttention(block.attn)
 
@@ -750,7 +765,7 @@ class FoldedAttention(nn.Module):
 
     def __init__(self, attn: nn.Module):  # segment_anything's Attention
         super().__init__()
-        self.num_heads = attn.num_heads
+        self.num_heads, self.scale = attn.num_heads, attn.scale
         self.qkv, self.proj = attn.qkv, attn.proj  # (3C, C): q rows 0:C, k C:2C, v 2C:3C
         self.use_rel_pos = attn.use_rel_pos
         if self.use_rel_pos:
@@ -778,6 +793,9 @@ class FoldedAttention(nn.Module):
         return self._tables[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not enabled():  # the reference forms: SAM's own Attention.forward, on these same modules
+            from segment_anything.modeling.image_encoder import Attention
+            return Attention.forward(self, x)
         b, h, w, c = x.shape  # a window (14 x 14) or the whole grid (global blocks)
         n, d = b * self.num_heads, c // self.num_heads
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, d).permute(2, 0, 3, 1, 4)  # (3, B, heads, h*w, d)

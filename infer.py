@@ -894,7 +894,7 @@ def benchmark_convolutions(model: elite.Student, points: torch.Tensor, columns, 
     precision; its neighbour table built already, as in a forward."""
     device, sync = points.device, device_sync(points.device)
     batch_idx = torch.zeros(len(points), dtype=torch.long, device=device)
-    scales = elite_fast.voxel_scales(points[:, :3], batch_idx, model.cfg)
+    scales = elite_fast.voxelize_scales(points[:, :3], batch_idx, model.cfg)
     weight = torch.randn(3, 3, 3, 64, 64, device=device) * 0.05
     print("  one 3x3x3 SubM convolution 64->64, ms (median; the paths timed in turn, round after round)")
     print_row("scale: voxels, neighbour pairs", ["table", "+ pairs"] + column_names(columns))
@@ -920,8 +920,8 @@ def benchmark_convolutions(model: elite.Student, points: torch.Tensor, columns, 
     print("  scale 1: " + ", ".join(f"{n} {flops / t / 1e6:.1f} GFLOP/s" for n, t in zip(column_names(columns), times))
           + f"; the plain convolution's products alone {t_products:.2f} ms ({flops / t_products / 1e6:.1f} GFLOP/s); "
           f"a dense 4096x4096 float32 matmul {2 * 4096 ** 3 / t_dense / 1e6:.1f} GFLOP/s")
-    t_scales = median_ms(lambda: elite_fast.voxel_scales(points[:, :3], batch_idx, model.cfg), repeats, sync)
-    print(f"  the voxels of all five scales and every block's indices (elite_fast.voxel_scales): {t_scales:.1f} ms")
+    t_scales = median_ms(lambda: elite_fast.voxelize_scales(points[:, :3], batch_idx, model.cfg), repeats, sync)
+    print(f"  the voxels of all five scales and every block's indices (elite_fast.voxelize_scales): {t_scales:.1f} ms")
 
 
 def benchmark_forward(model: elite.Student, points: torch.Tensor, columns, repeats: int):

@@ -57,13 +57,34 @@ def test_the_forms_switch_runs_each_form_and_refuses_others(monkeypatch):
 def test_voxelize_scales_equals_voxelize_at_every_scale():
     points, batch_idx = random_points()
     scales = (1, 2, 4, 8, 16)
-    sets = elite_fast.voxelize_scales(points[:, :3], batch_idx, scales, semantickitti.RANGE_MIN,
+    sets = elite_fast.voxel_sets(points[:, :3], batch_idx, scales, semantickitti.RANGE_MIN,
                                       semantickitti.RANGE_MAX, semantickitti.GRID_SHAPE)
     for s, fast in zip(scales, sets.per_scale):
         ref = elite.voxelize(points[:, :3], batch_idx, s)
         assert torch.equal(fast.coords, ref.coords) and torch.equal(fast.inv, ref.inv)
         assert torch.equal(fast.count, ref.count)
     assert (sets.per_scale[0].coords[:, 1:] < 0).any()  # points off the grid kept, as upstream
+
+
+def test_the_fast_forms_number_the_offsets_as_the_reference_does():
+    assert elite_fast.OFFSETS == elite.OFFSETS
+
+
+def test_stages_built_in_one_form_run_in_the_other():
+    """The switch decides when a part runs: stages voxelised in the fast forms, run in the reference
+    forms, give the reference's logits."""
+    points, batch_idx = random_points(3000)
+    torch.manual_seed(0)
+    model = elite.Student().eval()
+    with torch.no_grad():
+        scales = elite.voxelize_scales(points[:, :3], batch_idx, model.cfg)  # fast: with neighbour tables
+        assert scales.stages[0].fast is not None
+        with elite_fast.forms("reference"):
+            model.voxelize = lambda *_: scales  # the fast stages, run in the reference forms
+            mixed = model(points, batch_idx).logits
+            del model.voxelize
+            reference = model(points, batch_idx).logits
+    close(mixed, reference)
 
 
 def test_fast_stages_equal_reference_stages():
@@ -202,10 +223,9 @@ def test_merged_adapters_and_folded_attention_equal_lora_hooks_on_sams_own_atten
     images = torch.randn(2, 3, 64, 128, generator=torch.Generator().manual_seed(5))
     got = {}
     for form in elite_fast.FORMS:
-        teacher = teacher_in(form, state, peft)
-        kind = type(teacher.encoder.blocks[0].attn).__name__
-        assert kind == ("FoldedAttention" if form == "fast" else "Attention")
-        with elite_fast.forms(form):
+        teacher = teacher_in("fast" if form == "reference" else "reference", state, peft)  # built in the other form:
+        with elite_fast.forms(form):  # the form it runs in decides
+            assert type(teacher.encoder.blocks[0].attn) is elite_fast.FoldedAttention
             maps = teacher(images)
             loss = sum((m * torch.linspace(-1, 1, m.numel()).view_as(m)).sum() for m in maps)
             loss.backward()
@@ -301,7 +321,7 @@ def test_a_model_built_in_one_form_loads_in_the_other():
     student = elite.Student()
     with elite_fast.forms("reference"):
         other = elite.Student()
-    assert other.load_state_dict(student.state_dict(), strict=True)  # the same names and shapes
+    other.load_state_dict(student.state_dict(), strict=True)  # the same names and shapes, or it raises
     fast, reference = teacher_in("fast", None), teacher_in("reference", None)
     assert list(fast.state_dict()) == list(reference.state_dict())  # folding SAM's attention keeps its keys
 
@@ -310,12 +330,12 @@ def test_a_model_built_in_one_form_loads_in_the_other():
 
 def test_python_elite_py_and_u2mkd_py_each_run_one_training_step_in_the_reference_forms():
     import u2mkd
-    with elite_fast.forms("fast"):  # the demos switch to the reference forms; this puts the default back
+    with elite_fast.forms("reference"):  # as python elite.py runs it
         elite_terms = elite.one_step_demo()
-        assert not elite_fast.enabled()
+    assert elite_fast.enabled()  # the default again
     assert set(elite_terms) == {"seg3d_main", "seg2d_fused", "orth", *(f"{kind}_stage{k}" for k in (1, 2, 3, 4)
                                                                         for kind in ("seg2d", "seg3d", "kd"))}
-    with elite_fast.forms("fast"):
+    with elite_fast.forms("reference"):
         u2mkd_terms = u2mkd.one_step_demo()
     assert set(u2mkd_terms) == {"seg3d", "seg2d", "kd_logits", "kd_feature", *(f"impute_stage{k}" for k in range(1, 5))}
     assert all(np.isfinite(v) and v >= 0 for v in [*elite_terms.values(), *u2mkd_terms.values()])

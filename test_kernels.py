@@ -1,4 +1,5 @@
-"""Tests: the Triton convolution (elite_fast.py) against the plain-torch definition (elite.py).
+"""Tests: the Triton convolution against the plain-torch one over the same neighbour table (both in
+elite_fast.py; test_fast.py holds that one equal to elite.submconv3d, the reference form).
 
 Without a GPU they run in Triton's interpreter on CPU tensors (conftest.py sets
 TRITON_INTERPRET=1 before elite_fast.py is imported): float32 only, and slow, so the voxel sets are
@@ -36,7 +37,7 @@ def one_layer(seed: int) -> torch.Tensor:
 
 
 def plain_conv_and_grads(coords, feats, weight, upstream):
-    """The definition: elite's plain-torch convolution, its output and both gradients."""
+    """elite_fast's plain-torch convolution (equal to elite.submconv3d): its output and both gradients."""
     f, w = feats.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     with infer.conv_path("torch"):
         out = elite_fast.submconv3d(f, elite_fast.neighbours_of(coords), w)

@@ -20,6 +20,7 @@ Read top to bottom, as the data flows:
     5. Bidirectional fusion: the multi-scale splat, L2C and C2L fusion, the learner
     6. The fusion student
     7. Uni-to-multi KD and the total loss
+    8. One training step on one page: `python u2mkd.py`
 
 It reuses semantickitti.py's and nusc.py's readers, scandata.py's augmentation, and elite.py's
 voxel student and losses. Facts follow the official code (isunLt/U2MKD; it covers nuScenes only:
@@ -36,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import elite
+import elite_fast
 import nusc
 import scandata
 import semantickitti
@@ -649,10 +651,8 @@ def u2mkd_losses(out: FusionOutput, batch: PairBatch, targets=None, adapter: nn.
 # the optimiser step, on one synthetic scan, in elite.py's reference forms, without runs.py.
 
 def one_step_demo(seed=0) -> dict[str, float]:
-    import elite_fast
     import synthkitti
     from pathlib import Path
-    elite_fast.set_forms("reference")  # elite.py's forms: nothing from elite_fast.py
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
 
@@ -673,6 +673,7 @@ def one_step_demo(seed=0) -> dict[str, float]:
     # The networks: the LiDAR teacher (the voxel student at twice the width; trained, in a real
     # run, with instance paste), the fusion student and the adapter of the feature KD.
     teacher, student, adapter = lidar_teacher().eval(), FusionStudent(), kd_adapter()
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     optimizer = torch.optim.SGD(list(student.parameters()) + list(adapter.parameters()), lr=0.01, momentum=0.9)
     targets = teacher_targets(teacher, batch)  # its logits and stage-4 features at the student's points
     print(f"teacher targets: logits {tuple(targets[0].shape)}, stage-4 features {tuple(targets[1].shape)}")
@@ -690,9 +691,11 @@ def one_step_demo(seed=0) -> dict[str, float]:
     print(f"  {'loss':<14} {loss.item():.4g}")
     loss.backward()
     optimizer.step()
-    print("one optimiser step taken; the teacher stays frozen:", all(p.grad is None for p in teacher.parameters()))
+    frozen = all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+    print(f"one optimiser step taken, over the fusion student and the adapter; the teacher unchanged: {frozen}")
     return {name: value.item() for name, value in terms.items()}
 
 
 if __name__ == "__main__":
-    one_step_demo()
+    with elite_fast.forms("reference"):  # the forms elite.py defines, nothing from elite_fast.py
+        one_step_demo()
