@@ -1793,6 +1793,8 @@ def fit(run: RunState, loader, optimizer: torch.optim.Optimizer, objective: nn.M
                 if stop.signal is not None:  # arrived during validation: last.pt was just written
                     raise sigterm_stop()
     except KeyboardInterrupt:
+        if saved[0] is None and last_path is not None and last_path.is_file():
+            saved[0] = run.where()  # Ctrl-C came as the first save returned: it is this step's checkpoint
         hint = (f"the last checkpoint is {last_path} ({saved[0]}); continue with the same command and --resume"
                 if saved[0] else "no checkpoint was written yet; start again (the same command)")
         raise Stopped(f"interrupted (Ctrl-C) at {run.where()}: {hint}", 130) from None
