@@ -117,7 +117,8 @@ def check_row_recipe(script: str, last: Path, argv: list[str]) -> None:
     if not isinstance(recorded, dict):
         raise scandata.DataError(f"{last}: records no settings ('config'): not a run this project wrote; remove its "
                                  "folder, or give another --out")
-    differ = [k for k, v in expected.items() if k not in runs.HOW_IT_RUNS and recorded.get(k, v) != v]
+    # A flag the row leaves unset (None) the trainer fills from elsewhere (the teacher's labels): not compared.
+    differ = [k for k, v in expected.items() if k not in runs.HOW_IT_RUNS and v is not None and recorded.get(k, v) != v]
     if differ:
         k = differ[0]
         raise scandata.DataError(f"{last}: a run started with other settings than this row's (--{k.replace('_', '-')} "
