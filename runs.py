@@ -1028,7 +1028,14 @@ class Stopped(Exception):
         self.code = code
 
 
+SCRIPT_PID = [None]  # the process run_script started in: forked workers inherit the handler below
+
+
 def stopped_by_sigterm(*_):
+    if os.getpid() != SCRIPT_PID[0]:  # a DataLoader worker: it ends as it would without this handler
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise Stopped("stopped by SIGTERM; every file written so far is whole (atomic writes); the same command "
                   "continues (a trainer with --resume once it has written last.pt)", 143)
 
@@ -1039,6 +1046,7 @@ def run_script(main, argv=None) -> None:
     'error: FILE: what is wrong' and exit status 1, not a traceback; Ctrl-C and SIGTERM end
     it with one line that says where the last checkpoint is (exit status 130 / 143)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts' start-up guard hands Ctrl-C back
+    SCRIPT_PID[0] = os.getpid()
     signal.signal(signal.SIGTERM, stopped_by_sigterm)  # outside training's loop (which stops at a step's end)
     if elite_fast.FORM not in elite_fast.FORMS:  # every script builds a network somewhere: say it before any work
         sys.exit(f"error: $ELITE_FORMS={elite_fast.FORM!r}: expected one of {', '.join(elite_fast.FORMS)} (or unset it)")

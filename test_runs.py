@@ -9,6 +9,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import time
 import warnings
 from functools import partial
 from pathlib import Path
@@ -925,3 +927,20 @@ def test_a_label_edited_and_its_time_put_back_is_still_seen(synth, tmp_path):
     os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns))  # its modification time put back
     with pytest.raises(scandata.DataError, match=r"\(labels/000000\.label changed since\)"):
         semantickitti.missing_pseudo_labels(root, ["00"])
+
+
+def test_a_forked_worker_ends_on_sigterm_as_it_would_without_the_scripts_handler():
+    """run_script's SIGTERM handler (one line, exit 143) is the script's own: a DataLoader worker
+    forked from it ends by the signal, silently, as torch expects when it stops its workers."""
+    import multiprocessing
+    runs.SCRIPT_PID[0] = os.getpid()
+    previous = signal.signal(signal.SIGTERM, runs.stopped_by_sigterm)
+    try:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        child.start()
+        time.sleep(0.2)
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(10)
+        assert child.exitcode == -signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
