@@ -243,7 +243,10 @@ def main(argv=None):
     for seed in args.seeds:
         run_seed(seed, rows, data, args.out, results)
     seeds = ", ".join(map(str, args.seeds))
-    report = f"Ablation on the synthetic scenes, seeds {seeds}; validation 08, last epoch, mean ± std over seeds\n"
+    made = json.loads((data / synthkitti.MARKER).read_text(encoding="utf-8-sig"))  # what the scenes were made with
+    scenes = f"{data}: world {made.get('world', 1)}, seed {made['seed']}, {made['columns']} columns"
+    report = (f"Ablation on the synthetic scenes ({scenes}), seeds {seeds}; validation 08, last epoch, mean ± std "
+              "over seeds\n")
     if any(r in ELITE_ROWS for r in rows):
         report += f"\nELiTe (mIoU over 19 classes; IoU of the classes only the camera tells apart):\n\n" \
                   f"{elite_table(results, args.seeds, [r for r in rows if r in ELITE_ROWS])}\n"

@@ -225,6 +225,9 @@ def list_scans(root, sequences) -> list[Path]:
     scans = []
     for seq in sequences:
         scans += sorted(p for p in (root / "sequences" / seq / "velodyne").glob("*.bin") if p.stem.isdigit())
+    if not sequences:  # every sequence asked for was missing (the notes above name them)
+        raise DataError(f"{root}/sequences: holds none of the sequences asked for (the note above names them); "
+                        f"it has {sorted(p.name for p in (root / 'sequences').iterdir() if p.is_dir())[:12]}")
     if not scans:
         raise DataError(f"{root}/sequences: no scans in sequences {list(sequences)}")
     return scans

@@ -1315,6 +1315,25 @@ def test_ablation_tables_give_mean_and_std_over_seeds_and_kd_gain_per_seed():
         ablation.main(["--seeds", "1"])  # a mean ± std needs two seeds at least
 
 
+def test_ablation_names_its_scenes_and_a_split_with_no_sequence_says_what_there_is(tmp_path, monkeypatch):
+    """Fault-hunting rounds 5-6 (issue 34): the table did not say which scenes it came from (a folder of
+    256-column scenes was used as made); a split none of whose sequences exist said 'no scans in []'."""
+    import json
+    import ablation
+    data = tmp_path / "scenes"
+    (data / "sequences" / "08").mkdir(parents=True)
+    (data / synthkitti.MARKER).write_text(json.dumps({"world": 2, "seed": 0, "columns": 256}))
+    monkeypatch.setattr(ablation.synthkitti, "embedded_dataset", lambda seed: data)
+    iou = {"all": [10.0] * 19}
+    monkeypatch.setattr(ablation, "run_seed", lambda seed, rows, d, out, results: results.update(
+        {f"seed{seed}/{row}": iou for row in rows}))
+    ablation.main(["--part", "elite", "--rows", "alone", "heads_no_kd", "--seeds", "1", "2", "--out", str(tmp_path / "ab")])
+    header = (tmp_path / "ab" / "results.md").read_text().splitlines()[0]
+    assert f"({data}: world 2, seed 0, 256 columns), seeds 1, 2" in header, header
+    with pytest.raises(scandata.DataError, match=r"scenes/sequences: holds none of the sequences asked for .* it has \['08'\]"):
+        semantickitti.list_scans(data, [])
+
+
 @pytest.mark.parametrize("value", ["", "TORCH", "cuda"])
 def test_a_bad_elite_conv_variable_is_one_line_not_a_traceback(value, monkeypatch, capsys):
     """$ELITE_CONV sets --conv's default; a value it cannot take is named on one line (issue 34)."""
