@@ -27,7 +27,6 @@ differences are listed in docs/differences.md, and docs/paper-map.md maps the pa
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from functools import partial

@@ -139,9 +139,9 @@ def student_and_stages():
     return model, points, stages
 
 
-def part_both(model, fn, inputs):
+def part_both(fixture, fn, inputs):
     """fn(form's stages, *inputs) in each form -> (output, gradients of the inputs and the model)."""
-    student, _, stages = model
+    student, _, stages = fixture
     out = {}
     for form in elite_fast.FORMS:
         with elite_fast.forms(form):
